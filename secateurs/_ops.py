@@ -1,0 +1,648 @@
+"""Channel-id propagation rules, one per operation the engine understands.
+
+Every tensor flowing through the traced graph carries an integer *id array*: a tensor with the
+same number of dimensions whose size is 1 on axes that carry no channel identity and the full size
+on axes that do (its "channel axes"). Two ids that must disappear together are *united*; an id
+that must never disappear is *frozen*. ``None`` means "no channel axes": the tensor's shape is
+fixed and anything it is combined with elementwise along a full-size axis must keep its size.
+
+Rules are deliberately conservative: an operation we do not understand freezes the channels that
+feed it (with a warning naming it), it never guesses.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.node import Node, map_aggregate
+
+Ids = torch.Tensor | None
+FROZEN = 0  # id reserved for positions that can never be removed (padding, unknown sources)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One tensor axis (or integer attribute) of a module that shrinks with a set of ids.
+
+    ``kind`` is ``"tensor"`` (parameter/buffer ``name`` sliced along ``axis``), ``"elementwise"``
+    (a parameter used directly in the graph; ``ids`` has its full shape and the axis is found
+    after grouping) or ``"attr"`` (integer attribute, or element ``axis`` of a tuple attribute,
+    set to the number of kept ids divided by ``divisor``).
+    """
+
+    module: str
+    name: str
+    axis: int | None
+    ids: torch.Tensor
+    kind: str = "tensor"
+    divisor: int = 1
+    role: str = "out"  # "out": this tensor produces the channel; "in": it consumes it
+
+
+class Context:
+    """Mutable state of one propagation pass: id allocation, unions, freezes and bindings."""
+
+    def __init__(self) -> None:
+        self.next_id = FROZEN + 1
+        self.edges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.frozen: list[torch.Tensor] = [torch.tensor([FROZEN])]
+        self.inexact: list[torch.Tensor] = []
+        self.bindings: list[Binding] = []
+        self.warnings: list[str] = []
+        self.module_out: dict[str, torch.Tensor] = {}
+        self.leaf_names: dict[int, str] = {}
+
+    # -- ids ---------------------------------------------------------------------------------
+    def fresh(self, n: int) -> torch.Tensor:
+        ids = torch.arange(self.next_id, self.next_id + n)
+        self.next_id += n
+        return ids
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = torch.broadcast_tensors(a, b)
+        self.edges.append((a.reshape(-1), b.reshape(-1)))
+
+    def freeze(self, ids: Ids) -> None:
+        if ids is not None:
+            self.frozen.append(ids.reshape(-1))
+
+    def freeze_all(self, tree: Any) -> None:
+        for ids in _leaves(tree):
+            self.freeze(ids)
+
+    def mark_inexact(self, ids: Ids) -> None:
+        if ids is not None:
+            self.inexact.append(ids.reshape(-1))
+
+    def bind(self, module: str, name: str, axis: int | None, ids: torch.Tensor, **kw: Any) -> None:
+        kind = kw.get("kind", "tensor")
+        self.bindings.append(Binding(module, name, axis, ids if kind == "elementwise" else ids.reshape(-1), **kw))
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    map_aggregate(tree, lambda x: out.append(x) if isinstance(x, torch.Tensor) else None)
+    return out
+
+
+def varying(ids: Ids) -> list[int]:
+    return [] if ids is None else [k for k, s in enumerate(ids.shape) if s > 1]
+
+
+def compress(t: torch.Tensor) -> Ids:
+    """Shrink every axis along which the ids are constant to size 1; ``None`` if none remain."""
+    for k in range(t.dim()):
+        if t.shape[k] > 1:
+            first = t.narrow(k, 0, 1)
+            if bool((t == first).all()):
+                t = first
+    if t.numel() <= 1:
+        return None
+    return t
+
+
+def expand(ids: Ids, shape: torch.Size) -> torch.Tensor:
+    """Ids broadcast to a tensor's full shape; positions with no channel identity are frozen."""
+    if ids is None:
+        return torch.zeros((1,) * len(shape), dtype=torch.long).expand(shape)
+    return ids.expand(shape)
+
+
+def axis_ids(ctx: Context, ids: Ids, axis: int, size: int) -> torch.Tensor | None:
+    """The 1-D ids of ``axis`` as seen by a layer whose weights index that axis.
+
+    When the ids also vary along other axes (one weight column serves several ids) the column
+    gets fresh ids united with all of them.
+    """
+    if ids is None:
+        return None
+    axis = axis % ids.dim()
+    if ids.shape[axis] == 1:
+        return None
+    if all(s == 1 for k, s in enumerate(ids.shape) if k != axis):
+        return ids.reshape(-1)
+    col = ctx.fresh(size)
+    shape = [1] * ids.dim()
+    shape[axis] = size
+    ctx.union(ids, col.view(shape))
+    return col
+
+
+def place(ids: torch.Tensor, axis: int, ndim: int) -> Ids:
+    if ids.numel() <= 1:
+        return None
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return ids.reshape(shape)
+
+
+def _tie_columns(ctx: Context, ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """Unite ids[i*cols + j] across rows i: removal keeps every row the same size."""
+    grid = ids.reshape(rows, -1)
+    ctx.union(grid, grid[:1])
+    return grid[0]
+
+
+def _tie_rows(ctx: Context, ids: torch.Tensor, rows: int) -> None:
+    grid = ids.reshape(rows, -1)
+    ctx.union(grid, grid[:, :1])
+
+
+# -- elementwise -----------------------------------------------------------------------------
+def elementwise(ctx: Context, node: Node, args, kwargs, aids, kids, out) -> Any:
+    if not isinstance(out, torch.Tensor):
+        return size_arith(ctx, node, args, kwargs, aids, kids, out) if isinstance(out, (int, torch.SymInt)) else None
+    nd, oshape = out.dim(), out.shape
+    ops = []
+    for v, i in zip(_leaves((args, kwargs)), _flat_ids((args, kwargs), (aids, kids))):
+        if v.dim() > nd:
+            return _unknown(ctx, node, aids, kids, "broadcast to fewer dimensions")
+        pad = (1,) * (nd - v.dim())
+        vs = pad + tuple(v.shape)
+        ops.append((vs, None if i is None or i.numel() <= 1 else i.reshape(pad + tuple(i.shape))))
+    tracked = [i for _, i in ops if i is not None]
+    if not tracked:
+        return None
+    axes = {k for i in tracked for k in varying(i)}
+    conflict = False
+    for vs, i in ops:
+        full = [k for k in axes if vs[k] == oshape[k] and oshape[k] > 1]
+        bcast = [k for k in axes if vs[k] == 1 and oshape[k] > 1]
+        if i is None and full:
+            conflict = True  # a fixed-size operand spans a channel axis
+        elif i is not None and bcast and varying(i):
+            conflict = True  # channels on one axis meet channels broadcast from another
+    if conflict:
+        for i in tracked:
+            ctx.freeze(i)
+    for i in tracked[1:]:
+        ctx.union(tracked[0], i)
+    return min(tracked, key=lambda t: t.numel())
+
+
+def _flat_ids(values, ids) -> list[Ids]:
+    """Ids aligned with ``_leaves(values)`` (ids trees mirror value trees)."""
+    out: list[Ids] = []
+
+    def walk(v, i):
+        if isinstance(v, torch.Tensor):
+            out.append(i if isinstance(i, torch.Tensor) else None)
+        elif isinstance(v, (list, tuple)):
+            for k, x in enumerate(v):
+                walk(x, i[k] if isinstance(i, (list, tuple)) and k < len(i) else None)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, i.get(k) if isinstance(i, dict) else None)
+
+    walk(values, ids)
+    return out
+
+
+def _size_markers(values, ids) -> list[torch.Tensor]:
+    """Channel ids behind integer arguments (sizes read from a channel axis)."""
+    out: list[torch.Tensor] = []
+
+    def walk(v, i):
+        if isinstance(i, torch.Tensor):
+            if not isinstance(v, torch.Tensor):
+                out.append(i.reshape(-1))
+        elif isinstance(i, (list, tuple)) and isinstance(v, (list, tuple)):
+            for a, b in zip(v, i):
+                walk(a, b)
+        elif isinstance(i, dict) and isinstance(v, dict):
+            for k in i:
+                walk(v.get(k), i[k])
+
+    walk(values, ids)
+    return out
+
+
+def size_ids(xi: Ids, nd: int) -> tuple:
+    """Per-dimension channel ids of a tensor's shape (``None`` for axes that carry none)."""
+    out = []
+    for k in range(nd):
+        if xi is not None and xi.shape[k] > 1:
+            out.append(xi.movedim(k, 0).reshape(xi.shape[k], -1)[:, 0])
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def shape_of(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    """``x.size()`` / ``x.size(d)`` / ``x.shape``: remember which channels a size counts."""
+    x, xi = args[0], aids[0]
+    if not isinstance(x, torch.Tensor):
+        return None
+    ids = size_ids(xi, x.dim())
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if isinstance(dim, int):
+        return ids[dim]
+    return ids if any(i is not None for i in ids) else None
+
+
+def size_arith(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    """Arithmetic on sizes keeps the channels the sizes were read from."""
+    marks = _size_markers((args, kwargs), (aids, kids))
+    return torch.cat(marks) if marks else None
+
+
+def _unknown(ctx: Context, node: Node, aids, kids, why: str = "") -> None:
+    tracked = [i for i in _leaves((aids, kids))]
+    if tracked:
+        for i in tracked:
+            ctx.freeze(i)
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        ctx.warn(f"unsupported {node.op} '{name}' at node '{node.name}'{': ' + why if why else ''}; "
+                 "the channels feeding it are kept")
+    return None
+
+
+# -- per-channel ops (pooling, resampling, activations) ----------------------------------------
+def per_channel(ctx: Context, node: Node, args, kwargs, aids, kids, out, inexact_dim: bool = False) -> Any:
+    x, xi = args[0], aids[0]
+    if xi is None or not isinstance(out, torch.Tensor):
+        return None
+    if out.dim() != x.dim() or any(out.shape[k] != x.shape[k] for k in varying(xi)):
+        return _unknown(ctx, node, aids, kids, "changes the size of a channel axis")
+    return xi
+
+
+def softmax_like(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    xi = aids[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if xi is not None and isinstance(dim, int) and (dim % xi.dim()) in varying(xi):
+        ctx.mark_inexact(xi)
+    return xi
+
+
+def pad(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    xi = aids[0]
+    if xi is None:
+        return None
+    p = kwargs.get("pad", args[1] if len(args) > 1 else ())
+    nd = xi.dim()
+    for j in range(len(p) // 2):
+        axis = nd - 1 - j
+        if axis in varying(xi) and (p[2 * j] != 0 or p[2 * j + 1] != 0):
+            return _unknown(ctx, node, aids, kids, "pads a channel axis")
+    return xi
+
+
+# -- reductions --------------------------------------------------------------------------------
+def reduction(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    xi = aids[0]
+    if xi is None:
+        return None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
+    keep = kwargs.get("keepdim", False)
+    if len(args) > 2 and isinstance(args[2], bool):
+        keep = args[2]
+    nd = xi.dim()
+    dims = list(range(nd)) if dim is None else [d % nd for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+    if any(d in varying(xi) for d in dims):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name not in ("sum", "sum_"):
+            ctx.mark_inexact(xi)
+    res = xi
+    for d in sorted(dims, reverse=True):
+        res = res.narrow(d, 0, 1) if keep else res.narrow(d, 0, 1).squeeze(d)
+    res = compress(res) if res.dim() else None
+    if isinstance(out, tuple):  # max/min with dim return (values, indices)
+        return tuple(res for _ in out)
+    return res
+
+
+# -- data movement: run the op on the ids themselves ---------------------------------------------
+def _to_id_args(values, ids):
+    def conv(v, i):
+        if isinstance(v, torch.Tensor):
+            t = expand(i if isinstance(i, torch.Tensor) else None, v.shape)
+            return t
+        if isinstance(v, (list, tuple)):
+            r = [conv(x, i[k] if isinstance(i, (list, tuple)) and k < len(i) else None) for k, x in enumerate(v)]
+            return type(v)(r) if not hasattr(v, "_fields") else type(v)(*r)
+        return v
+
+    return conv(values, ids)
+
+
+def _literal_axes(node: Node, out_dim: int) -> list[int]:
+    """Output axes of view/reshape/expand whose size is a literal int (fixed after pruning)."""
+    sizes = list(node.args[1:])
+    if "size" in node.kwargs:
+        sizes = [node.kwargs["size"]]
+    if "shape" in node.kwargs:
+        sizes = [node.kwargs["shape"]]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    if len(sizes) != out_dim:
+        return []
+    return [k for k, s in enumerate(sizes) if isinstance(s, int) and s != -1]
+
+
+def movement(ctx, node, args, kwargs, aids, kids, out, fn: Callable | None = None) -> Any:
+    if not _leaves((aids, kids)):
+        return None
+    id_args = _to_id_args(args, aids)
+    id_kwargs = _to_id_args(kwargs, kids)
+    if node.target in ("view", "view_as") and isinstance(id_args[0], torch.Tensor):
+        id_args = (id_args[0].contiguous(), *id_args[1:])
+    if fn is None:
+        if node.op == "call_method":
+            res = getattr(id_args[0], node.target)(*id_args[1:], **id_kwargs)
+        else:
+            res = node.target(*id_args, **id_kwargs)
+    else:
+        res = fn(*id_args, **id_kwargs)
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    sizes = _size_markers((args[1:], kwargs), (aids[1:], kids))
+    if sizes:
+        own = aids[0].reshape(-1) if isinstance(aids[0], torch.Tensor) else torch.zeros(0, dtype=torch.long)
+        for s in sizes:
+            if not bool(torch.isin(s, own).all()):
+                # a size read from other channels shapes this tensor: both must stay as they are
+                ctx.freeze(s)
+                ctx.freeze(aids[0] if isinstance(aids[0], torch.Tensor) else None)
+    if isinstance(res, torch.Tensor) and name in ("view", "reshape", "expand", "unflatten", "view_as"):
+        for k in _literal_axes(node, res.dim()):
+            if res.shape[k] > 1 and k in varying(compress(res)):
+                ctx.union(res, res.narrow(k, 0, 1))
+    return map_aggregate(res, lambda t: compress(t) if isinstance(t, torch.Tensor) else None)
+
+
+def permute_like(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    """permute/transpose/unsqueeze/squeeze/contiguous act on compressed ids directly."""
+    xi = aids[0]
+    if xi is None:
+        return None
+    return movement(ctx, node, args, kwargs, aids, kids, out) if xi.numel() < 4096 else _fast_movement(node, args, kwargs, xi, out)
+
+
+def _fast_movement(node, args, kwargs, xi, out):
+    ref = xi  # ids have the same rank as the tensor, so the op applies to them as-is
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("squeeze", "squeeze_"):
+        x = args[0]
+        dims = args[1:] or ([kwargs["dim"]] if "dim" in kwargs else [k for k in range(x.dim()) if x.shape[k] == 1])
+        dims = [d for dd in dims for d in (dd if isinstance(dd, (list, tuple)) else [dd])]
+        keep = [k for k in range(x.dim()) if not (k in [d % x.dim() for d in dims] and x.shape[k] == 1)]
+        return compress(ref.reshape([ref.shape[k] for k in keep]))
+    if node.op == "call_method":
+        return compress(getattr(ref, node.target)(*args[1:], **kwargs))
+    return compress(node.target(ref, *args[1:], **kwargs))
+
+
+def getitem(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    obj, idx = args[0], args[1]
+    oid = aids[0]
+    if not isinstance(obj, torch.Tensor):
+        if oid is None:
+            return None
+        try:
+            return oid[idx]
+        except (IndexError, KeyError, TypeError):
+            return None
+    if oid is None:
+        return None
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    consumed = sum(1 for e in items if e is not None and e is not Ellipsis)
+    axes_entries: list[Any] = []
+    for e in items:
+        if e is Ellipsis:
+            axes_entries.extend([slice(None)] * (obj.dim() - consumed))
+        elif e is not None:
+            axes_entries.append(e)
+    vary = varying(oid)
+    for k, e in enumerate(axes_entries):
+        if k in vary and not (isinstance(e, slice) and e == slice(None)):
+            full = isinstance(e, slice) and range(*e.indices(obj.shape[k])) == range(obj.shape[k])
+            if not full:
+                ctx.freeze(oid)
+                return None
+    return movement(ctx, node, args, kwargs, aids, kids, out)
+
+
+def cat(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    tensors = args[0] if args else kwargs["tensors"]
+    if not any(i is not None for i in (aids[0] if args else kids["tensors"])):
+        return None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    ids = aids[0] if args else kids["tensors"]
+    nd = out.dim()
+    dim %= nd
+    # fast path: every input varies at most along the cat axis
+    if all(i is None or varying(i) in ([], [dim]) for i in ids):
+        parts = []
+        for t, i in zip(tensors, ids):
+            n = t.shape[dim]
+            parts.append(torch.full((n,), FROZEN, dtype=torch.long) if i is None else i.reshape(-1).expand(n))
+        return compress(place(torch.cat(parts), dim, nd))
+    return movement(ctx, node, args, kwargs, aids, kids, out)
+
+
+def split(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    """split/chunk/tensor_split/unbind: pieces along a channel axis must keep equal sizes."""
+    x, xi = args[0], aids[0]
+    if xi is None:
+        return tuple(None for _ in out) if isinstance(out, (tuple, list)) else None
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "unbind":
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    else:
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    dim %= x.dim()
+    if dim in varying(xi):
+        sizes = {p.shape[dim] for p in out}
+        size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+        fixed = name == "split" and not isinstance(size_arg, Node)  # literal sizes never follow pruning
+        if name == "unbind" or fixed or len(sizes) != 1 or len(out) < 2:
+            ctx.freeze(xi)
+            return tuple(None for _ in out)
+        grid = xi.movedim(dim, 0)
+        grid = grid.reshape(len(out), -1, *grid.shape[1:])
+        ctx.union(grid, grid[:1])
+    return movement(ctx, node, args, kwargs, aids, kids, out)
+
+
+def like(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    return aids[0]
+
+
+def nothing(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    return None
+
+
+# -- matmul-like ---------------------------------------------------------------------------------
+def freeze_op(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    """Known op whose channel coupling we do not model: keep its inputs, no warning."""
+    ctx.freeze_all((aids, kids))
+    return None
+
+
+# -- functional layers called on parameters (traced-into subclasses) ------------------------------
+def f_layer_norm(ctx, node, args, kwargs, aids, kids, out, modules=None) -> Any:
+    xi = aids[0]
+    shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
+    wnode = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
+    if xi is None:
+        ctx.freeze_all((aids, kids))
+        return None
+    k = len(shape)
+    owner = None
+    if isinstance(wnode, Node) and wnode.op == "get_attr":
+        path = wnode.target.rpartition(".")[0]
+        m = modules.get(path) if modules is not None else None
+        if isinstance(m, nn.LayerNorm):
+            owner = path
+    vary = [a for a in varying(xi) if a >= xi.dim() - k]
+    if not vary:
+        return xi
+    if owner is None or len(vary) != 1 or k != 1:
+        return _unknown(ctx, node, aids, kids, "layer_norm with a fixed normalized_shape")
+    col = axis_ids(ctx, xi, -1, xi.shape[-1])
+    for i in (aids[2] if len(aids) > 2 else kids.get("weight"), aids[3] if len(aids) > 3 else kids.get("bias")):
+        if i is not None:
+            ctx.union(i.reshape(-1), col)
+    ctx.bind(owner, "normalized_shape", 0, col, kind="attr")
+    ctx.mark_inexact(col)
+    return xi
+
+
+def linear_fn(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    return _unknown(ctx, node, aids, kids, "functional linear")
+
+
+# -- torchvision wrapped functions ------------------------------------------------------------------
+def _tv_patch_merging_pad(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    from torchvision.models.swin_transformer import _patch_merging_pad
+
+    return movement(ctx, node, args, kwargs, aids, kids, out, fn=_patch_merging_pad)
+
+
+# -- tables ---------------------------------------------------------------------------------------
+_ELEMENTWISE_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+    operator.pow, operator.neg, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
+    operator.or_, operator.abs, operator.pos,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
+    torch.maximum, torch.minimum, torch.where, torch.pow, torch.relu, torch.relu_, torch.sigmoid,
+    torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.clamp,
+    torch.clip, torch.sign, torch.erf, torch.reciprocal, torch.square, torch.lerp, torch.addcmul,
+    torch.nan_to_num, torch.sin, torch.cos, torch.log1p, torch.expm1, torch.floor, torch.ceil,
+    torch.round, torch.masked_fill, torch.clamp_min, torch.clamp_max,
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.elu,
+    F.leaky_relu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.feature_alpha_dropout, F.celu, F.selu, F.logsigmoid, F.softsign,
+    F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.rrelu,
+]
+_ELEMENTWISE_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "relu", "relu_",
+    "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "pow", "pow_", "clamp", "clamp_",
+    "clamp_min", "clamp_max", "neg", "abs", "sqrt", "rsqrt", "float", "half", "double", "bfloat16",
+    "to", "type", "type_as", "clone", "detach", "masked_fill", "masked_fill_", "bernoulli_",
+    "bernoulli", "div_", "addcmul", "lerp", "square", "sign", "erf", "reciprocal", "hardswish",
+    "gelu", "silu", "floor", "ceil", "round", "maximum", "minimum", "where", "contiguous",
+    "requires_grad_", "fill_", "zero_", "uniform_", "normal_", "nan_to_num",
+]
+_PER_CHANNEL_FUNCS = [
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, F.upsample_bilinear,
+    F.upsample_nearest, F.lp_pool1d, F.lp_pool2d, torch.avg_pool1d, torch.max_pool1d,
+    torch.max_pool2d, torch.max_pool3d, torch.adaptive_avg_pool1d, torch.roll, torch.flip,
+]
+_PER_CHANNEL_METHODS = ["roll", "flip"]
+_MOVEMENT_FUNCS = [
+    torch.flatten, torch.reshape, torch.stack, torch.narrow, torch.select, torch.movedim,
+    torch.moveaxis, torch.swapaxes, torch.swapdims, torch.tile, torch.channel_shuffle,
+    torch.native_channel_shuffle, torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle,
+    F.pixel_unshuffle, torch.broadcast_to, torch.unflatten, torch.atleast_2d,
+]
+_MOVEMENT_METHODS = [
+    "view", "reshape", "flatten", "unflatten", "expand", "expand_as", "repeat", "narrow", "select",
+    "movedim", "moveaxis", "swapaxes", "view_as", "reshape_as", "tile", "t", "mT",
+]
+_PERMUTE_FUNCS = [torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze, torch.t]
+_PERMUTE_METHODS = ["permute", "transpose", "unsqueeze", "squeeze", "squeeze_", "unsqueeze_"]
+_REDUCTION_FUNCS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std,
+                    torch.var, torch.norm, torch.logsumexp, torch.prod, torch.std_mean, torch.var_mean]
+_REDUCTION_METHODS = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod"]
+_SOFTMAX = [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.softmin]
+_LIKE_FUNCS = [torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+               torch.randn_like]
+_NOTHING_FUNCS = [torch._assert, torch.zeros, torch.ones, torch.empty, torch.full,
+                  torch.arange, torch.randn, torch.rand, torch.tensor, torch.linspace, len, int, float,
+                  torch.meshgrid, torch.ones_like.__class__]
+_NOTHING_METHODS = ["dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
+                    "new_tensor", "item", "tolist", "ndimension", "get_device", "is_contiguous"]
+_FREEZE_FUNCS = [torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, torch.addmm,
+                 torch.addbmm, operator.matmul, F.scaled_dot_product_attention, torch.index_select,
+                 torch.gather, torch.take_along_dim]
+_FREEZE_METHODS = ["matmul", "bmm", "mm", "index_select", "gather"]
+
+
+def _build_tables():
+    funcs: dict[Any, Callable] = {}
+    for f in _ELEMENTWISE_FUNCS:
+        funcs[f] = elementwise
+    for f in _PER_CHANNEL_FUNCS:
+        funcs[f] = per_channel
+    for f in _MOVEMENT_FUNCS:
+        funcs[f] = movement
+    for f in _PERMUTE_FUNCS:
+        funcs[f] = permute_like
+    for f in _REDUCTION_FUNCS:
+        funcs[f] = reduction
+    for f in _SOFTMAX:
+        funcs[f] = softmax_like
+    for f in _LIKE_FUNCS:
+        funcs[f] = like
+    for f in _NOTHING_FUNCS:
+        funcs[f] = nothing
+    for f in _FREEZE_FUNCS:
+        funcs[f] = freeze_op
+    funcs.update({getattr: lambda ctx, node, args, kwargs, aids, kids, out: shape_of(ctx, node, args, kwargs, aids, kids, out) if len(args) > 1 and args[1] == "shape" else None,
+                  operator.getitem: getitem, torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
+                  F.pad: pad, torch.split: split, torch.chunk: split, torch.tensor_split: split,
+                  torch.unbind: split, F.layer_norm: f_layer_norm, F.linear: linear_fn})
+    try:
+        from torchvision.ops import stochastic_depth
+        from torchvision.models import swin_transformer as swin
+
+        funcs[stochastic_depth] = elementwise
+        funcs[swin._patch_merging_pad] = _tv_patch_merging_pad
+        funcs[swin._get_relative_position_bias] = freeze_op
+        funcs[swin.shifted_window_attention] = freeze_op
+    except ImportError:  # torchvision is optional for the engine itself
+        pass
+    methods: dict[str, Callable] = {}
+    for m in _ELEMENTWISE_METHODS:
+        methods[m] = elementwise
+    for m in _PER_CHANNEL_METHODS:
+        methods[m] = per_channel
+    for m in _MOVEMENT_METHODS:
+        methods[m] = movement
+    for m in _PERMUTE_METHODS:
+        methods[m] = permute_like
+    for m in _REDUCTION_METHODS:
+        methods[m] = reduction
+    for m in _NOTHING_METHODS:
+        methods[m] = nothing
+    for m in _FREEZE_METHODS:
+        methods[m] = freeze_op
+    methods.update({"size": shape_of, "softmax": softmax_like, "log_softmax": softmax_like, "split": split,
+                    "chunk": split, "tensor_split": split, "unbind": split, "cat": cat,
+                    "__getitem__": getitem})
+    return funcs, methods
+
+
+FUNCTIONS, METHODS = _build_tables()

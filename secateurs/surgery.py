@@ -1,0 +1,149 @@
+"""Physical removal of channels: the only code that changes a model's tensors and layer sizes.
+
+A :class:`PruningPlan` says which channels of which groups go. :func:`apply_plan` checks the whole
+plan against the model first and only then replaces tensors, so an invalid plan leaves the model
+exactly as it was.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .graph import ChannelGroup, DependencyGraph
+from ._validation import PruningError
+
+__all__ = ["PruningPlan", "apply_plan", "zero_channels"]
+
+
+@dataclass
+class PruningPlan:
+    """Channels to remove, per group index of one :class:`DependencyGraph`."""
+
+    remove: dict[int, list[int]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"remove": {str(k): list(map(int, v)) for k, v in self.remove.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        data = json.loads(text)
+        return cls({int(k): list(v) for k, v in data["remove"].items()})
+
+    @classmethod
+    def coerce(cls, plan: "PruningPlan | Mapping[int, Iterable[int]]") -> "PruningPlan":
+        if isinstance(plan, PruningPlan):
+            return plan
+        if isinstance(plan, Mapping):
+            return cls({int(k): list(v) for k, v in plan.items()})
+        raise TypeError(f"`plan` must be a PruningPlan or a dict {{group index: channel indices}}, got {type(plan).__name__}")
+
+
+def _removed_components(graph: DependencyGraph, plan: PruningPlan) -> tuple[torch.Tensor, set[int]]:
+    removed = torch.zeros(graph.n_components, dtype=torch.bool)
+    touched: set[int] = set()
+    for gi, idx in plan.remove.items():
+        if not 0 <= gi < len(graph.groups):
+            raise PruningError(f"plan names group {gi}, but the graph has groups 0..{len(graph.groups) - 1}")
+        group = graph.groups[gi]
+        try:
+            t = torch.as_tensor(list(idx), dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise PruningError(f"group {gi} ({group.name}): channel indices must be integers, got {idx!r}") from err
+        if len(t) == 0:
+            continue
+        bad = t[(t < 0) | (t >= group.size)]
+        if len(bad):
+            raise PruningError(f"group {gi} ({group.name}) has channels 0..{group.size - 1}; plan asks for {bad.tolist()}")
+        if len(torch.unique(t)) >= group.size:
+            raise PruningError(f"group {gi} ({group.name}): the plan removes all {group.size} channels; keep at least one")
+        removed[group.components[t]] = True
+        touched.update(group.binding_ids)
+    return removed, touched
+
+
+def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]]) -> nn.Module:
+    """Remove the planned channels from ``model`` in place and return it.
+
+    Raises :class:`PruningError` (model untouched) for unknown groups or channels, a plan that
+    empties a group, or a model whose shapes no longer match ``graph`` (analyse again after
+    every cut).
+    """
+    plan = PruningPlan.coerce(plan)
+    removed, touched = _removed_components(graph, plan)
+    if not touched:
+        return model
+    modules = dict(model.named_modules())
+    keeps: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
+    attrs: list[tuple[nn.Module, str, int | None, int, str]] = []
+    for bi in sorted(touched):
+        b, lab = graph.bindings[bi], graph.binding_labels[bi]
+        if b.module not in modules:
+            raise PruningError(f"module '{b.module}' is gone from the model; analyse it again")
+        kept = (~removed[lab]).nonzero().flatten()
+        if b.kind == "attr":
+            n = len(kept)
+            if n % b.divisor:
+                raise PruningError(f"module '{b.module}': {b.name} would become {n}/{b.divisor}, not an integer")
+            attrs.append((modules[b.module], b.name, b.axis, n // b.divisor, b.module))
+        elif len(kept) < len(lab):
+            keeps.setdefault((b.module, b.name), []).append((b.axis, kept))
+    new_tensors = []
+    for (mname, tname), axes in keeps.items():
+        m = modules[mname]
+        t = getattr(m, tname, None)
+        if not isinstance(t, torch.Tensor):
+            raise PruningError(f"module '{mname}' has no tensor '{tname}'; analyse the model again")
+        expected = graph._shapes.get(f"{mname}.{tname}" if mname else tname)
+        if expected is not None and tuple(t.shape) != expected:
+            raise PruningError(f"'{mname}.{tname}' has shape {tuple(t.shape)} but was {expected} when analysed; "
+                               "analyse the model again after every cut")
+        new = t.detach()
+        for axis, kept in axes:
+            if len(kept) == 0:
+                raise PruningError(f"module '{mname}': {tname} would lose every slice along axis {axis}")
+            new = new.index_select(axis, kept.to(new.device))
+        new_tensors.append((m, tname, new))
+    # commit: nothing below can fail
+    with torch.no_grad():
+        for m, tname, new in new_tensors:
+            if tname in m._parameters:
+                p = m._parameters[tname]
+                p.data = new.contiguous()
+                p.grad = None
+            else:
+                m._buffers[tname] = new.contiguous()
+        for m, name, axis, value, _ in attrs:
+            if axis is None:
+                setattr(m, name, value)
+            else:
+                cur = list(getattr(m, name))
+                cur[axis] = value
+                setattr(m, name, tuple(cur))
+    return model
+
+
+def zero_channels(model: nn.Module, graph: DependencyGraph, group: ChannelGroup | int, channels: Iterable[int]) -> None:
+    """Zero every producer slice of the given channels, so that they carry exact zeros.
+
+    Used to check surgery: removing channels that were zeroed this way must not change the
+    outputs (for groups whose ``exact`` flag is set).
+    """
+    g = graph.groups[group] if isinstance(group, int) else group
+    comps = g.components[torch.as_tensor(list(channels), dtype=torch.long)]
+    removed = torch.zeros(graph.n_components, dtype=torch.bool)
+    removed[comps] = True
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for bi in g.binding_ids:
+            b = graph.bindings[bi]
+            if b.kind != "tensor" or b.role != "out":
+                continue
+            t = getattr(modules[b.module], b.name)
+            if b.name in ("running_mean", "running_var") or not t.is_floating_point():
+                continue
+            pos = removed[graph.binding_labels[bi]].nonzero().flatten()
+            t.index_fill_(b.axis, pos.to(t.device), 0.0)
