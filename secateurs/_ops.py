@@ -283,6 +283,15 @@ def softmax_like(ctx, node, args, kwargs, aids, kids, out) -> Any:
     return xi
 
 
+def normalize(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    """F.normalize: shape-preserving; dividing by a norm over channels shifts the others."""
+    xi = aids[0]
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+    if xi is not None and (dim % xi.dim()) in varying(xi):
+        ctx.mark_inexact(xi)
+    return xi
+
+
 def pad(ctx, node, args, kwargs, aids, kids, out) -> Any:
     xi = aids[0]
     if xi is None:
@@ -298,6 +307,8 @@ def pad(ctx, node, args, kwargs, aids, kids, out) -> Any:
 
 # -- reductions --------------------------------------------------------------------------------
 def reduction(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    if len(args) > 1 and isinstance(args[1], torch.Tensor):  # torch.max(a, b) is elementwise
+        return elementwise(ctx, node, args, kwargs, aids, kids, out)
     xi = aids[0]
     if xi is None:
         return None
@@ -383,7 +394,7 @@ def permute_like(ctx, node, args, kwargs, aids, kids, out) -> Any:
     xi = aids[0]
     if xi is None:
         return None
-    return movement(ctx, node, args, kwargs, aids, kids, out) if xi.numel() < 4096 else _fast_movement(node, args, kwargs, xi, out)
+    return _fast_movement(node, args, kwargs, xi, out)
 
 
 def _fast_movement(node, args, kwargs, xi, out):
@@ -612,7 +623,7 @@ def _build_tables():
         funcs[f] = freeze_op
     funcs.update({getattr: lambda ctx, node, args, kwargs, aids, kids, out: shape_of(ctx, node, args, kwargs, aids, kids, out) if len(args) > 1 and args[1] == "shape" else None,
                   operator.getitem: getitem, torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
-                  F.pad: pad, torch.split: split, torch.chunk: split, torch.tensor_split: split,
+                  F.pad: pad, F.normalize: normalize, torch.split: split, torch.chunk: split, torch.tensor_split: split,
                   torch.unbind: split, F.layer_norm: f_layer_norm, F.linear: linear_fn})
     try:
         from torchvision.ops import stochastic_depth

@@ -24,18 +24,21 @@ list_criteria = _CRITERIA.names
 def _magnitude(model: nn.Module, graph: DependencyGraph, p: int) -> list[torch.Tensor]:
     """Sum |w|^p over every parameter slice of a channel (producers and consumers alike)."""
     modules = dict(model.named_modules())
+    by_tensor: dict[tuple[str, str], list[int]] = {}
+    for i, b in enumerate(graph.bindings):
+        if b.kind == "tensor" and b.name in modules[b.module]._parameters:
+            by_tensor.setdefault((b.module, b.name), []).append(i)
     per_comp = torch.zeros(graph.n_components)
-    powered: dict[int, torch.Tensor] = {}  # each tensor raised to p once, summed along each axis
-    for b, lab in zip(graph.bindings, graph.binding_labels):
-        if b.kind != "tensor" or b.name not in modules[b.module]._parameters:
-            continue
-        t = getattr(modules[b.module], b.name)
-        if id(t) not in powered:
-            x = t.detach().float()
-            powered[id(t)] = x.abs() if p == 1 else x.square()
-        x = powered[id(t)]
-        dims = [d for d in range(x.dim()) if d != b.axis]
-        per_comp.index_add_(0, lab, (x.sum(dim=dims) if dims else x).cpu())
+    for (mname, tname), idx in by_tensor.items():
+        x = getattr(modules[mname], tname).detach().float()
+        axes = sorted({graph.bindings[i].axis for i in idx})
+        other = [d for d in range(x.dim()) if d not in axes]
+        # one pass over the tensor: reduce everything but the bound axes, then sum per axis
+        red = torch.linalg.vector_norm(x, ord=p, dim=other).pow(p) if other else x.abs().pow(p)
+        for i in idx:
+            k = axes.index(graph.bindings[i].axis)
+            per_pos = red.sum(dim=[d for d in range(red.dim()) if d != k]) if red.dim() > 1 else red
+            per_comp.index_add_(0, graph.binding_labels[i], per_pos.cpu())
     scores = [per_comp[g.components] for g in graph.groups]
     return scores if p == 1 else [s.sqrt() for s in scores]
 

@@ -321,6 +321,15 @@ def _resolve_elementwise(b: Binding, lab: torch.Tensor) -> tuple[int, torch.Tens
     return None
 
 
+def _unique_keys(keys: torch.Tensor, bound: int) -> torch.Tensor:
+    """Sorted distinct values of ``keys`` in [0, bound): a bitmap when small, else a sort."""
+    if bound <= 1 << 24:
+        seen = torch.zeros(bound, dtype=torch.bool)
+        seen[keys] = True
+        return seen.nonzero().flatten()
+    return torch.unique(keys)
+
+
 def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     ncomp, labels = _components(ctx)
     frozen = torch.zeros(ncomp, dtype=torch.bool)
@@ -344,23 +353,36 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     if not tensor_idx:
         return DependencyGraph([], bindings, blabels, ncomp, torch.full((ncomp,), -1), torch.full((ncomp,), -1),
                                ctx.warnings, [], shapes)
-    lens = torch.tensor([len(lab) for lab in blabels])
-    comp_all = torch.cat(blabels)
-    bid_all = torch.repeat_interleave(torch.arange(len(blabels)), lens)
+    # many bindings share one ids tensor (a conv's outputs: weight, bias, BN stats, attributes);
+    # work per distinct ids tensor ("source") and map back to bindings at the end
+    src_of_obj: dict[int, int] = {}
+    src_of = []
+    for b in bindings:
+        src_of.append(src_of_obj.setdefault(id(b.ids), len(src_of_obj)))
+    ns = len(src_of_obj)
+    src_lab: list[torch.Tensor] = [None] * ns  # type: ignore[list-item]
+    src_tensor = torch.zeros(ns, dtype=torch.bool)
+    src_first = [len(bindings)] * ns  # first tensor binding of each source, in graph order
+    for i, (b, si) in enumerate(zip(bindings, src_of)):
+        src_lab[si] = blabels[i]
+        if b.kind == "tensor":
+            src_tensor[si] = True
+            src_first[si] = min(src_first[si], i)
+    lens = torch.tensor([len(lab) for lab in src_lab])
+    comp_all = torch.cat(src_lab)
+    sid_all = torch.repeat_interleave(torch.arange(ns), lens)
     pos_all = torch.arange(len(comp_all)) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-    is_tensor = torch.tensor([b.kind == "tensor" for b in bindings])
-    nb = len(bindings)
-    key = torch.unique(comp_all * nb + bid_all)
-    comp_u, bid_u = key // nb, key % nb
+    key = _unique_keys(comp_all * ns + sid_all, ncomp * ns)
+    comp_u, sid_u = key // ns, key % ns
     gen = torch.Generator().manual_seed(0)
-    salt = torch.randint(-(2**62), 2**62, (nb,), generator=gen) * is_tensor  # attributes follow, they do not define
-    sig = torch.zeros(ncomp, dtype=torch.long).index_add_(0, comp_u, salt[bid_u])
+    salt = torch.randint(-(2**62), 2**62, (ns,), generator=gen) * src_tensor  # attributes follow, they do not define
+    sig = torch.zeros(ncomp, dtype=torch.long).index_add_(0, comp_u, salt[sid_u])
     touched = torch.zeros(ncomp, dtype=torch.bool)
-    touched[comp_u[is_tensor[bid_u]]] = True
-    tmask = is_tensor[bid_all]
-    comp_all, bid_all, pos_all = comp_all[tmask], bid_all[tmask], pos_all[tmask]
+    touched[comp_u[src_tensor[sid_u]]] = True
+    tmask = src_tensor[sid_all]
+    order_key = torch.tensor(src_first)[sid_all[tmask]] * (1 << 32) + pos_all[tmask]
     first = torch.full((ncomp,), torch.iinfo(torch.long).max).scatter_reduce_(
-        0, comp_all, bid_all * (1 << 32) + pos_all, reduce="amin")
+        0, comp_all[tmask], order_key, reduce="amin")
 
     prunable = (touched & ~frozen).nonzero().flatten()
     # a group of one channel can never lose it: not a prunable group
@@ -385,12 +407,16 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
 
     g_of_pair = comp_group[comp_u]
     keep = g_of_pair >= 0
-    pairs = torch.unique(g_of_pair[keep] * nb + bid_u[keep]).tolist()
+    pairs = _unique_keys(g_of_pair[keep] * ns + sid_u[keep], len(first_pos) * ns).tolist()
+    bindings_of_src: dict[int, list[int]] = {}
+    for i, si in enumerate(src_of):
+        bindings_of_src.setdefault(si, []).append(i)
     members_of: dict[int, list[int]] = {}
     attr_of: dict[int, list[int]] = {}
     for p in pairs:
-        g, bi = divmod(p, nb)
-        (members_of if bindings[bi].kind == "tensor" else attr_of).setdefault(g, []).append(bi)
+        g, si = divmod(p, ns)
+        for bi in bindings_of_src[si]:
+            (members_of if bindings[bi].kind == "tensor" else attr_of).setdefault(g, []).append(bi)
 
     groups = []
     for g in range(len(first_pos)):

@@ -77,20 +77,21 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
     if not touched:
         return model
     modules = dict(model.named_modules())
-    keeps: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
+    keeps: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     attrs: list[tuple[nn.Module, str, int | None, int, str]] = []
     for bi in sorted(touched):
         b, lab = graph.bindings[bi], graph.binding_labels[bi]
         if b.module not in modules:
             raise PruningError(f"module '{b.module}' is gone from the model; analyse it again")
-        kept = (~removed[lab]).nonzero().flatten()
+        keep = ~removed[lab]
         if b.kind == "attr":
-            n = len(kept)
+            n = int(keep.sum())
             if n % b.divisor:
                 raise PruningError(f"module '{b.module}': {b.name} would become {n}/{b.divisor}, not an integer")
             attrs.append((modules[b.module], b.name, b.axis, n // b.divisor, b.module))
-        elif len(kept) < len(lab):
-            keeps.setdefault((b.module, b.name), []).append((b.axis, kept))
+        elif not bool(keep.all()):
+            axes = keeps.setdefault((b.module, b.name), {})
+            axes[b.axis] = axes[b.axis] & keep if b.axis in axes else keep
     new_tensors = []
     for (mname, tname), axes in keeps.items():
         m = modules[mname]
@@ -101,11 +102,10 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
         if expected is not None and tuple(t.shape) != expected:
             raise PruningError(f"'{mname}.{tname}' has shape {tuple(t.shape)} but was {expected} when analysed; "
                                "analyse the model again after every cut")
-        new = t.detach()
-        for axis, kept in axes:
-            if len(kept) == 0:
+        for axis, keep in axes.items():
+            if not bool(keep.any()):
                 raise PruningError(f"module '{mname}': {tname} would lose every slice along axis {axis}")
-            new = new.index_select(axis, kept.to(new.device))
+        new = _select(t.detach(), {a: k.nonzero().flatten() for a, k in axes.items()})
         new_tensors.append((m, tname, new))
     # commit: nothing below can fail
     with torch.no_grad():
@@ -124,6 +124,15 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
                 cur[axis] = value
                 setattr(m, name, tuple(cur))
     return model
+
+
+def _select(t: torch.Tensor, axes: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Keep the given indices along each axis; one gather when both leading axes shrink."""
+    if sorted(axes) == [0, 1]:
+        return t[axes[0].to(t.device)[:, None], axes[1].to(t.device)[None, :]]
+    for axis, kept in axes.items():
+        t = t.index_select(axis, kept.to(t.device))
+    return t
 
 
 def zero_channels(model: nn.Module, graph: DependencyGraph, group: ChannelGroup | int, channels: Iterable[int]) -> None:

@@ -489,3 +489,34 @@ def test_l2_prune_removes_the_smallest_channels():
     keep = m.c1.weight[[1, 5]].clone()
     secateurs.prune(m, torch.randn(1, 3, 8, 8), ratio=0.75)
     assert torch.equal(m.c1.weight, keep)
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        analyze("resnet", torch.randn(1, 3, 4, 4))
+    with pytest.raises(TypeError, match="`example_inputs` must be a tensor"):
+        analyze(Plain(), "x")
+    with pytest.raises(TypeError, match="`ignore` takes modules or qualified names"):
+        analyze(Plain(), torch.randn(1, 3, 8, 8), ignore=[3])
+    with pytest.raises(secateurs.PruningError, match="failed at node"):
+        analyze(Plain(), torch.randn(1, 5, 8, 8))  # wrong channel count for c1
+
+
+class Reductions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        a = F.normalize(self.a(x), dim=1)  # divides by a norm over channels: inexact
+        b = self.b(x)
+        gate = torch.max(b, b.mean(1, keepdim=True))  # elementwise max with a channel mean
+        return self.c(a + gate)
+
+
+def test_reductions_over_channels_mark_groups_inexact():
+    g = analyze(Reductions(), torch.randn(1, 3, 4, 4))
+    (grp,) = g.groups
+    assert grp.size == 6 and not grp.exact and {"a", "b", "c"} <= set(grp.modules)

@@ -1,0 +1,164 @@
+"""Wall time of analyse + one 50% L2 prune, secateurs beside Torch-Pruning, on this machine.
+
+Each (tool, model) pair runs in its own subprocess (fresh imports, a time limit), does one
+warm-up prune on a separate model instance, then times ``--repeats`` prunes of fresh instances
+(building the model is not timed) and reports the median. Torch-Pruning is the benchmark-only
+extra ``pip install torch-pruning``; its ``BasePruner`` with ``GroupMagnitudeImportance(p=2)`` at
+``pruning_ratio=0.5``, the classifier ignored (our engine never shrinks model outputs).
+
+Usage::
+
+    python -m benchmarks.engine_speed                # default model list, writes docs/engine_speed.md
+    python -m benchmarks.engine_speed --models resnet50 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+MODELS = ["resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+          "regnet_y_400mf", "swin_t", "shufflenet_v2_x1_0", "resnet18", "resnet34", "resnet101", "resnet152"]
+DEPTH = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+def _build(name):
+    import torchvision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torchvision.models.get_model(name, weights=None).eval()
+
+
+def _classifier(model):
+    import torch.nn as nn
+
+    last = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = m
+    return last
+
+
+def _secateurs_once(name, x):
+    import secateurs
+
+    m = _build(name)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        secateurs.prune(m, x, ratio=0.5)
+    return time.perf_counter() - t, m
+
+
+def _tp_once(name, x):
+    import torch_pruning as tp
+
+    m = _build(name)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.BasePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=0.5, ignored_layers=[_classifier(m)])
+        pruner.step()
+    return time.perf_counter() - t, m
+
+
+def worker(tool: str, name: str, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SECATEURS_THREADS", "2")))
+    x = torch.randn(1, 3, 224, 224)
+    once = _secateurs_once if tool == "secateurs" else _tp_once
+    warm = "resnet18" if name != "resnet18" else "resnet34"
+    once(warm, x)  # imports, first fx trace, kernel caches
+    times, m = [], None
+    for _ in range(repeats):
+        t, m = once(name, x)
+        times.append(t)
+    with torch.no_grad():
+        out = m(x)
+    return {"median_s": statistics.median(times), "times": times, "out_shape": list(out.shape)}
+
+
+def run_one(tool: str, name: str, repeats: int, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.engine_speed", "--worker", tool, name, "--repeats", str(repeats)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "note": f"> {timeout:.0f} s (stopped)"}
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "error", "note": last[:160]}
+    return {"status": "ok", **json.loads(r.stdout.strip().splitlines()[-1])}
+
+
+def _fmt(res: dict) -> str:
+    return f"{res['median_s']:.3f}" if res.get("status") == "ok" else res.get("note", res.get("status"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds per (tool, model) subprocess")
+    p.add_argument("--out", default="docs")
+    p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.repeats)))
+        return 0
+
+    import torch
+    import torchvision
+
+    import secateurs
+
+    try:
+        import torch_pruning as tp
+        tp_version = tp.__version__
+    except ImportError:
+        tp_version, args.no_tp = None, True
+    rows = []
+    for name in args.models:
+        ours = run_one("secateurs", name, args.repeats, args.timeout)
+        theirs = {"status": "skipped", "note": "not installed"} if args.no_tp else run_one("tp", name, 1 if name.startswith("swin") else args.repeats, args.timeout)
+        ratio = (ours["median_s"] / theirs["median_s"]) if ours.get("status") == "ok" and theirs.get("status") == "ok" else None
+        rows.append({"model": name, "secateurs_s": _fmt(ours), "torch_pruning_s": _fmt(theirs),
+                     "ratio": f"{ratio:.2f}" if ratio is not None else "",
+                     "secateurs_times": ours.get("times", ""), "tp_times": theirs.get("times", "")})
+        print(f"{name:22s} secateurs {_fmt(ours):>10}  torch-pruning {_fmt(theirs):>24}  ratio {rows[-1]['ratio']}", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "engine_speed.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["# Engine speed: analyse + one 50% prune", "",
+             f"`python -m benchmarks.engine_speed --repeats {args.repeats}` on {platform.machine()}, "
+             f"{os.cpu_count()} cores, {os.environ.get('SECATEURS_THREADS', '2')} torch threads, torch {torch.__version__}, "
+             f"torchvision {torchvision.__version__}, secateurs {secateurs.__version__}, Torch-Pruning {tp_version}. "
+             "Input 1x3x224x224, weights=None. Median wall seconds of fresh model instances after one warm-up "
+             "prune in the same process; model construction not timed. Raw data: `engine_speed.csv`.", "",
+             "secateurs: `secateurs.prune(model, x, ratio=0.5)` (trace, analyse, L2 scores, cut). "
+             "Torch-Pruning: `BasePruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5, "
+             "ignored_layers=[classifier]).step()`.", "",
+             "| model | secateurs (s) | Torch-Pruning (s) | secateurs / TP |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['secateurs_s']} | {r['torch_pruning_s']} | {r['ratio']} |")
+    (out / "engine_speed.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Exact MACs/params under the METHODS.md convention, against published and independent counts."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import secateurs
+from secateurs import count
+from secateurs.models import create_model
+
+
+@pytest.mark.parametrize("depth, macs", [(20, 40_813_184), (56, 125_747_840), (110, 253_149_824)])
+def test_cifar_resnets_match_the_papers(depth, macs):
+    c = count(create_model(f"cifar_resnet{depth}"), torch.randn(1, 3, 32, 32))
+    assert c.macs == macs  # 40.81 M / 125.75 M / 253.15 M
+    assert round(c.macs / 1e6, 2) == {20: 40.81, 56: 125.75, 110: 253.15}[depth]
+
+
+@pytest.mark.parametrize("name, gmacs, mparams", [("resnet50", 4.09, 25.557), ("vgg16", 15.47, 138.358)])
+def test_torchvision_published_figures(name, gmacs, mparams):
+    m = torchvision.models.get_model(name, weights=None)
+    c = count(m, torch.randn(1, 3, 224, 224))
+    assert round(c.macs / 1e9, 2) == gmacs
+    assert round(c.params / 1e6, 3) == mparams
+    assert c.params == sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "squeezenet1_1", "vgg11", "shufflenet_v2_x0_5"])
+def test_agrees_with_torch_flop_counter(name):
+    m = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(x)
+    assert count(m, x).macs == fc.get_total_flops() // 2 // 2  # FLOPs = 2*MACs, batch of 2
+
+
+def test_per_layer_breakdown_and_batch_independence():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1, groups=2),
+                      nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    c1, c4 = count(m, torch.randn(1, 3, 8, 8)), count(m, torch.randn(4, 3, 8, 8))
+    assert [(r.name, r.macs) for r in c1.layers] == [("0", 6 * 6 * 3 * 4 * 9), ("2", 6 * 6 * 2 * 8), ("4", 288 * 5)]
+    assert c1.macs == c4.macs
+    assert c1.params == (3 * 4 * 9 + 4) + 8 + (2 * 8 + 8) + (288 * 5 + 5)
+    assert "total" in c1.table()
+
+
+def test_conv_transpose_counts_input_positions():
+    m = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+    assert count(m, torch.randn(1, 6, 5, 5)).macs == 5 * 5 * 6 * (4 // 2) * 9
+
+
+def test_count_restores_training_mode():
+    m = create_model("cifar_resnet20").train()
+    count(m, torch.randn(1, 3, 32, 32))
+    assert m.training and m.layer1[0].bn1.training
+
+
+def test_pruned_params_equal_sum_of_numel():
+    m = torchvision.models.resnet18()
+    secateurs.prune(m, torch.randn(1, 3, 64, 64), ratio=0.3)
+    assert count(m, torch.randn(1, 3, 64, 64)).params == sum(p.numel() for p in m.parameters())
