@@ -187,18 +187,21 @@ def unknown(ctx: Context, name: str, m: nn.Module, args, aids, out, why: str = "
     return None
 
 
-_PER_CHANNEL = (
+# shape-preserving, value-by-value: on meta tensors their output is their input
+ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
     nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU,
+)
+_PER_CHANNEL = ELEMENTWISE_MODULES + (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
     nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
     nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
     nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, nn.LogSigmoid, nn.Softsign,
-    nn.Tanhshrink, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU, nn.SiLU,
+    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
 
 MODULES: dict[type, Callable] = {t: per_channel for t in _PER_CHANNEL}

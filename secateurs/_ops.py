@@ -80,7 +80,9 @@ class Context:
 
     def bind(self, module: str, name: str, axis: int | None, ids: torch.Tensor, **kw: Any) -> None:
         kind = kw.get("kind", "tensor")
-        self.bindings.append(Binding(module, name, axis, ids if kind == "elementwise" else ids.reshape(-1), **kw))
+        if kind != "elementwise" and ids.dim() != 1:
+            ids = ids.reshape(-1)  # keep the same object when possible: grouping shares work per object
+        self.bindings.append(Binding(module, name, axis, ids, **kw))
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
@@ -592,7 +594,7 @@ _LIKE_FUNCS = [torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_l
                torch.randn_like]
 _NOTHING_FUNCS = [torch._assert, torch.zeros, torch.ones, torch.empty, torch.full,
                   torch.arange, torch.randn, torch.rand, torch.tensor, torch.linspace, len, int, float,
-                  torch.meshgrid, torch.ones_like.__class__]
+                  torch.meshgrid]
 _NOTHING_METHODS = ["dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
                     "new_tensor", "item", "tolist", "ndimension", "get_device", "is_contiguous"]
 _FREEZE_FUNCS = [torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, torch.addmm,
@@ -601,33 +603,34 @@ _FREEZE_FUNCS = [torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm,
 _FREEZE_METHODS = ["matmul", "bmm", "mm", "index_select", "gather"]
 
 
+def _getattr(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    return shape_of(ctx, node, args, kwargs, aids, kids, out) if len(args) > 1 and args[1] == "shape" else None
+
+
 def _build_tables():
     funcs: dict[Any, Callable] = {}
-    for f in _ELEMENTWISE_FUNCS:
-        funcs[f] = elementwise
-    for f in _PER_CHANNEL_FUNCS:
-        funcs[f] = per_channel
-    for f in _MOVEMENT_FUNCS:
-        funcs[f] = movement
-    for f in _PERMUTE_FUNCS:
-        funcs[f] = permute_like
-    for f in _REDUCTION_FUNCS:
-        funcs[f] = reduction
-    for f in _SOFTMAX:
-        funcs[f] = softmax_like
-    for f in _LIKE_FUNCS:
-        funcs[f] = like
-    for f in _NOTHING_FUNCS:
-        funcs[f] = nothing
-    for f in _FREEZE_FUNCS:
-        funcs[f] = freeze_op
-    funcs.update({getattr: lambda ctx, node, args, kwargs, aids, kids, out: shape_of(ctx, node, args, kwargs, aids, kids, out) if len(args) > 1 and args[1] == "shape" else None,
-                  operator.getitem: getitem, torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
-                  F.pad: pad, F.normalize: normalize, torch.split: split, torch.chunk: split, torch.tensor_split: split,
-                  torch.unbind: split, F.layer_norm: f_layer_norm, F.linear: linear_fn})
+    methods: dict[str, Callable] = {}
+    for rule, fns, names in (
+        (elementwise, _ELEMENTWISE_FUNCS, _ELEMENTWISE_METHODS),
+        (per_channel, _PER_CHANNEL_FUNCS, _PER_CHANNEL_METHODS),
+        (movement, _MOVEMENT_FUNCS, _MOVEMENT_METHODS),
+        (permute_like, _PERMUTE_FUNCS, _PERMUTE_METHODS),
+        (reduction, _REDUCTION_FUNCS, _REDUCTION_METHODS),
+        (softmax_like, _SOFTMAX, ["softmax", "log_softmax"]),
+        (like, _LIKE_FUNCS, []),
+        (nothing, _NOTHING_FUNCS, _NOTHING_METHODS),
+        (freeze_op, _FREEZE_FUNCS, _FREEZE_METHODS),
+        (split, [torch.split, torch.chunk, torch.tensor_split, torch.unbind], ["split", "chunk", "tensor_split", "unbind"]),
+        (cat, [torch.cat, torch.concat, torch.concatenate], []),
+    ):
+        funcs.update(dict.fromkeys(fns, rule))
+        methods.update(dict.fromkeys(names, rule))
+    funcs.update({getattr: _getattr, operator.getitem: getitem, F.pad: pad, F.normalize: normalize,
+                  F.layer_norm: f_layer_norm, F.linear: linear_fn})
+    methods["size"] = shape_of
     try:
-        from torchvision.ops import stochastic_depth
         from torchvision.models import swin_transformer as swin
+        from torchvision.ops import stochastic_depth
 
         funcs[stochastic_depth] = elementwise
         funcs[swin._patch_merging_pad] = _tv_patch_merging_pad
@@ -635,24 +638,6 @@ def _build_tables():
         funcs[swin.shifted_window_attention] = freeze_op
     except ImportError:  # torchvision is optional for the engine itself
         pass
-    methods: dict[str, Callable] = {}
-    for m in _ELEMENTWISE_METHODS:
-        methods[m] = elementwise
-    for m in _PER_CHANNEL_METHODS:
-        methods[m] = per_channel
-    for m in _MOVEMENT_METHODS:
-        methods[m] = movement
-    for m in _PERMUTE_METHODS:
-        methods[m] = permute_like
-    for m in _REDUCTION_METHODS:
-        methods[m] = reduction
-    for m in _NOTHING_METHODS:
-        methods[m] = nothing
-    for m in _FREEZE_METHODS:
-        methods[m] = freeze_op
-    methods.update({"size": shape_of, "softmax": softmax_like, "log_softmax": softmax_like, "split": split,
-                    "chunk": split, "tensor_split": split, "unbind": split, "cat": cat,
-                    "__getitem__": getitem})
     return funcs, methods
 
 

@@ -9,6 +9,7 @@ resulting components by the parameters they touch.
 from __future__ import annotations
 
 import itertools
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -177,17 +178,39 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, list[str]]:
 
 
 # -- propagation -----------------------------------------------------------------------------------
-_SAME_SHAPE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
+_SAME_SHAPE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU) + _layers.ELEMENTWISE_MODULES
+_DTYPE_METHODS = {"float", "half", "double", "bfloat16", "to", "type", "type_as"}
+_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_}
+
+
+def _elementwise_meta(args, kwargs):
+    """Output of an elementwise op on meta tensors without running its (slow) meta kernel."""
+    tensors = [t for t in _ops._leaves((args, kwargs))]
+    if not tensors:
+        return None
+    first = tensors[0]
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    if shape == first.shape:
+        return first
+    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 def _run_module(m: nn.Module, args, kwargs, meta: bool):
     if not meta:
         return m(*args, **kwargs)
+    x = args[0] if args else None
     if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d) and _layers.handler_for(m) is not None:
+        nd = len(m.kernel_size)
+        if not isinstance(m.padding, str) and isinstance(x, torch.Tensor) and x.dim() == nd + 2 and x.shape[1] == m.in_channels:
+            sp = [(x.shape[2 + i] + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+                  for i in range(nd)]
+            return torch.empty((x.shape[0], m.out_channels, *sp), dtype=x.dtype, device="meta")
         w = m.weight.to("meta")
-        return m._conv_forward(args[0], w, None if m.bias is None else m.bias.to("meta"))
+        return m._conv_forward(x, w, None if m.bias is None else m.bias.to("meta"))
     if isinstance(m, nn.Linear) and _layers.handler_for(m) is not None:
-        return torch.nn.functional.linear(args[0], m.weight.to("meta"), None if m.bias is None else m.bias.to("meta"))
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == m.in_features:
+            return torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device="meta")
+        return torch.nn.functional.linear(x, m.weight.to("meta"), None if m.bias is None else m.bias.to("meta"))
     if isinstance(m, _SAME_SHAPE) and _layers.handler_for(m) is not None:
         return args[0]
     state = {k: v.to("meta") for k, v in itertools.chain(m.named_parameters(), m.named_buffers())}
@@ -203,6 +226,15 @@ def _fetch(model: nn.Module, target: str):
     return obj
 
 
+def _load(tree, env: dict, ids: dict):
+    """Values and ids of a node's arguments (flat tuples of nodes and constants are the fast path)."""
+    if type(tree) is tuple and all(type(a) is Node or type(a) in (int, float, bool, str, type(None)) for a in tree):
+        return (tuple(env[a] if type(a) is Node else a for a in tree),
+                tuple(ids[a] if type(a) is Node else None for a in tree))
+    return (map_aggregate(tree, lambda a: env[a] if isinstance(a, Node) else a),
+            map_aggregate(tree, lambda a: ids[a] if isinstance(a, Node) else None))
+
+
 def _propagate(graph: fx.Graph, model: nn.Module, inputs: Sequence[Any], ctx: Context, meta: bool) -> None:
     modules = dict(model.named_modules())
     env: dict[Node, Any] = {}
@@ -216,10 +248,8 @@ def _propagate(graph: fx.Graph, model: nn.Module, inputs: Sequence[Any], ctx: Co
         users_done.setdefault(u, []).append(n)
     it = iter(inputs)
     for node in graph.nodes:
-        args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, Node) else a)
-        kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, Node) else a)
-        aids = map_aggregate(node.args, lambda a: ids[a] if isinstance(a, Node) else None)
-        kids = map_aggregate(node.kwargs, lambda a: ids[a] if isinstance(a, Node) else None)
+        args, aids = _load(node.args, env, ids)
+        kwargs, kids = _load(node.kwargs, env, ids) if node.kwargs else ({}, {})
         op = node.op
         try:
             if op == "placeholder":
@@ -236,8 +266,12 @@ def _propagate(graph: fx.Graph, model: nn.Module, inputs: Sequence[Any], ctx: Co
                 if meta and isinstance(val, torch.Tensor):
                     val = val.to("meta")
             elif op == "call_function":
-                val = node.target(*args, **kwargs)
                 h = _ops.FUNCTIONS.get(node.target)
+                val = None
+                if meta and h is _ops.elementwise and node.target not in _COMPARISONS:
+                    val = _elementwise_meta(args, kwargs)
+                if val is None:
+                    val = node.target(*args, **kwargs)
                 if isinstance(node.target, type) and issubclass(node.target, tuple):
                     out_ids = aids  # a namedtuple of outputs: ids mirror its fields
                 elif h is _ops.f_layer_norm:
@@ -247,8 +281,12 @@ def _propagate(graph: fx.Graph, model: nn.Module, inputs: Sequence[Any], ctx: Co
                 else:
                     out_ids = _ops._unknown(ctx, node, aids, kids)
             elif op == "call_method":
-                val = getattr(args[0], node.target)(*args[1:], **kwargs)
                 h = _ops.METHODS.get(node.target)
+                val = None
+                if meta and h is _ops.elementwise and isinstance(args[0], torch.Tensor) and node.target not in _DTYPE_METHODS:
+                    val = _elementwise_meta(args, kwargs)
+                if val is None:
+                    val = getattr(args[0], node.target)(*args[1:], **kwargs)
                 out_ids = h(ctx, node, args, kwargs, aids, kids, val) if h else _ops._unknown(ctx, node, aids, kids)
             elif op == "call_module":
                 m = modules[node.target]
@@ -372,13 +410,13 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     comp_all = torch.cat(src_lab)
     sid_all = torch.repeat_interleave(torch.arange(ns), lens)
     pos_all = torch.arange(len(comp_all)) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-    key = _unique_keys(comp_all * ns + sid_all, ncomp * ns)
-    comp_u, sid_u = key // ns, key % ns
     gen = torch.Generator().manual_seed(0)
     salt = torch.randint(-(2**62), 2**62, (ns,), generator=gen) * src_tensor  # attributes follow, they do not define
-    sig = torch.zeros(ncomp, dtype=torch.long).index_add_(0, comp_u, salt[sid_u])
+    # a component's signature sums the salts of every position it holds: components with equal
+    # signatures touch the same tensors (the same number of times) and form one group
+    sig = torch.zeros(ncomp, dtype=torch.long).index_add_(0, comp_all, salt[sid_all])
     touched = torch.zeros(ncomp, dtype=torch.bool)
-    touched[comp_u[src_tensor[sid_u]]] = True
+    touched[comp_all[src_tensor[sid_all]]] = True
     tmask = src_tensor[sid_all]
     order_key = torch.tensor(src_first)[sid_all[tmask]] * (1 << 32) + pos_all[tmask]
     first = torch.full((ncomp,), torch.iinfo(torch.long).max).scatter_reduce_(
@@ -405,9 +443,9 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     comp_group[comps_sorted] = gid_sorted
     comp_index[comps_sorted] = torch.arange(len(comps_sorted)) - starts[gid_sorted]
 
-    g_of_pair = comp_group[comp_u]
-    keep = g_of_pair >= 0
-    pairs = _unique_keys(g_of_pair[keep] * ns + sid_u[keep], len(first_pos) * ns).tolist()
+    g_all = comp_group[comp_all]
+    keep = g_all >= 0
+    pairs = _unique_keys(g_all[keep] * ns + sid_all[keep], len(first_pos) * ns).tolist()
     bindings_of_src: dict[int, list[int]] = {}
     for i, si in enumerate(src_of):
         bindings_of_src.setdefault(si, []).append(i)

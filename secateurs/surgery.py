@@ -77,21 +77,28 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
     if not touched:
         return model
     modules = dict(model.named_modules())
+    bids = sorted(touched)
+    labs = [graph.binding_labels[bi] for bi in bids]
+    lens = torch.tensor([len(lab) for lab in labs])
+    gone = removed[torch.cat(labs)]  # one lookup for every touched binding
+    cum = torch.cat([torch.zeros(1, dtype=torch.long), gone.long().cumsum(0)])
+    ends = lens.cumsum(0)
+    n_gone = (cum[ends] - cum[ends - lens]).tolist()
+    parts = gone.split(lens.tolist())
     keeps: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     attrs: list[tuple[nn.Module, str, int | None, int, str]] = []
-    for bi in sorted(touched):
-        b, lab = graph.bindings[bi], graph.binding_labels[bi]
+    for bi, part, n_rm in zip(bids, parts, n_gone):
+        b = graph.bindings[bi]
         if b.module not in modules:
             raise PruningError(f"module '{b.module}' is gone from the model; analyse it again")
-        keep = ~removed[lab]
         if b.kind == "attr":
-            n = int(keep.sum())
+            n = len(part) - n_rm
             if n % b.divisor:
                 raise PruningError(f"module '{b.module}': {b.name} would become {n}/{b.divisor}, not an integer")
             attrs.append((modules[b.module], b.name, b.axis, n // b.divisor, b.module))
-        elif not bool(keep.all()):
+        elif n_rm:
             axes = keeps.setdefault((b.module, b.name), {})
-            axes[b.axis] = axes[b.axis] & keep if b.axis in axes else keep
+            axes[b.axis] = axes[b.axis] & ~part if b.axis in axes else ~part
     new_tensors = []
     for (mname, tname), axes in keeps.items():
         m = modules[mname]

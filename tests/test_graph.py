@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import secateurs
 from secateurs import analyze, apply_plan, count
 
-from .helpers import check_equivalence, randomize_norms
+from secateurs.testing import check_equivalence, randomize_norms
 
 
 def cbr(cin, cout, k=3, groups=1, stride=1):

@@ -10,7 +10,7 @@ import secateurs
 from secateurs import PruningError, PruningPlan, analyze, apply_plan
 from secateurs.models import create_model
 
-from .helpers import check_equivalence, randomize_norms
+from secateurs.testing import check_equivalence, randomize_norms
 
 
 def state(m):

@@ -14,7 +14,7 @@ import torchvision
 
 import secateurs
 
-from .helpers import check_equivalence, main_output, randomize_norms
+from secateurs.testing import check_equivalence, main_output, randomize_norms
 
 FAST = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5", "efficientnet_b0",
         "regnet_y_400mf", "densenet121", "convnext_tiny", "googlenet", "mnasnet0_5", "resnext50_32x4d",
