@@ -1,6 +1,7 @@
-"""Command line: ``secateurs analyze`` and ``secateurs prune``.
+"""Command line: ``secateurs analyze``, ``secateurs prune`` and ``secateurs train``.
 
-Models are named ``torchvision:NAME`` (any ``torchvision.models.get_model`` name, weights=None).
+Models are registry names (``secateurs.models.list_models()``) or ``torchvision:NAME``
+(weights=None); datasets are ``secateurs.data.list_datasets()`` names.
 """
 from __future__ import annotations
 
@@ -16,15 +17,13 @@ from .cost import count
 from .graph import analyze
 
 
-def load_model(spec: str) -> torch.nn.Module:
-    source, _, name = spec.partition(":")
-    if source != "torchvision" or not name:
-        raise SystemExit(f"--model must look like 'torchvision:resnet50', got {spec!r}")
-    import torchvision
+def load_model(spec: str, **kwargs) -> torch.nn.Module:
+    from .models import create_model
 
-    if name not in torchvision.models.list_models():
-        raise SystemExit(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
-    return torchvision.models.get_model(name, weights=None).eval()
+    try:
+        return create_model(spec, **kwargs).eval()
+    except ValueError as err:
+        raise SystemExit(f"--model: {err}") from None
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -33,16 +32,72 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     for name, help_ in (("analyze", "list the prunable channel groups"),
                         ("prune", "remove a fraction of every group and report MACs/params")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--model", default="torchvision:resnet50", help="e.g. torchvision:resnet50")
+        s.add_argument("--model", default="torchvision:resnet50", help="e.g. torchvision:resnet50 or cifar_resnet56")
         s.add_argument("--input-size", type=int, nargs="+", default=[1, 3, 224, 224], help="example input shape")
         if name == "prune":
             s.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per group")
             s.add_argument("--criterion", default="l2", help="importance criterion (l1, l2)")
+    t = sub.add_parser("train", help="train (or fine-tune) a model on a dataset; torchrun-ready")
+    t.add_argument("--model", required=True, help="registry name (cifar_resnet56, unet...) or torchvision:NAME")
+    t.add_argument("--data", required=True, help="cifar10, cifar100, fashion-mnist, digits, isbi2012, hela, imagefolder:PATH")
+    t.add_argument("--data-root", default=None, help="folder holding the datasets (else $SECATEURS_DATA, ../shared/data)")
+    t.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
+    t.add_argument("--subset", type=int, default=None, help="train on this many samples (CPU protocol)")
+    t.add_argument("--val-subset", type=int, default=None, help="evaluate on this many samples")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=128, help="global batch size (split across processes)")
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--optimizer", default="sgd", help="sgd or adamw")
+    t.add_argument("--schedule", default="cosine", help="cosine, step or constant")
+    t.add_argument("--milestones", type=int, nargs="*", default=[], help="step schedule epochs")
+    t.add_argument("--warmup-epochs", type=int, default=0)
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--pad", type=int, default=4, help="zero padding before the random crop (classification)")
+    t.add_argument("--crop", type=int, default=None, help="random crop size (segmentation)")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last memory format (GPU)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--norm", default=None, help="normalisation layer for models that offer a choice (tiny_cnn: bn, gn, none)")
+    t.add_argument("--out", default=None, help="run folder: checkpoint.pt, log.csv")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
+
+
+def train_main(args) -> int:
+    from .data import load_dataset
+    from .train import TrainConfig, fit, is_main_process
+
+    train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
+    val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
+    torch.manual_seed(args.seed)
+    kw = {"num_classes": max(2, train_ds.num_classes)}
+    if not args.model.startswith("torchvision:"):
+        kw["in_chans"] = train_ds.images.shape[1]
+    if args.norm:
+        kw["norm"] = args.norm
+    model = load_model(args.model, **kw)
+    try:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          optimizer=args.optimizer, schedule=args.schedule, milestones=tuple(args.milestones),
+                          warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, amp=args.amp,
+                          channels_last=args.channels_last, seed=args.seed, pad=args.pad, crop=args.crop, out_dir=args.out,
+                          resume=args.resume, quiet=args.quiet, step_delay=args.step_delay)
+    except ValueError as err:
+        raise SystemExit(f"secateurs train: {err}") from None
+    history = fit(model, train_ds, val_ds, cfg)
+    if is_main_process() and history:
+        last = history[-1]
+        print("final", " ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("val_")))
+    return 0
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.command == "train":
+        return train_main(args)
     model = load_model(args.model)
     x = torch.randn(*args.input_size)
     if args.command == "analyze":

@@ -32,6 +32,6 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return _MODELS.get(name)(**kwargs)
 
 
-from . import cifar_resnet  # noqa: E402,F401  (registers on import)
+from . import cifar_resnet, cifar_vgg, tiny, unet  # noqa: E402,F401  (registers on import)
 
 __all__ = ["create_model", "list_models", "register_model"]

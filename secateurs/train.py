@@ -1,0 +1,282 @@
+"""One training loop for training from scratch and for fine-tuning after pruning.
+
+torchvision-reference style: ``train_one_epoch``, ``evaluate``, ``fit``. Runs on one CPU by
+default and under ``torchrun`` (DDP: gloo on CPU, NCCL on GPU) with no change. Every epoch ends
+with an atomic checkpoint (model, optimizer, scheduler, epoch, RNG state, history); ``resume``
+continues bit-for-bit, because the data order and augmentation of an epoch depend only on
+``(seed, epoch)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import ArrayDataset, Batches
+
+__all__ = ["TrainConfig", "fit", "evaluate", "train_one_epoch", "init_distributed", "is_main_process"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run (defaults: the ResNet-on-CIFAR recipe, shortened)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # sgd | adamw
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: tuple[int, ...] = ()  # step schedule: epochs at which lr is multiplied by gamma
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    amp: bool = False  # bf16/fp16 autocast, on GPU only
+    channels_last: bool = False  # GPU only
+    seed: int = 0
+    pad: int = 4  # augmentation: zero padding before the random crop (classification)
+    crop: int | None = None  # augmentation: random crop size (segmentation)
+    flip: bool = True
+    out_dir: str | None = None
+    resume: bool = False
+    quiet: bool = False
+    step_delay: float = field(default=0.0, repr=False)  # seconds per step: lets tests kill a run mid-epoch
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"`optimizer` must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"`schedule` must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}")
+
+
+# -- distributed -----------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment, or a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return rank, world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def _batch_stats(out: torch.Tensor, y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
+    """Sums that add up across batches and processes."""
+    if task == "classification":
+        top5 = out.topk(min(5, out.shape[1]), dim=1).indices
+        return torch.tensor([len(y), (top5[:, 0] == y).sum().item(), (top5 == y[:, None]).any(1).sum().item()],
+                            dtype=torch.float64)
+    pred = out.argmax(1)
+    stats = [y.numel(), (pred == y).sum().item()]
+    for c in range(num_classes):  # per-class intersection, prediction area, target area
+        p, t = pred == c, y == c
+        stats += [(p & t).sum().item(), p.sum().item(), t.sum().item()]
+    return torch.tensor(stats, dtype=torch.float64)
+
+
+def _metrics(stats: torch.Tensor, task: str, num_classes: int) -> dict[str, float]:
+    if task == "classification":
+        n = stats[0].item()
+        return {"top1": 100 * stats[1].item() / n, "top5": 100 * stats[2].item() / n}
+    n = stats[0].item()
+    inter, ps, ts = stats[2::3], stats[3::3], stats[4::3]
+    fg = slice(1, None) if num_classes > 1 else slice(0, None)
+    iou = inter / (ps + ts - inter).clamp_min(1)
+    dice = 2 * inter / (ps + ts).clamp_min(1)
+    return {"pixel_acc": 100 * stats[1].item() / n, "iou": 100 * iou[fg].mean().item(),
+            "dice": 100 * dice[fg].mean().item(), "miou": 100 * iou.mean().item()}
+
+
+def main_metric(task: str) -> str:
+    return "top1" if task == "classification" else "iou"
+
+
+# -- loop ------------------------------------------------------------------------------------
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainConfig, device, epoch: int,
+                    task: str) -> float:
+    model.train()
+    batches.set_epoch(epoch)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    it = batches
+    bar = None
+    if not cfg.quiet and is_main_process():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True, disable=None)
+            it = bar
+        except ImportError:  # progress is optional
+            pass
+    for x, y in it:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg.amp):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach().double().cpu() * len(y)
+        count += len(y)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        if cfg.step_delay:
+            time.sleep(cfg.step_delay)
+    stats = _all_sum(torch.tensor([total.item(), float(count)], dtype=torch.float64))
+    return stats[0].item() / max(1.0, stats[1].item())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: torch.device | str = "cpu",
+             amp: bool = False) -> dict[str, float]:
+    """Top-1/top-5 (classification) or pixel accuracy, IoU, Dice (segmentation) on ``ds``.
+
+    Under DDP every process takes its stride of the samples and the sums are all-reduced.
+    """
+    device = torch.device(device)
+    was = model.training
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sub = ds if world == 1 else ArrayDataset(ds.name, ds.images[rank::world], ds.targets[rank::world], ds.classes,
+                                             ds.task, ds.mean, ds.std)
+    stats = None
+    for x, y in Batches(sub, batch_size, train=False):
+        with _autocast(device, amp):
+            out = model(x.to(device)).float()
+        s = _batch_stats(out.cpu(), y, ds.task, max(2, ds.num_classes))
+        stats = s if stats is None else stats + s
+    model.train(was)
+    stats = _all_sum(stats if stats is not None else torch.zeros(1, dtype=torch.float64))
+    return _metrics(stats, ds.task, max(2, ds.num_classes))
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)  # no weight decay on BN/bias
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warm = cfg.warmup_epochs * steps_per_epoch
+    milestones = [m * steps_per_epoch for m in cfg.milestones]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill leaves the previous checkpoint intact
+
+
+def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, cfg: TrainConfig,
+        device: torch.device | str | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in place; returns the per-epoch history (also in ``out_dir/log.csv``)."""
+    rank, world, dev = init_distributed()
+    device = torch.device(device) if device is not None else dev
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
+                      pad=cfg.pad if train_ds.task == "classification" else 0, crop=cfg.crop, flip=cfg.flip)
+    optimizer = _optimizer(model, cfg)
+    scheduler = _scheduler(optimizer, cfg, len(batches))
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt = out / "checkpoint.pt" if out else None
+    history: list[dict[str, float]] = []
+    start = 0
+    if cfg.resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start, history = state["epoch"], list(state["history"])
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if out is not None and is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        loss = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task)
+        row = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+               "time_s": time.perf_counter() - t0}
+        if val_ds is not None:
+            row.update({f"val_{k}": v for k, v in evaluate(model, val_ds, device=device, amp=cfg.amp).items()})
+        history.append(row)
+        if is_main_process():
+            if not cfg.quiet:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            if out is not None:
+                _write_log(out / "log.csv", history)
+                _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state(),
+                              "history": history, "config": asdict(cfg)}, ckpt)
+        if world > 1:
+            dist.barrier()
+    return history
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    keys = list(dict.fromkeys(k for r in history for k in r))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)

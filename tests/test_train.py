@@ -1,0 +1,122 @@
+"""Training substrate: determinism, bit-exact resume after SIGKILL, DDP parity, metrics."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from secateurs.data import ArrayDataset, load_dataset
+from secateurs.models import create_model
+from secateurs.train import TrainConfig, _batch_stats, _metrics, evaluate, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def cfg(**kw):
+    base = dict(epochs=2, batch_size=64, lr=0.05, pad=1, quiet=True, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_is_deterministic_and_learns():
+    tr, te = digits()
+    torch.manual_seed(0)
+    a = create_model("tiny_cnn")
+    torch.manual_seed(0)
+    b = create_model("tiny_cnn")
+    before = evaluate(a, te)["top1"]
+    ha = fit(a, tr, te, cfg(epochs=4))
+    hb = fit(b, tr, te, cfg(epochs=4))
+    assert ha == [dict(r, time_s=r["time_s"]) for r in ha]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ha[-1]["val_top1"] > before + 20 and ha[-1]["val_top1"] == hb[-1]["val_top1"]
+
+
+def _train_cmd(out, epochs, extra=()):
+    return [sys.executable, "-m", "secateurs.cli", "train", "--model", "tiny_cnn", "--data", "digits",
+            "--epochs", str(epochs), "--batch-size", "64", "--lr", "0.05", "--pad", "1", "--seed", "1",
+            "--out", str(out), "--quiet", *extra]
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, 3), check=True, env=env, cwd=ROOT)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run, 3, ["--step-delay", "0.05"]), env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (run / "log.csv").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # now inside epoch 2 (22 steps of 50 ms each)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1, "the kill should land in the second epoch"
+    subprocess.run(_train_cmd(run, 3, ["--resume"]), check=True, env=env, cwd=ROOT)
+    a = torch.load(ref / "checkpoint.pt", weights_only=True)
+    b = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert b["epoch"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["val_top1"] for r in a["history"]] == [r["val_top1"] for r in b["history"]]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    common = ["--model", "tiny_cnn", "--data", "digits", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
+              "--pad", "1", "--seed", "2", "--quiet"]
+    # no BatchNorm: per-process batch statistics would legitimately differ
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "secateurs.cli", "train", *common, "--out", str(one), "--norm", "gn"],
+                   check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "secateurs.cli", "train", *common, "--out", str(two), "--norm", "gn"],
+                   check=True, env=env, cwd=ROOT)
+    a = torch.load(one / "checkpoint.pt", weights_only=True)
+    b = torch.load(two / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+    assert abs(a["history"][-1]["val_top1"] - b["history"][-1]["val_top1"]) < 1.0
+
+
+def test_segmentation_metrics_by_hand():
+    y = torch.tensor([[[0, 1], [1, 1]]])
+    out = torch.tensor([[[[5.0, 0.0], [5.0, 0.0]], [[0.0, 5.0], [0.0, 5.0]]]])  # predicts [[0,1],[0,1]]
+    m = _metrics(_batch_stats(out, y, "segmentation", 2), "segmentation", 2)
+    assert m["pixel_acc"] == 75.0
+    assert m["iou"] == pytest.approx(100 * 2 / 3)  # foreground: inter 2, union 3
+    assert m["dice"] == pytest.approx(100 * 4 / 5)
+
+
+def test_classification_metrics_by_hand():
+    out = torch.eye(6)[[0, 1, 2, 3]] * 10 + torch.arange(6) * 0.1
+    y = torch.tensor([0, 1, 5, 4])
+    m = _metrics(_batch_stats(out, y, "classification", 6), "classification", 6)
+    assert m["top1"] == 50.0 and m["top5"] == 100.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="`optimizer` must be 'sgd' or 'adamw', got 'adam'"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="`epochs` must be a positive int"):
+        TrainConfig(epochs=0)
+
+
+def test_segmentation_training_runs_on_isbi():
+    tr = load_dataset("isbi2012", "train").subset(4)
+    te = load_dataset("isbi2012", "test").subset(2)
+    assert tr.images.shape == (4, 1, 512, 512) and set(tr.targets.unique().tolist()) == {0, 1}
+    te = ArrayDataset(te.name, te.images[..., :128, :128], te.targets[..., :128, :128], te.classes, te.task, te.mean, te.std)
+    torch.manual_seed(0)
+    m = create_model("unet", base=4, depth=2)
+    h = fit(m, tr, te, TrainConfig(epochs=1, batch_size=2, lr=0.01, crop=64, quiet=True))
+    assert {"val_pixel_acc", "val_iou", "val_dice"} <= set(h[0])
