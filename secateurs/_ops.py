@@ -268,7 +268,7 @@ def _unknown(ctx: Context, node: Node, aids, kids, why: str = "") -> None:
 
 
 # -- per-channel ops (pooling, resampling, activations) ----------------------------------------
-def per_channel(ctx: Context, node: Node, args, kwargs, aids, kids, out, inexact_dim: bool = False) -> Any:
+def per_channel(ctx: Context, node: Node, args, kwargs, aids, kids, out) -> Any:
     x, xi = args[0], aids[0]
     if xi is None or not isinstance(out, torch.Tensor):
         return None
@@ -392,25 +392,20 @@ def movement(ctx, node, args, kwargs, aids, kids, out, fn: Callable | None = Non
 
 
 def permute_like(ctx, node, args, kwargs, aids, kids, out) -> Any:
-    """permute/transpose/unsqueeze/squeeze/contiguous act on compressed ids directly."""
+    """permute/transpose/unsqueeze/squeeze act on the compressed ids directly (same rank)."""
     xi = aids[0]
     if xi is None:
         return None
-    return _fast_movement(node, args, kwargs, xi, out)
-
-
-def _fast_movement(node, args, kwargs, xi, out):
-    ref = xi  # ids have the same rank as the tensor, so the op applies to them as-is
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name in ("squeeze", "squeeze_"):
+    if name in ("squeeze", "squeeze_"):  # only axes of size 1 *in the tensor* go
         x = args[0]
         dims = args[1:] or ([kwargs["dim"]] if "dim" in kwargs else [k for k in range(x.dim()) if x.shape[k] == 1])
-        dims = [d for dd in dims for d in (dd if isinstance(dd, (list, tuple)) else [dd])]
-        keep = [k for k in range(x.dim()) if not (k in [d % x.dim() for d in dims] and x.shape[k] == 1)]
-        return compress(ref.reshape([ref.shape[k] for k in keep]))
+        dims = {d % x.dim() for dd in dims for d in (dd if isinstance(dd, (list, tuple)) else [dd])}
+        keep = [k for k in range(x.dim()) if not (k in dims and x.shape[k] == 1)]
+        return compress(xi.reshape([xi.shape[k] for k in keep]))
     if node.op == "call_method":
-        return compress(getattr(ref, node.target)(*args[1:], **kwargs))
-    return compress(node.target(ref, *args[1:], **kwargs))
+        return compress(getattr(xi, node.target)(*args[1:], **kwargs))
+    return compress(node.target(xi, *args[1:], **kwargs))
 
 
 def getitem(ctx, node, args, kwargs, aids, kids, out) -> Any:
@@ -529,10 +524,6 @@ def f_layer_norm(ctx, node, args, kwargs, aids, kids, out, modules=None) -> Any:
     return xi
 
 
-def linear_fn(ctx, node, args, kwargs, aids, kids, out) -> Any:
-    return _unknown(ctx, node, aids, kids, "functional linear")
-
-
 # -- torchvision wrapped functions ------------------------------------------------------------------
 def _tv_patch_merging_pad(ctx, node, args, kwargs, aids, kids, out) -> Any:
     from torchvision.models.swin_transformer import _patch_merging_pad
@@ -626,7 +617,7 @@ def _build_tables():
         funcs.update(dict.fromkeys(fns, rule))
         methods.update(dict.fromkeys(names, rule))
     funcs.update({getattr: _getattr, operator.getitem: getitem, F.pad: pad, F.normalize: normalize,
-                  F.layer_norm: f_layer_norm, F.linear: linear_fn})
+                  F.layer_norm: f_layer_norm})
     methods["size"] = shape_of
     try:
         from torchvision.models import swin_transformer as swin

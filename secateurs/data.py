@@ -108,20 +108,24 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _decode_jpeg_tar(path: Path) -> dict[str, np.ndarray]:
+    """Decode ``split/class/file.jpg`` members in one streaming pass (seeking a .tar.gz is quadratic)."""
     from PIL import Image
 
-    out: dict[str, list] = {}
-    with tarfile.open(path, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith((".jpg", ".jpeg", ".png"))),
-                         key=lambda m: m.name)
-        classes = sorted({m.name.split("/")[-2] for m in members})
-        for m in members:
-            split, cls = m.name.split("/")[-3], m.name.split("/")[-2]
+    found: list[tuple[str, str, str, np.ndarray]] = []
+    with tarfile.open(path, "r|gz") as tar:
+        for m in tar:
+            if not (m.isfile() and m.name.lower().endswith((".jpg", ".jpeg", ".png"))):
+                continue
+            parts = m.name.split("/")
             img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
-            out.setdefault(f"{split}_x", []).append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-            out.setdefault(f"{split}_y", []).append(classes.index(cls))
-    arrays = {k: np.stack(v) if k.endswith("_x") else np.asarray(v, dtype=np.int64) for k, v in out.items()}
-    arrays["classes"] = np.asarray(classes)
+            found.append((parts[-3], parts[-2], m.name, np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+    found.sort(key=lambda f: f[2])
+    classes = sorted({f[1] for f in found})
+    arrays: dict[str, np.ndarray] = {"classes": np.asarray(classes)}
+    for split in sorted({f[0] for f in found}):
+        rows = [f for f in found if f[0] == split]
+        arrays[f"{split}_x"] = np.stack([f[3] for f in rows])
+        arrays[f"{split}_y"] = np.asarray([classes.index(f[1]) for f in rows], dtype=np.int64)
     return arrays
 
 

@@ -4,6 +4,10 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -32,6 +36,34 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return _MODELS.get(name)(**kwargs)
 
 
+def _zoo_dir() -> Path:
+    return Path(os.environ.get("SECATEURS_ZOO", Path(__file__).resolve().parents[2] / "zoo"))
+
+
+def list_pretrained() -> dict[str, dict]:
+    """Entries of ``zoo/manifest.json``: trained checkpoints with their recipe and accuracy."""
+    path = _zoo_dir() / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_pretrained(name: str) -> nn.Module:
+    """A zoo checkpoint: the registered architecture plus safetensors weights (no pickle),
+    checked against the manifest's sha256."""
+    entries = list_pretrained()
+    if name not in entries:
+        raise ValueError(f"no pretrained '{name}' in {_zoo_dir() / 'manifest.json'}; available: {', '.join(sorted(entries)) or 'none'}")
+    e = entries[name]
+    path = _zoo_dir() / e["file"]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != e["sha256"]:
+        raise ValueError(f"{path} has sha256 {digest}, the manifest says {e['sha256']}")
+    from safetensors.torch import load_file
+
+    model = create_model(e["model"], **e.get("kwargs", {}))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
 from . import cifar_resnet, cifar_vgg, tiny, unet  # noqa: E402,F401  (registers on import)
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained"]
