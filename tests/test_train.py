@@ -16,6 +16,7 @@ from secateurs.models import create_model
 from secateurs.train import TrainConfig, _batch_stats, _metrics, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def digits():
@@ -111,6 +112,7 @@ def test_config_validation():
         TrainConfig(epochs=0)
 
 
+@pytest.mark.skipif(not (SHARED / "isbi2012-membranes").exists(), reason="../shared/data is not beside the checkout")
 def test_segmentation_training_runs_on_isbi():
     tr = load_dataset("isbi2012", "train").subset(4)
     te = load_dataset("isbi2012", "test").subset(2)
