@@ -32,6 +32,7 @@ import torchvision
 
 import secateurs
 from secateurs import analyze, count
+from secateurs.models import create_model
 from secateurs.testing import check_equivalence, main_output, randomize_norms
 
 FIELDS = ["model", "family", "status", "groups", "exact_groups", "channels", "rel_err", "macs_before",
@@ -45,16 +46,10 @@ def model_list() -> list[tuple[str, str]]:
     return cls + seg
 
 
-def _build(name: str, family: str) -> torch.nn.Module:
-    kw = {"weights": None}
-    if family == "segmentation":
-        kw["weights_backbone"] = None
-    if name in ("googlenet", "inception_v3"):
-        kw["init_weights"] = True
+def _build(name: str) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = torchvision.models.get_model(name, **kw)
-    return randomize_norms(m).eval()
+        return randomize_norms(create_model(f"torchvision:{name}")).eval()
 
 
 def _input_size(name: str) -> int:
@@ -63,7 +58,7 @@ def _input_size(name: str) -> int:
 
 def check_model(name: str, family: str) -> dict:
     row = {"model": name, "family": family, "status": "fail", "reason": ""}
-    m = _build(name, family)
+    m = _build(name)
     s = _input_size(name)
     x = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
@@ -92,7 +87,7 @@ def check_model(name: str, family: str) -> dict:
     c0 = count(m, x)
     secateurs.prune(m, x, 0.5)
     with torch.no_grad():
-        ref = main_output(_build(name, family)(x))
+        ref = main_output(_build(name)(x))
         out = main_output(m(x))
     c1 = count(m, x)
     row.update(macs_before=c0.macs, macs_after=c1.macs, params_before=c0.params, params_after=c1.params)

@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 import secateurs
+from secateurs.models import create_model
 
 from secateurs.testing import check_equivalence, main_output, randomize_norms
 
@@ -24,14 +25,9 @@ ALL = torchvision.models.list_models(module=torchvision.models) + sorted(SEGMENT
 
 
 def build(name):
-    kw = {"weights": None}
-    if name in SEGMENTATION:
-        kw["weights_backbone"] = None
-    if name in ("googlenet", "inception_v3"):
-        kw["init_weights"] = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return randomize_norms(torchvision.models.get_model(name, **kw)).eval()
+        return randomize_norms(create_model(f"torchvision:{name}")).eval()
 
 
 def size(name, small):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -32,7 +33,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         if tv_name not in torchvision.models.list_models():
             raise ValueError(f"unknown torchvision model '{tv_name}'; see torchvision.models.list_models()")
         kwargs.setdefault("weights", None)
-        return torchvision.models.get_model(tv_name, **kwargs)
+        builder = torchvision.models.get_model_builder(tv_name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs.setdefault("weights_backbone", None)  # never download behind the user's back
+        if tv_name in ("googlenet", "inception_v3"):
+            kwargs.setdefault("init_weights", True)  # silences torchvision's FutureWarning
+        return builder(**kwargs)
     return _MODELS.get(name)(**kwargs)
 
 
