@@ -59,6 +59,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--channels-last", action="store_true", help="channels-last memory format (GPU)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--norm", default=None, help="normalisation layer for models that offer a choice (tiny_cnn: bn, gn, none)")
+    t.add_argument("--model-arg", action="append", default=[], metavar="KEY=INT",
+                   help="extra integer constructor argument, e.g. --model-arg base=16 (repeatable)")
     t.add_argument("--out", default=None, help="run folder: checkpoint.pt, log.csv")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--quiet", action="store_true")
@@ -78,6 +80,11 @@ def train_main(args) -> int:
         kw["in_chans"] = train_ds.images.shape[1]
     if args.norm:
         kw["norm"] = args.norm
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--model-arg must look like KEY=INT, got {item!r}")
+        kw[key] = int(value)
     model = load_model(args.model, **kw)
     try:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
