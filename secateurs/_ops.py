@@ -54,7 +54,6 @@ class Context:
         self.bindings: list[Binding] = []
         self.warnings: list[str] = []
         self.module_out: dict[str, torch.Tensor] = {}
-        self.leaf_names: dict[int, str] = {}
 
     # -- ids ---------------------------------------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:

@@ -71,14 +71,11 @@ class DependencyGraph:
     It describes the model as it was when analysed; once channels are removed, analyse again.
     """
 
-    def __init__(self, groups, bindings, labels, n_components, comp_group, comp_index,
-                 warnings_, leaves, shapes) -> None:
+    def __init__(self, groups, bindings, labels, n_components, warnings_, leaves, shapes) -> None:
         self.groups: list[ChannelGroup] = groups
         self.bindings: list[Binding] = bindings
         self.binding_labels: list[torch.Tensor] = labels
         self.n_components = n_components
-        self.comp_group = comp_group
-        self.comp_index = comp_index
         self.warnings: list[str] = warnings_
         self.opaque_modules: list[str] = leaves
         self._shapes = shapes
@@ -389,8 +386,7 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
 
     tensor_idx = [i for i, b in enumerate(bindings) if b.kind == "tensor"]
     if not tensor_idx:
-        return DependencyGraph([], bindings, blabels, ncomp, torch.full((ncomp,), -1), torch.full((ncomp,), -1),
-                               ctx.warnings, [], shapes)
+        return DependencyGraph([], bindings, blabels, ncomp, ctx.warnings, [], shapes)
     # many bindings share one ids tensor (a conv's outputs: weight, bias, BN stats, attributes);
     # work per distinct ids tensor ("source") and map back to bindings at the end
     src_of_obj: dict[int, int] = {}
@@ -439,9 +435,7 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     counts = torch.bincount(gid_sorted, minlength=len(first_pos))
     starts = torch.cumsum(counts, 0) - counts
     comp_group = torch.full((ncomp,), -1)
-    comp_index = torch.full((ncomp,), -1)
     comp_group[comps_sorted] = gid_sorted
-    comp_index[comps_sorted] = torch.arange(len(comps_sorted)) - starts[gid_sorted]
 
     g_all = comp_group[comp_all]
     keep = g_all >= 0
@@ -467,7 +461,7 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
             exact=not bool(inexact[comps].any()), components=comps,
             binding_ids=tuple(bids + sorted(attr_of.get(g, []))),
         ))
-    return DependencyGraph(groups, bindings, blabels, ncomp, comp_group, comp_index, ctx.warnings, [], shapes)
+    return DependencyGraph(groups, bindings, blabels, ncomp, ctx.warnings, [], shapes)
 
 
 # -- front door ------------------------------------------------------------------------------------
