@@ -64,6 +64,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder: checkpoint.pt, log.csv")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (pip install tensorboard)")
     t.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
 
@@ -91,7 +92,7 @@ def train_main(args) -> int:
                           optimizer=args.optimizer, schedule=args.schedule, milestones=tuple(args.milestones),
                           warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, amp=args.amp,
                           channels_last=args.channels_last, seed=args.seed, pad=args.pad, crop=args.crop, out_dir=args.out,
-                          resume=args.resume, quiet=args.quiet, step_delay=args.step_delay)
+                          resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard, step_delay=args.step_delay)
     except ValueError as err:
         raise SystemExit(f"secateurs train: {err}") from None
     history = fit(model, train_ds, val_ds, cfg)

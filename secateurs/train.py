@@ -52,9 +52,12 @@ class TrainConfig:
     out_dir: str | None = None
     resume: bool = False
     quiet: bool = False
+    tensorboard: bool = False  # also log scalars to out_dir/tb (needs the tensorboard package)
     step_delay: float = field(default=0.0, repr=False)  # seconds per step: lets tests kill a run mid-epoch
 
     def __post_init__(self) -> None:
+        if self.tensorboard and self.out_dir is None:
+            raise ValueError("`tensorboard` needs `out_dir`: the event files go to OUT/tb")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"`optimizer` must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
@@ -249,8 +252,11 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
         torch.set_rng_state(state["rng"])
         start, history = state["epoch"], list(state["history"])
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    writer = None
     if out is not None and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.tensorboard:
+            writer = _tensorboard_writer(out / "tb")
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         loss = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task)
@@ -262,6 +268,11 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
         if is_main_process():
             if not cfg.quiet:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
             if out is not None:
                 _write_log(out / "log.csv", history)
                 _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -269,7 +280,17 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
                               "history": history, "config": asdict(cfg)}, ckpt)
         if world > 1:
             dist.barrier()
+    if writer is not None:
+        writer.close()
     return history
+
+
+def _tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("tensorboard=True needs the tensorboard package: pip install 'secateurs[tensorboard]'") from err
+    return SummaryWriter(str(path))
 
 
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:

@@ -104,3 +104,26 @@ def test_batches_shard_the_global_batch():
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         Batches(ds, 63, train=True, world=2)
+
+
+def test_cifar100_python_layout_is_read(tmp_path, monkeypatch):
+    """The download path's on-disk format (pickled batches), built by hand: no network needed."""
+    import pickle
+
+    import torchvision
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        batch = {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                 "fine_labels": [i % 3 for i in range(n)]}
+        (folder / split).write_bytes(pickle.dumps(batch))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": ["apple", "bee", "cup"]}))
+    # torchvision verifies md5 sums of the real files; these are stand-ins
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    ds = load_dataset("cifar100", "test", root=tmp_path)
+    assert ds.images.shape == (4, 3, 32, 32) and ds.images.dtype == torch.uint8
+    assert ds.targets.tolist() == [0, 1, 2, 0] and ds.classes == ["apple", "bee", "cup"]
+    with pytest.raises(DataNotFound, match="cifar-100-python"):
+        load_dataset("cifar100", root=tmp_path / "nowhere")

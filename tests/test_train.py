@@ -122,3 +122,17 @@ def test_segmentation_training_runs_on_isbi():
     m = create_model("unet", base=4, depth=2)
     h = fit(m, tr, te, TrainConfig(epochs=1, batch_size=2, lr=0.01, crop=64, quiet=True))
     assert {"val_pixel_acc", "val_iou", "val_dice"} <= set(h[0])
+
+
+def test_tensorboard_logging_is_optional(tmp_path):
+    with pytest.raises(ValueError, match="`tensorboard` needs `out_dir`"):
+        cfg(tensorboard=True)
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tr, te = digits()
+    fit(create_model("tiny_cnn"), tr.subset(200, 0), te.subset(100, 0), cfg(epochs=2, out_dir=str(tmp_path), tensorboard=True))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val_top1")] == [1, 2]
+    assert {"loss", "lr", "val_top1", "val_top5"} <= set(acc.Tags()["scalars"])
