@@ -24,8 +24,18 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model, or ``torchvision:NAME`` with ``weights=None`` by default."""
+    """Build a registered model, or ``torchvision:NAME`` with ``weights=None`` by default.
+
+    The model remembers how it was built (``model.secateurs_spec``), so that a pruned copy can be
+    saved as constructor + widths and rebuilt without pickle.
+    """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    model = _build(name, dict(kwargs))
+    model.secateurs_spec = {"name": name, "kwargs": {k: v for k, v in kwargs.items() if k not in ("weights", "weights_backbone")}}
+    return model
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
     if name.startswith("torchvision:"):
         import torchvision
 
