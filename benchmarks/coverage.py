@@ -85,7 +85,7 @@ def check_model(name: str, family: str) -> dict:
 
     # 3. 50% prune, forward, backward, MACs
     c0 = count(m, x)
-    secateurs.prune(m, x, 0.5)
+    secateurs.prune(m, x, ratio=0.5)
     with torch.no_grad():
         ref = main_output(_build(name)(x))
         out = main_output(m(x))

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .api import prune
+from .pipeline import prune
 from .cost import count
 from .graph import analyze
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         return 0
     before = count(model, x)
     t0 = time.perf_counter()
-    prune(model, x, ratio=args.ratio, criterion=args.criterion)
+    prune(model, x, args.criterion, ratio=args.ratio)
     elapsed = time.perf_counter() - t0
     after = count(model, x)
     with torch.no_grad():

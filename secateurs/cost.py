@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-__all__ = ["Cost", "LayerCost", "count"]
+__all__ = ["Cost", "LayerCost", "PlanCost", "count", "measure_latency"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,113 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
     # nn.MultiheadAttention.out_proj is not called as a module; its params belong to the MHA row
     params = sum(p.numel() for p in model.parameters())
     return Cost(sum(r.macs for r in records), params, records)
+
+
+class PlanCost:
+    """MACs and params of the model a plan would leave, computed without cutting anything.
+
+    Every counted layer's MACs are (positions per sample) x (weight elements), and positions do
+    not change with channel pruning; a pruned tensor keeps, along each bound axis, the positions
+    none of whose channels is removed (as surgery does). So one gather and a few reductions give
+    the exact cost of any plan, which lets the budget search try hundreds of plans per second.
+    """
+
+    def __init__(self, model: nn.Module, graph, example_inputs: Any, base: Cost | None = None) -> None:
+        base = base or count(model, example_inputs)
+        self.base = base
+        params = dict(model.named_parameters())
+        modules = dict(model.named_modules())
+        # bound axes of every parameter: (tensor key, axis) -> binding ids
+        axes: dict[tuple[str, int], list[int]] = {}
+        for i, b in enumerate(graph.bindings):
+            if b.kind == "tensor" and b.name in modules[b.module]._parameters:
+                key = f"{b.module}.{b.name}" if b.module else b.name
+                axes.setdefault((key, b.axis), []).append(i)
+        keys = list(dict.fromkeys(k for k, _ in axes))
+        index = {k: j for j, k in enumerate(keys)}
+        unbound = []
+        for k in keys:
+            shape = params[k].shape
+            bound = {a for kk, a in axes if kk == k}
+            unbound.append(math.prod(s for d, s in enumerate(shape) if d not in bound))
+        self._unbound = torch.tensor(unbound, dtype=torch.long)
+        self._fixed_params = sum(p.numel() for k, p in params.items() if k not in index)
+        # one entry per (tensor, axis): its positions' component labels, stacked per binding
+        single_labels, single_seg, self._multi = [], [], []
+        entry_tensor, entry_size = [], []
+        for e, ((k, a), ids) in enumerate(axes.items()):
+            entry_tensor.append(index[k])
+            entry_size.append(params[k].shape[a])
+            if len(ids) == 1:
+                lab = graph.binding_labels[ids[0]]
+                single_labels.append(lab)
+                single_seg.append(torch.full((len(lab),), e, dtype=torch.long))
+            else:
+                self._multi.append((e, torch.stack([graph.binding_labels[i] for i in ids])))
+        self._labels = torch.cat(single_labels) if single_labels else torch.zeros(0, dtype=torch.long)
+        self._seg = torch.cat(single_seg) if single_seg else torch.zeros(0, dtype=torch.long)
+        self._entry_tensor = torch.tensor(entry_tensor, dtype=torch.long)
+        self._entry_size = torch.tensor(entry_size, dtype=torch.long)
+        # MACs: positions x weight elements for counted layers whose weights shrink
+        weights_of = {"MultiheadAttention": ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                                             "out_proj.weight")}
+        pos, tens, fixed = [], [], 0
+        for layer in base.layers:
+            names = [f"{layer.name}.{w}" if layer.name else w for w in weights_of.get(layer.kind, ("weight",))]
+            names = [n for n in names if n in params]
+            numel = sum(params[n].numel() for n in names)
+            if not numel or not any(n in index for n in names):
+                fixed += layer.macs
+                continue
+            if layer.macs % numel:
+                raise ValueError(f"layer '{layer.name}': MACs {layer.macs} are not a multiple of its {numel} weights")
+            for n in names:
+                if n in index:
+                    pos.append(layer.macs // numel)
+                    tens.append(index[n])
+                else:
+                    fixed += layer.macs // numel * params[n].numel()
+        self._fixed_macs = fixed
+        self._mac_pos = torch.tensor(pos, dtype=torch.long)
+        self._mac_tensor = torch.tensor(tens, dtype=torch.long)
+
+    def __call__(self, removed: torch.Tensor) -> tuple[int, int]:
+        """(MACs, params) after removing the components flagged in ``removed`` (bool per component)."""
+        gone = torch.zeros(len(self._entry_size), dtype=torch.long)
+        gone.index_add_(0, self._seg, removed[self._labels].long())
+        kept = self._entry_size - gone
+        for e, lab in self._multi:
+            kept[e] = (~removed[lab]).all(0).sum()
+        numel = self._unbound.clone().scatter_reduce_(0, self._entry_tensor, kept, reduce="prod")
+        macs = self._fixed_macs + int((self._mac_pos * numel[self._mac_tensor]).sum())
+        return macs, self._fixed_params + int(numel.sum())
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3,
+                    threads: int | None = None) -> float:
+    """Median wall time in seconds of one eval-mode forward on ``example_inputs``.
+
+    The median of repeated runs, after warm-up, is what a user sees; a mean would be dragged by
+    the odd scheduler hiccup on a shared CPU.
+    """
+    import statistics
+    import time
+
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    old_threads = torch.get_num_threads()
+    was = model.training
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model.eval()
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                model(*inputs)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(old_threads)
+        model.train(was)

@@ -1,19 +1,25 @@
 """Channel importance criteria, scored per coupled group.
 
-A criterion is ``fn(model, graph) -> list[Tensor]``: one score per channel of every group,
-higher meaning more important. Register new ones with :func:`register_criterion`.
+A criterion is ``fn(model, graph, **kwargs) -> list[Tensor]``: one score per channel of every group,
+higher meaning more important. A channel's score gathers every slice it owns across the group
+(producers and consumers alike), so coupled layers are judged together. Criteria that need data
+carry ``needs_data = True`` and receive ``data`` (a dataset or an iterable of ``(x, y)`` batches).
+Register new ones with :func:`register_criterion`.
 """
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from itertools import islice
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ._registry import Registry
 from .graph import DependencyGraph
 
-__all__ = ["register_criterion", "get_criterion", "list_criteria", "group_scores"]
+__all__ = ["register_criterion", "get_criterion", "list_criteria", "group_scores", "per_channel_sum"]
 
 _CRITERIA: Registry[Callable] = Registry("criterion")
 register_criterion = _CRITERIA.register
@@ -21,43 +27,134 @@ get_criterion = _CRITERIA.get
 list_criteria = _CRITERIA.names
 
 
-def _magnitude(model: nn.Module, graph: DependencyGraph, p: int) -> list[torch.Tensor]:
-    """Sum |w|^p over every parameter slice of a channel (producers and consumers alike)."""
+def _bound_tensors(model: nn.Module, graph: DependencyGraph) -> dict[tuple[str, str], list[int]]:
     modules = dict(model.named_modules())
-    by_tensor: dict[tuple[str, str], list[int]] = {}
+    out: dict[tuple[str, str], list[int]] = {}
     for i, b in enumerate(graph.bindings):
         if b.kind == "tensor" and b.name in modules[b.module]._parameters:
-            by_tensor.setdefault((b.module, b.name), []).append(i)
+            out.setdefault((b.module, b.name), []).append(i)
+    return out
+
+
+def per_channel_sum(model: nn.Module, graph: DependencyGraph,
+                    values: Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None]) -> list[torch.Tensor]:
+    """Sum ``values(module, name, param)`` (same shape as the parameter, or None to skip) over every
+    slice each channel owns, in every parameter of its group."""
+    modules = dict(model.named_modules())
     per_comp = torch.zeros(graph.n_components)
-    for (mname, tname), idx in by_tensor.items():
-        x = getattr(modules[mname], tname).detach().float()
+    for (mname, tname), idx in _bound_tensors(model, graph).items():
+        m = modules[mname]
+        v = values(m, tname, getattr(m, tname))
+        if v is None:
+            continue
+        v = v.detach().float().cpu()
         axes = sorted({graph.bindings[i].axis for i in idx})
-        other = [d for d in range(x.dim()) if d not in axes]
-        # one pass over the tensor: reduce everything but the bound axes, then sum per axis
-        red = torch.linalg.vector_norm(x, ord=p, dim=other).pow(p) if other else x.abs().pow(p)
+        other = [d for d in range(v.dim()) if d not in axes]
+        red = v.sum(dim=other) if other else v  # one pass over the tensor, then a sum per bound axis
         for i in idx:
             k = axes.index(graph.bindings[i].axis)
             per_pos = red.sum(dim=[d for d in range(red.dim()) if d != k]) if red.dim() > 1 else red
-            per_comp.index_add_(0, graph.binding_labels[i], per_pos.cpu())
-    scores = [per_comp[g.components] for g in graph.groups]
-    return scores if p == 1 else [s.sqrt() for s in scores]
+            per_comp.index_add_(0, graph.binding_labels[i], per_pos)
+    return [per_comp[g.components] for g in graph.groups]
 
 
 @register_criterion("l1")
 def l1(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
     """L1 norm of all weights of the channel across its coupled group (Li et al. 2017)."""
-    return _magnitude(model, graph, 1)
+    return per_channel_sum(model, graph, lambda m, n, w: w.abs())
 
 
 @register_criterion("l2")
 def l2(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
     """L2 norm of all weights of the channel across its coupled group."""
-    return _magnitude(model, graph, 2)
+    return [s.sqrt() for s in per_channel_sum(model, graph, lambda m, n, w: w.square())]
 
 
-def group_scores(model: nn.Module, graph: DependencyGraph, criterion: str | Callable = "l2") -> list[torch.Tensor]:
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@register_criterion("bn_scale")
+def bn_scale(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
+    """|gamma| of the normalisation layers of the channel (Network Slimming, Liu et al. 2017).
+
+    Groups with no affine norm layer fall back to L1 of their weights (with a warning), so every
+    group still gets a ranking; scores are only compared within a group or after normalisation.
+    """
+    gamma = per_channel_sum(model, graph, lambda m, n, w: w.abs() if isinstance(m, _NORMS) and n == "weight" else None)
+    missing = [i for i, g in enumerate(graph.groups) if not any(
+        isinstance(model.get_submodule(mod), _NORMS) and t == "weight" for mod, t, _, _ in g.members)]
+    if missing:
+        warnings.warn(f"bn_scale: {len(missing)} group(s) have no norm layer (first: {graph.groups[missing[0]].name}); "
+                      "they are scored by L1", stacklevel=3)
+        fallback = l1(model, graph)
+        for i in missing:
+            gamma[i] = fallback[i]
+    return gamma
+
+
+@register_criterion("random")
+def random(model: nn.Module, graph: DependencyGraph, seed: int = 0) -> list[torch.Tensor]:
+    """Uniform random scores: the baseline every criterion must beat."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(g.size, generator=gen) for g in graph.groups]
+
+
+def _batches(data: Any, batch_size: int) -> Iterable:
+    from .data import ArrayDataset, Batches
+
+    if isinstance(data, ArrayDataset):
+        return Batches(data, batch_size, train=False)
+    return data
+
+
+@register_criterion("taylor")
+def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches: int = 8, batch_size: int = 64,
+           loss_fn: Callable | None = None) -> list[torch.Tensor]:
+    """First-order Taylor estimate of the loss change when a channel goes (Molchanov et al. 2019):
+    ``(sum over the channel's weights of w * dL/dw)^2``, accumulated over ``n_batches`` batches."""
+    if data is None:
+        raise ValueError("criterion 'taylor' needs data: pass `data` (a dataset or an iterable of (x, y) batches)")
+    from .testing import main_output
+
+    loss_fn = loss_fn or F.cross_entropy
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()  # BN statistics stay as trained; gradients still flow
+    params = [p for p in model.parameters()]
+    saved = [(p.requires_grad, p.grad) for p in params]
+    total = [torch.zeros(g.size) for g in graph.groups]
+    seen = 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        for x, y in islice(iter(_batches(data, batch_size)), n_batches):
+            model.zero_grad(set_to_none=True)
+            loss_fn(main_output(model(x.to(device))), y.to(device)).backward()
+            scores = per_channel_sum(model, graph, lambda m, n, w: None if w.grad is None else w * w.grad)
+            for t, s in zip(total, scores):
+                t += s.square()
+            seen += 1
+    finally:
+        for p, (rg, g) in zip(params, saved):
+            p.requires_grad_(rg)
+            p.grad = g
+        model.train(was)
+    if seen == 0:
+        raise ValueError("criterion 'taylor': `data` yielded no batches")
+    return [t / seen for t in total]
+
+
+taylor.needs_data = True
+
+
+def group_scores(model: nn.Module, graph: DependencyGraph, criterion: str | Callable = "l2", data: Any = None,
+                 **kwargs: Any) -> list[torch.Tensor]:
+    """Scores of every channel of every group of ``graph`` by ``criterion`` (a name or a callable)."""
     fn = get_criterion(criterion)
-    scores = fn(model, graph)
+    if getattr(fn, "needs_data", False):
+        kwargs["data"] = data
+    scores = fn(model, graph, **kwargs)
     if len(scores) != len(graph.groups) or any(len(s) != g.size for s, g in zip(scores, graph.groups)):
         raise ValueError(f"criterion {criterion!r} must return one score per channel of every group")
-    return scores
+    return [torch.as_tensor(s, dtype=torch.float32).flatten() for s in scores]

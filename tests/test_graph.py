@@ -470,14 +470,15 @@ def test_prune_front_door():
     m = Residual().eval()
     x = torch.randn(1, 3, 8, 8)
     before = count(m, x)
-    out = secateurs.prune(m, x, ratio=0.5)
+    out, report = secateurs.prune(m, x, ratio=0.5)
+    assert report["kept"]["macs"] == count(m, x).macs / before.macs
     assert out is m and m(x).shape == (1, 5)
     assert m.stem[0].out_channels == 4 and m.a[0].out_channels == 2 and m.proj[0].out_channels == 8
     assert count(m, x).macs < before.macs
     with pytest.raises(ValueError, match="`ratio` must be in"):
         secateurs.prune(m, x, ratio=1.0)
-    with pytest.raises(ValueError, match="unknown criterion 'l3'; available: l1, l2"):
-        secateurs.prune(m, x, ratio=0.5, criterion="l3")
+    with pytest.raises(ValueError, match="`method`: unknown criterion 'l3'; available: bn_scale, l1, l2, random, taylor"):
+        secateurs.prune(m, x, "l3", ratio=0.5)
 
 
 def test_l2_prune_removes_the_smallest_channels():

@@ -1,0 +1,182 @@
+"""The pipeline: budgets met exactly, allocation constraints, criteria, schedules, bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import secateurs
+from secateurs import Budget, PruningError, analyze, count, group_scores
+from secateurs.data import load_dataset
+from secateurs.models import create_model
+from secateurs.testing import main_output, randomize_norms
+from secateurs.train import TrainConfig, fit
+
+CASES = [
+    ("cifar_resnet20", (1, 3, 32, 32)),
+    ("cifar_resnet56", (1, 3, 32, 32)),
+    ("vgg16_bn_cifar", (1, 3, 32, 32)),
+    ("torchvision:mobilenet_v2", (1, 3, 64, 64)),
+    ("torchvision:densenet121", (1, 3, 64, 64)),
+    ("unet", (1, 1, 64, 64)),
+]
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name,shape", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_macs_and_params_targets_are_met_within_one_percent(name, shape, allocation):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    for budget, target, round_to in (("macs", 0.5, 1), ("params", 0.35, 8)):
+        m = create_model(name).eval()
+        base = count(m, x)
+        m, report = secateurs.prune(m, x, "l1", target, budget=budget, allocation=allocation, round_to=round_to)
+        after = count(m, x)
+        kept = (after.macs / base.macs) if budget == "macs" else (after.params / base.params)
+        assert target - 0.01 <= kept <= target, (budget, kept)
+        assert report["after"]["macs"] == after.macs and report["after"]["params"] == after.params
+        out = m(x)
+        assert main_output(out).shape[1] == main_output(create_model(name).eval()(x)).shape[1]
+
+
+def test_round_to_and_min_width_shape_every_group():
+    x = torch.randn(1, 3, 64, 64)
+    m = create_model("torchvision:resnet18").eval()
+    g0 = analyze(m, x)
+    sizes = {grp.name: grp.size for grp in g0.groups}
+    m, _ = secateurs.prune(m, x, "l2", 0.3, round_to=8, min_width=0.25)
+    g1 = analyze(m, x)
+    for grp in g1.groups:
+        assert grp.size % 8 == 0 or grp.size == sizes[grp.name], grp.name
+        assert grp.size >= 0.25 * sizes[grp.name], grp.name
+
+
+def test_layer_ratio_budget_prunes_exactly_the_named_layers():
+    m = create_model("cifar_resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    m, _ = secateurs.prune(m, x, target={"layer1.0.conv1": 0.5, "layer3.2.conv1": 0.25})
+    assert m.layer1[0].conv1.out_channels == 8 and m.layer3[2].conv1.out_channels == 48
+    assert m.layer1[1].conv1.out_channels == 16 and m.conv1.out_channels == 16
+    with pytest.raises(PruningError, match="module 'layer9'"):
+        secateurs.prune(m, x, target={"layer9": 0.5})
+    with pytest.raises(PruningError, match="module 'fc' has no prunable output channels"):
+        secateurs.prune(m, x, target={"fc": 0.5})
+
+
+def test_unreachable_or_invalid_requests_leave_the_model_unchanged():
+    m = create_model("cifar_resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = _state(m)
+    bad = [
+        (dict(target=0.01, min_width=0.5), PruningError, "cannot be reached.*min_width=0.5"),
+        (dict(target=0.0), ValueError, r"kept fraction, in \(0, 1\]; got 0.0"),
+        (dict(target=1.5, budget="params"), ValueError, "params target is the kept fraction"),
+        (dict(target=0.5, budget="flops"), ValueError, "budget must be one of macs, params, latency"),
+        (dict(target=0.5, allocation="greedy"), ValueError, "`allocation` must be one of global, uniform"),
+        (dict(target=0.5, round_to=0), ValueError, "`round_to` must be a positive int"),
+        (dict(target=0.5, method="taylor"), ValueError, "method 'taylor' needs data"),
+        (dict(target=0.5, method="nope"), ValueError, "`method`: unknown criterion 'nope'"),
+        (dict(target=0.5, ratio=0.5), ValueError, "either `target` or `ratio`"),
+        (dict(), ValueError, "give a `target`"),
+        (dict(target=0.5, tolerance=1.0), ValueError, "`tolerance` needs `val_data`"),
+        (dict(target=0.5, finetune={"epochs": 1}), ValueError, "`finetune` needs `data`"),
+        (dict(target=0.5, steps=0), ValueError, "`steps` must be a positive int"),
+    ]
+    for kwargs, err, msg in bad:
+        with pytest.raises(err, match=msg):
+            secateurs.prune(m, x, **kwargs)
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()), kwargs
+
+
+def test_bn_scale_ranks_by_gamma_and_random_is_seeded():
+    m = create_model("cifar_resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    g = analyze(m, x)
+    with torch.no_grad():
+        m.layer1[0].bn1.weight.copy_(torch.arange(16, dtype=torch.float) - 20)  # |gamma| falls then rises
+    grp = g.groups_of("layer1.0.conv1")[0]
+    s = group_scores(m, g, "bn_scale")[grp.index]
+    assert torch.equal(s, (torch.arange(16, dtype=torch.float) - 20).abs())
+    r1, r2 = group_scores(m, g, "random"), group_scores(m, g, "random")
+    assert all(torch.equal(a, b) for a, b in zip(r1, r2))
+    assert not torch.equal(r1[0], group_scores(m, g, "random", seed=1)[0])
+
+
+def test_bn_scale_falls_back_to_l1_without_norm_layers():
+    m = create_model("tiny_cnn", norm="none").eval()
+    g = analyze(m, torch.randn(1, 1, 8, 8))
+    with pytest.warns(UserWarning, match="no norm layer"):
+        s = group_scores(m, g, "bn_scale")
+    assert all(torch.allclose(a, b) for a, b in zip(s, group_scores(m, g, "l1")))
+
+
+def test_taylor_scores_a_dead_channel_zero_and_prunes_it_first():
+    torch.manual_seed(0)
+    ds = load_dataset("digits", "train")
+    m = create_model("tiny_cnn").eval()
+    randomize_norms(m)
+    g = analyze(m, torch.randn(1, 1, 8, 8))
+    grp = g.groups[0]
+    conv = m.get_submodule(grp.members[0][0])
+    with torch.no_grad():  # a channel with every weight zero has w * dL/dw = 0 everywhere
+        for mod, t, axis, _ in grp.members:
+            getattr(m.get_submodule(mod), t).index_fill_(axis, torch.tensor([3]), 0.0)
+    s = group_scores(m, g, "taylor", data=ds, n_batches=2)[grp.index]
+    assert s[3] == 0 and (s[torch.arange(grp.size) != 3] > 0).all()
+    width = conv.out_channels
+    secateurs.prune(m, torch.randn(1, 1, 8, 8), "taylor", target={grp.members[0][0]: 1 / width}, data=ds)
+    assert conv.out_channels == width - 1
+
+
+def test_custom_criterion_callable():
+    m = create_model("cifar_resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+
+    def by_index(model, graph):  # keeps the highest-index channels
+        return [torch.arange(g.size, dtype=torch.float) for g in graph.groups]
+
+    w = m.layer1[0].conv1.weight[8:].clone()
+    secateurs.prune(m, x, by_index, target={"layer1.0.conv1": 0.5})
+    assert torch.equal(m.layer1[0].conv1.weight, w)
+    with pytest.raises(ValueError, match="one score per channel"):
+        secateurs.prune(m, x, lambda model, graph: [torch.ones(1)], ratio=0.5)
+
+
+def test_latency_budget_searches_until_the_measured_ratio_fits(monkeypatch):
+    """Latency measured here is noisy; a stand-in clock (0.3 + 0.7 * MACs fraction) checks the search."""
+    x = torch.randn(1, 3, 32, 32)
+    m = create_model("cifar_resnet20").eval()
+    base = count(m, x).macs
+    monkeypatch.setattr(secateurs.pipeline, "measure_latency", lambda model, x, threads=None: 0.3 + 0.7 * count(model, x).macs / base)
+    m, report = secateurs.prune(m, x, target=0.65, budget="latency")
+    ratio = 0.3 + 0.7 * report["kept"]["macs"]
+    assert 0.63 <= ratio <= 0.65 and len(report["latency_search"]) <= 6
+    with pytest.raises(PruningError, match="no plan met a latency target"):
+        secateurs.prune(create_model("cifar_resnet20").eval(), x, target=0.2, budget="latency")
+
+
+def test_iterative_schedule_fine_tunes_and_stops_on_tolerance():
+    torch.manual_seed(0)
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    m = create_model("tiny_cnn")
+    fit(m, tr, None, TrainConfig(epochs=6, batch_size=32, lr=0.05, pad=1, quiet=True))
+    trained = copy.deepcopy(m)
+    x = torch.randn(1, 1, 8, 8)
+    ft = {"epochs": 2, "batch_size": 32, "lr": 0.05, "pad": 1, "quiet": True}
+    m, report = secateurs.prune(m, x, "l2", 0.4, steps=3, data=tr, val_data=te, finetune=ft)
+    macs = [s["macs"] for s in report["steps"]]
+    assert len(macs) == 4 and macs[0] > macs[1] > macs[2] > macs[3]
+    assert report["kept"]["macs"] <= 0.4 and report["steps"][-1]["metric"] > 80
+    # cutting 95% of the MACs without fine-tuning costs far more than one point: the step is undone
+    before = _state(trained)
+    m2, rep2 = secateurs.prune(trained, x, "l2", 0.05, val_data=te, tolerance=1.0)
+    assert m2 is trained and rep2["steps"][-1]["reverted"] and "tolerance 1.0" in rep2["stopped"]
+    assert rep2["after"]["macs"] == rep2["before"]["macs"]
+    assert all(torch.equal(before[k], v) for k, v in m2.state_dict().items())
+    assert trained(x).shape == (1, 10)
