@@ -6,14 +6,14 @@ Models are registry names (``secateurs.models.list_models()``) or ``torchvision:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from .pipeline import prune
-from .cost import count
+from .cost import count, measure_latency
 from .graph import analyze
 
 
@@ -26,24 +26,41 @@ def load_model(spec: str, **kwargs) -> torch.nn.Module:
         raise SystemExit(f"--model: {err}") from None
 
 
+def _add_model_args(s: argparse.ArgumentParser, required: bool = False) -> None:
+    s.add_argument("--model", default=None if required else "torchvision:resnet50", required=required,
+                   help="registry name (cifar_resnet56, unet...) or torchvision:NAME")
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=INT",
+                   help="extra integer constructor argument, e.g. --model-arg base=16 (repeatable)")
+
+
+def _add_data_args(s: argparse.ArgumentParser, required: bool = False) -> None:
+    s.add_argument("--data", required=required, default=None,
+                   help="cifar10, cifar100, fashion-mnist, digits, isbi2012, hela, imagefolder:PATH")
+    s.add_argument("--data-root", default=None, help="folder holding the datasets (else $SECATEURS_DATA, ../shared/data)")
+    s.add_argument("--download", action="store_true", help="let torchvision download the dataset if it is not found")
+    s.add_argument("--subset", type=int, default=None, help="train on this many samples (CPU protocol)")
+    s.add_argument("--val-subset", type=int, default=None, help="evaluate on this many samples")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("secateurs", description="Structured pruning for PyTorch CNNs.", add_help=add_help)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("analyze", "list the prunable channel groups"),
-                        ("prune", "remove a fraction of every group and report MACs/params")):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("--model", default="torchvision:resnet50", help="e.g. torchvision:resnet50 or cifar_resnet56")
-        s.add_argument("--input-size", type=int, nargs="+", default=[1, 3, 224, 224], help="example input shape")
-        if name == "prune":
-            s.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per group")
-            s.add_argument("--criterion", default="l2", help="importance criterion (l1, l2)")
+    a = sub.add_parser("analyze", help="list the prunable channel groups")
+    _add_model_args(a)
+    a.add_argument("--input-size", type=int, nargs="+", default=[1, 3, 224, 224], help="example input shape")
+    s = sub.add_parser("prune", help="prune to a MACs/params/latency budget, fine-tune, save, export and report")
+    add_prune_args(s)
+    v = sub.add_parser("sensitivity", help="prune each group alone at several ratios and plot the metric drop")
+    _add_model_args(v)
+    v.add_argument("--pretrained", default=None, help="a zoo checkpoint (secateurs.models.list_pretrained())")
+    _add_data_args(v, required=True)
+    v.add_argument("--method", default="l1", help="importance criterion")
+    v.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    v.add_argument("--out", default="runs/sensitivity", help="folder for sensitivity.json and sensitivity.png")
+    v.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train", help="train (or fine-tune) a model on a dataset; torchrun-ready")
-    t.add_argument("--model", required=True, help="registry name (cifar_resnet56, unet...) or torchvision:NAME")
-    t.add_argument("--data", required=True, help="cifar10, cifar100, fashion-mnist, digits, isbi2012, hela, imagefolder:PATH")
-    t.add_argument("--data-root", default=None, help="folder holding the datasets (else $SECATEURS_DATA, ../shared/data)")
-    t.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
-    t.add_argument("--subset", type=int, default=None, help="train on this many samples (CPU protocol)")
-    t.add_argument("--val-subset", type=int, default=None, help="evaluate on this many samples")
+    _add_model_args(t, required=True)
+    _add_data_args(t, required=True)
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=128, help="global batch size (split across processes)")
     t.add_argument("--lr", type=float, default=0.1)
@@ -59,14 +76,196 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--channels-last", action="store_true", help="channels-last memory format (GPU)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--norm", default=None, help="normalisation layer for models that offer a choice (tiny_cnn: bn, gn, none)")
-    t.add_argument("--model-arg", action="append", default=[], metavar="KEY=INT",
-                   help="extra integer constructor argument, e.g. --model-arg base=16 (repeatable)")
     t.add_argument("--out", default=None, help="run folder: checkpoint.pt, log.csv")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (pip install tensorboard)")
     t.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
+
+
+def add_prune_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", default=None, help="YAML file whose keys are these options (flags given here win)")
+    _add_model_args(s)
+    s.add_argument("--pretrained", default=None, help="start from a zoo checkpoint (secateurs.models.list_pretrained())")
+    s.add_argument("--input-size", type=int, nargs="+", default=None,
+                   help="example input shape (default: one sample of --data, else 1 3 224 224)")
+    _add_data_args(s)
+    s.add_argument("--method", default="l2", help="importance criterion: l1, l2, bn_scale, taylor, random")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--macs", type=float, default=None, help="kept fraction of MACs, in (0, 1]")
+    b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
+    b.add_argument("--latency", type=float, default=None, help="kept fraction of measured latency here, in (0, 1]")
+    b.add_argument("--ratio", type=float, default=None, help="fraction of channels removed from every group")
+    s.add_argument("--allocation", default=None, help="global (one ranking) or uniform (same ratio per group)")
+    s.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this (8 suits fast kernels)")
+    s.add_argument("--min-width", type=float, default=1, help="minimum kept channels per group (>= 1) or fraction (< 1)")
+    s.add_argument("--ignore", nargs="*", default=[], help="modules whose output channels are kept")
+    s.add_argument("--steps", type=int, default=1, help="iterative schedule: prune -> fine-tune this many times")
+    s.add_argument("--tolerance", type=float, default=None, help="stop once the metric falls by more than this")
+    s.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after each step")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=0.01)
+    s.add_argument("--weight-decay", type=float, default=5e-4)
+    s.add_argument("--optimizer", default="sgd")
+    s.add_argument("--crop", type=int, default=None, help="random crop size for fine-tuning (segmentation)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None, help="run folder: model.safetensors, model.json, model.onnx, report.*")
+    s.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    s.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    s.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    s.add_argument("--quiet", action="store_true")
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv, path: str) -> argparse.Namespace:
+    """Options from a YAML file become defaults, so flags on the command line still win."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"--config {path}: {err}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of options, got {type(cfg).__name__}")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
+    known = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+    clean = {str(k).replace("-", "_"): v for k, v in cfg.items()}
+    layers = clean.pop("layers", None)
+    unknown = sorted(set(clean) - known)
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown key(s) {', '.join(unknown)}; "
+                         f"valid keys: {', '.join(sorted(known | {'layers'}))}")
+    sub.set_defaults(**clean)
+    args = parser.parse_args(argv)
+    args.layers = layers
+    return args
+
+
+def _budget(args):
+    from .pipeline import Budget
+
+    given = {k: getattr(args, k) for k in ("macs", "params", "latency", "ratio") if getattr(args, k) is not None}
+    if getattr(args, "layers", None):
+        given["layers"] = args.layers
+    if len(given) != 1:
+        raise SystemExit("secateurs prune: give exactly one budget: --macs, --params, --latency, --ratio "
+                         f"or `layers:` in --config (got {', '.join(given) or 'none'})")
+    (kind, value), = given.items()
+    try:
+        return Budget(kind, value)
+    except ValueError as err:
+        raise SystemExit(f"--{kind}: {err}") from None
+
+
+def prune_main(args) -> int:
+    """Prune, fine-tune, save (safetensors + JSON), export ONNX, report; all inputs checked first."""
+    from .criteria import get_criterion
+    from .data import load_dataset
+    from .export import export_onnx, save
+    from .pipeline import ALLOCATIONS, prune
+    from .report import format_table, write_report
+    from .train import TrainConfig
+
+    budget = _budget(args)
+    try:
+        get_criterion(args.method)
+    except ValueError as err:
+        raise SystemExit(f"--method: {err}") from None
+    if args.allocation is not None and args.allocation not in ALLOCATIONS:
+        raise SystemExit(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {args.allocation!r}")
+    if args.finetune_epochs and not args.data:
+        raise SystemExit("--finetune-epochs needs --data")
+    if args.resume and not args.out:
+        raise SystemExit("--resume needs --out")
+    min_width = int(args.min_width) if args.min_width >= 1 else float(args.min_width)
+    finetune = None
+    if args.finetune_epochs:
+        try:
+            finetune = TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
+                                   weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed,
+                                   crop=args.crop, quiet=args.quiet)
+        except ValueError as err:
+            raise SystemExit(f"secateurs prune: {err}") from None
+    train_ds = val_ds = None
+    if args.data:
+        train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
+        val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(args, train_ds).eval()
+    shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])
+    x = torch.randn(*shape)
+    name = args.pretrained or args.model
+    lat = {}
+    if not args.no_latency:
+        lat = {"latency_b1_ms": 1e3 * measure_latency(model, x), "latency_b8_ms": 1e3 * measure_latency(model, x.expand(8, *x.shape[1:]).contiguous())}
+    log = (lambda *a: None) if args.quiet else print
+    log(f"{name}: {count(model, x)}; pruning by {args.method} to {budget.kind} {budget.value}")
+    model, report = prune(model, x, args.method, budget, allocation=args.allocation, ignore=args.ignore or None,
+                          round_to=args.round_to, min_width=min_width, data=train_ds, val_data=val_ds,
+                          finetune=finetune, steps=args.steps, tolerance=args.tolerance, out_dir=args.out,
+                          resume=args.resume, quiet=args.quiet)
+    report["before"].update(lat)
+    if not args.no_latency:
+        report["after"].update({"latency_b1_ms": 1e3 * measure_latency(model, x),
+                                "latency_b8_ms": 1e3 * measure_latency(model, x.expand(8, *x.shape[1:]).contiguous())})
+    report["threads"] = torch.get_num_threads()
+    report["protocol"] = (f"{name} on {train_ds.name if train_ds else 'no data'}"
+                          + (f", fine-tune {args.finetune_epochs} epoch(s)/step on {len(train_ds)} samples" if finetune else ", no fine-tuning")
+                          + (f", metric on {len(val_ds)} validation samples" if val_ds is not None else "")
+                          + f", {torch.get_num_threads()} CPU threads")
+    if args.out:
+        out = Path(args.out)
+        save(model, out, x, extra={"report": "report.json"})
+        if not args.no_onnx:
+            report["onnx"] = export_onnx(model, x, out / "model.onnx")
+        write_report(report, out)
+    print(format_table(report))
+    if args.out:
+        print(f"wrote {args.out}/: model.safetensors, model.json" + ("" if args.no_onnx else ", model.onnx") +
+              ", report.json, report.md")
+    return 0
+
+
+def sensitivity_main(args) -> int:
+    from .data import load_dataset
+    from .sensitivity import plot_sensitivity, sensitivity
+
+    val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
+    model = build_model(args, val_ds).eval()
+    x = torch.randn(1, *val_ds.images.shape[1:])
+    result = sensitivity(model, x, val_ds, ratios=tuple(args.ratios), method=args.method)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps(result, indent=2))
+    plot_sensitivity(result, out / "sensitivity.png")
+    worst = sorted(result["groups"], key=lambda g: -max(g["drops"]))[:5]
+    print(f"baseline {result['metric']} {result['baseline']:.2f}; most sensitive groups:")
+    for g in worst:
+        print(f"  {g['name']:<40} drops {', '.join(f'{d:+.2f}' for d in g['drops'])}")
+    print(f"wrote {out}/sensitivity.json and sensitivity.png")
+    return 0
+
+
+def build_model(args, ds=None, **extra) -> torch.nn.Module:
+    """--pretrained (zoo checkpoint), else --model sized for the dataset's classes and channels."""
+    if getattr(args, "pretrained", None):
+        from .models import load_pretrained
+
+        try:
+            return load_pretrained(args.pretrained)
+        except ValueError as err:
+            raise SystemExit(f"--pretrained: {err}") from None
+    kw = dict(extra)
+    if ds is not None:
+        kw["num_classes"] = max(2, ds.num_classes)
+        if not args.model.startswith("torchvision:"):
+            kw["in_chans"] = ds.images.shape[1]
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--model-arg must look like KEY=INT, got {item!r}")
+        kw[key] = int(value)
+    return load_model(args.model, **kw)
 
 
 def train_main(args) -> int:
@@ -76,17 +275,7 @@ def train_main(args) -> int:
     train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
     val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
     torch.manual_seed(args.seed)
-    kw = {"num_classes": max(2, train_ds.num_classes)}
-    if not args.model.startswith("torchvision:"):
-        kw["in_chans"] = train_ds.images.shape[1]
-    if args.norm:
-        kw["norm"] = args.norm
-    for item in args.model_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--model-arg must look like KEY=INT, got {item!r}")
-        kw[key] = int(value)
-    model = load_model(args.model, **kw)
+    model = build_model(args, train_ds, norm=args.norm)
     try:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                           optimizer=args.optimizer, schedule=args.schedule, milestones=tuple(args.milestones),
@@ -102,33 +291,24 @@ def train_main(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    if args.command == "train":
-        return train_main(args)
-    model = load_model(args.model)
-    x = torch.randn(*args.input_size)
-    if args.command == "analyze":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = analyze(model, x)
-        print(graph.describe())
-        for w in graph.warnings:
-            print("warning:", w)
-        return 0
-    before = count(model, x)
-    t0 = time.perf_counter()
-    prune(model, x, args.criterion, ratio=args.ratio)
-    elapsed = time.perf_counter() - t0
-    after = count(model, x)
-    with torch.no_grad():
-        model(x)
-    print(f"{args.model}: analyse + prune {args.ratio:.0%} of every group by {args.criterion} in {elapsed:.2f} s")
-    print(f"{'':8} {'MACs':>12} {'params':>12}")
-    print(f"{'before':8} {before.macs / 1e9:>10.3f} G {before.params / 1e6:>10.3f} M")
-    print(f"{'after':8} {after.macs / 1e9:>10.3f} G {after.params / 1e6:>10.3f} M")
-    print(f"{'kept':8} {after.macs / before.macs:>11.1%} {after.params / before.params:>11.1%}")
+def analyze_main(args) -> int:
+    model = build_model(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = analyze(model, torch.randn(*args.input_size))
+    print(graph.describe())
+    for w in graph.warnings:
+        print("warning:", w)
     return 0
+
+
+def main(argv=None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.command == "prune" and args.config:
+        args = parse_with_config(parser, argv, args.config)
+    handlers = {"train": train_main, "prune": prune_main, "analyze": analyze_main, "sensitivity": sensitivity_main}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

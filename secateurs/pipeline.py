@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import heapq
+import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 from ._validation import PruningError, check_ratio
 from .cost import Cost, PlanCost, count, measure_latency
 from .criteria import get_criterion, group_scores
+from .export import _atomic_write, load as load_model, save as save_model
 from .graph import DependencyGraph, analyze
 from .surgery import PruningPlan, apply_plan
 
@@ -287,6 +289,11 @@ def _latency_plan(model, graph, x, scores, budget, allocation, round_to, min_wid
     return lo[1], {"latency_base_s": lat0, "latency_search": tried}
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, default=str)))
+
+
 def _metric_key(ds: Any, metric: str | None) -> str:
     if metric:
         return metric
@@ -298,7 +305,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
           ignore: Iterable[str | nn.Module] | None = None, round_to: int = 1, min_width: int | float = 1,
           data: Any = None, val_data: Any = None, finetune: Any = None, steps: int = 1,
           tolerance: float | None = None, metric: str | None = None, latency_threads: int | None = None,
-          criterion_kwargs: Mapping[str, Any] | None = None, quiet: bool = True) -> tuple[nn.Module, dict]:
+          criterion_kwargs: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
+          resume: bool = False, quiet: bool = True) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place to a budget and return ``(model, report)``.
 
     Parameters
@@ -315,6 +323,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     finetune : TrainConfig or dict of its fields; fine-tunes after every step when given.
     steps : one-shot (1) or that many prune -> fine-tune rounds, each removing the same share.
     tolerance : stop (and undo the last step) once the validation metric drops by more than this.
+    out_dir, resume : every finished step (and every fine-tuning epoch) is checkpointed there;
+        ``resume=True`` with the same arguments continues a killed run where it stopped.
 
     Every argument is checked before the model is touched; MACs/params budgets are met to within
     the cost of one channel block (typically << 1%), never exceeded.
@@ -364,7 +374,27 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     if hasattr(model, "secateurs_spec"):
         report["model"] = model.secateurs_spec
     extra: dict[str, Any] = {}
-    for k in range(1, steps + 1):
+    out = Path(out_dir) if out_dir is not None else None
+    start = 1
+    can_save = out is not None and hasattr(model, "secateurs_spec")
+    if out is not None and not can_save:
+        warnings.warn("the model has no `secateurs_spec` (build it with secateurs.models.create_model): "
+                      "steps are not checkpointed, so the run cannot resume", stacklevel=2)
+    request = {k: report[k] for k in ("method", "budget", "allocation", "round_to", "min_width", "steps_requested")}
+    state_path = out / "state.json" if out is not None else None
+    if resume and can_save and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state["request"] != json.loads(json.dumps(request, default=str)):
+            raise ValueError(f"{state_path} was written by a different request {state['request']}; "
+                             "use another out_dir or the same arguments")
+        done = state["completed_steps"]
+        if done:
+            _restore(model, load_model(out / "steps" / f"step{done}"))
+            report["steps"] = state["steps"]
+            extra = state.get("extra", {})
+            log(f"resuming after step {done}/{steps}")
+        start = done + 1
+    for k in range(start, steps + 1):
         step_budget = the_budget.at_step(k, steps)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -389,7 +419,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
         timings["allocate_s"] += t3 - t2
         timings["surgery_s"] += t4 - t3
         if finetune is not None:
-            fit(model, data, None, finetune)
+            cfg = finetune if out is None else replace(finetune, out_dir=str(out / "steps" / f"step{k}" / "train"), resume=True)
+            fit(model, data, None, cfg)
             timings["finetune_s"] += time.perf_counter() - t4
         after = count(model, example_inputs)
         row = {"step": k, "macs": after.macs, "params": after.params,
@@ -404,6 +435,9 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             log(report["stopped"])
             break
         report["steps"].append(row)
+        if can_save:
+            save_model(model, out / "steps" / f"step{k}", example_inputs)
+            _write_json(state_path, {"request": request, "completed_steps": k, "steps": report["steps"], "extra": extra})
     final = count(model, example_inputs)
     kept = [r for r in report["steps"] if not r.get("reverted")]
     report["after"] = {"macs": final.macs, "params": final.params, "metric": kept[-1]["metric"]}

@@ -1,0 +1,124 @@
+"""Human and machine reports of a pruning run: report.json, report.md and its plots.
+
+The JSON is the record (every number the run measured); the Markdown is what a person reads, with
+the plots a reviewer asks for first: where the widths went, and what each step cost in accuracy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .export import _atomic_write
+
+__all__ = ["format_table", "write_report", "plot_widths", "plot_schedule"]
+
+
+def _num(v: Any, scale: float = 1.0, fmt: str = "{:,.3f}") -> str:
+    return "-" if v is None else fmt.format(v / scale)
+
+
+def format_table(report: dict) -> str:
+    """The before/after table printed at the end of a run."""
+    b, a = report["before"], report["after"]
+    rows = [("MACs (M)", b["macs"], a["macs"], 1e6, "{:,.2f}"), ("params (M)", b["params"], a["params"], 1e6, "{:,.3f}")]
+    for key, label in (("latency_b1_ms", "latency b1 (ms)"), ("latency_b8_ms", "latency b8 (ms)")):
+        if b.get(key) is not None:
+            rows.append((label, b[key], a.get(key), 1.0, "{:,.2f}"))
+    lines = [f"{'':18} {'before':>12} {'after':>12} {'after/before':>13}"]
+    for label, x, y, scale, fmt in rows:
+        ratio = f"{y / x:>12.1%}" if x and y is not None else f"{'-':>12}"
+        lines.append(f"{label:18} {_num(x, scale, fmt):>12} {_num(y, scale, fmt):>12} {ratio:>13}")
+    if b.get("metric") is not None:
+        name = report.get("metric_name") or "metric"
+        drop = a["metric"] - b["metric"]
+        lines.append(f"{name:18} {b['metric']:>12.2f} {a['metric']:>12.2f} {drop:>+12.2f} pts")
+    return "\n".join(lines)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_widths(report: dict, path: Path) -> Path:
+    """Per-layer output width before and after, in network order."""
+    plt = _pyplot()
+    layers = report["layers"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(layers) + 2), 3.6))
+    xs = range(len(layers))
+    ax.bar(xs, [l["width_before"] for l in layers], color="#c8d3e0", label="before", width=0.9)
+    ax.bar(xs, [l["width_after"] or 0 for l in layers], color="#2a6fb0", label="after", width=0.9)
+    ax.set_xlabel("layer (network order)")
+    ax.set_ylabel("output channels")
+    ax.set_title(f"Widths: {report['kept']['macs']:.1%} of MACs kept")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_schedule(report: dict, path: Path) -> Path:
+    """Metric against kept MACs after every step of the schedule."""
+    plt = _pyplot()
+    steps = [s for s in report["steps"] if s.get("metric") is not None]
+    base = report["before"]["macs"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot([s["macs"] / base for s in steps], [s["metric"] for s in steps], "o-", color="#2a6fb0")
+    for s in steps:
+        ax.annotate(f"{s['step']}" + (" (undone)" if s.get("reverted") else ""), (s["macs"] / base, s["metric"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.invert_xaxis()
+    ax.set_xlabel("kept MACs (fraction of the original)")
+    ax.set_ylabel(report.get("metric_name") or "metric")
+    ax.set_title("Metric along the schedule")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md and the plots into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "widths": out / "widths.png"}
+    _atomic_text(paths["json"], json.dumps(report, indent=2, default=str))
+    plot_widths(report, paths["widths"])
+    has_metric = any(s.get("metric") is not None for s in report["steps"])
+    if has_metric:
+        paths["schedule"] = plot_schedule(report, out / "schedule.png")
+    t = report.get("timings", {})
+    lines = [f"# Pruning report: {report.get('model', {}).get('name', 'model')}", ""]
+    if report.get("protocol"):
+        lines += [f"Protocol: {report['protocol']}", ""]
+    budget = report["budget"]
+    lines += [f"Method `{report['method']}`, {budget['kind']} budget {budget['target']}, {report['allocation']} allocation, "
+              f"round_to {report['round_to']}, {len(report['steps']) - 1} step(s).", ""]
+    if report.get("stopped"):
+        lines += [f"Stopped early: {report['stopped']}", ""]
+    lines += ["```", format_table(report), "```", ""]
+    if t:
+        lines += ["Timings (s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in t.items() if isinstance(v, (int, float))), ""]
+    if report.get("onnx"):
+        o = report["onnx"]
+        lines += [f"ONNX: `{Path(o['path']).name}`, onnxruntime vs PyTorch max relative difference {o['max_rel_diff']:.2e}.", ""]
+    lines += ["![widths](widths.png)", ""]
+    if has_metric:
+        lines += ["![schedule](schedule.png)", ""]
+    lines += ["| layer | kind | width before | width after | MACs before | MACs after |", "|---|---|---:|---:|---:|---:|"]
+    for l in report["layers"]:
+        lines.append(f"| {l['name']} | {l['kind']} | {l['width_before']} | {l['width_after'] if l['width_after'] is not None else 'removed'} "
+                     f"| {l['macs_before']:,} | {l['macs_after']:,} |")
+    _atomic_text(paths["md"], "\n".join(lines) + "\n")
+    return paths

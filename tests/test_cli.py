@@ -1,0 +1,82 @@
+"""The command line end to end on digits: run folder, config files, bad input, resume after a kill."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import secateurs
+from secateurs.cli import main
+from secateurs.data import load_dataset
+
+FAST = ["--model", "tiny_cnn", "--data", "digits", "--batch-size", "32", "--lr", "0.05"]
+
+
+def test_prune_cli_writes_a_complete_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", *FAST, "--macs", "0.5", "--finetune-epochs", "1", "--round-to", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MACs (M)" in printed and "top1" in printed and "latency b8 (ms)" in printed
+    for f in ("model.safetensors", "model.json", "model.onnx", "report.json", "report.md", "widths.png", "schedule.png"):
+        assert (out / f).stat().st_size > 0, f
+    report = json.loads((out / "report.json").read_text())
+    assert 0.49 <= report["kept"]["macs"] <= 0.5 and report["onnx"]["max_rel_diff"] < 1e-4
+    model = secateurs.load(out)
+    x = torch.randn(1, 1, 8, 8)
+    assert secateurs.count(model, x).macs == report["after"]["macs"]
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 2 == 0 for w in widths), widths
+    ds = load_dataset("digits", "test")
+    assert abs(secateurs.train.evaluate(model, ds)["top1"] - report["after"]["metric"]) < 1e-9
+
+
+def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: cifar_resnet20\ninput-size: [1, 3, 32, 32]\nlayers:\n  layer1.0.conv1: 0.5\nno_onnx: true\nno_latency: true\n")
+    assert main(["prune", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 0
+    model = secateurs.load(tmp_path / "r")
+    assert model.layer1[0].conv1.out_channels == 8 and model.layer1[1].conv1.out_channels == 16
+    cfg.write_text("model: cifar_resnet20\nmacs: 0.5\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit, match="unknown key.*learning_rate; valid keys: .*lr"):
+        main(["prune", "--config", str(cfg)])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--macs", "0"], r"--macs: a macs target is the kept fraction, in \(0, 1\]; got 0.0"),
+    (["--params", "1.5"], r"--params: a params target is the kept fraction"),
+    (["--macs", "0.5", "--method", "l7"], "--method: unknown criterion 'l7'; available: bn_scale, l1, l2, random, taylor"),
+    (["--macs", "0.5", "--allocation", "greedy"], "--allocation must be one of global, uniform"),
+    ([], "give exactly one budget"),
+    (["--macs", "0.5", "--finetune-epochs", "1", "--data", ""], "--finetune-epochs needs --data"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, args, msg):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit, match=msg):
+        main(["prune", "--model", "cifar_resnet20", "--input-size", "1", "3", "32", "32", *args, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_killed_iterative_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    args = ["prune", *FAST, "--params", "0.4", "--steps", "2", "--finetune-epochs", "1", "--no-onnx", "--no-latency"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    real_fit = secateurs.train.fit
+    calls = []
+
+    def dies_in_step_two(model, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed while fine-tuning step 2
+        return real_fit(model, *a, **k)
+
+    monkeypatch.setattr(secateurs.train, "fit", dies_in_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "cut")])
+    state = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert state["completed_steps"] == 1
+    monkeypatch.setattr(secateurs.train, "fit", real_fit)
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = secateurs.load(tmp_path / "full"), secateurs.load(tmp_path / "cut")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "cut"))
+    assert ra["steps"] == rb["steps"]
