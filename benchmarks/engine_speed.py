@@ -55,7 +55,9 @@ def _secateurs_once(name, x):
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        secateurs.prune(m, x, ratio=0.5)
+        graph = secateurs.analyze(m, x)
+        scores = secateurs.group_scores(m, graph, "l2")
+        secateurs.apply_plan(m, graph, secateurs.uniform_plan(graph, scores, 0.5))
     return time.perf_counter() - t, m
 
 
@@ -165,7 +167,7 @@ def write_report(rows: list[dict], out: Path, repeats: int, tp_version: str | No
              f"torchvision {torchvision.__version__}, secateurs {secateurs.__version__}, Torch-Pruning {tp_version}. "
              "Input 1x3x224x224, weights=None. Median wall seconds of fresh model instances after one warm-up "
              "prune in the same process; model construction not timed. Raw data: `engine_speed.csv`.", "",
-             "secateurs: `secateurs.prune(model, x, ratio=0.5)` (trace, analyse, L2 scores, cut). "
+             "secateurs: `analyze` + `group_scores(\"l2\")` + `uniform_plan(0.5)` + `apply_plan` (trace, analyse, score, cut; no MACs counting, which `secateurs.prune` adds for its report). "
              "Torch-Pruning: `BasePruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5, "
              "ignored_layers=[classifier]).step()`.", "",
              "| model | secateurs (s) | Torch-Pruning (s) | secateurs / TP |", "|---|---|---|---|"]

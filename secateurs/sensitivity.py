@@ -105,7 +105,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, val_data: Any, ratios: Se
     except (ValueError, TypeError) as err:
         raise ValueError(f"`method`: {err}") from None
     if val_data is None or not hasattr(val_data, "__len__"):
-        raise ValueError(f"`val_data` must be a dataset (e.g. load_dataset(name, 'test')), got {type(val_data).__name__}")
+        raise ValueError(f"`val_data` must be a dataset (load_dataset(name, 'test')), got {type(val_data).__name__}")
     if len(val_data) == 0:
         raise ValueError("`val_data` is empty: the metric cannot be measured on no samples")
     key = metric or ("iou" if getattr(val_data, "task", "classification") == "segmentation" else "top1")
