@@ -22,7 +22,6 @@ import torch.nn as nn
 
 from ._validation import PruningError, check_ratio
 from .cost import Cost, PlanCost, count, measure_latency
-from .criteria import get_criterion, group_scores
 from .export import _atomic_write, load as load_model, save as save_model
 from .graph import DependencyGraph, analyze
 from .surgery import PruningPlan, apply_plan
@@ -218,13 +217,6 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     return alloc.plan(keep), {"macs": macs, "params": params}
 
 
-def _check_method(method: str | Callable) -> Callable:
-    try:
-        return get_criterion(method)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"`method`: {err}") from None
-
-
 def _as_budget(target: Any, budget: str, ratio: float | None) -> Budget:
     if ratio is not None and target is not None:
         raise ValueError("give either `target` or `ratio`, not both")
@@ -305,23 +297,27 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
           ignore: Iterable[str | nn.Module] | None = None, round_to: int = 1, min_width: int | float = 1,
           data: Any = None, val_data: Any = None, finetune: Any = None, steps: int = 1,
           tolerance: float | None = None, metric: str | None = None, latency_threads: int | None = None,
-          criterion_kwargs: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
+          method_options: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
           resume: bool = False, quiet: bool = True) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place to a budget and return ``(model, report)``.
 
     Parameters
     ----------
-    method : str or callable, default="l2"
-        A criterion name (``secateurs.list_criteria()``) or ``fn(model, graph, **kw) -> scores``.
+    method : str, callable or Method, default="l2"
+        A criterion name (``secateurs.list_criteria()``) or ``fn(model, graph, **kw) -> scores``,
+        pruned to the budget; or a method (``secateurs.list_methods()``, e.g. "heuristic") that
+        decides by itself, configured by ``method_options``.
     target : float, dict or Budget
         Kept fraction of ``budget`` ("macs", "params" or "latency"), or {module name: removed ratio}.
+        Optional for methods that pick their own widths (then it is a stop rule).
     ratio : float, optional
         Instead of ``target``: remove this fraction of the channels of every group.
     allocation : {"global", "uniform"}, default="global" for MACs/params/latency, else "uniform"
     round_to, min_width : widths become multiples of ``round_to`` and at least ``min_width``.
     data, val_data : datasets for data-driven criteria / fine-tuning, and for the metric.
     finetune : TrainConfig or dict of its fields; fine-tunes after every step when given.
-    steps : one-shot (1) or that many prune -> fine-tune rounds, each removing the same share.
+    steps : one-shot (1) or at most that many prune -> fine-tune rounds (a criterion's budget is
+        shared out geometrically; a method may stop earlier when it has nothing left to remove).
     tolerance : stop (and undo the last step) once the validation metric drops by more than this.
     out_dir, resume : every finished step (and every fine-tuning epoch) is checkpointed there;
         ``resume=True`` with the same arguments continues a killed run where it stopped.
@@ -329,19 +325,21 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     Every argument is checked before the model is touched; MACs/params budgets are met to within
     the cost of one channel block (typically << 1%), never exceeded.
     """
+    from .methods import StepContext, get_method
     from .train import TrainConfig, evaluate, fit
 
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    fn = _check_method(method)
-    the_budget = _as_budget(target, budget, ratio)
-    allocation = allocation or ("global" if the_budget.kind in ("macs", "params", "latency") else "uniform")
+    how = get_method(method, **dict(method_options or {}))
+    the_budget = _as_budget(target, budget, ratio) if how.needs_budget or target is not None or ratio is not None else None
+    kind = the_budget.kind if the_budget is not None else None
+    allocation = allocation or ("global" if kind in ("macs", "params", "latency") else "uniform")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"`allocation` must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     Allocator(DependencyGraph([], [], [], 0, [], [], {}), [], allocation, round_to, min_width)  # checks the arguments
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}")
-    if getattr(fn, "needs_data", False) and data is None:
-        raise ValueError(f"method {method!r} needs data: pass `data`")
+    if how.needs_data and data is None:
+        raise ValueError(f"method {how.name!r} needs data: pass `data`")
     if finetune is not None:
         if data is None:
             raise ValueError("`finetune` needs `data` (the training set)")
@@ -354,18 +352,18 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             raise ValueError("`tolerance` needs `val_data` to measure the metric")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
             raise ValueError(f"`tolerance` must be a non-negative number (metric points), got {tolerance!r}")
-    if the_budget.kind == "latency":
+    if kind == "latency":
         dev = next(model.parameters()).device
         if dev.type != "cpu" and not (dev.type == "cuda" and torch.cuda.is_available()):
             raise PruningError(f"a latency target needs the model to run here; it is on {dev}")
-    timings: dict[str, float] = {"analyze_s": 0.0, "score_s": 0.0, "allocate_s": 0.0, "surgery_s": 0.0, "finetune_s": 0.0}
+    timings: dict[str, float] = {"analyze_s": 0.0, "plan_s": 0.0, "surgery_s": 0.0, "finetune_s": 0.0}
     t_all = time.perf_counter()
     base = count(model, example_inputs)
     key = _metric_key(val_data, metric)
     metric0 = evaluate(model, val_data)[key] if val_data is not None else None
     report: dict[str, Any] = {
-        "method": method if isinstance(method, str) else getattr(method, "__name__", "custom"),
-        "budget": {"kind": the_budget.kind, "target": the_budget.value}, "allocation": allocation,
+        "method": how.name, "method_options": dict(method_options or {}),
+        "budget": {"kind": kind, "target": the_budget.value if the_budget else None}, "allocation": allocation,
         "round_to": round_to, "min_width": min_width, "steps_requested": steps, "tolerance": tolerance,
         "metric_name": key if val_data is not None else None,
         "before": {"macs": base.macs, "params": base.params, "metric": metric0},
@@ -380,7 +378,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     if out is not None and not can_save:
         warnings.warn("the model has no `secateurs_spec` (build it with secateurs.models.create_model): "
                       "steps are not checkpointed, so the run cannot resume", stacklevel=2)
-    request = {k: report[k] for k in ("method", "budget", "allocation", "round_to", "min_width", "steps_requested")}
+    request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
+                                      "steps_requested")}
     state_path = out / "state.json" if out is not None else None
     if resume and can_save and state_path.exists():
         state = json.loads(state_path.read_text())
@@ -395,28 +394,29 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             log(f"resuming after step {done}/{steps}")
         start = done + 1
     for k in range(start, steps + 1):
-        step_budget = the_budget.at_step(k, steps)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = analyze(model, example_inputs, ignore=ignore)
+        if "original_widths" not in extra:  # min-kept guards refer to the original widths, across resumes too
+            extra["original_widths"] = {g.name: g.size for g in graph.groups}
         t1 = time.perf_counter()
-        scores = group_scores(model, graph, fn, data=data, **dict(criterion_kwargs or {}))
-        t2 = time.perf_counter()
         current = count(model, example_inputs) if k > 1 else base
-        if step_budget.kind == "latency":
-            plan, extra = _latency_plan(model, graph, example_inputs, scores, step_budget, allocation, round_to,
-                                        min_width, current, latency_threads, log)
-        else:
-            plan, _ = plan_for_budget(model, graph, example_inputs, scores, step_budget, allocation, round_to,
-                                      min_width, base=current, reference=base)
+        ctx = StepContext(model, graph, example_inputs, k, steps, the_budget, base, current, allocation, round_to,
+                          min_width, data, extra["original_widths"], latency_threads, log)
+        plan, info = how.plan(ctx)
         t3 = time.perf_counter()
+        timings["analyze_s"] += t1 - t0
+        timings["plan_s"] += t3 - t1
+        if plan is None or not plan.remove:
+            report["stopped"] = info.get("stop", "nothing left to remove")
+            log(f"step {k}: {report['stopped']}; stopping")
+            break
+        extra.update({k2: v for k2, v in info.items() if k2 != "stop"})
+        removed = {graph.groups[gi].name: len(idx) for gi, idx in plan.remove.items()}
         snapshot = copy.deepcopy(model) if tolerance is not None else None
         apply_plan(model, graph, plan)
         t4 = time.perf_counter()
-        timings["analyze_s"] += t1 - t0
-        timings["score_s"] += t2 - t1
-        timings["allocate_s"] += t3 - t2
         timings["surgery_s"] += t4 - t3
         if finetune is not None:
             cfg = finetune if out is None else replace(finetune, out_dir=str(out / "steps" / f"step{k}" / "train"), resume=True)
@@ -424,7 +424,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             timings["finetune_s"] += time.perf_counter() - t4
         after = count(model, example_inputs)
         row = {"step": k, "macs": after.macs, "params": after.params,
-               "metric": evaluate(model, val_data)[key] if val_data is not None else None}
+               "metric": evaluate(model, val_data)[key] if val_data is not None else None, "removed": removed}
         log(f"step {k}/{steps}: MACs {after.macs / base.macs:.1%}, params {after.params / base.params:.1%}"
             + (f", {key} {row['metric']:.2f}" if row["metric"] is not None else ""))
         if tolerance is not None and metric0 - row["metric"] > tolerance:
