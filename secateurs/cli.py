@@ -91,7 +91,14 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--input-size", type=int, nargs="+", default=None,
                    help="example input shape (default: one sample of --data, else 1 3 224 224)")
     _add_data_args(s)
-    s.add_argument("--method", default="l2", help="importance criterion: l1, l2, bn_scale, taylor, random")
+    s.add_argument("--method", default="l2",
+                   help="a criterion pruned to the budget (l1, l2, bn_scale, taylor, random) or a method (heuristic)")
+    h = s.add_argument_group("heuristic method (METHODS.md 1): a budget is optional, a stop rule")
+    h.add_argument("--estimator", default="mean_minus_std", help="mean_minus_std (gamma = mean - kappa std) or ratio_of_mean")
+    h.add_argument("--kappa", type=float, default=0.5)
+    h.add_argument("--rho", type=float, default=0.5)
+    h.add_argument("--min-keep", type=float, default=0.1, help="never keep less than this fraction of a layer's width")
+    h.add_argument("--scope", default="layer", help="layer (estimator per layer) or global (pooled, mean-normalised)")
     b = s.add_mutually_exclusive_group()
     b.add_argument("--macs", type=float, default=None, help="kept fraction of MACs, in (0, 1]")
     b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
@@ -141,12 +148,14 @@ def parse_with_config(parser: argparse.ArgumentParser, argv, path: str) -> argpa
     return args
 
 
-def _budget(args):
+def _budget(args, optional: bool = False):
     from .pipeline import Budget
 
     given = {k: getattr(args, k) for k in ("macs", "params", "latency", "ratio") if getattr(args, k) is not None}
     if getattr(args, "layers", None):
         given["layers"] = args.layers
+    if optional and not given:
+        return None
     if len(given) != 1:
         raise SystemExit("secateurs prune: give exactly one budget: --macs, --params, --latency, --ratio "
                          f"or `layers:` in --config (got {', '.join(given) or 'none'})")
@@ -159,18 +168,22 @@ def _budget(args):
 
 def prune_main(args) -> int:
     """Prune, fine-tune, save (safetensors + JSON), export ONNX, report; all inputs checked first."""
-    from .criteria import get_criterion
     from .data import load_dataset
+    from .methods import get_method
     from .export import export_onnx, save
     from .pipeline import ALLOCATIONS, prune
     from .report import format_table, write_report
     from .train import TrainConfig
 
-    budget = _budget(args)
+    options = {}
+    if args.method == "heuristic":
+        options = {"estimator": args.estimator, "kappa": args.kappa, "rho": args.rho, "min_keep": args.min_keep,
+                   "scope": args.scope}
     try:
-        get_criterion(args.method)
+        how = get_method(args.method, **options)
     except ValueError as err:
         raise SystemExit(f"--method: {err}") from None
+    budget = _budget(args, optional=not how.needs_budget)
     if args.allocation is not None and args.allocation not in ALLOCATIONS:
         raise SystemExit(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {args.allocation!r}")
     if args.finetune_epochs and not args.data:
@@ -199,8 +212,8 @@ def prune_main(args) -> int:
     if not args.no_latency:
         lat = {"latency_b1_ms": 1e3 * measure_latency(model, x), "latency_b8_ms": 1e3 * measure_latency(model, x.expand(8, *x.shape[1:]).contiguous())}
     log = (lambda *a: None) if args.quiet else print
-    log(f"{name}: {count(model, x)}; pruning by {args.method} to {budget.kind} {budget.value}")
-    model, report = prune(model, x, args.method, budget, allocation=args.allocation, ignore=args.ignore or None,
+    log(f"{name}: {count(model, x)}; pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
+    model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation, ignore=args.ignore or None,
                           round_to=args.round_to, min_width=min_width, data=train_ds, val_data=val_ds,
                           finetune=finetune, steps=args.steps, tolerance=args.tolerance, out_dir=args.out,
                           resume=args.resume, quiet=args.quiet)

@@ -103,7 +103,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     if report.get("protocol"):
         lines += [f"Protocol: {report['protocol']}", ""]
     budget = report["budget"]
-    lines += [f"Method `{report['method']}`, {budget['kind']} budget {budget['target']}, {report['allocation']} allocation, "
+    what = f"{budget['kind']} budget {budget['target']}" if budget["kind"] else "no budget"
+    lines += [f"Method `{report['method']}`, {what}, {report['allocation']} allocation, "
               f"round_to {report['round_to']}, {len(report['steps']) - 1} step(s).", ""]
     if report.get("stopped"):
         lines += [f"Stopped early: {report['stopped']}", ""]
@@ -113,7 +114,15 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     if report.get("onnx"):
         o = report["onnx"]
         lines += [f"ONNX: `{Path(o['path']).name}`, onnxruntime vs PyTorch max relative difference {o['max_rel_diff']:.2e}.", ""]
-    lines += ["![widths](widths.png)", ""]
+    base_macs, base_params = report["before"]["macs"], report["before"]["params"]
+    lines += ["| step | MACs kept | params kept | metric | filters removed per group |", "|---:|---:|---:|---:|---|"]
+    for st in report["steps"]:
+        removed = st.get("removed") or {}
+        shown = ", ".join(f"{k}: {v}" for k, v in list(removed.items())[:12]) + (" ..." if len(removed) > 12 else "")
+        metric = "-" if st.get("metric") is None else f"{st['metric']:.2f}"
+        lines.append(f"| {st['step']}{' (undone)' if st.get('reverted') else ''} | {st['macs'] / base_macs:.1%} | "
+                     f"{st['params'] / base_params:.1%} | {metric} | {shown or '-'} |")
+    lines += ["", "![widths](widths.png)", ""]
     if has_metric:
         lines += ["![schedule](schedule.png)", ""]
     lines += ["| layer | kind | width before | width after | MACs before | MACs after |", "|---|---|---:|---:|---:|---:|"]
