@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     protocol = (f"CPU protocol: fine-tuning on {args.subset or 'all'} training images, {args.epochs} epoch(s) per "
                 f"heuristic round (SGD lr {args.lr}, cosine, batch 128), top-1 on {args.val_subset or 'all'} test images")
     lines = ["# Method 1: heuristic estimator vs L1 uniform at the same MACs", "",
-             f"`python -m benchmarks.heuristic --rounds {args.rounds} --kappa {args.kappa}` on {platform.machine()}, "
+             f"`python -m benchmarks.heuristic --rounds {args.rounds} --epochs {args.epochs} --kappa {args.kappa}` on {platform.machine()}, "
              f"{os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}. {protocol}. "
              "The L1 baseline is pruned in one shot to the MACs the heuristic reached and fine-tuned for the same "
              "total epochs. Latency: batch 8, median of 15 eval forwards. Raw data: `heuristic.csv`.", "",
