@@ -476,8 +476,11 @@ def vip(X: Any, Y: Any, n_components: int = 4) -> np.ndarray:
     return vip_from_pls(pls)
 
 
-def _pool(out: torch.Tensor, pool: int) -> torch.Tensor:
-    """Average-pool with window ``pool`` (stride ``pool``), or globally if the map is smaller."""
+def _pool(out: torch.Tensor, pool: int | str) -> torch.Tensor:
+    """Average-pool with window ``pool`` (stride ``pool``), or globally if the map is smaller;
+    ``pool="max"``: one global maximum per channel (the filter features of the cascade)."""
+    if pool == "max":
+        return out.flatten(2).amax(2) if out.dim() > 2 else out
     if out.dim() > 2:
         spatial = out.shape[2:]
         if all(s >= pool for s in spatial) and out.dim() <= 5:
@@ -489,7 +492,7 @@ def _pool(out: torch.Tensor, pool: int) -> torch.Tensor:
 
 
 def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, per_class: int | None = None,
-                   pool: int = 8, batch_size: int = 256, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                   pool: int | str = 8, batch_size: int = 256, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Pooled outputs of each block on at most ``per_class`` samples per class, and their labels.
 
     ``data`` is an :class:`~secateurs.data.ArrayDataset` (a seeded class-balanced selection is

@@ -99,6 +99,14 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     h.add_argument("--rho", type=float, default=0.5)
     h.add_argument("--min-keep", type=float, default=0.1, help="never keep less than this fraction of a layer's width")
     h.add_argument("--scope", default="layer", help="layer (estimator per layer) or global (pooled, mean-normalised)")
+    d = s.add_argument_group("layer pruning, dlp and dlp+filters (METHODS.md 2): needs --data")
+    d.add_argument("--mode", default="rank", help="rank (lowest-VIP blocks go) or truncate (cut where scores stop rising)")
+    d.add_argument("--blocks", type=int, default=None, help="rank: remove this many blocks")
+    d.add_argument("--blocks-fraction", type=float, default=None, help="rank: remove this fraction of removable blocks")
+    d.add_argument("--min-per-stage", type=int, default=1, help="rank: removable blocks kept in every stage")
+    d.add_argument("--per-class", type=int, default=50, help="samples per class for the PLS features")
+    d.add_argument("--joint", action="store_true", help="one PLS over all blocks instead of one per block")
+    d.add_argument("--filter-ratio", type=float, default=0.1, help="dlp+filters: share of filters removed per step")
     b = s.add_mutually_exclusive_group()
     b.add_argument("--macs", type=float, default=None, help="kept fraction of MACs, in (0, 1]")
     b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
@@ -179,6 +187,11 @@ def prune_main(args) -> int:
     if args.method == "heuristic":
         options = {"estimator": args.estimator, "kappa": args.kappa, "rho": args.rho, "min_keep": args.min_keep,
                    "scope": args.scope}
+    if args.method in ("dlp", "dlp+filters"):
+        options = {"mode": args.mode, "count": args.blocks, "fraction": args.blocks_fraction,
+                   "min_per_stage": args.min_per_stage, "per_class": args.per_class, "joint": args.joint}
+        if args.method == "dlp+filters":
+            options["filter_ratio"] = args.filter_ratio
     try:
         how = get_method(args.method, **options)
     except ValueError as err:
@@ -186,8 +199,8 @@ def prune_main(args) -> int:
     budget = _budget(args, optional=not how.needs_budget)
     if args.allocation is not None and args.allocation not in ALLOCATIONS:
         raise SystemExit(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {args.allocation!r}")
-    if args.finetune_epochs and not args.data:
-        raise SystemExit("--finetune-epochs needs --data")
+    if (args.finetune_epochs or how.needs_data) and not args.data:
+        raise SystemExit(f"--{'finetune-epochs' if args.finetune_epochs else 'method ' + args.method} needs --data")
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out")
     min_width = int(args.min_width) if args.min_width >= 1 else float(args.min_width)

@@ -12,6 +12,7 @@ import warnings
 from itertools import islice
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -158,3 +159,49 @@ def group_scores(model: nn.Module, graph: DependencyGraph, criterion: str | Call
     if len(scores) != len(graph.groups) or any(len(s) != g.size for s, g in zip(scores, graph.groups)):
         raise ValueError(f"criterion {criterion!r} must return one score per channel of every group")
     return [torch.as_tensor(s, dtype=torch.float32).flatten() for s in scores]
+
+
+@register_criterion("vip")
+def vip_filters(model: nn.Module, graph: DependencyGraph, data: Any = None, per_class: int = 50,
+                n_components: int = 2) -> list[torch.Tensor]:
+    """PLS-VIP of every filter (Jordao et al. 2020, the cascade's filter step): each producing
+    conv's output is max-pooled to one feature per filter, one PLS over all filters on one-hot
+    labels, and a channel scores the largest VIP among the filters that produce it. VIPs come from
+    one joint fit, so they compare across layers as they are."""
+    if data is None:
+        raise ValueError("criterion 'vip' needs data: pass `data` (a labelled dataset or (x, y) batches)")
+    from .blocks import block_features, vip
+
+    modules = dict(model.named_modules())
+    where: dict[str, list[tuple[int, torch.Tensor]]] = {}  # producer -> (group, channel per output position)
+    comp_group = torch.full((graph.n_components,), -1, dtype=torch.long)
+    comp_chan = torch.zeros(graph.n_components, dtype=torch.long)
+    for g in graph.groups:
+        comp_group[g.components] = g.index
+        comp_chan[g.components] = torch.arange(g.size)
+    for i, b in enumerate(graph.bindings):
+        m = modules.get(b.module)
+        if (b.kind == "tensor" and b.role == "out" and b.name == "weight" and b.axis == 0
+                and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))):
+            where.setdefault(b.module, []).append(i)
+    if not where:
+        raise ValueError("criterion 'vip': no prunable conv/linear filters found")
+    names = list(where)
+    feats, y = block_features(model, names, data, per_class=per_class, pool="max")
+    v = torch.from_numpy(vip(np.concatenate([feats[n] for n in names], axis=1), y, n_components)).float()
+    offsets = torch.tensor([0] + [g.size for g in graph.groups]).cumsum(0)
+    flat = torch.zeros(int(offsets[-1]))
+    start = 0
+    for n in names:
+        width = feats[n].shape[1]
+        for bi in where[n]:
+            lab = graph.binding_labels[bi][:width]
+            gi = comp_group[lab]
+            ok = gi >= 0
+            slot = offsets[gi[ok]] + comp_chan[lab][ok]
+            flat.scatter_reduce_(0, slot, v[start:start + len(lab)][ok], reduce="amax")
+        start += width
+    return list(flat.split([g.size for g in graph.groups]))
+
+
+vip_filters.needs_data = True

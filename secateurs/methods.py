@@ -6,6 +6,8 @@ model now, what is the plan?", or ``None`` when it has nothing left to remove (t
 
 - :class:`CriterionMethod`: a criterion (``l1``, ``taylor``...) plus a budget; the baselines.
 - :class:`HeuristicMethod`: METHODS.md method 1, a per-layer estimator picks the filters.
+- :class:`LayerPruningMethod`: METHODS.md method 2, PLS-VIP scores remove whole residual blocks
+  (``dlp``), then optionally filters (``dlp+filters``).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from .graph import DependencyGraph
 from .pipeline import Allocator, Budget, _latency_plan, plan_for_budget
 from .surgery import PruningPlan
 
-__all__ = ["Method", "StepContext", "CriterionMethod", "HeuristicMethod", "get_method", "register_method",
-           "list_methods", "register_estimator", "list_estimators"]
+__all__ = ["Method", "StepContext", "CriterionMethod", "HeuristicMethod", "LayerPruningMethod", "LayerPlan",
+           "get_method", "register_method", "list_methods", "register_estimator", "list_estimators"]
 
 
 @dataclass
@@ -54,6 +56,9 @@ class Method:
     name = "method"
     needs_data = False
     needs_budget = True
+
+    def check(self, budget: Budget | None) -> None:
+        """Refuse a budget this method cannot honour, before any work starts."""
 
     def plan(self, ctx: StepContext) -> tuple[PruningPlan | None, dict]:
         raise NotImplementedError
@@ -167,11 +172,13 @@ class HeuristicMethod(Method):
                 out[g.index] = order[:n]
         return out
 
+    def check(self, budget: Budget | None) -> None:
+        if budget is not None and budget.kind not in ("macs", "params"):
+            raise ValueError(f"method 'heuristic' takes a macs or params target as a stop rule, not {budget.kind!r}")
+
     def plan(self, ctx: StepContext) -> tuple[PruningPlan | None, dict]:
         limit = None
         if ctx.budget is not None:
-            if ctx.budget.kind not in ("macs", "params"):
-                raise ValueError(f"method 'heuristic' takes a macs or params target as a stop rule, not {ctx.budget.kind!r}")
             which = 0 if ctx.budget.kind == "macs" else 1
             limit = ctx.budget.value * (ctx.base.macs, ctx.base.params)[which]
             if (ctx.current.macs, ctx.current.params)[which] <= limit:
@@ -231,3 +238,126 @@ def get_method(method: str | Callable | Method, **options: Any) -> Method:
         return CriterionMethod(method, **options)
     except (ValueError, TypeError) as err:
         raise ValueError(f"`method`: {err}; methods: {', '.join(_METHODS.names())}") from None
+
+
+# -- method 2: discriminative layer pruning (PLS + VIP) and the cascade ---------------------------
+@dataclass
+class LayerPlan:
+    """Whole blocks to remove (or a cut after one block), with the scores that chose them."""
+
+    remove: list[str]
+    scores: dict[str, float] = field(default_factory=dict)
+    truncate_after: str | None = None
+
+    def summary(self) -> dict[str, float]:
+        return {n: round(self.scores.get(n, float("nan")), 4) for n in self.remove}
+
+    def apply(self, model: nn.Module, example_inputs: Any) -> None:
+        from .blocks import remove_blocks, truncate
+
+        if self.truncate_after is not None:
+            truncate(model, self.truncate_after, example_inputs=example_inputs)
+        else:
+            remove_blocks(model, self.remove, example_inputs)
+
+
+@register_method("dlp")
+class LayerPruningMethod(Method):
+    """Jordao et al. 2020 as specified in METHODS.md section 2: score every removable residual
+    block by the mean VIP of its pooled output in a PLS fit on the labels, then remove blocks.
+
+    ``mode="rank"`` removes the lowest-scoring removable blocks until ``fraction`` of them, or
+    ``count`` blocks, are gone, or the MACs/params budget is met, keeping ``min_per_stage``
+    removable blocks in every stage (down-sampling blocks never go). ``mode="truncate"`` walks
+    the blocks of stage ``start_stage`` onwards (default: the last stage); the first block whose
+    score does not rise over the previous one goes with everything after it, and a fresh head is
+    attached (our reading of "cut at the first block whose score does not rise": it is the one
+    that gives the paper's ResNet-56 arithmetic, stage 3 truncated to its first block).
+    With ``filters=True`` ("dlp+filters") later steps prune filters: ``filter_ratio`` of the
+    remaining ones per step by joint PLS-VIP (criterion ``vip``), as the paper's cascade does.
+    """
+
+    needs_data = True
+    needs_budget = False
+
+    def __init__(self, mode: str = "rank", fraction: float | None = None, count: int | None = None,
+                 min_per_stage: int = 1, per_class: int = 50, n_components: int = 4, joint: bool = False,
+                 pool: int = 8, start_stage: int | None = None, filters: bool = False, filter_ratio: float = 0.1,
+                 filter_components: int = 2) -> None:
+        if mode not in ("rank", "truncate"):
+            raise ValueError(f"`mode` must be 'rank' or 'truncate', got {mode!r}")
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+            raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"`count` must be a positive int, got {count!r}")
+        if isinstance(min_per_stage, bool) or not isinstance(min_per_stage, int) or min_per_stage < 0:
+            raise ValueError(f"`min_per_stage` must be a non-negative int, got {min_per_stage!r}")
+        if not 0 < filter_ratio < 1:
+            raise ValueError(f"`filter_ratio` must be in (0, 1), got {filter_ratio!r}")
+        self.mode, self.fraction, self.count, self.min_per_stage = mode, fraction, count, min_per_stage
+        self.per_class, self.n_components, self.joint, self.pool = per_class, n_components, joint, pool
+        self.start_stage, self.filters, self.filter_ratio = start_stage, filters, filter_ratio
+        self.filter_components = filter_components
+        self.name = "dlp+filters" if filters else "dlp"
+
+    def check(self, budget: Budget | None) -> None:
+        if budget is not None and budget.kind not in ("macs", "params"):
+            raise ValueError(f"method {self.name!r} takes a macs or params target, not {budget.kind!r}")
+        if self.mode == "rank" and budget is None and self.count is None and self.fraction is None:
+            raise ValueError(f"method {self.name!r} (rank) needs a stop: a macs/params target, `count` or `fraction`")
+
+    def plan(self, ctx: StepContext):
+        if ctx.step > 1:
+            if not self.filters:
+                return None, {"stop": "layer pruning is one step (use dlp+filters for the filter cascade)"}
+            scores = group_scores(ctx.model, ctx.graph, "vip", data=ctx.data, n_components=self.filter_components)
+            plan, _ = plan_for_budget(ctx.model, ctx.graph, ctx.example_inputs, scores, Budget("ratio", self.filter_ratio),
+                                      "global", ctx.round_to, ctx.min_width, base=ctx.current, normalize=False)
+            return plan, {}
+        from .blocks import block_scores, find_blocks
+
+        blocks = find_blocks(ctx.model, ctx.example_inputs)
+        removable = [b for b in blocks if b.removable]
+        if not removable:
+            return None, {"stop": "no removable block (identity-shortcut residual unit) in this model"}
+        if self.mode == "truncate":
+            stage = self.start_stage if self.start_stage is not None else max(b.stage for b in blocks)
+            walk = [b for b in blocks if b.stage >= stage]
+            scores = block_scores(ctx.model, walk, ctx.data, self.per_class, self.n_components, self.joint, self.pool)
+            cut = next((i for i in range(1, len(walk)) if scores[walk[i].name] <= scores[walk[i - 1].name]), None)
+            if cut is None:
+                return None, {"stop": "block scores rise to the end: nothing to truncate", "block_scores": scores}
+            after = walk[cut - 1].name  # the first block that adds nothing goes, with everything after it
+            return LayerPlan([b.name for b in walk[cut:]], scores, truncate_after=after), {"block_scores": scores}
+        scores = block_scores(ctx.model, removable, ctx.data, self.per_class, self.n_components, self.joint, self.pool)
+        left = {}
+        for b in removable:
+            left[b.stage] = left.get(b.stage, 0) + 1
+        n_max = len(removable)
+        if self.count is not None:
+            n_max = min(n_max, self.count)
+        if self.fraction is not None:
+            n_max = min(n_max, math.floor(self.fraction * len(removable) + 1e-9))
+        limit = None
+        if ctx.budget is not None:
+            which = 0 if ctx.budget.kind == "macs" else 1
+            limit = ctx.budget.value * (ctx.base.macs, ctx.base.params)[which]
+            cost = [ctx.current.macs, ctx.current.params][which]
+        chosen = []
+        for b in sorted(removable, key=lambda b: scores[b.name]):
+            if len(chosen) >= n_max or (limit is not None and cost <= limit):
+                break
+            if left[b.stage] <= self.min_per_stage:
+                continue
+            chosen.append(b.name)
+            left[b.stage] -= 1
+            if limit is not None:
+                cost -= (b.macs, b.params)[which]
+        if not chosen:
+            return None, {"stop": "no block may go (min_per_stage or budget already met)", "block_scores": scores}
+        return LayerPlan(chosen, scores), {"block_scores": scores}
+
+
+@register_method("dlp+filters")
+def _dlp_filters(**options: Any) -> LayerPruningMethod:
+    return LayerPruningMethod(filters=True, **options)

@@ -75,7 +75,7 @@ class Allocator:
     """
 
     def __init__(self, graph: DependencyGraph, scores: list[torch.Tensor], allocation: str = "global",
-                 round_to: int = 1, min_width: int | float = 1) -> None:
+                 round_to: int = 1, min_width: int | float = 1, normalize: bool = True) -> None:
         if allocation not in ALLOCATIONS:
             raise ValueError(f"`allocation` must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -87,7 +87,10 @@ class Allocator:
         self.order, self.sorted_norm, self.min_keep = [], [], []
         for g, s in zip(graph.groups, scores):
             s = s.float()
-            norm = s / s.mean().clamp_min(1e-12) if s.abs().sum() > 0 else torch.ones_like(s)
+            if not normalize:  # scores already comparable across groups (e.g. one joint PLS)
+                norm = s
+            else:
+                norm = s / s.mean().clamp_min(1e-12) if s.abs().sum() > 0 else torch.ones_like(s)
             order = torch.argsort(norm, descending=True, stable=True)
             self.order.append(order)
             self.sorted_norm.append(norm[order])
@@ -156,10 +159,11 @@ def _fill(alloc: Allocator, keep: list[int], cost: Callable[[list[int]], float],
 
 def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: Any, scores: list[torch.Tensor],
                     budget: Budget, allocation: str = "global", round_to: int = 1, min_width: int | float = 1,
-                    base: Cost | None = None, reference: Cost | None = None) -> tuple[PruningPlan, dict]:
+                    base: Cost | None = None, reference: Cost | None = None,
+                    normalize: bool = True) -> tuple[PruningPlan, dict]:
     """The plan that meets ``budget`` on ``model``; ``reference`` is the cost the fractions refer to
     (the original model in an iterative schedule). Returns the plan and the predicted cost."""
-    alloc = Allocator(graph, scores, allocation, round_to, min_width)
+    alloc = Allocator(graph, scores, allocation, round_to, min_width, normalize)
     if budget.kind == "layers":
         keep = [g.size for g in graph.groups]
         modules = dict(model.named_modules())
@@ -332,6 +336,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     how = get_method(method, **dict(method_options or {}))
     the_budget = _as_budget(target, budget, ratio) if how.needs_budget or target is not None or ratio is not None else None
     kind = the_budget.kind if the_budget is not None else None
+    how.check(the_budget)
     allocation = allocation or ("global" if kind in ("macs", "params", "latency") else "uniform")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"`allocation` must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
@@ -413,9 +418,13 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             log(f"step {k}: {report['stopped']}; stopping")
             break
         extra.update({k2: v for k2, v in info.items() if k2 != "stop"})
-        removed = {graph.groups[gi].name: len(idx) for gi, idx in plan.remove.items()}
         snapshot = copy.deepcopy(model) if tolerance is not None else None
-        apply_plan(model, graph, plan)
+        if isinstance(plan, PruningPlan):
+            removed = {graph.groups[gi].name: len(idx) for gi, idx in plan.remove.items()}
+            apply_plan(model, graph, plan)
+        else:  # a depth plan: whole blocks go
+            removed = plan.summary()
+            plan.apply(model, example_inputs)
         t4 = time.perf_counter()
         timings["surgery_s"] += t4 - t3
         if finetune is not None:

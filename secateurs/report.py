@@ -12,7 +12,7 @@ from typing import Any
 
 from .export import _atomic_write
 
-__all__ = ["format_table", "write_report", "plot_widths", "plot_schedule"]
+__all__ = ["format_table", "write_report", "plot_widths", "plot_schedule", "plot_block_scores"]
 
 
 def _num(v: Any, scale: float = 1.0, fmt: str = "{:,.3f}") -> str:
@@ -88,6 +88,23 @@ def plot_schedule(report: dict, path: Path) -> Path:
     return path
 
 
+def plot_block_scores(report: dict, path: Path) -> Path:
+    """Score of every scored block in network order; removed ones in a darker colour."""
+    plt = _pyplot()
+    scores = report["block_scores"]
+    gone = {n for st in report["steps"] for n in (st.get("removed") or {}) if n in scores}
+    names = list(scores)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), [scores[n] for n in names], color=["#b03a2e" if n in gone else "#2a6fb0" for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("mean VIP")
+    ax.set_title("Block scores (red: removed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md and the plots into ``out_dir``; returns their paths."""
     out = Path(out_dir)
@@ -98,6 +115,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     has_metric = any(s.get("metric") is not None for s in report["steps"])
     if has_metric:
         paths["schedule"] = plot_schedule(report, out / "schedule.png")
+    if report.get("block_scores"):
+        paths["blocks"] = plot_block_scores(report, out / "blocks.png")
     t = report.get("timings", {})
     lines = [f"# Pruning report: {report.get('model', {}).get('name', 'model')}", ""]
     if report.get("protocol"):
@@ -125,6 +144,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     lines += ["", "![widths](widths.png)", ""]
     if has_metric:
         lines += ["![schedule](schedule.png)", ""]
+    if report.get("block_scores"):
+        lines += ["![block scores](blocks.png)", "", "| block | score (mean VIP) |", "|---|---:|"]
+        lines += [f"| {n} | {v:.4f} |" for n, v in report["block_scores"].items()] + [""]
     lines += ["| layer | kind | width before | width after | MACs before | MACs after |", "|---|---|---:|---:|---:|---:|"]
     for l in report["layers"]:
         lines.append(f"| {l['name']} | {l['kind']} | {l['width_before']} | {l['width_after'] if l['width_after'] is not None else 'removed'} "

@@ -1,0 +1,115 @@
+"""Method 2 (discriminative layer pruning) and its filter cascade, on the shared pipeline."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import secateurs
+from secateurs import count
+from secateurs.blocks import block_scores, find_blocks
+from secateurs.data import ArrayDataset
+from secateurs.methods import get_method
+from secateurs.models import create_model
+
+X = torch.randn(1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(80) % 4
+    # class-dependent colour shifts: a signal the PLS can find
+    images = (torch.rand(80, 3, 32, 32, generator=gen) * 120 + (y.view(-1, 1, 1, 1) * 30)).to(torch.uint8)
+    return ArrayDataset("synthetic", images, y, ["a", "b", "c", "d"])
+
+
+@pytest.fixture(scope="module")
+def r20():
+    torch.manual_seed(0)
+    return create_model("cifar_resnet20").eval()
+
+
+def test_rank_removes_the_lowest_scoring_blocks_and_keeps_one_per_stage(r20, data, tmp_path):
+    removable = [b for b in find_blocks(r20, X) if b.removable]
+    scores = block_scores(r20, removable, data, per_class=20)
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", data=data, method_options={"count": 3, "per_class": 20})
+    gone = list(report["steps"][1]["removed"])
+    stages = {}
+    for b in removable:
+        stages.setdefault(b.stage, []).append(b.name)
+    # walk the ranking as the method must: lowest first, never the last removable block of a stage
+    expect, left = [], {s: len(v) for s, v in stages.items()}
+    for name in sorted(scores, key=scores.get):
+        stage = next(s for s, v in stages.items() if name in v)
+        if len(expect) < 3 and left[stage] > 1:
+            expect.append(name)
+            left[stage] -= 1
+    assert sorted(gone) == sorted(expect)
+    assert all(isinstance(m.get_submodule(n), torch.nn.Identity) for n in gone)
+    assert count(m, X).macs == count(r20, X).macs - sum(b.macs for b in removable if b.name in gone)
+    assert report["block_scores"] == pytest.approx(scores)
+    secateurs.save(m, tmp_path / "m", X)
+    assert torch.equal(secateurs.load(tmp_path / "m")(X), m(X))
+
+
+def test_macs_target_and_min_per_stage(r20, data):
+    base = count(r20, X).macs
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", 0.8, data=data, method_options={"per_class": 10})
+    kept = count(m, X).macs / base
+    assert kept <= 0.8
+    # everything allowed: all but one removable block per stage goes, and no more
+    m2, rep2 = secateurs.prune(copy.deepcopy(r20), X, "dlp", data=data, method_options={"fraction": 1.0, "per_class": 10})
+    gone = set(rep2["steps"][1]["removed"])
+    stages = {}
+    for b in find_blocks(r20, X):
+        if b.removable:
+            stages.setdefault(b.stage, []).append(b.name)
+    assert [sum(n not in gone for n in names) for names in stages.values()] == [1] * len(stages)
+
+
+def test_truncate_cuts_where_the_scores_stop_rising(r20, data, monkeypatch):
+    fake = {"layer3.0": 0.5, "layer3.1": 0.7, "layer3.2": 0.6}
+    monkeypatch.setattr(secateurs.blocks, "block_scores", lambda model, blocks, *a, **k: {b.name: fake[b.name] for b in blocks})
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", data=data, method_options={"mode": "truncate"})
+    assert list(report["steps"][1]["removed"]) == ["layer3.2"]
+    assert isinstance(m.layer3[2], torch.nn.Identity) and m(X).shape == (1, 10)
+    fake.update({"layer3.2": 0.9})  # rising to the end: nothing to cut
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", data=data, method_options={"mode": "truncate"})
+    assert report["stopped"] == "block scores rise to the end: nothing to truncate"
+
+
+def test_cascade_then_removes_a_tenth_of_the_filters_per_step(r20, data):
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp+filters", steps=3, data=data,
+                                method_options={"count": 2, "per_class": 10})
+    assert report["method"] == "dlp+filters" and len(report["steps"]) == 4
+    widths = []
+    for st in report["steps"][1:]:
+        widths.append(st["removed"])
+    assert len(widths[0]) == 2 and all(isinstance(v, int) for v in widths[1].values())
+    # each filter step removes 10% (floored) of the channels still there, ranked on one joint VIP
+    total = sum(g.size for g in secateurs.analyze(m, X).groups)
+    assert sum(widths[2].values()) == pytest.approx(total / 0.9 * 0.1, abs=2)
+    assert m(X).shape == (1, 10)
+
+
+def test_vip_criterion_ranks_a_dead_filter_last(r20, data):
+    m = copy.deepcopy(r20)
+    g = secateurs.analyze(m, X)
+    grp = g.groups_of("layer1.0.conv1")[0]
+    with torch.no_grad():
+        m.layer1[0].conv1.weight[5].zero_()  # its max-pooled output is a constant 0 + BN shift
+        m.layer1[0].bn1.weight[5] = 0.0
+        m.layer1[0].bn1.bias[5] = 0.0
+    s = secateurs.group_scores(m, g, "vip", data=data, per_class=10)[grp.index]
+    assert s[5] == 0 and (s[torch.arange(len(s)) != 5] > 0).all()
+
+
+def test_bad_options_and_missing_data():
+    with pytest.raises(ValueError, match="`mode` must be 'rank' or 'truncate'"):
+        get_method("dlp", mode="cut")
+    with pytest.raises(ValueError, match="needs a stop"):
+        secateurs.prune(create_model("cifar_resnet20"), X, "dlp", data=[(X, torch.tensor([0]))])
+    with pytest.raises(ValueError, match="method 'dlp' needs data"):
+        secateurs.prune(create_model("cifar_resnet20"), X, "dlp", method_options={"count": 1})
