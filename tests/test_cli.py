@@ -80,3 +80,10 @@ def test_killed_iterative_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "cut"))
     assert ra["steps"] == rb["steps"]
+
+
+def test_sensitivity_cli_writes_json_and_plot(tmp_path, capsys):
+    assert main(["sensitivity", *FAST[:4], "--ratios", "0.5", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert result["ratios"] == [0.5] and len(result["groups"]) == 3
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0 and "most sensitive" in capsys.readouterr().out

@@ -154,3 +154,15 @@ def test_heuristic_from_the_command_line_reports_each_round(tmp_path):
     assert "filters removed per group" in (out / "report.md").read_text()
     with pytest.raises(SystemExit, match="--method: `scope` must be 'layer' or 'global', got 'net'"):
         main(["prune", "--model", "cifar_resnet20", "--method", "heuristic", "--scope", "net"])
+
+
+@pytest.mark.parametrize("name,size", [("torchvision:alexnet", 64), ("torchvision:vgg16", 32), ("torchvision:resnet34", 32),
+                                       ("alexnet_cifar", 32), ("vgg16_bn_cifar", 32), ("cifar_resnet56", 32)])
+def test_heuristic_runs_on_the_papers_architectures(name, size):
+    torch.manual_seed(0)
+    m = create_model(name).eval()
+    x = torch.randn(1, 3, size, size)
+    before = count(m, x)
+    y0 = m(x).shape
+    m, report = secateurs.prune(m, x, "heuristic", steps=1)
+    assert m(x).shape == y0 and report["after"]["macs"] < before.macs and report["steps"][1]["removed"]
