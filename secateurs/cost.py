@@ -175,6 +175,30 @@ class PlanCost:
         self._mac_pos = torch.tensor(pos, dtype=torch.long)
         self._mac_tensor = torch.tensor(tens, dtype=torch.long)
 
+    def soft(self, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MACs, params) as differentiable functions of a per-component alive value in [0, 1].
+
+        Every weight tensor costs the product of the alive counts along its bound axes, so a
+        conv's cost falls with the channels on *both* of its sides (HFP's holistic coupling).
+        With hard 0/1 values it equals ``self(~alive.bool())`` exactly.
+        """
+        n = len(self._entry_size)
+        kept = torch.zeros(n, dtype=alive.dtype, device=alive.device).index_add(
+            0, self._seg.to(alive.device), alive[self._labels.to(alive.device)])
+        for e, lab in self._multi:  # several bindings on one axis: a position lives if all do
+            kept = kept.index_put((torch.tensor([e], device=alive.device),),
+                                  alive[lab.to(alive.device)].prod(0).sum().reshape(1))
+        if not hasattr(self, "_axes_of"):
+            rows = [[] for _ in range(len(self._unbound))]
+            for e, t in enumerate(self._entry_tensor.tolist()):
+                rows[t].append(e)
+            width = max((len(r) for r in rows), default=1)
+            self._axes_of = torch.tensor([r + [n] * (width - len(r)) for r in rows], dtype=torch.long)
+        padded = torch.cat([kept, kept.new_ones(1)])
+        numel = self._unbound.to(kept) * padded[self._axes_of.to(alive.device)].prod(1)
+        macs = self._fixed_macs + (self._mac_pos.to(kept) * numel[self._mac_tensor.to(alive.device)]).sum()
+        return macs, self._fixed_params + numel.sum()
+
     def __call__(self, removed: torch.Tensor) -> tuple[int, int]:
         """(MACs, params) after removing the components flagged in ``removed`` (bool per component)."""
         gone = torch.zeros(len(self._entry_size), dtype=torch.long)

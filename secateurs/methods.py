@@ -22,10 +22,11 @@ from ._registry import Registry
 from .cost import Cost, PlanCost
 from .criteria import get_criterion, group_scores
 from .graph import DependencyGraph
-from .pipeline import Allocator, Budget, _latency_plan, plan_for_budget
+from .pipeline import Allocator, Budget, _fill, _latency_plan, plan_for_budget
 from .surgery import PruningPlan
 
 __all__ = ["Method", "StepContext", "CriterionMethod", "HeuristicMethod", "LayerPruningMethod", "LayerPlan",
+           "HFPMethod", "HFPRegularizer",
            "get_method", "register_method", "list_methods", "register_estimator", "list_estimators"]
 
 
@@ -48,6 +49,7 @@ class StepContext:
     original_widths: Mapping[str, int] = field(default_factory=dict)
     latency_threads: int | None = None
     log: Callable[..., None] = print
+    finetune: Any = None  # the pipeline's TrainConfig: methods that train (HFP) start from it
 
 
 class Method:
@@ -361,3 +363,174 @@ class LayerPruningMethod(Method):
 @register_method("dlp+filters")
 def _dlp_filters(**options: Any) -> LayerPruningMethod:
     return LayerPruningMethod(filters=True, **options)
+
+
+# -- method 3: Holistic Filter Pruning -------------------------------------------------------------
+_GATED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
+class HFPRegularizer:
+    """The budget loss of Holistic Filter Pruning, for any training loop.
+
+    One gate per channel: the mean |scale| of the norm layers that carry it (tied across the
+    coupled group); a channel is alive while its gate exceeds ``threshold``. The loss is
+    ``lam * sum over unmet targets of C(alive) / C_target`` (a target pulls while the *hard* count
+    exceeds it, i.e. ``max(0, C/C_target - 1)`` with the surrogate's gradient), with C the differentiable MACs
+    or params of :meth:`PlanCost.soft`, so every gate is pushed down in proportion to what its
+    channel costs *including* its neighbours' inputs. ``surrogate="ste"`` counts hard gates and
+    passes the gradient straight through (scaled by the initial mean gate); ``"soft"`` counts a
+    sigmoid around the threshold. ``lam`` ramps up linearly over ``warmup_steps``. ``done``
+    turns true at the first step whose hard count meets every target.
+
+    In your own loop::
+
+        reg = HFPRegularizer(model, secateurs.analyze(model, x), x, macs=0.5)
+        loss = criterion(model(xb), yb) + reg()       # every step; stop when reg.done
+    """
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph, example_inputs: Any, macs: float | None = None,
+                 params: float | None = None, lam: float = 5.0, warmup_steps: int = 100, threshold: float = 1e-2,
+                 surrogate: str = "ste", base: Cost | None = None) -> None:
+        if macs is None and params is None:
+            raise ValueError("HFP needs a target: `macs` and/or `params` (kept fractions)")
+        for name, v in (("macs", macs), ("params", params)):
+            if v is not None and not 0 < v <= 1:
+                raise ValueError(f"`{name}` must be a kept fraction in (0, 1], got {v!r}")
+        if surrogate not in ("ste", "soft"):
+            raise ValueError(f"`surrogate` must be 'ste' or 'soft', got {surrogate!r}")
+        self.cost = PlanCost(model, graph, example_inputs, base=base)
+        self.graph, self.threshold, self.surrogate = graph, float(threshold), surrogate
+        self.lam, self.warmup_steps, self.steps = float(lam), max(1, int(warmup_steps)), 0
+        self.targets = {k: v * (self.cost.base.macs if k == "macs" else self.cost.base.params)
+                        for k, v in (("macs", macs), ("params", params)) if v is not None}
+        modules = dict(model.named_modules())
+        self._gates = []  # (norm weight parameter, component label of each position)
+        for i, b in enumerate(graph.bindings):
+            m = modules.get(b.module)
+            if b.kind == "tensor" and b.name == "weight" and isinstance(m, _GATED) and getattr(m, "affine", True):
+                self._gates.append((m.weight, graph.binding_labels[i]))
+        if not self._gates:
+            raise ValueError("HFP gates channels by their norm-layer scales, and this model has none in a prunable group")
+        counts = torch.zeros(graph.n_components)
+        for w, lab in self._gates:
+            counts.index_add_(0, lab, torch.ones(len(lab)))
+        self._count = counts
+        prunable = torch.zeros(graph.n_components, dtype=torch.bool)
+        for g in graph.groups:
+            prunable[g.components] = True
+        self.gated = (counts > 0) & prunable  # no norm layer, or frozen channels: always alive
+        with torch.no_grad():
+            self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
+        self.done = False
+        self.last: dict[str, float] = {}
+
+    def gates(self) -> torch.Tensor:
+        dev = self._gates[0][0].device
+        total = torch.zeros(self.graph.n_components, device=dev)
+        for w, lab in self._gates:
+            total = total.index_add(0, lab.to(dev), w.abs().float())
+        return total / self._count.to(dev).clamp_min(1)
+
+    def alive(self, hard_only: bool = False) -> torch.Tensor:
+        g = self.gates()
+        gated = self.gated.to(g.device)
+        hard = torch.where(gated, (g > self.threshold).float(), torch.ones_like(g))
+        if hard_only:
+            return hard
+        if self.surrogate == "soft":
+            soft = torch.sigmoid((g - self.threshold) / (0.5 * self.scale))
+            return torch.where(gated, soft, torch.ones_like(g))
+        lin = g / self.scale
+        return hard + torch.where(gated, lin - lin.detach(), torch.zeros_like(g))
+
+    def hard_cost(self) -> dict[str, int]:
+        with torch.no_grad():
+            macs, params = self.cost(~self.alive(hard_only=True).bool().cpu())
+        return {"macs": macs, "params": params}
+
+    def __call__(self) -> torch.Tensor:
+        self.steps += 1
+        macs, params = self.cost.soft(self.alive().cpu() if self._gates[0][0].device.type != "cpu" else self.alive())
+        value = {"macs": macs, "params": params}
+        lam = self.lam * min(1.0, self.steps / self.warmup_steps)
+        hard = self.hard_cost()
+        self.last = {f"hfp_{k}": hard[k] / (self.cost.base.macs if k == "macs" else self.cost.base.params) for k in hard}
+        self.done = all(hard[k] <= t for k, t in self.targets.items())
+        # the hard count decides whether a target still pulls (a soft count could meet it first and stall)
+        loss = sum(value[k] / t for k, t in self.targets.items() if hard[k] > t)
+        if not torch.is_tensor(loss):
+            loss = macs * 0.0
+        return lam * loss.to(self._gates[0][0].device)
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.last)
+
+
+@register_method("hfp")
+class HFPMethod(Method):
+    """Enderich et al. 2021 as specified in METHODS.md section 3: train with the budget loss until
+    the hard count of alive channels meets the target (at most ``epochs`` epochs), then cut the dead
+    channels. If training ends first, the lowest gates are cut to meet the target anyway; either
+    way the best dead channels are re-added while they fit, so the pruned model lands within a
+    channel of the target. ``params`` adds a second target (the pipeline's is the first)."""
+
+    needs_data = True
+    needs_budget = True
+
+    def __init__(self, epochs: int = 10, lam: float = 5.0, warmup_steps: int = 100, threshold: float = 1e-2,
+                 surrogate: str = "ste", params: float | None = None, lr: float | None = None) -> None:
+        self.epochs, self.lam, self.warmup_steps, self.threshold = epochs, lam, warmup_steps, threshold
+        self.surrogate, self.params, self.lr = surrogate, params, lr
+        self.name = "hfp"
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"`epochs` must be a positive int, got {epochs!r}")
+        if surrogate not in ("ste", "soft"):
+            raise ValueError(f"`surrogate` must be 'ste' or 'soft', got {surrogate!r}")
+
+    def check(self, budget: Budget | None) -> None:
+        if budget is None or budget.kind not in ("macs", "params"):
+            raise ValueError("method 'hfp' needs a macs or params target")
+
+    def plan(self, ctx: StepContext):
+        from dataclasses import replace as dc_replace
+
+        from .train import TrainConfig, fit
+
+        if ctx.step > 1:
+            return None, {"stop": "HFP prunes in one training phase"}
+        targets = {ctx.budget.kind: ctx.budget.at_step(1, 1).value}
+        if self.params is not None:
+            targets["params"] = self.params
+        reg = HFPRegularizer(ctx.model, ctx.graph, ctx.example_inputs, lam=self.lam, warmup_steps=self.warmup_steps,
+                             threshold=self.threshold, surrogate=self.surrogate, base=ctx.current, **targets)
+        cfg = ctx.finetune if ctx.finetune is not None else TrainConfig(quiet=True)
+        # constant lr while pruning: a decaying schedule would freeze the gates before the target
+        cfg = dc_replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
+                         **({"lr": self.lr} if self.lr else {}))
+        history = fit(ctx.model, ctx.data, None, cfg, regularizer=reg)
+        gates = reg.gates().detach().cpu()
+        alive = reg.alive(hard_only=True).cpu().bool()
+        scores = [torch.where(reg.gated[g.components], gates[g.components], torch.full((g.size,), float("inf")))
+                  for g in ctx.graph.groups]
+        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False)
+        keep = [alloc.clamp(g.index, int(alive[g.components].sum())) for g in ctx.graph.groups]
+        pc = reg.cost
+        limits = {k: v * (pc.base.macs if k == "macs" else pc.base.params) for k, v in targets.items()}
+
+        def worst(k):  # the tightest constraint, as a fraction of its limit (<= 1 fits)
+            macs, params = pc(alloc.removed(k))
+            return max({"macs": macs, "params": params}[n] / lim for n, lim in limits.items())
+
+        if worst(keep) > 1:  # training stopped before the target: cut the lowest gates to meet it
+            ts = alloc.thresholds()
+            lo, hi = 0, len(ts)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if worst(alloc.keep_for_threshold(float(ts[mid]))) <= 1:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            keep = alloc.keep_for_threshold(float(ts[lo]) if lo < len(ts) else math.inf)
+        keep = _fill(alloc, keep, worst, 1.0)
+        info = {"hfp_history": history, "hfp_converged": bool(reg.done), "hfp_steps": reg.steps}
+        return alloc.plan(keep), info

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -134,7 +134,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainConfig, device, epoch: int,
-                    task: str) -> float:
+                    task: str, regularizer: Callable[[], torch.Tensor] | None = None) -> float:
     model.train()
     batches.set_epoch(epoch)
     total, count = torch.zeros((), dtype=torch.float64), 0
@@ -155,8 +155,9 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
         with _autocast(device, cfg.amp):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+        total_loss = loss + regularizer() if regularizer is not None else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total_loss.backward()
         optimizer.step()
         scheduler.step()
         total += loss.detach().double().cpu() * len(y)
@@ -165,6 +166,8 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
         if cfg.step_delay:
             time.sleep(cfg.step_delay)
+        if getattr(regularizer, "done", False):  # e.g. a pruning budget met: stop mid-epoch
+            break
     stats = _all_sum(torch.tensor([total.item(), float(count)], dtype=torch.float64))
     return stats[0].item() / max(1.0, stats[1].item())
 
@@ -228,8 +231,13 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, cfg: TrainConfig,
-        device: torch.device | str | None = None) -> list[dict[str, float]]:
-    """Train ``model`` in place; returns the per-epoch history (also in ``out_dir/log.csv``)."""
+        device: torch.device | str | None = None,
+        regularizer: Callable[[], torch.Tensor] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in place; returns the per-epoch history (also in ``out_dir/log.csv``).
+
+    ``regularizer()`` is added to the task loss at every step (e.g. a pruning budget loss); if it
+    has a true ``done`` attribute, training stops after that step.
+    """
     rank, world, dev = init_distributed()
     device = torch.device(device) if device is not None else dev
     torch.manual_seed(cfg.seed)
@@ -259,11 +267,13 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
             writer = _tensorboard_writer(out / "tb")
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        loss = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task)
+        loss = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task, regularizer)
         row = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                "time_s": time.perf_counter() - t0}
         if val_ds is not None:
             row.update({f"val_{k}": v for k, v in evaluate(model, val_ds, device=device, amp=cfg.amp).items()})
+        if hasattr(regularizer, "stats"):  # e.g. the current MACs of a model being pruned
+            row.update(regularizer.stats())
         history.append(row)
         if is_main_process():
             if not cfg.quiet:
@@ -280,6 +290,8 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
                               "history": history, "config": asdict(cfg)}, ckpt)
         if world > 1:
             dist.barrier()
+        if getattr(regularizer, "done", False):
+            break
     if writer is not None:
         writer.close()
     return history
