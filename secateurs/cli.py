@@ -107,7 +107,13 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     d.add_argument("--per-class", type=int, default=50, help="samples per class for the PLS features")
     d.add_argument("--joint", action="store_true", help="one PLS over all blocks instead of one per block")
     d.add_argument("--filter-ratio", type=float, default=0.1, help="dlp+filters: share of filters removed per step")
-    b = s.add_mutually_exclusive_group()
+    f = s.add_argument_group("Holistic Filter Pruning, hfp (METHODS.md 3): --macs and/or --params, needs --data")
+    f.add_argument("--hfp-epochs", type=int, default=10, help="most epochs of training with the budget loss")
+    f.add_argument("--lam", type=float, default=5.0, help="weight of the budget loss (ramped up)")
+    f.add_argument("--warmup-steps", type=int, default=100, help="steps over which the weight ramps up")
+    f.add_argument("--surrogate", default="ste", help="ste (hard count, straight-through) or soft (sigmoid count)")
+    f.add_argument("--gate-threshold", type=float, default=1e-2, help="a channel is dead when its BN |scale| is below")
+    b = s.add_argument_group("budget (one of them; hfp takes --macs and --params together)")
     b.add_argument("--macs", type=float, default=None, help="kept fraction of MACs, in (0, 1]")
     b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
     b.add_argument("--latency", type=float, default=None, help="kept fraction of measured latency here, in (0, 1]")
@@ -187,6 +193,11 @@ def prune_main(args) -> int:
     if args.method == "heuristic":
         options = {"estimator": args.estimator, "kappa": args.kappa, "rho": args.rho, "min_keep": args.min_keep,
                    "scope": args.scope}
+    if args.method == "hfp":
+        options = {"epochs": args.hfp_epochs, "lam": args.lam, "warmup_steps": args.warmup_steps,
+                   "surrogate": args.surrogate, "threshold": args.gate_threshold}
+        if args.macs is not None and args.params is not None:  # both targets: params rides along
+            options["params"], args.params = args.params, None
     if args.method in ("dlp", "dlp+filters"):
         options = {"mode": args.mode, "count": args.blocks, "fraction": args.blocks_fraction,
                    "min_per_stage": args.min_per_stage, "per_class": args.per_class, "joint": args.joint}

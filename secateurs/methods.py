@@ -50,6 +50,7 @@ class StepContext:
     latency_threads: int | None = None
     log: Callable[..., None] = print
     finetune: Any = None  # the pipeline's TrainConfig: methods that train (HFP) start from it
+    val_data: Any = None
 
 
 class Method:
@@ -507,7 +508,7 @@ class HFPMethod(Method):
         # constant lr while pruning: a decaying schedule would freeze the gates before the target
         cfg = dc_replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
                          **({"lr": self.lr} if self.lr else {}))
-        history = fit(ctx.model, ctx.data, None, cfg, regularizer=reg)
+        history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg)
         gates = reg.gates().detach().cpu()
         alive = reg.alive(hard_only=True).cpu().bool()
         scores = [torch.where(reg.gated[g.components], gates[g.components], torch.full((g.size,), float("inf")))

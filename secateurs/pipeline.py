@@ -408,7 +408,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
         t1 = time.perf_counter()
         current = count(model, example_inputs) if k > 1 else base
         ctx = StepContext(model, graph, example_inputs, k, steps, the_budget, base, current, allocation, round_to,
-                          min_width, data, extra["original_widths"], latency_threads, log, finetune)
+                          min_width, data, extra["original_widths"], latency_threads, log, finetune, val_data)
         plan, info = how.plan(ctx)
         t3 = time.perf_counter()
         timings["analyze_s"] += t1 - t0
