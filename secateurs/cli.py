@@ -187,7 +187,7 @@ def prune_main(args) -> int:
     from .export import export_onnx, save
     from .pipeline import ALLOCATIONS, prune
     from .report import format_table, write_report
-    from .train import TrainConfig
+    from .train import TrainConfig, init_distributed, is_main_process
 
     options = {}
     if args.method == "heuristic":
@@ -223,6 +223,8 @@ def prune_main(args) -> int:
                                    crop=args.crop, quiet=args.quiet)
         except ValueError as err:
             raise SystemExit(f"secateurs prune: {err}") from None
+    init_distributed()  # under torchrun: every process prunes the same way, fine-tunes its share, one writes
+    main_proc = is_main_process()
     train_ds = val_ds = None
     if args.data:
         train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
@@ -235,12 +237,13 @@ def prune_main(args) -> int:
     lat = {}
     if not args.no_latency:
         lat = {"latency_b1_ms": 1e3 * measure_latency(model, x), "latency_b8_ms": 1e3 * measure_latency(model, x.expand(8, *x.shape[1:]).contiguous())}
-    log = (lambda *a: None) if args.quiet else print
+    log = (lambda *a: None) if args.quiet or not main_proc else print
     log(f"{name}: {count(model, x)}; pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
     model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation, ignore=args.ignore or None,
                           round_to=args.round_to, min_width=min_width, data=train_ds, val_data=val_ds,
                           finetune=finetune, steps=args.steps, tolerance=args.tolerance, out_dir=args.out,
-                          resume=args.resume, quiet=args.quiet)
+                          resume=args.resume, quiet=args.quiet or not main_proc)
+    model = model.cpu()  # measured, saved and exported on the CPU
     report["before"].update(lat)
     if not args.no_latency:
         report["after"].update({"latency_b1_ms": 1e3 * measure_latency(model, x),
@@ -250,6 +253,8 @@ def prune_main(args) -> int:
                           + (f", fine-tune {args.finetune_epochs} epoch(s)/step on {len(train_ds)} samples" if finetune else ", no fine-tuning")
                           + (f", metric on {len(val_ds)} validation samples" if val_ds is not None else "")
                           + f", {torch.get_num_threads()} CPU threads")
+    if not main_proc:
+        return 0
     if args.out:
         out = Path(args.out)
         save(model, out, x, extra={"report": "report.json"})

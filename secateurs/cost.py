@@ -73,6 +73,9 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
     Runs one forward in eval mode under ``torch.no_grad()``; the model's mode is restored.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:  # a model fine-tuned on a GPU is counted where it lives
+        inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
     batch = _batch_size(inputs)
     records: list[LayerCost] = []
     inside_mha: list[int] = [0]

@@ -38,20 +38,25 @@ def _bound_tensors(model: nn.Module, graph: DependencyGraph) -> dict[tuple[str, 
 
 
 def per_channel_sum(model: nn.Module, graph: DependencyGraph,
-                    values: Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None]) -> list[torch.Tensor]:
+                    values: Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None] | None = None,
+                    p: int | None = None) -> list[torch.Tensor]:
     """Sum ``values(module, name, param)`` (same shape as the parameter, or None to skip) over every
-    slice each channel owns, in every parameter of its group."""
+    slice each channel owns, in every parameter of its group; ``p`` instead sums ``|w|^p`` without
+    materialising it (a norm over the unbound axes first)."""
     modules = dict(model.named_modules())
     per_comp = torch.zeros(graph.n_components)
     for (mname, tname), idx in _bound_tensors(model, graph).items():
         m = modules[mname]
-        v = values(m, tname, getattr(m, tname))
+        v = getattr(m, tname) if p is not None else values(m, tname, getattr(m, tname))
         if v is None:
             continue
         v = v.detach().float().cpu()
         axes = sorted({graph.bindings[i].axis for i in idx})
         other = [d for d in range(v.dim()) if d not in axes]
-        red = v.sum(dim=other) if other else v  # one pass over the tensor, then a sum per bound axis
+        if p is not None:  # one pass over the tensor, then a sum per bound axis
+            red = torch.linalg.vector_norm(v, ord=p, dim=other).pow(p) if other else v.abs().pow(p)
+        else:
+            red = v.sum(dim=other) if other else v
         for i in idx:
             k = axes.index(graph.bindings[i].axis)
             per_pos = red.sum(dim=[d for d in range(red.dim()) if d != k]) if red.dim() > 1 else red
@@ -62,13 +67,13 @@ def per_channel_sum(model: nn.Module, graph: DependencyGraph,
 @register_criterion("l1")
 def l1(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
     """L1 norm of all weights of the channel across its coupled group (Li et al. 2017)."""
-    return per_channel_sum(model, graph, lambda m, n, w: w.abs())
+    return per_channel_sum(model, graph, p=1)
 
 
 @register_criterion("l2")
 def l2(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
     """L2 norm of all weights of the channel across its coupled group."""
-    return [s.sqrt() for s in per_channel_sum(model, graph, lambda m, n, w: w.square())]
+    return [s.sqrt() for s in per_channel_sum(model, graph, p=2)]
 
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)

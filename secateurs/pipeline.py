@@ -330,7 +330,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     the cost of one channel block (typically << 1%), never exceeded.
     """
     from .methods import StepContext, get_method
-    from .train import TrainConfig, evaluate, fit
+    from .train import TrainConfig, evaluate, fit, is_main_process
 
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     how = get_method(method, **dict(method_options or {}))
@@ -444,7 +444,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             log(report["stopped"])
             break
         report["steps"].append(row)
-        if can_save:
+        if can_save and is_main_process():  # under torchrun every process prunes alike; one writes
             save_model(model, out / "steps" / f"step{k}", example_inputs)
             _write_json(state_path, {"request": request, "completed_steps": k, "steps": report["steps"], "extra": extra})
     final = count(model, example_inputs)

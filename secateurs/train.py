@@ -173,13 +173,13 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: torch.device | str = "cpu",
+def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: torch.device | str | None = None,
              amp: bool = False) -> dict[str, float]:
     """Top-1/top-5 (classification) or pixel accuracy, IoU, Dice (segmentation) on ``ds``.
 
     Under DDP every process takes its stride of the samples and the sums are all-reduced.
     """
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     was = model.training
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -112,3 +112,25 @@ def test_bad_input():
         HFPRegularizer(tiny, analyze(tiny, torch.randn(1, 1, 8, 8)), torch.randn(1, 1, 8, 8), macs=0.5)
     with pytest.raises(ValueError, match="method 'hfp' needs a macs or params target"):
         secateurs.prune(m, X, "hfp", 0.5, budget="latency", data=[(X, torch.tensor([0]))])
+
+
+def test_hfp_runs_under_torchrun(tmp_path):
+    """Two CPU processes (gloo): every process prunes the same way, fine-tunes its share, one writes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "secateurs.cli", "prune", "--model", "tiny_cnn", "--data", "digits", "--method", "hfp",
+                    "--macs", "0.5", "--hfp-epochs", "20", "--lam", "20", "--warmup-steps", "5", "--batch-size", "32",
+                    "--lr", "0.05", "--finetune-epochs", "1", "--no-latency", "--no-onnx", "--quiet", "--out", str(out)],
+                   check=True, env=env, cwd=root, timeout=300)
+    report = json.loads((out / "report.json").read_text())
+    assert report["hfp_converged"] and 0.47 <= report["kept"]["macs"] <= 0.5
+    model = secateurs.load(out)
+    assert count(model, torch.randn(1, 1, 8, 8)).macs == report["after"]["macs"]
