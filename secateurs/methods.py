@@ -237,10 +237,12 @@ def get_method(method: str | Callable | Method, **options: Any) -> Method:
             return _METHODS.get(method)(**options)
         except TypeError as err:
             raise ValueError(f"method {method!r}: {err}") from None
-    try:
-        return CriterionMethod(method, **options)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"`method`: {err}; methods: {', '.join(_METHODS.names())}") from None
+    from .criteria import list_criteria
+
+    if isinstance(method, str) and method not in list_criteria():
+        raise ValueError(f"unknown method {method!r}; criteria (pruned to a budget): {', '.join(list_criteria())}; "
+                         f"methods: {', '.join(_METHODS.names())}")
+    return CriterionMethod(method, **options)
 
 
 # -- method 2: discriminative layer pruning (PLS + VIP) and the cascade ---------------------------

@@ -45,7 +45,7 @@ def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, capsys):
 @pytest.mark.parametrize("args,msg", [
     (["--macs", "0"], r"--macs: a macs target is the kept fraction, in \(0, 1\]; got 0.0"),
     (["--params", "1.5"], r"--params: a params target is the kept fraction"),
-    (["--macs", "0.5", "--method", "l7"], "--method: unknown criterion 'l7'; available: bn_scale, l1, l2, random, taylor"),
+    (["--macs", "0.5", "--method", "l7"], "--method: unknown method 'l7'; criteria \\(pruned to a budget\\): bn_scale, l1, l2"),
     (["--macs", "0.5", "--allocation", "greedy"], "--allocation must be one of global, uniform"),
     ([], "give exactly one budget"),
     (["--macs", "0.5", "--finetune-epochs", "1", "--data", ""], "--finetune-epochs needs --data"),

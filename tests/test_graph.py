@@ -477,7 +477,7 @@ def test_prune_front_door():
     assert count(m, x).macs < before.macs
     with pytest.raises(ValueError, match="`ratio` must be in"):
         secateurs.prune(m, x, ratio=1.0)
-    with pytest.raises(ValueError, match="`method`: unknown criterion 'l3'; available: bn_scale, l1, l2, random, taylor"):
+    with pytest.raises(ValueError, match="unknown method 'l3'; criteria \\(pruned to a budget\\): bn_scale, l1, l2, random, taylor, vip; methods: dlp"):
         secateurs.prune(m, x, "l3", ratio=0.5)
 
 

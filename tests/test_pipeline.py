@@ -81,7 +81,7 @@ def test_unreachable_or_invalid_requests_leave_the_model_unchanged():
         (dict(target=0.5, allocation="greedy"), ValueError, "`allocation` must be one of global, uniform"),
         (dict(target=0.5, round_to=0), ValueError, "`round_to` must be a positive int"),
         (dict(target=0.5, method="taylor"), ValueError, "method 'taylor' needs data"),
-        (dict(target=0.5, method="nope"), ValueError, "`method`: unknown criterion 'nope'"),
+        (dict(target=0.5, method="nope"), ValueError, "unknown method 'nope'; criteria"),
         (dict(target=0.5, ratio=0.5), ValueError, "either `target` or `ratio`"),
         (dict(), ValueError, "give a `target`"),
         (dict(target=0.5, tolerance=1.0), ValueError, "`tolerance` needs `val_data`"),
