@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
+
 PRETRAINED = ["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"]
 FIELDS = ["model", "criterion", "allocation", "macs_kept", "params_kept", "top1_before", "top1_pruned", "top1_finetuned",
           "prune_s", "finetune_s"]
@@ -34,9 +36,8 @@ FIELDS = ["model", "criterion", "allocation", "macs_kept", "params_kept", "top1_
 
 def main(argv=None) -> None:
     import secateurs
-    from secateurs.data import load_dataset
     from secateurs.models import load_pretrained
-    from secateurs.train import TrainConfig, evaluate
+    from secateurs.train import evaluate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=PRETRAINED)
@@ -44,24 +45,17 @@ def main(argv=None) -> None:
     p.add_argument("--allocations", nargs="+", default=["uniform", "global"])
     p.add_argument("--macs", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--subset", type=int, default=10000, help="training images for fine-tuning (0: all)")
-    p.add_argument("--val-subset", type=int, default=2000, help="test images for top-1 (0: all)")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    add_protocol_args(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start(args)
     csv_path = out / "criteria_accuracy.csv"
     done = set()
     if csv_path.exists():
         with open(csv_path) as f:
             done = {(r["model"], r["criterion"], r["allocation"]) for r in csv.DictReader(f)}
-    train = load_dataset("cifar10", "train").subset(args.subset or None, 0)
-    val = load_dataset("cifar10", "test").subset(args.val_subset or None, 0)
+    train, val = cifar10(args)
     x = torch.randn(1, 3, 32, 32)
-    ft = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, quiet=True, seed=0)
+    ft = finetune_config(args, args.epochs)
     for name in args.models:
         base = load_pretrained(name)
         top1_before = evaluate(base, val)["top1"]

@@ -22,9 +22,10 @@ import os
 import platform
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+
+from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
 
 SETTINGS = {
     "resnet20_cifar10": {"pretrained": "cifar_resnet20_cifar10", "data": "cifar10"},
@@ -41,18 +42,16 @@ def _latency(model, x, threads):
 
 def run_setting(name, args):
     import secateurs
-    from secateurs.data import load_dataset
     from secateurs.models import load_pretrained
-    from secateurs.train import TrainConfig, evaluate
+    from secateurs.train import evaluate
 
     cfg = SETTINGS[name]
-    train = load_dataset(cfg["data"], "train").subset(args.subset or None, 0)
-    val = load_dataset(cfg["data"], "test").subset(args.val_subset or None, 0)
+    train, val = cifar10(args, cfg["data"])
     base = load_pretrained(cfg["pretrained"])
     x = torch.randn(1, *val.images.shape[1:])
     top1 = evaluate(base, val)["top1"]
     lat0 = _latency(base, x, args.threads)
-    ft = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, quiet=True, seed=0)
+    ft = finetune_config(args, args.epochs)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -91,15 +90,10 @@ def main(argv=None) -> None:
     p.add_argument("--scope", default="layer")
     p.add_argument("--macs", type=float, default=None, help="optional MACs target (a stop rule)")
     p.add_argument("--tolerance", type=float, default=None)
-    p.add_argument("--subset", type=int, default=10000)
-    p.add_argument("--val-subset", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    add_protocol_args(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    out = start(args)
     rows = [r for s in args.settings for r in run_setting(s, args)]
-    out = Path(args.out)
     with open(out / "heuristic.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -20,9 +20,10 @@ import os
 import platform
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+
+from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
 import torch.nn.functional as F
 
 
@@ -36,7 +37,6 @@ def _resized(ds, size):
 
 def main(argv=None) -> None:
     import secateurs
-    from secateurs.data import load_dataset
     from secateurs.models import create_model, load_pretrained
     from secateurs.train import TrainConfig, evaluate
 
@@ -46,20 +46,12 @@ def main(argv=None) -> None:
     p.add_argument("--hfp-epochs", type=int, default=6)
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs after the cut")
     p.add_argument("--lam", type=float, default=5.0)
-    p.add_argument("--subset", type=int, default=10000)
-    p.add_argument("--val-subset", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--resnet50-check", type=int, default=2000, help="images for the ResNet-50 run (0: skip)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    add_protocol_args(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train = load_dataset("cifar10", "train").subset(args.subset or None, 0)
-    val = load_dataset("cifar10", "test").subset(args.val_subset or None, 0)
+    out = start(args)
+    train, val = cifar10(args)
     x = torch.randn(1, 3, 32, 32)
-    ft = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, quiet=True, seed=0)
+    ft = finetune_config(args, args.epochs)
     rows, curves, widths = [], {}, {}
     for name in args.models:
         base = load_pretrained(name)

@@ -20,9 +20,10 @@ import os
 import platform
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+
+from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
 
 
 def _lat(model, x, threads, batch):
@@ -33,9 +34,8 @@ def _lat(model, x, threads, batch):
 
 def main(argv=None) -> None:
     import secateurs
-    from secateurs.data import load_dataset
     from secateurs.models import load_pretrained
-    from secateurs.train import TrainConfig, evaluate
+    from secateurs.train import evaluate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
@@ -44,19 +44,12 @@ def main(argv=None) -> None:
     p.add_argument("--filter-steps", type=int, default=2)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs after every step")
-    p.add_argument("--subset", type=int, default=10000)
-    p.add_argument("--val-subset", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    add_protocol_args(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    train = load_dataset("cifar10", "train").subset(args.subset or None, 0)
-    val = load_dataset("cifar10", "test").subset(args.val_subset or None, 0)
+    out = start(args)
+    train, val = cifar10(args)
     x = torch.randn(1, 3, 32, 32)
-    ft = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, quiet=True, seed=0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ft = finetune_config(args, args.epochs)
     csv_path = out / "layer_pruning.csv"
     rows = list(csv.DictReader(open(csv_path))) if csv_path.exists() else []  # finished models are kept
     for name in args.models:

@@ -78,7 +78,6 @@ def count(model: nn.Module, example_inputs: Any) -> Cost:
         inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
     batch = _batch_size(inputs)
     records: list[LayerCost] = []
-    inside_mha: list[int] = [0]
     handles = []
 
     def hook(name):

@@ -50,6 +50,17 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    _pyplot().close(fig)
+    return path
+
+
 def plot_widths(report: dict, path: Path) -> Path:
     """Per-layer output width before and after, in network order."""
     plt = _pyplot()
@@ -58,14 +69,8 @@ def plot_widths(report: dict, path: Path) -> Path:
     xs = range(len(layers))
     ax.bar(xs, [l["width_before"] for l in layers], color="#c8d3e0", label="before", width=0.9)
     ax.bar(xs, [l["width_after"] or 0 for l in layers], color="#2a6fb0", label="after", width=0.9)
-    ax.set_xlabel("layer (network order)")
-    ax.set_ylabel("output channels")
-    ax.set_title(f"Widths: {report['kept']['macs']:.1%} of MACs kept")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "layer (network order)", "output channels", f"Widths: {report['kept']['macs']:.1%} of MACs kept", path)
 
 
 def plot_schedule(report: dict, path: Path) -> Path:
@@ -79,13 +84,8 @@ def plot_schedule(report: dict, path: Path) -> Path:
         ax.annotate(f"{s['step']}" + (" (undone)" if s.get("reverted") else ""), (s["macs"] / base, s["metric"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.invert_xaxis()
-    ax.set_xlabel("kept MACs (fraction of the original)")
-    ax.set_ylabel(report.get("metric_name") or "metric")
-    ax.set_title("Metric along the schedule")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "kept MACs (fraction of the original)", report.get("metric_name") or "metric",
+                   "Metric along the schedule", path)
 
 
 def plot_block_scores(report: dict, path: Path) -> Path:
@@ -97,12 +97,7 @@ def plot_block_scores(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 3.6))
     ax.bar(range(len(names)), [scores[n] for n in names], color=["#b03a2e" if n in gone else "#2a6fb0" for n in names])
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("mean VIP")
-    ax.set_title("Block scores (red: removed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "", "mean VIP", "Block scores (red: removed)", path)
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:

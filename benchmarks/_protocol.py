@@ -1,0 +1,40 @@
+"""The CPU protocol the accuracy benchmarks share: which CIFAR-10 subsets, lr, threads, output folder."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subset", type=int, default=10000, help="training images for fine-tuning (0: all)")
+    p.add_argument("--val-subset", type=int, default=2000, help="test images for top-1 (0: all)")
+    p.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (SGD, cosine)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(DOCS))
+
+
+def start(args) -> Path:
+    """Threads set, output folder made."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cifar10(args, name: str = "cifar10"):
+    """(train subset, test subset) as the protocol says; the same seed everywhere, so runs compare."""
+    from secateurs.data import load_dataset
+
+    return (load_dataset(name, "train").subset(args.subset or None, 0),
+            load_dataset(name, "test").subset(args.val_subset or None, 0))
+
+
+def finetune_config(args, epochs: int):
+    """The protocol's fine-tuning recipe: SGD (Nesterov) lr ``--lr``, wd 5e-4, cosine, batch 128, seed 0."""
+    from secateurs.train import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, quiet=True, seed=0)
