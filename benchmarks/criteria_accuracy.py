@@ -30,7 +30,7 @@ import torch
 from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
 
 PRETRAINED = ["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"]
-FIELDS = ["model", "criterion", "allocation", "macs_kept", "params_kept", "top1_before", "top1_pruned", "top1_finetuned",
+FIELDS = ["model", "train_images", "criterion", "allocation", "macs_kept", "params_kept", "top1_before", "top1_pruned", "top1_finetuned",
           "prune_s", "finetune_s"]
 
 
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
                 top1_pruned = evaluate(model, val)["top1"]
                 secateurs.train.fit(model, train, None, ft)
                 t2 = time.perf_counter()
-                row = {"model": name, "criterion": criterion, "allocation": allocation,
+                row = {"model": name, "train_images": len(train), "criterion": criterion, "allocation": allocation,
                        "macs_kept": round(report["kept"]["macs"], 4), "params_kept": round(report["kept"]["params"], 4),
                        "top1_before": round(top1_before, 2), "top1_pruned": round(top1_pruned, 2),
                        "top1_finetuned": round(evaluate(model, val)["top1"], 2),
@@ -90,17 +90,18 @@ def main(argv=None) -> None:
 def write_md(csv_path: Path, md_path: Path, args) -> None:
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    protocol = (f"CPU protocol: fine-tune {args.epochs} epoch(s) on {args.subset or 'all'} training images "
+    protocol = (f"CPU protocol: fine-tune {args.epochs} epoch(s) on a class-balanced subset of the training images "
+                "(its size per row in the table) "
                 f"(SGD lr {args.lr}, cosine, batch 128), top-1 on {args.val_subset or 'all 10000'} test images")
     lines = ["# Criteria on CIFAR-10 (JPEG): pruned to 50% MACs, fine-tuned with the same budget", "",
              f"`python -m benchmarks.criteria_accuracy` on {platform.machine()}, {os.cpu_count()} cores, "
              f"{args.threads} threads, torch {torch.__version__}. {protocol}. Starting points: the zoo checkpoints "
              "(docs/baselines.md). Every model is pruned to at most 50% of its MACs (achieved value in the table), "
-             "`taylor` uses 8 training batches of 64. Raw data: `criteria_accuracy.csv`.", "",
-             "| model | criterion | allocation | MACs kept | params kept | top-1 before | after cut | after fine-tune |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "`taylor` uses 8 training batches of 64, `vip` 50 training images per class. Raw data: `criteria_accuracy.csv`.", "",
+             "| model | fine-tune images | criterion | allocation | MACs kept | params kept | top-1 before | after cut | after fine-tune |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['criterion']} | {r['allocation']} | {float(r['macs_kept']):.1%} | "
+        lines.append(f"| {r['model']} | {r.get('train_images') or 10000} | {r['criterion']} | {r['allocation']} | {float(r['macs_kept']):.1%} | "
                      f"{float(r['params_kept']):.1%} | {r['top1_before']} | {r['top1_pruned']} | {r['top1_finetuned']} |")
     md_path.write_text("\n".join(lines) + "\n")
 

@@ -80,15 +80,15 @@ def main(argv=None) -> None:
     lines = ["# Method 2: layer pruning (PLS-VIP) and the cascade vs filter-only pruning at the same MACs", "",
              f"`python -m benchmarks.layer_pruning --mode {args.mode} --macs {args.macs} --filter-steps {args.filter_steps} "
              f"--epochs {args.epochs}` on {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
-             f"torch {torch.__version__}. CPU protocol: fine-tuning {args.epochs} epoch(s) per step on "
-             f"{args.subset or 'all'} CIFAR-10 (JPEG) training images (SGD lr {args.lr}, cosine), top-1 on "
+             f"torch {torch.__version__}. CPU protocol: fine-tuning {args.epochs} epoch(s) per step on a subset of "
+             f"CIFAR-10 (JPEG) training images (size per row) (SGD lr {args.lr}, cosine), top-1 on "
              f"{args.val_subset or 'all'} test images, PLS on {args.per_class} images per class. Latency: median "
              "of 15 eval forwards. Raw data: `layer_pruning.csv`.", "",
-             "| model | method | MACs | params | top-1 before | top-1 after | latency b1 (ms) | b1 speed-up | "
-             "latency b8 (ms) | b8 speed-up | fine-tune epochs | blocks removed |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| model | fine-tune images | method | MACs | params | top-1 before | top-1 after | latency b1 (ms) | "
+             "b1 speed-up | latency b8 (ms) | b8 speed-up | fine-tune epochs | blocks removed |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | -{float(r['macs_reduction']):.1%} | -{float(r['params_reduction']):.1%} | "
+        lines.append(f"| {r['model']} | {r.get('train_images') or 10000} | {r['method']} | -{float(r['macs_reduction']):.1%} | -{float(r['params_reduction']):.1%} | "
                      f"{r['top1_before']} | {r['top1_after']} | {r['lat_b1_before']} -> {r['lat_b1_after']} | "
                      f"{r['b1_speedup']}x | {r['lat_b8_before']} -> {r['lat_b8_after']} | {r['b8_speedup']}x | "
                      f"{r['epochs']} | {r['blocks']} |")
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
 
 def _row(name, method, rep, top1, lat, model, x, args, epochs, blocks):
     after = {b: _lat(model, x, args.threads, b) for b in (1, 8)}
-    row = {"model": name, "method": method, "macs_reduction": round(1 - rep["kept"]["macs"], 4),
+    row = {"model": name, "train_images": args.subset or 50000, "method": method, "macs_reduction": round(1 - rep["kept"]["macs"], 4),
            "params_reduction": round(1 - rep["kept"]["params"], 4), "top1_before": round(top1, 2),
            "top1_after": round(rep["after"]["metric"], 2), "lat_b1_before": round(lat[1], 2),
            "lat_b1_after": round(after[1], 2), "b1_speedup": round(lat[1] / after[1], 2),
