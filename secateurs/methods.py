@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from .pipeline import Allocator, Budget, _fill, _latency_plan, plan_for_budget
 from .surgery import PruningPlan
 
 __all__ = ["Method", "StepContext", "CriterionMethod", "HeuristicMethod", "LayerPruningMethod", "LayerPlan",
-           "HFPMethod", "HFPRegularizer",
+           "HFPMethod", "HFPRegularizer", "ChannelScales",
            "get_method", "register_method", "list_methods", "register_estimator", "list_estimators"]
 
 
@@ -370,13 +370,56 @@ def _dlp_filters(**options: Any) -> LayerPruningMethod:
 
 # -- method 3: Holistic Filter Pruning -------------------------------------------------------------
 _GATED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class ChannelScales:
+    """Learnable per-channel multipliers on module outputs, for channels no norm layer can gate.
+
+    Each scale is a parameter registered on its module (so any optimizer built afterwards trains
+    it) and applied by a forward hook; :meth:`fold` multiplies it into the module's weight and bias
+    and removes both, so the model is plain again (and exact: ``conv(x) * s`` is ``conv_s(x)``).
+    """
+
+    NAME = "secateurs_scale"
+
+    def __init__(self, model: nn.Module, modules: Iterable[str]) -> None:
+        self.model, self.handles, self.scales = model, [], {}
+        for name in modules:
+            m = model.get_submodule(name)
+            if not isinstance(m, _CONVS) or isinstance(m, nn.modules.conv._ConvTransposeNd):
+                raise ValueError(f"module '{name}': channel scales go on Conv/Linear outputs, not {type(m).__name__}")
+            width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            p = nn.Parameter(torch.ones(width, device=m.weight.device))
+            m.register_parameter(self.NAME, p)
+            self.scales[name] = p
+            self.handles.append(m.register_forward_hook(self._hook))
+
+    @staticmethod
+    def _hook(m, args, out):
+        s = getattr(m, ChannelScales.NAME)
+        return out * (s if out.dim() == 2 or isinstance(m, nn.Linear) else s.view(1, -1, *([1] * (out.dim() - 2))))
+
+    def fold(self) -> None:
+        with torch.no_grad():
+            for name, p in self.scales.items():
+                m = self.model.get_submodule(name)
+                m.weight.mul_(p.view(-1, *([1] * (m.weight.dim() - 1))))
+                if m.bias is not None:
+                    m.bias.mul_(p)
+                del m._parameters[self.NAME]
+        for h in self.handles:
+            h.remove()
+        self.handles, self.scales = [], {}
 
 
 class HFPRegularizer:
     """The budget loss of Holistic Filter Pruning, for any training loop.
 
     One gate per channel: the mean |scale| of the norm layers that carry it (tied across the
-    coupled group); a channel is alive while its gate exceeds ``threshold``. The loss is
+    coupled group), or of an explicit :class:`ChannelScales` on its producing convs where no norm
+    layer carries it (call :meth:`close` at the end to fold those back); a channel is alive while
+    its gate exceeds ``threshold``. The loss is
     ``lam * sum over unmet targets of C(alive) / C_target`` (a target pulls while the *hard* count
     exceeds it, i.e. ``max(0, C/C_target - 1)`` with the surrogate's gradient), with C the differentiable MACs
     or params of :meth:`PlanCost.soft`, so every gate is pushed down in proportion to what its
@@ -407,21 +450,36 @@ class HFPRegularizer:
         self.targets = {k: v * (self.cost.base.macs if k == "macs" else self.cost.base.params)
                         for k, v in (("macs", macs), ("params", params)) if v is not None}
         modules = dict(model.named_modules())
-        self._gates = []  # (norm weight parameter, component label of each position)
+        self._gates = []  # (gate parameter, component label of each position)
         for i, b in enumerate(graph.bindings):
             m = modules.get(b.module)
             if b.kind == "tensor" and b.name == "weight" and isinstance(m, _GATED) and getattr(m, "affine", True):
                 self._gates.append((m.weight, graph.binding_labels[i]))
+        prunable = torch.zeros(graph.n_components, dtype=torch.bool)
+        for g in graph.groups:
+            prunable[g.components] = True
+        normed = torch.zeros(graph.n_components, dtype=torch.bool)
+        for _, lab in self._gates:
+            normed[lab] = True
+        # groups with channels no norm layer carries: explicit scales on their producing convs
+        producers = {}
+        for i, b in enumerate(graph.bindings):
+            lab = graph.binding_labels[i]
+            if (b.kind == "tensor" and b.name == "weight" and b.axis == 0 and b.role == "out"
+                    and isinstance(modules.get(b.module), _CONVS)
+                    and not isinstance(modules.get(b.module), nn.modules.conv._ConvTransposeNd)
+                    and (prunable[lab] & ~normed[lab]).any()):
+                producers[b.module] = lab
+        self.scales = ChannelScales(model, producers) if producers else None
+        if self.scales is not None:
+            self._gates += [(self.scales.scales[n], lab) for n, lab in producers.items()]
         if not self._gates:
-            raise ValueError("HFP gates channels by their norm-layer scales, and this model has none in a prunable group")
+            raise ValueError("HFP found no gate: no norm layer and no prunable conv output in the model")
         counts = torch.zeros(graph.n_components)
         for w, lab in self._gates:
             counts.index_add_(0, lab, torch.ones(len(lab)))
         self._count = counts
-        prunable = torch.zeros(graph.n_components, dtype=torch.bool)
-        for g in graph.groups:
-            prunable[g.components] = True
-        self.gated = (counts > 0) & prunable  # no norm layer, or frozen channels: always alive
+        self.gated = (counts > 0) & prunable  # frozen channels: always alive
         with torch.no_grad():
             self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
         self.done = False
@@ -468,6 +526,11 @@ class HFPRegularizer:
     def stats(self) -> dict[str, float]:
         return dict(self.last)
 
+    def close(self) -> None:
+        """Fold the explicit scales into their convs: the model has no extra parameter or hook."""
+        if self.scales is not None:
+            self.scales.fold()
+
 
 @register_method("hfp")
 class HFPMethod(Method):
@@ -510,9 +573,12 @@ class HFPMethod(Method):
         # constant lr while pruning: a decaying schedule would freeze the gates before the target
         cfg = dc_replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
                          **({"lr": self.lr} if self.lr else {}))
-        history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg)
-        gates = reg.gates().detach().cpu()
-        alive = reg.alive(hard_only=True).cpu().bool()
+        try:
+            history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg)
+            gates = reg.gates().detach().cpu()
+            alive = reg.alive(hard_only=True).cpu().bool()
+        finally:
+            reg.close()
         scores = [torch.where(reg.gated[g.components], gates[g.components], torch.full((g.size,), float("inf")))
                   for g in ctx.graph.groups]
         alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False)

@@ -107,9 +107,6 @@ def test_bad_input():
         secateurs.get_method("hfp", surrogate="gumbel")
     with pytest.raises(ValueError, match="needs a target"):
         HFPRegularizer(m, analyze(m, X), X)
-    with pytest.raises(ValueError, match="no norm layer|has none"):
-        tiny = create_model("tiny_cnn", norm="none")
-        HFPRegularizer(tiny, analyze(tiny, torch.randn(1, 1, 8, 8)), torch.randn(1, 1, 8, 8), macs=0.5)
     with pytest.raises(ValueError, match="method 'hfp' needs a macs or params target"):
         secateurs.prune(m, X, "hfp", 0.5, budget="latency", data=[(X, torch.tensor([0]))])
 
@@ -134,3 +131,32 @@ def test_hfp_runs_under_torchrun(tmp_path):
     assert report["hfp_converged"] and 0.47 <= report["kept"]["macs"] <= 0.5
     model = secateurs.load(out)
     assert count(model, torch.randn(1, 1, 8, 8)).macs == report["after"]["macs"]
+
+
+def test_explicit_scales_gate_channels_without_norm_layers_and_fold_exactly():
+    from secateurs.methods import ChannelScales
+
+    torch.manual_seed(0)
+    tiny = create_model("tiny_cnn", norm="none").eval()
+    x = torch.randn(4, 1, 8, 8)
+    scales = ChannelScales(tiny, ["0", "3"])
+    with torch.no_grad():
+        for p in scales.scales.values():
+            p.uniform_(0.5, 1.5)
+    hooked = tiny(x)
+    n_params = sum(p.numel() for p in tiny.parameters())
+    scales.fold()
+    assert torch.allclose(tiny(x), hooked, atol=1e-6) and sum(p.numel() for p in tiny.parameters()) == n_params - 48
+    with pytest.raises(ValueError, match="module '1': channel scales go on Conv/Linear outputs"):
+        ChannelScales(create_model("tiny_cnn"), ["1"])
+    # HFP on a model with no norm layer at all: explicit scales are the gates, then folded away
+    from secateurs.data import load_dataset
+
+    tr = load_dataset("digits", "train")
+    m = create_model("tiny_cnn", norm="none")
+    x8 = torch.randn(1, 1, 8, 8)
+    m, report = secateurs.prune(m, x8, "hfp", 0.5, data=tr, finetune={"batch_size": 32, "lr": 0.05, "pad": 1, "quiet": True},
+                                method_options={"epochs": 30, "lam": 20.0, "warmup_steps": 5})
+    assert report["hfp_converged"] and report["kept"]["macs"] <= 0.5
+    assert not any("secateurs_scale" in n for n, _ in m.named_parameters()) and not any(
+        mod._forward_hooks for mod in m.modules())
