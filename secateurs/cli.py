@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cost import count, measure_latency
+from .cost import measure_latency
 from .graph import analyze
 
 
@@ -180,6 +180,11 @@ def _budget(args, optional: bool = False):
         raise SystemExit(f"--{kind}: {err}") from None
 
 
+def _latencies(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Median latency at batch 1 and batch 8, the two rows of the report."""
+    return {f"latency_b{b}_ms": 1e3 * measure_latency(model, x.expand(b, *x.shape[1:]).contiguous()) for b in (1, 8)}
+
+
 def prune_main(args) -> int:
     """Prune, fine-tune, save (safetensors + JSON), export ONNX, report; all inputs checked first."""
     from .data import load_dataset
@@ -234,11 +239,9 @@ def prune_main(args) -> int:
     shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])
     x = torch.randn(*shape)
     name = args.pretrained or args.model
-    lat = {}
-    if not args.no_latency:
-        lat = {"latency_b1_ms": 1e3 * measure_latency(model, x), "latency_b8_ms": 1e3 * measure_latency(model, x.expand(8, *x.shape[1:]).contiguous())}
+    lat = {} if args.no_latency else _latencies(model, x)
     log = (lambda *a: None) if args.quiet or not main_proc else print
-    log(f"{name}: {count(model, x)}; pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
+    log(f"{name}: pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
     model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation, ignore=args.ignore or None,
                           round_to=args.round_to, min_width=min_width, data=train_ds, val_data=val_ds,
                           finetune=finetune, steps=args.steps, tolerance=args.tolerance, out_dir=args.out,
@@ -246,8 +249,7 @@ def prune_main(args) -> int:
     model = model.cpu()  # measured, saved and exported on the CPU
     report["before"].update(lat)
     if not args.no_latency:
-        report["after"].update({"latency_b1_ms": 1e3 * measure_latency(model, x),
-                                "latency_b8_ms": 1e3 * measure_latency(model, x.expand(8, *x.shape[1:]).contiguous())})
+        report["after"].update(_latencies(model, x))
     report["threads"] = torch.get_num_threads()
     report["protocol"] = (f"{name} on {train_ds.name if train_ds else 'no data'}"
                           + (f", fine-tune {args.finetune_epochs} epoch(s)/step on {len(train_ds)} samples" if finetune else ", no fine-tuning")

@@ -22,7 +22,7 @@ from ._registry import Registry
 from .cost import Cost, PlanCost
 from .criteria import get_criterion, group_scores
 from .graph import DependencyGraph
-from .pipeline import Allocator, Budget, _fill, _latency_plan, plan_for_budget
+from .pipeline import Allocator, Budget, _fill, _latency_plan, _threshold_search, plan_for_budget
 from .surgery import PruningPlan
 
 __all__ = ["Method", "StepContext", "CriterionMethod", "HeuristicMethod", "LayerPruningMethod", "LayerPlan",
@@ -591,15 +591,7 @@ class HFPMethod(Method):
             return max({"macs": macs, "params": params}[n] / lim for n, lim in limits.items())
 
         if worst(keep) > 1:  # training stopped before the target: cut the lowest gates to meet it
-            ts = alloc.thresholds()
-            lo, hi = 0, len(ts)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if worst(alloc.keep_for_threshold(float(ts[mid]))) <= 1:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            keep = alloc.keep_for_threshold(float(ts[lo]) if lo < len(ts) else math.inf)
+            keep = _threshold_search(alloc, worst, 1.0)
         keep = _fill(alloc, keep, worst, 1.0)
         info = {"hfp_history": history, "hfp_converged": bool(reg.done), "hfp_steps": reg.steps}
         return alloc.plan(keep), info

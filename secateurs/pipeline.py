@@ -157,6 +157,19 @@ def _fill(alloc: Allocator, keep: list[int], cost: Callable[[list[int]], float],
     return keep
 
 
+def _threshold_search(alloc: Allocator, cost: Callable[[list[int]], float], limit: float) -> list[int]:
+    """Widths at the lowest global score threshold whose cost fits ``limit`` (cost falls as it rises)."""
+    ts = alloc.thresholds()
+    lo, hi = 0, len(ts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(alloc.keep_for_threshold(float(ts[mid]))) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return alloc.keep_for_threshold(float(ts[lo]) if lo < len(ts) else math.inf)
+
+
 def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: Any, scores: list[torch.Tensor],
                     budget: Budget, allocation: str = "global", round_to: int = 1, min_width: int | float = 1,
                     base: Cost | None = None, reference: Cost | None = None,
@@ -191,20 +204,13 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     which = 0 if budget.kind == "macs" else 1
     limit = budget.value * (ref.macs if which == 0 else ref.params)
     cost = lambda keep: pc(alloc.removed(keep))[which]  # noqa: E731
-    if cost(alloc.keep_for_threshold(math.inf)) > limit:
-        smallest = cost(alloc.keep_for_threshold(math.inf)) / (ref.macs if which == 0 else ref.params)
+    smallest = cost(alloc.keep_for_threshold(math.inf))
+    if smallest > limit:
         raise PruningError(f"a {budget.kind} target of {budget.value:.4g} cannot be reached: with min_width={min_width}, "
-                           f"round_to={round_to} and the ignored/frozen layers, the smallest model keeps {smallest:.4g}")
+                           f"round_to={round_to} and the ignored/frozen layers, the smallest model keeps "
+                           f"{smallest / (ref.macs if which == 0 else ref.params):.4g}")
     if allocation == "global":
-        ts = alloc.thresholds()
-        lo, hi = 0, len(ts)  # keep_for_threshold(ts[i]) gets cheaper as i grows; find the first that fits
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if cost(alloc.keep_for_threshold(float(ts[mid]))) <= limit:
-                hi = mid
-            else:
-                lo = mid + 1
-        keep = alloc.keep_for_threshold(float(ts[lo]) if lo < len(ts) else math.inf)
+        keep = _threshold_search(alloc, cost, limit)
     else:
         lo, hi = 0.0, 1.0
         for _ in range(40):
@@ -338,8 +344,6 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     kind = the_budget.kind if the_budget is not None else None
     how.check(the_budget)
     allocation = allocation or ("global" if kind in ("macs", "params", "latency") else "uniform")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"`allocation` must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     Allocator(DependencyGraph([], [], [], 0, [], [], {}), [], allocation, round_to, min_width)  # checks the arguments
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}")
@@ -386,6 +390,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
                                       "steps_requested")}
     state_path = out / "state.json" if out is not None else None
+    current = base  # the cost of the model as it stands, kept up to date instead of recounted
     if resume and can_save and state_path.exists():
         state = json.loads(state_path.read_text())
         if state["request"] != json.loads(json.dumps(request, default=str)):
@@ -394,6 +399,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
         done = state["completed_steps"]
         if done:
             _restore(model, load_model(out / "steps" / f"step{done}"))
+            current = count(model, example_inputs)
             report["steps"] = state["steps"]
             extra = state.get("extra", {})
             log(f"resuming after step {done}/{steps}")
@@ -406,7 +412,6 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
         if "original_widths" not in extra:  # min-kept guards refer to the original widths, across resumes too
             extra["original_widths"] = {g.name: g.size for g in graph.groups}
         t1 = time.perf_counter()
-        current = count(model, example_inputs) if k > 1 else base
         ctx = StepContext(model, graph, example_inputs, k, steps, the_budget, base, current, allocation, round_to,
                           min_width, data, extra["original_widths"], latency_threads, log, finetune, val_data)
         plan, info = how.plan(ctx)
@@ -444,10 +449,11 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             log(report["stopped"])
             break
         report["steps"].append(row)
+        current = after
         if can_save and is_main_process():  # under torchrun every process prunes alike; one writes
             save_model(model, out / "steps" / f"step{k}", example_inputs)
             _write_json(state_path, {"request": request, "completed_steps": k, "steps": report["steps"], "extra": extra})
-    final = count(model, example_inputs)
+    final = current  # an undone step restored the model whose cost `current` still holds
     kept = [r for r in report["steps"] if not r.get("reverted")]
     report["after"] = {"macs": final.macs, "params": final.params, "metric": kept[-1]["metric"]}
     report["kept"] = {"macs": final.macs / base.macs, "params": final.params / base.params}
