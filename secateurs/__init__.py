@@ -4,7 +4,8 @@ from .cost import Cost, LayerCost, PlanCost, count, measure_latency
 from .criteria import get_criterion, group_scores, list_criteria, register_criterion
 from .export import export_onnx, load, save
 from .graph import ChannelGroup, DependencyGraph, analyze
-from .methods import CriterionMethod, HeuristicMethod, HFPMethod, HFPRegularizer, Method, get_method, list_methods, register_method
+from .methods import (CriterionMethod, HeuristicMethod, HFPMethod, HFPRegularizer, ImportanceWeightMethod,
+                      ImportanceWeights, Method, get_method, list_methods, register_method)
 from .pipeline import Allocator, Budget, plan_for_budget, prune, uniform_plan
 from .surgery import PruningPlan, apply_plan, zero_channels
 
@@ -14,5 +15,6 @@ __all__ = [
     "ChannelGroup", "Cost", "LayerCost", "PruningError", "get_criterion", "group_scores",
     "list_criteria", "register_criterion", "uniform_plan", "Allocator", "Budget", "plan_for_budget", "PlanCost",
     "measure_latency", "save", "load", "export_onnx", "Method", "CriterionMethod", "HeuristicMethod", "get_method",
-    "list_methods", "register_method", "HFPMethod", "HFPRegularizer",
+    "list_methods", "register_method", "HFPMethod", "HFPRegularizer", "ImportanceWeights",
+    "ImportanceWeightMethod",
 ]

@@ -92,12 +92,14 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
                    help="example input shape (default: one sample of --data, else 1 3 224 224)")
     _add_data_args(s)
     s.add_argument("--method", default="l2",
-                   help="a criterion pruned to the budget (l1, l2, bn_scale, taylor, random) or a method (heuristic)")
+                   help="a criterion pruned to the budget (l1, l2, bn_scale, taylor, random) or a method "
+                        "(heuristic, dlp, dlp+filters, hfp, importance-weights)")
     h = s.add_argument_group("heuristic method (METHODS.md 1): a budget is optional, a stop rule")
     h.add_argument("--estimator", default="mean_minus_std", help="mean_minus_std (gamma = mean - kappa std) or ratio_of_mean")
     h.add_argument("--kappa", type=float, default=0.5)
     h.add_argument("--rho", type=float, default=0.5)
-    h.add_argument("--min-keep", type=float, default=0.1, help="never keep less than this fraction of a layer's width")
+    h.add_argument("--min-keep", type=float, default=None,
+                   help="never keep less than this fraction of a layer's width (heuristic 0.1, importance-weights 0.05)")
     h.add_argument("--scope", default="layer", help="layer (estimator per layer) or global (pooled, mean-normalised)")
     d = s.add_argument_group("layer pruning, dlp and dlp+filters (METHODS.md 2): needs --data")
     d.add_argument("--mode", default="rank", help="rank (lowest-VIP blocks go) or truncate (cut where scores stop rising)")
@@ -113,6 +115,13 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     f.add_argument("--warmup-steps", type=int, default=100, help="steps over which the weight ramps up")
     f.add_argument("--surrogate", default="ste", help="ste (hard count, straight-through) or soft (sigmoid count)")
     f.add_argument("--gate-threshold", type=float, default=1e-2, help="a channel is dead when its BN |scale| is below")
+    w = s.add_argument_group("importance weights, importance-weights (METHODS.md 4): --tolerance drives it, needs --data")
+    w.add_argument("--iw-epochs", type=int, default=5, help="epochs of training the importance weights with the network")
+    w.add_argument("--init", default="ones", help="importance-weight initialisation: ones, uniform or l1")
+    w.add_argument("--l1", type=float, default=1e-4, help="L1 penalty on the importance weights (0: none)")
+    w.add_argument("--fraction", type=float, default=0.05, help="share of the remaining removable filters cut per step")
+    w.add_argument("--search", default="steps", help="steps (fraction per step) or bisect (largest share within tolerance)")
+    w.add_argument("--bisect-iters", type=int, default=6, help="bisect: number of probes")
     b = s.add_argument_group("budget (one of them; hfp takes --macs and --params together)")
     b.add_argument("--macs", type=float, default=None, help="kept fraction of MACs, in (0, 1]")
     b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
@@ -122,8 +131,11 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this (8 suits fast kernels)")
     s.add_argument("--min-width", type=float, default=1, help="minimum kept channels per group (>= 1) or fraction (< 1)")
     s.add_argument("--ignore", nargs="*", default=[], help="modules whose output channels are kept")
-    s.add_argument("--steps", type=int, default=1, help="iterative schedule: prune -> fine-tune this many times")
-    s.add_argument("--tolerance", type=float, default=None, help="stop once the metric falls by more than this")
+    s.add_argument("--steps", type=int, default=None,
+                   help="iterative schedule: prune -> fine-tune at most this many times (default 1; importance-weights 100)")
+    s.add_argument("--tolerance", type=float, default=None, help="stop once the metric falls by more than this (points)")
+    s.add_argument("--metric", default=None,
+                   help="metric for --tolerance: top1, top5, pixel_acc, iou, dice, miou (default top1 or iou)")
     s.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after each step")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--lr", type=float, default=0.01)
@@ -196,8 +208,12 @@ def prune_main(args) -> int:
 
     options = {}
     if args.method == "heuristic":
-        options = {"estimator": args.estimator, "kappa": args.kappa, "rho": args.rho, "min_keep": args.min_keep,
-                   "scope": args.scope}
+        options = {"estimator": args.estimator, "kappa": args.kappa, "rho": args.rho,
+                   "min_keep": 0.1 if args.min_keep is None else args.min_keep, "scope": args.scope}
+    if args.method == "importance-weights":
+        options = {"epochs": args.iw_epochs, "init": args.init, "l1": args.l1, "fraction": args.fraction,
+                   "search": args.search, "bisect_iters": args.bisect_iters, "seed": args.seed,
+                   **({} if args.min_keep is None else {"min_keep": args.min_keep})}
     if args.method == "hfp":
         options = {"epochs": args.hfp_epochs, "lam": args.lam, "warmup_steps": args.warmup_steps,
                    "surrogate": args.surrogate, "threshold": args.gate_threshold}
@@ -244,7 +260,7 @@ def prune_main(args) -> int:
     log(f"{name}: pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
     model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation, ignore=args.ignore or None,
                           round_to=args.round_to, min_width=min_width, data=train_ds, val_data=val_ds,
-                          finetune=finetune, steps=args.steps, tolerance=args.tolerance, out_dir=args.out,
+                          finetune=finetune, steps=args.steps, tolerance=args.tolerance, metric=args.metric, out_dir=args.out,
                           resume=args.resume, quiet=args.quiet or not main_proc)
     model = model.cpu()  # measured, saved and exported on the CPU
     report["before"].update(lat)

@@ -8,6 +8,9 @@ model now, what is the plan?", or ``None`` when it has nothing left to remove (t
 - :class:`HeuristicMethod`: METHODS.md method 1, a per-layer estimator picks the filters.
 - :class:`LayerPruningMethod`: METHODS.md method 2, PLS-VIP scores remove whole residual blocks
   (``dlp``), then optionally filters (``dlp+filters``).
+- :class:`HFPMethod`: METHODS.md method 3, a differentiable MACs/params loss on BN-scale gates.
+- :class:`ImportanceWeightMethod`: METHODS.md method 4, learned per-channel weights, then steps
+  while the validation metric stays within a tolerance (``importance-weights``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .pipeline import Allocator, Budget, _fill, _latency_plan, _threshold_search
 from .surgery import PruningPlan
 
 __all__ = ["Method", "StepContext", "CriterionMethod", "HeuristicMethod", "LayerPruningMethod", "LayerPlan",
-           "HFPMethod", "HFPRegularizer", "ChannelScales",
+           "HFPMethod", "HFPRegularizer", "ChannelScales", "ImportanceWeights", "ImportanceWeightMethod",
            "get_method", "register_method", "list_methods", "register_estimator", "list_estimators"]
 
 
@@ -51,6 +54,11 @@ class StepContext:
     log: Callable[..., None] = print
     finetune: Any = None  # the pipeline's TrainConfig: methods that train (HFP) start from it
     val_data: Any = None
+    tolerance: float | None = None  # the pipeline's metric tolerance (points), if any
+    metric: str | None = None  # the key of evaluate() the tolerance applies to
+    metric0: float | None = None  # that metric for the unpruned model
+    out_dir: Any = None  # the run folder (Path) when checkpointing, for a method's own checkpoints
+    state: dict = field(default_factory=dict)  # JSON-able, saved with every step: survives a resume
 
 
 class Method:
@@ -59,6 +67,7 @@ class Method:
     name = "method"
     needs_data = False
     needs_budget = True
+    default_steps = 1  # the pipeline's `steps` when the caller gives none
 
     def check(self, budget: Budget | None) -> None:
         """Refuse a budget this method cannot honour, before any work starts."""
@@ -374,23 +383,27 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class ChannelScales:
-    """Learnable per-channel multipliers on module outputs, for channels no norm layer can gate.
+    """Learnable per-channel multipliers on module outputs (convs, transposed convs, linears, or
+    affine norm layers), trained with the network and folded back into it exactly.
 
     Each scale is a parameter registered on its module (so any optimizer built afterwards trains
     it) and applied by a forward hook; :meth:`fold` multiplies it into the module's weight and bias
-    and removes both, so the model is plain again (and exact: ``conv(x) * s`` is ``conv_s(x)``).
+    and removes both, so the model is plain again (``conv(x) * s`` is ``conv_s(x)``, and
+    ``norm(x) * s`` is the norm with ``s * weight`` and ``s * bias``). ``init`` gives starting
+    values per module (default ones).
     """
 
     NAME = "secateurs_scale"
 
-    def __init__(self, model: nn.Module, modules: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, modules: Iterable[str], init: Mapping[str, torch.Tensor] | None = None) -> None:
         self.model, self.handles, self.scales = model, [], {}
         for name in modules:
             m = model.get_submodule(name)
-            if not isinstance(m, _CONVS) or isinstance(m, nn.modules.conv._ConvTransposeNd):
-                raise ValueError(f"module '{name}': channel scales go on Conv/Linear outputs, not {type(m).__name__}")
-            width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            p = nn.Parameter(torch.ones(width, device=m.weight.device))
+            width = _out_width(m, name)
+            start = torch.ones(width) if init is None or name not in init else torch.as_tensor(init[name]).float()
+            if start.shape != (width,):
+                raise ValueError(f"module '{name}': init has shape {tuple(start.shape)}, expected ({width},)")
+            p = nn.Parameter(start.clone().to(m.weight.device))
             m.register_parameter(self.NAME, p)
             self.scales[name] = p
             self.handles.append(m.register_forward_hook(self._hook))
@@ -404,13 +417,31 @@ class ChannelScales:
         with torch.no_grad():
             for name, p in self.scales.items():
                 m = self.model.get_submodule(name)
-                m.weight.mul_(p.view(-1, *([1] * (m.weight.dim() - 1))))
+                w = m.weight
+                if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *k)
+                    g = m.groups
+                    w.view(g, w.shape[0] // g, w.shape[1], -1).mul_(p.view(g, 1, w.shape[1], 1))
+                elif isinstance(m, _GATED):
+                    w.mul_(p)
+                else:
+                    w.mul_(p.view(-1, *([1] * (w.dim() - 1))))
                 if m.bias is not None:
                     m.bias.mul_(p)
                 del m._parameters[self.NAME]
         for h in self.handles:
             h.remove()
         self.handles, self.scales = [], {}
+
+
+def _out_width(m: nn.Module, name: str) -> int:
+    if isinstance(m, _GATED) and getattr(m, "weight", None) is not None:
+        return m.num_features if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.num_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels
+    raise ValueError(f"module '{name}': channel scales go on conv, linear or affine norm outputs, "
+                     f"not {type(m).__name__}")
 
 
 class HFPRegularizer:
@@ -595,3 +626,273 @@ class HFPMethod(Method):
         keep = _fill(alloc, keep, worst, 1.0)
         info = {"hfp_history": history, "hfp_converged": bool(reg.done), "hfp_steps": reg.steps}
         return alloc.plan(keep), info
+
+
+# -- method 4: importance weights with an error tolerance ------------------------------------------
+def _carriers(model: nn.Module, graph: DependencyGraph) -> dict[str, torch.Tensor]:
+    """Where each prunable channel's importance weight goes: after the affine norm layers that
+    carry it, else after its producing conv/linear (so a norm layer cannot undo the weight).
+    Returns {module name: component label of each of its output channels}."""
+    modules = dict(model.named_modules())
+    prunable = torch.zeros(graph.n_components, dtype=torch.bool)
+    for g in graph.groups:
+        prunable[g.components] = True
+    norms, producers = {}, {}
+    for b, lab in zip(graph.bindings, graph.binding_labels):
+        m = modules.get(b.module)
+        if (b.kind == "tensor" and b.name == "weight" and isinstance(m, _GATED) and getattr(m, "affine", True)
+                and prunable[lab].any()):
+            norms[b.module] = lab
+        elif b.kind == "attr" and b.role == "out" and b.name in ("out_channels", "out_features") and prunable[lab].any():
+            producers[b.module] = lab
+    normed = torch.zeros(graph.n_components, dtype=torch.bool)
+    for lab in norms.values():
+        normed[lab] = True
+    out = dict(norms)
+    out.update({n: lab for n, lab in producers.items() if (prunable[lab] & ~normed[lab]).any()})
+    return out
+
+
+class ImportanceWeights:
+    """One learnable weight alpha per output channel of every prunable group, for any training loop.
+
+    Alpha multiplies the channel after its norm layer (or its conv where there is none); a
+    channel's importance is the mean |alpha| over the places that carry it (a residual channel is
+    carried by several). ``init``: ``"ones"``; ``"uniform"``, U(0, 1) (seeded); ``"l1"``, the
+    group's filter L1 norms divided by their mean. ``l1`` > 0 adds ``l1 * sum |alpha|`` to the
+    loss (call the object). :meth:`fold` multiplies alpha into the weights and removes it::
+
+        iw = ImportanceWeights(model, secateurs.analyze(model, x), init="l1", l1=1e-4)
+        loss = criterion(model(xb), yb) + iw()        # train as usual
+        scores = iw.scores(); iw.fold()               # rank channels by scores, plain model again
+    """
+
+    INITS = ("ones", "uniform", "l1")
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph, init: str = "ones", l1: float = 0.0,
+                 seed: int = 0) -> None:
+        if init not in self.INITS:
+            raise ValueError(f"`init` must be one of {', '.join(self.INITS)}, got {init!r}")
+        if isinstance(l1, bool) or not isinstance(l1, (int, float)) or not l1 >= 0:
+            raise ValueError(f"`l1` must be a non-negative number, got {l1!r}")
+        self.graph, self.l1 = graph, float(l1)
+        self.labels = _carriers(model, graph)
+        if not self.labels:
+            raise ValueError("importance weights: the model has no prunable channel")
+        start = None
+        if init != "ones":
+            comp = torch.ones(graph.n_components)
+            if init == "uniform":
+                comp = torch.rand(graph.n_components, generator=torch.Generator().manual_seed(seed))
+            else:
+                for g, s in zip(graph.groups, group_scores(model, graph, "l1")):
+                    comp[g.components] = s.float() / s.float().mean().clamp_min(1e-12)
+            start = {n: comp[lab] for n, lab in self.labels.items()}
+        self.scales = ChannelScales(model, self.labels, init=start)
+        count = torch.zeros(graph.n_components)
+        for lab in self.labels.values():
+            count.index_add_(0, lab, torch.ones(len(lab)))
+        self._count = count
+
+    def __call__(self) -> torch.Tensor:
+        ps = list(self.scales.scales.values())
+        if not self.l1:
+            return ps[0].sum() * 0.0
+        return self.l1 * sum(p.abs().sum() for p in ps)
+
+    def importance(self) -> torch.Tensor:
+        """Mean |alpha| per channel component (0 where no weight carries it)."""
+        total = torch.zeros(self.graph.n_components)
+        with torch.no_grad():
+            for name, p in self.scales.scales.items():
+                total.index_add_(0, self.labels[name], p.detach().abs().float().cpu())
+        return total / self._count.clamp_min(1)
+
+    def scores(self) -> list[torch.Tensor]:
+        imp = self.importance()
+        return [imp[g.components] for g in self.graph.groups]
+
+    def fold(self) -> None:
+        self.scales.fold()
+
+
+@register_method("importance-weights")
+class ImportanceWeightMethod(Method):
+    """Sawant et al. 2022 as specified in METHODS.md section 4: train importance weights with the
+    network for ``epochs``, fold them in, then remove the lowest-|alpha| channels step by step,
+    ``fraction`` of the remaining removable ones per step (the pipeline fine-tunes after every step
+    and undoes the step that breaks its ``tolerance``), or, with ``search="bisect"``, find by
+    bisection the largest share of channels whose removal (plus the fine-tune) stays within it.
+
+    No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
+    second stop rule (the last step is trimmed to it). ``min_keep``: no group goes below that
+    fraction of its original width. The ranking is global: alpha is comparable across layers (it
+    starts equal everywhere, or at mean 1 per layer with ``init="l1"``).
+    """
+
+    needs_data = True
+    needs_budget = False
+    default_steps = 100
+
+    def __init__(self, epochs: int = 5, init: str = "ones", l1: float = 1e-4, fraction: float = 0.05,
+                 search: str = "steps", bisect_iters: int = 6, min_keep: float = 0.05, lr: float | None = None,
+                 seed: int = 0) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"`epochs` must be a non-negative int, got {epochs!r}")
+        if init not in ImportanceWeights.INITS:
+            raise ValueError(f"`init` must be one of {', '.join(ImportanceWeights.INITS)}, got {init!r}")
+        if isinstance(l1, bool) or not isinstance(l1, (int, float)) or not l1 >= 0:
+            raise ValueError(f"`l1` must be a non-negative number, got {l1!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"`fraction` must be in (0, 1), got {fraction!r}")
+        if search not in ("steps", "bisect"):
+            raise ValueError(f"`search` must be 'steps' or 'bisect', got {search!r}")
+        if isinstance(bisect_iters, bool) or not isinstance(bisect_iters, int) or bisect_iters < 1:
+            raise ValueError(f"`bisect_iters` must be a positive int, got {bisect_iters!r}")
+        if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not 0 < min_keep <= 1:
+            raise ValueError(f"`min_keep` must be a fraction in (0, 1], got {min_keep!r}")
+        self.epochs, self.init, self.l1, self.fraction, self.search = epochs, init, float(l1), float(fraction), search
+        self.bisect_iters, self.min_keep, self.lr, self.seed = bisect_iters, float(min_keep), lr, seed
+        self.name = "importance-weights"
+
+    def check(self, budget: Budget | None) -> None:
+        if budget is not None and budget.kind not in ("macs", "params"):
+            raise ValueError(f"method 'importance-weights' takes a macs or params target as a stop rule, not {budget.kind!r}")
+
+    # -- phase 1: learn alpha -----------------------------------------------------------------
+    def _train_config(self, ctx: StepContext, epochs: int, folder: str | None):
+        from dataclasses import replace as dc_replace
+
+        from .train import TrainConfig
+
+        cfg = ctx.finetune if ctx.finetune is not None else TrainConfig(quiet=True)
+        out = str(ctx.out_dir / folder) if ctx.out_dir is not None and folder else None
+        return dc_replace(cfg, epochs=epochs, out_dir=out, resume=out is not None, **({"lr": self.lr} if self.lr else {}))
+
+    def _learn(self, ctx: StepContext) -> dict:
+        """Train alpha with the weights, fold it; the scores go to ``ctx.state`` (saved with steps)."""
+        import copy
+
+        from .train import evaluate, fit
+
+        before = copy.deepcopy(ctx.model) if ctx.tolerance is not None else None
+        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed)
+        try:
+            history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
+                          regularizer=iw) if self.epochs else []
+            scores = iw.scores()
+        finally:
+            iw.fold()
+        ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
+        info: dict[str, Any] = {"iw_history": history}
+        if ctx.val_data is not None and ctx.metric is not None:
+            info["iw_metric_trained"] = evaluate(ctx.model, ctx.val_data)[ctx.metric]
+            if ctx.tolerance is not None and ctx.metric0 - info["iw_metric_trained"] > ctx.tolerance:
+                from .pipeline import _restore
+
+                _restore(ctx.model, before)  # the user gets the model they gave, not a worse one
+                info["stop"] = (f"{ctx.metric} fell by {ctx.metric0 - info['iw_metric_trained']:.2f} while learning "
+                                f"the importance weights (> tolerance {ctx.tolerance}); model left as it was")
+        return info
+
+    def _scores(self, ctx: StepContext) -> list[torch.Tensor]:
+        stored = ctx.state["scores"]
+        out = []
+        for g in ctx.graph.groups:
+            s = stored.get(g.name)
+            if s is None or len(s) != g.size:
+                raise RuntimeError(f"importance weights: group '{g.name}' has {g.size} channels, the stored scores "
+                                   f"{None if s is None else len(s)}; the model changed outside the schedule")
+            out.append(torch.tensor(s))
+        return out
+
+    def _allocator(self, ctx: StepContext, scores: list[torch.Tensor]) -> Allocator:
+        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False)
+        for i, g in enumerate(ctx.graph.groups):  # the floor refers to the original width
+            floor = math.ceil(self.min_keep * ctx.original_widths.get(g.name, g.size))
+            alloc.min_keep[i] = min(g.size, max(alloc.min_keep[i], alloc._round(floor, g.size)))
+        return alloc
+
+    def _keep_removing(self, alloc: Allocator, n: int) -> list[int]:
+        """Widths after removing the ``n`` lowest removable channels, over all groups."""
+        groups = alloc.graph.groups
+        flat = sorted((float(alloc.sorted_norm[i][k]), i) for i, g in enumerate(groups)
+                      for k in range(alloc.min_keep[i], g.size))
+        cut = [0] * len(groups)
+        for _, i in flat[:n]:
+            cut[i] += 1
+        return [alloc.clamp(i, g.size - c) for i, (g, c) in enumerate(zip(groups, cut))]
+
+    @staticmethod
+    def _removable(alloc: Allocator) -> int:
+        return sum(g.size - k for g, k in zip(alloc.graph.groups, alloc.min_keep))
+
+    def _commit(self, ctx: StepContext, alloc: Allocator, keep: list[int]) -> PruningPlan:
+        plan = alloc.plan(keep)
+        for g in ctx.graph.groups:  # the stored scores follow the surgery
+            if g.index in plan.remove:
+                gone = set(plan.remove[g.index])
+                ctx.state["scores"][g.name] = [v for j, v in enumerate(ctx.state["scores"][g.name]) if j not in gone]
+        return plan
+
+    def plan(self, ctx: StepContext):
+        if self.search == "bisect" and (ctx.tolerance is None or ctx.val_data is None):
+            raise ValueError("importance-weights with search='bisect' needs `tolerance` and `val_data`")
+        info: dict[str, Any] = {}
+        if "scores" not in ctx.state:
+            info = self._learn(ctx)
+            if "stop" in info:
+                return None, info
+        elif self.search == "bisect":
+            return None, {"stop": "bisection done"}
+        limit = None
+        if ctx.budget is not None:
+            which = 0 if ctx.budget.kind == "macs" else 1
+            limit = ctx.budget.value * (ctx.base.macs, ctx.base.params)[which]
+            if (ctx.current.macs, ctx.current.params)[which] <= limit:
+                return None, dict(info, stop=f"{ctx.budget.kind} target {ctx.budget.value} met")
+        alloc = self._allocator(ctx, self._scores(ctx))
+        removable = self._removable(alloc)
+        if removable == 0:
+            return None, dict(info, stop="every group is at its minimum width")
+        if self.search == "bisect":
+            keep, info["iw_bisection"] = self._bisect(ctx, alloc, removable)
+            if keep is None:
+                return None, dict(info, stop="no removal stays within the tolerance")
+        else:
+            keep = self._keep_removing(alloc, max(1, math.ceil(self.fraction * removable)))
+        if limit is not None:
+            pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
+
+            def cost(k: list[int]) -> float:
+                return pc(alloc.removed(k))[which]
+
+            if cost(keep) < limit:  # the target is reached inside this step: remove only what it needs
+                keep = _fill(alloc, keep, cost, limit)
+        if all(k == g.size for k, g in zip(keep, ctx.graph.groups)):
+            return None, dict(info, stop="nothing left to remove (round_to / min_keep)")
+        return self._commit(ctx, alloc, keep), info
+
+    def _bisect(self, ctx: StepContext, alloc: Allocator, removable: int):
+        """Largest number of lowest-|alpha| channels whose removal and fine-tune stay within the tolerance."""
+        import copy
+
+        from .surgery import apply_plan
+        from .train import evaluate, fit
+
+        lo, hi, tried = 0, removable, []
+        for _ in range(self.bisect_iters):
+            mid = (lo + hi + 1) // 2
+            if mid <= lo:
+                break
+            keep = self._keep_removing(alloc, mid)
+            probe = copy.deepcopy(ctx.model)
+            apply_plan(probe, ctx.graph, alloc.plan(keep))
+            if ctx.finetune is not None:
+                fit(probe, ctx.data, None, self._train_config(ctx, ctx.finetune.epochs, None))
+            m = evaluate(probe, ctx.val_data)[ctx.metric]
+            ok = ctx.metric0 - m <= ctx.tolerance
+            tried.append({"removed_channels": mid, "metric": m, "within": ok})
+            ctx.log(f"bisection: {mid}/{removable} channels -> {ctx.metric} {m:.2f} ({'within' if ok else 'outside'})")
+            lo, hi = (mid, hi) if ok else (lo, mid - 1)
+        return (self._keep_removing(alloc, lo) if lo else None), tried

@@ -296,8 +296,14 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, default=str)))
 
 
+_METRICS = {"classification": ("top1", "top5"), "segmentation": ("pixel_acc", "iou", "dice", "miou")}
+
+
 def _metric_key(ds: Any, metric: str | None) -> str:
     if metric:
+        known = _METRICS.get(getattr(ds, "task", "classification"), ())
+        if ds is not None and metric not in known:
+            raise ValueError(f"`metric` must be one of {', '.join(known)} for {ds.task} data, got {metric!r}")
         return metric
     return "iou" if getattr(ds, "task", "classification") == "segmentation" else "top1"
 
@@ -305,7 +311,7 @@ def _metric_key(ds: Any, metric: str | None) -> str:
 def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", target: Any = None, *,
           budget: str = "macs", ratio: float | None = None, allocation: str | None = None,
           ignore: Iterable[str | nn.Module] | None = None, round_to: int = 1, min_width: int | float = 1,
-          data: Any = None, val_data: Any = None, finetune: Any = None, steps: int = 1,
+          data: Any = None, val_data: Any = None, finetune: Any = None, steps: int | None = None,
           tolerance: float | None = None, metric: str | None = None, latency_threads: int | None = None,
           method_options: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
           resume: bool = False, quiet: bool = True) -> tuple[nn.Module, dict]:
@@ -328,6 +334,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     finetune : TrainConfig or dict of its fields; fine-tunes after every step when given.
     steps : one-shot (1) or at most that many prune -> fine-tune rounds (a criterion's budget is
         shared out geometrically; a method may stop earlier when it has nothing left to remove).
+        Default: the method's own (1, or e.g. 100 for "importance-weights", which the tolerance stops).
     tolerance : stop (and undo the last step) once the validation metric drops by more than this.
     out_dir, resume : every finished step (and every fine-tuning epoch) is checkpointed there;
         ``resume=True`` with the same arguments continues a killed run where it stopped.
@@ -345,6 +352,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     how.check(the_budget)
     allocation = allocation or ("global" if kind in ("macs", "params", "latency") else "uniform")
     Allocator(DependencyGraph([], [], [], 0, [], [], {}), [], allocation, round_to, min_width)  # checks the arguments
+    if steps is None:
+        steps = how.default_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}")
     if how.needs_data and data is None:
@@ -361,6 +370,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             raise ValueError("`tolerance` needs `val_data` to measure the metric")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
             raise ValueError(f"`tolerance` must be a non-negative number (metric points), got {tolerance!r}")
+    key = _metric_key(val_data, metric)
     if kind == "latency":
         dev = next(model.parameters()).device
         if dev.type != "cpu" and not (dev.type == "cuda" and torch.cuda.is_available()):
@@ -368,7 +378,6 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     timings: dict[str, float] = {"analyze_s": 0.0, "plan_s": 0.0, "surgery_s": 0.0, "finetune_s": 0.0}
     t_all = time.perf_counter()
     base = count(model, example_inputs)
-    key = _metric_key(val_data, metric)
     metric0 = evaluate(model, val_data)[key] if val_data is not None else None
     report: dict[str, Any] = {
         "method": how.name, "method_options": dict(method_options or {}),
@@ -413,7 +422,9 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             extra["original_widths"] = {g.name: g.size for g in graph.groups}
         t1 = time.perf_counter()
         ctx = StepContext(model, graph, example_inputs, k, steps, the_budget, base, current, allocation, round_to,
-                          min_width, data, extra["original_widths"], latency_threads, log, finetune, val_data)
+                          min_width, data, extra["original_widths"], latency_threads, log, finetune, val_data,
+                          tolerance, key if val_data is not None else None, metric0, out if can_save else None,
+                          extra.setdefault("_state", {}))
         plan, info = how.plan(ctx)
         t3 = time.perf_counter()
         timings["analyze_s"] += t1 - t0
@@ -462,5 +473,5 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
                          "macs_before": l.macs, "macs_after": next((r.macs for r in final.layers if r.name == l.name), 0)}
                         for l in base.layers]
     report["timings"] = dict(timings, total_s=time.perf_counter() - t_all)
-    report.update(extra)
+    report.update({k: v for k, v in extra.items() if k != "_state"})
     return model, report

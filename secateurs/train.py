@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .data import ArrayDataset, Batches
 
-__all__ = ["TrainConfig", "fit", "evaluate", "train_one_epoch", "init_distributed", "is_main_process"]
+__all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process"]
 
 
 @dataclass
@@ -172,13 +172,27 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
     return stats[0].item() / max(1.0, stats[1].item())
 
 
+def predict_padded(model: nn.Module, x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    """Dense prediction of any image size: reflect-pad H and W up to a multiple of ``multiple``
+    (encoder-decoders halve the size at every level) and crop the output back."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+    return model(x)[..., :h, :w]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: torch.device | str | None = None,
              amp: bool = False) -> dict[str, float]:
     """Top-1/top-5 (classification) or pixel accuracy, IoU, Dice (segmentation) on ``ds``.
 
+    Segmentation images of any size are padded for the network and scored on their own pixels.
     Under DDP every process takes its stride of the samples and the sums are all-reduced.
     """
+    seg = ds.task == "segmentation"
+    if seg:  # whole large images: a few at a time
+        batch_size = min(batch_size, 4)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was = model.training
     model.eval()
@@ -188,7 +202,7 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     stats = None
     for x, y in Batches(sub, batch_size, train=False):
         with _autocast(device, amp):
-            out = model(x.to(device)).float()
+            out = (predict_padded(model, x.to(device)) if seg else model(x.to(device))).float()
         s = _batch_stats(out.cpu(), y, ds.task, max(2, ds.num_classes))
         stats = s if stats is None else stats + s
     model.train(was)

@@ -147,8 +147,8 @@ def test_explicit_scales_gate_channels_without_norm_layers_and_fold_exactly():
     n_params = sum(p.numel() for p in tiny.parameters())
     scales.fold()
     assert torch.allclose(tiny(x), hooked, atol=1e-6) and sum(p.numel() for p in tiny.parameters()) == n_params - 48
-    with pytest.raises(ValueError, match="module '1': channel scales go on Conv/Linear outputs"):
-        ChannelScales(create_model("tiny_cnn"), ["1"])
+    with pytest.raises(ValueError, match="module '2': channel scales go on conv, linear or affine norm"):
+        ChannelScales(create_model("tiny_cnn"), ["2"])
     # HFP on a model with no norm layer at all: explicit scales are the gates, then folded away
     from secateurs.data import load_dataset
 

@@ -1,0 +1,215 @@
+"""Method 4: importance weights (alpha) folded exactly, the error-tolerance search, U-Net skips."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import secateurs
+from secateurs import ImportanceWeights, analyze, apply_plan, count
+from secateurs.cli import main
+from secateurs.data import load_dataset
+from secateurs.models import create_model
+from secateurs.testing import randomize_norms
+from secateurs.train import evaluate
+
+FT = {"epochs": 1, "batch_size": 32, "lr": 0.05, "pad": 1, "quiet": True}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    m = create_model("tiny_cnn")
+    secateurs.train.fit(m, digits[0], None, secateurs.train.TrainConfig(**dict(FT, epochs=15)))  # 94.2% top-1
+    return m.eval()
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("unet", {"base": 4, "depth": 2}, (2, 1, 32, 32)),
+    ("ternausnet", {"base": 4, "in_chans": 1}, (2, 1, 64, 64)),  # no norm layers, transposed-conv decoder
+    ("tiny_cnn", {"norm": "none"}, (2, 1, 8, 8)),
+])
+def test_alpha_folds_into_the_weights_without_changing_outputs(name, kwargs, shape):
+    torch.manual_seed(0)
+    m = randomize_norms(create_model(name, **kwargs)).eval()
+    x = torch.randn(*shape)
+    n_params = sum(p.numel() for p in m.parameters())
+    iw = ImportanceWeights(m, analyze(m, x), init="uniform", seed=1)
+    if name == "unet":  # after every BN, never on a conv that a BN follows; on the BN-less upsampling convs
+        assert all(isinstance(m.get_submodule(n), nn.BatchNorm2d) or n.startswith("up.") for n in iw.labels)
+        assert {n for n in iw.labels if n.startswith("up.")} == {"up.0", "up.1"}
+    else:
+        assert all(isinstance(m.get_submodule(n), nn.modules.conv._ConvNd) for n in iw.labels)
+    if name == "ternausnet":
+        assert "center.1" in iw.labels  # a ConvTranspose2d output feeding a skip concat
+    assert "head" not in iw.labels and "11" not in iw.labels  # outputs of the model keep their width
+    with torch.no_grad():
+        hooked = m(x)
+    assert iw().item() == 0.0  # no penalty unless asked
+    iw.fold()
+    assert sum(p.numel() for p in m.parameters()) == n_params and not any(m._forward_hooks for m in m.modules())
+    with torch.no_grad():
+        folded = m(x)
+    assert (folded - hooked).abs().max() <= 1e-5 * hooked.abs().max()
+
+
+def test_alpha_changes_the_function_until_folded():
+    torch.manual_seed(0)
+    m = randomize_norms(create_model("unet", base=4, depth=2)).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+    iw = ImportanceWeights(m, analyze(m, x), init="uniform")
+    with torch.no_grad():
+        hooked = m(x)
+    assert (hooked - ref).abs().max() > 1e-2  # the weights are really on the forward path
+    iw.fold()
+    with torch.no_grad():
+        assert torch.allclose(m(x), hooked, atol=1e-5)
+
+
+def test_initialisations_and_penalty(trained):
+    x = torch.randn(1, 1, 8, 8)
+    g = analyze(trained, x)
+    m = copy.deepcopy(trained)
+    iw = ImportanceWeights(m, g, init="l1", l1=0.5)
+    l1 = secateurs.group_scores(trained, g, "l1")
+    for grp, s, mine in zip(g.groups, l1, iw.scores()):
+        assert torch.allclose(mine, s / s.mean(), atol=1e-5) and abs(mine.mean().item() - 1) < 1e-5
+    assert torch.isclose(iw(), 0.5 * sum(p.abs().sum() for p in iw.scales.scales.values()))
+    iw.fold()
+    ones = ImportanceWeights(copy.deepcopy(trained), g, init="ones")
+    assert all(torch.equal(s, torch.ones_like(s)) for s in ones.scores())
+    u1 = ImportanceWeights(copy.deepcopy(trained), g, init="uniform", seed=3).scores()
+    u2 = ImportanceWeights(copy.deepcopy(trained), g, init="uniform", seed=3).scores()
+    assert all(torch.equal(a, b) and 0 <= a.min() and a.max() < 1 for a, b in zip(u1, u2))
+    with pytest.raises(ValueError, match="`init` must be one of ones, uniform, l1"):
+        ImportanceWeights(copy.deepcopy(trained), g, init="gauss")
+
+
+def test_unet_skip_concat_removes_the_matching_decoder_input_slice():
+    torch.manual_seed(0)
+    m = randomize_norms(create_model("unet", base=4, depth=2)).eval()
+    x = torch.randn(1, 1, 32, 32)
+    g = analyze(m, x)
+    enc0 = next(grp for grp in g.groups if grp.name == "enc.0.3")  # the first encoder block's output
+    dec_last = m.dec[-1][0]  # its first conv reads cat([enc.0 output (4), up output (4)])
+    w = dec_last.weight.detach().clone()
+    with torch.no_grad():  # channel 2 of the skip is exactly zero (BN weight and bias 0, then ReLU)
+        m.enc[0][4].weight[2] = 0
+        m.enc[0][4].bias[2] = 0
+        ref = m(x)
+    plan = {enc0.index: [2]}
+    apply_plan(m, g, plan)
+    assert m.enc[0][3].out_channels == 3 and dec_last.in_channels == 7
+    assert torch.equal(dec_last.weight, w[:, [0, 1, 3, 4, 5, 6, 7]])  # the skip's slice, not the upsampled one
+    assert m.head.out_channels == 2
+    with torch.no_grad():
+        assert (m(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_tolerance_is_honoured_and_the_breaking_step_is_undone(trained, digits):
+    tr, va = digits
+    x = torch.randn(1, 1, 8, 8)
+    m = copy.deepcopy(trained)
+    top0 = evaluate(m, va)["top1"]
+    m, rep = secateurs.prune(m, x, "importance-weights", data=tr, val_data=va, tolerance=3.0,
+                             finetune=dict(FT, epochs=2), method_options={"epochs": 2, "fraction": 0.2})
+    steps = rep["steps"]
+    assert steps[-1].get("reverted") and top0 - steps[-1]["metric"] > 3.0  # the step that broke it...
+    assert "step undone" in rep["stopped"]
+    kept = [r for r in steps if not r.get("reverted")]
+    assert len(kept) >= 2  # ...after at least one step within the tolerance
+    final = evaluate(m, va)["top1"]
+    assert final == kept[-1]["metric"] and top0 - final <= 3.0  # the model returned is inside it
+    assert count(m, x).macs == rep["after"]["macs"] == kept[-1]["macs"] < rep["before"]["macs"]
+    assert all(top0 - r["metric"] <= 3.0 for r in kept[1:])
+    assert "iw_history" in rep and "_state" not in rep
+
+
+def test_a_model_broken_by_learning_alpha_is_given_back_unchanged(trained, digits):
+    tr, va = digits
+    m = copy.deepcopy(trained)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m, rep = secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va, tolerance=0.5,
+                             finetune=dict(FT, lr=50.0), method_options={"epochs": 1})
+    assert "while learning the importance weights" in rep["stopped"] and rep["kept"]["macs"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_bisection_finds_a_cut_within_the_tolerance(trained, digits):
+    tr, va = digits
+    m = copy.deepcopy(trained)
+    top0 = evaluate(m, va)["top1"]
+    m, rep = secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va, tolerance=2.0,
+                             finetune=FT, method_options={"epochs": 1, "search": "bisect", "bisect_iters": 4})
+    probes = rep["iw_bisection"]
+    assert len(probes) == 4 and any(p["within"] for p in probes)
+    best = max(p["removed_channels"] for p in probes if p["within"])
+    assert all(p["removed_channels"] > best for p in probes if not p["within"])
+    assert top0 - evaluate(m, va)["top1"] <= 2.0 and rep["kept"]["macs"] < 1.0
+    assert rep["stopped"] == "bisection done"
+
+
+def test_macs_target_is_a_stop_rule_met_from_above(trained, digits):
+    tr, va = digits
+    x = torch.randn(1, 1, 8, 8)
+    m, rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=tr, val_data=va,
+                             method_options={"epochs": 0, "fraction": 0.25})
+    assert 0.6 - 0.035 <= rep["kept"]["macs"] <= 0.6  # one channel here costs 2-3% of the MACs
+    assert "macs target 0.6 met" in rep["stopped"]
+    widths = rep["original_widths"]
+    assert all(c.out_channels >= max(1, round(0.05 * widths[n])) for n, c in m.named_modules()
+               if isinstance(c, nn.Conv2d) and n in widths)
+
+
+def test_bad_options_fail_before_the_model_is_touched(trained, digits):
+    tr, va = digits
+    m = copy.deepcopy(trained)
+    for opts, msg in [({"fraction": 1.5}, "`fraction` must be in"), ({"init": "zeros"}, "`init` must be one of"),
+                      ({"search": "golden"}, "`search` must be"), ({"l1": -1}, "`l1` must be")]:
+        with pytest.raises(ValueError, match=msg):
+            secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va, method_options=opts)
+    with pytest.raises(ValueError, match="`metric` must be one of top1, top5"):
+        secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va, tolerance=1.0,
+                        metric="iou")
+    with pytest.raises(ValueError, match="needs `tolerance`"):
+        secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va,
+                        method_options={"search": "bisect"})
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), trained.state_dict().values()))
+
+
+CLI = ["prune", "--model", "tiny_cnn", "--data", "digits", "--batch-size", "32", "--lr", "0.05",
+       "--method", "importance-weights", "--tolerance", "1.0", "--iw-epochs", "1", "--fraction", "0.25",
+       "--steps", "3", "--finetune-epochs", "1", "--no-onnx", "--no-latency"]
+
+
+def test_cli_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    assert main([*CLI, "--out", str(tmp_path / "full")]) == 0
+    real_fit = secateurs.train.fit
+    calls = []
+
+    def dies_in_step_two(model, *a, **k):  # call 1 learns alpha, 2 fine-tunes step 1, 3 step 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_fit(model, *a, **k)
+
+    monkeypatch.setattr(secateurs.train, "fit", dies_in_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        main([*CLI, "--out", str(tmp_path / "cut")])
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["completed_steps"] == 1
+    monkeypatch.setattr(secateurs.train, "fit", real_fit)
+    assert main([*CLI, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = secateurs.load(tmp_path / "full"), secateurs.load(tmp_path / "cut")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "cut"))
+    assert ra["steps"] == rb["steps"] and ra["method"] == "importance-weights"
