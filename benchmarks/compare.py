@@ -1,0 +1,341 @@
+"""secateurs beside Torch-Pruning on the same machine, models, targets and fine-tuning budget.
+
+Three sections, each written to its own results file under ``--out`` (rows are appended and kept,
+so a killed run continues where it stopped):
+
+- ``coverage``: torchvision models pruned by each tool at 50% of every prunable group's channels
+  (L2 magnitude; the classifier / segmentation head kept): output shape, forward, backward, MACs
+  drop (``compare_coverage.csv``).
+- ``speedup``: each tool prunes to 50% of the MACs (L2, global; Torch-Pruning's global ratio is
+  bisected until its MACs fit), then CPU latency at batch 1 and 8 in PyTorch and onnxruntime
+  (``compare_speedup.csv``).
+- ``accuracy``: CIFAR-10 (JPEG) ResNet-20/56 from the zoo, pruned to each MACs target by our
+  criteria and methods and by Torch-Pruning's magnitude, BN-scale and group-norm pruners, then
+  fine-tuned for the same epochs with the same recipe, over several seeds
+  (``compare_accuracy.csv``). Torch-Pruning's BN-scale and group-norm pruners use their sparse
+  regularizer for the first fine-tuning epoch before the cut (their intended use), the others cut
+  first; every row gets the same number of epochs in total.
+
+Usage::
+
+    python -m benchmarks.compare --sections accuracy --models cifar_resnet20_cifar10 --targets 0.5 0.3
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+OURS = ["l1", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
+THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
+COVERAGE_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+                   "regnet_y_400mf", "convnext_tiny", "shufflenet_v2_x1_0", "googlenet", "vgg11_bn", "squeezenet1_1",
+                   "fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+SPEEDUP_MODELS = {"torchvision:resnet50": 224, "torchvision:mobilenet_v2": 224, "cifar_resnet56": 32}
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _append(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _head(model) -> list:
+    """Modules whose outputs are the model's: Torch-Pruning must be told to keep them."""
+    import torch.nn as nn
+
+    keep = []
+    for name in ("fc", "classifier", "head", "linear", "aux_classifier"):
+        m = getattr(model, name, None)
+        if isinstance(m, nn.Sequential):
+            keep += [mm for mm in m.modules() if isinstance(mm, (nn.Linear, nn.Conv2d))][-1:]
+            if name == "classifier":  # segmentation heads: the last conv of the classifier
+                continue
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            keep.append(m)
+    if not keep:
+        keep = [mm for mm in model.modules() if isinstance(mm, (nn.Linear, nn.Conv2d))][-1:]
+    return keep
+
+
+def _tp_importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "tp_bn_scale":
+        return tp.importance.BNScaleImportance()
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+def _tp_pruner(model, x, kind: str, ratio: float, round_to: int | None = None, global_pruning: bool = True):
+    import torch_pruning as tp
+
+    cls = {"tp_magnitude": tp.pruner.MagnitudePruner, "tp_bn_scale": tp.pruner.BNScalePruner,
+           "tp_group_norm": tp.pruner.GroupNormPruner}[kind]
+    return cls(model, x, importance=_tp_importance(kind), pruning_ratio=ratio, global_pruning=global_pruning,
+               ignored_layers=_head(model), round_to=round_to)
+
+
+def _main_out(out):
+    from secateurs.testing import main_output
+
+    return main_output(out)
+
+
+def tp_prune_to_macs(model, x, kind: str, target: float, round_to: int | None = None, pruner=None):
+    """Torch-Pruning has no MACs target: bisect its global ratio until the MACs fit (kept <= target)."""
+    import secateurs
+
+    base = secateurs.count(model, x).macs
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _tp_pruner(trial, x, kind, mid, round_to).step()
+        kept = secateurs.count(trial, x).macs / base
+        if kept <= target:
+            hi, best = mid, (mid, kept)
+        else:
+            lo = mid
+    if best is None:
+        raise RuntimeError(f"Torch-Pruning ({kind}) cannot reach {target:.0%} of the MACs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (pruner or _tp_pruner(model, x, kind, best[0], round_to)).step()
+    return model
+
+
+# -- coverage ----------------------------------------------------------------------------------
+def _coverage_one(tool: str, name: str) -> dict:
+    import secateurs
+    from secateurs.models import create_model
+    from secateurs.testing import randomize_norms
+
+    model = randomize_norms(create_model(f"torchvision:{name}"), seed=0).eval()
+    size = 224 if name not in ("googlenet",) else 224
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        ref = _main_out(model(x))
+    base = secateurs.count(model, x).macs
+    t = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if tool == "secateurs":
+                g = secateurs.analyze(model, x)
+                secateurs.apply_plan(model, g, secateurs.uniform_plan(g, secateurs.group_scores(model, g, "l2"), 0.5))
+            else:
+                _tp_pruner(model, x, "tp_magnitude", 0.5, global_pruning=False).step()
+        secs = time.perf_counter() - t
+        with torch.no_grad():
+            out = _main_out(model(x))
+        model.train()
+        _main_out(model(torch.randn(2, 3, size, size))).float().sum().backward()
+        macs = secateurs.count(model.eval(), x).macs
+        ok = tuple(out.shape) == tuple(ref.shape) and bool(torch.isfinite(out).all()) and macs < base
+        return {"status": "ok" if ok else "wrong", "kept_macs": round(macs / base, 4), "seconds": round(secs, 3),
+                "note": "" if ok else f"shape {tuple(out.shape)} vs {tuple(ref.shape)}, MACs {macs / base:.2f}"}
+    except Exception as err:  # a tool that fails on a model is a row, not a crash
+        return {"status": "error", "kept_macs": "", "seconds": "", "note": f"{type(err).__name__}: {str(err)[:120]}"}
+
+
+def coverage(models: list[str], out: Path) -> None:
+    path = out / "compare_coverage.csv"
+    done = {(r["model"], r["tool"]) for r in _rows(path)}
+    for name in models:
+        for tool in ("secateurs", "torch_pruning"):
+            if (name, tool) in done:
+                continue
+            r = _coverage_one(tool, name)
+            _append(path, {"model": name, "tool": tool, **r})
+            print(f"coverage {name} {tool}: {r['status']} {r['note']}", flush=True)
+
+
+# -- speed-up ----------------------------------------------------------------------------------
+def speedup(models: dict[str, int], out: Path, repeats: int, threads: int) -> None:
+    import secateurs
+    from benchmarks.speedup import ort_latency
+    from secateurs.models import create_model
+
+    path = out / "compare_speedup.csv"
+    done = {(r["model"], r["tool"]) for r in _rows(path)}
+    torch.set_num_threads(threads)
+    for name, size in models.items():
+        base_model = create_model(name).eval()
+        x1 = torch.randn(1, 3, size, size)
+        lat = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for tool in ("unpruned", "secateurs", "torch_pruning"):
+                if (name, tool) in done:
+                    continue
+                m = copy.deepcopy(base_model)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if tool == "secateurs":
+                        secateurs.prune(m, x1, "l2", 0.5, round_to=8)
+                    elif tool == "torch_pruning":
+                        tp_prune_to_macs(m, x1, "tp_magnitude", 0.5, round_to=8)
+                row = {"model": name, "tool": tool, "kept_macs": round(secateurs.count(m, x1).macs
+                                                                        / secateurs.count(base_model, x1).macs, 4)}
+                for b in (1, 8):
+                    xb = torch.randn(b, 3, size, size)
+                    row[f"torch_b{b}_ms"] = round(1e3 * secateurs.measure_latency(m, xb, repeats=repeats, threads=threads), 3)
+                    onnx = Path(tmp) / f"{tool}.onnx"
+                    if b == 1:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            secateurs.export_onnx(m, x1, onnx, dynamic_batch=True)
+                    row[f"ort_b{b}_ms"] = round(1e3 * ort_latency(str(onnx), xb, repeats, threads), 3)
+                lat[tool] = row
+                _append(path, row)
+                print(f"speedup {name} {tool}: {row}", flush=True)
+
+
+# -- accuracy at equal MACs --------------------------------------------------------------------
+def _tp_finetune_with_regularizer(model, x, kind, target, train, cfg, seed):
+    """One epoch of Torch-Pruning's sparse training (its regularizer after every backward), then the cut."""
+    import torch.nn.functional as F
+
+    from secateurs.data import Batches
+
+    pruner = _tp_pruner(model, x, kind, 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    model.train()
+    batches = Batches(train, cfg.batch_size, train=True, seed=seed, pad=cfg.pad)
+    if hasattr(pruner, "update_regularizer"):
+        pruner.update_regularizer()
+    for xb, yb in batches:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        pruner.regularize(model)
+        opt.step()
+    model.eval()
+    return tp_prune_to_macs(model, x, kind, target)
+
+
+def accuracy(models: list[str], targets: list[float], methods: list[str], seeds: list[int], args, out: Path) -> None:
+    from dataclasses import replace
+
+    import secateurs
+    from benchmarks._protocol import cifar10, finetune_config
+    from secateurs.models import load_pretrained
+    from secateurs.train import evaluate, fit
+
+    path = out / "compare_accuracy.csv"
+    done = {(r["model"], r["target"], r["method"], r["seed"]) for r in _rows(path)}
+    train, val = cifar10(args)
+    x = torch.randn(1, 3, 32, 32)
+    for name in models:
+        base = load_pretrained(name)
+        top0 = evaluate(base, val)["top1"]
+        base_macs = secateurs.count(base, x).macs
+        for target in targets:
+            for method in methods:
+                for seed in seeds:
+                    key = (name, str(target), method, str(seed))
+                    if key in done:
+                        continue
+                    torch.manual_seed(seed)
+                    m = copy.deepcopy(base)
+                    cfg = replace(finetune_config(args, args.epochs), seed=seed)
+                    t = time.perf_counter()
+                    epochs_left = args.epochs
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        if method in ("tp_bn_scale", "tp_group_norm"):
+                            _tp_finetune_with_regularizer(m, x, method, target, train, cfg, seed)
+                            epochs_left -= 1
+                        elif method == "tp_magnitude":
+                            tp_prune_to_macs(m, x, method, target)
+                        elif method == "hfp":  # its training phase is one of the epochs
+                            secateurs.prune(m, x, "hfp", target, data=train,
+                                            method_options={"epochs": 1, "lam": 5.0, "warmup_steps": 50, "lr": args.lr})
+                            epochs_left -= 1
+                        elif method == "importance-weights":  # one epoch learning alpha; the MACs target stops it
+                            secateurs.prune(m, x, method, target, data=train,
+                                            method_options={"epochs": 1, "fraction": 0.1, "lr": args.lr})
+                            epochs_left -= 1
+                        elif method == "heuristic":  # rounds of its estimator until the MACs target
+                            secateurs.prune(m, x, method, target, steps=20, method_options={"kappa": 0.0})
+                        elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then PLS-VIP filters to the target
+                            secateurs.prune(m, x, "dlp", max(target, 0.75), data=train,
+                                            method_options={"per_class": 20})
+                            secateurs.prune(m, x, "vip", target * base_macs / secateurs.count(m, x).macs, data=train,
+                                            allocation="uniform")
+                        else:
+                            secateurs.prune(m, x, method, target, data=train)
+                    kept = secateurs.count(m, x).macs / base_macs
+                    if epochs_left > 0:
+                        fit(m, train, None, replace(cfg, epochs=epochs_left))
+                    row = {"model": name, "target": target, "method": method, "seed": seed,
+                           "tool": "torch_pruning" if method.startswith("tp_") else "secateurs",
+                           "kept_macs": round(kept, 4), "top1_before": round(top0, 2),
+                           "top1": round(evaluate(m, val)["top1"], 2), "epochs": args.epochs,
+                           "train_images": len(train), "val_images": len(val), "seconds": round(time.perf_counter() - t, 1)}
+                    _append(path, row)
+                    print(f"accuracy {row}", flush=True)
+
+
+def summarize_accuracy(path: Path) -> list[dict]:
+    """Mean and spread over seeds per (model, target, method)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in _rows(path):
+        groups.setdefault((r["model"], r["target"], r["method"]), []).append(r)
+    out = []
+    for (model, target, method), rs in groups.items():
+        tops = [float(r["top1"]) for r in rs]
+        out.append({"model": model, "target": float(target), "method": method, "tool": rs[0]["tool"],
+                    "kept_macs": statistics.mean(float(r["kept_macs"]) for r in rs), "top1_mean": statistics.mean(tops),
+                    "top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0, "seeds": len(tops),
+                    "top1_before": float(rs[0]["top1_before"]), "epochs": rs[0]["epochs"]})
+    return out
+
+
+def main(argv=None) -> None:
+    from benchmarks._protocol import DOCS, add_protocol_args
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_protocol_args(p)
+    p.set_defaults(out=str(DOCS / "bench"))
+    p.add_argument("--sections", nargs="+", default=["coverage", "speedup", "accuracy"])
+    p.add_argument("--coverage-models", nargs="+", default=COVERAGE_MODELS)
+    p.add_argument("--speedup-models", nargs="+", default=list(SPEEDUP_MODELS))
+    p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
+    p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3])
+    p.add_argument("--methods", nargs="+", default=OURS + THEIRS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, the same for every row")
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "coverage" in args.sections:
+        coverage(args.coverage_models, out)
+    if "speedup" in args.sections:
+        speedup({m: SPEEDUP_MODELS.get(m, 224) for m in args.speedup_models}, out, args.repeats, args.threads)
+    if "accuracy" in args.sections:
+        accuracy(args.models, args.targets, args.methods, args.seeds, args, out)
+
+
+if __name__ == "__main__":
+    main()
