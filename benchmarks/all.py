@@ -12,6 +12,7 @@ Usage::
     python -m benchmarks.all                    # the CPU protocol report: docs/BENCHMARKS.md (hours on 2 cores)
     python -m benchmarks.all --quick            # the same machinery on tiny settings (< 10 minutes), into runs/bench-quick
     python -m benchmarks.all --report-only      # regenerate the markdown and plots from the results files
+    python -m benchmarks.all --sections accuracy --epochs 30 --subset 0 --val-subset 0   # paper-scale accuracy (GPU)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ["coverage", "engine", "speedup", "accuracy", "segmentation"]
 
 CLAIMS = [  # ../shared/METHODS.md's headline claims, and where we measure the same thing
     ("1. heuristic", "VGG16/ImageNet MACs -77.47%, about 5x speed-up; ResNet34 MACs -41.94%",
@@ -62,12 +64,18 @@ def run(args) -> None:
                            "--fraction", "0.2", "--work", str(out / "seg_runs"), "--out", str(out),
                            "--threads", str(args.threads)])
     else:
-        compare.main(["--sections", "coverage", *common])
-        engine_speed.main(["--out", str(out)])
-        compare.main(["--sections", "speedup", *common])
-        compare.main(["--sections", "accuracy", "--epochs", str(args.epochs), "--subset", str(args.subset),
-                      "--val-subset", str(args.val_subset), *common])
-        segmentation.main(["--out", str(out), "--work", str(out / "seg_runs"), "--threads", str(args.threads)])
+        if "coverage" in args.sections:
+            compare.main(["--sections", "coverage", *common])
+        if "engine" in args.sections:
+            engine_speed.main(["--out", str(out)])
+        if "speedup" in args.sections:
+            compare.main(["--sections", "speedup", *common])
+        if "accuracy" in args.sections:
+            compare.main(["--sections", "accuracy", "--epochs", str(args.epochs), "--subset", str(args.subset),
+                          "--val-subset", str(args.val_subset), "--seeds", *map(str, args.seeds), *common])
+        if "segmentation" in args.sections:
+            segmentation.main(["--out", str(out), "--work", str(ROOT / "runs" / "segmentation"),
+                               "--threads", str(args.threads)])
 
 
 def _plots(out: Path, acc: list[dict], speed: list[dict]) -> list[str]:
@@ -207,8 +215,11 @@ def main(argv=None) -> None:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--out", default=None, help="default: docs/ (full) or runs/bench-quick (--quick)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--subset", type=int, default=10000)
+    p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS,
+                   help="run only these (the report is always rebuilt from every results file present)")
+    p.add_argument("--epochs", type=int, default=2, help="accuracy: fine-tuning epochs, the same for every row")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--subset", type=int, default=5000)
     p.add_argument("--val-subset", type=int, default=2000)
     args = p.parse_args(argv)
     args.out = args.out or str(ROOT / ("runs/bench-quick" if args.quick else "docs"))

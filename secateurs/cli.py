@@ -122,6 +122,8 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     w.add_argument("--fraction", type=float, default=0.05, help="share of the remaining removable filters cut per step")
     w.add_argument("--search", default="steps", help="steps (fraction per step) or bisect (largest share within tolerance)")
     w.add_argument("--bisect-iters", type=int, default=6, help="bisect: number of probes")
+    w.add_argument("--cost-aware", action="store_true",
+                   help="ours: weight alpha's penalty and rank by the MACs each channel costs (MACs fall sooner)")
     b = s.add_argument_group("budget (one of them; hfp takes --macs and --params together)")
     b.add_argument("--macs", type=float, default=None, help="kept fraction of MACs, in (0, 1]")
     b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
@@ -213,6 +215,7 @@ def prune_main(args) -> int:
     if args.method == "importance-weights":
         options = {"epochs": args.iw_epochs, "init": args.init, "l1": args.l1, "fraction": args.fraction,
                    "search": args.search, "bisect_iters": args.bisect_iters, "seed": args.seed,
+                   "cost_aware": args.cost_aware,
                    **({} if args.min_keep is None else {"min_keep": args.min_keep})}
     if args.method == "hfp":
         options = {"epochs": args.hfp_epochs, "lam": args.lam, "warmup_steps": args.warmup_steps,

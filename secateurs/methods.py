@@ -653,14 +653,30 @@ def _carriers(model: nn.Module, graph: DependencyGraph) -> dict[str, torch.Tenso
     return out
 
 
+def _channel_macs(ctx: StepContext) -> torch.Tensor:
+    """What removing one channel of each group saves in MACs (coupled layers included), mean 1
+    over the prunable channels: weights for a cost-aware L1 penalty."""
+    pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
+    w = torch.zeros(ctx.graph.n_components)
+    sizes = torch.zeros(ctx.graph.n_components, dtype=torch.bool)
+    for g in ctx.graph.groups:
+        mask = torch.zeros(ctx.graph.n_components, dtype=torch.bool)
+        mask[g.components[0]] = True
+        w[g.components] = float(ctx.current.macs - pc(mask)[0])
+        sizes[g.components] = True
+    return w / w[sizes].mean().clamp_min(1e-12)
+
+
 class ImportanceWeights:
     """One learnable weight alpha per output channel of every prunable group, for any training loop.
 
     Alpha multiplies the channel after its norm layer (or its conv where there is none); a
     channel's importance is the mean |alpha| over the places that carry it (a residual channel is
     carried by several). ``init``: ``"ones"``; ``"uniform"``, U(0, 1) (seeded); ``"l1"``, the
-    group's filter L1 norms divided by their mean. ``l1`` > 0 adds ``l1 * sum |alpha|`` to the
-    loss (call the object). :meth:`fold` multiplies alpha into the weights and removes it::
+    group's filter L1 norms divided by their mean. ``l1`` > 0 adds ``l1 * sum w_c |alpha_c|`` to
+    the loss (call the object), with ``w_c = 1``, or with ``cost_weights`` (one per channel
+    component, e.g. what each channel costs in MACs, mean 1) so that expensive channels are pushed
+    harder. :meth:`fold` multiplies alpha into the weights and removes it::
 
         iw = ImportanceWeights(model, secateurs.analyze(model, x), init="l1", l1=1e-4)
         loss = criterion(model(xb), yb) + iw()        # train as usual
@@ -670,7 +686,7 @@ class ImportanceWeights:
     INITS = ("ones", "uniform", "l1")
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, init: str = "ones", l1: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cost_weights: torch.Tensor | None = None) -> None:
         if init not in self.INITS:
             raise ValueError(f"`init` must be one of {', '.join(self.INITS)}, got {init!r}")
         if isinstance(l1, bool) or not isinstance(l1, (int, float)) or not l1 >= 0:
@@ -693,12 +709,19 @@ class ImportanceWeights:
         for lab in self.labels.values():
             count.index_add_(0, lab, torch.ones(len(lab)))
         self._count = count
+        self._w = None
+        if cost_weights is not None:
+            if cost_weights.shape != (graph.n_components,):
+                raise ValueError(f"`cost_weights` must have one value per channel component ({graph.n_components})")
+            self._w = {n: cost_weights[lab].float().to(self.scales.scales[n].device) for n, lab in self.labels.items()}
 
     def __call__(self) -> torch.Tensor:
-        ps = list(self.scales.scales.values())
+        ps = self.scales.scales
         if not self.l1:
-            return ps[0].sum() * 0.0
-        return self.l1 * sum(p.abs().sum() for p in ps)
+            return next(iter(ps.values())).sum() * 0.0
+        if self._w is None:
+            return self.l1 * sum(p.abs().sum() for p in ps.values())
+        return self.l1 * sum((self._w[n] * p.abs()).sum() for n, p in ps.items())
 
     def importance(self) -> torch.Tensor:
         """Mean |alpha| per channel component (0 where no weight carries it)."""
@@ -724,6 +747,10 @@ class ImportanceWeightMethod(Method):
     and undoes the step that breaks its ``tolerance``), or, with ``search="bisect"``, find by
     bisection the largest share of channels whose removal (plus the fine-tune) stays within it.
 
+    ``cost_aware=True`` (ours, not the paper's): the L1 penalty on a channel's alpha and its rank are
+    weighted by what removing it saves in MACs, so a MACs reduction comes sooner; the default
+    ranks by |alpha| alone, which tends to empty the wide, cheap deep layers first.
+
     No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
     second stop rule (the last step is trimmed to it). ``min_keep``: no group goes below that
     fraction of its original width. The ranking is global: alpha is comparable across layers (it
@@ -736,7 +763,7 @@ class ImportanceWeightMethod(Method):
 
     def __init__(self, epochs: int = 5, init: str = "ones", l1: float = 1e-4, fraction: float = 0.05,
                  search: str = "steps", bisect_iters: int = 6, min_keep: float = 0.05, lr: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cost_aware: bool = False) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"`epochs` must be a non-negative int, got {epochs!r}")
         if init not in ImportanceWeights.INITS:
@@ -751,6 +778,7 @@ class ImportanceWeightMethod(Method):
             raise ValueError(f"`bisect_iters` must be a positive int, got {bisect_iters!r}")
         if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not 0 < min_keep <= 1:
             raise ValueError(f"`min_keep` must be a fraction in (0, 1], got {min_keep!r}")
+        self.cost_aware = bool(cost_aware)
         self.epochs, self.init, self.l1, self.fraction, self.search = epochs, init, float(l1), float(fraction), search
         self.bisect_iters, self.min_keep, self.lr, self.seed = bisect_iters, float(min_keep), lr, seed
         self.name = "importance-weights"
@@ -776,13 +804,16 @@ class ImportanceWeightMethod(Method):
         from .train import evaluate, fit
 
         before = copy.deepcopy(ctx.model) if ctx.tolerance is not None else None
-        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed)
+        weights = _channel_macs(ctx) if self.cost_aware else None
+        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=weights)
         try:
             history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
                           regularizer=iw) if self.epochs else []
             scores = iw.scores()
         finally:
             iw.fold()
+        if weights is not None:  # importance per MAC saved: expensive channels must earn their place
+            scores = [s / weights[g.components].clamp_min(1e-12) for g, s in zip(ctx.graph.groups, scores)]
         ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
         info: dict[str, Any] = {"iw_history": history}
         if ctx.val_data is not None and ctx.metric is not None:

@@ -213,3 +213,23 @@ def test_cli_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "cut"))
     assert ra["steps"] == rb["steps"] and ra["method"] == "importance-weights"
+
+
+def test_cost_aware_weights_are_the_macs_each_channel_saves(trained):
+    from secateurs.methods import StepContext, _channel_macs
+
+    x = torch.randn(1, 1, 8, 8)
+    g = analyze(trained, x)
+    base = count(trained, x)
+    ctx = StepContext(trained, g, x, 1, 1, None, base, base, "global", 1, 1)
+    w = _channel_macs(ctx)
+    # tiny_cnn at 8x8: conv0 1->16 (8x8), conv3 16->32 stride 2 (4x4), conv6 32->32 (4x4), fc 32->10
+    # one channel less saves its own filter's MACs and its column in the next layer (BN: no MACs)
+    saved = {"0": 9 * 1 * 64 + 32 * 9 * 16, "3": 16 * 9 * 16 + 32 * 9 * 16, "6": 32 * 9 * 16 + 10}
+    mean = (16 * saved["0"] + 32 * saved["3"] + 32 * saved["6"]) / 80
+    for grp in g.groups:
+        assert torch.allclose(w[grp.components], torch.full((grp.size,), saved[grp.name] / mean))
+    m = copy.deepcopy(trained)
+    iw = ImportanceWeights(m, g, init="uniform", l1=0.1, cost_weights=w)
+    expected = sum(0.1 * (w[iw.labels[n]] * p.abs()).sum() for n, p in iw.scales.scales.items())
+    assert torch.isclose(iw(), expected) and not torch.isclose(iw(), 0.1 * sum(p.abs().sum() for p in iw.scales.scales.values()))
