@@ -70,11 +70,12 @@ def run_model(name: str, args, work: Path) -> dict:
                               tolerance=args.tolerance, metric=args.metric, steps=args.max_steps,
                               finetune=_finetune(setup, args, args.ft_epochs), out_dir=work / "iw_run", resume=True,
                               method_options={"epochs": args.iw_epochs, "fraction": args.fraction, "init": args.init,
-                                              "l1": args.l1, "cost_aware": args.cost_aware}, quiet=False)
+                                              "l1": args.l1, "cost_aware": args.cost_aware,
+                                              "refinements": args.refinements}, quiet=False)
     kept_steps = [r for r in rep["steps"][1:] if not r.get("reverted")]
     epochs = args.iw_epochs + args.ft_epochs * len(kept_steps)
     result["iw"] = _measure(iw, val, work, "iw")
-    result["iw"].update(steps=len(kept_steps), stopped=rep.get("stopped"), epochs=epochs,
+    result["iw"].update(steps=len(kept_steps), stopped=rep.get("stopped"), epochs=epochs, refinements=args.refinements,
                         time_s=round(time.perf_counter() - t0, 1), metric_after_alpha=rep.get("iw_metric_trained"),
                         curve=[{"step": r["step"], "macs": r["macs"] / rep["before"]["macs"], "metric": r["metric"],
                                 "reverted": bool(r.get("reverted"))} for r in rep["steps"]])
@@ -151,7 +152,8 @@ def write_markdown(results: dict, args, path: Path, sfx: str = "") -> None:
     lines += [f"![inputs, ground truth, unpruned and pruned predictions](segmentation{sfx}.png)", "",
               f"![metric vs MACs along the importance-weight schedule](segmentation{sfx}_curves.png)", ""]
     for name, r in results.items():
-        lines.append(f"- `{name}`: stopped: {r['iw']['stopped']}; {m} after learning alpha "
+        lines.append(f"- `{name}`: {r['iw'].get('refinements', 0)} step halving(s) allowed after an undone step; "
+                     f"stopped: {r['iw']['stopped']}; {m} after learning alpha "
                      f"{r['iw']['metric_after_alpha']}; importance weights {r['iw']['time_s']:.0f} s, L1 "
                      f"{r['l1']['time_s']:.0f} s.")
     path.write_text("\n".join(lines) + "\n")
@@ -219,6 +221,7 @@ def main(argv=None) -> None:
     p.add_argument("--init", default="ones")
     p.add_argument("--l1", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--refinements", type=int, default=2, help="after an undone step, halve the step, at most N times")
     p.add_argument("--cost-aware", action="store_true",
                    help="our variant: alpha's penalty and rank weighted by each channel's MACs (files *_cost_aware.*)")
     p.add_argument("--threads", type=int, default=2)

@@ -122,6 +122,8 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     w.add_argument("--fraction", type=float, default=0.05, help="share of the remaining removable filters cut per step")
     w.add_argument("--search", default="steps", help="steps (fraction per step) or bisect (largest share within tolerance)")
     w.add_argument("--bisect-iters", type=int, default=6, help="bisect: number of probes")
+    w.add_argument("--refinements", type=int, default=2,
+                   help="steps: after an undone step, halve the step and go on, at most this many times (0: stop)")
     w.add_argument("--cost-aware", action="store_true",
                    help="ours: weight alpha's penalty and rank by the MACs each channel costs (MACs fall sooner)")
     b = s.add_argument_group("budget (one of them; hfp takes --macs and --params together)")
@@ -215,7 +217,7 @@ def prune_main(args) -> int:
     if args.method == "importance-weights":
         options = {"epochs": args.iw_epochs, "init": args.init, "l1": args.l1, "fraction": args.fraction,
                    "search": args.search, "bisect_iters": args.bisect_iters, "seed": args.seed,
-                   "cost_aware": args.cost_aware,
+                   "cost_aware": args.cost_aware, "refinements": args.refinements,
                    **({} if args.min_keep is None else {"min_keep": args.min_keep})}
     if args.method == "hfp":
         options = {"epochs": args.hfp_epochs, "lam": args.lam, "warmup_steps": args.warmup_steps,

@@ -744,7 +744,9 @@ class ImportanceWeightMethod(Method):
     """Sawant et al. 2022 as specified in METHODS.md section 4: train importance weights with the
     network for ``epochs``, fold them in, then remove the lowest-|alpha| channels step by step,
     ``fraction`` of the remaining removable ones per step (the pipeline fine-tunes after every step
-    and undoes the step that breaks its ``tolerance``), or, with ``search="bisect"``, find by
+    and undoes the step that breaks its ``tolerance``; the step size is then halved and the
+    schedule goes on, at most ``refinements`` times, so it ends closer to the tolerance; 0 stops
+    at the first undone step), or, with ``search="bisect"``, find by
     bisection the largest share of channels whose removal (plus the fine-tune) stays within it.
 
     ``cost_aware=True`` (ours, not the paper's): the L1 penalty on a channel's alpha and its rank are
@@ -763,7 +765,7 @@ class ImportanceWeightMethod(Method):
 
     def __init__(self, epochs: int = 5, init: str = "ones", l1: float = 1e-4, fraction: float = 0.05,
                  search: str = "steps", bisect_iters: int = 6, min_keep: float = 0.05, lr: float | None = None,
-                 seed: int = 0, cost_aware: bool = False) -> None:
+                 seed: int = 0, cost_aware: bool = False, refinements: int = 2) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"`epochs` must be a non-negative int, got {epochs!r}")
         if init not in ImportanceWeights.INITS:
@@ -778,7 +780,9 @@ class ImportanceWeightMethod(Method):
             raise ValueError(f"`bisect_iters` must be a positive int, got {bisect_iters!r}")
         if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not 0 < min_keep <= 1:
             raise ValueError(f"`min_keep` must be a fraction in (0, 1], got {min_keep!r}")
-        self.cost_aware = bool(cost_aware)
+        if isinstance(refinements, bool) or not isinstance(refinements, int) or refinements < 0:
+            raise ValueError(f"`refinements` must be a non-negative int, got {refinements!r}")
+        self.cost_aware, self.refinements = bool(cost_aware), refinements
         self.epochs, self.init, self.l1, self.fraction, self.search = epochs, init, float(l1), float(fraction), search
         self.bisect_iters, self.min_keep, self.lr, self.seed = bisect_iters, float(min_keep), lr, seed
         self.name = "importance-weights"
@@ -860,11 +864,21 @@ class ImportanceWeightMethod(Method):
 
     def _commit(self, ctx: StepContext, alloc: Allocator, keep: list[int]) -> PruningPlan:
         plan = alloc.plan(keep)
+        ctx.state["before_step"] = {k: list(v) for k, v in ctx.state["scores"].items()}
         for g in ctx.graph.groups:  # the stored scores follow the surgery
             if g.index in plan.remove:
                 gone = set(plan.remove[g.index])
                 ctx.state["scores"][g.name] = [v for j, v in enumerate(ctx.state["scores"][g.name]) if j not in gone]
         return plan
+
+    def refine(self, ctx: StepContext) -> bool:
+        """The pipeline undid a step: halve the step size and go on, at most ``refinements`` times."""
+        st = ctx.state
+        if self.search != "steps" or st.get("halvings", 0) >= self.refinements or "before_step" not in st:
+            return False
+        st["scores"] = st.pop("before_step")
+        st["halvings"] = st.get("halvings", 0) + 1
+        return True
 
     def plan(self, ctx: StepContext):
         if self.search == "bisect" and (ctx.tolerance is None or ctx.val_data is None):
@@ -891,7 +905,8 @@ class ImportanceWeightMethod(Method):
             if keep is None:
                 return None, dict(info, stop="no removal stays within the tolerance")
         else:
-            keep = self._keep_removing(alloc, max(1, math.ceil(self.fraction * removable)))
+            fraction = self.fraction * 0.5 ** ctx.state.get("halvings", 0)
+            keep = self._keep_removing(alloc, max(1, math.ceil(fraction * removable)))
         if limit is not None:
             pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
 

@@ -456,8 +456,12 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             _restore(model, snapshot)
             row["reverted"] = True
             report["steps"].append(row)
-            report["stopped"] = f"{key} fell by {metric0 - row['metric']:.2f} > tolerance {tolerance} at step {k}; step undone"
-            log(report["stopped"])
+            why = f"{key} fell by {metric0 - row['metric']:.2f} > tolerance {tolerance} at step {k}; step undone"
+            if getattr(how, "refine", None) is not None and how.refine(ctx):  # e.g. try a smaller step
+                log(why + "; trying a smaller step")
+                continue
+            report["stopped"] = why
+            log(why)
             break
         report["steps"].append(row)
         current = after

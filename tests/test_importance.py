@@ -233,3 +233,23 @@ def test_cost_aware_weights_are_the_macs_each_channel_saves(trained):
     iw = ImportanceWeights(m, g, init="uniform", l1=0.1, cost_weights=w)
     expected = sum(0.1 * (w[iw.labels[n]] * p.abs()).sum() for n, p in iw.scales.scales.items())
     assert torch.isclose(iw(), expected) and not torch.isclose(iw(), 0.1 * sum(p.abs().sum() for p in iw.scales.scales.values()))
+
+
+def test_an_undone_step_is_retried_smaller_before_the_schedule_stops(trained, digits):
+    tr, va = digits
+    x = torch.randn(1, 1, 8, 8)
+    top0 = evaluate(trained, va)["top1"]
+    runs = {}
+    for refinements in (0, 2):
+        m, rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", data=tr, val_data=va, tolerance=3.0,
+                                 finetune=dict(FT, epochs=2),
+                                 method_options={"epochs": 2, "fraction": 0.2, "refinements": refinements})
+        runs[refinements] = rep
+        undone = [r for r in rep["steps"] if r.get("reverted")]
+        assert 1 <= len(undone) <= refinements + 1 and rep["steps"][-1].get("reverted")
+        assert top0 - evaluate(m, va)["top1"] <= 3.0 and count(m, x).macs == rep["after"]["macs"]
+    first_undone = next(i for i, r in enumerate(runs[2]["steps"]) if r.get("reverted"))
+    assert runs[2]["steps"][:first_undone] == runs[0]["steps"][:first_undone]  # the same schedule up to there
+    later = runs[2]["steps"][first_undone + 1]  # then a smaller step than the undone one
+    assert later["macs"] > runs[2]["steps"][first_undone]["macs"]
+    assert runs[2]["after"]["macs"] <= runs[0]["after"]["macs"]
