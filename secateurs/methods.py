@@ -750,8 +750,9 @@ class ImportanceWeightMethod(Method):
     bisection the largest share of channels whose removal (plus the fine-tune) stays within it.
 
     ``cost_aware=True`` (ours, not the paper's): the L1 penalty on a channel's alpha and its rank are
-    weighted by what removing it saves in MACs, so a MACs reduction comes sooner; the default
-    ranks by |alpha| alone, which tends to empty the wide, cheap deep layers first.
+    weighted by what removing it saves in MACs, and a step removes ``fraction`` of the current
+    MACs rather than of the channels; the default ranks by |alpha| alone, which tends to empty the
+    wide, cheap deep layers first (params fall much faster than MACs).
 
     No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
     second stop rule (the last step is trimmed to it). ``min_keep``: no group goes below that
@@ -858,6 +859,18 @@ class ImportanceWeightMethod(Method):
             cut[i] += 1
         return [alloc.clamp(i, g.size - c) for i, (g, c) in enumerate(zip(groups, cut))]
 
+    def _keep_for_macs(self, ctx: StepContext, alloc: Allocator, removable: int, goal: float) -> list[int]:
+        """Widths after removing the fewest lowest-score channels that bring the MACs to ``goal``."""
+        pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
+        lo, hi = 1, removable
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pc(alloc.removed(self._keep_removing(alloc, mid)))[0] <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        return self._keep_removing(alloc, lo)
+
     @staticmethod
     def _removable(alloc: Allocator) -> int:
         return sum(g.size - k for g, k in zip(alloc.graph.groups, alloc.min_keep))
@@ -906,7 +919,10 @@ class ImportanceWeightMethod(Method):
                 return None, dict(info, stop="no removal stays within the tolerance")
         else:
             fraction = self.fraction * 0.5 ** ctx.state.get("halvings", 0)
-            keep = self._keep_removing(alloc, max(1, math.ceil(fraction * removable)))
+            if self.cost_aware:  # a step is a share of the MACs: the cheapest-per-MAC channels come in bulk
+                keep = self._keep_for_macs(ctx, alloc, removable, ctx.current.macs * (1 - fraction))
+            else:
+                keep = self._keep_removing(alloc, max(1, math.ceil(fraction * removable)))
         if limit is not None:
             pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
 

@@ -253,3 +253,13 @@ def test_an_undone_step_is_retried_smaller_before_the_schedule_stops(trained, di
     later = runs[2]["steps"][first_undone + 1]  # then a smaller step than the undone one
     assert later["macs"] > runs[2]["steps"][first_undone]["macs"]
     assert runs[2]["after"]["macs"] <= runs[0]["after"]["macs"]
+
+
+def test_cost_aware_steps_remove_a_share_of_the_macs(trained, digits):
+    tr, va = digits
+    x = torch.randn(1, 1, 8, 8)
+    m, rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", data=tr, val_data=va, steps=3,
+                             method_options={"epochs": 0, "fraction": 0.1, "cost_aware": True})
+    macs = [r["macs"] for r in rep["steps"]]
+    for a, b in zip(macs, macs[1:]):  # each step: at least 10% of the MACs, and not much more (one channel)
+        assert 0.9 * a - 0.035 * macs[0] <= b <= 0.9 * a
