@@ -146,6 +146,18 @@ def write_report(args) -> Path:
          f"{sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
          f"Torch-Pruning {tp_version}. CPU protocol (no GPU): short fine-tunes on subsets, labelled in each section.",
          ""]
+    if not args.quick:
+        from benchmarks.compare import COVERAGE_MODELS, OURS, THEIRS
+
+        n_acc = len(_csv(out / "compare_accuracy.csv"))
+        want = 2 * 2 * len(OURS + THEIRS) * len(args.seeds)
+        L += ["**Status.** "
+              f"Coverage {len(_csv(out / 'compare_coverage.csv'))}/{2 * len(COVERAGE_MODELS)} rows; "
+              f"accuracy {n_acc}/{want} runs (ResNet-20 and ResNet-56 x 2 targets x {len(OURS + THEIRS)} methods x "
+              f"{len(args.seeds)} seeds); missing rows are filled by running the same command again (finished rows "
+              "are kept). Engine times come from `engine_speed.csv` as last measured by `benchmarks.engine_speed`. "
+              "Paper-scale accuracy needs a GPU: `python -m benchmarks.all --sections accuracy --epochs 30 "
+              "--subset 0 --val-subset 0` (not run: no GPU was lent).", ""]
     L += ["## 1. Coverage: torchvision models pruned to 50% of every group's channels", "",
           "Forward shape, finite outputs, a backward pass, MACs drop; the classifier / segmentation head kept.", "",
           "| model | secateurs | Torch-Pruning |", "|---|---|---|"]
