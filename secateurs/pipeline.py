@@ -11,6 +11,7 @@ import copy
 import heapq
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -399,6 +400,15 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
                                       "steps_requested")}
     state_path = out / "state.json" if out is not None else None
+    if can_save and not resume:  # a fresh run must not pick up the checkpoints of an earlier one
+        if is_main_process():
+            for stale in (out / "steps", out / "importance"):
+                if stale.exists():
+                    shutil.rmtree(stale)
+            if state_path.exists():
+                state_path.unlink()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     current = base  # the cost of the model as it stands, kept up to date instead of recounted
     if resume and can_save and state_path.exists():
         state = json.loads(state_path.read_text())

@@ -180,3 +180,19 @@ def test_iterative_schedule_fine_tunes_and_stops_on_tolerance():
     assert rep2["after"]["macs"] == rep2["before"]["macs"]
     assert all(torch.equal(before[k], v) for k, v in m2.state_dict().items())
     assert trained(x).shape == (1, 10)
+
+
+def test_a_fresh_run_ignores_the_checkpoints_left_in_its_folder(tmp_path):
+    """Without resume, a run into a used folder is the same as a run into an empty one."""
+    from secateurs.data import load_dataset
+
+    tr = load_dataset("digits", "train")
+    x = torch.randn(1, 1, 8, 8)
+    ft = {"epochs": 1, "batch_size": 64, "pad": 1, "quiet": True}
+    models = {}
+    for folder, lr in (("used", 0.2), ("used", 0.01), ("empty", 0.01)):
+        torch.manual_seed(0)
+        m = create_model("tiny_cnn")
+        models[folder], _ = secateurs.prune(m, x, "l1", 0.5, data=tr, finetune=dict(ft, lr=lr), out_dir=tmp_path / folder)
+    a, b = models["used"].state_dict(), models["empty"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
