@@ -469,11 +469,13 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable = "l2", 
             why = f"{key} fell by {metric0 - row['metric']:.2f} > tolerance {tolerance} at step {k}; step undone"
             if getattr(how, "refine", None) is not None and how.refine(ctx):  # e.g. try a smaller step
                 log(why + "; trying a smaller step")
+                report["stopped"] = why + f"; no step left to try a smaller one ({steps} at most)"
                 continue
             report["stopped"] = why
             log(why)
             break
         report["steps"].append(row)
+        report.pop("stopped", None)
         current = after
         if can_save and is_main_process():  # under torchrun every process prunes alike; one writes
             save_model(model, out / "steps" / f"step{k}", example_inputs)
