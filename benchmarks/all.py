@@ -191,8 +191,9 @@ def write_report(args) -> Path:
     L += ["## 4. Accuracy at equal MACs, CIFAR-10 (JPEG)", ""]
     if acc:
         a0 = acc[0]
-        L += [f"Every row: the zoo model pruned to the target, then {a0['epochs']} fine-tuning epoch(s), SGD, the same "
-              "recipe and subsets (`benchmarks/_protocol.py`); mean +- std over the seeds. Methods that train while "
+        L += [f"Every row: the zoo model pruned to the target, then {a0['epochs']} fine-tuning epoch(s) on "
+              f"{a0['train_images']} training images (SGD, the same recipe, `benchmarks/_protocol.py`), top-1 on "
+              f"{a0['val_images']} test images; mean +- std over the seeds. Methods that train while "
               "pruning (hfp, importance-weights, Torch-Pruning's bn_scale / group_norm regularizers) spend one of those "
               "epochs doing so.", "",
               "| model | target | method | tool | MACs kept | top-1 before | top-1 after (mean +- std) | seeds |",
@@ -200,6 +201,15 @@ def write_report(args) -> Path:
         for r in sorted(acc, key=lambda r: (r["model"], -r["target"], -r["top1_mean"])):
             L.append(f"| {r['model']} | {r['target']:.0%} | {r['method']} | {r['tool']} | {r['kept_macs']:.1%} | "
                      f"{r['top1_before']:.2f} | {r['top1_mean']:.2f} +- {r['top1_std']:.2f} | {r['seeds']} |")
+        L.append("")
+        for (model, target) in sorted({(r["model"], r["target"]) for r in acc}, key=lambda k: (k[0], -k[1])):
+            rows = [r for r in acc if r["model"] == model and r["target"] == target]
+            best = {t: max((r for r in rows if r["tool"] == t), key=lambda r: r["top1_mean"], default=None)
+                    for t in ("secateurs", "torch_pruning")}
+            if all(best.values()):
+                a, b = best["secateurs"], best["torch_pruning"]
+                L.append(f"- {model} at {target:.0%}: best of ours `{a['method']}` {a['top1_mean']:.2f}, best of "
+                         f"Torch-Pruning's `{b['method']}` {b['top1_mean']:.2f} ({a['top1_mean'] - b['top1_mean']:+.2f} points).")
     L += ["", "## 5. Segmentation: method 4 beside L1 at the same MACs", ""]
     if seg:
         L += ["| model | method | MACs kept | metric drop (pixel acc / IoU) | file smaller | latency b1 512 |",

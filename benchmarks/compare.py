@@ -306,7 +306,8 @@ def summarize_accuracy(path: Path) -> list[dict]:
         out.append({"model": model, "target": float(target), "method": method, "tool": rs[0]["tool"],
                     "kept_macs": statistics.mean(float(r["kept_macs"]) for r in rs), "top1_mean": statistics.mean(tops),
                     "top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0, "seeds": len(tops),
-                    "top1_before": float(rs[0]["top1_before"]), "epochs": rs[0]["epochs"]})
+                    "top1_before": float(rs[0]["top1_before"]), "epochs": rs[0]["epochs"],
+                    "train_images": rs[0]["train_images"], "val_images": rs[0]["val_images"]})
     return out
 
 
