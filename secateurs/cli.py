@@ -240,6 +240,8 @@ def prune_main(args) -> int:
         raise SystemExit(f"--{'finetune-epochs' if args.finetune_epochs else 'method ' + args.method} needs --data")
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out")
+    if args.tolerance is not None and not args.data:
+        raise SystemExit("--tolerance needs --data: the metric is measured on its test split")
     min_width = int(args.min_width) if args.min_width >= 1 else float(args.min_width)
     finetune = None
     if args.finetune_epochs:
@@ -255,6 +257,13 @@ def prune_main(args) -> int:
     if args.data:
         train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
         val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
+    if args.metric is not None:
+        from .pipeline import _metric_key
+
+        try:
+            _metric_key(val_ds, args.metric)
+        except ValueError as err:
+            raise SystemExit(f"--metric: {err}") from None
     torch.manual_seed(args.seed)
     model = build_model(args, train_ds).eval()
     shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])

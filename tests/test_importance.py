@@ -263,3 +263,9 @@ def test_cost_aware_steps_remove_a_share_of_the_macs(trained, digits):
     macs = [r["macs"] for r in rep["steps"]]
     for a, b in zip(macs, macs[1:]):  # each step: at least 10% of the MACs, and not much more (one channel)
         assert 0.9 * a - 0.035 * macs[0] <= b <= 0.9 * a
+
+
+def test_cli_refuses_a_metric_the_task_does_not_have(tmp_path):
+    with pytest.raises(SystemExit, match="--metric: `metric` must be one of top1, top5 for classification data"):
+        main([*CLI, "--metric", "iou", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
