@@ -379,7 +379,6 @@ def _dlp_filters(**options: Any) -> LayerPruningMethod:
 
 # -- method 3: Holistic Filter Pruning -------------------------------------------------------------
 _GATED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class ChannelScales:
@@ -444,6 +443,49 @@ def _out_width(m: nn.Module, name: str) -> int:
                      f"not {type(m).__name__}")
 
 
+def _carriers(model: nn.Module, graph: DependencyGraph, transposed: bool = True) -> dict[str, torch.Tensor]:
+    """Where a per-channel multiplier goes: after the affine norm layers that carry a prunable
+    channel, else after its producing conv/linear (so a norm layer cannot undo it); transposed
+    convs only if ``transposed``. Returns {module name: component label of each output channel}."""
+    modules = dict(model.named_modules())
+    prunable = torch.zeros(graph.n_components, dtype=torch.bool)
+    for g in graph.groups:
+        prunable[g.components] = True
+    norms, producers = {}, {}
+    for b, lab in zip(graph.bindings, graph.binding_labels):
+        m = modules.get(b.module)
+        if (b.kind == "tensor" and b.name == "weight" and isinstance(m, _GATED) and getattr(m, "affine", True)
+                and prunable[lab].any()):
+            norms[b.module] = lab
+        elif (b.kind == "attr" and b.role == "out" and b.name in ("out_channels", "out_features")
+              and prunable[lab].any() and (transposed or not isinstance(m, nn.modules.conv._ConvTransposeNd))):
+            producers[b.module] = lab
+    normed = torch.zeros(graph.n_components, dtype=torch.bool)
+    for lab in norms.values():
+        normed[lab] = True
+    out = dict(norms)
+    out.update({n: lab for n, lab in producers.items() if (prunable[lab] & ~normed[lab]).any()})
+    return out
+
+
+def _carrier_count(labels: Iterable[torch.Tensor], n: int) -> torch.Tensor:
+    """How many carriers each channel component has."""
+    count = torch.zeros(n)
+    for lab in labels:
+        count.index_add_(0, lab, torch.ones(len(lab)))
+    return count
+
+
+def _mean_abs(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: torch.Tensor) -> torch.Tensor:
+    """Mean |value| per channel component over its carriers (0 where none); differentiable."""
+    pairs = list(pairs)
+    dev = pairs[0][0].device
+    total = torch.zeros(len(count), device=dev)
+    for w, lab in pairs:
+        total = total.index_add(0, lab.to(dev), w.abs().float())
+    return total / count.to(dev).clamp_min(1)
+
+
 class HFPRegularizer:
     """The budget loss of Holistic Filter Pruning, for any training loop.
 
@@ -480,35 +522,20 @@ class HFPRegularizer:
         self.lam, self.warmup_steps, self.steps = float(lam), max(1, int(warmup_steps)), 0
         self.targets = {k: v * (self.cost.base.macs if k == "macs" else self.cost.base.params)
                         for k, v in (("macs", macs), ("params", params)) if v is not None}
+        carriers = _carriers(model, graph, transposed=False)
         modules = dict(model.named_modules())
-        self._gates = []  # (gate parameter, component label of each position)
-        for i, b in enumerate(graph.bindings):
-            m = modules.get(b.module)
-            if b.kind == "tensor" and b.name == "weight" and isinstance(m, _GATED) and getattr(m, "affine", True):
-                self._gates.append((m.weight, graph.binding_labels[i]))
-        prunable = torch.zeros(graph.n_components, dtype=torch.bool)
-        for g in graph.groups:
-            prunable[g.components] = True
-        normed = torch.zeros(graph.n_components, dtype=torch.bool)
-        for _, lab in self._gates:
-            normed[lab] = True
-        # groups with channels no norm layer carries: explicit scales on their producing convs
-        producers = {}
-        for i, b in enumerate(graph.bindings):
-            lab = graph.binding_labels[i]
-            if (b.kind == "tensor" and b.name == "weight" and b.axis == 0 and b.role == "out"
-                    and isinstance(modules.get(b.module), _CONVS)
-                    and not isinstance(modules.get(b.module), nn.modules.conv._ConvTransposeNd)
-                    and (prunable[lab] & ~normed[lab]).any()):
-                producers[b.module] = lab
+        # norm layers gate their channels; channels no norm layer carries get explicit scales on their convs
+        producers = {n: lab for n, lab in carriers.items() if not isinstance(modules[n], _GATED)}
+        self._gates = [(modules[n].weight, lab) for n, lab in carriers.items() if n not in producers]
         self.scales = ChannelScales(model, producers) if producers else None
         if self.scales is not None:
             self._gates += [(self.scales.scales[n], lab) for n, lab in producers.items()]
         if not self._gates:
             raise ValueError("HFP found no gate: no norm layer and no prunable conv output in the model")
-        counts = torch.zeros(graph.n_components)
-        for w, lab in self._gates:
-            counts.index_add_(0, lab, torch.ones(len(lab)))
+        prunable = torch.zeros(graph.n_components, dtype=torch.bool)
+        for g in graph.groups:
+            prunable[g.components] = True
+        counts = _carrier_count((lab for _, lab in self._gates), graph.n_components)
         self._count = counts
         self.gated = (counts > 0) & prunable  # frozen channels: always alive
         with torch.no_grad():
@@ -517,11 +544,7 @@ class HFPRegularizer:
         self.last: dict[str, float] = {}
 
     def gates(self) -> torch.Tensor:
-        dev = self._gates[0][0].device
-        total = torch.zeros(self.graph.n_components, device=dev)
-        for w, lab in self._gates:
-            total = total.index_add(0, lab.to(dev), w.abs().float())
-        return total / self._count.to(dev).clamp_min(1)
+        return _mean_abs(self._gates, self._count)
 
     def alive(self, hard_only: bool = False) -> torch.Tensor:
         g = self.gates()
@@ -629,30 +652,6 @@ class HFPMethod(Method):
 
 
 # -- method 4: importance weights with an error tolerance ------------------------------------------
-def _carriers(model: nn.Module, graph: DependencyGraph) -> dict[str, torch.Tensor]:
-    """Where each prunable channel's importance weight goes: after the affine norm layers that
-    carry it, else after its producing conv/linear (so a norm layer cannot undo the weight).
-    Returns {module name: component label of each of its output channels}."""
-    modules = dict(model.named_modules())
-    prunable = torch.zeros(graph.n_components, dtype=torch.bool)
-    for g in graph.groups:
-        prunable[g.components] = True
-    norms, producers = {}, {}
-    for b, lab in zip(graph.bindings, graph.binding_labels):
-        m = modules.get(b.module)
-        if (b.kind == "tensor" and b.name == "weight" and isinstance(m, _GATED) and getattr(m, "affine", True)
-                and prunable[lab].any()):
-            norms[b.module] = lab
-        elif b.kind == "attr" and b.role == "out" and b.name in ("out_channels", "out_features") and prunable[lab].any():
-            producers[b.module] = lab
-    normed = torch.zeros(graph.n_components, dtype=torch.bool)
-    for lab in norms.values():
-        normed[lab] = True
-    out = dict(norms)
-    out.update({n: lab for n, lab in producers.items() if (prunable[lab] & ~normed[lab]).any()})
-    return out
-
-
 def _channel_macs(ctx: StepContext) -> torch.Tensor:
     """What removing one channel of each group saves in MACs (coupled layers included), mean 1
     over the prunable channels: weights for a cost-aware L1 penalty."""
@@ -705,10 +704,7 @@ class ImportanceWeights:
                     comp[g.components] = s.float() / s.float().mean().clamp_min(1e-12)
             start = {n: comp[lab] for n, lab in self.labels.items()}
         self.scales = ChannelScales(model, self.labels, init=start)
-        count = torch.zeros(graph.n_components)
-        for lab in self.labels.values():
-            count.index_add_(0, lab, torch.ones(len(lab)))
-        self._count = count
+        self._count = _carrier_count(self.labels.values(), graph.n_components)
         self._w = None
         if cost_weights is not None:
             if cost_weights.shape != (graph.n_components,):
@@ -725,11 +721,8 @@ class ImportanceWeights:
 
     def importance(self) -> torch.Tensor:
         """Mean |alpha| per channel component (0 where no weight carries it)."""
-        total = torch.zeros(self.graph.n_components)
         with torch.no_grad():
-            for name, p in self.scales.scales.items():
-                total.index_add_(0, self.labels[name], p.detach().abs().float().cpu())
-        return total / self._count.clamp_min(1)
+            return _mean_abs(((p, self.labels[n]) for n, p in self.scales.scales.items()), self._count).cpu()
 
     def scores(self) -> list[torch.Tensor]:
         imp = self.importance()
