@@ -119,7 +119,7 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     w.add_argument("--iw-epochs", type=int, default=5, help="epochs of training the importance weights with the network")
     w.add_argument("--init", default="ones", help="importance-weight initialisation: ones, uniform or l1")
     w.add_argument("--l1", type=float, default=1e-4, help="L1 penalty on the importance weights (0: none)")
-    w.add_argument("--fraction", type=float, default=0.05, help="share of the remaining removable filters cut per step")
+    w.add_argument("--fraction", type=float, default=0.05, help="share of the remaining removable filters cut per step (1: one cut, to the target)")
     w.add_argument("--search", default="steps", help="steps (fraction per step) or bisect (largest share within tolerance)")
     w.add_argument("--bisect-iters", type=int, default=6, help="bisect: number of probes")
     w.add_argument("--refinements", type=int, default=2,

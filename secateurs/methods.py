@@ -766,8 +766,8 @@ class ImportanceWeightMethod(Method):
             raise ValueError(f"`init` must be one of {', '.join(ImportanceWeights.INITS)}, got {init!r}")
         if isinstance(l1, bool) or not isinstance(l1, (int, float)) or not l1 >= 0:
             raise ValueError(f"`l1` must be a non-negative number, got {l1!r}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise ValueError(f"`fraction` must be in (0, 1), got {fraction!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
         if search not in ("steps", "bisect"):
             raise ValueError(f"`search` must be 'steps' or 'bisect', got {search!r}")
         if isinstance(bisect_iters, bool) or not isinstance(bisect_iters, int) or bisect_iters < 1:
@@ -852,17 +852,16 @@ class ImportanceWeightMethod(Method):
             cut[i] += 1
         return [alloc.clamp(i, g.size - c) for i, (g, c) in enumerate(zip(groups, cut))]
 
-    def _keep_for_macs(self, ctx: StepContext, alloc: Allocator, removable: int, goal: float) -> list[int]:
-        """Widths after removing the fewest lowest-score channels that bring the MACs to ``goal``."""
-        pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
-        lo, hi = 1, removable
+    def _fewest_removals(self, alloc: Allocator, cost: Callable[[list[int]], float], goal: float, hi: int) -> int:
+        """The fewest lowest-score channels (at most ``hi``) whose removal brings ``cost`` to ``goal``."""
+        lo = 1
         while lo < hi:
             mid = (lo + hi) // 2
-            if pc(alloc.removed(self._keep_removing(alloc, mid)))[0] <= goal:
+            if cost(self._keep_removing(alloc, mid)) <= goal:
                 hi = mid
             else:
                 lo = mid + 1
-        return self._keep_removing(alloc, lo)
+        return lo
 
     @staticmethod
     def _removable(alloc: Allocator) -> int:
@@ -903,6 +902,7 @@ class ImportanceWeightMethod(Method):
             if (ctx.current.macs, ctx.current.params)[which] <= limit:
                 return None, dict(info, stop=f"{ctx.budget.kind} target {ctx.budget.value} met")
         alloc = self._allocator(ctx, self._scores(ctx))
+        pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
         removable = self._removable(alloc)
         if removable == 0:
             return None, dict(info, stop="every group is at its minimum width")
@@ -913,17 +913,20 @@ class ImportanceWeightMethod(Method):
         else:
             fraction = self.fraction * 0.5 ** ctx.state.get("halvings", 0)
             if self.cost_aware:  # a step is a share of the MACs: the cheapest-per-MAC channels come in bulk
-                keep = self._keep_for_macs(ctx, alloc, removable, ctx.current.macs * (1 - fraction))
+                n = self._fewest_removals(alloc, lambda k: pc(alloc.removed(k))[0], ctx.current.macs * (1 - fraction),
+                                          removable)
             else:
-                keep = self._keep_removing(alloc, max(1, math.ceil(fraction * removable)))
+                n = max(1, math.ceil(fraction * removable))
+            keep = self._keep_removing(alloc, n)
         if limit is not None:
-            pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
 
             def cost(k: list[int]) -> float:
                 return pc(alloc.removed(k))[which]
 
             if cost(keep) < limit:  # the target is reached inside this step: remove only what it needs
-                keep = _fill(alloc, keep, cost, limit)
+                # (bisect the count first: one channel at a time from a big step would take thousands of costings)
+                keep = _fill(alloc, self._keep_removing(alloc, self._fewest_removals(alloc, cost, limit, removable)),
+                             cost, limit)
         if all(k == g.size for k, g in zip(keep, ctx.graph.groups)):
             return None, dict(info, stop="nothing left to remove (round_to / min_keep)")
         return self._commit(ctx, alloc, keep), info

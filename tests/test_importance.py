@@ -171,6 +171,25 @@ def test_macs_target_is_a_stop_rule_met_from_above(trained, digits):
                if isinstance(c, nn.Conv2d) and n in widths)
 
 
+def test_fraction_one_is_a_single_cut_to_the_target(trained, digits):
+    """fraction=1: one step, every removable channel ranked at once, filled back up to the target."""
+    tr, va = digits
+    x = torch.randn(1, 1, 8, 8)
+    m, rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.5, data=tr, steps=1,
+                             method_options={"epochs": 0, "fraction": 1.0})
+    assert len(rep["steps"]) == 2 and 0.5 - 0.035 <= rep["kept"]["macs"] <= 0.5
+    assert count(m, x).macs == rep["steps"][-1]["macs"]
+    # wide layers: a cut to 90% re-adds ~1000 channels after ranking them all; the target is still met
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Conv2d(1, 400, 3, padding=1), nn.BatchNorm2d(400), nn.ReLU(),
+                         nn.Conv2d(400, 400, 3, padding=1), nn.BatchNorm2d(400), nn.ReLU(),
+                         nn.Conv2d(400, 400, 3, padding=1), nn.BatchNorm2d(400), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(400, 10)).eval()
+    _, rep = secateurs.prune(wide, x, "importance-weights", 0.9, data=tr, steps=1,
+                             method_options={"epochs": 0, "fraction": 1.0, "init": "l1"})
+    assert 0.9 - 0.005 <= rep["kept"]["macs"] <= 0.9
+
+
 def test_bad_options_fail_before_the_model_is_touched(trained, digits):
     tr, va = digits
     m = copy.deepcopy(trained)
