@@ -121,8 +121,12 @@ def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches
     if data is None:
         raise ValueError("criterion 'taylor' needs data: pass `data` (a dataset or an iterable of (x, y) batches)")
     from .testing import main_output
+    from .train import predict_padded
 
     loss_fn = loss_fn or F.cross_entropy
+    dense = getattr(data, "task", None) == "segmentation"
+    if dense:  # whole images of any size (HeLa is 700x1100): few at a time, padded as evaluation pads them
+        batch_size = min(batch_size, 4)
     device = next(model.parameters()).device
     was = model.training
     model.eval()  # BN statistics stay as trained; gradients still flow
@@ -136,7 +140,8 @@ def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches
             p.grad = None
         for x, y in islice(iter(_batches(data, batch_size)), n_batches):
             model.zero_grad(set_to_none=True)
-            loss_fn(main_output(model(x.to(device))), y.to(device)).backward()
+            out = predict_padded(model, x.to(device)) if dense else main_output(model(x.to(device)))
+            loss_fn(out, y.to(device)).backward()
             scores = per_channel_sum(model, graph, lambda m, n, w: None if w.grad is None else w * w.grad)
             for t, s in zip(total, scores):
                 t += s.square()

@@ -134,6 +134,19 @@ def test_taylor_scores_a_dead_channel_zero_and_prunes_it_first():
     assert conv.out_channels == width - 1
 
 
+def test_taylor_on_segmentation_images_of_any_size():
+    """Whole masks of a size no U-Net takes as is (37x45): padded like evaluation pads them."""
+    from secateurs.data import ArrayDataset
+
+    torch.manual_seed(0)
+    ds = ArrayDataset("toy", torch.randint(0, 255, (6, 1, 37, 45), dtype=torch.uint8),
+                      torch.randint(0, 2, (6, 37, 45)), classes=["bg", "fg"], task="segmentation")
+    m = create_model("unet", in_chans=1, num_classes=2, base=4, depth=2).eval()
+    g = analyze(m, torch.randn(1, 1, 32, 32))
+    scores = group_scores(m, g, "taylor", data=ds, n_batches=2)
+    assert all(torch.isfinite(s).all() for s in scores) and any((s > 0).any() for s in scores)
+
+
 def test_custom_criterion_callable():
     m = create_model("cifar_resnet20").eval()
     x = torch.randn(1, 3, 32, 32)
