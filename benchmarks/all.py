@@ -5,7 +5,8 @@ generated from them only), keeping finished rows so that a killed run continues:
 
 1. coverage (``benchmarks.compare``), 2. engine time (``benchmarks.engine_speed``),
 3. realized speed-up (``benchmarks.compare``), 4. accuracy at equal MACs (``benchmarks.compare``),
-5. segmentation (``benchmarks.segmentation``, method 4 beside L1).
+5. segmentation: MACs vs IoU per method on U-Net, ISBI 2012 and HeLa (``benchmarks.compare``), and
+   method 4 with its error tolerance beside L1 (``benchmarks.segmentation``).
 
 Usage::
 
@@ -37,7 +38,9 @@ CLAIMS = [  # ../shared/METHODS.md's headline claims, and where we measure the s
      "docs/hfp.md: ResNet-20 49.75% for a 50% target; ResNet-50 39.9990% for 40%"),
     ("4. importance weights", "U-Net/TernausNet (Inria, AIRS): MACs -85% for a 0.32% accuracy drop, 6x smaller, ~7x faster",
      "docs/segmentation.md (quarter-width nets trained here; ISBI 2012, HeLa; 1 point of pixel accuracy): "
-     "MACs -53%/-71% (U-Net), -80%/-89% (TernausNet); files 15-115x smaller; 1.6-2.5x faster at batch 1, 512px"),
+     "MACs -53%/-71% (U-Net), -80%/-89% (TernausNet); files 15-115x smaller; 1.6-2.5x faster at batch 1, 512px. "
+     "Section 5 here (same 20 epochs for every method, 2 seeds): on HeLa U-Net at 20% of the MACs IoU 90.36 (-0.31 "
+     "from unpruned), best of every method; on ISBI best at 60% and 40%, behind L1/BN-scale at 20%"),
 ]
 
 
@@ -64,6 +67,9 @@ def run(args) -> None:
         segmentation.main(["--models", "unet16_isbi2012", "--max-steps", "1", "--iw-epochs", "1", "--ft-epochs", "1",
                            "--fraction", "0.2", "--work", str(out / "seg_runs"), "--out", str(out),
                            "--threads", str(args.threads)])
+        compare.main(["--sections", "segmentation", "--seg-models", "unet16_isbi2012", "--seg-targets", "0.6", "0.3",
+                      "--seg-methods", "l1", "importance-weights", "tp_magnitude", "--seg-epochs", "2",
+                      "--seg-phase-epochs", "1", *common])
     else:
         if "coverage" in args.sections:
             compare.main(["--sections", "coverage", *common])
@@ -75,35 +81,48 @@ def run(args) -> None:
             compare.main(["--sections", "accuracy", "--epochs", str(args.epochs), "--subset", str(args.subset),
                           "--val-subset", str(args.val_subset), "--seeds", *map(str, args.seeds), *common])
         if "segmentation" in args.sections:
+            compare.main(["--sections", "segmentation", *common])
             segmentation.main(["--out", str(out), "--work", str(ROOT / "runs" / "segmentation"),
                                "--threads", str(args.threads)])
 
 
-def _plots(out: Path, acc: list[dict], speed: list[dict]) -> list[str]:
+def _pareto(out: Path, rows: list[dict], ylabel: str, filename: str) -> str | None:
+    """One panel per model: the metric against the MACs kept, a line per method (theirs dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
-    models = sorted({r["model"] for r in acc})
-    if models:
-        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            rows = [r for r in acc if r["model"] == model]
-            for method in sorted({r["method"] for r in rows}):
-                pts = sorted((r["kept_macs"], r["top1_mean"], r["top1_std"]) for r in rows if r["method"] == method)
-                ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                            linestyle="--" if method.startswith("tp_") else "-", label=method, capsize=3)
-            ax.axhline(rows[0]["top1_before"], color="gray", linewidth=0.8)
-            ax.set_xlabel("MACs kept (%)")
-            ax.set_ylabel("top-1 (%)")
-            ax.set_title(model)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_macs.png", dpi=80)
-        plt.close(fig)
-        made.append("accuracy_vs_macs.png")
+    rows = [r for r in rows if r["mean"] is not None]
+    models = sorted({r["model"] for r in rows})
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        for method in sorted({r["method"] for r in mine}):
+            pts = sorted((r["kept_macs"], r["mean"], r["std"]) for r in mine if r["method"] == method)
+            ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        linestyle="--" if method.startswith("tp_") else "-", label=method, capsize=3)
+        ax.axhline(mine[0]["before"], color="gray", linewidth=0.8)
+        ax.set_xlabel("MACs kept (%)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / filename, dpi=80)
+    plt.close(fig)
+    return filename
+
+
+def _plots(out: Path, acc: list[dict], speed: list[dict], seg: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = [f for f in (_pareto(out, acc, "top-1 (%)", "accuracy_vs_macs.png"),
+                        _pareto(out, seg, "IoU (%)", "segmentation_iou_vs_macs.png")) if f]
     if speed:
         fig, ax = plt.subplots(figsize=(6, 4))
         base = {r["model"]: r for r in speed if r["tool"] == "unpruned"}
@@ -123,13 +142,15 @@ def _plots(out: Path, acc: list[dict], speed: list[dict]) -> list[str]:
 
 
 def write_report(args) -> Path:
-    from benchmarks.compare import summarize_accuracy
+    from benchmarks.compare import COVERAGE_MODELS, OURS, SEG_METHODS, SEG_MODELS, THEIRS, summarize
 
     out = Path(args.out)
     cov = _csv(out / "compare_coverage.csv")
     eng = _csv(out / "engine_speed.csv")
     speed = _csv(out / "compare_speedup.csv")
-    acc = summarize_accuracy(out / "compare_accuracy.csv")
+    acc = summarize(out / "compare_accuracy.csv", "top1")
+    curves = summarize(out / "compare_segmentation.csv", "iou")
+    made = _plots(out, acc, speed, curves)
     seg = json.loads((out / "segmentation.json").read_text())["results"] if (out / "segmentation.json").exists() else {}
     try:
         import torch_pruning as tp
@@ -141,24 +162,37 @@ def write_report(args) -> Path:
     title = "Benchmarks (QUICK settings: a smoke test of the machinery, not results)" if args.quick else "Benchmarks"
     L = [f"# {title}", "",
          f"Generated by `python -m benchmarks.all{' --quick' if args.quick else ''}` from the results files in this "
-         f"folder ({', '.join(f for f in ('compare_coverage.csv', 'engine_speed.csv', 'compare_speedup.csv', 'compare_accuracy.csv', 'segmentation.json') if (out / f).exists())}); "
+         f"folder ({', '.join(f for f in ('compare_coverage.csv', 'engine_speed.csv', 'compare_speedup.csv', 'compare_accuracy.csv', 'compare_segmentation.csv', 'segmentation.json') if (out / f).exists())}); "
          "every number below is in one of them.", "",
          f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads; Python "
          f"{sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
          f"Torch-Pruning {tp_version}. CPU protocol (no GPU): short fine-tunes on subsets, labelled in each section.",
-         ""]
+         "", "Commands (from the repository root, after `pip install -e '.[test,bench]'`; `../shared/data` beside it):",
+         "", "```",
+         "python -m benchmarks.all                          # every section, then this file; finished rows are kept",
+         "python -m benchmarks.all --sections engine speedup # some sections only (the report uses every results file)",
+         "python -m benchmarks.all --report-only            # this file and its plots from the results files",
+         "python -m benchmarks.all --quick                  # the same machinery on tiny settings (CI), runs/bench-quick",
+         "python -m benchmarks.compare --help               # sections 1, 3, 4 and the segmentation curves, options",
+         "python -m benchmarks.engine_speed --help          # section 2",
+         "python -m benchmarks.segmentation --help          # method 4 with its error tolerance",
+         "```", ""]
     if not args.quick:
-        from benchmarks.compare import COVERAGE_MODELS, OURS, THEIRS
-
         n_acc = len(_csv(out / "compare_accuracy.csv"))
         want = 2 * 2 * len(OURS + THEIRS) * len(args.seeds)
+        seg_rows = _csv(out / "compare_segmentation.csv")
+        want_seg = len(SEG_MODELS) * 4 * len(SEG_METHODS) * 2
+        hours = sum(float(r["seconds"] or 0) for r in _csv(out / "compare_accuracy.csv") + seg_rows) / 3600
         L += ["**Status.** "
               f"Coverage {len(_csv(out / 'compare_coverage.csv'))}/{2 * len(COVERAGE_MODELS)} rows; "
               f"accuracy {n_acc}/{want} runs (ResNet-20 and ResNet-56 x 2 targets x {len(OURS + THEIRS)} methods x "
-              f"{len(args.seeds)} seeds); missing rows are filled by running the same command again (finished rows "
-              "are kept). Engine times come from `engine_speed.csv` as last measured by `benchmarks.engine_speed`. "
-              "Paper-scale accuracy needs a GPU: `python -m benchmarks.all --sections accuracy --epochs 30 "
-              "--subset 0 --val-subset 0` (not run: no GPU was lent).", ""]
+              f"{len(args.seeds)} seeds); segmentation curves {len(seg_rows)}/{want_seg} points ({len(SEG_MODELS)} "
+              f"U-Nets x 4 targets x {len(SEG_METHODS)} methods x 2 seeds). Coverage, speed-up, accuracy and "
+              "segmentation keep their finished rows, so a killed run goes on where it stopped (delete the results "
+              f"files to start from scratch: the accuracy and segmentation rows alone cost {hours:.1f} h of this "
+              "machine); the engine times are measured afresh by every run. Paper-scale accuracy needs a GPU: "
+              "`python -m benchmarks.all --sections accuracy --epochs 30 --subset 0 --val-subset 0` (not run: no GPU "
+              "was lent).", ""]
     L += ["## 1. Coverage: torchvision models pruned to 50% of every group's channels", "",
           "Forward shape, finite outputs, a backward pass, MACs drop; the classifier / segmentation head kept.", "",
           "| model | secateurs | Torch-Pruning |", "|---|---|---|"]
@@ -199,21 +233,60 @@ def write_report(args) -> Path:
               "epochs doing so.", "",
               "| model | target | method | tool | MACs kept | top-1 before | top-1 after (mean +- std) | seeds |",
               "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(acc, key=lambda r: (r["model"], -r["target"], -r["top1_mean"])):
+        for r in sorted(acc, key=lambda r: (r["model"], -r["target"], -r["mean"])):
             L.append(f"| {r['model']} | {r['target']:.0%} | {r['method']} | {r['tool']} | {r['kept_macs']:.1%} | "
-                     f"{r['top1_before']:.2f} | {r['top1_mean']:.2f} +- {r['top1_std']:.2f} | {r['seeds']} |")
+                     f"{r['before']:.2f} | {r['mean']:.2f} +- {r['std']:.2f} | {r['seeds']} |")
         L.append("")
         for (model, target) in sorted({(r["model"], r["target"]) for r in acc}, key=lambda k: (k[0], -k[1])):
             rows = [r for r in acc if r["model"] == model and r["target"] == target]
-            best = {t: max((r for r in rows if r["tool"] == t), key=lambda r: r["top1_mean"], default=None)
+            best = {t: max((r for r in rows if r["tool"] == t), key=lambda r: r["mean"], default=None)
                     for t in ("secateurs", "torch_pruning")}
             if all(best.values()):
                 a, b = best["secateurs"], best["torch_pruning"]
-                L.append(f"- {model} at {target:.0%}: best of ours `{a['method']}` {a['top1_mean']:.2f}, best of "
-                         f"Torch-Pruning's `{b['method']}` {b['top1_mean']:.2f} ({a['top1_mean'] - b['top1_mean']:+.2f} points).")
-    L += ["", "## 5. Segmentation: method 4 beside L1 at the same MACs", ""]
+                L.append(f"- {model} at {target:.0%}: best of ours `{a['method']}` {a['mean']:.2f}, best of "
+                         f"Torch-Pruning's `{b['method']}` {b['mean']:.2f} ({a['mean'] - b['mean']:+.2f} points).")
+    L += ["", "## 5. Segmentation: MACs vs IoU per method (U-Net)", ""]
+    if curves:
+        c0 = curves[0]
+        targets = sorted({r["target"] for r in curves}, reverse=True)
+        L += [f"Every point: the zoo U-Net (`unet16`, trained here; docs/segmentation.md describes it and the data) "
+              f"pruned to the MACs target (counted at 256x256), then {c0['epochs']} epochs on the training slices "
+              "(AdamW lr 3e-4, the zoo recipe's crops), IoU of the foreground class on the validation slices; "
+              f"mean +- std over {max(r['seeds'] for r in curves)} seed(s). Methods that train while pruning (hfp, "
+              "importance-weights, Torch-Pruning's bn_scale / group_norm regularizers) spend 6 of those epochs doing so and 1 fine-tuning right after "
+              "the cut; `importance-weights` here cuts once to the target by |alpha| (fraction 1), the tolerance "
+              "schedule is the next table. Cells: IoU mean +- std (MACs kept).", ""]
+        for model in sorted({r["model"] for r in curves}):
+            rows = [r for r in curves if r["model"] == model]
+            L += [f"**{model}** (IoU before pruning {rows[0]['before']:.2f})", "",
+                  "| method | tool | " + " | ".join(f"{t:.0%}" for t in targets) + " |",
+                  "|---|---|" + "---|" * len(targets)]
+            rank = {m: i for i, m in enumerate(OURS + THEIRS)}
+            for method in sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: rank.get(m, len(rank))):
+                cells = []
+                for t in targets:
+                    r = next((r for r in rows if r["method"] == method and r["target"] == t), None)
+                    cells.append("-" if r is None else f"{r['mean']:.2f} +- {r['std']:.2f} ({r['kept_macs']:.1%})" if r["mean"] is not None
+                                 else "error")
+                L.append(f"| {method} | {next(r['tool'] for r in rows if r['method'] == method)} | "
+                         + " | ".join(cells) + " |")
+            L.append("")
+            errors = {r["method"]: r["note"] for r in rows if r["mean"] is None}
+            L += [f"- `{m}` failed: {note}" for m, note in errors.items()]
+            for t in targets:
+                at = [r for r in rows if r["target"] == t and r["mean"] is not None]
+                best = {tool: max((r for r in at if r["tool"] == tool), key=lambda r: r["mean"], default=None)
+                        for tool in ("secateurs", "torch_pruning")}
+                if all(best.values()):
+                    a, b = best["secateurs"], best["torch_pruning"]
+                    L.append(f"- at {t:.0%}: best of ours `{a['method']}` {a['mean']:.2f}, best of Torch-Pruning's "
+                             f"`{b['method']}` {b['mean']:.2f} ({a['mean'] - b['mean']:+.2f} points).")
+            L.append("")
+        if "segmentation_iou_vs_macs.png" in made:
+            L += ["![IoU vs MACs kept](segmentation_iou_vs_macs.png)", ""]
     if seg:
-        L += ["| model | method | MACs kept | metric drop (pixel acc / IoU) | file smaller | latency b1 512 |",
+        L += ["### Method 4 with its error tolerance beside L1 at the same MACs", "",
+              "| model | method | MACs kept | metric drop (pixel acc / IoU) | file smaller | latency b1 512 |",
               "|---|---|---|---|---|---|"]
         for name, r in seg.items():
             b = r["base"]
@@ -226,7 +299,7 @@ def write_report(args) -> Path:
         L += ["", "Details, curves and predictions: segmentation.md in this folder.", ""]
     L += ["## The papers' claims next to what we measured", "", "| method | paper | measured here |", "|---|---|---|"]
     L += [f"| {a} | {b} | {c} |" for a, b, c in CLAIMS]
-    L += [""] + [f"![{p}]({p})" for p in _plots(out, acc, speed)] + [""]
+    L += [""] + [f"![{p}]({p})" for p in made if p != "segmentation_iou_vs_macs.png"] + [""]
     path = out / "BENCHMARKS.md"
     path.write_text("\n".join(L) + "\n")
     return path

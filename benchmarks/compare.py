@@ -1,6 +1,6 @@
 """secateurs beside Torch-Pruning on the same machine, models, targets and fine-tuning budget.
 
-Three sections, each written to its own results file under ``--out`` (rows are appended and kept,
+Four sections, each written to its own results file under ``--out`` (rows are appended and kept,
 so a killed run continues where it stopped):
 
 - ``coverage``: torchvision models pruned by each tool at 50% of every prunable group's channels
@@ -15,6 +15,10 @@ so a killed run continues where it stopped):
   (``compare_accuracy.csv``). Torch-Pruning's BN-scale and group-norm pruners use their sparse
   regularizer for the first fine-tuning epoch before the cut (their intended use), the others cut
   first; every row gets the same number of epochs in total.
+- ``segmentation``: the zoo U-Nets on ISBI 2012 and HeLa pruned to each MACs target by the same
+  methods (less the layer-pruning cascade: it removes residual blocks, a U-Net has none), fine-tuned for
+  the same epochs with the zoo recipe, IoU on the validation slices (``compare_segmentation.csv``);
+  a method that fails on a model is a row with its error.
 
 Usage::
 
@@ -211,25 +215,69 @@ def speedup(models: dict[str, int], out: Path, repeats: int, threads: int) -> No
 
 
 # -- accuracy at equal MACs --------------------------------------------------------------------
-def _tp_finetune_with_regularizer(model, x, kind, target, train, cfg, seed):
-    """One epoch of Torch-Pruning's sparse training (its regularizer after every backward), then the cut."""
+def _tp_finetune_with_regularizer(model, x, kind, target, train, cfg, seed, epochs: int = 1):
+    """``epochs`` of Torch-Pruning's sparse training (its regularizer after every backward), then the cut."""
     import torch.nn.functional as F
 
     from secateurs.data import Batches
+    from secateurs.train import _optimizer
 
     pruner = _tp_pruner(model, x, kind, 0.5)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    # SGD as the recorded CIFAR grid ran it (decay on every parameter); otherwise the recipe's optimizer
+    opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+           if cfg.optimizer == "sgd" else _optimizer(model, cfg))
     model.train()
-    batches = Batches(train, cfg.batch_size, train=True, seed=seed, pad=cfg.pad)
+    batches = Batches(train, cfg.batch_size, train=True, seed=seed, pad=cfg.pad if train.task == "classification" else 0,
+                      crop=cfg.crop)
     if hasattr(pruner, "update_regularizer"):
         pruner.update_regularizer()
-    for xb, yb in batches:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xb), yb).backward()
-        pruner.regularize(model)
-        opt.step()
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        for xb, yb in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            pruner.regularize(model)
+            opt.step()
     model.eval()
     return tp_prune_to_macs(model, x, kind, target)
+
+
+def prune_with(method: str, model, x, target: float, train, cfg, phase_epochs: int = 1, hfp: dict | None = None) -> int:
+    """Prune ``model`` to ``target`` of its MACs with one of OURS + THEIRS; returns the epochs spent.
+
+    Methods that train while pruning (hfp, importance-weights, Torch-Pruning's bn_scale and
+    group_norm regularizers) spend ``phase_epochs`` doing so with ``cfg``'s recipe; the caller
+    fine-tunes for what is left of the common budget.
+    """
+    from dataclasses import replace
+
+    import secateurs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method in ("tp_bn_scale", "tp_group_norm"):
+            _tp_finetune_with_regularizer(model, x, method, target, train, cfg, cfg.seed, phase_epochs)
+            return phase_epochs
+        if method == "tp_magnitude":
+            tp_prune_to_macs(model, x, method, target)
+        elif method == "hfp":  # its training phase is part of the budget
+            secateurs.prune(model, x, "hfp", target, data=train, finetune=replace(cfg, epochs=1),
+                            method_options={"epochs": phase_epochs, "lr": cfg.lr, **(hfp or {})})
+            return phase_epochs + 1
+        elif method == "importance-weights":  # alpha learnt, then one cut to the MACs target by |alpha|
+            secateurs.prune(model, x, method, target, data=train, steps=1, finetune=replace(cfg, epochs=1),
+                            method_options={"epochs": phase_epochs, "fraction": 1.0, "lr": cfg.lr})
+            return phase_epochs + 1
+        elif method == "heuristic":  # rounds of its estimator until the MACs target
+            secateurs.prune(model, x, method, target, steps=20, method_options={"kappa": 0.0})
+        elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then PLS-VIP filters to the target
+            base_macs = secateurs.count(model, x).macs
+            secateurs.prune(model, x, "dlp", max(target, 0.75), data=train, method_options={"per_class": 20})
+            secateurs.prune(model, x, "vip", target * base_macs / secateurs.count(model, x).macs, data=train,
+                            allocation="uniform")
+        else:
+            secateurs.prune(model, x, method, target, data=train)
+    return 0
 
 
 def accuracy(models: list[str], targets: list[float], methods: list[str], seeds: list[int], args, out: Path) -> None:
@@ -258,34 +306,24 @@ def accuracy(models: list[str], targets: list[float], methods: list[str], seeds:
                     m = copy.deepcopy(base)
                     cfg = replace(finetune_config(args, args.epochs), seed=seed)
                     t = time.perf_counter()
-                    epochs_left = args.epochs
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        if method in ("tp_bn_scale", "tp_group_norm"):
-                            _tp_finetune_with_regularizer(m, x, method, target, train, cfg, seed)
-                            epochs_left -= 1
-                        elif method == "tp_magnitude":
-                            tp_prune_to_macs(m, x, method, target)
-                        elif method == "hfp":  # its training phase is one of the epochs
+                    # hfp's phase is its one epoch (no extra fine-tuning epoch on CIFAR: 50 warm-up steps)
+                    if method == "hfp":
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
                             secateurs.prune(m, x, "hfp", target, data=train,
                                             method_options={"epochs": 1, "lam": 5.0, "warmup_steps": 50, "lr": args.lr})
-                            epochs_left -= 1
-                        elif method == "importance-weights":  # one epoch learning alpha; the MACs target stops it
+                        used = 1
+                    elif method == "importance-weights":
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
                             secateurs.prune(m, x, method, target, data=train,
                                             method_options={"epochs": 1, "fraction": 0.1, "lr": args.lr})
-                            epochs_left -= 1
-                        elif method == "heuristic":  # rounds of its estimator until the MACs target
-                            secateurs.prune(m, x, method, target, steps=20, method_options={"kappa": 0.0})
-                        elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then PLS-VIP filters to the target
-                            secateurs.prune(m, x, "dlp", max(target, 0.75), data=train,
-                                            method_options={"per_class": 20})
-                            secateurs.prune(m, x, "vip", target * base_macs / secateurs.count(m, x).macs, data=train,
-                                            allocation="uniform")
-                        else:
-                            secateurs.prune(m, x, method, target, data=train)
+                        used = 1
+                    else:
+                        used = prune_with(method, m, x, target, train, cfg)
                     kept = secateurs.count(m, x).macs / base_macs
-                    if epochs_left > 0:
-                        fit(m, train, None, replace(cfg, epochs=epochs_left))
+                    if args.epochs - used > 0:
+                        fit(m, train, None, replace(cfg, epochs=args.epochs - used))
                     row = {"model": name, "target": target, "method": method, "seed": seed,
                            "tool": "torch_pruning" if method.startswith("tp_") else "secateurs",
                            "kept_macs": round(kept, 4), "top1_before": round(top0, 2),
@@ -295,19 +333,79 @@ def accuracy(models: list[str], targets: list[float], methods: list[str], seeds:
                     print(f"accuracy {row}", flush=True)
 
 
-def summarize_accuracy(path: Path) -> list[dict]:
-    """Mean and spread over seeds per (model, target, method)."""
+# -- segmentation: MACs vs IoU per method ------------------------------------------------------
+SEG_MODELS = ["unet16_isbi2012", "unet16_hela"]
+SEG_METHODS = ["l1", "bn_scale", "taylor", "heuristic", "hfp", "importance-weights",
+               "tp_magnitude", "tp_bn_scale", "tp_group_norm"]
+
+
+def seg_curves(models: list[str], targets: list[float], methods: list[str], seeds: list[int], args, out: Path) -> None:
+    """Each U-Net pruned to each MACs target by each method, fine-tuned for the same epochs, IoU measured."""
+    from dataclasses import replace
+
+    import secateurs
+    from benchmarks.segmentation import SETUPS, _finetune
+    from secateurs.data import load_dataset
+    from secateurs.models import load_pretrained
+    from secateurs.train import evaluate, fit
+
+    path = out / "compare_segmentation.csv"
+    done = {(r["model"], r["target"], r["method"], r["seed"]) for r in _rows(path)}
+    x = torch.randn(1, 1, 256, 256)  # MACs at 256x256, as in docs/segmentation.md
+    for name in models:
+        setup = SETUPS[name]
+        train, val = load_dataset(setup["data"], "train"), load_dataset(setup["data"], "test")
+        base = load_pretrained(name)
+        before = evaluate(base, val)
+        base_macs = secateurs.count(base, x).macs
+        for target in targets:
+            for method in methods:
+                for seed in seeds:
+                    if (name, str(target), method, str(seed)) in done:
+                        continue
+                    torch.manual_seed(seed)
+                    m = copy.deepcopy(base)
+                    cfg = replace(_finetune(setup, argparse.Namespace(lr=args.seg_lr), args.seg_epochs), seed=seed)
+                    t = time.perf_counter()
+                    row = {"model": name, "target": target, "method": method, "seed": seed,
+                           "tool": "torch_pruning" if method.startswith("tp_") else "secateurs"}
+                    try:
+                        used = prune_with(method, m, x, target, train, cfg, args.seg_phase_epochs,
+                                          hfp={"warmup_steps": 10})
+                    except Exception as err:  # a method that cannot prune this model is a row, not a crash
+                        _append(path, {**row, "kept_macs": "", "pixel_acc": "", "iou": "", "dice": "",
+                                       "iou_before": round(before["iou"], 2), "epochs": args.seg_epochs,
+                                       "seconds": "", "note": f"{type(err).__name__}: {str(err)[:100]}"})
+                        print(f"segmentation {name} {method} {target}: {type(err).__name__}: {err}", flush=True)
+                        continue
+                    kept = secateurs.count(m, x).macs / base_macs
+                    if args.seg_epochs - used > 0:
+                        fit(m, train, None, replace(cfg, epochs=args.seg_epochs - used))
+                    after = evaluate(m, val)
+                    row.update({"kept_macs": round(kept, 4), "pixel_acc": round(after["pixel_acc"], 2),
+                                "iou": round(after["iou"], 2), "dice": round(after["dice"], 2),
+                                "iou_before": round(before["iou"], 2), "epochs": args.seg_epochs,
+                                "seconds": round(time.perf_counter() - t, 1), "note": ""})
+                    _append(path, row)
+                    print(f"segmentation {row}", flush=True)
+
+
+def summarize(path: Path, metric: str = "top1") -> list[dict]:
+    """Mean and spread of ``metric`` over seeds per (model, target, method); a failed method keeps its note."""
     groups: dict[tuple, list[dict]] = {}
     for r in _rows(path):
         groups.setdefault((r["model"], r["target"], r["method"]), []).append(r)
     out = []
     for (model, target, method), rs in groups.items():
-        tops = [float(r["top1"]) for r in rs]
+        ok = [r for r in rs if r.get(metric) not in ("", None)]
+        vals = [float(r[metric]) for r in ok]
         out.append({"model": model, "target": float(target), "method": method, "tool": rs[0]["tool"],
-                    "kept_macs": statistics.mean(float(r["kept_macs"]) for r in rs), "top1_mean": statistics.mean(tops),
-                    "top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0, "seeds": len(tops),
-                    "top1_before": float(rs[0]["top1_before"]), "epochs": rs[0]["epochs"],
-                    "train_images": rs[0]["train_images"], "val_images": rs[0]["val_images"]})
+                    "kept_macs": statistics.mean(float(r["kept_macs"]) for r in ok) if ok else None,
+                    "mean": statistics.mean(vals) if vals else None,
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "seeds": len(vals),
+                    "before": float(rs[0][f"{metric}_before"]), "epochs": rs[0]["epochs"],
+                    "train_images": rs[0].get("train_images"), "val_images": rs[0].get("val_images"),
+                    "note": next((r["note"] for r in rs if r.get("note")), "")})
     return out
 
 
@@ -326,6 +424,14 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, the same for every row")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--seg-models", nargs="+", default=SEG_MODELS)
+    p.add_argument("--seg-targets", nargs="+", type=float, default=[0.8, 0.6, 0.4, 0.2])
+    p.add_argument("--seg-methods", nargs="+", default=SEG_METHODS)
+    p.add_argument("--seg-seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seg-epochs", type=int, default=20, help="segmentation: epochs per point, the same for every row")
+    p.add_argument("--seg-phase-epochs", type=int, default=6,
+                   help="segmentation: of those, the epochs that methods training while pruning spend doing so")
+    p.add_argument("--seg-lr", type=float, default=3e-4, help="segmentation: AdamW lr (the zoo models' recipe)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -336,6 +442,8 @@ def main(argv=None) -> None:
         speedup({m: SPEEDUP_MODELS.get(m, 224) for m in args.speedup_models}, out, args.repeats, args.threads)
     if "accuracy" in args.sections:
         accuracy(args.models, args.targets, args.methods, args.seeds, args, out)
+    if "segmentation" in args.sections:
+        seg_curves(args.seg_models, args.seg_targets, args.seg_methods, args.seg_seeds, args, out)
 
 
 if __name__ == "__main__":

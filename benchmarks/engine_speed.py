@@ -121,11 +121,6 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.repeats)))
         return 0
 
-    import torch
-    import torchvision
-
-    import secateurs
-
     try:
         import torch_pruning as tp
         tp_version = tp.__version__

@@ -159,10 +159,8 @@ def write_markdown(results: dict, args, path: Path, sfx: str = "") -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(results: dict, work: Path, out: Path, sfx: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _predictions(results: dict, work: Path, out: Path, sfx: str) -> None:
+    """Input, ground truth and each saved model's prediction on the first validation image."""
     import matplotlib.pyplot as plt
 
     import secateurs
@@ -189,11 +187,24 @@ def plot(results: dict, work: Path, out: Path, sfx: str = "") -> None:
             ax.imshow(img, cmap="gray")
             ax.set_title(t, fontsize=9)
             ax.axis("off")
-        row[0].set_ylabel(name)
         row[0].text(-0.08, 0.5, name, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / f"segmentation{sfx}.png", dpi=80)
     plt.close(fig)
+
+
+def plot(results: dict, work: Path, out: Path, sfx: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    missing = [work / n / t for n in names for t in ("base", "iw", "l1") if not (work / n / t).exists()]
+    if missing:  # results made in another checkout: their predictions figure stays as it is
+        print(f"kept {out}/segmentation{sfx}.png: its saved models are not in {work} ({missing[0]}, ...)")
+    else:
+        _predictions(results, work, out, sfx)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
         c = results[name]["iw"]["curve"]

@@ -1,0 +1,62 @@
+"""The benchmark report is built from its results files only: every number in it comes from a row."""
+from __future__ import annotations
+
+import argparse
+import csv
+
+from benchmarks import all as report
+from benchmarks.compare import summarize
+
+ACC = [  # model, target, method, seed, tool, kept, before, top1
+    ("r20", 0.5, "l1", 0, "secateurs", 0.498, 86.0, 79.0),
+    ("r20", 0.5, "l1", 1, "secateurs", 0.500, 86.0, 81.0),
+    ("r20", 0.5, "tp_magnitude", 0, "torch_pruning", 0.49, 86.0, 78.0),
+    ("r20", 0.5, "tp_magnitude", 1, "torch_pruning", 0.49, 86.0, 78.0),
+]
+
+
+def _write(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _results(tmp_path):
+    _write(tmp_path / "compare_accuracy.csv", [
+        {"model": m, "target": t, "method": me, "seed": s, "tool": tool, "kept_macs": k, "top1_before": b, "top1": a,
+         "epochs": 2, "train_images": 500, "val_images": 200, "seconds": 1800} for m, t, me, s, tool, k, b, a in ACC])
+    seg = {"model": "unet16_isbi2012", "seed": 0, "dice": 70.0, "pixel_acc": 90.0, "iou_before": 65.29, "epochs": 20}
+    _write(tmp_path / "compare_segmentation.csv", [
+        {**seg, "target": 0.8, "method": "l1", "tool": "secateurs", "kept_macs": 0.7998, "iou": 64.77, "seconds": 30,
+         "note": ""},
+        {**seg, "target": 0.8, "method": "tp_magnitude", "tool": "torch_pruning", "kept_macs": 0.79, "iou": 63.0,
+         "seconds": 30, "note": ""},
+        {**seg, "target": 0.8, "method": "tp_group_norm", "tool": "torch_pruning", "kept_macs": "", "iou": "",
+         "dice": "", "pixel_acc": "", "seconds": "", "note": "IndexError: index 16 is out of bounds"},
+    ])
+
+
+def test_summary_is_mean_and_spread_over_seeds_and_keeps_failures(tmp_path):
+    _results(tmp_path)
+    acc = {r["method"]: r for r in summarize(tmp_path / "compare_accuracy.csv", "top1")}
+    assert acc["l1"]["mean"] == 80.0 and abs(acc["l1"]["std"] - 2 ** 0.5) < 1e-9 and acc["l1"]["seeds"] == 2
+    assert abs(acc["l1"]["kept_macs"] - 0.499) < 1e-9 and acc["tp_magnitude"]["std"] == 0.0
+    seg = {r["method"]: r for r in summarize(tmp_path / "compare_segmentation.csv", "iou")}
+    assert seg["l1"]["mean"] == 64.77 and seg["l1"]["before"] == 65.29
+    assert seg["tp_group_norm"]["mean"] is None and seg["tp_group_norm"]["note"].startswith("IndexError")
+
+
+def test_report_numbers_come_from_the_results_files(tmp_path):
+    _results(tmp_path)
+    args = argparse.Namespace(out=str(tmp_path), quick=False, threads=2, seeds=[0, 1])
+    text = report.write_report(args).read_text()
+    assert "| r20 | 50% | l1 | secateurs | 49.9% | 86.00 | 80.00 +- 1.41 | 2 |" in text
+    assert "best of ours `l1` 80.00, best of Torch-Pruning's `tp_magnitude` 78.00 (+2.00 points)" in text
+    assert "| l1 | secateurs | 64.77 +- 0.00 (80.0%) |" in text
+    assert "| tp_group_norm | torch_pruning | error |" in text
+    assert "- `tp_group_norm` failed: IndexError: index 16 is out of bounds" in text
+    assert "best of ours `l1` 64.77, best of Torch-Pruning's `tp_magnitude` 63.00 (+1.77 points)" in text
+    assert "segmentation curves 3/" in text and "cost 2.0 h of this machine" in text  # 4 x 1800 s + 60 s
+    for png in ("accuracy_vs_macs.png", "segmentation_iou_vs_macs.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
