@@ -141,6 +141,18 @@ def _plots(out: Path, acc: list[dict], speed: list[dict], seg: list[dict]) -> li
     return made
 
 
+def _best_line(label: str, rows: list[dict]) -> list[str]:
+    """The best of our rows beside the best of Torch-Pruning's (failed rows left out)."""
+    ok = [r for r in rows if r["mean"] is not None]
+    best = {t: max((r for r in ok if r["tool"] == t), key=lambda r: r["mean"], default=None)
+            for t in ("secateurs", "torch_pruning")}
+    if not all(best.values()):
+        return []
+    a, b = best["secateurs"], best["torch_pruning"]
+    return [f"- {label}: best of ours `{a['method']}` {a['mean']:.2f}, best of Torch-Pruning's `{b['method']}` "
+            f"{b['mean']:.2f} ({a['mean'] - b['mean']:+.2f} points)."]
+
+
 def write_report(args) -> Path:
     from benchmarks.compare import COVERAGE_MODELS, OURS, SEG_METHODS, SEG_MODELS, THEIRS, summarize
 
@@ -238,13 +250,8 @@ def write_report(args) -> Path:
                      f"{r['before']:.2f} | {r['mean']:.2f} +- {r['std']:.2f} | {r['seeds']} |")
         L.append("")
         for (model, target) in sorted({(r["model"], r["target"]) for r in acc}, key=lambda k: (k[0], -k[1])):
-            rows = [r for r in acc if r["model"] == model and r["target"] == target]
-            best = {t: max((r for r in rows if r["tool"] == t), key=lambda r: r["mean"], default=None)
-                    for t in ("secateurs", "torch_pruning")}
-            if all(best.values()):
-                a, b = best["secateurs"], best["torch_pruning"]
-                L.append(f"- {model} at {target:.0%}: best of ours `{a['method']}` {a['mean']:.2f}, best of "
-                         f"Torch-Pruning's `{b['method']}` {b['mean']:.2f} ({a['mean'] - b['mean']:+.2f} points).")
+            L += _best_line(f"{model} at {target:.0%}",
+                            [r for r in acc if r["model"] == model and r["target"] == target])
     L += ["", "## 5. Segmentation: MACs vs IoU per method (U-Net)", ""]
     if curves:
         c0 = curves[0]
@@ -274,13 +281,7 @@ def write_report(args) -> Path:
             errors = {r["method"]: r["note"] for r in rows if r["mean"] is None}
             L += [f"- `{m}` failed: {note}" for m, note in errors.items()]
             for t in targets:
-                at = [r for r in rows if r["target"] == t and r["mean"] is not None]
-                best = {tool: max((r for r in at if r["tool"] == tool), key=lambda r: r["mean"], default=None)
-                        for tool in ("secateurs", "torch_pruning")}
-                if all(best.values()):
-                    a, b = best["secateurs"], best["torch_pruning"]
-                    L.append(f"- at {t:.0%}: best of ours `{a['method']}` {a['mean']:.2f}, best of Torch-Pruning's "
-                             f"`{b['method']}` {b['mean']:.2f} ({a['mean'] - b['mean']:+.2f} points).")
+                L += _best_line(f"at {t:.0%}", [r for r in rows if r["target"] == t])
             L.append("")
         if "segmentation_iou_vs_macs.png" in made:
             L += ["![IoU vs MACs kept](segmentation_iou_vs_macs.png)", ""]
