@@ -242,12 +242,15 @@ def _tp_finetune_with_regularizer(model, x, kind, target, train, cfg, seed, epoc
     return tp_prune_to_macs(model, x, kind, target)
 
 
-def prune_with(method: str, model, x, target: float, train, cfg, phase_epochs: int = 1, hfp: dict | None = None) -> int:
+def prune_with(method: str, model, x, target: float, train, cfg, phase_epochs: int = 1, cut_epochs: int = 0,
+               options: dict | None = None) -> int:
     """Prune ``model`` to ``target`` of its MACs with one of OURS + THEIRS; returns the epochs spent.
 
     Methods that train while pruning (hfp, importance-weights, Torch-Pruning's bn_scale and
-    group_norm regularizers) spend ``phase_epochs`` doing so with ``cfg``'s recipe; the caller
-    fine-tunes for what is left of the common budget.
+    group_norm regularizers) spend ``phase_epochs`` doing so; ours also fine-tune ``cut_epochs``
+    right after the cut, with ``cfg``'s recipe (their training phase uses it too; without it, the
+    method's default config). ``options`` go to hfp's or importance-weights' method options. The
+    caller fine-tunes for what is left of the common budget.
     """
     from dataclasses import replace
 
@@ -258,16 +261,13 @@ def prune_with(method: str, model, x, target: float, train, cfg, phase_epochs: i
         if method in ("tp_bn_scale", "tp_group_norm"):
             _tp_finetune_with_regularizer(model, x, method, target, train, cfg, cfg.seed, phase_epochs)
             return phase_epochs
+        if method in ("hfp", "importance-weights"):  # the training phase is part of the budget
+            secateurs.prune(model, x, method, target, data=train,
+                            finetune=replace(cfg, epochs=cut_epochs) if cut_epochs else None,
+                            method_options={"epochs": phase_epochs, "lr": cfg.lr, **(options or {})})
+            return phase_epochs + cut_epochs
         if method == "tp_magnitude":
             tp_prune_to_macs(model, x, method, target)
-        elif method == "hfp":  # its training phase is part of the budget
-            secateurs.prune(model, x, "hfp", target, data=train, finetune=replace(cfg, epochs=1),
-                            method_options={"epochs": phase_epochs, "lr": cfg.lr, **(hfp or {})})
-            return phase_epochs + 1
-        elif method == "importance-weights":  # alpha learnt, then one cut to the MACs target by |alpha|
-            secateurs.prune(model, x, method, target, data=train, steps=1, finetune=replace(cfg, epochs=1),
-                            method_options={"epochs": phase_epochs, "fraction": 1.0, "lr": cfg.lr})
-            return phase_epochs + 1
         elif method == "heuristic":  # rounds of its estimator until the MACs target
             secateurs.prune(model, x, method, target, steps=20, method_options={"kappa": 0.0})
         elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then PLS-VIP filters to the target
@@ -306,21 +306,10 @@ def accuracy(models: list[str], targets: list[float], methods: list[str], seeds:
                     m = copy.deepcopy(base)
                     cfg = replace(finetune_config(args, args.epochs), seed=seed)
                     t = time.perf_counter()
-                    # hfp's phase is its one epoch (no extra fine-tuning epoch on CIFAR: 50 warm-up steps)
-                    if method == "hfp":
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            secateurs.prune(m, x, "hfp", target, data=train,
-                                            method_options={"epochs": 1, "lam": 5.0, "warmup_steps": 50, "lr": args.lr})
-                        used = 1
-                    elif method == "importance-weights":
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            secateurs.prune(m, x, method, target, data=train,
-                                            method_options={"epochs": 1, "fraction": 0.1, "lr": args.lr})
-                        used = 1
-                    else:
-                        used = prune_with(method, m, x, target, train, cfg)
+                    # one epoch of training phase where there is one; hfp: 50 warm-up steps, lam 5
+                    used = prune_with(method, m, x, target, train, cfg,
+                                      options={"hfp": {"lam": 5.0, "warmup_steps": 50},
+                                               "importance-weights": {"fraction": 0.1}}.get(method))
                     kept = secateurs.count(m, x).macs / base_macs
                     if args.epochs - used > 0:
                         fit(m, train, None, replace(cfg, epochs=args.epochs - used))
@@ -370,8 +359,10 @@ def seg_curves(models: list[str], targets: list[float], methods: list[str], seed
                     row = {"model": name, "target": target, "method": method, "seed": seed,
                            "tool": "torch_pruning" if method.startswith("tp_") else "secateurs"}
                     try:
-                        used = prune_with(method, m, x, target, train, cfg, args.seg_phase_epochs,
-                                          hfp={"warmup_steps": 10})
+                        # importance-weights: one cut to the target by |alpha| (fraction 1)
+                        used = prune_with(method, m, x, target, train, cfg, args.seg_phase_epochs, cut_epochs=1,
+                                          options={"hfp": {"warmup_steps": 10},
+                                                   "importance-weights": {"fraction": 1.0}}.get(method))
                     except Exception as err:  # a method that cannot prune this model is a row, not a crash
                         _append(path, {**row, "kept_macs": "", "pixel_acc": "", "iou": "", "dice": "",
                                        "iou_before": round(before["iou"], 2), "epochs": args.seg_epochs,
