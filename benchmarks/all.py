@@ -154,7 +154,8 @@ def _best_line(label: str, rows: list[dict]) -> list[str]:
 
 
 def write_report(args) -> Path:
-    from benchmarks.compare import COVERAGE_MODELS, OURS, SEG_METHODS, SEG_MODELS, THEIRS, summarize
+    from benchmarks.compare import (COVERAGE_MODELS, OURS, SEG_METHODS, SEG_MODELS, SEG_PHASE_EPOCHS, SEG_SEEDS,
+                                    SEG_TARGETS, THEIRS, summarize)
 
     out = Path(args.out)
     cov = _csv(out / "compare_coverage.csv")
@@ -193,13 +194,13 @@ def write_report(args) -> Path:
         n_acc = len(_csv(out / "compare_accuracy.csv"))
         want = 2 * 2 * len(OURS + THEIRS) * len(args.seeds)
         seg_rows = _csv(out / "compare_segmentation.csv")
-        want_seg = len(SEG_MODELS) * 4 * len(SEG_METHODS) * 2
+        want_seg = len(SEG_MODELS) * len(SEG_TARGETS) * len(SEG_METHODS) * len(SEG_SEEDS)
         hours = sum(float(r["seconds"] or 0) for r in _csv(out / "compare_accuracy.csv") + seg_rows) / 3600
         L += ["**Status.** "
               f"Coverage {len(_csv(out / 'compare_coverage.csv'))}/{2 * len(COVERAGE_MODELS)} rows; "
               f"accuracy {n_acc}/{want} runs (ResNet-20 and ResNet-56 x 2 targets x {len(OURS + THEIRS)} methods x "
               f"{len(args.seeds)} seeds); segmentation curves {len(seg_rows)}/{want_seg} points ({len(SEG_MODELS)} "
-              f"U-Nets x 4 targets x {len(SEG_METHODS)} methods x 2 seeds). Coverage, speed-up, accuracy and "
+              f"U-Nets x {len(SEG_TARGETS)} targets x {len(SEG_METHODS)} methods x {len(SEG_SEEDS)} seeds). Coverage, speed-up, accuracy and "
               "segmentation keep their finished rows, so a killed run goes on where it stopped (delete the results "
               f"files to start from scratch: the accuracy and segmentation rows alone cost {hours:.1f} h of this "
               "machine); the engine times are measured afresh by every run. Paper-scale accuracy needs a GPU: "
@@ -260,7 +261,8 @@ def write_report(args) -> Path:
               f"pruned to the MACs target (counted at 256x256), then {c0['epochs']} epochs on the training slices "
               "(AdamW lr 3e-4, the zoo recipe's crops), IoU of the foreground class on the validation slices; "
               f"mean +- std over {max(r['seeds'] for r in curves)} seed(s). Methods that train while pruning (hfp, "
-              "importance-weights, Torch-Pruning's bn_scale / group_norm regularizers) spend 6 of those epochs doing so and 1 fine-tuning right after "
+              f"importance-weights, Torch-Pruning's bn_scale / group_norm regularizers) spend {SEG_PHASE_EPOCHS} of those "
+              "epochs doing so and 1 fine-tuning right after "
               "the cut; `importance-weights` here cuts once to the target by |alpha| (fraction 1), the tolerance "
               "schedule is the next table. Cells: IoU mean +- std (MACs kept).", ""]
         for model in sorted({r["model"] for r in curves}):

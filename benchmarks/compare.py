@@ -326,6 +326,7 @@ def accuracy(models: list[str], targets: list[float], methods: list[str], seeds:
 SEG_MODELS = ["unet16_isbi2012", "unet16_hela"]
 SEG_METHODS = ["l1", "bn_scale", "taylor", "heuristic", "hfp", "importance-weights",
                "tp_magnitude", "tp_bn_scale", "tp_group_norm"]
+SEG_TARGETS, SEG_SEEDS, SEG_PHASE_EPOCHS = [0.8, 0.6, 0.4, 0.2], [0, 1], 6
 
 
 def seg_curves(models: list[str], targets: list[float], methods: list[str], seeds: list[int], args, out: Path) -> None:
@@ -416,11 +417,11 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, the same for every row")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--seg-models", nargs="+", default=SEG_MODELS)
-    p.add_argument("--seg-targets", nargs="+", type=float, default=[0.8, 0.6, 0.4, 0.2])
+    p.add_argument("--seg-targets", nargs="+", type=float, default=SEG_TARGETS)
     p.add_argument("--seg-methods", nargs="+", default=SEG_METHODS)
-    p.add_argument("--seg-seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seg-seeds", nargs="+", type=int, default=SEG_SEEDS)
     p.add_argument("--seg-epochs", type=int, default=20, help="segmentation: epochs per point, the same for every row")
-    p.add_argument("--seg-phase-epochs", type=int, default=6,
+    p.add_argument("--seg-phase-epochs", type=int, default=SEG_PHASE_EPOCHS,
                    help="segmentation: of those, the epochs that methods training while pruning spend doing so")
     p.add_argument("--seg-lr", type=float, default=3e-4, help="segmentation: AdamW lr (the zoo models' recipe)")
     args = p.parse_args(argv)
