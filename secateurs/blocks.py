@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ._validation import PruningError
 from .cost import count
-from .graph import _trace
+from .fxtrace import trace_fx
 
 __all__ = ["Block", "find_blocks", "remove_blocks", "truncate", "vip", "vip_from_pls", "block_features", "block_scores"]
 
@@ -114,7 +114,7 @@ def _path(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> list[fx.Node
 
 def _structure(model: nn.Module) -> list[_Candidate]:
     """Residual units of ``model`` from its fx graph (no shapes: those need example inputs)."""
-    graph, _ = _trace(model)
+    graph, _ = trace_fx(model)
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     members: dict[str, set[fx.Node]] = {}
