@@ -1,227 +1,331 @@
-"""Channel-id rules for leaf modules: which of their tensors and attributes shrink with which ids."""
+"""Channel-id rules for the functional layers (conv, linear, norms...), whichever module calls them.
+
+A rule reads the *parameters* it is given (``F.conv2d(x, self.weight, ...)``), binds their axes
+to channel ids through the module that owns them, and binds that module's size attributes
+(``out_channels``, ``num_features``...) only when the attribute holds the size seen: surgery can
+then update any module class. A layer whose weight is computed rather than a parameter (weight
+standardisation, reparametrisation) keeps the channels it touches.
+
+Also here: the combined lookup tables used by the capture, the meta-tensor shape shortcuts for
+the heavy layers (their meta kernels cost more than the whole analysis) and the MAC counters.
+"""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+import torch.nn.functional as F
 
-from ._ops import Context, _tie_columns, _tie_rows, axis_ids, movement, place, varying
-
-
-def _bind_all(ctx: Context, name: str, m: nn.Module, tensors: tuple[str, ...], ids: torch.Tensor, axis: int = 0, role: str = "out") -> None:
-    for t in tensors:
-        if getattr(m, t, None) is not None:
-            ctx.bind(name, t, axis, ids, role=role)
+from . import _ops
+from ._ops import Context, _tie_columns, _tie_rows, axis_ids, place, unknown, varying
 
 
-def conv(ctx: Context, name: str, m: _ConvNd, args, aids, out) -> Any:
-    x, xi = args[0], aids[0]
-    transposed = isinstance(m, _ConvTransposeNd)
-    g, cin, cout = m.groups, m.in_channels, m.out_channels
-    a, b = cin // g, cout // g
-    caxis = 1 if x.dim() == len(m.kernel_size) + 2 else 0
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _aid(aids: tuple, kids: dict, i: int, name: str) -> Any:
+    return aids[i] if len(aids) > i else (kids or {}).get(name)
+
+
+def _vector(ctx: Context, t: Any, tid: Any, ids: torch.Tensor) -> None:
+    """A per-channel vector (norm weight, bias, running stat) follows the channels it scales."""
+    if not isinstance(t, torch.Tensor) or t.numel() <= 1:
+        return
+    if ctx.bind_param(t, 0, ids):
+        return
+    if tid is not None:
+        ctx.union(tid.reshape(-1), ids)
+    else:
+        ctx.freeze(ids)  # a fixed-size vector the rule cannot shrink
+
+
+# -- convolution and linear --------------------------------------------------------------------
+def conv(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    g = int(_arg(args, kwargs, 6, "groups", 1))
+    transposed = "transpose" in _ops.op_name(node)
+    xi = _aid(aids, kids, 0, "input")
+    if ctx.owner(w) is None:
+        return unknown(ctx, node, aids, kids, "its weight is computed, not a parameter")
+    caxis = 1 if x.dim() == w.dim() else 0
+    cin, cout = (w.shape[0], w.shape[1] * g) if transposed else (w.shape[1] * g, w.shape[0])
+    a, bsz = cin // g, cout // g
     in_ids = axis_ids(ctx, xi, caxis, cin)
     out_ids = ctx.fresh(cout)
     w_in, w_out = (0, 1) if transposed else (1, 0)
     if g == 1:
         if in_ids is not None:
-            ctx.bind(name, "weight", w_in, in_ids, role="in")
-            ctx.bind(name, "in_channels", None, in_ids, kind="attr", role="in")
-        ctx.bind(name, "weight", w_out, out_ids)
-    elif a == 1 and in_ids is not None:
+            ctx.bind_param(w, w_in, in_ids, role="in")
+            ctx.bind_attr(w, "in_channels", cin, in_ids, role="in")
+        ctx.bind_param(w, w_out, out_ids)
+    elif a == 1 and in_ids is not None and ctx.bind_attr(w, "groups", g, in_ids, role="in"):
         # depthwise-like: each input channel owns its group; removing it removes the group
-        ctx.union(in_ids.view(g, 1), out_ids.view(g, b))
-        ctx.bind(name, "weight", 0, in_ids if transposed else out_ids, role="in" if transposed else "out")
-        ctx.bind(name, "in_channels", None, in_ids, kind="attr", role="in")
-        ctx.bind(name, "groups", None, in_ids, kind="attr", role="in")
+        ctx.union(in_ids.view(g, 1), out_ids.view(g, bsz))
+        ctx.bind_param(w, 0, in_ids if transposed else out_ids, role="in" if transposed else "out")
+        ctx.bind_attr(w, "in_channels", cin, in_ids, role="in")
     else:
         # keep the number of groups: a removal takes the same local index from every group
         if in_ids is not None:
+            if a == 1:
+                ctx.freeze(in_ids)  # depthwise with a literal `groups`: cannot follow
             rep = _tie_columns(ctx, in_ids, g)
-            ctx.bind(name, "weight", 0 if transposed else 1, in_ids if transposed else rep, role="in")
-            ctx.bind(name, "in_channels", None, in_ids, kind="attr", role="in")
+            ctx.bind_param(w, 0 if transposed else 1, in_ids if transposed else rep, role="in")
+            ctx.bind_attr(w, "in_channels", cin, in_ids, role="in")
         rep = _tie_columns(ctx, out_ids, g)
-        ctx.bind(name, "weight", 1 if transposed else 0, rep if transposed else out_ids)
-    if m.bias is not None:
-        ctx.bind(name, "bias", 0, out_ids)
-    ctx.bind(name, "out_channels", None, out_ids, kind="attr")
-    ctx.module_out[name] = out_ids
+        ctx.bind_param(w, 1 if transposed else 0, rep if transposed else out_ids)
+    if b is not None:
+        _vector(ctx, b, _aid(aids, kids, 2, "bias"), out_ids)
+    ctx.bind_attr(w, "out_channels", cout, out_ids)
     return place(out_ids, caxis, out.dim())
 
 
-def linear(ctx: Context, name: str, m: nn.Linear, args, aids, out) -> Any:
-    xi = aids[0]
-    in_ids = axis_ids(ctx, xi, -1, m.in_features)
+def linear(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    xi = _aid(aids, kids, 0, "input")
+    if ctx.owner(w) is None:
+        return unknown(ctx, node, aids, kids, "its weight is computed, not a parameter")
+    fin, fout = w.shape[1], w.shape[0]
+    in_ids = axis_ids(ctx, xi, -1, fin)
     if in_ids is None and xi is not None:
-        return xi  # channels live on another axis and pass through; out_features stay fixed
+        ctx.freeze(xi)  # channels on another axis: the output's last axis is fixed, theirs stay too
+        return None
     if in_ids is not None:
-        ctx.bind(name, "weight", 1, in_ids, role="in")
-        ctx.bind(name, "in_features", None, in_ids, kind="attr", role="in")
-    out_ids = ctx.fresh(m.out_features)
-    _bind_all(ctx, name, m, ("weight", "bias"), out_ids)
-    ctx.bind(name, "out_features", None, out_ids, kind="attr")
-    ctx.module_out[name] = out_ids
+        ctx.bind_param(w, 1, in_ids, role="in")
+        ctx.bind_attr(w, "in_features", fin, in_ids, role="in")
+    out_ids = ctx.fresh(fout)
+    ctx.bind_param(w, 0, out_ids)
+    if b is not None:
+        _vector(ctx, b, _aid(aids, kids, 2, "bias"), out_ids)
+    ctx.bind_attr(w, "out_features", fout, out_ids)
     return place(out_ids, -1, out.dim())
 
 
-def batchnorm(ctx: Context, name: str, m: nn.Module, args, aids, out) -> Any:
+# -- normalisation -------------------------------------------------------------------------------
+_BN_POS = {"batch_norm": (1, 2, 3, 4), "instance_norm": (1, 2, 3, 4)}  # running_mean, running_var, weight, bias
+
+
+def batch_norm(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     x, xi = args[0], aids[0]
     caxis = 1 if x.dim() > 1 else 0
     ids = axis_ids(ctx, xi, caxis, x.shape[caxis])
-    if ids is not None:
-        _bind_all(ctx, name, m, ("weight", "bias", "running_mean", "running_var"), ids)
-        ctx.bind(name, "num_features", None, ids, kind="attr")
-        ctx.module_out[name] = ids
-    return xi
-
-
-def groupnorm(ctx: Context, name: str, m: nn.GroupNorm, args, aids, out) -> Any:
-    xi = aids[0]
-    ids = axis_ids(ctx, xi, 1, m.num_channels)
     if ids is None:
         return xi
-    per_group = m.num_channels // m.num_groups
-    if m.num_groups > 1 and per_group > 1:
-        _tie_rows(ctx, ids, m.num_groups)  # drop whole groups: statistics of the others are untouched
-        ctx.bind(name, "num_groups", None, ids, kind="attr", divisor=per_group)
-    elif m.num_groups == 1:
-        ctx.mark_inexact(ids)
-    _bind_all(ctx, name, m, ("weight", "bias"), ids)
-    ctx.bind(name, "num_channels", None, ids, kind="attr")
-    ctx.module_out[name] = ids
+    if node.target is torch.batch_norm:  # (input, weight, bias, running_mean, running_var, ...)
+        order = ((3, "running_mean"), (4, "running_var"), (1, "weight"), (2, "bias"))
+    else:
+        order = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+    tensors = [(_arg(args, kwargs, i, n), _aid(aids, kids, i, n)) for i, n in order]
+    for t, tid in tensors:
+        _vector(ctx, t, tid, ids)
+    owner = next((t for t, _ in tensors[::-1] if ctx.owner(t) is not None), None)
+    if owner is not None:
+        ctx.bind_attr(owner, "num_features", len(ids), ids)
     return xi
 
 
-def layernorm(ctx: Context, name: str, m: nn.LayerNorm, args, aids, out) -> Any:
+def group_norm(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     x, xi = args[0], aids[0]
-    k = len(m.normalized_shape)
+    ng = int(_arg(args, kwargs, 1, "num_groups"))
+    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    ids = axis_ids(ctx, xi, 1, x.shape[1])
+    if ids is None:
+        return xi
+    c = len(ids)
+    per_group = c // ng
+    owner = w if ctx.owner(w) is not None else b
+    if ng == 1:
+        ctx.mark_inexact(ids)
+    else:
+        if per_group > 1:
+            _tie_rows(ctx, ids, ng)  # drop whole groups: statistics of the others are untouched
+        if not ctx.bind_attr(owner, "num_groups", ng, ids, divisor=per_group):
+            ctx.freeze(ids)  # a literal group count cannot follow the channels
+    for i, n, t in ((2, "weight", w), (3, "bias", b)):
+        _vector(ctx, t, _aid(aids, kids, i, n), ids)
+    ctx.bind_attr(owner, "num_channels", c, ids)
+    return xi
+
+
+def layer_norm(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    """layer_norm / rms_norm over the trailing axes; channels-last norms (ConvNeXt, LayerNorm2d)."""
+    x, xi = args[0], aids[0]
+    shape = _arg(args, kwargs, 1, "normalized_shape")
+    w = _arg(args, kwargs, 2, "weight")
+    b = _arg(args, kwargs, 3, "bias") if _ops.op_name(node) != "rms_norm" else None
+    k = len(shape)
     vary = [a for a in varying(xi) if a >= x.dim() - k]
     if not vary:
         return xi
     if len(vary) > 1:
-        ctx.freeze(xi)
-        ctx.warn(f"LayerNorm '{name}' normalises over several channel axes; its channels are kept")
-        return xi
+        return unknown(ctx, node, aids, kids, "normalises over several channel axes")
     axis = vary[0]
     ids = axis_ids(ctx, xi, axis, x.shape[axis])
     pidx = axis - (x.dim() - k)
-    _bind_all(ctx, name, m, ("weight", "bias"), ids, axis=pidx)
-    ctx.bind(name, "normalized_shape", pidx, ids, kind="attr")
+    owner = w if ctx.owner(w) is not None else b
+    follows = _ops.is_derived(shape[pidx]) or ctx.bind_attr(owner, "normalized_shape", len(ids), ids, index=pidx)
+    if not follows:
+        return unknown(ctx, node, aids, kids, "normalized_shape is a literal")
+    for t, i, n in ((w, 2, "weight"), (b, 3, "bias")):
+        if isinstance(t, torch.Tensor) and not ctx.bind_param(t, pidx, ids):
+            tid = _aid(aids, kids, i, n)
+            if tid is not None:
+                ctx.union(tid.reshape(-1), ids)
+            else:
+                ctx.freeze(ids)
     ctx.mark_inexact(ids)
-    ctx.module_out[name] = ids
     return xi
 
 
-def prelu(ctx: Context, name: str, m: nn.PReLU, args, aids, out) -> Any:
-    x, xi = args[0], aids[0]
-    if m.num_parameters > 1:
-        ids = axis_ids(ctx, xi, 1 if x.dim() > 1 else 0, m.num_parameters)
+def prelu(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    x, xi, w = args[0], aids[0], _arg(args, kwargs, 1, "weight")
+    if w.numel() > 1:
+        ids = axis_ids(ctx, xi, 1 if x.dim() > 1 else 0, w.numel())
         if ids is not None:
-            ctx.bind(name, "weight", 0, ids)
-            ctx.bind(name, "num_parameters", None, ids, kind="attr")
+            _vector(ctx, w, _aid(aids, kids, 1, "weight"), ids)
+            ctx.bind_attr(w, "num_parameters", len(ids), ids)
     return xi
 
 
-def embedding(ctx: Context, name: str, m: nn.Embedding, args, aids, out) -> Any:
-    out_ids = ctx.fresh(m.embedding_dim)
-    ctx.bind(name, "weight", 1, out_ids)
-    ctx.bind(name, "embedding_dim", None, out_ids, kind="attr")
-    ctx.module_out[name] = out_ids
+def embedding(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    w = _arg(args, kwargs, 1, "weight")
+    if ctx.owner(w) is None:
+        return unknown(ctx, node, aids, kids, "its weight is computed, not a parameter")
+    out_ids = ctx.fresh(w.shape[1])
+    ctx.bind_param(w, 1, out_ids)
+    ctx.bind_attr(w, "embedding_dim", w.shape[1], out_ids)
     return place(out_ids, -1, out.dim())
 
 
-def per_channel(ctx: Context, name: str, m: nn.Module, args, aids, out) -> Any:
-    x, xi = args[0], aids[0]
-    if xi is None or not isinstance(out, torch.Tensor):
-        return None
-    if out.dim() != x.dim() or any(out.shape[k] != x.shape[k] for k in varying(xi)):
-        return unknown(ctx, name, m, args, aids, out, "changes the size of a channel axis")
-    return xi
-
-
-def softmax(ctx: Context, name: str, m: nn.Module, args, aids, out) -> Any:
-    xi = aids[0]
-    if xi is not None and m.dim is not None and (m.dim % xi.dim()) in varying(xi):
-        ctx.mark_inexact(xi)
-    return xi
-
-
-def cross_channel(ctx: Context, name: str, m: nn.Module, args, aids, out) -> Any:
-    ctx.mark_inexact(aids[0])  # e.g. LocalResponseNorm: neighbours' values change, shapes do not
+def cross_channel(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    ctx.mark_inexact(aids[0])  # e.g. local response norm: neighbours' values change, shapes do not
     return aids[0]
 
 
-def move(ctx: Context, name: str, m: nn.Module, args, aids, out) -> Any:
-    node = _FakeNode(name)
-    if isinstance(m, nn.ChannelShuffle) and aids[0] is not None and 1 in varying(aids[0]):
-        _tie_columns(ctx, aids[0].reshape(-1), m.groups)
-    res = movement(ctx, node, args, {}, aids, {}, out, fn=m)
-    if isinstance(m, nn.Unflatten) and res is not None:
-        for k in range(m.dim, m.dim + len(m.unflattened_size)):
-            if res.shape[k] > 1:
-                ctx.freeze(res)
-    return res
+def channel_shuffle(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    xi = aids[0]
+    groups = int(_arg(args, kwargs, 1, "groups"))
+    if xi is not None and 1 in varying(xi):
+        _tie_columns(ctx, _ops.axis_ids(ctx, xi, 1, args[0].shape[1]), groups)
+    return _ops.movement(ctx, node, args, kwargs, aids, kids, out)
 
 
-class _FakeNode:
-    op = "call_module"
-
-    def __init__(self, name: str) -> None:
-        self.target = self.name = name
-        self.args, self.kwargs = (), {}
-
-
-def attention(ctx: Context, name: str, m: nn.Module, args, aids, out) -> Any:
-    ctx.freeze_all(aids)  # heads and embedding are coupled in ways we do not cut yet
+def attention(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
+    ctx.freeze_all((aids, kids))  # heads and embedding are coupled in ways we do not cut yet
     return tuple(None for _ in out) if isinstance(out, tuple) else None
 
 
-def unknown(ctx: Context, name: str, m: nn.Module, args, aids, out, why: str = "") -> Any:
-    tracked = [i for i in aids if isinstance(i, torch.Tensor)]
-    if tracked:
-        ctx.freeze_all(aids)
-        ctx.warn(f"unsupported module '{name}' ({type(m).__name__}){': ' + why if why else ''}; "
-                 "the channels feeding it are kept")
-    return None
+# -- meta shortcuts: output shapes by hand for the layers whose meta kernels are slow ---------------
+def _tuple(v: Any, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-# shape-preserving, value-by-value: on meta tensors their output is their input
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-    nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU,
-)
-_PER_CHANNEL = ELEMENTWISE_MODULES + (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-    nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
-)
-
-MODULES: dict[type, Callable] = {t: per_channel for t in _PER_CHANNEL}
-MODULES.update({
-    nn.Conv1d: conv, nn.Conv2d: conv, nn.Conv3d: conv,
-    nn.ConvTranspose1d: conv, nn.ConvTranspose2d: conv, nn.ConvTranspose3d: conv,
-    nn.Linear: linear,
-    nn.BatchNorm1d: batchnorm, nn.BatchNorm2d: batchnorm, nn.BatchNorm3d: batchnorm,
-    nn.SyncBatchNorm: batchnorm, nn.InstanceNorm1d: batchnorm, nn.InstanceNorm2d: batchnorm,
-    nn.InstanceNorm3d: batchnorm, nn.GroupNorm: groupnorm, nn.LayerNorm: layernorm,
-    nn.PReLU: prelu, nn.Embedding: embedding, nn.Softmax: softmax, nn.LogSoftmax: softmax,
-    nn.Softmin: softmax, nn.Softmax2d: cross_channel, nn.LocalResponseNorm: cross_channel,
-    nn.Flatten: move, nn.Unflatten: move, nn.ChannelShuffle: move, nn.PixelShuffle: move,
-    nn.PixelUnshuffle: move, nn.MultiheadAttention: attention,
-})
+def _conv_shape(args, kwargs):
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    nd = w.dim() - 2
+    if x.dim() != nd + 2 or x.shape[1] != w.shape[1] * int(_arg(args, kwargs, 6, "groups", 1)):
+        return None  # let the real kernel raise its own message
+    pad = _arg(args, kwargs, 4, "padding", 0)
+    stride, dil = _tuple(_arg(args, kwargs, 3, "stride", 1), nd), _tuple(_arg(args, kwargs, 5, "dilation", 1), nd)
+    if isinstance(pad, str):
+        if pad == "same":
+            sp = list(x.shape[2:])
+        else:
+            sp = [(x.shape[2 + i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
+    else:
+        p = _tuple(pad, nd)
+        sp = [(x.shape[2 + i] + 2 * p[i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
+    if any(s <= 0 for s in sp):
+        return None
+    return torch.empty((x.shape[0], w.shape[0], *sp), dtype=x.dtype, device="meta")
 
 
-def handler_for(m: nn.Module) -> Callable | None:
-    """The rule for a module, but only when its forward is the stock one we modelled."""
-    for cls in type(m).__mro__:
-        if cls in MODULES:
-            return MODULES[cls] if type(m).forward is cls.forward else None
-    return None
+def _same_shape(args, kwargs):
+    x = args[0]
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else None
+
+
+def _norm_shape(args, kwargs):
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] * math.prod(x.shape[2:]) > 1:
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    return None  # the real function raises for one value per channel in training mode
+
+
+def _linear_shape(args, kwargs):
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    if x.dim() < 1 or x.shape[-1] != w.shape[-1]:
+        return None
+    return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
+
+
+# -- MAC counting (METHODS.md convention: conv, transposed conv per input position, linear) ---------
+def _record(mode, node, w, x, y, macs: int) -> None:
+    """One counted layer: (module, kind, MACs, own params, input shape, output shape, weight name)."""
+    own = mode.owner(w)
+    name = own[0] if own else node.name
+    m = mode.ctx.modules.get(name)
+    params = sum(p.numel() for p in m.parameters(recurse=False)) if m is not None else 0
+    kind = type(m).__name__ if m is not None else _ops.op_name(node)
+    y = y[0] if isinstance(y, tuple) else y
+    mode.costs.append((name, kind, int(macs), params, tuple(x.shape), tuple(y.shape), own[1] if own else "weight"))
+
+
+def _conv_cost(mode, node, args, kwargs, out) -> None:
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    per = w.shape[1] * math.prod(w.shape[2:])  # (in or out channels per group) x kernel
+    positions = (x if "transpose" in _ops.op_name(node) else out).numel() // max(mode.batch, 1)
+    _record(mode, node, w, x, out, positions * per)
+
+
+def _linear_cost(mode, node, args, kwargs, out) -> None:
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    _record(mode, node, w, x, out, x.numel() // max(mode.batch, 1) * w.shape[0])
+
+
+def _mha_cost(mode, node, args, kwargs, out) -> None:
+    q, e = args[0], int(args[3])
+    w = _arg(args, kwargs, 5, "in_proj_weight")
+    if w is None:
+        w = kwargs.get("q_proj_weight")
+    tokens = q.numel() // max(mode.batch, 1) // e
+    _record(mode, node, w, q, out, tokens * (e * 3 * e + e * e))
+
+
+# -- tables -----------------------------------------------------------------------------------------
+_CONVS = [F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d]
+_BNS = [F.batch_norm, F.instance_norm, torch.batch_norm, torch.instance_norm]
+_LAYERS: dict[Any, Callable] = {
+    **dict.fromkeys(_CONVS, conv), F.linear: linear, **dict.fromkeys(_BNS, batch_norm),
+    F.group_norm: group_norm, F.layer_norm: layer_norm, F.prelu: prelu, torch.prelu: prelu,
+    F.embedding: embedding,
+}
+if hasattr(F, "rms_norm"):
+    _LAYERS[F.rms_norm] = layer_norm
+LAYER_RULES = frozenset(_LAYERS.values())
+
+FUNCTIONS: dict[Any, Callable] = {**_ops.FUNCTIONS, **_LAYERS}
+FUNCTIONS.update({F.local_response_norm: cross_channel, F.multi_head_attention_forward: attention,
+                  F.channel_shuffle: channel_shuffle, torch.channel_shuffle: channel_shuffle,
+                  torch.native_channel_shuffle: channel_shuffle})
+METHODS: dict[str, Callable] = dict(_ops.METHODS)
+# functions reached through a wrapper (F.max_pool2d's boolean dispatch...) arrive as their inner name
+FUNCTIONS_BY_NAME: dict[tuple[str, str], Callable] = {
+    (getattr(f, "__module__", None), getattr(f, "__name__", None)): r for f, r in FUNCTIONS.items()
+    if callable(f) and getattr(f, "__module__", None) == "torch.nn.functional"
+}
+for _n in ("_max_pool1d", "_max_pool2d", "_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+           "max_pool3d_with_indices", "_adaptive_max_pool1d", "_adaptive_max_pool2d", "_adaptive_max_pool3d",
+           "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+           "adaptive_max_pool3d_with_indices", "_fractional_max_pool2d", "fractional_max_pool2d_with_indices"):
+    FUNCTIONS_BY_NAME[("torch.nn.functional", _n)] = _ops.per_channel
+
+META_SHAPES: dict[Any, Callable] = {
+    F.conv1d: _conv_shape, F.conv2d: _conv_shape, F.conv3d: _conv_shape, F.linear: _linear_shape,
+    F.batch_norm: _norm_shape, F.instance_norm: _norm_shape, F.group_norm: _same_shape,
+    F.layer_norm: _same_shape, F.relu: _same_shape, F.silu: _same_shape, F.gelu: _same_shape,
+    F.hardswish: _same_shape, F.hardsigmoid: _same_shape, F.relu6: _same_shape,
+}
+COSTS: dict[Any, Callable] = {**dict.fromkeys(_CONVS, _conv_cost), F.linear: _linear_cost,
+                              F.multi_head_attention_forward: _mha_cost}

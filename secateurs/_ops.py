@@ -1,4 +1,4 @@
-"""Channel-id propagation rules, one per operation the engine understands.
+"""Channel-id propagation rules for generic tensor operations (layers are in :mod:`secateurs._layers`).
 
 Every tensor flowing through the traced graph carries an integer *id array*: a tensor with the
 same number of dimensions whose size is 1 on axes that carry no channel identity and the full size
@@ -18,9 +18,28 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.node import Node, map_aggregate
 
 Ids = torch.Tensor | None
+_MAX_ELEMENTWISE = 1 << 20  # larger multi-axis parameters used outside a layer rule are kept whole
+
+
+def map_aggregate(tree: Any, fn: Callable) -> Any:
+    """Apply ``fn`` to every leaf of nested tuples, lists and dicts (namedtuples kept)."""
+    if isinstance(tree, tuple):
+        res = [map_aggregate(v, fn) for v in tree]
+        return type(tree)(*res) if hasattr(tree, "_fields") else tuple(res)
+    if isinstance(tree, list):
+        return [map_aggregate(v, fn) for v in tree]
+    if isinstance(tree, dict):
+        return {k: map_aggregate(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def is_derived(size: Any) -> bool:
+    """A size argument computed from a tensor's shape (it follows pruning), not a literal."""
+    if isinstance(size, (list, tuple)):
+        return len(size) > 0 and all(is_derived(s) for s in size)
+    return isinstance(size, int) and type(size) is not int and not isinstance(size, bool)
 FROZEN = 0  # id reserved for positions that can never be removed (padding, unknown sources)
 
 
@@ -52,8 +71,12 @@ class Context:
         self.frozen: list[torch.Tensor] = [torch.tensor([FROZEN])]
         self.inexact: list[torch.Tensor] = []
         self.bindings: list[Binding] = []
-        self.warnings: list[str] = []
-        self.module_out: dict[str, torch.Tensor] = {}
+        self._warned: dict[str, list] = {}  # one warning per kind: message -> [first place, count]
+        self._bound: dict[tuple[str, str, int], torch.Tensor] = {}
+        # set by the capture: the (module, tensor name) owning a parameter, ids without creating them
+        self.owner: Callable[[Any], tuple[str, str] | None] = lambda t: None
+        self.peek: Callable[[Any], Ids] = lambda t: None
+        self.modules: dict[str, nn.Module] = {}
 
     # -- ids ---------------------------------------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:
@@ -81,10 +104,54 @@ class Context:
         kind = kw.get("kind", "tensor")
         if kind != "elementwise" and ids.dim() != 1:
             ids = ids.reshape(-1)  # keep the same object when possible: grouping shares work per object
+        if kind == "tensor":  # a layer called twice: both calls' channels are one set of slices
+            key = (module, name, axis)
+            seen = self._bound.get(key)
+            if seen is None:
+                self._bound[key] = ids
+            elif len(seen) == len(ids):
+                self.union(seen, ids)
+                return
         self.bindings.append(Binding(module, name, axis, ids, **kw))
 
-    def warn(self, msg: str) -> None:
-        self.warnings.append(msg)
+    def bind_param(self, t: Any, axis: int, ids: torch.Tensor, role: str = "out") -> bool:
+        """Bind axis ``axis`` of parameter/buffer ``t`` to ``ids``; False if ``t`` is no parameter."""
+        own = self.owner(t)
+        if own is None:
+            return False
+        self.bind(own[0], own[1], axis, ids, role=role)
+        seen = self.peek(t)  # also used elementwise elsewhere: those ids are the same channels
+        if seen is not None and seen.dim() > axis and seen.shape[axis] == len(ids):
+            shape = [1] * seen.dim()
+            shape[axis] = -1
+            self.union(seen, ids.view(shape))
+        return True
+
+    def bind_attr(self, t: Any, attr: str, size: int, ids: torch.Tensor, role: str = "out",
+                  divisor: int = 1, index: int | None = None) -> bool:
+        """Bind an integer size attribute of the module owning ``t`` when it holds ``size``."""
+        own = self.owner(t)
+        m = self.modules.get(own[0]) if own is not None else None
+        val = getattr(m, attr, None) if m is not None else None
+        if index is not None:
+            if not isinstance(val, (tuple, list)) or len(val) <= index or val[index] != size:
+                return False
+        elif type(val) is not int or val != size:
+            return False
+        self.bind(own[0], attr, index, ids, kind="attr", role=role, divisor=divisor)
+        return True
+
+    def warn(self, msg: str, where: str = "") -> None:
+        entry = self._warned.setdefault(msg, [where, 0])
+        entry[1] += 1
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        for msg, (where, n) in self._warned.items():
+            at = f" (at '{where}'{f' and {n - 1} more places' if n > 1 else ''})" if where else ""
+            out.append(msg + at)
+        return out
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -158,9 +225,9 @@ def _tie_rows(ctx: Context, ids: torch.Tensor, rows: int) -> None:
 
 
 # -- elementwise -----------------------------------------------------------------------------
-def elementwise(ctx: Context, node: Node, args, kwargs, aids, kids, out) -> Any:
+def elementwise(ctx: Context, node: Any, args, kwargs, aids, kids, out) -> Any:
     if not isinstance(out, torch.Tensor):
-        return size_arith(ctx, node, args, kwargs, aids, kids, out) if isinstance(out, (int, torch.SymInt)) else None
+        return None
     nd, oshape = out.dim(), out.shape
     ops = []
     for v, i in zip(_leaves((args, kwargs)), _flat_ids((args, kwargs), (aids, kids))):
@@ -237,37 +304,40 @@ def size_ids(xi: Ids, nd: int) -> tuple:
     return tuple(out)
 
 
-def shape_of(ctx, node, args, kwargs, aids, kids, out) -> Any:
-    """``x.size()`` / ``x.size(d)`` / ``x.shape``: remember which channels a size counts."""
-    x, xi = args[0], aids[0]
-    if not isinstance(x, torch.Tensor):
-        return None
-    ids = size_ids(xi, x.dim())
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    if isinstance(dim, int):
-        return ids[dim]
-    return ids if any(i is not None for i in ids) else None
+def op_name(node: Any) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
-def size_arith(ctx, node, args, kwargs, aids, kids, out) -> Any:
-    """Arithmetic on sizes keeps the channels the sizes were read from."""
-    marks = _size_markers((args, kwargs), (aids, kids))
-    return torch.cat(marks) if marks else None
-
-
-def _unknown(ctx: Context, node: Node, aids, kids, why: str = "") -> None:
+def unknown(ctx: Context, node: Any, aids, kids, why: str = "") -> None:
     tracked = [i for i in _leaves((aids, kids))]
     if tracked:
         for i in tracked:
             ctx.freeze(i)
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        ctx.warn(f"unsupported {node.op} '{name}' at node '{node.name}'{': ' + why if why else ''}; "
-                 "the channels feeding it are kept")
+        ctx.warn(f"unsupported operation '{op_name(node)}'{': ' + why if why else ''}; the channels feeding it are kept",
+                 node.name)
     return None
 
 
+_unknown = unknown
+
+
+def param_ids(ctx: Context, owner: tuple[str, str], t: torch.Tensor) -> Ids:
+    """Ids of a parameter used directly in the computation (layer scale, gain, bias added by hand).
+
+    It is prunable along one axis if, after grouping, its channels depend on that axis alone.
+    """
+    if t.numel() <= 1:
+        return None
+    if t.numel() > _MAX_ELEMENTWISE and sum(s > 1 for s in t.shape) > 1:
+        return None  # a large weight outside any layer rule: fixed size
+    ids = ctx.fresh(t.numel()).view(t.shape)
+    ctx.bind(owner[0], owner[1], None, ids, kind="elementwise")
+    return compress(ids)
+
+
 # -- per-channel ops (pooling, resampling, activations) ----------------------------------------
-def per_channel(ctx: Context, node: Node, args, kwargs, aids, kids, out) -> Any:
+def per_channel(ctx: Context, node: Any, args, kwargs, aids, kids, out) -> Any:
     x, xi = args[0], aids[0]
     if xi is None or not isinstance(out, torch.Tensor):
         return None
@@ -346,7 +416,7 @@ def _to_id_args(values, ids):
     return conv(values, ids)
 
 
-def _literal_axes(node: Node, out_dim: int) -> list[int]:
+def _literal_axes(node: Any, out_dim: int) -> list[int]:
     """Output axes of view/reshape/expand whose size is a literal int (fixed after pruning)."""
     sizes = list(node.args[1:])
     if "size" in node.kwargs:
@@ -357,7 +427,7 @@ def _literal_axes(node: Node, out_dim: int) -> list[int]:
         sizes = list(sizes[0])
     if len(sizes) != out_dim:
         return []
-    return [k for k, s in enumerate(sizes) if isinstance(s, int) and s != -1]
+    return [k for k, s in enumerate(sizes) if isinstance(s, int) and not is_derived(s) and s != -1]
 
 
 def movement(ctx, node, args, kwargs, aids, kids, out, fn: Callable | None = None) -> Any:
@@ -469,7 +539,7 @@ def split(ctx, node, args, kwargs, aids, kids, out) -> Any:
     if dim in varying(xi):
         sizes = {p.shape[dim] for p in out}
         size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
-        fixed = name == "split" and not isinstance(size_arg, Node)  # literal sizes never follow pruning
+        fixed = name == "split" and not is_derived(size_arg)  # literal sizes never follow pruning
         if name == "unbind" or fixed or len(sizes) != 1 or len(out) < 2:
             ctx.freeze(xi)
             return tuple(None for _ in out)
@@ -492,42 +562,6 @@ def freeze_op(ctx, node, args, kwargs, aids, kids, out) -> Any:
     """Known op whose channel coupling we do not model: keep its inputs, no warning."""
     ctx.freeze_all((aids, kids))
     return None
-
-
-# -- functional layers called on parameters (traced-into subclasses) ------------------------------
-def f_layer_norm(ctx, node, args, kwargs, aids, kids, out, modules=None) -> Any:
-    xi = aids[0]
-    shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
-    wnode = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
-    if xi is None:
-        ctx.freeze_all((aids, kids))
-        return None
-    k = len(shape)
-    owner = None
-    if isinstance(wnode, Node) and wnode.op == "get_attr":
-        path = wnode.target.rpartition(".")[0]
-        m = modules.get(path) if modules is not None else None
-        if isinstance(m, nn.LayerNorm):
-            owner = path
-    vary = [a for a in varying(xi) if a >= xi.dim() - k]
-    if not vary:
-        return xi
-    if owner is None or len(vary) != 1 or k != 1:
-        return _unknown(ctx, node, aids, kids, "layer_norm with a fixed normalized_shape")
-    col = axis_ids(ctx, xi, -1, xi.shape[-1])
-    for i in (aids[2] if len(aids) > 2 else kids.get("weight"), aids[3] if len(aids) > 3 else kids.get("bias")):
-        if i is not None:
-            ctx.union(i.reshape(-1), col)
-    ctx.bind(owner, "normalized_shape", 0, col, kind="attr")
-    ctx.mark_inexact(col)
-    return xi
-
-
-# -- torchvision wrapped functions ------------------------------------------------------------------
-def _tv_patch_merging_pad(ctx, node, args, kwargs, aids, kids, out) -> Any:
-    from torchvision.models.swin_transformer import _patch_merging_pad
-
-    return movement(ctx, node, args, kwargs, aids, kids, out, fn=_patch_merging_pad)
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -593,10 +627,6 @@ _FREEZE_FUNCS = [torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm,
 _FREEZE_METHODS = ["matmul", "bmm", "mm", "index_select", "gather"]
 
 
-def _getattr(ctx, node, args, kwargs, aids, kids, out) -> Any:
-    return shape_of(ctx, node, args, kwargs, aids, kids, out) if len(args) > 1 and args[1] == "shape" else None
-
-
 def _build_tables():
     funcs: dict[Any, Callable] = {}
     methods: dict[str, Callable] = {}
@@ -615,19 +645,7 @@ def _build_tables():
     ):
         funcs.update(dict.fromkeys(fns, rule))
         methods.update(dict.fromkeys(names, rule))
-    funcs.update({getattr: _getattr, operator.getitem: getitem, F.pad: pad, F.normalize: normalize,
-                  F.layer_norm: f_layer_norm})
-    methods["size"] = shape_of
-    try:
-        from torchvision.models import swin_transformer as swin
-        from torchvision.ops import stochastic_depth
-
-        funcs[stochastic_depth] = elementwise
-        funcs[swin._patch_merging_pad] = _tv_patch_merging_pad
-        funcs[swin._get_relative_position_bias] = freeze_op
-        funcs[swin.shifted_window_attention] = freeze_op
-    except ImportError:  # torchvision is optional for the engine itself
-        pass
+    funcs.update({operator.getitem: getitem, F.pad: pad, F.normalize: normalize})
     return funcs, methods
 
 

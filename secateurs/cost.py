@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from .capture import capture
 
 __all__ = ["Cost", "LayerCost", "PlanCost", "count", "measure_latency"]
 
@@ -25,6 +26,7 @@ class LayerCost:
     params: int
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    weight: str = "weight"  # the parameter of ``name`` whose elements the MACs scale with
 
 
 @dataclass(frozen=True)
@@ -44,69 +46,20 @@ class Cost:
         return "\n".join(rows)
 
 
-def _layer_macs(m: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> int:
-    if isinstance(m, _ConvTransposeNd):
-        return x.numel() // batch * (m.out_channels // m.groups) * math.prod(m.kernel_size)
-    if isinstance(m, _ConvNd):
-        return y.numel() // batch * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-    if isinstance(m, nn.Linear):
-        return x.numel() // batch * m.out_features
-    if isinstance(m, nn.MultiheadAttention):  # its projections are Linear layers in all but name
-        tokens = x.numel() // batch // m.embed_dim
-        return tokens * (m.embed_dim * 3 * m.embed_dim + m.embed_dim * m.embed_dim)
-    return 0
-
-
-_COUNTED = (_ConvNd, nn.Linear, nn.MultiheadAttention)
-
-
-def _batch_size(inputs: tuple) -> int:
-    for t in inputs:
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    return 1
-
-
 def count(model: nn.Module, example_inputs: Any) -> Cost:
     """MACs per sample and parameters of ``model``, with a per-layer breakdown.
 
-    Runs one forward in eval mode under ``torch.no_grad()``; the model's mode is restored.
+    Counts every conv, transposed conv, linear and attention projection the eval-mode forward
+    calls, whichever module calls them (functional calls included). Shapes come from a meta-tensor
+    pass when the model allows it (no arithmetic), else from one real forward under
+    ``torch.no_grad()``; the model is left as it was.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    device = next((p.device for p in model.parameters()), None)
-    if device is not None:  # a model fine-tuned on a GPU is counted where it lives
-        inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
-    batch = _batch_size(inputs)
-    records: list[LayerCost] = []
-    handles = []
-
-    def hook(name):
-        def fn(m, args, out):
-            x = args[0] if args else None
-            y = out[0] if isinstance(out, tuple) else out
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-                return
-            macs = _layer_macs(m, x, y, batch)
-            own = sum(p.numel() for p in m.parameters(recurse=False))
-            records.append(LayerCost(name, type(m).__name__, int(macs), own, tuple(x.shape), tuple(y.shape)))
-        return fn
-
-    for name, m in model.named_modules():
-        if isinstance(m, _COUNTED):
-            handles.append(m.register_forward_hook(hook(name)))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.training = t
-    # nn.MultiheadAttention.out_proj is not called as a module; its params belong to the MHA row
+    records: list = []
+    capture(model, inputs, costs=records, train_first=False)
+    layers = [LayerCost(*r) for r in records]
     params = sum(p.numel() for p in model.parameters())
-    return Cost(sum(r.macs for r in records), params, records)
+    return Cost(sum(r.macs for r in layers), params, layers)
 
 
 class PlanCost:
@@ -159,7 +112,7 @@ class PlanCost:
                                              "out_proj.weight")}
         pos, tens, fixed = [], [], 0
         for layer in base.layers:
-            names = [f"{layer.name}.{w}" if layer.name else w for w in weights_of.get(layer.kind, ("weight",))]
+            names = [f"{layer.name}.{w}" if layer.name else w for w in weights_of.get(layer.kind, (layer.weight,))]
             names = [n for n in names if n in params]
             numel = sum(params[n].numel() for n in names)
             if not numel or not any(n in index for n in names):

@@ -1,35 +1,29 @@
-"""Trace a model once and find the channel groups: the sets of tensor slices that must shrink together.
+"""Find the channel groups: the sets of tensor slices that must shrink together.
 
-The analysis never changes the model. It traces with :mod:`torch.fx` (modules whose code cannot be
-traced become opaque leaves, their channels kept), runs the graph once on *meta* tensors (shapes
-without arithmetic, so analysis costs milliseconds even for large inputs), propagates integer channel
-ids through every node (see :mod:`secateurs._ops`), unites the ids that are coupled, and groups the
-resulting components by the parameters they touch.
+The analysis never changes the model. :mod:`secateurs.capture` runs the model's own forward once
+(on meta tensors when it can: shapes without arithmetic) and propagates integer channel ids through
+every operation (rules in :mod:`secateurs._ops` and :mod:`secateurs._layers`); this module unites the
+ids that are coupled and groups the resulting components by the parameters they touch.
 """
 from __future__ import annotations
 
 import itertools
-import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from torch.fx.node import Node, map_aggregate
 
-from . import _layers, _ops
 from ._ops import Binding, Context
 from ._validation import PruningError
+from .capture import capture
 
 __all__ = ["ChannelGroup", "DependencyGraph", "analyze"]
 
-_MAX_LEAF_RETRIES = 32
-_MAX_ELEMENTWISE = 1 << 18  # larger multi-axis tensors used directly in the graph are kept whole
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,8 @@ class DependencyGraph:
         self.binding_labels: list[torch.Tensor] = labels
         self.n_components = n_components
         self.warnings: list[str] = warnings_
-        self.opaque_modules: list[str] = leaves
+        self.opaque_modules: list[str] = leaves  # kept for compatibility: the capture has none
+        self.capture_mode = ""  # which pass captured the model, e.g. "train/meta"
         self._shapes = shapes
 
     def __repr__(self) -> str:
@@ -106,225 +101,6 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
         if m is module:
             return name
     raise PruningError(f"module {type(module).__name__} is not part of the model")
-
-
-# -- tracing ---------------------------------------------------------------------------------------
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
-        self.leaves = leaves
-        self.stack: list[str] = []
-        self.failed_in: str | None = None
-        self._names: dict[int, str] | None = None
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaves or _layers.handler_for(m) is not None:
-            return True
-        if any(cls in _layers.MODULES for cls in type(m).__mro__):
-            return False  # a subclass with its own forward: look inside
-        return super().is_leaf_module(m, qualname)
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        # fx scans all named parameters on every access; a dict built once is O(1)
-        if isinstance(attr_val, torch.Tensor):
-            if self._names is None:
-                self._names = {id(t): n for n, t in itertools.chain(self.root.named_parameters(), self.root.named_buffers())}
-            n = self._names.get(id(attr_val))
-            if n is not None:
-                if n not in parameter_proxy_cache:
-                    parameter_proxy_cache[n] = self.create_proxy("get_attr", n, (), {})
-                return parameter_proxy_cache[n]
-        return attr_val
-
-    def call_module(self, m, forward, args, kwargs):
-        qual = self.path_of_module(m)
-        self.stack.append(qual)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = qual
-            raise
-        finally:
-            self.stack.pop()
-
-
-def _trace(model: nn.Module) -> tuple[fx.Graph, list[str]]:
-    """Trace in training mode (so training-only branches such as auxiliary heads are seen);
-    modules that fx cannot trace become opaque leaves."""
-    leaves: set[str] = set()
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.train()
-        for _ in range(_MAX_LEAF_RETRIES):
-            tracer = _Tracer(leaves)
-            try:
-                return tracer.trace(model), sorted(leaves)
-            except Exception as err:  # fx raises many types; we retry with the culprit opaque
-                culprit = tracer.failed_in
-                if culprit is None or culprit == "" or culprit in leaves:
-                    raise PruningError(
-                        f"torch.fx cannot trace {type(model).__name__}.forward itself: {type(err).__name__}: {err}. "
-                        "Make the data-dependent part a submodule, or wrap it with torch.fx.wrap."
-                    ) from err
-                leaves.add(culprit)
-        raise PruningError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
-    finally:
-        for m, t in modes.items():
-            m.training = t
-
-
-# -- propagation -----------------------------------------------------------------------------------
-_SAME_SHAPE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU) + _layers.ELEMENTWISE_MODULES
-_DTYPE_METHODS = {"float", "half", "double", "bfloat16", "to", "type", "type_as"}
-_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_}
-
-
-def _elementwise_meta(args, kwargs):
-    """Output of an elementwise op on meta tensors without running its (slow) meta kernel."""
-    tensors = [t for t in _ops._leaves((args, kwargs))]
-    if not tensors:
-        return None
-    first = tensors[0]
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    if shape == first.shape:
-        return first
-    return torch.empty(shape, dtype=first.dtype, device="meta")
-
-
-def _run_module(m: nn.Module, args, kwargs, meta: bool):
-    if not meta:
-        return m(*args, **kwargs)
-    x = args[0] if args else None
-    if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d) and _layers.handler_for(m) is not None:
-        nd = len(m.kernel_size)
-        if not isinstance(m.padding, str) and isinstance(x, torch.Tensor) and x.dim() == nd + 2 and x.shape[1] == m.in_channels:
-            sp = [(x.shape[2 + i] + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
-                  for i in range(nd)]
-            return torch.empty((x.shape[0], m.out_channels, *sp), dtype=x.dtype, device="meta")
-        w = m.weight.to("meta")
-        return m._conv_forward(x, w, None if m.bias is None else m.bias.to("meta"))
-    if isinstance(m, nn.Linear) and _layers.handler_for(m) is not None:
-        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == m.in_features:
-            return torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device="meta")
-        return torch.nn.functional.linear(x, m.weight.to("meta"), None if m.bias is None else m.bias.to("meta"))
-    if isinstance(m, _SAME_SHAPE) and _layers.handler_for(m) is not None:
-        return args[0]
-    state = {k: v.to("meta") for k, v in itertools.chain(m.named_parameters(), m.named_buffers())}
-    if not state:
-        return m(*args, **kwargs)
-    return torch.func.functional_call(m, state, args, kwargs)
-
-
-def _fetch(model: nn.Module, target: str):
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _load(tree, env: dict, ids: dict):
-    """Values and ids of a node's arguments (flat tuples of nodes and constants are the fast path)."""
-    if type(tree) is tuple and all(type(a) is Node or type(a) in (int, float, bool, str, type(None)) for a in tree):
-        return (tuple(env[a] if type(a) is Node else a for a in tree),
-                tuple(ids[a] if type(a) is Node else None for a in tree))
-    return (map_aggregate(tree, lambda a: env[a] if isinstance(a, Node) else a),
-            map_aggregate(tree, lambda a: ids[a] if isinstance(a, Node) else None))
-
-
-def _propagate(graph: fx.Graph, model: nn.Module, inputs: Sequence[Any], ctx: Context, meta: bool) -> None:
-    modules = dict(model.named_modules())
-    env: dict[Node, Any] = {}
-    ids: dict[Node, Any] = {}
-    last_use: dict[Node, Node] = {}
-    for node in graph.nodes:
-        for inp in node.all_input_nodes:
-            last_use[inp] = node
-    users_done: dict[Node, list[Node]] = {}
-    for n, u in last_use.items():
-        users_done.setdefault(u, []).append(n)
-    it = iter(inputs)
-    for node in graph.nodes:
-        args, aids = _load(node.args, env, ids)
-        kwargs, kids = _load(node.kwargs, env, ids) if node.kwargs else ({}, {})
-        op = node.op
-        try:
-            if op == "placeholder":
-                try:
-                    val = next(it)
-                except StopIteration:
-                    raise PruningError(f"example_inputs has too few tensors for input '{node.name}'") from None
-                if meta and isinstance(val, torch.Tensor):
-                    val = val.to("meta")
-                out_ids = None
-            elif op == "get_attr":
-                val = _fetch(model, node.target)
-                out_ids = _attr_ids(ctx, model, modules, node.target, val)
-                if meta and isinstance(val, torch.Tensor):
-                    val = val.to("meta")
-            elif op == "call_function":
-                h = _ops.FUNCTIONS.get(node.target)
-                val = None
-                if meta and h is _ops.elementwise and node.target not in _COMPARISONS:
-                    val = _elementwise_meta(args, kwargs)
-                if val is None:
-                    val = node.target(*args, **kwargs)
-                if isinstance(node.target, type) and issubclass(node.target, tuple):
-                    out_ids = aids  # a namedtuple of outputs: ids mirror its fields
-                elif h is _ops.f_layer_norm:
-                    out_ids = h(ctx, node, args, kwargs, aids, kids, val, modules=modules)
-                elif h is not None:
-                    out_ids = h(ctx, node, args, kwargs, aids, kids, val)
-                else:
-                    out_ids = _ops._unknown(ctx, node, aids, kids)
-            elif op == "call_method":
-                h = _ops.METHODS.get(node.target)
-                val = None
-                if meta and h is _ops.elementwise and isinstance(args[0], torch.Tensor) and node.target not in _DTYPE_METHODS:
-                    val = _elementwise_meta(args, kwargs)
-                if val is None:
-                    val = getattr(args[0], node.target)(*args[1:], **kwargs)
-                out_ids = h(ctx, node, args, kwargs, aids, kids, val) if h else _ops._unknown(ctx, node, aids, kids)
-            elif op == "call_module":
-                m = modules[node.target]
-                val = _run_module(m, args, kwargs, meta)
-                h = _layers.handler_for(m)
-                if h is None:
-                    out_ids = _layers.unknown(ctx, node.target, m, args, _ops._leaves(aids) + _ops._leaves(kids), val)
-                else:
-                    out_ids = h(ctx, node.target, m, args, aids, val)
-            else:  # output: the model's outputs never change shape
-                ctx.freeze_all(aids)
-                return
-        except PruningError:
-            raise
-        except Exception as err:
-            raise _NodeError(node, err) from err
-        env[node] = val
-        ids[node] = out_ids
-        for done in users_done.get(node, ()):
-            env.pop(done, None)
-
-
-class _NodeError(Exception):
-    def __init__(self, node: Node, err: Exception) -> None:
-        super().__init__(f"node '{node.name}' ({node.op} {node.target}): {type(err).__name__}: {err}")
-        self.node, self.err = node, err
-
-
-def _attr_ids(ctx: Context, model: nn.Module, modules: dict, target: str, val: Any):
-    if not isinstance(val, torch.Tensor) or val.numel() <= 1:
-        return None
-    if val.numel() > _MAX_ELEMENTWISE and sum(s > 1 for s in val.shape) > 1:
-        return None  # a weight handed to a functional op: fixed size, coupled by its own rule
-    path, _, name = target.rpartition(".")
-    owner = modules.get(path)
-    ids = ctx.fresh(val.numel()).view(val.shape)
-    if owner is not None and (name in owner._parameters or name in owner._buffers):
-        ctx.bind(path, name, None, ids, kind="elementwise")
-    else:
-        ctx.freeze(ids)  # a constant baked into the traced code: its size cannot change
-    return _ops.compress(ids)
 
 
 # -- grouping --------------------------------------------------------------------------------------
@@ -468,9 +244,11 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
 def _as_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
+    if isinstance(example_inputs, (list, tuple)) and example_inputs and all(
+            isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(list(example_inputs))):
         return tuple(example_inputs)
-    raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    raise TypeError("`example_inputs` must be a tensor or a tuple of tensors (one per positional input of "
+                    f"forward), got {type(example_inputs).__name__}")
 
 
 def _names(model: nn.Module, items: Iterable[str | nn.Module] | None, what: str) -> list[str]:
@@ -494,9 +272,10 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
     Parameters
     ----------
     model : nn.Module
-        Left exactly as it is (modes, parameters, gradients).
+        Left exactly as it is (modes, parameters, buffers, attributes).
     example_inputs : Tensor or tuple of Tensor
-        One forward's positional inputs; shapes matter, values do not.
+        One forward's positional inputs; shapes matter, values only where the model's Python
+        branches on them. Control flow is specialised on this input.
     ignore : iterable of module or str, optional
         Modules whose *outputs* must keep their size (their inputs may still shrink). The
         model's own outputs always keep theirs.
@@ -509,31 +288,10 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
     ignored = _names(model, ignore, "ignore")
-    graph, leaves = _trace(model)
     shapes = {name: (tuple(t.shape)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
-    modes = {m: m.training for m in model.modules()}
-    ctx = None
-    try:
-        model.eval()
-        with torch.no_grad():
-            for meta in (True, False):
-                ctx = Context()
-                try:
-                    _propagate(graph, model, inputs, ctx, meta)
-                    break
-                except _NodeError as err:
-                    if not meta:
-                        raise PruningError(f"running {type(model).__name__} on example_inputs failed at {err}") from err.err
-    finally:
-        for m, t in modes.items():
-            m.training = t
-    for name in ignored:
-        if name in ctx.module_out:
-            ctx.freeze(ctx.module_out[name])
-    for leaf in leaves:
-        ctx.warn(f"module '{leaf}' could not be traced by torch.fx; it is kept as it is")
+    ctx, how = capture(model, inputs, set(ignored))
     result = _group(ctx, shapes)
-    result.opaque_modules = leaves
+    result.capture_mode = how
     for w in ctx.warnings:
         warnings.warn(w, stacklevel=2)
     return result

@@ -1,0 +1,396 @@
+"""Capture: run the model's own Python once and see every tensor operation it performs.
+
+The model runs under a :class:`~torch.overrides.TorchFunctionMode`, so every call that reaches
+PyTorch (``F.conv2d``, ``F.batch_norm``, ``torch.cat``, ``Tensor.view``, ``x + y``...) is seen at
+the level of the functional API, whatever module class made it: timm's ``BatchNormAct2d``, a
+``Conv2dSame``, ultralytics' ``C2f`` and a user's own ``forward`` all decompose into the same small
+set of operations, and each has one rule in :mod:`secateurs._ops` or :mod:`secateurs._layers`.
+
+Python control flow (shape checks, loops over layer lists, ``if self.training``) simply runs, so
+it is *specialised on the example input*: the groups found are those of the path that input took.
+The first pass runs on meta tensors (shapes only; heavy layers are shortcut by hand); an operation
+that needs values (``.item()``, data-dependent branches, custom ops without meta kernels) restarts
+the capture on real tensors, on a copy of the buffers so the model is never changed. Training
+mode comes first, so training-only branches (auxiliary heads) are seen; a model whose training
+forward needs more than its inputs (torchvision detectors want targets) is captured in eval mode.
+
+Sizes read from a tensor (``x.shape``, ``x.size(1)``) come back as :class:`TrackedInt`, an ``int``
+that remembers which channels it counts, so ``x.view(b, c * h * w)`` is known to follow pruning
+while ``x.view(-1, 400)`` is not.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from . import _layers, _ops
+from ._ops import Context
+from ._validation import PruningError
+
+__all__ = ["Call", "CaptureError", "TrackedInt", "capture", "run_captured"]
+
+
+class TrackedInt(int):
+    """An ``int`` read from a tensor's shape that remembers the channel ids it counts."""
+
+    ids: torch.Tensor
+
+    def __new__(cls, value: int, ids: torch.Tensor) -> "TrackedInt":
+        obj = int.__new__(cls, value)
+        obj.ids = ids
+        return obj
+
+    def __reduce__(self):  # deepcopy / pickle see a plain int
+        return (int, (int(self),))
+
+
+def _arith(op: Callable, swap: bool = False) -> Callable:
+    def fn(self, other):
+        a, b = (other, self) if swap else (self, other)
+        res = op(int(a) if isinstance(a, int) else a, int(b) if isinstance(b, int) else b)
+        if type(res) is not int:
+            return res
+        marks = [t.ids for t in (self, other) if isinstance(t, TrackedInt)]
+        return TrackedInt(res, torch.cat(marks) if len(marks) > 1 else marks[0])
+    return fn
+
+
+for _name, _op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+                   ("floordiv", operator.floordiv), ("mod", operator.mod), ("pow", operator.pow)):
+    setattr(TrackedInt, f"__{_name}__", _arith(_op))
+    setattr(TrackedInt, f"__r{_name}__", _arith(_op, swap=True))
+TrackedInt.__neg__ = lambda self: TrackedInt(-int(self), self.ids)  # type: ignore[method-assign]
+TrackedInt.__pos__ = lambda self: self  # type: ignore[method-assign]
+TrackedInt.__abs__ = lambda self: TrackedInt(abs(int(self)), self.ids)  # type: ignore[method-assign]
+
+
+@dataclass
+class Call:
+    """One intercepted operation, in the form the rules read (``op``, ``target``, ``name``, args)."""
+
+    op: str  # "call_function" or "call_method"
+    target: Any  # the function, or the method's name
+    name: str  # where it happened (module path), for messages
+    args: tuple
+    kwargs: dict
+
+
+class CaptureError(Exception):
+    """The model's forward raised during capture (kept apart from rule bugs for the retry logic)."""
+
+    def __init__(self, where: str, err: BaseException) -> None:
+        super().__init__(f"{where}: {type(err).__name__}: {err}")
+        self.where, self.err = where, err
+
+
+# -- operation lookup ------------------------------------------------------------------------
+_DUNDERS = {
+    "__add__": operator.add, "__radd__": operator.add, "__iadd__": operator.iadd,
+    "__sub__": operator.sub, "__rsub__": operator.sub, "__isub__": operator.isub,
+    "__mul__": operator.mul, "__rmul__": operator.mul, "__imul__": operator.imul,
+    "__truediv__": operator.truediv, "__rtruediv__": operator.truediv, "__itruediv__": operator.itruediv,
+    "__div__": operator.truediv, "__floordiv__": operator.floordiv, "__rfloordiv__": operator.floordiv,
+    "__mod__": operator.mod, "__pow__": operator.pow, "__rpow__": operator.pow, "__neg__": operator.neg,
+    "__abs__": operator.abs, "__pos__": operator.pos, "__and__": operator.and_, "__or__": operator.or_,
+    "__eq__": operator.eq, "__ne__": operator.ne, "__lt__": operator.lt, "__le__": operator.le,
+    "__gt__": operator.gt, "__ge__": operator.ge, "__getitem__": operator.getitem,
+    "__matmul__": operator.matmul, "__rmatmul__": operator.matmul,
+}
+_QUIET_PROPS = {"dtype", "device", "is_cuda", "requires_grad", "grad", "grad_fn", "is_leaf", "layout",
+                "is_sparse", "is_quantized", "is_meta", "is_nested", "_version", "names", "itemsize",
+                "nbytes", "ndim", "output_nr", "_base", "is_mps", "is_xpu", "is_cpu"}
+_QUIET_METHODS = {"dim", "numel", "is_contiguous", "get_device", "element_size", "is_floating_point",
+                  "is_complex", "data_ptr", "storage_offset", "stride", "untyped_storage", "__len__",
+                  "__format__", "__repr__", "__hash__", "__bool__", "is_set_to", "has_names",
+                  "__reduce_ex__", "ndimension", "nelement", "is_nonzero", "is_inference",
+                  "__array__", "__dlpack__", "register_hook", "retain_grad", "__deepcopy__",
+                  "__contains__", "__index__", "__int__", "__float__"}
+
+
+def _resolve(func: Any) -> tuple[str, Any, Callable | None]:
+    """(op, target, rule) for an intercepted callable; rule None means unknown."""
+    self_obj = getattr(func, "__self__", None)
+    if type(func).__name__ == "method-wrapper" and isinstance(self_obj, type(torch.Tensor.shape)):
+        prop = self_obj.__name__  # a property getter: x.shape, x.T, x.data ...
+        return "property", prop, None
+    rule = _layers.FUNCTIONS.get(func)
+    if rule is not None:
+        return "call_function", func, rule
+    name = getattr(func, "__name__", None)
+    if name is not None and getattr(torch.Tensor, name, None) is func or (
+            name is not None and name.startswith("__") and getattr(torch._C.TensorBase, name, None) is func):
+        if name in _DUNDERS:
+            target = _DUNDERS[name]
+            return "call_function", target, _layers.FUNCTIONS.get(target)
+        if name in _QUIET_METHODS:
+            return "call_method", name, _ops.nothing
+        return "call_method", name, _layers.METHODS.get(name)
+    if name is not None:
+        by_name = _layers.FUNCTIONS_BY_NAME.get((getattr(func, "__module__", None), name))
+        if by_name is not None:
+            return "call_function", func, by_name
+    return "call_function", func, None
+
+
+_SWAPPED = {"__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__rfloordiv__", "__rpow__", "__rmatmul__"}
+
+
+class _Mode(TorchFunctionMode):
+    """Propagates channel ids through every operation of one forward."""
+
+    def __init__(self, ctx: Context, owners: dict[int, tuple[str, str]], meta: bool, names: dict[int, str],
+                 ignored: set[str], costs: list | None, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.ctx, self.owners, self.meta, self.names = ctx, owners, meta, names
+        self.ignored, self.costs = ignored, costs
+        self.ids: dict[int, tuple[weakref.ref, Any]] = {}
+        self.stack: list[str] = [""]
+        ctx.owner = self.owner
+        ctx.peek = lambda t: self.get(t, materialize=False)
+        ctx.modules = modules
+        self.batch = 1
+
+    # -- id storage keyed by tensor identity --------------------------------------------------
+    def owner(self, t: Any) -> tuple[str, str] | None:
+        return self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def get(self, t: Any, materialize: bool = True) -> Any:
+        if isinstance(t, TrackedInt):
+            return t.ids
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self.ids.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        own = self.owners.get(id(t)) if materialize else None
+        if own is not None:  # a parameter used directly (layer scale, gain...): ids of its own
+            ids = _ops.param_ids(self.ctx, own, t)
+            self.put(t, ids)
+            return ids
+        return None
+
+    def put(self, t: Any, ids: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            self.ids[id(t)] = (weakref.ref(t), ids)
+        elif isinstance(t, (tuple, list)):
+            for k, v in enumerate(t):
+                self.put(v, ids[k] if isinstance(ids, (tuple, list)) and k < len(ids) else None)
+
+    def tree_ids(self, tree: Any, materialize: bool = True) -> Any:
+        if isinstance(tree, (torch.Tensor, TrackedInt)):
+            return self.get(tree, materialize)
+        if isinstance(tree, (tuple, list)):
+            return tuple(self.tree_ids(v, materialize) for v in tree)
+        if isinstance(tree, dict):
+            return {k: self.tree_ids(v, materialize) for k, v in tree.items()}
+        return None
+
+    # -- module boundaries (messages, ignore=) ------------------------------------------------
+    def pre_hook(self, m: nn.Module, args: Any) -> None:
+        self.stack.append(self.names.get(id(m), self.stack[-1]))
+
+    def post_hook(self, m: nn.Module, args: Any, out: Any) -> None:
+        name = self.stack.pop() if len(self.stack) > 1 else ""
+        if name in self.ignored:
+            self.ctx.freeze_all(self.tree_ids(out))
+
+    # -- the interception ----------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op, target, rule = _resolve(func)
+        fname = getattr(func, "__name__", "")
+        swapped = fname in _SWAPPED and len(args) == 2
+        if op == "property":
+            return self._property(target, func(*args, **kwargs), args)
+        out = None
+        if self.meta:
+            fast = _layers.META_SHAPES.get(target)
+            if fast is not None:
+                out = fast(args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
+        if swapped:
+            args = (args[1], args[0])
+        node = Call(op, target, self.stack[-1], args, kwargs)
+        if self.costs is not None:  # counting only: no channel rules
+            cost = _layers.COSTS.get(target)
+            if cost is not None:
+                cost(self, node, args, kwargs, out)
+            return out
+        if target == "size":
+            return self._shape(args, out)
+        layer = rule in _layers.LAYER_RULES
+        aids = self.tree_ids(args, materialize=not layer)
+        kids = self.tree_ids(kwargs, materialize=not layer) if kwargs else {}
+        if rule is None:
+            out_ids = _ops.unknown(self.ctx, node, aids, kids)
+        else:
+            out_ids = rule(self.ctx, node, args, kwargs, aids, kids, out)
+        self.put(out, out_ids)
+        return out
+
+    def _shape(self, args, out):
+        x = args[0]
+        xi = self.get(x)
+        if xi is None or self.costs is not None:
+            return out
+        per_dim = _ops.size_ids(xi, x.dim())
+        if isinstance(out, int):
+            dim = args[1] if len(args) > 1 else None
+            i = per_dim[dim] if isinstance(dim, int) else None
+            return TrackedInt(out, i) if i is not None else out
+        return torch.Size([TrackedInt(s, i) if i is not None else s for s, i in zip(out, per_dim)])
+
+    def _property(self, prop: str, out: Any, args: tuple) -> Any:
+        if self.costs is not None or not isinstance(out, (torch.Tensor, torch.Size)):
+            return out
+        if prop == "shape":
+            return self._shape(args, out)
+        xi = self.get(args[0])
+        if prop == "data":
+            self.put(out, xi)
+        elif prop in ("T", "mT", "H", "mH"):
+            self.put(out, None if xi is None else _ops.compress(getattr(xi, prop)))
+        elif prop not in _QUIET_PROPS:
+            _ops.unknown(self.ctx, Call("property", prop, self.stack[-1], args, {}), (xi,), {})
+        return out
+
+
+# -- running ---------------------------------------------------------------------------------
+def _state(model: nn.Module, meta: bool) -> dict[str, torch.Tensor]:
+    named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    if meta:
+        cache: dict[int, torch.Tensor] = {}
+        out = {}
+        for n, t in named:
+            if id(t) not in cache:
+                cache[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            out[n] = cache[id(t)]
+        return out
+    bufs = {id(b) for b in model.buffers()}
+    return {n: (t.detach().clone() if id(t) in bufs else t.detach()) for n, t in named}
+
+
+def _owners(state: dict[str, torch.Tensor]) -> dict[int, tuple[str, str]]:
+    out: dict[int, tuple[str, str]] = {}
+    for n, t in state.items():
+        path, _, tname = n.rpartition(".")
+        out.setdefault(id(t), (path, tname))
+    return out
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    return [(m, dict(m.__dict__)) for m in model.modules()]
+
+
+def _restore(snap: list[tuple[nn.Module, dict]]) -> None:
+    """Undo every attribute a forward set on a module (modes, cached anchors, shapes...)."""
+    for m, saved in snap:
+        d = m.__dict__
+        for k in [k for k in d if k not in saved]:
+            del d[k]
+        for k, v in saved.items():
+            if d.get(k, _MISSING) is not v:
+                d[k] = v
+
+
+_MISSING = object()
+
+
+def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, meta: bool,
+                 ignored: set[str] = frozenset(), costs: list | None = None) -> Any:
+    """One forward of ``model`` under the capture mode; the model is left exactly as it was."""
+    state = _state(model, meta)
+    owners = _owners(state)
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    if meta:
+        inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
+    else:
+        dev = next(iter(state.values())).device if state else None
+        if dev is not None:
+            inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
+    mode = _Mode(ctx, owners, meta, names, set(ignored), costs, modules)
+    mode.batch = next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+    snap = _snapshot(model)
+    hooks = [nn.modules.module.register_module_forward_pre_hook(mode.pre_hook),
+             nn.modules.module.register_module_forward_hook(mode.post_hook)]
+    try:
+        model.train(train)
+        with torch.no_grad(), mode:
+            try:
+                out = torch.func.functional_call(model, state, inputs, strict=False, tie_weights=False)
+            except PruningError:
+                raise
+            except Exception as err:
+                raise CaptureError(_where(mode), err) from err
+        ctx.freeze_all(mode.tree_ids(_flatten_output(out)))
+        return out
+    finally:
+        for h in hooks:
+            h.remove()
+        _restore(snap)
+
+
+def _where(mode: _Mode) -> str:
+    top = mode.stack[-1]
+    return f"in module '{top}'" if top else "in the model's own forward"
+
+
+def _flatten_output(out: Any) -> list:
+    """Every tensor in a nested output (tuples, lists, dicts, dataclass-like objects)."""
+    found: list = []
+    seen: set[int] = set()
+
+    def walk(v, depth):
+        if depth > 8 or id(v) in seen:
+            return
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x, depth + 1)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x, depth + 1)
+        elif hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)):
+            for x in vars(v).values():
+                walk(x, depth + 1)
+
+    walk(out, 0)
+    return found
+
+
+def capture(model: nn.Module, inputs: tuple, ignored: set[str] = frozenset(),
+            costs: list | None = None, train_first: bool = True) -> tuple[Context, str]:
+    """Capture ``model`` on ``inputs``, trying the cheapest pass that works.
+
+    Returns the filled :class:`Context` and the pass used (``"train/meta"``, ``"eval/real"``...).
+    Raises :class:`PruningError` naming the module where the forward failed on real tensors in
+    every mode.
+    """
+    last: CaptureError | None = None
+    modes = (True, False) if train_first else (False,)
+    for meta in (True, False):
+        for train in modes:
+            ctx = Context()
+            rec: list | None = [] if costs is not None else None
+            try:
+                run_captured(model, inputs, ctx, train=train, meta=meta, ignored=ignored, costs=rec)
+            except CaptureError as err:
+                last = err
+                continue
+            if costs is not None:
+                costs.extend(rec)
+            return ctx, f"{'train' if train else 'eval'}/{'meta' if meta else 'real'}"
+    assert last is not None
+    raise PruningError(f"running {type(model).__name__} on example_inputs failed {last}") from last.err
+
