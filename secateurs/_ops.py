@@ -327,8 +327,8 @@ def param_ids(ctx: Context, owner: tuple[str, str], t: torch.Tensor) -> Ids:
 
     It is prunable along one axis if, after grouping, its channels depend on that axis alone.
     """
-    if t.numel() <= 1:
-        return None
+    if t.numel() <= 1 or not (t.is_floating_point() or t.is_complex()):
+        return None  # index and counter buffers are never cut
     if t.numel() > _MAX_ELEMENTWISE and sum(s > 1 for s in t.shape) > 1:
         return None  # a large weight outside any layer rule: fixed size
     ids = ctx.fresh(t.numel()).view(t.shape)
@@ -480,6 +480,7 @@ def permute_like(ctx, node, args, kwargs, aids, kids, out) -> Any:
 def getitem(ctx, node, args, kwargs, aids, kids, out) -> Any:
     obj, idx = args[0], args[1]
     oid = aids[0]
+    ctx.freeze_all(aids[1] if len(aids) > 1 else None)  # index tensors keep every position
     if not isinstance(obj, torch.Tensor):
         if oid is None:
             return None
@@ -540,6 +541,8 @@ def split(ctx, node, args, kwargs, aids, kids, out) -> Any:
         sizes = {p.shape[dim] for p in out}
         size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
         fixed = name == "split" and not is_derived(size_arg)  # literal sizes never follow pruning
+        if fixed and _split_by_attribute(ctx, node, xi, dim, size_arg, out):
+            return movement(ctx, node, args, kwargs, aids, kids, out)
         if name == "unbind" or fixed or len(sizes) != 1 or len(out) < 2:
             ctx.freeze(xi)
             return tuple(None for _ in out)
@@ -547,6 +550,26 @@ def split(ctx, node, args, kwargs, aids, kids, out) -> Any:
         grid = grid.reshape(len(out), -1, *grid.shape[1:])
         ctx.union(grid, grid[:1])
     return movement(ctx, node, args, kwargs, aids, kids, out)
+
+
+def _split_by_attribute(ctx, node, xi, dim: int, sizes, out) -> bool:
+    """Split sizes read from a list attribute of the calling module (MixNet's ``self.splits``):
+    each piece shrinks on its own and surgery rewrites that attribute's entries."""
+    m = ctx.modules.get(node.name)
+    if m is None or not isinstance(sizes, (list, tuple)) or len(sizes) < 2 or len(out) != len(sizes):
+        return False
+    attr = next((k for k, v in vars(m).items() if isinstance(v, (list, tuple)) and not isinstance(v, str)
+                 and len(v) == len(sizes) and all(type(a) is int for a in v) and list(v) == list(sizes)), None)
+    if attr is None:
+        return False
+    col = axis_ids(ctx, xi, dim, sum(sizes))
+    if col is None:
+        return False
+    start = 0
+    for k, n in enumerate(sizes):
+        ctx.bind(node.name, attr, k, col[start:start + n], kind="attr")
+        start += n
+    return True
 
 
 def like(ctx, node, args, kwargs, aids, kids, out) -> Any:

@@ -124,8 +124,9 @@ def _resolve(func: Any) -> tuple[str, Any, Callable | None]:
     if rule is not None:
         return "call_function", func, rule
     name = getattr(func, "__name__", None)
-    if name is not None and getattr(torch.Tensor, name, None) is func or (
-            name is not None and name.startswith("__") and getattr(torch._C.TensorBase, name, None) is func):
+    qual = getattr(func, "__qualname__", "") or ""
+    if name is not None and (getattr(torch.Tensor, name, None) is func or qual.startswith(("Tensor.", "TensorBase."))
+                             or (name.startswith("__") and getattr(torch._C.TensorBase, name, None) is func)):
         if name in _DUNDERS:
             target = _DUNDERS[name]
             return "call_function", target, _layers.FUNCTIONS.get(target)

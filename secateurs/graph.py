@@ -73,6 +73,7 @@ class DependencyGraph:
         self.warnings: list[str] = warnings_
         self.opaque_modules: list[str] = leaves  # kept for compatibility: the capture has none
         self.capture_mode = ""  # which pass captured the model, e.g. "train/meta"
+        self.example_inputs: tuple = ()  # what surgery runs once to check the cut model
         self._shapes = shapes
 
     def __repr__(self) -> str:
@@ -292,6 +293,7 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
     ctx, how = capture(model, inputs, set(ignored))
     result = _group(ctx, shapes)
     result.capture_mode = how
+    result.example_inputs = inputs
     for w in ctx.warnings:
         warnings.warn(w, stacklevel=2)
     return result

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
+from .capture import capture
 from .graph import ChannelGroup, DependencyGraph
 from ._validation import PruningError
 
@@ -65,12 +66,14 @@ def _removed_components(graph: DependencyGraph, plan: PruningPlan) -> tuple[torc
     return removed, touched
 
 
-def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]]) -> nn.Module:
+def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]],
+               check: bool = True) -> nn.Module:
     """Remove the planned channels from ``model`` in place and return it.
 
     Raises :class:`PruningError` (model untouched) for unknown groups or channels, a plan that
     empties a group, or a model whose shapes no longer match ``graph`` (analyse again after
-    every cut).
+    every cut). With ``check`` (the default) the cut model runs once on the analysed inputs (on
+    meta tensors when it can): if it no longer runs, the cut is undone and the error says so.
     """
     plan = PruningPlan.coerce(plan)
     removed, touched = _removed_components(graph, plan)
@@ -114,23 +117,51 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
                 raise PruningError(f"module '{mname}': {tname} would lose every slice along axis {axis}")
         new = _select(t.detach(), {a: k.nonzero().flatten() for a, k in axes.items()})
         new_tensors.append((m, tname, new))
-    # commit: nothing below can fail
+    undo = _commit(new_tensors, attrs)
+    if check and graph.example_inputs:
+        try:
+            capture(model, graph.example_inputs, costs=[], train_first=False)
+        except PruningError as err:
+            undo()
+            raise PruningError(f"the cut model no longer runs, so the cut was undone (the model is as it was): {err}. "
+                               "Please report this model: a rule let through a coupling it should have kept.") from err
+    return model
+
+
+def _commit(new_tensors: list, attrs: list) -> Callable[[], None]:
+    """Swap in the new tensors and sizes (nothing here can fail); returns the undo."""
+    old_tensors, old_attrs = [], []
     with torch.no_grad():
         for m, tname, new in new_tensors:
             if tname in m._parameters:
                 p = m._parameters[tname]
+                old_tensors.append((m, tname, p.data, p.grad))
                 p.data = new.contiguous()
                 p.grad = None
             else:
+                old_tensors.append((m, tname, m._buffers[tname], None))
                 m._buffers[tname] = new.contiguous()
         for m, name, axis, value, _ in attrs:
+            old_attrs.append((m, name, getattr(m, name)))
             if axis is None:
                 setattr(m, name, value)
             else:
                 cur = list(getattr(m, name))
                 cur[axis] = value
                 setattr(m, name, tuple(cur))
-    return model
+
+    def undo() -> None:
+        with torch.no_grad():
+            for m, tname, data, grad in old_tensors:
+                if tname in m._parameters:
+                    m._parameters[tname].data = data
+                    m._parameters[tname].grad = grad
+                else:
+                    m._buffers[tname] = data
+            for m, name, value in reversed(old_attrs):
+                setattr(m, name, value)
+
+    return undo
 
 
 def _select(t: torch.Tensor, axes: dict[int, torch.Tensor]) -> torch.Tensor:
