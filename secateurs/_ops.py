@@ -508,6 +508,33 @@ def getitem(ctx, node, args, kwargs, aids, kids, out) -> Any:
     return movement(ctx, node, args, kwargs, aids, kids, out)
 
 
+def _tie_axes(ctx: Context, tensors, ids, skip: int | None) -> None:
+    """Entries of cat/stack must keep equal sizes on every axis but the one they are joined on."""
+    nd = tensors[0].dim()
+    for k in range(nd):
+        if k == skip:
+            continue
+        cols = [axis_ids(ctx, i, k, t.shape[k]) if i is not None else None for t, i in zip(tensors, ids)]
+        live = [c for c in cols if c is not None]
+        if not live:
+            continue
+        if len(live) < len(cols):  # one entry's size on this axis is fixed: all keep theirs
+            for c in live:
+                ctx.freeze(c)
+            continue
+        for c in live[1:]:
+            ctx.union(live[0], c)
+
+
+def stack(ctx, node, args, kwargs, aids, kids, out) -> Any:
+    tensors = args[0] if args else kwargs["tensors"]
+    ids = aids[0] if args else kids["tensors"]
+    if not any(i is not None for i in ids):
+        return None
+    _tie_axes(ctx, list(tensors), list(ids), None)
+    return movement(ctx, node, args, kwargs, aids, kids, out)
+
+
 def cat(ctx, node, args, kwargs, aids, kids, out) -> Any:
     tensors = args[0] if args else kwargs["tensors"]
     if not any(i is not None for i in (aids[0] if args else kids["tensors"])):
@@ -516,6 +543,7 @@ def cat(ctx, node, args, kwargs, aids, kids, out) -> Any:
     ids = aids[0] if args else kids["tensors"]
     nd = out.dim()
     dim %= nd
+    _tie_axes(ctx, [t for t in tensors if t.dim() == nd], [i for t, i in zip(tensors, ids) if t.dim() == nd], dim)
     # fast path: every input varies at most along the cat axis
     if all(i is None or varying(i) in ([], [dim]) for i in ids):
         parts = []
@@ -622,7 +650,7 @@ _PER_CHANNEL_FUNCS = [
 ]
 _PER_CHANNEL_METHODS = ["roll", "flip"]
 _MOVEMENT_FUNCS = [
-    torch.flatten, torch.reshape, torch.stack, torch.narrow, torch.select, torch.movedim,
+    torch.flatten, torch.reshape, torch.narrow, torch.select, torch.movedim,
     torch.moveaxis, torch.swapaxes, torch.swapdims, torch.tile, torch.channel_shuffle,
     torch.native_channel_shuffle, torch.pixel_shuffle, torch.pixel_unshuffle, F.pixel_shuffle,
     F.pixel_unshuffle, torch.broadcast_to, torch.unflatten, torch.atleast_2d,
@@ -665,6 +693,7 @@ def _build_tables():
         (freeze_op, _FREEZE_FUNCS, _FREEZE_METHODS),
         (split, [torch.split, torch.chunk, torch.tensor_split, torch.unbind], ["split", "chunk", "tensor_split", "unbind"]),
         (cat, [torch.cat, torch.concat, torch.concatenate], []),
+        (stack, [torch.stack], []),
     ):
         funcs.update(dict.fromkeys(fns, rule))
         methods.update(dict.fromkeys(names, rule))

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .graph import analyze
 from .surgery import apply_plan, zero_channels
 
-__all__ = ["check_equivalence", "main_output", "randomize_norms"]
+__all__ = ["check_equivalence", "main_output", "output_tensors", "randomize_norms"]
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -30,6 +30,17 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a nested output (tuples, lists, dicts), in order: what a check compares."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in output_tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in output_tensors(o)]
+    return []
+
+
 def main_output(out):
     """The tensor to compare: itself, ``out["out"]`` (segmentation) or the first element."""
     if isinstance(out, torch.Tensor):
@@ -42,8 +53,8 @@ def main_output(out):
 def check_equivalence(model: nn.Module, x, fraction: float = 0.5, seed: int = 0, tol: float = 1e-5):
     """Zero a random ``fraction`` of every exact group of a copy of ``model``, cut them, compare.
 
-    Returns ``(pruned copy, relative max error, number of groups cut)``; raises AssertionError
-    when the relative error exceeds ``tol`` or the output shape changed.
+    Every output tensor is compared. Returns ``(pruned copy, worst relative max error, number of
+    groups cut)``; raises AssertionError when an error exceeds ``tol`` or an output shape changed.
     """
     model = copy.deepcopy(model).eval()
     graph = analyze(model, x)
@@ -56,13 +67,16 @@ def check_equivalence(model: nn.Module, x, fraction: float = 0.5, seed: int = 0,
             zero_channels(model, graph, g, plan[g.index])
     inputs = x if isinstance(x, tuple) else (x,)
     with torch.no_grad():
-        ref = main_output(model(*inputs))
+        refs = output_tensors(model(*inputs))
     apply_plan(model, graph, plan)
     with torch.no_grad():
-        out = main_output(model(*inputs))
-    if out.shape != ref.shape:
-        raise AssertionError(f"output shape changed from {tuple(ref.shape)} to {tuple(out.shape)}")
-    err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+        outs = output_tensors(model(*inputs))
+    if [t.shape for t in outs] != [t.shape for t in refs]:
+        raise AssertionError(f"output shapes changed from {[tuple(t.shape) for t in refs]} to {[tuple(t.shape) for t in outs]}")
+    err = 0.0
+    for out, ref in zip(outs, refs):
+        if ref.numel() and ref.is_floating_point():
+            err = max(err, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
     if err > tol:
         raise AssertionError(f"removing zeroed channels changed outputs by {err:.2e} (> {tol:g})")
     return model, err, len(plan)
