@@ -248,9 +248,17 @@ def _same_shape(args, kwargs):
 
 def _norm_shape(args, kwargs):
     x = args[0]
-    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] * math.prod(x.shape[2:]) > 1:
-        return torch.empty(x.shape, dtype=x.dtype, device="meta")
-    return None  # the real function raises for one value per channel in training mode
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else None
+
+
+def _single_value_bn(args, kwargs):
+    """Training-mode batch norm over one value per channel raises; the capture needs only a tensor
+    of the right shape there (an auxiliary head at batch 1 after global pooling)."""
+    x = args[0]
+    training = _arg(args, kwargs, 5, "training", False)
+    if training and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] * math.prod(x.shape[2:]) == 1:
+        return x.clone()
+    return None
 
 
 def _linear_shape(args, kwargs):
@@ -327,5 +335,6 @@ META_SHAPES: dict[Any, Callable] = {
     F.layer_norm: _same_shape, F.relu: _same_shape, F.silu: _same_shape, F.gelu: _same_shape,
     F.hardswish: _same_shape, F.hardsigmoid: _same_shape, F.relu6: _same_shape,
 }
+REAL_GUARDS: dict[Any, Callable] = {F.batch_norm: _single_value_bn}
 COSTS: dict[Any, Callable] = {**dict.fromkeys(_CONVS, _conv_cost), F.linear: _linear_cost,
                               F.multi_head_attention_forward: _mha_cost}

@@ -315,7 +315,7 @@ def unknown(ctx: Context, node: Any, aids, kids, why: str = "") -> None:
         for i in tracked:
             ctx.freeze(i)
         ctx.warn(f"unsupported operation '{op_name(node)}'{': ' + why if why else ''}; the channels feeding it are kept",
-                 node.name)
+                 node.name or "<top-level forward>")
     return None
 
 

@@ -210,11 +210,8 @@ class _Mode(TorchFunctionMode):
         swapped = fname in _SWAPPED and len(args) == 2
         if op == "property":
             return self._property(target, func(*args, **kwargs), args)
-        out = None
-        if self.meta:
-            fast = _layers.META_SHAPES.get(target)
-            if fast is not None:
-                out = fast(args, kwargs)
+        fast = (_layers.META_SHAPES if self.meta else _layers.REAL_GUARDS).get(target)
+        out = fast(args, kwargs) if fast is not None else None
         if out is None:
             out = func(*args, **kwargs)
         if swapped:

@@ -1,0 +1,86 @@
+"""Models from timm, segmentation_models_pytorch, ultralytics and torchvision detection/video (the
+``zoo`` extra): zeroed channels cut with every output unchanged, then a 50% prune that keeps the
+outputs' shapes, lowers the MACs below 70% and still trains. The default run takes a few
+representatives at small inputs; ``-m slow`` takes every model of benchmarks/zoo.py (the same
+lists as docs/coverage.md)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import secateurs
+from secateurs.testing import check_equivalence, output_tensors, randomize_norms
+
+from benchmarks import zoo
+
+
+def _check(case: zoo.Case, max_kept: float = 0.7) -> None:
+    m, x = case.model, case.inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, err, cut = check_equivalence(m, x)
+        assert cut > 0
+        before = secateurs.count(m, x)
+        with torch.no_grad():
+            ref = output_tensors(m(*x))
+        secateurs.prune(m, x, ratio=0.5)
+    with torch.no_grad():
+        out = output_tensors(m(*x))
+    keep = (lambda s: s[1:]) if case.family == "detection" else (lambda s: s)
+    assert [keep(t.shape) for t in out] == [keep(t.shape) for t in ref]
+    assert secateurs.count(m, x).macs <= max_kept * before.macs
+    m.train()
+    case.train_step(m).backward()
+
+
+def _small(family: str, name: str, size: int) -> zoo.Case:
+    case = zoo.build(family, name)
+    x = case.inputs[0]
+    if family in ("timm", "smp", "ultralytics"):
+        case.inputs = (torch.randn(*x.shape[:2], size, size, generator=torch.Generator().manual_seed(1)),)
+        xs = case.inputs[0]
+        case.train_step = lambda m: sum(t.float().sum() for t in output_tensors(m(torch.cat([xs, xs]))))
+    return case
+
+
+FAST = [("timm", "efficientnet_b1", 64), ("timm", "mixnet_m", 64), ("timm", "convnext_femto", 64),
+        ("timm", "tf_efficientnet_lite1", 64), ("timm", "cspresnext50", 64), ("smp", "FPN:mobilenet_v2", 64),
+        ("smp", "DeepLabV3Plus:resnet18", 64), ("ultralytics", "yolo11n-seg.yaml", 128)]
+LIBS = {"timm": "timm", "smp": "segmentation_models_pytorch", "ultralytics": "ultralytics"}
+
+
+@pytest.mark.parametrize("family,name,size", FAST, ids=[f"{f}-{n}" for f, n, _ in FAST])
+def test_library_representatives(family, name, size):
+    pytest.importorskip(LIBS[family])
+    _check(_small(family, name, size))
+
+
+def test_video_and_1d():
+    _check(zoo.build("conv1d", "cnn1d"))
+    case = zoo.build("video", "r2plus1d_18")
+    case.inputs = (torch.randn(1, 3, 4, 32, 32),)
+    xs = case.inputs[0]
+    case.train_step = lambda m: m(torch.cat([xs, xs])).sum()
+    _check(case)
+
+
+SLOW = [(f, n) for f in ("timm", "smp", "ultralytics", "detection", "video") for n in zoo.model_names(f)]
+KNOWN = {("timm", "nf_regnet_b0"), ("timm", "resnetv2_50x1_bit")}  # weight standardisation: docs/coverage.md
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,name", SLOW, ids=[f"{f}-{n}" for f, n in SLOW])
+def test_every_library_model(family, name):
+    if family in LIBS:
+        pytest.importorskip(LIBS[family])
+    if (family, name) in KNOWN:
+        pytest.xfail("conv weights computed by weight standardisation keep their channels")
+    torch.manual_seed(0)
+    _check(zoo.build(family, name))
+
+
+def test_randomize_norms_is_applied():
+    m = randomize_norms(torch.nn.BatchNorm2d(4))
+    assert not torch.equal(m.running_mean, torch.zeros(4))
