@@ -35,6 +35,8 @@ def _vector(ctx: Context, t: Any, tid: Any, ids: torch.Tensor) -> None:
         return
     if ctx.bind_param(t, 0, ids):
         return
+    if tid is None:
+        tid = ctx.ids_of(t)  # e.g. (gain * scale).view(-1): the parameter it was computed from
     if tid is not None:
         ctx.union(tid.reshape(-1), ids)
     else:
@@ -47,8 +49,11 @@ def conv(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     g = int(_arg(args, kwargs, 6, "groups", 1))
     transposed = "transpose" in _ops.op_name(node)
     xi = _aid(aids, kids, 0, "input")
+    computed = None
     if ctx.owner(w) is None:
-        return unknown(ctx, node, aids, kids, "its weight is computed, not a parameter")
+        w, computed = _weight_source(ctx, w, transposed)
+        if w is None:
+            return unknown(ctx, node, aids, kids, "its weight is computed, not a parameter")
     caxis = 1 if x.dim() == w.dim() else 0
     cin, cout = (w.shape[0], w.shape[1] * g) if transposed else (w.shape[1] * g, w.shape[0])
     a, bsz = cin // g, cout // g
@@ -78,7 +83,37 @@ def conv(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     if b is not None:
         _vector(ctx, b, _aid(aids, kids, 2, "bias"), out_ids)
     ctx.bind_attr(w, "out_channels", cout, out_ids)
+    if computed is not None:
+        _bind_computed(ctx, computed, w, _aid(aids, kids, 1, "weight"), out_ids, in_ids, 1 if transposed else 0)
     return place(out_ids, caxis, out.dim())
+
+
+def _weight_source(ctx: Context, w: torch.Tensor, transposed: bool):
+    """A weight computed from one parameter of the same shape (weight standardisation, scaled
+    weights): that parameter is cut as the weight, the small ones that scale it with it."""
+    src = ctx.source(w)
+    if src is None or transposed or tuple(src[0].shape) != tuple(w.shape):
+        return None, None
+    main, others = src
+    if any(sum(s > 1 for s in q.shape) > 1 for q in others):
+        return None, None  # another full-size tensor mixes in: not a per-channel transform
+    return main, (others, w)
+
+
+def _bind_computed(ctx: Context, computed, main, w_ids, out_ids, in_ids, out_axis: int) -> None:
+    others, w = computed
+    if w_ids is not None:  # the parameter's own ids along the chain: each output row is one channel
+        shape = [1] * w.dim()
+        shape[out_axis] = -1
+        ctx.union(_ops.expand(w_ids, w.shape), out_ids.view(shape))
+    for q in others:
+        size = [s for s in q.shape if s > 1]
+        if not size:
+            continue
+        if size[0] != len(out_ids) or not ctx.bind_param(q, [k for k, s in enumerate(q.shape) if s > 1][0], out_ids):
+            ctx.freeze(out_ids)
+    if in_ids is not None:
+        ctx.mark_inexact(in_ids)  # standardised over the input axis: statistics change with it
 
 
 def linear(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
@@ -111,6 +146,7 @@ def batch_norm(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     caxis = 1 if x.dim() > 1 else 0
     ids = axis_ids(ctx, xi, caxis, x.shape[caxis])
     if ids is None:
+        ctx.freeze_all((aids, kids))  # fixed channels: whatever scales them keeps its size
         return xi
     if node.target is torch.batch_norm:  # (input, weight, bias, running_mean, running_var, ...)
         order = ((3, "running_mean"), (4, "running_var"), (1, "weight"), (2, "bias"))

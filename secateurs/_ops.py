@@ -76,6 +76,8 @@ class Context:
         # set by the capture: the (module, tensor name) owning a parameter, ids without creating them
         self.owner: Callable[[Any], tuple[str, str] | None] = lambda t: None
         self.peek: Callable[[Any], Ids] = lambda t: None
+        self.source: Callable[[Any], Any] = lambda t: None
+        self.ids_of: Callable[[Any], Ids] = lambda t: None
         self.modules: dict[str, nn.Module] = {}
 
     # -- ids ---------------------------------------------------------------------------------

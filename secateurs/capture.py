@@ -152,8 +152,12 @@ class _Mode(TorchFunctionMode):
         self.ctx, self.owners, self.meta, self.names = ctx, owners, meta, names
         self.ignored, self.costs = ignored, costs
         self.ids: dict[int, tuple[weakref.ref, Any]] = {}
+        self.derived: dict[int, tuple[weakref.ref, Any]] = {}
+        self.inputs: set[int] = set()
         self.stack: list[str] = [""]
         ctx.owner = self.owner
+        ctx.source = self.source
+        ctx.ids_of = self.get
         ctx.peek = lambda t: self.get(t, materialize=False)
         ctx.modules = modules
         self.batch = 1
@@ -170,12 +174,67 @@ class _Mode(TorchFunctionMode):
         entry = self.ids.get(id(t))
         if entry is not None and entry[0]() is t:
             return entry[1]
-        own = self.owners.get(id(t)) if materialize else None
+        if not materialize:
+            return None
+        own = self.owners.get(id(t))
         if own is not None:  # a parameter used directly (layer scale, gain...): ids of its own
             ids = _ops.param_ids(self.ctx, own, t)
             self.put(t, ids)
             return ids
-        return None
+        return self._derived_ids(t)
+
+    # -- parameter provenance (weight standardisation, reparametrised weights) -----------------
+    def source(self, t: Any) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """(main parameter, other parameters) a tensor was computed from, if only from parameters."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        if id(t) in self.owners:
+            return t, []
+        entry = self.derived.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def _track_source(self, args, kwargs, out) -> bool:
+        """Record what ``out`` was computed from when only parameters (and constants) took part."""
+        tensors = _ops._leaves((args, kwargs))
+        if not tensors or not isinstance(out, torch.Tensor):
+            return False
+        found = []
+        for v in tensors:
+            src = self.source(v)
+            if src is None:
+                if id(v) in self.ids or id(v) in self.inputs:
+                    return False  # an activation takes part: not a parameter computation
+                continue
+            found.append(src)
+        if not found:
+            return False
+        main = max((f[0] for f in found), key=lambda p: p.numel())
+        others = [q for f in found for q in [f[0], *f[1]] if q is not main]
+        self.derived[id(out)] = (weakref.ref(out), (main, list({id(q): q for q in others}.values())))
+        return True
+
+    def _derived_ids(self, t: torch.Tensor) -> Any:
+        """Ids of a parameter reshaped for broadcasting (``gamma.view(1, -1, 1, 1)``): the
+        parameter's own, placed on the one axis the result varies along."""
+        entry = self.derived.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        main, others = entry[1]
+        axes = [k for k, n in enumerate(t.shape) if n > 1]
+        if len(axes) != 1 or sum(n > 1 for n in main.shape) != 1 or main.numel() != t.shape[axes[0]]:
+            return None
+        ids = self.get(main)
+        if ids is None:
+            return None
+        ids = _ops.place(ids.reshape(-1), axes[0], t.dim())
+        for q in others:
+            qi = self.get(q) if q.numel() == main.numel() else None
+            if qi is not None:
+                self.ctx.union(qi.reshape(-1), ids.reshape(-1))
+            elif q.numel() > 1:
+                self.ctx.freeze(ids)
+        self.put(t, ids)
+        return ids
 
     def put(self, t: Any, ids: Any) -> None:
         if isinstance(t, torch.Tensor):
@@ -224,6 +283,8 @@ class _Mode(TorchFunctionMode):
             return out
         if target == "size":
             return self._shape(args, out)
+        if self._track_source(args, kwargs, out):
+            return out  # a computation on parameters alone: its consumer reads where it came from
         layer = rule in _layers.LAYER_RULES
         aids = self.tree_ids(args, materialize=not layer)
         kids = self.tree_ids(kwargs, materialize=not layer) if kwargs else {}
@@ -236,7 +297,7 @@ class _Mode(TorchFunctionMode):
 
     def _shape(self, args, out):
         x = args[0]
-        xi = self.get(x)
+        xi = self.get(x, materialize=False)
         if xi is None or self.costs is not None:
             return out
         per_dim = _ops.size_ids(xi, x.dim())
@@ -317,6 +378,7 @@ def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, 
             inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
     mode = _Mode(ctx, owners, meta, names, set(ignored), costs, modules)
     mode.batch = next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+    mode.inputs = {id(t) for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)}
     snap = _snapshot(model)
     hooks = [nn.modules.module.register_module_forward_pre_hook(mode.pre_hook),
              nn.modules.module.register_module_forward_hook(mode.post_hook)]

@@ -137,7 +137,7 @@ def test_sizes_read_from_shapes_follow_pruning():
 
 
 class ComputedWeight(nn.Module):
-    """Weight standardisation: the conv weight is computed, so its channels stay."""
+    """A conv weight computed from the activations (dynamic convolution): its channels stay."""
 
     def __init__(self):
         super().__init__()
@@ -149,9 +149,33 @@ class ComputedWeight(nn.Module):
     def forward(self, x):
         x = self.a(x)
         for conv in (self.b, self.c):
-            w = conv.weight - conv.weight.mean((1, 2, 3), keepdim=True)
-            x = F.conv2d(x, w, conv.bias)
+            x = F.conv2d(x, conv.weight * torch.sigmoid(x.mean()), conv.bias)
         return self.d(x)
+
+
+class WeightStandardised(nn.Module):
+    """timm's StdConv2d / ScaledStdConv2d: the weight is standardised per output channel, then gained."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        w = F.batch_norm(self.a.weight.reshape(1, self.a.out_channels, -1), None, None, training=True,
+                         momentum=0.0).reshape_as(self.a.weight)
+        return self.b(F.relu(F.conv2d(x, w * self.gain, self.a.bias, padding=1)))
+
+
+def test_standardised_weights_are_cut_through_the_parameter_they_come_from():
+    m = WeightStandardised().eval()
+    x = torch.randn(1, 3, 6, 6)
+    (grp,) = analyze(m, x).groups
+    assert grp.size == 8 and grp.exact
+    assert {(mod, t, ax) for mod, t, ax, _ in grp.members} == {("a", "weight", 0), ("a", "bias", 0), ("", "gain", 0),
+                                                              ("b", "weight", 1)}
+    check_equivalence(m, x)
 
 
 def test_an_unknown_operation_warns_once_per_kind():
