@@ -20,6 +20,7 @@ while ``x.view(-1, 400)`` is not.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import weakref
@@ -34,7 +35,7 @@ from . import _layers, _ops
 from ._ops import Context
 from ._validation import PruningError
 
-__all__ = ["Call", "CaptureError", "TrackedInt", "capture", "run_captured"]
+__all__ = ["Call", "CaptureError", "TrackedInt", "capture", "one_thread", "run_captured"]
 
 
 class TrackedInt(int):
@@ -429,6 +430,20 @@ def _flatten_output(out: Any) -> list:
     return found
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The engine's bookkeeping is thousands of tiny integer ops: on one thread they cost a
+    fraction of what they cost when the thread pool has to wake (and waits on a busy machine)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def capture(model: nn.Module, inputs: tuple, ignored: set[str] = frozenset(),
             costs: list | None = None, train_first: bool = True) -> tuple[Context, str]:
     """Capture ``model`` on ``inputs``, trying the cheapest pass that works.
@@ -444,7 +459,11 @@ def capture(model: nn.Module, inputs: tuple, ignored: set[str] = frozenset(),
             ctx = Context()
             rec: list | None = [] if costs is not None else None
             try:
-                run_captured(model, inputs, ctx, train=train, meta=meta, ignored=ignored, costs=rec)
+                if meta:
+                    with one_thread():
+                        run_captured(model, inputs, ctx, train=train, meta=meta, ignored=ignored, costs=rec)
+                else:  # real arithmetic: let it use every thread
+                    run_captured(model, inputs, ctx, train=train, meta=meta, ignored=ignored, costs=rec)
             except CaptureError as err:
                 last = err
                 continue

@@ -20,7 +20,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ._ops import Binding, Context
 from ._validation import PruningError
-from .capture import capture
+from .capture import capture, one_thread
 
 __all__ = ["ChannelGroup", "DependencyGraph", "analyze"]
 
@@ -291,7 +291,8 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
     ignored = _names(model, ignore, "ignore")
     shapes = {name: (tuple(t.shape)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
     ctx, how = capture(model, inputs, set(ignored))
-    result = _group(ctx, shapes)
+    with one_thread():
+        result = _group(ctx, shapes)
     result.capture_mode = how
     result.example_inputs = inputs
     for w in ctx.warnings:
