@@ -84,3 +84,17 @@ def test_every_library_model(family, name):
 def test_randomize_norms_is_applied():
     m = randomize_norms(torch.nn.BatchNorm2d(4))
     assert not torch.equal(m.running_mean, torch.zeros(4))
+
+
+@pytest.mark.parametrize("family,name,size", [("timm", "mixnet_m", 64), ("ultralytics", "yolo11n-seg.yaml", 128)])
+def test_budgets_and_exact_cost_on_library_models(family, name, size):
+    """The layers above the engine (criteria, the MACs budget and its exact plan cost) see the same groups."""
+    pytest.importorskip(LIBS[family])
+    case = _small(family, name, size)
+    m, x = case.model, case.inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = secateurs.count(m, x).macs
+        _, report = secateurs.prune(m, x, "bn_scale", 0.5, budget="macs")
+    kept = secateurs.count(m, x).macs / base
+    assert report["kept"]["macs"] == pytest.approx(kept, abs=1e-12) and 0.45 < kept <= 0.5
