@@ -136,7 +136,7 @@ def test_bad_options_name_themselves():
     with pytest.raises(ValueError, match="method 'heuristic'.*unexpected keyword argument 'kapa'"):
         get_method("heuristic", kapa=1)
     with pytest.raises(ValueError, match="macs or params target as a stop rule"):
-        secateurs.prune(TwoLayers(), torch.randn(1, 1, 4, 4), "heuristic", 0.5, budget="latency")
+        secateurs.prune(TwoLayers(), torch.randn(1, 1, 4, 4), "heuristic", {"latency": 0.5})
 
 
 def test_heuristic_from_the_command_line_reports_each_round(tmp_path):

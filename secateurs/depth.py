@@ -1,4 +1,4 @@
-"""Depth surgery: find residual blocks that can go, remove them, truncate, and score them by PLS-VIP.
+"""Depth surgery: find residual blocks that can go, remove them, or truncate the network after one.
 
 A block is removable when its output is ``input + f(input)`` through an identity shortcut (possibly
 followed by parameter-free ops such as a ReLU): replacing it by ``nn.Identity()`` then keeps every
@@ -6,26 +6,23 @@ shape in the network, and if ``f`` is (near) zero it keeps the function too. Thi
 :mod:`torch.fx` graph, not from class names, so any architecture built from such blocks works.
 Blocks whose shortcut is a projection (they change shapes) are reported as non-removable.
 
-The VIP scores follow METHODS.md section 2 (Jordao et al. 2020): PLS of pooled block outputs on
-one-hot labels, VIP_j = sqrt(p * sum_a SS_a (w_ja/||w_a||)^2 / sum_a SS_a), SS_a = (t_a't_a)(q_a'q_a).
+How the blocks are scored (PLS-VIP of their outputs) lives in :mod:`secateurs.pls`.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._validation import PruningError
 from .cost import count
 from .fxtrace import trace_fx
 
-__all__ = ["Block", "find_blocks", "remove_blocks", "truncate", "vip", "vip_from_pls", "block_features", "block_scores"]
+__all__ = ["Block", "LayerPlan", "find_blocks", "remove_blocks", "truncate", "block_names"]
 
 
 @dataclass(frozen=True)
@@ -269,7 +266,7 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def _names(blocks: Iterable[Block | str]) -> list[str]:
+def block_names(blocks: Iterable[Block | str]) -> list[str]:
     if isinstance(blocks, (str, Block)):
         blocks = [blocks]
     out = []
@@ -301,7 +298,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
     checks include shapes, and the result is run once (restored on failure); without them only
     the fx structure is used.
     """
-    names = _names(blocks)
+    names = block_names(blocks)
     if example_inputs is not None:
         inputs = _as_inputs(example_inputs)
         found = {b.name: (b.removable, b.reason) for b in find_blocks(model, inputs)}
@@ -338,6 +335,49 @@ class _Stop(Exception):
     pass
 
 
+def _head(model: nn.Module, inputs: tuple, cut: str, later: list[str]) -> str:
+    """The classifier head (the last Linear to run), checked to follow the cut through
+    parameter-free layers only."""
+    order: list[str] = []  # the parametrised leaves, in the order of one forward
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: order.append(n))
+               for n, m in model.named_modules() if n and not m._modules and any(True for _ in m.parameters(recurse=False))]
+    try:
+        _forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    linears = [i for i, n in enumerate(order) if isinstance(modules[n], nn.Linear)]
+    if not linears:
+        raise PruningError(f"{type(model).__name__} has no nn.Linear classifier head to replace")
+    head_at = linears[-1]
+    head = order[head_at]
+    if len(set(order[head_at:])) > 1 or order.count(head) > 1:
+        raise PruningError(f"'{head}' is not the last layer of {type(model).__name__}, so it cannot be the head")
+    in_cut = [i for i, n in enumerate(order) if n.startswith(cut + ".")]
+    start = in_cut[-1] + 1 if in_cut else 0
+    stray = [n for n in order[start:head_at] if not any(n.startswith(b + ".") for b in later)]
+    if stray:
+        raise PruningError(f"cannot truncate {type(model).__name__} after '{cut}': layer(s) with parameters "
+                           f"{sorted(set(stray))[:6]} run between the cut and the head '{head}'; truncate needs "
+                           "a chain of residual stages followed by pooling and a Linear head")
+    return head
+
+
+def _outermost_gone(modules: dict[str, nn.Module], later: list[str]) -> list[str]:
+    """The modules to replace: a container goes whole when all its children go."""
+    gone = set(later)
+    changed = True
+    while changed:
+        changed = False
+        for q, m in modules.items():
+            if q and q not in gone and m._modules and all(f"{q}.{c}" in gone for c in m._modules) \
+                    and not any(q.startswith(g + ".") for g in gone):
+                gone = {g for g in gone if not g.startswith(q + ".")} | {q}
+                changed = True
+    return sorted(g for g in gone if not any(g.startswith(o + ".") for o in gone))
+
+
 def truncate(model: nn.Module, after: str | Block, num_classes: int | None = None, *,
              example_inputs: Any) -> nn.Module:
     """Cut a chain of residual stages after block ``after`` and attach a fresh ``nn.Linear`` head.
@@ -364,42 +404,9 @@ def truncate(model: nn.Module, after: str | Block, num_classes: int | None = Non
                            f"blocks: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
     later = names[names.index(cut) + 1:]
 
-    # order of the parametrised leaves in one forward, and the head (the last Linear to run)
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: order.append(n))
-               for n, m in model.named_modules() if n and not m._modules and any(True for _ in m.parameters(recurse=False))]
-    try:
-        _forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    head = _head(model, inputs, cut, later)
     modules = dict(model.named_modules())
-    linears = [i for i, n in enumerate(order) if isinstance(modules[n], nn.Linear)]
-    if not linears:
-        raise PruningError(f"{type(model).__name__} has no nn.Linear classifier head to replace")
-    head_at = linears[-1]
-    head = order[head_at]
-    if len(set(order[head_at:])) > 1 or order.count(head) > 1:
-        raise PruningError(f"'{head}' is not the last layer of {type(model).__name__}, so it cannot be the head")
-    in_cut = [i for i, n in enumerate(order) if n.startswith(cut + ".")]
-    start = in_cut[-1] + 1 if in_cut else 0
-    stray = [n for n in order[start:head_at] if not any(n.startswith(b + ".") for b in later)]
-    if stray:
-        raise PruningError(f"cannot truncate {type(model).__name__} after '{cut}': layer(s) with parameters "
-                           f"{sorted(set(stray))[:6]} run between the cut and the head '{head}'; truncate needs "
-                           "a chain of residual stages followed by pooling and a Linear head")
-
-    # replace whole containers when all their children go
-    gone = set(later)
-    changed = True
-    while changed:
-        changed = False
-        for q, m in modules.items():
-            if q and q not in gone and m._modules and all(f"{q}.{c}" in gone for c in m._modules) \
-                    and not any(q.startswith(g + ".") for g in gone):
-                gone = {g for g in gone if not g.startswith(q + ".")} | {q}
-                changed = True
-    gone = sorted(g for g in gone if not any(g.startswith(o + ".") for o in gone))
+    gone = _outermost_gone(modules, later)
 
     old_head = modules[head]
     olds: dict[str, nn.Module] = {}
@@ -435,168 +442,20 @@ def truncate(model: nn.Module, after: str | Block, num_classes: int | None = Non
     return model
 
 
-# -- VIP scores ------------------------------------------------------------------------------------
-def _one_hot(Y: np.ndarray) -> np.ndarray:
-    if Y.ndim == 2:
-        return Y.astype(np.float64)
-    if Y.ndim != 1:
-        raise ValueError(f"`Y` must be labels [n] or a one-hot matrix [n, classes], got shape {Y.shape}")
-    classes = np.unique(Y)
-    if len(classes) < 2:
-        raise ValueError("`Y` has a single class; VIP needs at least two")
-    return (Y[:, None] == classes[None, :]).astype(np.float64)
+@dataclass
+class LayerPlan:
+    """Whole blocks to remove (or a cut after one block), with the scores that chose them: the
+    depth counterpart of :class:`~secateurs.surgery.PruningPlan`."""
 
+    remove: list[str]
+    scores: dict[str, float] = field(default_factory=dict)
+    truncate_after: str | None = None
 
-def vip_from_pls(pls) -> np.ndarray:
-    """VIP of every feature from a fitted ``PLSRegression`` (METHODS.md section 2)."""
-    W, T, Q = pls.x_weights_, pls.x_scores_, pls.y_loadings_
-    ss = (T ** 2).sum(0) * (Q ** 2).sum(0)
-    if not ss.sum() > 0:
-        return np.zeros(W.shape[0])  # no component explains Y: no feature discriminates
-    wn = W / np.linalg.norm(W, axis=0, keepdims=True)
-    return np.sqrt(W.shape[0] * ((wn ** 2) @ ss) / ss.sum())
+    def summary(self) -> dict[str, float]:
+        return {n: round(self.scores.get(n, float("nan")), 4) for n in self.remove}
 
-
-def vip(X: Any, Y: Any, n_components: int = 4) -> np.ndarray:
-    """VIP scores [n_features] of a PLS regression of ``X`` on one-hot ``Y`` (labels or one-hot).
-
-    scikit-learn's ``PLSRegression`` (centred and scaled, as in the paper's code) fits; the VIP
-    formula is ours, so it does not depend on a library version exposing one. The squares of the
-    scores sum to the number of features, so "VIP > 1" marks an above-average feature.
-    """
-    from sklearn.cross_decomposition import PLSRegression
-
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2:
-        raise ValueError(f"`X` must be [n_samples, n_features], got shape {X.shape}")
-    Y = _one_hot(np.asarray(Y))
-    if len(Y) != len(X):
-        raise ValueError(f"`X` has {len(X)} samples but `Y` has {len(Y)}")
-    pls = PLSRegression(n_components=n_components, scale=True).fit(X, Y)
-    return vip_from_pls(pls)
-
-
-def _pool(out: torch.Tensor, pool: int | str) -> torch.Tensor:
-    """Average-pool with window ``pool`` (stride ``pool``), or globally if the map is smaller;
-    ``pool="max"``: one global maximum per channel (the filter features of the cascade)."""
-    if pool == "max":
-        return out.flatten(2).amax(2) if out.dim() > 2 else out
-    if out.dim() > 2:
-        spatial = out.shape[2:]
-        if all(s >= pool for s in spatial) and out.dim() <= 5:
-            fn = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}[out.dim()]
-            out = fn(out, pool)
+    def apply(self, model: nn.Module, example_inputs: Any) -> None:
+        if self.truncate_after is not None:
+            truncate(model, self.truncate_after, example_inputs=example_inputs)
         else:
-            out = out.flatten(2).mean(2)
-    return out.flatten(1)
-
-
-def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, per_class: int | None = None,
-                   pool: int | str = 8, batch_size: int = 256, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pooled outputs of each block on at most ``per_class`` samples per class, and their labels.
-
-    ``data`` is an :class:`~secateurs.data.ArrayDataset` (a seeded class-balanced selection is
-    normalised and run in batches, so only the chosen samples are forwarded) or any iterable of
-    ``(x, y)`` batches (taken in order until every class has ``per_class``). Only the pooled
-    features are kept: one float32 array [n, features] per block, filled batch by batch.
-    """
-    from .data import ArrayDataset, Batches
-
-    names = _names(blocks)
-    modules = dict(model.named_modules())
-    for n in names:
-        if n not in modules or not n:
-            raise PruningError(f"'{n}' is not a submodule of {type(model).__name__}")
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-
-    def batches():
-        if isinstance(data, ArrayDataset):
-            t = data.targets
-            if t.dim() != 1:
-                raise ValueError(f"block features need class labels; dataset '{data.name}' has targets of shape {list(t.shape)}")
-            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-            if per_class is not None:
-                perm = torch.cat([perm[t[perm] == c][:per_class] for c in torch.unique(t)])
-            idx = perm.sort().values
-            norm = Batches(data, batch_size, train=False)
-            for i in range(0, len(idx), batch_size):
-                sel = idx[i:i + batch_size]
-                yield norm.normalize(data.images[sel]), t[sel], len(idx)
-            return
-        counts: dict[int, int] = {}
-        for x, y in data:
-            y = torch.as_tensor(y)
-            if per_class is not None:
-                keep = torch.zeros(len(y), dtype=torch.bool)
-                for i, c in enumerate(y.tolist()):
-                    if counts.get(c, 0) < per_class:
-                        counts[c] = counts.get(c, 0) + 1
-                        keep[i] = True
-                if not keep.any():
-                    continue
-                x, y = x[keep.to(x.device)], y[keep]
-            yield x, y, None
-
-    feats: dict[str, Any] = {n: [] for n in names}
-    labels: list[np.ndarray] = []
-    filled = 0
-    current: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: current.__setitem__(n, _pool(o, pool)))
-               for n in names]
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for x, y, total in batches():
-                current.clear()
-                model(x.to(device))
-                k = len(y)
-                for n in names:
-                    f = current[n].float().cpu().numpy()
-                    if total is None:
-                        feats[n].append(f)
-                    else:
-                        if isinstance(feats[n], list):
-                            feats[n] = np.empty((total, f.shape[1]), dtype=np.float32)
-                        feats[n][filled:filled + k] = f
-                labels.append(y.cpu().numpy())
-                filled += k
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    if not labels:
-        raise ValueError("`data` gave no samples")
-    out = {n: (np.concatenate(v) if isinstance(v, list) else v[:filled]) for n, v in feats.items()}
-    return out, np.concatenate(labels)
-
-
-def block_scores(model: nn.Module, blocks: Sequence[Block | str], data: Any, per_class: int | None = None,
-                 n_components: int = 4, joint: bool = False, pool: int = 8, batch_size: int = 256,
-                 seed: int = 0) -> dict[str, float]:
-    """Mean VIP of each block's pooled output features: how discriminative the block's output is.
-
-    ``joint=False`` fits one PLS per block; ``joint=True`` one PLS over all blocks' features
-    together (then scores are comparable across blocks of different widths only through that
-    shared fit). ``n_components`` is capped at the number of features and samples - 1.
-    """
-    feats, y = block_features(model, blocks, data, per_class=per_class, pool=pool, batch_size=batch_size, seed=seed)
-    names = list(feats)
-
-    def fit(X):
-        h = max(1, min(n_components, X.shape[1], X.shape[0] - 1))
-        return vip(X, y, h)
-
-    if not joint:
-        return {n: float(fit(feats[n]).mean()) for n in names}
-    X = np.concatenate([feats[n] for n in names], axis=1)
-    v = fit(X)
-    out, start = {}, 0
-    for n in names:
-        d = feats[n].shape[1]
-        out[n] = float(v[start:start + d].mean())
-        start += d
-    return out
+            remove_blocks(model, self.remove, example_inputs)
