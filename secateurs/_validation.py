@@ -15,21 +15,21 @@ class InvalidArgument(ValueError, TypeError):
     ``InvalidParameterError``), so callers may catch either for a bad type or a bad value."""
 
 
-def _describe(target_type: type | tuple, min_val, max_val, include_min: bool, include_max: bool) -> str:
-    """'a positive int', 'a fraction in (0, 1]', ...: the accepted range in words."""
+def _describe(target_type: type | tuple, min_val, max_val, include_min: bool, include_max: bool) -> tuple[str, str]:
+    """The accepted values in words: for a wrong value ('in (0, 1]', 'a positive int') and for a
+    wrong type ('a number in (0, 1]', 'a positive int')."""
     integral = target_type is int or target_type is numbers.Integral
     kind = "int" if integral else "number"
     if max_val is None and min_val is not None and min_val in (0, 1):
         if min_val == 0 and include_min:
-            return f"a non-negative {kind}"
+            return (f"a non-negative {kind}",) * 2
         if (min_val == 1 and include_min and integral) or (min_val == 0 and not include_min):
-            return f"a positive {kind}"
+            return (f"a positive {kind}",) * 2
     if min_val is None and max_val is None:
-        return f"a finite {kind}" if not integral else "an int"
+        return ("an int",) * 2 if integral else ("a finite number",) * 2
     lo = "(-inf" if min_val is None else f"{'[' if include_min else '('}{min_val}"
     hi = "inf)" if max_val is None else f"{max_val}{']' if include_max else ')'}"
-    noun = "a fraction" if (min_val, max_val) == (0, 1) else ("an int" if integral else "a number")
-    return f"{noun} in {lo}, {hi}"
+    return f"in {lo}, {hi}", f"{'an int' if integral else 'a number'} in {lo}, {hi}"
 
 
 def check_scalar(x: Any, name: str, target_type: type | tuple = numbers.Real, *, min_val: float | None = None,
@@ -40,12 +40,12 @@ def check_scalar(x: Any, name: str, target_type: type | tuple = numbers.Real, *,
     are refused."""
     if x is None and allow_none:
         return x
-    desc = _describe(target_type, min_val, max_val, include_min, include_max)
+    desc, type_desc = _describe(target_type, min_val, max_val, include_min, include_max)
     ok_type = not isinstance(x, bool) and isinstance(x, target_type)
     if ok_type and isinstance(x, numbers.Real):
         ok_type = x == x and abs(x) != float("inf")
     if not ok_type:
-        raise InvalidArgument(f"`{name}` must be {desc}, got {type(x).__name__} {x!r}")
+        raise InvalidArgument(f"`{name}` must be {type_desc}, got {type(x).__name__} {x!r}")
     lo_ok = min_val is None or (x >= min_val if include_min else x > min_val)
     hi_ok = max_val is None or (x <= max_val if include_max else x < max_val)
     if not (lo_ok and hi_ok):

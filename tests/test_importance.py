@@ -193,7 +193,7 @@ def test_fraction_one_is_a_single_cut_to_the_target(trained, digits):
 def test_bad_options_fail_before_the_model_is_touched(trained, digits):
     tr, va = digits
     m = copy.deepcopy(trained)
-    for opts, msg in [({"fraction": 1.5}, "`fraction` must be a fraction in"), ({"init": "zeros"}, "`init` must be one of"),
+    for opts, msg in [({"fraction": 1.5}, "`fraction` must be in"), ({"init": "zeros"}, "`init` must be one of"),
                       ({"search": "golden"}, "`search` must be"), ({"l1": -1}, "`l1` must be")]:
         with pytest.raises(ValueError, match=msg):
             secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va, method_options=opts)

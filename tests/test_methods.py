@@ -129,7 +129,7 @@ def test_residual_groups_are_cut_together():
 def test_bad_options_name_themselves():
     with pytest.raises(ValueError, match="`scope` must be 'layer' or 'global'"):
         get_method("heuristic", scope="net")
-    with pytest.raises(ValueError, match="`min_keep` must be a fraction in \\(0, 1\\]"):
+    with pytest.raises(ValueError, match="`min_keep` must be in \\(0, 1\\]"):
         get_method("heuristic", min_keep=0)
     with pytest.raises(ValueError, match="unknown estimator 'median'"):
         get_method("heuristic", estimator="median")
