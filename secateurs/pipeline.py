@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from ._io import atomic_write
 from ._validation import PruningError, check_scalar
-from .budget import Allocator, Budget, as_budget, deprecated_budget
+from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
+                     uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
 from .cost import Cost, count
 from .export import load as load_model, save as save_model
 from .graph import analyze

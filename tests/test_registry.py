@@ -134,3 +134,18 @@ def test_target_forms_agree_and_old_keywords_warn(r20):
         _, old = secateurs.prune(copy.deepcopy(r20), X, "l1", ratio=0.3)
     _, new = secateurs.prune(copy.deepcopy(r20), X, "l1", {"ratio": 0.3})
     assert old["layers"] == new["layers"] and new["budget"] == {"kind": "ratio", "target": 0.3}
+
+
+def test_moved_names_still_import_for_one_release():
+    import importlib
+    import sys
+
+    import secateurs.depth
+    from secateurs.methods import LayerPlan
+    from secateurs.pipeline import Allocator, Budget
+
+    sys.modules.pop("secateurs.blocks", None)
+    with pytest.warns(DeprecationWarning, match="secateurs.depth"):
+        blocks = importlib.import_module("secateurs.blocks")
+    assert blocks.find_blocks is secateurs.depth.find_blocks and blocks.LayerPlan is LayerPlan
+    assert (Budget, Allocator) == (secateurs.Budget, secateurs.Allocator)

@@ -13,13 +13,14 @@ Importing this package registers every method.
 """
 from .base import (CriterionMethod, Decision, Method, Option, StepContext, get_method, list_methods, method_class,
                    register_method)
-from .dlp import LayerPruningMethod
+from ..depth import LayerPlan  # was defined here; re-exported for one release
+from .dlp import CascadeMethod, LayerPruningMethod
 from .gates import ChannelScales
 from .heuristic import HeuristicMethod, list_estimators, register_estimator
 from .hfp import HFPMethod, HFPRegularizer
 from .importance import ImportanceWeightMethod, ImportanceWeights, channel_macs
 
 __all__ = ["Method", "Option", "StepContext", "Decision", "CriterionMethod", "HeuristicMethod", "LayerPruningMethod",
-           "HFPMethod", "HFPRegularizer", "ChannelScales", "ImportanceWeights", "ImportanceWeightMethod",
+           "CascadeMethod", "LayerPlan", "HFPMethod", "HFPRegularizer", "ChannelScales", "ImportanceWeights", "ImportanceWeightMethod",
            "channel_macs", "get_method", "register_method", "list_methods", "method_class", "register_estimator",
            "list_estimators"]
