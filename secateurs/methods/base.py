@@ -102,7 +102,8 @@ class Decision:
     """What a method decided for one step: channels to cut, or blocks to remove, or neither (then
     ``stop`` says why and the schedule ends). ``info`` is the method's own output for the report;
     ``undo=True`` asks the pipeline to put back the model as it was before :meth:`Method.plan`
-    (e.g. training inside the method broke the tolerance)."""
+    (e.g. training inside the method broke the tolerance); the pipeline keeps that copy for
+    methods with ``trains = True`` when a tolerance is set."""
 
     channels: PruningPlan | None = None
     blocks: LayerPlan | None = None
