@@ -220,12 +220,12 @@ def _tp_finetune_with_regularizer(model, x, kind, target, train, cfg, seed, epoc
     import torch.nn.functional as F
 
     from secateurs.data import Batches
-    from secateurs.train import _optimizer
+    from secateurs.train import make_optimizer
 
     pruner = _tp_pruner(model, x, kind, 0.5)
     # SGD as the recorded CIFAR grid ran it (decay on every parameter); otherwise the recipe's optimizer
     opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-           if cfg.optimizer == "sgd" else _optimizer(model, cfg))
+           if cfg.optimizer == "sgd" else make_optimizer(model, cfg))
     model.train()
     batches = Batches(train, cfg.batch_size, train=True, seed=seed, pad=cfg.pad if train.task == "classification" else 0,
                       crop=cfg.crop)
@@ -334,7 +334,7 @@ def seg_curves(models: list[str], targets: list[float], methods: list[str], seed
     from dataclasses import replace
 
     import secateurs
-    from benchmarks.segmentation import SETUPS, _finetune
+    from benchmarks.segmentation import SETUPS, finetune_config
     from secateurs.data import load_dataset
     from secateurs.models import load_pretrained
     from secateurs.train import evaluate, fit
@@ -355,7 +355,7 @@ def seg_curves(models: list[str], targets: list[float], methods: list[str], seed
                         continue
                     torch.manual_seed(seed)
                     m = copy.deepcopy(base)
-                    cfg = replace(_finetune(setup, argparse.Namespace(lr=args.seg_lr), args.seg_epochs), seed=seed)
+                    cfg = replace(finetune_config(setup, argparse.Namespace(lr=args.seg_lr), args.seg_epochs), seed=seed)
                     t = time.perf_counter()
                     row = {"model": name, "target": target, "method": method, "seed": seed,
                            "tool": "torch_pruning" if method.startswith("tp_") else "secateurs"}

@@ -61,11 +61,11 @@ def main(argv=None) -> None:
             h, rep = secateurs.prune(copy.deepcopy(base), x, "hfp", args.macs, data=train, val_data=val, finetune=ft,
                                      method_options={"epochs": args.hfp_epochs, "lam": args.lam})
         steps_per_epoch = len(train) // ft.batch_size
-        hfp_epochs = math.ceil(rep["hfp_steps"] / steps_per_epoch)
+        hfp_epochs = math.ceil(rep["method_output"]["hfp_steps"] / steps_per_epoch)
         total = hfp_epochs + args.epochs
-        curves[name] = rep["hfp_history"]
+        curves[name] = rep["method_output"]["hfp_history"]
         widths[name] = {"hfp": [l["width_after"] for l in rep["layers"]], "before": [l["width_before"] for l in rep["layers"]]}
-        rows.append(_row(name, "HFP", rep, top1, total, f"converged at step {rep['hfp_steps']}" if rep["hfp_converged"]
+        rows.append(_row(name, "HFP", rep, top1, total, f"converged at step {rep['method_output']['hfp_steps']}" if rep["method_output"]["hfp_converged"]
                          else "not converged: lowest gates cut"))
         for allocation in ("uniform", "global"):
             with warnings.catch_warnings():
@@ -85,8 +85,8 @@ def main(argv=None) -> None:
             r50, rep = secateurs.prune(r50, x64, "hfp", 0.4, data=small,
                                        finetune=TrainConfig(batch_size=32, lr=0.05, quiet=True),
                                        method_options={"epochs": 5, "lam": 20.0, "warmup_steps": 10})
-        check = {"kept_macs": rep["kept"]["macs"], "kept_params": rep["kept"]["params"], "steps": rep["hfp_steps"],
-                 "converged": rep["hfp_converged"], "curve": [h["hfp_macs"] for h in rep["hfp_history"]]}
+        check = {"kept_macs": rep["kept"]["macs"], "kept_params": rep["kept"]["params"], "steps": rep["method_output"]["hfp_steps"],
+                 "converged": rep["method_output"]["hfp_converged"], "curve": [h["hfp_macs"] for h in rep["method_output"]["hfp_history"]]}
         print("resnet50 check", check, flush=True)
     with open(out / "hfp.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

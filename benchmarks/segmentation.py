@@ -34,7 +34,7 @@ SETUPS = {  # the zoo model, its data and the training crops it was trained with
 }
 
 
-def _finetune(setup: dict, args, epochs: int):
+def finetune_config(setup: dict, args, epochs: int):
     from secateurs.train import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=setup["batch"], lr=args.lr, optimizer="adamw", weight_decay=1e-4,
@@ -68,7 +68,7 @@ def run_model(name: str, args, work: Path) -> dict:
     t0 = time.perf_counter()
     iw, rep = secateurs.prune(copy.deepcopy(base), x, "importance-weights", data=train, val_data=val,
                               tolerance=args.tolerance, metric=args.metric, steps=args.max_steps,
-                              finetune=_finetune(setup, args, args.ft_epochs), out_dir=work / "iw_run", resume=True,
+                              finetune=finetune_config(setup, args, args.ft_epochs), out_dir=work / "iw_run", resume=True,
                               method_options={"epochs": args.iw_epochs, "fraction": args.fraction, "init": args.init,
                                               "l1": args.l1, "cost_aware": args.cost_aware,
                                               "refinements": args.refinements}, quiet=False)
@@ -76,13 +76,13 @@ def run_model(name: str, args, work: Path) -> dict:
     epochs = args.iw_epochs + args.ft_epochs * len(kept_steps)
     result["iw"] = _measure(iw, val, work, "iw")
     result["iw"].update(steps=len(kept_steps), stopped=rep.get("stopped"), epochs=epochs, refinements=args.refinements,
-                        time_s=round(time.perf_counter() - t0, 1), metric_after_alpha=rep.get("iw_metric_trained"),
+                        time_s=round(time.perf_counter() - t0, 1), metric_after_alpha=rep["method_output"].get("iw_metric_trained"),
                         curve=[{"step": r["step"], "macs": r["macs"] / rep["before"]["macs"], "metric": r["metric"],
                                 "reverted": bool(r.get("reverted"))} for r in rep["steps"]])
     target = rep["after"]["macs"] / rep["before"]["macs"]
     t0 = time.perf_counter()
     l1, _ = secateurs.prune(copy.deepcopy(base), x, "l1", target, data=train, val_data=val,
-                            finetune=_finetune(setup, args, epochs), out_dir=work / "l1_run", resume=True)
+                            finetune=finetune_config(setup, args, epochs), out_dir=work / "l1_run", resume=True)
     result["l1"] = _measure(l1, val, work, "l1")
     result["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1))
     return result

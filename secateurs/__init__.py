@@ -6,7 +6,8 @@ from .export import export_onnx, load, save
 from .graph import ChannelGroup, DependencyGraph, analyze
 from .methods import (CriterionMethod, HeuristicMethod, HFPMethod, HFPRegularizer, ImportanceWeightMethod,
                       ImportanceWeights, Method, get_method, list_methods, register_method)
-from .pipeline import Allocator, Budget, plan_for_budget, prune, uniform_plan
+from .budget import Allocator, Budget, plan_for_budget, uniform_plan
+from .pipeline import prune
 from .surgery import PruningPlan, apply_plan, zero_channels
 
 __version__ = "0.1.0"

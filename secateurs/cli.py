@@ -10,16 +10,26 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ._validation import check_choice
+from .budget import ALLOCATIONS, Budget
 from .cost import measure_latency
+from .criteria import list_criteria
+from .data import load_dataset
+from .export import export_onnx, save
 from .graph import analyze
+from .methods import get_method, list_methods, method_class
+from .models import create_model, load_pretrained
+from .pipeline import prune
+from .report import format_table, write_report
+from .sensitivity import plot_sensitivity, sensitivity
+from .train import TrainConfig, fit, init_distributed, is_main_process, metric_key
 
 
 def load_model(spec: str, **kwargs) -> torch.nn.Module:
-    from .models import create_model
-
     try:
         return create_model(spec, **kwargs).eval()
     except ValueError as err:
@@ -92,40 +102,8 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
                    help="example input shape (default: one sample of --data, else 1 3 224 224)")
     _add_data_args(s)
     s.add_argument("--method", default="l2",
-                   help="a criterion pruned to the budget (l1, l2, bn_scale, taylor, random) or a method "
-                        "(heuristic, dlp, dlp+filters, hfp, importance-weights)")
-    h = s.add_argument_group("heuristic method (METHODS.md 1): a budget is optional, a stop rule")
-    h.add_argument("--estimator", default="mean_minus_std", help="mean_minus_std (gamma = mean - kappa std) or ratio_of_mean")
-    h.add_argument("--kappa", type=float, default=0.5)
-    h.add_argument("--rho", type=float, default=0.5)
-    h.add_argument("--min-keep", type=float, default=None,
-                   help="never keep less than this fraction of a layer's width (heuristic 0.1, importance-weights 0.05)")
-    h.add_argument("--scope", default="layer", help="layer (estimator per layer) or global (pooled, mean-normalised)")
-    d = s.add_argument_group("layer pruning, dlp and dlp+filters (METHODS.md 2): needs --data")
-    d.add_argument("--mode", default="rank", help="rank (lowest-VIP blocks go) or truncate (cut where scores stop rising)")
-    d.add_argument("--blocks", type=int, default=None, help="rank: remove this many blocks")
-    d.add_argument("--blocks-fraction", type=float, default=None, help="rank: remove this fraction of removable blocks")
-    d.add_argument("--min-per-stage", type=int, default=1, help="rank: removable blocks kept in every stage")
-    d.add_argument("--per-class", type=int, default=50, help="samples per class for the PLS features")
-    d.add_argument("--joint", action="store_true", help="one PLS over all blocks instead of one per block")
-    d.add_argument("--filter-ratio", type=float, default=0.1, help="dlp+filters: share of filters removed per step")
-    f = s.add_argument_group("Holistic Filter Pruning, hfp (METHODS.md 3): --macs and/or --params, needs --data")
-    f.add_argument("--hfp-epochs", type=int, default=10, help="most epochs of training with the budget loss")
-    f.add_argument("--lam", type=float, default=5.0, help="weight of the budget loss (ramped up)")
-    f.add_argument("--warmup-steps", type=int, default=100, help="steps over which the weight ramps up")
-    f.add_argument("--surrogate", default="ste", help="ste (hard count, straight-through) or soft (sigmoid count)")
-    f.add_argument("--gate-threshold", type=float, default=1e-2, help="a channel is dead when its BN |scale| is below")
-    w = s.add_argument_group("importance weights, importance-weights (METHODS.md 4): --tolerance drives it, needs --data")
-    w.add_argument("--iw-epochs", type=int, default=5, help="epochs of training the importance weights with the network")
-    w.add_argument("--init", default="ones", help="importance-weight initialisation: ones, uniform or l1")
-    w.add_argument("--l1", type=float, default=1e-4, help="L1 penalty on the importance weights (0: none)")
-    w.add_argument("--fraction", type=float, default=0.05, help="share of the remaining removable filters cut per step (1: one cut, to the target)")
-    w.add_argument("--search", default="steps", help="steps (fraction per step) or bisect (largest share within tolerance)")
-    w.add_argument("--bisect-iters", type=int, default=6, help="bisect: number of probes")
-    w.add_argument("--refinements", type=int, default=2,
-                   help="steps: after an undone step, halve the step and go on, at most this many times (0: stop)")
-    w.add_argument("--cost-aware", action="store_true",
-                   help="ours: weight alpha's penalty and rank by the MACs each channel costs (MACs fall sooner)")
+                   help=f"a criterion pruned to the budget ({', '.join(list_criteria())}) or a method "
+                        f"({', '.join(_method_names())}); each method's options follow")
     b = s.add_argument_group("budget (one of them; hfp takes --macs and --params together)")
     b.add_argument("--macs", type=float, default=None, help="kept fraction of MACs, in (0, 1]")
     b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
@@ -152,6 +130,58 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     s.add_argument("--quiet", action="store_true")
+    _add_method_args(s)
+
+
+def _method_names() -> list[str]:
+    """Registered methods that are not plain criteria (read when the parser is built)."""
+    return [m for m in list_methods() if m not in list_criteria()]
+
+
+def _flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _add_method_args(s: argparse.ArgumentParser) -> None:
+    """One flag per declared method option (:class:`secateurs.methods.Option`); a flag shared by
+    several methods (``--min-keep``) or already on the parser (``--seed``) is added once. Flags
+    default to None, so each method's own default applies."""
+    seen = set(s._option_string_actions)
+    defaults: dict[str, set] = {}  # flag -> the defaults of the methods declaring it
+    for name in _method_names():
+        for o in method_class(name).options:
+            defaults.setdefault(o.flag, set()).add(repr(o.default))
+    for name in _method_names():
+        cls = method_class(name)
+        new = [o for o in cls.options if o.flag is not None and o.flag not in seen]
+        if not new:
+            continue
+        group = s.add_argument_group(f"{name}: {cls.summary}")
+        for o in new:
+            kw: dict[str, Any] = {"default": None, "dest": _flag_dest(o.flag), "help": o.help if len(
+                defaults[o.flag]) > 1 else f"{o.help} (default: {o.default})"}  # else: each method has its own
+            if o.kind is bool:
+                kw["action"] = "store_true"
+            else:
+                kw["type"] = o.kind if o.kind in (int, float) else str
+            group.add_argument(o.flag, **kw)
+            seen.add(o.flag)
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen method's options from its flags (a flag not given: the method's default). A
+    method with a ``params`` option takes ``--params`` as a second target beside ``--macs``."""
+    if args.method not in _method_names():
+        return {}
+    options = {}
+    for o in method_class(args.method).options:
+        if o.flag is not None:
+            value = getattr(args, _flag_dest(o.flag), None)
+            options[o.name] = o.default if value is None else value
+    names = {o.name for o in method_class(args.method).options}
+    if "params" in names and args.macs is not None and args.params is not None:  # both targets: params rides along
+        options["params"], args.params = args.params, None
+    return options
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv, path: str) -> argparse.Namespace:
@@ -178,9 +208,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv, path: str) -> argpa
     return args
 
 
-def _budget(args, optional: bool = False):
-    from .pipeline import Budget
-
+def _budget(args, optional: bool = False) -> Budget | None:
     given = {k: getattr(args, k) for k in ("macs", "params", "latency", "ratio") if getattr(args, k) is not None}
     if getattr(args, "layers", None):
         given["layers"] = args.layers
@@ -201,41 +229,14 @@ def _latencies(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     return {f"latency_b{b}_ms": 1e3 * measure_latency(model, x.expand(b, *x.shape[1:]).contiguous()) for b in (1, 8)}
 
 
-def prune_main(args) -> int:
-    """Prune, fine-tune, save (safetensors + JSON), export ONNX, report; all inputs checked first."""
-    from .data import load_dataset
-    from .methods import get_method
-    from .export import export_onnx, save
-    from .pipeline import ALLOCATIONS, prune
-    from .report import format_table, write_report
-    from .train import TrainConfig, init_distributed, is_main_process
-
-    options = {}
-    if args.method == "heuristic":
-        options = {"estimator": args.estimator, "kappa": args.kappa, "rho": args.rho,
-                   "min_keep": 0.1 if args.min_keep is None else args.min_keep, "scope": args.scope}
-    if args.method == "importance-weights":
-        options = {"epochs": args.iw_epochs, "init": args.init, "l1": args.l1, "fraction": args.fraction,
-                   "search": args.search, "bisect_iters": args.bisect_iters, "seed": args.seed,
-                   "cost_aware": args.cost_aware, "refinements": args.refinements,
-                   **({} if args.min_keep is None else {"min_keep": args.min_keep})}
-    if args.method == "hfp":
-        options = {"epochs": args.hfp_epochs, "lam": args.lam, "warmup_steps": args.warmup_steps,
-                   "surrogate": args.surrogate, "threshold": args.gate_threshold}
-        if args.macs is not None and args.params is not None:  # both targets: params rides along
-            options["params"], args.params = args.params, None
-    if args.method in ("dlp", "dlp+filters"):
-        options = {"mode": args.mode, "count": args.blocks, "fraction": args.blocks_fraction,
-                   "min_per_stage": args.min_per_stage, "per_class": args.per_class, "joint": args.joint}
-        if args.method == "dlp+filters":
-            options["filter_ratio"] = args.filter_ratio
-    try:
-        how = get_method(args.method, **options)
-    except ValueError as err:
-        raise SystemExit(f"--method: {err}") from None
+def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int | float]:
+    """Everything the command line can get wrong, refused before any data is loaded."""
     budget = _budget(args, optional=not how.needs_budget)
-    if args.allocation is not None and args.allocation not in ALLOCATIONS:
-        raise SystemExit(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {args.allocation!r}")
+    if args.allocation is not None:
+        try:
+            check_choice(args.allocation, "allocation", ALLOCATIONS)
+        except ValueError as err:
+            raise SystemExit(f"--allocation: {err}") from None
     if (args.finetune_epochs or how.needs_data) and not args.data:
         raise SystemExit(f"--{'finetune-epochs' if args.finetune_epochs else 'method ' + args.method} needs --data")
     if args.resume and not args.out:
@@ -251,42 +252,11 @@ def prune_main(args) -> int:
                                    crop=args.crop, quiet=args.quiet)
         except ValueError as err:
             raise SystemExit(f"secateurs prune: {err}") from None
-    init_distributed()  # under torchrun: every process prunes the same way, fine-tunes its share, one writes
-    main_proc = is_main_process()
-    train_ds = val_ds = None
-    if args.data:
-        train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
-        val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
-    if args.metric is not None:
-        from .pipeline import _metric_key
+    return budget, finetune, min_width
 
-        try:
-            _metric_key(val_ds, args.metric)
-        except ValueError as err:
-            raise SystemExit(f"--metric: {err}") from None
-    torch.manual_seed(args.seed)
-    model = build_model(args, train_ds).eval()
-    shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])
-    x = torch.randn(*shape)
-    name = args.pretrained or args.model
-    lat = {} if args.no_latency else _latencies(model, x)
-    log = (lambda *a: None) if args.quiet or not main_proc else print
-    log(f"{name}: pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
-    model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation, ignore=args.ignore or None,
-                          round_to=args.round_to, min_width=min_width, data=train_ds, val_data=val_ds,
-                          finetune=finetune, steps=args.steps, tolerance=args.tolerance, metric=args.metric, out_dir=args.out,
-                          resume=args.resume, quiet=args.quiet or not main_proc)
-    model = model.cpu()  # measured, saved and exported on the CPU
-    report["before"].update(lat)
-    if not args.no_latency:
-        report["after"].update(_latencies(model, x))
-    report["threads"] = torch.get_num_threads()
-    report["protocol"] = (f"{name} on {train_ds.name if train_ds else 'no data'}"
-                          + (f", fine-tune {args.finetune_epochs} epoch(s)/step on {len(train_ds)} samples" if finetune else ", no fine-tuning")
-                          + (f", metric on {len(val_ds)} validation samples" if val_ds is not None else "")
-                          + f", {torch.get_num_threads()} CPU threads")
-    if not main_proc:
-        return 0
+
+def _save_outputs(args, model: torch.nn.Module, x: torch.Tensor, report: dict) -> None:
+    """model.safetensors + model.json, model.onnx and report.* in --out, then the table."""
     if args.out:
         out = Path(args.out)
         save(model, out, x, extra={"report": "report.json"})
@@ -297,13 +267,54 @@ def prune_main(args) -> int:
     if args.out:
         print(f"wrote {args.out}/: model.safetensors, model.json" + ("" if args.no_onnx else ", model.onnx") +
               ", report.json, report.md")
+
+
+def prune_main(args) -> int:
+    """Prune, fine-tune, save (safetensors + JSON), export ONNX, report; all inputs checked first."""
+    options = method_options(args)
+    try:
+        how = get_method(args.method, **options)
+    except ValueError as err:
+        raise SystemExit(f"--method: {err}") from None
+    budget, finetune, min_width = _check_prune_args(args, how)
+    init_distributed()  # under torchrun: every process prunes the same way, fine-tunes its share, one writes
+    main_proc = is_main_process()
+    train_ds = val_ds = None
+    if args.data:
+        train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
+        val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
+    if args.metric is not None:
+        try:
+            metric_key(val_ds, args.metric)
+        except ValueError as err:
+            raise SystemExit(f"--metric: {err}") from None
+    torch.manual_seed(args.seed)
+    model = build_model(args, train_ds).eval()
+    shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])
+    x = torch.randn(*shape)
+    name = args.pretrained or args.model
+    lat = {} if args.no_latency else _latencies(model, x)
+    log = (lambda *a: None) if args.quiet or not main_proc else print
+    log(f"{name}: pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
+    model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation,
+                          ignore=args.ignore or None, round_to=args.round_to, min_width=min_width, data=train_ds,
+                          val_data=val_ds, finetune=finetune, steps=args.steps, tolerance=args.tolerance,
+                          metric=args.metric, out_dir=args.out, resume=args.resume, quiet=args.quiet or not main_proc)
+    model = model.cpu()  # measured, saved and exported on the CPU
+    report["before"].update(lat)
+    if not args.no_latency:
+        report["after"].update(_latencies(model, x))
+    report["threads"] = torch.get_num_threads()
+    report["protocol"] = (f"{name} on {train_ds.name if train_ds else 'no data'}"
+                          + (f", fine-tune {args.finetune_epochs} epoch(s)/step on {len(train_ds)} samples" if finetune else ", no fine-tuning")
+                          + (f", metric on {len(val_ds)} validation samples" if val_ds is not None else "")
+                          + f", {torch.get_num_threads()} CPU threads")
+    if main_proc:
+        _save_outputs(args, model, x, report)
     return 0
 
 
 def sensitivity_main(args) -> int:
-    from .data import load_dataset
-    from .sensitivity import plot_sensitivity, sensitivity
-
     val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
     model = build_model(args, val_ds).eval()
     x = torch.randn(1, *val_ds.images.shape[1:])
@@ -323,8 +334,6 @@ def sensitivity_main(args) -> int:
 def build_model(args, ds=None, **extra) -> torch.nn.Module:
     """--pretrained (zoo checkpoint), else --model sized for the dataset's classes and channels."""
     if getattr(args, "pretrained", None):
-        from .models import load_pretrained
-
         try:
             return load_pretrained(args.pretrained)
         except ValueError as err:
@@ -343,9 +352,6 @@ def build_model(args, ds=None, **extra) -> torch.nn.Module:
 
 
 def train_main(args) -> int:
-    from .data import load_dataset
-    from .train import TrainConfig, fit, is_main_process
-
     train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
     val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
     torch.manual_seed(args.seed)

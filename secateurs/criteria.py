@@ -18,7 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._registry import Registry
+from .data import ArrayDataset, Batches
 from .graph import DependencyGraph
+from .pls import block_features, vip
+from .testing import main_output
+from .train import predict_padded
 
 __all__ = ["register_criterion", "get_criterion", "list_criteria", "group_scores", "per_channel_sum"]
 
@@ -106,8 +110,6 @@ def random(model: nn.Module, graph: DependencyGraph, seed: int = 0) -> list[torc
 
 
 def _batches(data: Any, batch_size: int) -> Iterable:
-    from .data import ArrayDataset, Batches
-
     if isinstance(data, ArrayDataset):
         return Batches(data, batch_size, train=False)
     return data
@@ -120,9 +122,6 @@ def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches
     ``(sum over the channel's weights of w * dL/dw)^2``, accumulated over ``n_batches`` batches."""
     if data is None:
         raise ValueError("criterion 'taylor' needs data: pass `data` (a dataset or an iterable of (x, y) batches)")
-    from .testing import main_output
-    from .train import predict_padded
-
     loss_fn = loss_fn or F.cross_entropy
     dense = getattr(data, "task", None) == "segmentation"
     if dense:  # whole images of any size (HeLa is 700x1100): few at a time, padded as evaluation pads them
@@ -180,8 +179,6 @@ def vip_filters(model: nn.Module, graph: DependencyGraph, data: Any = None, per_
     one joint fit, so they compare across layers as they are."""
     if data is None:
         raise ValueError("criterion 'vip' needs data: pass `data` (a labelled dataset or (x, y) batches)")
-    from .blocks import block_features, vip
-
     modules = dict(model.named_modules())
     where: dict[str, list[tuple[int, torch.Tensor]]] = {}  # producer -> (group, channel per output position)
     comp_group = torch.full((graph.n_components,), -1, dtype=torch.long)

@@ -19,6 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ._validation import check_choice
+
 __all__ = ["ArrayDataset", "Batches", "load_dataset", "list_datasets", "data_roots", "augment"]
 
 ENV = "SECATEURS_DATA"
@@ -267,8 +269,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
 
     ``split`` is ``"train"`` or ``"test"`` (the validation split for segmentation).
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
+    check_choice(split, "split", ("train", "test"))
     roots = data_roots(root)
     kind, _, arg = name.partition(":")
     if kind in ("cifar10", "cifar100") and not arg:

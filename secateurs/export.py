@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +20,9 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+
+from ._io import atomic_write
+from .models import create_model
 
 __all__ = ["FORMAT", "save", "load", "export_onnx"]
 
@@ -75,10 +77,10 @@ def save(model: nn.Module, run_dir: str | os.PathLike, example_inputs: Any = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    _atomic_write(run_dir / WEIGHTS, lambda p: save_file(weights, p, metadata={"format": "pt"}))
+    atomic_write(run_dir / WEIGHTS, lambda p: save_file(weights, p, metadata={"format": "pt"}))
     text = _ARRAY.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",
                       json.dumps(info, indent=1))  # one line per shape, not one per number
-    _atomic_write(run_dir / CONFIG, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
+    atomic_write(run_dir / CONFIG, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
     return run_dir
 
 
@@ -162,8 +164,6 @@ def _check_json(value: Any, name: str) -> None:
 
 def _fresh(spec: dict[str, Any], device: str) -> nn.Module:
     """The model as its constructor builds it; on meta it costs no memory and no init time."""
-    from .models import create_model
-
     try:
         with torch.device(device):
             return create_model(spec["name"], **spec["kwargs"])
@@ -335,25 +335,6 @@ def _input_shapes(example_inputs: Any) -> list:
         shapes = [list(x.shape) for x in example_inputs]
         return shapes[0] if len(shapes) == 1 else shapes
     raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write) -> None:
-    """A crash mid-write leaves the previous file, never a truncated one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ ONNX

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .export import _atomic_write
+from ._io import atomic_write
 
 __all__ = ["format_table", "write_report", "plot_widths", "plot_schedule", "plot_block_scores"]
 
@@ -38,7 +38,7 @@ def format_table(report: dict) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _pyplot():
@@ -88,10 +88,15 @@ def plot_schedule(report: dict, path: Path) -> Path:
                    "Metric along the schedule", path)
 
 
+def _block_scores(report: dict) -> dict | None:
+    """Layer pruning's block scores, under the method's output (top level in older reports)."""
+    return report.get("method_output", report).get("block_scores")
+
+
 def plot_block_scores(report: dict, path: Path) -> Path:
     """Score of every scored block in network order; removed ones in a darker colour."""
     plt = _pyplot()
-    scores = report["block_scores"]
+    scores = _block_scores(report)
     gone = {n for st in report["steps"] for n in (st.get("removed") or {}) if n in scores}
     names = list(scores)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 3.6))
@@ -110,7 +115,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     has_metric = any(s.get("metric") is not None for s in report["steps"])
     if has_metric:
         paths["schedule"] = plot_schedule(report, out / "schedule.png")
-    if report.get("block_scores"):
+    if _block_scores(report):
         paths["blocks"] = plot_block_scores(report, out / "blocks.png")
     t = report.get("timings", {})
     lines = [f"# Pruning report: {report.get('model', {}).get('name', 'model')}", ""]
@@ -139,9 +144,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     lines += ["", "![widths](widths.png)", ""]
     if has_metric:
         lines += ["![schedule](schedule.png)", ""]
-    if report.get("block_scores"):
+    if _block_scores(report):
         lines += ["![block scores](blocks.png)", "", "| block | score (mean VIP) |", "|---|---:|"]
-        lines += [f"| {n} | {v:.4f} |" for n, v in report["block_scores"].items()] + [""]
+        lines += [f"| {n} | {v:.4f} |" for n, v in _block_scores(report).items()] + [""]
     lines += ["| layer | kind | width before | width after | MACs before | MACs after |", "|---|---|---:|---:|---:|---:|"]
     for l in report["layers"]:
         lines.append(f"| {l['name']} | {l['kind']} | {l['width_before']} | {l['width_after'] if l['width_after'] is not None else 'removed'} "

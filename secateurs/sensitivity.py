@@ -17,11 +17,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from ._validation import check_scalar
+from .budget import Allocator
 from .cost import PlanCost, count
 from .criteria import get_criterion, group_scores
 from .graph import DependencyGraph, analyze
-from .pipeline import Allocator
 from .surgery import apply_plan
+from .train import evaluate, metric_key
 
 __all__ = ["sensitivity", "plot_sensitivity"]
 
@@ -30,12 +32,9 @@ def _check_ratios(ratios: Any) -> list[float]:
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
         raise TypeError(f"`ratios` must be a sequence of fractions in (0, 1), got {type(ratios).__name__}")
     out = []
-    for r in ratios:
-        if isinstance(r, bool) or not isinstance(r, numbers.Real):
-            raise TypeError(f"`ratios` must hold numbers in (0, 1), got {r!r}")
-        if not 0 < r < 1 or math.isnan(r):
-            raise ValueError(f"`ratios` must be in (0, 1) (the fraction of a group's channels removed), got {r!r}")
-        out.append(float(r))
+    for r in ratios:  # the fraction of a group's channels removed
+        out.append(float(check_scalar(r, "ratios", numbers.Real, min_val=0, max_val=1, include_min=False,
+                                      include_max=False)))
     if not out:
         raise ValueError("`ratios` is empty; give at least one fraction in (0, 1)")
     return out
@@ -95,8 +94,6 @@ def sensitivity(model: nn.Module, example_inputs: Any, val_data: Any, ratios: Se
     MACs; ``removed[j]`` the number of channels cut (0 for a ratio too small for a tiny group, whose
     drop is then 0 without evaluating).
     """
-    from .train import evaluate
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     ratios_ = _check_ratios(ratios)
@@ -108,7 +105,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, val_data: Any, ratios: Se
         raise ValueError(f"`val_data` must be a dataset (load_dataset(name, 'test')), got {type(val_data).__name__}")
     if len(val_data) == 0:
         raise ValueError("`val_data` is empty: the metric cannot be measured on no samples")
-    key = metric or ("iou" if getattr(val_data, "task", "classification") == "segmentation" else "top1")
+    key = metric_key(val_data, metric)
 
     work = copy.deepcopy(model)  # scores, analysis and baseline on a copy: the user's object is never touched
     graph = analyze(work, example_inputs, ignore=ignore)

@@ -22,9 +22,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._io import atomic_write
+from ._validation import InvalidArgument, check_choice, check_scalar
 from .data import ArrayDataset, Batches
 
-__all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process"]
+__all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process",
+           "make_optimizer", "make_scheduler", "metric_key", "METRICS"]
 
 
 @dataclass
@@ -58,13 +61,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tensorboard and self.out_dir is None:
             raise ValueError("`tensorboard` needs `out_dir`: the event files go to OUT/tb")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"`optimizer` must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"`schedule` must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        check_choice(self.optimizer, "optimizer", ("sgd", "adamw"))
+        check_choice(self.schedule, "schedule", ("cosine", "step", "constant"))
         for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}")
+            check_scalar(getattr(self, name), name, int, min_val=1)
 
 
 # -- distributed -----------------------------------------------------------------------------
@@ -122,8 +122,19 @@ def _metrics(stats: torch.Tensor, task: str, num_classes: int) -> dict[str, floa
             "dice": 100 * dice[fg].mean().item(), "miou": 100 * iou.mean().item()}
 
 
-def main_metric(task: str) -> str:
-    return "top1" if task == "classification" else "iou"
+METRICS = {"classification": ("top1", "top5"), "segmentation": ("pixel_acc", "iou", "dice", "miou")}
+
+
+def metric_key(data: Any, metric: str | None = None) -> str:
+    """The key of :func:`evaluate` a tolerance or a sensitivity curve refers to: ``metric`` checked
+    against what ``data``'s task measures, else top-1 (classification) or IoU (segmentation)."""
+    task = getattr(data, "task", "classification")
+    if metric:
+        known = METRICS.get(task, ())
+        if data is not None and metric not in known:
+            raise InvalidArgument(f"`metric` must be one of {', '.join(known)} for {task} data, got {metric!r}")
+        return metric
+    return "iou" if task == "segmentation" else "top1"
 
 
 # -- loop ------------------------------------------------------------------------------------
@@ -210,7 +221,7 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     return _metrics(stats, ds.task, max(2, ds.num_classes))
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -221,7 +232,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     warm = cfg.warmup_epochs * steps_per_epoch
     milestones = [m * steps_per_epoch for m in cfg.milestones]
@@ -236,12 +247,6 @@ def _scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill leaves the previous checkpoint intact
 
 
 def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, cfg: TrainConfig,
@@ -260,8 +265,8 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
         model.to(memory_format=torch.channels_last)
     batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
                       pad=cfg.pad if train_ds.task == "classification" else 0, crop=cfg.crop, flip=cfg.flip)
-    optimizer = _optimizer(model, cfg)
-    scheduler = _scheduler(optimizer, cfg, len(batches))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(batches))
     out = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt = out / "checkpoint.pt" if out else None
     history: list[dict[str, float]] = []
@@ -299,9 +304,10 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
                 writer.flush()
             if out is not None:
                 _write_log(out / "log.csv", history)
-                _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state(),
-                              "history": history, "config": asdict(cfg)}, ckpt)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state(),
+                         "history": history, "config": asdict(cfg)}
+                atomic_write(ckpt, lambda tmp: torch.save(state, tmp))  # a kill leaves the previous checkpoint
         if world > 1:
             dist.barrier()
         if getattr(regularizer, "done", False):
@@ -321,9 +327,11 @@ def _tensorboard_writer(path: Path):
 
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     keys = list(dict.fromkeys(k for r in history for k in r))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+
+    atomic_write(path, write)

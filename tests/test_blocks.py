@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from secateurs import PruningError
-from secateurs.blocks import Block, block_features, block_scores, find_blocks, remove_blocks, truncate, vip
+from secateurs.depth import Block, find_blocks, remove_blocks, truncate
+from secateurs.pls import block_features, block_scores, vip
 from secateurs.cost import count
 from secateurs.data import ArrayDataset, Batches
 from secateurs.export import load, save
@@ -364,4 +365,12 @@ def test_block_scores_per_block_and_joint():
     assert list(s) == list(j) == [b.name for b in blocks]
     # mean VIP <= sqrt(mean VIP^2) = 1 for one block's own PLS (Jensen)
     assert all(0 < v <= 1 + 1e-9 for v in s.values())
-    assert all(np.isfinite(v) and v > 0 for v in j.values()) and s != j
+    # joint: one PLS over the concatenated features; each block scores the mean VIP of its own slice,
+    # and the squared VIPs of one fit sum to the number of features
+    feats, y = block_features(model, blocks, ds, per_class=6)
+    X = np.concatenate([feats[b.name] for b in blocks], axis=1)
+    v = vip(X, y, 2)
+    np.testing.assert_allclose((v ** 2).sum(), X.shape[1], rtol=1e-9)
+    widths = np.cumsum([0] + [feats[b.name].shape[1] for b in blocks])
+    expected = {b.name: float(v[widths[i]:widths[i + 1]].mean()) for i, b in enumerate(blocks)}
+    assert j == pytest.approx(expected, rel=1e-9) and s != j

@@ -46,7 +46,7 @@ def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, capsys):
     (["--macs", "0"], r"--macs: a macs target is the kept fraction, in \(0, 1\]; got 0.0"),
     (["--params", "1.5"], r"--params: a params target is the kept fraction"),
     (["--macs", "0.5", "--method", "l7"], "--method: unknown method 'l7'; criteria \\(pruned to a budget\\): bn_scale, l1, l2"),
-    (["--macs", "0.5", "--allocation", "greedy"], "--allocation must be one of global, uniform"),
+    (["--macs", "0.5", "--allocation", "greedy"], "--allocation: `allocation` must be 'global' or 'uniform'"),
     ([], "give exactly one budget"),
     (["--macs", "0.5", "--finetune-epochs", "1", "--data", ""], "--finetune-epochs needs --data"),
 ])
@@ -69,12 +69,12 @@ def test_killed_iterative_run_resumes_to_the_same_model(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the job is killed while fine-tuning step 2
         return real_fit(model, *a, **k)
 
-    monkeypatch.setattr(secateurs.train, "fit", dies_in_step_two)
+    monkeypatch.setattr(secateurs.pipeline, "fit", dies_in_step_two)  # where fit is called
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--out", str(tmp_path / "cut")])
     state = json.loads((tmp_path / "cut" / "state.json").read_text())
     assert state["completed_steps"] == 1
-    monkeypatch.setattr(secateurs.train, "fit", real_fit)
+    monkeypatch.setattr(secateurs.pipeline, "fit", real_fit)  # where fit is called
     assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     a, b = secateurs.load(tmp_path / "full"), secateurs.load(tmp_path / "cut")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

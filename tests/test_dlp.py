@@ -8,7 +8,8 @@ import torch
 
 import secateurs
 from secateurs import count
-from secateurs.blocks import block_scores, find_blocks
+from secateurs.depth import find_blocks
+from secateurs.pls import block_scores
 from secateurs.data import ArrayDataset
 from secateurs.methods import get_method
 from secateurs.models import create_model
@@ -49,7 +50,7 @@ def test_rank_removes_the_lowest_scoring_blocks_and_keeps_one_per_stage(r20, dat
     assert sorted(gone) == sorted(expect)
     assert all(isinstance(m.get_submodule(n), torch.nn.Identity) for n in gone)
     assert count(m, X).macs == count(r20, X).macs - sum(b.macs for b in removable if b.name in gone)
-    assert report["block_scores"] == pytest.approx(scores)
+    assert report["method_output"]["block_scores"] == pytest.approx(scores)
     secateurs.save(m, tmp_path / "m", X)
     assert torch.equal(secateurs.load(tmp_path / "m")(X), m(X))
 
@@ -71,7 +72,7 @@ def test_macs_target_and_min_per_stage(r20, data):
 
 def test_truncate_cuts_where_the_scores_stop_rising(r20, data, monkeypatch):
     fake = {"layer3.0": 0.5, "layer3.1": 0.7, "layer3.2": 0.6}
-    monkeypatch.setattr(secateurs.blocks, "block_scores", lambda model, blocks, *a, **k: {b.name: fake[b.name] for b in blocks})
+    monkeypatch.setattr(secateurs.methods.dlp, "block_scores", lambda model, blocks, *a, **k: {b.name: fake[b.name] for b in blocks})
     m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", data=data, method_options={"mode": "truncate"})
     assert list(report["steps"][1]["removed"]) == ["layer3.2"]
     assert isinstance(m.layer3[2], torch.nn.Identity) and m(X).shape == (1, 10)

@@ -216,10 +216,10 @@ class _Tied(nn.Module):
 
 
 def test_tied_weights_and_non_persistent_buffers(tmp_path, monkeypatch):
-    import secateurs.models as models
+    import secateurs.models._factory as factory
 
-    monkeypatch.setattr(models, "_build", lambda name, kw: _Tied())
-    model = models.create_model("tied")
+    monkeypatch.setattr(factory, "_build", lambda name, kw: _Tied())
+    model = factory.create_model("tied")
     save(model, tmp_path)
     info = json.loads((tmp_path / "model.json").read_text())
     assert info["aliases"] == {"b.weight": "a.weight"}

@@ -132,7 +132,7 @@ def test_tolerance_is_honoured_and_the_breaking_step_is_undone(trained, digits):
     assert final == kept[-1]["metric"] and top0 - final <= 3.0  # the model returned is inside it
     assert count(m, x).macs == rep["after"]["macs"] == kept[-1]["macs"] < rep["before"]["macs"]
     assert all(top0 - r["metric"] <= 3.0 for r in kept[1:])
-    assert "iw_history" in rep and "_state" not in rep
+    assert "iw_history" in rep["method_output"] and "_state" not in rep["method_output"]
 
 
 def test_a_model_broken_by_learning_alpha_is_given_back_unchanged(trained, digits):
@@ -151,7 +151,7 @@ def test_bisection_finds_a_cut_within_the_tolerance(trained, digits):
     top0 = evaluate(m, va)["top1"]
     m, rep = secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va, tolerance=2.0,
                              finetune=FT, method_options={"epochs": 1, "search": "bisect", "bisect_iters": 4})
-    probes = rep["iw_bisection"]
+    probes = rep["method_output"]["iw_bisection"]
     assert len(probes) == 4 and any(p["within"] for p in probes)
     best = max(p["removed_channels"] for p in probes if p["within"])
     assert all(p["removed_channels"] > best for p in probes if not p["within"])
@@ -222,11 +222,13 @@ def test_cli_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_fit(model, *a, **k)
 
-    monkeypatch.setattr(secateurs.train, "fit", dies_in_step_two)
+    monkeypatch.setattr(secateurs.pipeline, "fit", dies_in_step_two)  # where fit is called
+    monkeypatch.setattr(secateurs.methods.importance, "fit", dies_in_step_two)  # where fit is called
     with pytest.raises(KeyboardInterrupt):
         main([*CLI, "--out", str(tmp_path / "cut")])
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["completed_steps"] == 1
-    monkeypatch.setattr(secateurs.train, "fit", real_fit)
+    monkeypatch.setattr(secateurs.pipeline, "fit", real_fit)  # where fit is called
+    monkeypatch.setattr(secateurs.methods.importance, "fit", real_fit)  # where fit is called
     assert main([*CLI, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     a, b = secateurs.load(tmp_path / "full"), secateurs.load(tmp_path / "cut")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -235,13 +237,13 @@ def test_cli_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
 
 
 def test_cost_aware_weights_are_the_macs_each_channel_saves(trained):
-    from secateurs.methods import StepContext, _channel_macs
+    from secateurs.methods import StepContext, channel_macs
 
     x = torch.randn(1, 1, 8, 8)
     g = analyze(trained, x)
     base = count(trained, x)
-    ctx = StepContext(trained, g, x, 1, 1, None, base, base, "global", 1, 1)
-    w = _channel_macs(ctx)
+    ctx = StepContext(model=trained, graph=g, example_inputs=x, step=1, steps=1, budget=None, base=base, current=base)
+    w = channel_macs(ctx)
     # tiny_cnn at 8x8: conv0 1->16 (8x8), conv3 16->32 stride 2 (4x4), conv6 32->32 (4x4), fc 32->10
     # one channel less saves its own filter's MACs and its column in the next layer (BN: no MACs)
     saved = {"0": 9 * 1 * 64 + 32 * 9 * 16, "3": 16 * 9 * 16 + 32 * 9 * 16, "6": 32 * 9 * 16 + 10}

@@ -33,7 +33,7 @@ def test_every_registered_model_builds_trains_and_prunes(name):
     m.eval()
     check_equivalence(m, x)
     before = secateurs.count(m, x).macs
-    secateurs.prune(m, x, ratio=0.5)
+    secateurs.prune(m, x, target={"ratio": 0.5})
     assert m(x).shape == out[:1].shape and secateurs.count(m, x).macs < before
 
 

@@ -38,7 +38,8 @@ def test_training_is_deterministic_and_learns():
     before = evaluate(a, te)["top1"]
     ha = fit(a, tr, te, cfg(epochs=4))
     hb = fit(b, tr, te, cfg(epochs=4))
-    assert ha == [dict(r, time_s=r["time_s"]) for r in ha]
+    timeless = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]  # noqa: E731
+    assert len(ha) == len(hb) == 4 and timeless(ha) == timeless(hb)  # same losses, lr and metrics, epoch by epoch
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert ha[-1]["val_top1"] > before + 20 and ha[-1]["val_top1"] == hb[-1]["val_top1"]
 

@@ -48,7 +48,7 @@ def check(name, small):
         _, err, cut = check_equivalence(m, x)
         assert cut > 0
         before = secateurs.count(m, x)
-        secateurs.prune(m, x, ratio=0.5)
+        secateurs.prune(m, x, target={"ratio": 0.5})
     with torch.no_grad():
         out = main_output(m(x))
     assert out.shape == main_output(build(name)(x)).shape

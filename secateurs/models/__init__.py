@@ -1,85 +1,9 @@
 """Model registry: the papers' architectures by name, plus ``torchvision:NAME``.
 
-``register_model`` raises on a duplicate name; ``create_model`` lists the choices on an unknown one.
+One file per family (``cifar_resnet``, ``cifar_vgg``, ``tiny``, ``unet``) registers its models into
+:mod:`._factory` on import, as timm's families do.
 """
-from __future__ import annotations
-
-import hashlib
-import inspect
-import json
-import os
-from pathlib import Path
-from typing import Any, Callable
-
-import torch.nn as nn
-
-from .._registry import Registry
-
-_MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-register_model = _MODELS.register
-
-
-def list_models() -> list[str]:
-    return _MODELS.names()
-
-
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model, or ``torchvision:NAME`` with ``weights=None`` by default.
-
-    The model remembers how it was built (``model.secateurs_spec``), so that a pruned copy can be
-    saved as constructor + widths and rebuilt without pickle.
-    """
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = _build(name, dict(kwargs))
-    model.secateurs_spec = {"name": name, "kwargs": {k: v for k, v in kwargs.items() if k not in ("weights", "weights_backbone")}}
-    return model
-
-
-def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    if name.startswith("torchvision:"):
-        import torchvision
-
-        tv_name = name.partition(":")[2]
-        if tv_name not in torchvision.models.list_models():
-            raise ValueError(f"unknown torchvision model '{tv_name}'; see torchvision.models.list_models()")
-        kwargs.setdefault("weights", None)
-        builder = torchvision.models.get_model_builder(tv_name)
-        if "weights_backbone" in inspect.signature(builder).parameters:
-            kwargs.setdefault("weights_backbone", None)  # never download behind the user's back
-        if tv_name in ("googlenet", "inception_v3"):
-            kwargs.setdefault("init_weights", True)  # silences torchvision's FutureWarning
-        return builder(**kwargs)
-    return _MODELS.get(name)(**kwargs)
-
-
-def _zoo_dir() -> Path:
-    return Path(os.environ.get("SECATEURS_ZOO", Path(__file__).resolve().parents[2] / "zoo"))
-
-
-def list_pretrained() -> dict[str, dict]:
-    """Entries of ``zoo/manifest.json``: trained checkpoints with their recipe and accuracy."""
-    path = _zoo_dir() / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def load_pretrained(name: str) -> nn.Module:
-    """A zoo checkpoint: the registered architecture plus safetensors weights (no pickle),
-    checked against the manifest's sha256."""
-    entries = list_pretrained()
-    if name not in entries:
-        raise ValueError(f"no pretrained '{name}' in {_zoo_dir() / 'manifest.json'}; available: {', '.join(sorted(entries)) or 'none'}")
-    e = entries[name]
-    path = _zoo_dir() / e["file"]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != e["sha256"]:
-        raise ValueError(f"{path} has sha256 {digest}, the manifest says {e['sha256']}")
-    from safetensors.torch import load_file
-
-    model = create_model(e["model"], **e.get("kwargs", {}))
-    model.load_state_dict(load_file(str(path)))
-    return model.eval()
-
-
+from ._factory import create_model, list_models, list_pretrained, load_pretrained, register_model
 from . import cifar_resnet, cifar_vgg, tiny, unet  # noqa: E402,F401  (registers on import)
 
 __all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained"]

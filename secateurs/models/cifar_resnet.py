@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import register_model
+from ._factory import register_model
 
 
 class BasicBlock(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import register_model
+from ._factory import register_model
 
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 

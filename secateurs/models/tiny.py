@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import register_model
+from .._validation import check_choice
+from ._factory import register_model
 
 
 @register_model()
 def tiny_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16, norm: str = "bn") -> nn.Sequential:
     """conv-norm-relu x3 (one stride 2), global pool, linear. ``norm``: bn, gn or none."""
-    if norm not in ("bn", "gn", "none"):
-        raise ValueError(f"`norm` must be 'bn', 'gn' or 'none', got {norm!r}")
+    check_choice(norm, "norm", ("bn", "gn", "none"))
 
     def block(cin, cout, stride=1):
         n = {"bn": lambda: nn.BatchNorm2d(cout), "gn": lambda: nn.GroupNorm(4, cout), "none": nn.Identity}[norm]()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_model
+from ._factory import register_model
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:

@@ -1,0 +1,357 @@
+"""Budgets and how scores become kept widths that meet one.
+
+A budget is a kept fraction of MACs, of params, or of measured latency, a channel ratio, or a
+per-layer ratio dict. MACs/params budgets are met by searching the allocation against
+:class:`~secateurs.cost.PlanCost` (the exact cost of a plan, without cutting), then re-adding the
+best removed channels while they still fit, so the pruned model lands at or just under the target.
+
+This module sits between the engine (graph, cost, surgery) and the methods: every method that
+needs a budget, a width allocation or a search uses these, and nothing here knows of methods.
+"""
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ._validation import PruningError, check_choice, check_ratio, check_scalar
+from .cost import Cost, PlanCost, measure_latency
+from .graph import DependencyGraph
+from .surgery import PruningPlan, apply_plan
+
+__all__ = ["Budget", "Allocator", "plan_for_budget", "uniform_plan", "as_budget", "measure", "bisect", "fill",
+           "threshold_search", "latency_plan", "BUDGETS", "ALLOCATIONS", "COSTS"]
+
+BUDGETS = ("macs", "params", "latency", "ratio", "layers")
+ALLOCATIONS = ("global", "uniform")
+COSTS = ("macs", "params")  # the budgets a plan's cost is counted in
+
+
+def measure(cost: Cost | tuple[float, float], kind: str) -> float:
+    """The ``kind`` ("macs" or "params") of a :class:`Cost` or of a ``(macs, params)`` pair."""
+    macs, params = (cost.macs, cost.params) if isinstance(cost, Cost) else cost
+    return macs if check_choice(kind, "kind", COSTS) == "macs" else params
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to keep. ``kind`` is one of :data:`BUDGETS`; ``value`` a kept fraction in (0, 1]
+    (``ratio``: the fraction of channels *removed* per group, in [0, 1)), or for ``layers`` a dict
+    {module name: removed fraction of its output channels}."""
+
+    kind: str
+    value: float | Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        check_choice(self.kind, "budget", BUDGETS)
+        if self.kind == "layers":
+            if not isinstance(self.value, Mapping) or not self.value:
+                raise ValueError("a 'layers' budget needs a non-empty dict {module name: ratio}")
+            for k, v in self.value.items():
+                check_ratio(v, f"ratio of '{k}'")
+        elif self.kind == "ratio":
+            check_ratio(self.value, "ratio")
+        else:
+            v = self.value
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= 1:
+                raise ValueError(f"a {self.kind} target is the kept fraction, in (0, 1]; got {v!r}")
+
+    def at_step(self, k: int, n: int) -> "Budget":
+        """Budget after step ``k`` of ``n``: geometric, so each step removes the same share."""
+        if self.kind in ("ratio", "layers"):  # relative to the current model: (1 - r_k)^n = 1 - r
+            step = lambda r: 1 - (1 - r) ** (1 / n)  # noqa: E731
+            value = step(self.value) if self.kind == "ratio" else {m: step(r) for m, r in self.value.items()}
+            return Budget(self.kind, value)
+        return Budget(self.kind, self.value ** (k / n))
+
+    def limit(self, reference: Cost) -> float:
+        """The largest MACs/params count this budget allows, as a fraction of ``reference``."""
+        return self.value * measure(reference, self.kind)
+
+    def met(self, current: Cost, reference: Cost) -> bool:
+        """Whether ``current`` already fits the MACs/params limit set by ``reference``."""
+        return measure(current, self.kind) <= self.limit(reference)
+
+
+def as_budget(target: Any, default_kind: str = "macs") -> Budget:
+    """One form for every budget: a :class:`Budget`; a fraction (kept ``default_kind``); a dict
+    with one budget kind as its key ({"macs": 0.5}, {"ratio": 0.3}, {"layers": {...}}); or a dict
+    {module name: removed ratio} (a per-layer budget)."""
+    if isinstance(target, Budget):
+        return target
+    if isinstance(target, Mapping):
+        if len(target) == 1 and next(iter(target)) in BUDGETS:
+            (kind, value), = target.items()
+            return Budget(kind, dict(value) if isinstance(value, Mapping) else value)
+        return Budget("layers", dict(target))
+    return Budget(default_kind, target)
+
+
+def bisect(lo: int, hi: int, ok: Callable[[int], bool], *, largest: bool = False,
+           max_probes: int | None = None) -> int:
+    """The one monotone integer search of the package.
+
+    ``largest=False``: the smallest ``n`` in ``[lo, hi)`` with ``ok(n)`` (``ok`` turns true as n
+    grows), or ``hi`` if none. ``largest=True``: the largest ``n`` in ``(lo, hi]`` with ``ok(n)``
+    (``ok`` turns false as n grows), or ``lo`` if none. ``max_probes`` bounds the calls of ``ok``
+    when each is expensive (then the best bound found so far is returned).
+    """
+    probes = 0
+    while lo < hi and (max_probes is None or probes < max_probes):
+        probes += 1
+        if largest:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+        else:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo
+
+
+class Allocator:
+    """Turns per-channel scores into kept widths under the user's constraints.
+
+    ``global`` ranks all channels together after dividing each group's scores by their mean (so
+    groups with large weights are not favoured); ``uniform`` removes the same fraction everywhere.
+    Widths are at least ``min_width`` (channels, or a fraction of the group if a float < 1) and,
+    with ``round_to``, multiples of it (rounded up).
+    """
+
+    def __init__(self, graph: DependencyGraph, scores: list[torch.Tensor], allocation: str = "global",
+                 round_to: int = 1, min_width: int | float = 1, normalize: bool = True) -> None:
+        self.check_arguments(allocation, round_to, min_width)
+        self.graph, self.allocation, self.round_to = graph, allocation, round_to
+        self.order, self.sorted_norm, self.min_keep = [], [], []
+        for g, s in zip(graph.groups, scores):
+            s = s.float()
+            if not normalize:  # scores already comparable across groups (e.g. one joint PLS)
+                norm = s
+            else:
+                norm = s / s.mean().clamp_min(1e-12) if s.abs().sum() > 0 else torch.ones_like(s)
+            order = torch.argsort(norm, descending=True, stable=True)
+            self.order.append(order)
+            self.sorted_norm.append(norm[order])
+            lo = math.ceil(min_width * g.size) if isinstance(min_width, float) else min(int(min_width), g.size)
+            self.min_keep.append(self.round_width(max(1, lo), g.size))
+
+    @staticmethod
+    def check_arguments(allocation: str, round_to: int, min_width: int | float) -> None:
+        """Refuse bad allocation arguments before any work (and before any graph exists)."""
+        check_choice(allocation, "allocation", ALLOCATIONS)
+        check_scalar(round_to, "round_to", int, min_val=1)
+        if isinstance(min_width, float):
+            check_scalar(min_width, "min_width", float, min_val=0, max_val=1, include_min=False)
+        else:
+            check_scalar(min_width, "min_width", int, min_val=1)
+
+    def round_width(self, n: int, size: int) -> int:
+        """``n`` rounded up to a multiple of ``round_to``, at most ``size``."""
+        if self.round_to > 1:
+            n = min(size, -(-n // self.round_to) * self.round_to)
+        return n
+
+    def raise_floor(self, i: int, n: int) -> None:
+        """Keep at least ``n`` channels (rounded up) of group ``i``, e.g. a share of its original width."""
+        size = self.graph.groups[i].size
+        self.min_keep[i] = min(size, max(self.min_keep[i], self.round_width(n, size)))
+
+    def clamp(self, i: int, n: int) -> int:
+        return min(self.graph.groups[i].size, max(self.min_keep[i], self.round_width(n, self.graph.groups[i].size)))
+
+    def keep_for_threshold(self, t: float) -> list[int]:
+        """Widths keeping every channel whose normalised score is >= ``t``."""
+        return [self.clamp(i, int((s >= t).sum())) for i, s in enumerate(self.sorted_norm)]
+
+    def keep_for_ratio(self, r: float) -> list[int]:
+        return [self.clamp(i, g.size - math.floor(g.size * r + 1e-9)) for i, g in enumerate(self.graph.groups)]
+
+    def keep_removing(self, n: int) -> list[int]:
+        """Widths after removing the ``n`` lowest-scoring removable channels, over all groups."""
+        groups = self.graph.groups
+        flat = sorted((float(self.sorted_norm[i][k]), i) for i, g in enumerate(groups)
+                      for k in range(self.min_keep[i], g.size))
+        cut = [0] * len(groups)
+        for _, i in flat[:n]:
+            cut[i] += 1
+        return [self.clamp(i, g.size - c) for i, (g, c) in enumerate(zip(groups, cut))]
+
+    def removable(self) -> int:
+        """How many channels may go in all, above the minimum widths."""
+        return sum(g.size - k for g, k in zip(self.graph.groups, self.min_keep))
+
+    def removed(self, keep: list[int]) -> torch.Tensor:
+        """Components removed by widths ``keep``, for :class:`PlanCost`."""
+        mask = torch.zeros(self.graph.n_components, dtype=torch.bool)
+        for g, order, k in zip(self.graph.groups, self.order, keep):
+            if k < g.size:
+                mask[g.components[order[k:]]] = True
+        return mask
+
+    def plan(self, keep: list[int]) -> PruningPlan:
+        return PruningPlan({g.index: order[k:].sort().values.tolist()
+                            for g, order, k in zip(self.graph.groups, self.order, keep) if k < g.size})
+
+    def thresholds(self) -> torch.Tensor:
+        return torch.unique(torch.cat(self.sorted_norm)) if self.sorted_norm else torch.zeros(0)
+
+
+def uniform_plan(graph: DependencyGraph, scores: list[torch.Tensor], ratio: float, round_to: int = 1) -> PruningPlan:
+    """Remove the lowest-scoring ``ratio`` of every group (at least one channel is kept)."""
+    alloc = Allocator(graph, scores, "uniform", round_to)
+    return alloc.plan(alloc.keep_for_ratio(check_ratio(ratio)))
+
+
+def fill(alloc: Allocator, keep: list[int], cost: Callable[[list[int]], float], limit: float,
+         max_evals: int = 600) -> list[int]:
+    """Re-add the best removed channels (a ``round_to`` block at a time) while the cost fits."""
+    keep = list(keep)
+    heap = []
+    for i, k in enumerate(keep):
+        if k < alloc.graph.groups[i].size:
+            heapq.heappush(heap, (-float(alloc.sorted_norm[i][k]), i))
+    current = cost(keep)
+    evals = 0
+    while heap and evals < max_evals and limit - current > 1e-4 * limit:
+        _, i = heapq.heappop(heap)
+        trial = list(keep)
+        trial[i] = alloc.clamp(i, keep[i] + alloc.round_to)
+        evals += 1
+        c = cost(trial)
+        if c <= limit:
+            keep, current = trial, c
+            if keep[i] < alloc.graph.groups[i].size:
+                heapq.heappush(heap, (-float(alloc.sorted_norm[i][keep[i]]), i))
+    return keep
+
+
+def threshold_search(alloc: Allocator, cost: Callable[[list[int]], float], limit: float) -> list[int]:
+    """Widths at the lowest global score threshold whose cost fits ``limit`` (cost falls as it rises)."""
+    ts = alloc.thresholds()
+    lo = bisect(0, len(ts), lambda i: cost(alloc.keep_for_threshold(float(ts[i]))) <= limit)
+    return alloc.keep_for_threshold(float(ts[lo]) if lo < len(ts) else math.inf)
+
+
+_RATIO_STEPS = 2 ** 40  # the grid of the uniform-ratio search: exact dyadic fractions
+
+
+def _uniform_search(alloc: Allocator, cost: Callable[[list[int]], float], limit: float) -> list[int]:
+    """Widths at the smallest uniform ratio whose cost fits ``limit``."""
+    n = bisect(1, _RATIO_STEPS, lambda n: cost(alloc.keep_for_ratio(n / _RATIO_STEPS)) <= limit)
+    keep = alloc.keep_for_ratio(n / _RATIO_STEPS)
+    if cost(keep) > limit:  # min widths bind: fall back to the global order for the rest
+        keep = alloc.keep_for_threshold(math.inf)
+    return keep
+
+
+def _layer_widths(model: nn.Module, graph: DependencyGraph, alloc: Allocator, ratios: Mapping[str, float]) -> list[int]:
+    keep = [g.size for g in graph.groups]
+    modules = dict(model.named_modules())
+    for name, r in ratios.items():
+        if name not in modules:
+            raise PruningError(f"budget names module '{name}', which the model does not have")
+        groups = graph.groups_of(name)
+        if not groups:
+            raise PruningError(f"module '{name}' has no prunable output channels (ignored, frozen or an output)")
+        for g in groups:
+            keep[g.index] = alloc.clamp(g.index, g.size - math.floor(g.size * r + 1e-9))
+    return keep
+
+
+def _ratio_widths(alloc: Allocator, ratio: float) -> list[int]:
+    if alloc.allocation == "uniform":
+        return alloc.keep_for_ratio(ratio)
+    everything = torch.sort(torch.cat(alloc.sorted_norm)).values
+    k = math.floor(len(everything) * ratio + 1e-9)
+    return alloc.keep_for_threshold(float(everything[k]) if k < len(everything) else math.inf)
+
+
+def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: Any, scores: list[torch.Tensor],
+                    budget: Budget, allocation: str = "global", round_to: int = 1, min_width: int | float = 1,
+                    base: Cost | None = None, reference: Cost | None = None,
+                    normalize: bool = True) -> tuple[PruningPlan, dict]:
+    """The plan that meets ``budget`` on ``model``; ``reference`` is the cost the fractions refer to
+    (the original model in an iterative schedule). Returns the plan and the predicted cost."""
+    alloc = Allocator(graph, scores, allocation, round_to, min_width, normalize)
+    if budget.kind == "layers":
+        return alloc.plan(_layer_widths(model, graph, alloc, budget.value)), {}
+    if budget.kind == "ratio":
+        return alloc.plan(_ratio_widths(alloc, budget.value)), {}
+    if budget.kind == "latency":
+        raise ValueError("latency budgets are searched by `latency_plan`, which measures the pruned model")
+    pc = PlanCost(model, graph, example_inputs, base=base)
+    ref = reference or pc.base
+    limit = budget.limit(ref)
+    cost = lambda keep: measure(pc(alloc.removed(keep)), budget.kind)  # noqa: E731
+    smallest = cost(alloc.keep_for_threshold(math.inf))
+    if smallest > limit:
+        raise PruningError(f"a {budget.kind} target of {budget.value:.4g} cannot be reached: with min_width={min_width}, "
+                           f"round_to={round_to} and the ignored/frozen layers, the smallest model keeps "
+                           f"{smallest / measure(ref, budget.kind):.4g}")
+    search = threshold_search if allocation == "global" else _uniform_search
+    keep = fill(alloc, search(alloc, cost, limit), cost, limit)
+    macs, params = pc(alloc.removed(keep))
+    return alloc.plan(keep), {"macs": macs, "params": params}
+
+
+def _next_fraction(tried: list[dict], frac: float, ratio: float, target: float, low: float, hi: float) -> float:
+    """The next MACs fraction to try: a secant step through the last two tries, kept in (low, hi)."""
+    aim = target - 0.01  # a little under, for timing noise
+    if len(tried) >= 2 and tried[-1]["macs_fraction"] != tried[-2]["macs_fraction"]:
+        (f0, r0), (f1, r1) = ((t["macs_fraction"], t["latency_ratio"]) for t in tried[-2:])
+        slope = (r1 - r0) / (f1 - f0)
+        guess = f1 + (aim - r1) / slope if slope > 0 else f1 * aim / max(r1, 1e-6)
+    else:
+        guess = frac * aim / max(ratio, 1e-6)
+    return guess if low < guess < hi else (low + hi) / 2
+
+
+def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[torch.Tensor], budget: Budget,
+                 allocation: str, round_to: int, min_width: int | float, base: Cost, threads: int | None,
+                 log: Callable[..., None]) -> tuple[PruningPlan, dict]:
+    """Search the MACs fraction whose pruned model meets the measured latency target."""
+    lat0 = measure_latency(model, x, threads=threads)
+    target = budget.value
+    lo, hi, frac = None, 1.0, target  # lo: largest feasible MACs fraction so far; hi: smallest infeasible
+    tried = []
+    for _ in range(6):
+        plan, _ = plan_for_budget(model, graph, x, scores, Budget("macs", frac), allocation, round_to, min_width, base)
+        trial = apply_plan(copy.deepcopy(model), graph, plan)
+        ratio = measure_latency(trial, x, threads=threads) / lat0
+        tried.append({"macs_fraction": frac, "latency_ratio": ratio})
+        log(f"latency search: MACs {frac:.3f} -> latency {ratio:.3f} (target {target:.3f})")
+        if ratio <= target:
+            if lo is None or frac > lo[0]:
+                lo = (frac, plan)
+            if ratio >= target - 0.02:
+                break
+        else:
+            hi = min(hi, frac)
+        frac = _next_fraction(tried, frac, ratio, target, lo[0] if lo else 0.0, hi)
+    if lo is None:
+        fractions = ", ".join(f"{t['macs_fraction']:.3g}" for t in tried)
+        raise PruningError(f"no plan met a latency target of {target:.3g} (tried MACs fractions {fractions}); "
+                           "measured latency does not shrink with MACs on this machine for this model")
+    return lo[1], {"latency_base_s": lat0, "latency_search": tried}
+
+
+def deprecated_budget(target: Any, budget: str | None, ratio: float | None) -> Any:
+    """Fold the old ``budget=``/``ratio=`` keywords of :func:`secateurs.prune` into ``target``,
+    with a DeprecationWarning (they go in the next release)."""
+    if budget is None and ratio is None:
+        return target
+    warnings.warn("prune(..., budget=KIND, ratio=R) is deprecated: pass target={KIND: fraction}, "
+                  "target={'ratio': R} or a Budget", DeprecationWarning, stacklevel=3)
+    if ratio is not None:
+        if target is not None:
+            raise ValueError("give either `target` or `ratio`, not both")
+        return Budget("ratio", ratio)
+    if target is None or isinstance(target, (Budget, Mapping)):
+        return target
+    return Budget(budget, target)

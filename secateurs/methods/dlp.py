@@ -1,0 +1,136 @@
+"""METHODS.md method 2, discriminative layer pruning (Jordao et al. 2020): PLS-VIP scores remove
+whole residual blocks (``dlp``), then optionally filters (``dlp+filters``, the paper's cascade)."""
+from __future__ import annotations
+
+import math
+from ..budget import Budget, measure, plan_for_budget
+from ..criteria import group_scores
+from ..depth import Block, LayerPlan, find_blocks
+from ..pls import block_scores
+from .base import Decision, Method, Option, StepContext, check_stop_rule, register_method
+
+__all__ = ["LayerPruningMethod", "CascadeMethod"]
+
+
+@register_method("dlp")
+class LayerPruningMethod(Method):
+    """Jordao et al. 2020 as specified in METHODS.md section 2: score every removable residual
+    block by the mean VIP of its pooled output in a PLS fit on the labels, then remove blocks.
+
+    ``mode="rank"`` removes the lowest-scoring removable blocks until ``fraction`` of them, or
+    ``count`` blocks, are gone, or the MACs/params budget is met, keeping ``min_per_stage``
+    removable blocks in every stage (down-sampling blocks never go). ``mode="truncate"`` walks
+    the blocks of stage ``start_stage`` onwards (default: the last stage); the first block whose
+    score does not rise over the previous one goes with everything after it, and a fresh head is
+    attached (our reading of "cut at the first block whose score does not rise": it is the one
+    that gives the paper's ResNet-56 arithmetic, stage 3 truncated to its first block).
+    With ``filters=True`` ("dlp+filters") later steps prune filters: ``filter_ratio`` of the
+    remaining ones per step by joint PLS-VIP (criterion ``vip``), as the paper's cascade does.
+    """
+
+    name = "dlp"
+    summary = "METHODS.md 2, layer pruning (dlp, dlp+filters); needs --data"
+    needs_data = True
+    needs_budget = False
+    options = (
+        Option("mode", "rank", "rank (lowest-VIP blocks go) or truncate (cut where scores stop rising)",
+               kind=str, choices=("rank", "truncate"), flag="--mode"),
+        Option("fraction", None, "rank: remove this fraction of removable blocks", low=0, high=1, open_low=True,
+               nullable=True, flag="--blocks-fraction"),
+        Option("count", None, "rank: remove this many blocks", kind=int, low=1, nullable=True, flag="--blocks"),
+        Option("min_per_stage", 1, "rank: removable blocks kept in every stage", kind=int, low=0,
+               flag="--min-per-stage"),
+        Option("per_class", 50, "samples per class for the PLS features", kind=int, low=1, nullable=True,
+               flag="--per-class"),
+        Option("n_components", 4, "PLS components of the block scores", kind=int, low=1),
+        Option("joint", False, "one PLS over all blocks instead of one per block", kind=bool, flag="--joint"),
+        Option("pool", 8, "average-pooling window of the block features", kind=int, low=1),
+        Option("start_stage", None, "truncate: first stage walked (default: the last)", kind=int, low=0,
+               nullable=True),
+        Option("filters", False, "then prune filters by PLS-VIP (the cascade; method dlp+filters)", kind=bool),
+        Option("filter_ratio", 0.1, "dlp+filters: share of filters removed per step", low=0, high=1,
+               open_low=True, open_high=True, flag="--filter-ratio"),
+        Option("filter_components", 2, "PLS components of the filter scores", kind=int, low=1),
+    )
+
+    def setup(self) -> None:
+        self.name = "dlp+filters" if self.filters else "dlp"
+
+    def check(self, budget: Budget | None) -> None:
+        check_stop_rule(self.name, budget)
+        if self.mode == "rank" and budget is None and self.count is None and self.fraction is None:
+            raise ValueError(f"method {self.name!r} (rank) needs a stop: a macs/params target, `count` or `fraction`")
+
+    def plan(self, ctx: StepContext) -> Decision:
+        if ctx.step > 1:
+            return self._filters(ctx)
+        blocks = find_blocks(ctx.model, ctx.example_inputs)
+        removable = [b for b in blocks if b.removable]
+        if not removable:
+            return Decision.halt("no removable block (identity-shortcut residual unit) in this model")
+        if self.mode == "truncate":
+            return self._truncate(ctx, blocks)
+        return self._rank(ctx, removable)
+
+    def _scores(self, ctx: StepContext, blocks: list[Block]) -> dict[str, float]:
+        return block_scores(ctx.model, blocks, ctx.data, self.per_class, self.n_components, self.joint, self.pool)
+
+    def _filters(self, ctx: StepContext) -> Decision:
+        """Steps after the first: the cascade's PLS-VIP filter pruning, or the end."""
+        if not self.filters:
+            return Decision.halt("layer pruning is one step (use dlp+filters for the filter cascade)")
+        scores = group_scores(ctx.model, ctx.graph, "vip", data=ctx.data, n_components=self.filter_components)
+        plan, _ = plan_for_budget(ctx.model, ctx.graph, ctx.example_inputs, scores, Budget("ratio", self.filter_ratio),
+                                  "global", ctx.round_to, ctx.min_width, base=ctx.current, normalize=False)
+        return Decision(channels=plan)
+
+    def _truncate(self, ctx: StepContext, blocks: list[Block]) -> Decision:
+        stage = self.start_stage if self.start_stage is not None else max(b.stage for b in blocks)
+        walk = [b for b in blocks if b.stage >= stage]
+        scores = self._scores(ctx, walk)
+        cut = next((i for i in range(1, len(walk)) if scores[walk[i].name] <= scores[walk[i - 1].name]), None)
+        if cut is None:
+            return Decision.halt("block scores rise to the end: nothing to truncate", block_scores=scores)
+        after = walk[cut - 1].name  # the first block that adds nothing goes, with everything after it
+        return Decision(blocks=LayerPlan([b.name for b in walk[cut:]], scores, truncate_after=after),
+                        info={"block_scores": scores})
+
+    def _rank(self, ctx: StepContext, removable: list[Block]) -> Decision:
+        scores = self._scores(ctx, removable)
+        left: dict[int, int] = {}
+        for b in removable:
+            left[b.stage] = left.get(b.stage, 0) + 1
+        n_max = len(removable)
+        if self.count is not None:
+            n_max = min(n_max, self.count)
+        if self.fraction is not None:
+            n_max = min(n_max, math.floor(self.fraction * len(removable) + 1e-9))
+        budget = ctx.budget
+        limit = budget.limit(ctx.base) if budget is not None else None
+        cost = measure(ctx.current, budget.kind) if budget is not None else None
+        chosen = []
+        for b in sorted(removable, key=lambda b: scores[b.name]):
+            if len(chosen) >= n_max or (limit is not None and cost <= limit):
+                break
+            if left[b.stage] <= self.min_per_stage:
+                continue
+            chosen.append(b.name)
+            left[b.stage] -= 1
+            if limit is not None:
+                cost -= measure((b.macs, b.params), budget.kind)
+        if not chosen:
+            return Decision.halt("no block may go (min_per_stage or budget already met)", block_scores=scores)
+        return Decision(blocks=LayerPlan(chosen, scores), info={"block_scores": scores})
+
+
+@register_method("dlp+filters")
+class CascadeMethod(LayerPruningMethod):
+    """Layer pruning, then PLS-VIP filter pruning in the later steps (the paper's cascade): ``dlp``
+    with ``filters=True``, which is not an option here."""
+
+    name = "dlp+filters"
+    options = tuple(o for o in LayerPruningMethod.options if o.name != "filters")
+
+    def setup(self) -> None:
+        self.filters = True
+        super().setup()

@@ -1,0 +1,121 @@
+"""Per-channel gates shared by HFP (method 3) and importance weights (method 4): where a channel's
+multiplier goes (after the norm layer that carries it, else after its producing conv), learnable
+scales with exact folding, and the mean |gate| per channel component."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..graph import DependencyGraph
+
+__all__ = ["GATED_NORMS", "ChannelScales", "carriers", "carrier_count", "mean_abs"]
+
+GATED_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)  # norm layers whose |scale| gates a channel
+
+
+class ChannelScales:
+    """Learnable per-channel multipliers on module outputs (convs, transposed convs, linears, or
+    affine norm layers), trained with the network and folded back into it exactly.
+
+    Each scale is a parameter registered on its module (so any optimizer built afterwards trains
+    it) and applied by a forward hook; :meth:`fold` multiplies it into the module's weight and bias
+    and removes both, so the model is plain again (``conv(x) * s`` is ``conv_s(x)``, and
+    ``norm(x) * s`` is the norm with ``s * weight`` and ``s * bias``). ``init`` gives starting
+    values per module (default ones).
+    """
+
+    NAME = "secateurs_scale"
+
+    def __init__(self, model: nn.Module, modules: Iterable[str], init: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.model, self.handles, self.scales = model, [], {}
+        for name in modules:
+            m = model.get_submodule(name)
+            width = _out_width(m, name)
+            start = torch.ones(width) if init is None or name not in init else torch.as_tensor(init[name]).float()
+            if start.shape != (width,):
+                raise ValueError(f"module '{name}': init has shape {tuple(start.shape)}, expected ({width},)")
+            p = nn.Parameter(start.clone().to(m.weight.device))
+            m.register_parameter(self.NAME, p)
+            self.scales[name] = p
+            self.handles.append(m.register_forward_hook(self._hook))
+
+    @staticmethod
+    def _hook(m, args, out):
+        s = getattr(m, ChannelScales.NAME)
+        return out * (s if out.dim() == 2 or isinstance(m, nn.Linear) else s.view(1, -1, *([1] * (out.dim() - 2))))
+
+    def fold(self) -> None:
+        with torch.no_grad():
+            for name, p in self.scales.items():
+                m = self.model.get_submodule(name)
+                w = m.weight
+                if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *k)
+                    g = m.groups
+                    w.view(g, w.shape[0] // g, w.shape[1], -1).mul_(p.view(g, 1, w.shape[1], 1))
+                elif isinstance(m, GATED_NORMS):
+                    w.mul_(p)
+                else:
+                    w.mul_(p.view(-1, *([1] * (w.dim() - 1))))
+                if m.bias is not None:
+                    m.bias.mul_(p)
+                del m._parameters[self.NAME]
+        for h in self.handles:
+            h.remove()
+        self.handles, self.scales = [], {}
+
+
+def _out_width(m: nn.Module, name: str) -> int:
+    if isinstance(m, GATED_NORMS) and getattr(m, "weight", None) is not None:
+        return m.num_features if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.num_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels
+    raise ValueError(f"module '{name}': channel scales go on conv, linear or affine norm outputs, "
+                     f"not {type(m).__name__}")
+
+
+def carriers(model: nn.Module, graph: DependencyGraph, transposed: bool = True) -> dict[str, torch.Tensor]:
+    """Where a per-channel multiplier goes: after the affine norm layers that carry a prunable
+    channel, else after its producing conv/linear (so a norm layer cannot undo it); transposed
+    convs only if ``transposed``. Returns {module name: component label of each output channel}."""
+    modules = dict(model.named_modules())
+    prunable = torch.zeros(graph.n_components, dtype=torch.bool)
+    for g in graph.groups:
+        prunable[g.components] = True
+    norms, producers = {}, {}
+    for b, lab in zip(graph.bindings, graph.binding_labels):
+        m = modules.get(b.module)
+        if (b.kind == "tensor" and b.name == "weight" and isinstance(m, GATED_NORMS) and getattr(m, "affine", True)
+                and prunable[lab].any()):
+            norms[b.module] = lab
+        elif (b.kind == "attr" and b.role == "out" and b.name in ("out_channels", "out_features")
+              and prunable[lab].any() and (transposed or not isinstance(m, nn.modules.conv._ConvTransposeNd))):
+            producers[b.module] = lab
+    normed = torch.zeros(graph.n_components, dtype=torch.bool)
+    for lab in norms.values():
+        normed[lab] = True
+    out = dict(norms)
+    out.update({n: lab for n, lab in producers.items() if (prunable[lab] & ~normed[lab]).any()})
+    return out
+
+
+def carrier_count(labels: Iterable[torch.Tensor], n: int) -> torch.Tensor:
+    """How many carriers each channel component has."""
+    count = torch.zeros(n)
+    for lab in labels:
+        count.index_add_(0, lab, torch.ones(len(lab)))
+    return count
+
+
+def mean_abs(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: torch.Tensor) -> torch.Tensor:
+    """Mean |value| per channel component over its carriers (0 where none); differentiable."""
+    pairs = list(pairs)
+    dev = pairs[0][0].device
+    total = torch.zeros(len(count), device=dev)
+    for w, lab in pairs:
+        total = total.index_add(0, lab.to(dev), w.abs().float())
+    return total / count.to(dev).clamp_min(1)
+

@@ -1,0 +1,186 @@
+"""METHODS.md method 3, Holistic Filter Pruning (Enderich et al. 2021): a differentiable MACs/params
+loss on per-channel gates during ordinary training, then the dead channels are cut."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .._validation import check_choice, check_scalar
+from ..budget import Allocator, Budget, fill, measure, threshold_search
+from ..cost import Cost, PlanCost
+from ..graph import DependencyGraph
+from ..train import TrainConfig, fit
+from .base import Decision, Method, Option, StepContext, register_method
+from .gates import GATED_NORMS, ChannelScales, carrier_count, carriers, mean_abs
+
+__all__ = ["HFPRegularizer", "HFPMethod"]
+
+
+class HFPRegularizer:
+    """The budget loss of Holistic Filter Pruning, for any training loop.
+
+    One gate per channel: the mean |scale| of the norm layers that carry it (tied across the
+    coupled group), or of an explicit :class:`ChannelScales` on its producing convs where no norm
+    layer carries it (call :meth:`close` at the end to fold those back); a channel is alive while
+    its gate exceeds ``threshold``. The loss is
+    ``lam * sum over unmet targets of C(alive) / C_target`` (a target pulls while the *hard* count
+    exceeds it, i.e. ``max(0, C/C_target - 1)`` with the surrogate's gradient), with C the differentiable MACs
+    or params of :meth:`PlanCost.soft`, so every gate is pushed down in proportion to what its
+    channel costs *including* its neighbours' inputs. ``surrogate="ste"`` counts hard gates and
+    passes the gradient straight through (scaled by the initial mean gate); ``"soft"`` counts a
+    sigmoid around the threshold. ``lam`` ramps up linearly over ``warmup_steps``. ``done``
+    turns true at the first step whose hard count meets every target.
+
+    In your own loop::
+
+        reg = HFPRegularizer(model, secateurs.analyze(model, x), x, macs=0.5)
+        loss = criterion(model(xb), yb) + reg()       # every step; stop when reg.done
+    """
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph, example_inputs: Any, macs: float | None = None,
+                 params: float | None = None, lam: float = 5.0, warmup_steps: int = 100, threshold: float = 1e-2,
+                 surrogate: str = "ste", base: Cost | None = None) -> None:
+        if macs is None and params is None:
+            raise ValueError("HFP needs a target: `macs` and/or `params` (kept fractions)")
+        for name, v in (("macs", macs), ("params", params)):  # kept fractions
+            check_scalar(v, name, min_val=0, max_val=1, include_min=False, allow_none=True)
+        check_choice(surrogate, "surrogate", SURROGATES)
+        self.cost = PlanCost(model, graph, example_inputs, base=base)
+        self.graph, self.threshold, self.surrogate = graph, float(threshold), surrogate
+        self.lam, self.warmup_steps, self.steps = float(lam), max(1, int(warmup_steps)), 0
+        self.targets = {k: Budget(k, v).limit(self.cost.base) for k, v in (("macs", macs), ("params", params))
+                        if v is not None}
+        where = carriers(model, graph, transposed=False)
+        modules = dict(model.named_modules())
+        # norm layers gate their channels; channels no norm layer carries get explicit scales on their convs
+        producers = {n: lab for n, lab in where.items() if not isinstance(modules[n], GATED_NORMS)}
+        self._gates = [(modules[n].weight, lab) for n, lab in where.items() if n not in producers]
+        self.scales = ChannelScales(model, producers) if producers else None
+        if self.scales is not None:
+            self._gates += [(self.scales.scales[n], lab) for n, lab in producers.items()]
+        if not self._gates:
+            raise ValueError("HFP found no gate: no norm layer and no prunable conv output in the model")
+        prunable = torch.zeros(graph.n_components, dtype=torch.bool)
+        for g in graph.groups:
+            prunable[g.components] = True
+        counts = carrier_count((lab for _, lab in self._gates), graph.n_components)
+        self._count = counts
+        self.gated = (counts > 0) & prunable  # frozen channels: always alive
+        with torch.no_grad():
+            self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
+        self.done = False
+        self.last: dict[str, float] = {}
+
+    def gates(self) -> torch.Tensor:
+        return mean_abs(self._gates, self._count)
+
+    def alive(self, hard_only: bool = False) -> torch.Tensor:
+        g = self.gates()
+        gated = self.gated.to(g.device)
+        hard = torch.where(gated, (g > self.threshold).float(), torch.ones_like(g))
+        if hard_only:
+            return hard
+        if self.surrogate == "soft":
+            soft = torch.sigmoid((g - self.threshold) / (0.5 * self.scale))
+            return torch.where(gated, soft, torch.ones_like(g))
+        lin = g / self.scale
+        return hard + torch.where(gated, lin - lin.detach(), torch.zeros_like(g))
+
+    def hard_cost(self) -> dict[str, int]:
+        with torch.no_grad():
+            macs, params = self.cost(~self.alive(hard_only=True).bool().cpu())
+        return {"macs": macs, "params": params}
+
+    def __call__(self) -> torch.Tensor:
+        self.steps += 1
+        macs, params = self.cost.soft(self.alive().cpu() if self._gates[0][0].device.type != "cpu" else self.alive())
+        value = {"macs": macs, "params": params}
+        lam = self.lam * min(1.0, self.steps / self.warmup_steps)
+        hard = self.hard_cost()
+        self.last = {f"hfp_{k}": hard[k] / measure(self.cost.base, k) for k in hard}
+        self.done = all(hard[k] <= t for k, t in self.targets.items())
+        # the hard count decides whether a target still pulls (a soft count could meet it first and stall)
+        loss = sum(value[k] / t for k, t in self.targets.items() if hard[k] > t)
+        if not torch.is_tensor(loss):
+            loss = macs * 0.0
+        return lam * loss.to(self._gates[0][0].device)
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.last)
+
+    def close(self) -> None:
+        """Fold the explicit scales into their convs: the model has no extra parameter or hook."""
+        if self.scales is not None:
+            self.scales.fold()
+
+
+SURROGATES = ("ste", "soft")
+
+
+@register_method("hfp")
+class HFPMethod(Method):
+    """Enderich et al. 2021 as specified in METHODS.md section 3: train with the budget loss until
+    the hard count of alive channels meets the target (at most ``epochs`` epochs), then cut the dead
+    channels. If training ends first, the lowest gates are cut to meet the target anyway; either
+    way the best dead channels are re-added while they fit, so the pruned model lands within a
+    channel of the target. ``params`` adds a second target (the pipeline's is the first)."""
+
+    name = "hfp"
+    summary = "METHODS.md 3, Holistic Filter Pruning; --macs and/or --params, needs --data"
+    needs_data = True
+    needs_budget = True
+    trains = True
+    options = (
+        Option("epochs", 10, "most epochs of training with the budget loss", kind=int, low=1, flag="--hfp-epochs"),
+        Option("lam", 5.0, "weight of the budget loss (ramped up)", low=0, flag="--lam"),
+        Option("warmup_steps", 100, "steps over which the weight ramps up", kind=int, low=0, flag="--warmup-steps"),
+        Option("threshold", 1e-2, "a channel is dead when its BN |scale| is below", low=0, flag="--gate-threshold"),
+        Option("surrogate", "ste", "ste (hard count, straight-through) or soft (sigmoid count)", kind=str,
+               choices=SURROGATES, flag="--surrogate"),
+        Option("params", None, "a second target: kept fraction of parameters (with a macs budget)", low=0, high=1,
+               open_low=True, nullable=True),
+        Option("lr", None, "learning rate while pruning (default: the fine-tuning one)", low=0, open_low=True,
+               nullable=True),
+    )
+
+    def check(self, budget: Budget | None) -> None:
+        if budget is None or budget.kind not in ("macs", "params"):
+            raise ValueError("method 'hfp' needs a macs or params target")
+
+    def plan(self, ctx: StepContext) -> Decision:
+        if ctx.step > 1:
+            return Decision.halt("HFP prunes in one training phase")
+        targets = {ctx.budget.kind: ctx.budget.at_step(1, 1).value}
+        if self.params is not None:
+            targets["params"] = self.params
+        reg = HFPRegularizer(ctx.model, ctx.graph, ctx.example_inputs, lam=self.lam, warmup_steps=self.warmup_steps,
+                             threshold=self.threshold, surrogate=self.surrogate, base=ctx.current, **targets)
+        cfg = ctx.finetune if ctx.finetune is not None else TrainConfig(quiet=True)
+        # constant lr while pruning: a decaying schedule would freeze the gates before the target
+        cfg = replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
+                      **({"lr": self.lr} if self.lr else {}))
+        try:
+            history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg)
+            gates = reg.gates().detach().cpu()
+            alive = reg.alive(hard_only=True).cpu().bool()
+        finally:
+            reg.close()
+        scores = [torch.where(reg.gated[g.components], gates[g.components], torch.full((g.size,), float("inf")))
+                  for g in ctx.graph.groups]
+        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False)
+        keep = [alloc.clamp(g.index, int(alive[g.components].sum())) for g in ctx.graph.groups]
+        pc = reg.cost
+        limits = {k: Budget(k, v).limit(pc.base) for k, v in targets.items()}
+
+        def worst(k):  # the tightest constraint, as a fraction of its limit (<= 1 fits)
+            cost = pc(alloc.removed(k))
+            return max(measure(cost, n) / lim for n, lim in limits.items())
+
+        if worst(keep) > 1:  # training stopped before the target: cut the lowest gates to meet it
+            keep = threshold_search(alloc, worst, 1.0)
+        keep = fill(alloc, keep, worst, 1.0)
+        info = {"hfp_history": history, "hfp_converged": bool(reg.done), "hfp_steps": reg.steps}
+        return Decision(channels=alloc.plan(keep), info=info)

@@ -1,0 +1,298 @@
+"""METHODS.md method 4, importance weights with an error tolerance (Sawant et al. 2022): a learned
+weight per channel ranks the filters, which then go step by step while the validation metric
+stays within the tolerance."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .._validation import check_choice, check_scalar
+from ..budget import Allocator, Budget, bisect, fill, measure
+from ..cost import PlanCost
+from ..criteria import group_scores
+from ..graph import DependencyGraph
+from ..surgery import PruningPlan, apply_plan
+from ..train import TrainConfig, evaluate, fit
+from .base import Decision, Method, Option, StepContext, check_stop_rule, register_method
+from .gates import ChannelScales, carrier_count, carriers, mean_abs
+
+__all__ = ["ImportanceWeights", "ImportanceWeightMethod", "channel_macs"]
+
+
+def channel_macs(ctx: StepContext) -> torch.Tensor:
+    """What removing one channel of each group saves in MACs (coupled layers included), mean 1
+    over the prunable channels: weights for a cost-aware L1 penalty."""
+    pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
+    w = torch.zeros(ctx.graph.n_components)
+    sizes = torch.zeros(ctx.graph.n_components, dtype=torch.bool)
+    for g in ctx.graph.groups:
+        mask = torch.zeros(ctx.graph.n_components, dtype=torch.bool)
+        mask[g.components[0]] = True
+        w[g.components] = float(ctx.current.macs - pc(mask)[0])
+        sizes[g.components] = True
+    return w / w[sizes].mean().clamp_min(1e-12)
+
+
+class ImportanceWeights:
+    """One learnable weight alpha per output channel of every prunable group, for any training loop.
+
+    Alpha multiplies the channel after its norm layer (or its conv where there is none); a
+    channel's importance is the mean |alpha| over the places that carry it (a residual channel is
+    carried by several). ``init``: ``"ones"``; ``"uniform"``, U(0, 1) (seeded); ``"l1"``, the
+    group's filter L1 norms divided by their mean. ``l1`` > 0 adds ``l1 * sum w_c |alpha_c|`` to
+    the loss (call the object), with ``w_c = 1``, or with ``cost_weights`` (one per channel
+    component, e.g. what each channel costs in MACs, mean 1) so that expensive channels are pushed
+    harder. :meth:`fold` multiplies alpha into the weights and removes it::
+
+        iw = ImportanceWeights(model, secateurs.analyze(model, x), init="l1", l1=1e-4)
+        loss = criterion(model(xb), yb) + iw()        # train as usual
+        scores = iw.scores(); iw.fold()               # rank channels by scores, plain model again
+    """
+
+    INITS = ("ones", "uniform", "l1")
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph, init: str = "ones", l1: float = 0.0,
+                 seed: int = 0, cost_weights: torch.Tensor | None = None) -> None:
+        check_choice(init, "init", self.INITS)
+        check_scalar(l1, "l1", min_val=0)
+        self.graph, self.l1 = graph, float(l1)
+        self.labels = carriers(model, graph)
+        if not self.labels:
+            raise ValueError("importance weights: the model has no prunable channel")
+        start = None
+        if init != "ones":
+            comp = torch.ones(graph.n_components)
+            if init == "uniform":
+                comp = torch.rand(graph.n_components, generator=torch.Generator().manual_seed(seed))
+            else:
+                for g, s in zip(graph.groups, group_scores(model, graph, "l1")):
+                    comp[g.components] = s.float() / s.float().mean().clamp_min(1e-12)
+            start = {n: comp[lab] for n, lab in self.labels.items()}
+        self.scales = ChannelScales(model, self.labels, init=start)
+        self._count = carrier_count(self.labels.values(), graph.n_components)
+        self._w = None
+        if cost_weights is not None:
+            if cost_weights.shape != (graph.n_components,):
+                raise ValueError(f"`cost_weights` must have one value per channel component ({graph.n_components})")
+            self._w = {n: cost_weights[lab].float().to(self.scales.scales[n].device) for n, lab in self.labels.items()}
+
+    def __call__(self) -> torch.Tensor:
+        ps = self.scales.scales
+        if not self.l1:
+            return next(iter(ps.values())).sum() * 0.0
+        if self._w is None:
+            return self.l1 * sum(p.abs().sum() for p in ps.values())
+        return self.l1 * sum((self._w[n] * p.abs()).sum() for n, p in ps.items())
+
+    def importance(self) -> torch.Tensor:
+        """Mean |alpha| per channel component (0 where no weight carries it)."""
+        with torch.no_grad():
+            return mean_abs(((p, self.labels[n]) for n, p in self.scales.scales.items()), self._count).cpu()
+
+    def scores(self) -> list[torch.Tensor]:
+        imp = self.importance()
+        return [imp[g.components] for g in self.graph.groups]
+
+    def fold(self) -> None:
+        self.scales.fold()
+
+
+SEARCHES = ("steps", "bisect")
+
+
+@register_method("importance-weights")
+class ImportanceWeightMethod(Method):
+    """Sawant et al. 2022 as specified in METHODS.md section 4: train importance weights with the
+    network for ``epochs``, fold them in, then remove the lowest-|alpha| channels step by step,
+    ``fraction`` of the remaining removable ones per step (the pipeline fine-tunes after every step
+    and undoes the step that breaks its ``tolerance``; the step size is then halved and the
+    schedule goes on, at most ``refinements`` times, so it ends closer to the tolerance; 0 stops
+    at the first undone step), or, with ``search="bisect"``, find by
+    bisection the largest share of channels whose removal (plus the fine-tune) stays within it.
+
+    ``cost_aware=True`` (ours, not the paper's): the L1 penalty on a channel's alpha and its rank are
+    weighted by what removing it saves in MACs, and a step removes ``fraction`` of the current
+    MACs rather than of the channels; the default ranks by |alpha| alone, which tends to empty the
+    wide, cheap deep layers first (params fall much faster than MACs).
+
+    No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
+    second stop rule (the last step is trimmed to it). ``min_keep``: no group goes below that
+    fraction of its original width. The ranking is global: alpha is comparable across layers (it
+    starts equal everywhere, or at mean 1 per layer with ``init="l1"``).
+    """
+
+    name = "importance-weights"
+    summary = "METHODS.md 4, importance weights; --tolerance drives it, needs --data"
+    needs_data = True
+    needs_budget = False
+    default_steps = 100
+    trains = True
+    options = (
+        Option("epochs", 5, "epochs of training the importance weights with the network", kind=int, low=0,
+               flag="--iw-epochs"),
+        Option("init", "ones", "importance-weight initialisation: ones, uniform or l1", kind=str,
+               choices=ImportanceWeights.INITS, flag="--init"),
+        Option("l1", 1e-4, "L1 penalty on the importance weights (0: none)", low=0, flag="--l1"),
+        Option("fraction", 0.05, "share of the remaining removable filters cut per step (1: one cut, to the target)",
+               low=0, high=1, open_low=True, flag="--fraction"),
+        Option("search", "steps", "steps (fraction per step) or bisect (largest share within tolerance)", kind=str,
+               choices=SEARCHES, flag="--search"),
+        Option("bisect_iters", 6, "bisect: number of probes", kind=int, low=1, flag="--bisect-iters"),
+        Option("min_keep", 0.05, "never keep less than this fraction of a layer's width", low=0, high=1,
+               open_low=True, flag="--min-keep"),
+        Option("lr", None, "learning rate while learning alpha (default: the fine-tuning one)", low=0,
+               open_low=True, nullable=True),
+        Option("seed", 0, "seed of the uniform initialisation", kind=int, flag="--seed"),
+        Option("cost_aware", False, "ours: weight alpha's penalty and rank by the MACs each channel costs "
+               "(MACs fall sooner)", kind=bool, flag="--cost-aware"),
+        Option("refinements", 2, "steps: after an undone step, halve the step and go on, at most this many "
+               "times (0: stop)", kind=int, low=0, flag="--refinements"),
+    )
+
+    def check(self, budget: Budget | None) -> None:
+        check_stop_rule("importance-weights", budget)
+
+    # -- phase 1: learn alpha -----------------------------------------------------------------
+    def _train_config(self, ctx: StepContext, epochs: int, folder: str | None) -> TrainConfig:
+        cfg = ctx.finetune if ctx.finetune is not None else TrainConfig(quiet=True)
+        out = str(ctx.out_dir / folder) if ctx.out_dir is not None and folder else None
+        return replace(cfg, epochs=epochs, out_dir=out, resume=out is not None, **({"lr": self.lr} if self.lr else {}))
+
+    def _learn(self, ctx: StepContext) -> Decision | dict:
+        """Train alpha with the weights, fold it; the scores go to ``ctx.state`` (saved with steps).
+        Returns the report's info, or a decision to stop and undo if the metric broke the tolerance."""
+        weights = channel_macs(ctx) if self.cost_aware else None
+        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=weights)
+        try:
+            history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
+                          regularizer=iw) if self.epochs else []
+            scores = iw.scores()
+        finally:
+            iw.fold()
+        if weights is not None:  # importance per MAC saved: expensive channels must earn their place
+            scores = [s / weights[g.components].clamp_min(1e-12) for g, s in zip(ctx.graph.groups, scores)]
+        ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
+        info: dict[str, Any] = {"iw_history": history}
+        if ctx.val_data is not None and ctx.metric is not None:
+            info["iw_metric_trained"] = evaluate(ctx.model, ctx.val_data)[ctx.metric]
+            if ctx.tolerance is not None and ctx.metric0 - info["iw_metric_trained"] > ctx.tolerance:
+                # the user gets the model they gave, not a worse one: the pipeline undoes the training
+                return Decision.halt(f"{ctx.metric} fell by {ctx.metric0 - info['iw_metric_trained']:.2f} while "
+                                     f"learning the importance weights (> tolerance {ctx.tolerance}); model left as it "
+                                     "was", undo=True, **info)
+        return info
+
+    def _scores(self, ctx: StepContext) -> list[torch.Tensor]:
+        stored = ctx.state["scores"]
+        out = []
+        for g in ctx.graph.groups:
+            s = stored.get(g.name)
+            if s is None or len(s) != g.size:
+                raise RuntimeError(f"importance weights: group '{g.name}' has {g.size} channels, the stored scores "
+                                   f"{None if s is None else len(s)}; the model changed outside the schedule")
+            out.append(torch.tensor(s))
+        return out
+
+    def _allocator(self, ctx: StepContext, scores: list[torch.Tensor]) -> Allocator:
+        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False)
+        for i, g in enumerate(ctx.graph.groups):  # the floor refers to the original width
+            alloc.raise_floor(i, math.ceil(self.min_keep * ctx.original_widths.get(g.name, g.size)))
+        return alloc
+
+    @staticmethod
+    def _fewest_removals(alloc: Allocator, cost: Callable[[list[int]], float], goal: float, hi: int) -> int:
+        """The fewest lowest-score channels (at most ``hi``) whose removal brings ``cost`` to ``goal``."""
+        return bisect(1, hi, lambda n: cost(alloc.keep_removing(n)) <= goal)
+
+    def _commit(self, ctx: StepContext, alloc: Allocator, keep: list[int]) -> PruningPlan:
+        plan = alloc.plan(keep)
+        ctx.state["before_step"] = {k: list(v) for k, v in ctx.state["scores"].items()}
+        for g in ctx.graph.groups:  # the stored scores follow the surgery
+            if g.index in plan.remove:
+                gone = set(plan.remove[g.index])
+                ctx.state["scores"][g.name] = [v for j, v in enumerate(ctx.state["scores"][g.name]) if j not in gone]
+        return plan
+
+    def refine(self, ctx: StepContext) -> bool:
+        """The pipeline undid a step: halve the step size and go on, at most ``refinements`` times."""
+        st = ctx.state
+        if self.search != "steps" or st.get("halvings", 0) >= self.refinements or "before_step" not in st:
+            return False
+        st["scores"] = st.pop("before_step")
+        st["halvings"] = st.get("halvings", 0) + 1
+        return True
+
+    def plan(self, ctx: StepContext) -> Decision:
+        if self.search == "bisect" and (ctx.tolerance is None or ctx.val_data is None):
+            raise ValueError("importance-weights with search='bisect' needs `tolerance` and `val_data`")
+        info: dict[str, Any] = {}
+        if "scores" not in ctx.state:
+            learned = self._learn(ctx)
+            if isinstance(learned, Decision):
+                return learned
+            info = learned
+        elif self.search == "bisect":
+            return Decision.halt("bisection done")
+        met = ctx.budget_met()
+        if met:
+            return Decision.halt(met, **info)
+        alloc = self._allocator(ctx, self._scores(ctx))
+        pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
+        removable = alloc.removable()
+        if removable == 0:
+            return Decision.halt("every group is at its minimum width", **info)
+        if self.search == "bisect":
+            keep, info["iw_bisection"] = self._bisect(ctx, alloc, removable)
+            if keep is None:
+                return Decision.halt("no removal stays within the tolerance", **info)
+        else:
+            keep = alloc.keep_removing(self._step_size(ctx, alloc, pc, removable))
+        if ctx.budget is not None:
+            keep = self._trim(ctx, alloc, pc, keep, removable)
+        if all(k == g.size for k, g in zip(keep, ctx.graph.groups)):
+            return Decision.halt("nothing left to remove (round_to / min_keep)", **info)
+        return Decision(channels=self._commit(ctx, alloc, keep), info=info)
+
+    def _step_size(self, ctx: StepContext, alloc: Allocator, pc: PlanCost, removable: int) -> int:
+        """How many channels this step removes: ``fraction`` (halved after each undone step) of
+        the removable channels, or with ``cost_aware`` of the current MACs."""
+        fraction = self.fraction * 0.5 ** ctx.state.get("halvings", 0)
+        if self.cost_aware:  # a step is a share of the MACs: the cheapest-per-MAC channels come in bulk
+            return self._fewest_removals(alloc, lambda k: pc(alloc.removed(k))[0], ctx.current.macs * (1 - fraction),
+                                         removable)
+        return max(1, math.ceil(fraction * removable))
+
+    def _trim(self, ctx: StepContext, alloc: Allocator, pc: PlanCost, keep: list[int], removable: int) -> list[int]:
+        """If the MACs/params target is reached inside this step, remove only what it needs."""
+        limit = ctx.budget.limit(ctx.base)
+
+        def cost(k: list[int]) -> float:
+            return measure(pc(alloc.removed(k)), ctx.budget.kind)
+
+        if cost(keep) < limit:
+            # (bisect the count first: one channel at a time from a big step would take thousands of costings)
+            keep = fill(alloc, alloc.keep_removing(self._fewest_removals(alloc, cost, limit, removable)), cost, limit)
+        return keep
+
+    def _bisect(self, ctx: StepContext, alloc: Allocator, removable: int):
+        """Largest number of lowest-|alpha| channels whose removal and fine-tune stay within the tolerance."""
+        tried = []
+
+        def within(n: int) -> bool:
+            probe = copy.deepcopy(ctx.model)
+            apply_plan(probe, ctx.graph, alloc.plan(alloc.keep_removing(n)))
+            if ctx.finetune is not None:
+                fit(probe, ctx.data, None, self._train_config(ctx, ctx.finetune.epochs, None))
+            m = evaluate(probe, ctx.val_data)[ctx.metric]
+            ok = ctx.metric0 - m <= ctx.tolerance
+            tried.append({"removed_channels": n, "metric": m, "within": ok})
+            ctx.log(f"bisection: {n}/{removable} channels -> {ctx.metric} {m:.2f} ({'within' if ok else 'outside'})")
+            return ok
+
+        lo = bisect(0, removable, within, largest=True, max_probes=self.bisect_iters)
+        return (alloc.keep_removing(lo) if lo else None), tried
