@@ -116,7 +116,7 @@ def check_ours(case: zoo.Case) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        secateurs.prune(m, x, ratio=0.5)
+        secateurs.prune(m, x, target={"ratio": 0.5})
         row["prune_s"] = f"{time.perf_counter() - t0:.3f}"
     return _finish(row, case, c0, ref)
 

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import _ops
-from ._ops import Context, _tie_columns, _tie_rows, axis_ids, place, unknown, varying
+from . import _ids, _ops
+from ._ids import Context, axis_ids, place, tie_columns, tie_rows, unknown, varying
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -47,7 +47,7 @@ def _vector(ctx: Context, t: Any, tid: Any, ids: torch.Tensor) -> None:
 def conv(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     g = int(_arg(args, kwargs, 6, "groups", 1))
-    transposed = "transpose" in _ops.op_name(node)
+    transposed = "transpose" in _ids.op_name(node)
     xi = _aid(aids, kids, 0, "input")
     computed = None
     if ctx.owner(w) is None:
@@ -75,10 +75,10 @@ def conv(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
         if in_ids is not None:
             if a == 1:
                 ctx.freeze(in_ids)  # depthwise with a literal `groups`: cannot follow
-            rep = _tie_columns(ctx, in_ids, g)
+            rep = tie_columns(ctx, in_ids, g)
             ctx.bind_param(w, 0 if transposed else 1, in_ids if transposed else rep, role="in")
             ctx.bind_attr(w, "in_channels", cin, in_ids, role="in")
-        rep = _tie_columns(ctx, out_ids, g)
+        rep = tie_columns(ctx, out_ids, g)
         ctx.bind_param(w, 1 if transposed else 0, rep if transposed else out_ids)
     if b is not None:
         _vector(ctx, b, _aid(aids, kids, 2, "bias"), out_ids)
@@ -105,7 +105,7 @@ def _bind_computed(ctx: Context, computed, main, w_ids, out_ids, in_ids, out_axi
     if w_ids is not None:  # the parameter's own ids along the chain: each output row is one channel
         shape = [1] * w.dim()
         shape[out_axis] = -1
-        ctx.union(_ops.expand(w_ids, w.shape), out_ids.view(shape))
+        ctx.union(_ids.expand(w_ids, w.shape), out_ids.view(shape))
     for q in others:
         size = [s for s in q.shape if s > 1]
         if not size:
@@ -175,7 +175,7 @@ def group_norm(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
         ctx.mark_inexact(ids)
     else:
         if per_group > 1:
-            _tie_rows(ctx, ids, ng)  # drop whole groups: statistics of the others are untouched
+            tie_rows(ctx, ids, ng)  # drop whole groups: statistics of the others are untouched
         if not ctx.bind_attr(owner, "num_groups", ng, ids, divisor=per_group):
             ctx.freeze(ids)  # a literal group count cannot follow the channels
     for i, n, t in ((2, "weight", w), (3, "bias", b)):
@@ -189,7 +189,7 @@ def layer_norm(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     x, xi = args[0], aids[0]
     shape = _arg(args, kwargs, 1, "normalized_shape")
     w = _arg(args, kwargs, 2, "weight")
-    b = _arg(args, kwargs, 3, "bias") if _ops.op_name(node) != "rms_norm" else None
+    b = _arg(args, kwargs, 3, "bias") if _ids.op_name(node) != "rms_norm" else None
     k = len(shape)
     vary = [a for a in varying(xi) if a >= x.dim() - k]
     if not vary:
@@ -200,7 +200,7 @@ def layer_norm(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     ids = axis_ids(ctx, xi, axis, x.shape[axis])
     pidx = axis - (x.dim() - k)
     owner = w if ctx.owner(w) is not None else b
-    follows = _ops.is_derived(shape[pidx]) or ctx.bind_attr(owner, "normalized_shape", len(ids), ids, index=pidx)
+    follows = _ids.is_derived(shape[pidx]) or ctx.bind_attr(owner, "normalized_shape", len(ids), ids, index=pidx)
     if not follows:
         return unknown(ctx, node, aids, kids, "normalized_shape is a literal")
     for t, i, n in ((w, 2, "weight"), (b, 3, "bias")):
@@ -243,7 +243,7 @@ def channel_shuffle(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     xi = aids[0]
     groups = int(_arg(args, kwargs, 1, "groups"))
     if xi is not None and 1 in varying(xi):
-        _tie_columns(ctx, _ops.axis_ids(ctx, xi, 1, args[0].shape[1]), groups)
+        tie_columns(ctx, _ids.axis_ids(ctx, xi, 1, args[0].shape[1]), groups)
     return _ops.movement(ctx, node, args, kwargs, aids, kids, out)
 
 
@@ -311,7 +311,7 @@ def _record(mode, node, w, x, y, macs: int) -> None:
     name = own[0] if own else node.name
     m = mode.ctx.modules.get(name)
     params = sum(p.numel() for p in m.parameters(recurse=False)) if m is not None else 0
-    kind = type(m).__name__ if m is not None else _ops.op_name(node)
+    kind = type(m).__name__ if m is not None else _ids.op_name(node)
     y = y[0] if isinstance(y, tuple) else y
     mode.costs.append((name, kind, int(macs), params, tuple(x.shape), tuple(y.shape), own[1] if own else "weight"))
 
@@ -319,7 +319,7 @@ def _record(mode, node, w, x, y, macs: int) -> None:
 def _conv_cost(mode, node, args, kwargs, out) -> None:
     x, w = args[0], _arg(args, kwargs, 1, "weight")
     per = w.shape[1] * math.prod(w.shape[2:])  # (in or out channels per group) x kernel
-    positions = (x if "transpose" in _ops.op_name(node) else out).numel() // max(mode.batch, 1)
+    positions = (x if "transpose" in _ids.op_name(node) else out).numel() // max(mode.batch, 1)
     _record(mode, node, w, x, out, positions * per)
 
 

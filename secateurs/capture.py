@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from . import _layers, _ops
-from ._ops import Context
+from . import _ids, _layers, _ops
+from ._ids import Context
 from ._validation import PruningError
 
 __all__ = ["Call", "CaptureError", "TrackedInt", "capture", "one_thread", "run_captured"]
@@ -179,7 +179,7 @@ class _Mode(TorchFunctionMode):
             return None
         own = self.owners.get(id(t))
         if own is not None:  # a parameter used directly (layer scale, gain...): ids of its own
-            ids = _ops.param_ids(self.ctx, own, t)
+            ids = _ids.param_ids(self.ctx, own, t)
             self.put(t, ids)
             return ids
         return self._derived_ids(t)
@@ -196,7 +196,7 @@ class _Mode(TorchFunctionMode):
 
     def _track_source(self, args, kwargs, out) -> bool:
         """Record what ``out`` was computed from when only parameters (and constants) took part."""
-        tensors = _ops._leaves((args, kwargs))
+        tensors = _ids.leaves((args, kwargs))
         if not tensors or not isinstance(out, torch.Tensor):
             return False
         found = []
@@ -227,7 +227,7 @@ class _Mode(TorchFunctionMode):
         ids = self.get(main)
         if ids is None:
             return None
-        ids = _ops.place(ids.reshape(-1), axes[0], t.dim())
+        ids = _ids.place(ids.reshape(-1), axes[0], t.dim())
         for q in others:
             qi = self.get(q) if q.numel() == main.numel() else None
             if qi is not None:
@@ -290,7 +290,7 @@ class _Mode(TorchFunctionMode):
         aids = self.tree_ids(args, materialize=not layer)
         kids = self.tree_ids(kwargs, materialize=not layer) if kwargs else {}
         if rule is None:
-            out_ids = _ops.unknown(self.ctx, node, aids, kids)
+            out_ids = _ids.unknown(self.ctx, node, aids, kids)
         else:
             out_ids = rule(self.ctx, node, args, kwargs, aids, kids, out)
         self.put(out, out_ids)
@@ -301,7 +301,7 @@ class _Mode(TorchFunctionMode):
         xi = self.get(x, materialize=False)
         if xi is None or self.costs is not None:
             return out
-        per_dim = _ops.size_ids(xi, x.dim())
+        per_dim = _ids.size_ids(xi, x.dim())
         if isinstance(out, int):
             dim = args[1] if len(args) > 1 else None
             i = per_dim[dim] if isinstance(dim, int) else None
@@ -317,9 +317,9 @@ class _Mode(TorchFunctionMode):
         if prop == "data":
             self.put(out, xi)
         elif prop in ("T", "mT", "H", "mH"):
-            self.put(out, None if xi is None else _ops.compress(getattr(xi, prop)))
+            self.put(out, None if xi is None else _ids.compress(getattr(xi, prop)))
         elif prop not in _QUIET_PROPS:
-            _ops.unknown(self.ctx, Call("property", prop, self.stack[-1], args, {}), (xi,), {})
+            _ids.unknown(self.ctx, Call("property", prop, self.stack[-1], args, {}), (xi,), {})
         return out
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ._ops import Binding, Context
+from ._ids import Binding, Context
 from ._validation import PruningError
 from .capture import capture, one_thread
 
@@ -142,14 +142,9 @@ def _unique_keys(keys: torch.Tensor, bound: int) -> torch.Tensor:
     return torch.unique(keys)
 
 
-def _group(ctx: Context, shapes: dict) -> DependencyGraph:
-    ncomp, labels = _components(ctx)
-    frozen = torch.zeros(ncomp, dtype=torch.bool)
-    frozen[labels[torch.cat(ctx.frozen)]] = True
-    inexact = torch.zeros(ncomp, dtype=torch.bool)
-    if ctx.inexact:
-        inexact[labels[torch.cat(ctx.inexact)]] = True
-
+def _bindings(ctx: Context, labels: torch.Tensor, frozen: torch.Tensor) -> list[Binding]:
+    """Every binding with its axis known: parameters used elementwise get the one axis their
+    channels depend on, or freeze them."""
     bindings: list[Binding] = []
     for b in ctx.bindings:
         if b.kind == "elementwise":
@@ -159,6 +154,17 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
                 continue
             b = Binding(b.module, b.name, res[0], res[1])
         bindings.append(b)
+    return bindings
+
+
+def _group(ctx: Context, shapes: dict) -> DependencyGraph:
+    ncomp, labels = _components(ctx)
+    frozen = torch.zeros(ncomp, dtype=torch.bool)
+    frozen[labels[torch.cat(ctx.frozen)]] = True
+    inexact = torch.zeros(ncomp, dtype=torch.bool)
+    if ctx.inexact:
+        inexact[labels[torch.cat(ctx.inexact)]] = True
+    bindings = _bindings(ctx, labels, frozen)
     blabels = [labels[b.ids] for b in bindings]
 
     tensor_idx = [i for i, b in enumerate(bindings) if b.kind == "tensor"]
@@ -227,18 +233,19 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
         for bi in bindings_of_src[si]:
             (members_of if bindings[bi].kind == "tensor" else attr_of).setdefault(g, []).append(bi)
 
-    groups = []
-    for g in range(len(first_pos)):
-        comps = comps_sorted[starts[g]: starts[g] + counts[g]]
-        bids = sorted(members_of.get(g, []))
-        members = tuple((bindings[i].module, bindings[i].name, bindings[i].axis, bindings[i].role) for i in bids)
-        outs = [m for m in members if m[3] == "out"] or list(members)
-        groups.append(ChannelGroup(
-            index=g, size=int(counts[g]), name=outs[0][0], members=members,
-            exact=not bool(inexact[comps].any()), components=comps,
-            binding_ids=tuple(bids + sorted(attr_of.get(g, []))),
-        ))
+    groups = [_make_group(g, comps_sorted[starts[g]: starts[g] + counts[g]], bindings, members_of.get(g, []),
+                          attr_of.get(g, []), inexact) for g in range(len(first_pos))]
     return DependencyGraph(groups, bindings, blabels, ncomp, ctx.warnings, [], shapes)
+
+
+def _make_group(g: int, comps: torch.Tensor, bindings: list[Binding], member_ids: list[int], attr_ids: list[int],
+                inexact: torch.Tensor) -> ChannelGroup:
+    bids = sorted(member_ids)
+    members = tuple((bindings[i].module, bindings[i].name, bindings[i].axis, bindings[i].role) for i in bids)
+    outs = [m for m in members if m[3] == "out"] or list(members)
+    return ChannelGroup(index=g, size=len(comps), name=outs[0][0], members=members,
+                        exact=not bool(inexact[comps].any()), components=comps,
+                        binding_ids=tuple(bids + sorted(attr_ids)))
 
 
 # -- front door ------------------------------------------------------------------------------------

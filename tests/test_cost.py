@@ -44,7 +44,9 @@ def test_per_layer_breakdown_and_batch_independence():
     assert [(r.name, r.macs) for r in c1.layers] == [("0", 6 * 6 * 3 * 4 * 9), ("2", 6 * 6 * 2 * 8), ("4", 288 * 5)]
     assert c1.macs == c4.macs
     assert c1.params == (3 * 4 * 9 + 4) + 8 + (2 * 8 + 8) + (288 * 5 + 5)
-    assert "total" in c1.table()
+    rows = c1.table().splitlines()
+    assert len(rows) == 5 and rows[1].split()[:4] == ["0", "Conv2d", f"{6 * 6 * 3 * 4 * 9:,}", f"{3 * 4 * 9 + 4:,}"]
+    assert rows[-1].split() == ["total", f"{c1.macs:,}", f"{c1.params:,}"]
 
 
 def test_conv_transpose_counts_input_positions():
@@ -60,5 +62,5 @@ def test_count_restores_training_mode():
 
 def test_pruned_params_equal_sum_of_numel():
     m = torchvision.models.resnet18()
-    secateurs.prune(m, torch.randn(1, 3, 64, 64), ratio=0.3)
+    secateurs.prune(m, torch.randn(1, 3, 64, 64), target={"ratio": 0.3})
     assert count(m, torch.randn(1, 3, 64, 64)).params == sum(p.numel() for p in m.parameters())

@@ -25,7 +25,7 @@ def fuzz_one(seed: int) -> str:
         warnings.simplefilter("ignore")
         try:
             check_equivalence(m, X, fraction=0.5, seed=seed, tol=1e-5)
-            secateurs.prune(m, X, ratio=0.4)
+            secateurs.prune(m, X, target={"ratio": 0.4})
         except secateurs.PruningError as err:
             assert str(err), "a refusal must say why"
             return f"refused: {err}"
@@ -59,6 +59,6 @@ def test_random_nets_actually_get_pruned():
         before = secateurs.count(m, X).macs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            secateurs.prune(m, X, ratio=0.4)
+            secateurs.prune(m, X, target={"ratio": 0.4})
         pruned += secateurs.count(m, X).macs < before
     assert pruned >= 8

@@ -475,7 +475,7 @@ def test_prune_front_door():
     m = Residual().eval()
     x = torch.randn(1, 3, 8, 8)
     before = count(m, x)
-    out, report = secateurs.prune(m, x, ratio=0.5)
+    out, report = secateurs.prune(m, x, target={"ratio": 0.5})
     assert report["kept"]["macs"] == count(m, x).macs / before.macs
     assert out is m and m(x).shape == (1, 5)
     assert m.stem[0].out_channels == 4 and m.a[0].out_channels == 2 and m.proj[0].out_channels == 8
@@ -493,7 +493,7 @@ def test_l2_prune_removes_the_smallest_channels():
         m.c1.weight[[1, 5]] *= 1000  # channels 1 and 5 are by far the largest
         m.c2.weight.mul_(0.01)
     keep = m.c1.weight[[1, 5]].clone()
-    secateurs.prune(m, torch.randn(1, 3, 8, 8), ratio=0.75)
+    secateurs.prune(m, torch.randn(1, 3, 8, 8), target={"ratio": 0.75})
     assert torch.equal(m.c1.weight, keep)
 
 

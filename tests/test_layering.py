@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "secateurs"
-ENGINE = {"graph.py", "_ops.py", "_layers.py", "surgery.py", "cost.py", "fxtrace.py", "testing.py"}
+ENGINE: set[str] = set()  # every file is held to the same limits
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 
@@ -131,10 +131,13 @@ def test_functions_stay_short():
 
 
 def test_no_private_name_is_imported_across_modules():
-    """What another module uses is public; only the engine's own rule tables share private names."""
+    """What another module uses is public. Package-private *modules* (``from . import _ids``, timm's
+    ``_builder``) are plumbing the package shares; private *names* inside a module are not."""
     found = []
     for p in _measured():
         for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module is None and node.level:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module not in ("__future__",):
                 found += [f"{p.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]

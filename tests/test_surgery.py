@@ -81,13 +81,13 @@ def test_resnet56_residual_groups_and_equivalence():
 def test_iterative_prune_reanalyses(resnet):
     before = secateurs.count(resnet, X)
     for _ in range(3):
-        secateurs.prune(resnet, X, ratio=0.2)
+        secateurs.prune(resnet, X, target={"ratio": 0.2})
     after = secateurs.count(resnet, X)
     assert after.macs < 0.5 * before.macs and resnet(X).shape == (2, 10)
 
 
 def test_gradients_flow_after_pruning(resnet):
-    secateurs.prune(resnet, X, ratio=0.5)
+    secateurs.prune(resnet, X, target={"ratio": 0.5})
     resnet.train()
     resnet(X).sum().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in resnet.parameters())

@@ -25,7 +25,7 @@ def _check(case: zoo.Case, max_kept: float = 0.7) -> None:
         before = secateurs.count(m, x)
         with torch.no_grad():
             ref = output_tensors(m(*x))
-        secateurs.prune(m, x, ratio=0.5)
+        secateurs.prune(m, x, target={"ratio": 0.5})
     with torch.no_grad():
         out = output_tensors(m(*x))
     keep = (lambda s: s[1:]) if case.family == "detection" else (lambda s: s)
