@@ -31,6 +31,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -110,33 +111,32 @@ def check_ours(case: zoo.Case) -> dict:
     if err > TOL:
         row["reason"] = f"zeroed channels changed outputs by {err:.1e} (> {TOL:g})"
         return row
-    c0 = count(m, x)
-    with torch.no_grad():
-        ref = output_tensors(m(*x))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        secateurs.prune(m, x, target={"ratio": 0.5})
-        row["prune_s"] = f"{time.perf_counter() - t0:.3f}"
-    return _finish(row, case, c0, ref)
+    return _timed_prune(row, case, lambda: secateurs.prune(m, x, target={"ratio": 0.5}))
 
 
 def check_tp(case: zoo.Case) -> dict:
     import torch_pruning as tp
 
     row = {"family": case.family, "model": case.name, "tool": "torch-pruning", "status": "fail", "reason": ""}
-    m, x = case.model, case.inputs
-    c0 = count(m, x)
+
+    def step():
+        tp.pruner.MagnitudePruner(case.model, case.inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=case.head).step()
+        case.model.eval()
+
+    return _timed_prune(row, case, step)
+
+
+def _timed_prune(row: dict, case: zoo.Case, prune: Callable[[], Any]) -> dict:
+    """Outputs and MACs before, the prune timed, then the checks of :func:`_finish`."""
+    c0 = count(case.model, case.inputs)
     with torch.no_grad():
-        ref = output_tensors(m(*x))
+        ref = output_tensors(case.model(*case.inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                           pruning_ratio=0.5, ignored_layers=case.head)
-        pruner.step()
+        prune()
         row["prune_s"] = f"{time.perf_counter() - t0:.3f}"
-    m.eval()
     return _finish(row, case, c0, ref)
 
 
