@@ -109,7 +109,7 @@ def _video(name: str) -> Case:
     import torchvision
 
     m = getattr(torchvision.models.video, name)(weights=None)
-    shape = (1, 3, 16, 112, 112) if name == "s3d" else (1, 3, 8, 64, 64)
+    shape = (1, 3, 16, 224, 224) if name == "s3d" else (1, 3, 8, 64, 64)  # S3D pools 7x7 at the end
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     head = [m.fc] if hasattr(m, "fc") else [m.classifier[-1]]
     return Case("video", name, m, (x,), head, _plain_step(x))

@@ -161,6 +161,13 @@ def leaves(tree: Any) -> list[torch.Tensor]:
     return out
 
 
+def leaves_of(tree: Any, kind: type) -> list:
+    """Every leaf of type ``kind`` in nested tuples, lists and dicts."""
+    out: list = []
+    map_aggregate(tree, lambda x: out.append(x) if isinstance(x, kind) else None)
+    return out
+
+
 def varying(ids: Ids) -> list[int]:
     return [] if ids is None else [k for k, s in enumerate(ids.shape) if s > 1]
 

@@ -92,9 +92,9 @@ def _weight_source(ctx: Context, w: torch.Tensor, transposed: bool):
     """A weight computed from one parameter of the same shape (weight standardisation, scaled
     weights): that parameter is cut as the weight, the small ones that scale it with it."""
     src = ctx.source(w)
-    if src is None or transposed or tuple(src[0].shape) != tuple(w.shape):
+    if src is None or transposed or src[2] or tuple(src[0].shape) != tuple(w.shape):
         return None, None
-    main, others = src
+    main, others = src[0], src[1]
     if any(sum(s > 1 for s in q.shape) > 1 for q in others):
         return None, None  # another full-size tensor mixes in: not a per-channel transform
     return main, (others, w)
@@ -117,7 +117,7 @@ def _bind_computed(ctx: Context, computed, main, w_ids, out_ids, in_ids, out_axi
 
 
 def linear(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
-    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     xi = _aid(aids, kids, 0, "input")
     if ctx.owner(w) is None:
         return unknown(ctx, node, aids, kids, "its weight is computed, not a parameter")

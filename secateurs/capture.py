@@ -141,6 +141,9 @@ def _resolve(func: Any) -> tuple[str, Any, Callable | None]:
     return "call_function", func, None
 
 
+_RESHAPES = {"view", "reshape", "expand", "unflatten", "repeat", "tile", "broadcast_to"}
+_SIZE_ATTRS = ("in_channels", "out_channels", "num_features", "num_channels", "in_features", "out_features",
+               "num_parameters", "embedding_dim")
 _SWAPPED = {"__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__rfloordiv__", "__rpow__", "__rmatmul__"}
 
 
@@ -190,7 +193,7 @@ class _Mode(TorchFunctionMode):
         if not isinstance(t, torch.Tensor):
             return None
         if id(t) in self.owners:
-            return t, []
+            return t, [], False
         entry = self.derived.get(id(t))
         return entry[1] if entry is not None and entry[0]() is t else None
 
@@ -211,8 +214,21 @@ class _Mode(TorchFunctionMode):
             return False
         main = max((f[0] for f in found), key=lambda p: p.numel())
         others = [q for f in found for q in [f[0], *f[1]] if q is not main]
-        self.derived[id(out)] = (weakref.ref(out), (main, list({id(q): q for q in others}.values())))
+        fixed = any(len(f) > 2 and f[2] for f in found) or self._literal_sizes(args, kwargs, main)
+        self.derived[id(out)] = (weakref.ref(out), (main, list({id(q): q for q in others}.values()), fixed))
         return True
+
+    def _literal_sizes(self, args, kwargs, main: torch.Tensor) -> bool:
+        """A reshape of parameters to literal sizes follows pruning only when each size is one that
+        surgery updates on the parameter's module (``self.out_channels``), else it is fixed."""
+        name = self._current if isinstance(self._current, str) else getattr(self._current, "__name__", "")
+        if name not in _RESHAPES:
+            return False
+        own = self.owners.get(id(main))
+        m = self.ctx.modules.get(own[0]) if own else None
+        allowed = {getattr(m, a) for a in _SIZE_ATTRS if type(getattr(m, a, None)) is int}
+        sizes = [v for v in _ids.leaves_of((args[1:], kwargs), int) if type(v) is int and v > 1]
+        return any(v not in allowed for v in sizes)
 
     def _derived_ids(self, t: torch.Tensor) -> Any:
         """Ids of a parameter reshaped for broadcasting (``gamma.view(1, -1, 1, 1)``): the
@@ -220,7 +236,7 @@ class _Mode(TorchFunctionMode):
         entry = self.derived.get(id(t))
         if entry is None or entry[0]() is not t:
             return None
-        main, others = entry[1]
+        main, others, fixed = entry[1]
         axes = [k for k, n in enumerate(t.shape) if n > 1]
         if len(axes) != 1 or sum(n > 1 for n in main.shape) != 1 or main.numel() != t.shape[axes[0]]:
             return None
@@ -234,6 +250,8 @@ class _Mode(TorchFunctionMode):
                 self.ctx.union(qi.reshape(-1), ids.reshape(-1))
             elif q.numel() > 1:
                 self.ctx.freeze(ids)
+        if fixed:
+            self.ctx.freeze(ids)  # reshaped to literal sizes: its length cannot change
         self.put(t, ids)
         return ids
 
@@ -284,6 +302,7 @@ class _Mode(TorchFunctionMode):
             return out
         if target == "size":
             return self._shape(args, out)
+        self._current = target
         if self._track_source(args, kwargs, out):
             return out  # a computation on parameters alone: its consumer reads where it came from
         layer = rule in _layers.LAYER_RULES

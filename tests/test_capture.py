@@ -253,3 +253,26 @@ def test_conv1d_conv3d_and_depthwise_transposed():
     # conv3d 32 positions * 3*27*6 ; transposed per input position 32 * 6 * 1*8 ; 1x1 256 * 6*2
     assert count(v, xv).macs == 32 * 3 * 27 * 6 + 32 * 6 * 8 + 256 * 6 * 2
     check_equivalence(v, xv)
+
+
+class LiteralScale(nn.Module):
+    """poolformer's Scale: ``x * self.scale.view(self.shape)`` with a literal shape tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.shape = (8, 1, 1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.c = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x) * self.scale.view(self.shape)))
+
+
+def test_a_parameter_reshaped_to_literal_sizes_keeps_its_channels():
+    m = LiteralScale().eval()
+    x = torch.randn(1, 3, 4, 4)
+    g = analyze(m, x)
+    assert [gr.name for gr in g.groups] == ["b"]  # a's channels meet the literal (8, 1, 1): kept
+    check_equivalence(m, x)
