@@ -105,6 +105,33 @@ def _detection(name: str) -> Case:
     return Case("detection", name, m, ([x],), heads, step)
 
 
+class RawHeads(nn.Module):
+    """A torchvision detector up to its heads' raw outputs. Zeroed channels cut must leave these
+    unchanged; the boxes after NMS need not be, since a randomly initialised detector's scores are
+    near-equal and a 1e-7 difference reorders them."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.det = detector
+
+    def forward(self, images):
+        from collections import OrderedDict
+
+        batch, _ = self.det.transform(images)
+        feats = self.det.backbone(batch.tensors)
+        if isinstance(feats, torch.Tensor):
+            feats = OrderedDict([("0", feats)])
+        if hasattr(self.det, "rpn"):
+            objectness, deltas = self.det.rpn.head(list(feats.values()))
+            return objectness + deltas
+        return self.det.head(list(feats.values()))
+
+
+def equivalence_view(case: Case) -> nn.Module:
+    """The module whose outputs the zeroed-channel check compares."""
+    return RawHeads(case.model).eval() if case.family == "detection" else case.model
+
+
 def _video(name: str) -> Case:
     import torchvision
 

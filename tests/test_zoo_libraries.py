@@ -20,7 +20,7 @@ def _check(case: zoo.Case, max_kept: float = 0.7) -> None:
     m, x = case.model, case.inputs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, err, cut = check_equivalence(m, x)
+        _, err, cut = check_equivalence(zoo.equivalence_view(case), x)
         assert cut > 0
         before = secateurs.count(m, x)
         with torch.no_grad():
