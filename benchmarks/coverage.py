@@ -192,7 +192,9 @@ def write_report(rows: list[dict], out_dir: Path, quick: bool) -> None:
              "(heads kept: `ignored_layers` for Torch-Pruning, the model's outputs for secateurs), forward (same "
              "output structure and shapes, finite), one training step (forward + backward in training mode), MACs "
              f"counted by the same counter. **Pruned correctly** = all of that with MACs kept <= {MAX_KEPT:.0%}. "
-             "Torch-Pruning runs `MagnitudePruner(pruning_ratio=0.5, ignored_layers=heads)` in the same process.", ""]
+             "Torch-Pruning runs `MagnitudePruner(pruning_ratio=0.5, ignored_layers=heads)` in the same process, "
+             f"stopped after {TIMEOUT_S} s. Times are wall seconds on this machine as it was (other jobs may have been "
+             "running); docs/engine_speed.md is the controlled speed comparison.", ""]
     fams = list(dict.fromkeys(r["family"] for r in rows))
     lines += ["| family | models | secateurs pruned correctly | Torch-Pruning pruned correctly |", "|---|---|---|---|"]
     for fam in fams:

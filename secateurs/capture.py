@@ -115,7 +115,24 @@ _QUIET_METHODS = {"dim", "numel", "is_contiguous", "get_device", "element_size",
                   "__contains__", "__index__", "__int__", "__float__"}
 
 
+_RESOLVED: dict[Any, tuple[str, Any, Callable | None]] = {}
+
+
 def _resolve(func: Any) -> tuple[str, Any, Callable | None]:
+    """(op, target, rule) for an intercepted callable, looked up once per callable."""
+    try:
+        return _RESOLVED[func]
+    except (KeyError, TypeError):
+        pass
+    res = _lookup(func)
+    try:
+        _RESOLVED[func] = res
+    except TypeError:  # unhashable callable
+        pass
+    return res
+
+
+def _lookup(func: Any) -> tuple[str, Any, Callable | None]:
     """(op, target, rule) for an intercepted callable; rule None means unknown."""
     self_obj = getattr(func, "__self__", None)
     if type(func).__name__ == "method-wrapper" and isinstance(self_obj, type(torch.Tensor.shape)):
@@ -292,14 +309,14 @@ class _Mode(TorchFunctionMode):
         out = fast(args, kwargs) if fast is not None else None
         if out is None:
             out = func(*args, **kwargs)
-        if swapped:
-            args = (args[1], args[0])
-        node = Call(op, target, self.stack[-1], args, kwargs)
         if self.costs is not None:  # counting only: no channel rules
             cost = _layers.COSTS.get(target)
             if cost is not None:
-                cost(self, node, args, kwargs, out)
+                cost(self, Call(op, target, self.stack[-1], args, kwargs), args, kwargs, out)
             return out
+        if swapped:
+            args = (args[1], args[0])
+        node = Call(op, target, self.stack[-1], args, kwargs)
         if target == "size":
             return self._shape(args, out)
         self._current = target

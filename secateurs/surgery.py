@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .capture import capture
+from .cost import count
 from .graph import ChannelGroup, DependencyGraph
 from ._validation import PruningError
 
@@ -120,7 +120,7 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
     undo = _commit(new_tensors, attrs)
     if check and graph.example_inputs:
         try:
-            capture(model, graph.example_inputs, costs=[], train_first=False)
+            count(model, graph.example_inputs)  # the report's count right after reuses this one
         except PruningError as err:
             undo()
             raise PruningError(f"the cut model no longer runs, so the cut was undone (the model is as it was): {err}. "
