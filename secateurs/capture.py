@@ -32,44 +32,10 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import _ids, _layers, _ops
-from ._ids import Context
+from ._ids import Context, TrackedInt
 from ._validation import PruningError
 
 __all__ = ["Call", "CaptureError", "TrackedInt", "capture", "one_thread", "run_captured"]
-
-
-class TrackedInt(int):
-    """An ``int`` read from a tensor's shape that remembers the channel ids it counts."""
-
-    ids: torch.Tensor
-
-    def __new__(cls, value: int, ids: torch.Tensor) -> "TrackedInt":
-        obj = int.__new__(cls, value)
-        obj.ids = ids
-        return obj
-
-    def __reduce__(self):  # deepcopy / pickle see a plain int
-        return (int, (int(self),))
-
-
-def _arith(op: Callable, swap: bool = False) -> Callable:
-    def fn(self, other):
-        a, b = (other, self) if swap else (self, other)
-        res = op(int(a) if isinstance(a, int) else a, int(b) if isinstance(b, int) else b)
-        if type(res) is not int:
-            return res
-        marks = [t.ids for t in (self, other) if isinstance(t, TrackedInt)]
-        return TrackedInt(res, torch.cat(marks) if len(marks) > 1 else marks[0])
-    return fn
-
-
-for _name, _op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
-                   ("floordiv", operator.floordiv), ("mod", operator.mod), ("pow", operator.pow)):
-    setattr(TrackedInt, f"__{_name}__", _arith(_op))
-    setattr(TrackedInt, f"__r{_name}__", _arith(_op, swap=True))
-TrackedInt.__neg__ = lambda self: TrackedInt(-int(self), self.ids)  # type: ignore[method-assign]
-TrackedInt.__pos__ = lambda self: self  # type: ignore[method-assign]
-TrackedInt.__abs__ = lambda self: TrackedInt(abs(int(self)), self.ids)  # type: ignore[method-assign]
 
 
 @dataclass

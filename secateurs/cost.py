@@ -48,17 +48,19 @@ class Cost:
         return "\n".join(rows)
 
 
-def count(model: nn.Module, example_inputs: Any) -> Cost:
+def count(model: nn.Module, example_inputs: Any, *, reuse: bool = True) -> Cost:
     """MACs per sample and parameters of ``model``, with a per-layer breakdown.
 
     Counts every conv, transposed conv, linear and attention projection the eval-mode forward
     calls, whichever module calls them (functional calls included). Shapes come from a meta-tensor
     pass when the model allows it (no arithmetic), else from one real forward under
-    ``torch.no_grad()``; the model is left as it was.
+    ``torch.no_grad()``; the model is left as it was. With ``reuse`` a model counted before with no
+    module, parameter, buffer or input shape changed since gets the same result without a forward;
+    ``reuse=False`` always runs one (forward hooks see it).
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     key = _signature(model, inputs)
-    hit = _LAST.get(model)
+    hit = _LAST.get(model) if reuse else None
     if hit is not None and hit[0] == key:
         return hit[1]
     records: list = []

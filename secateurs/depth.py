@@ -228,7 +228,7 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
     for c in cands:
         handles.append(modules[c.name].register_forward_hook(hook(c.name), with_kwargs=True))
     try:
-        cost = count(model, inputs)
+        cost = count(model, inputs, reuse=False)  # the hooks above must see a forward
     finally:
         for h in handles:
             h.remove()
