@@ -54,7 +54,8 @@ def _sum_outputs(out: Any) -> torch.Tensor:
     return sum(t.float().sum() for t in output_tensors(out) if t.is_floating_point())
 
 
-def _plain_step(x: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
+def plain_step(x: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
+    """A training step on a batch of two copies of ``x`` (training-mode BN needs two values)."""
     return lambda m: _sum_outputs(m(torch.cat([x, x])))
 
 
@@ -64,7 +65,7 @@ def _timm(name: str) -> Case:
     m = timm.create_model(name, pretrained=False)
     size = m.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
-    return Case("timm", name, m, (x,), [m.get_classifier()], _plain_step(x))
+    return Case("timm", name, m, (x,), [m.get_classifier()], plain_step(x))
 
 
 def _smp(name: str) -> Case:
@@ -74,7 +75,7 @@ def _smp(name: str) -> Case:
     m = getattr(smp, arch)(encoder_name=enc, encoder_weights=None, classes=3)
     x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     head = [m.segmentation_head] + ([m.classification_head] if getattr(m, "classification_head", None) else [])
-    return Case("smp", name, m, (x,), head, _plain_step(x))
+    return Case("smp", name, m, (x,), head, plain_step(x))
 
 
 def _yolo(name: str) -> Case:
@@ -85,7 +86,7 @@ def _yolo(name: str) -> Case:
         warnings.simplefilter("ignore")
         m = cls(name, verbose=False)
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
-    return Case("ultralytics", name, m, (x,), [m.model[-1]], _plain_step(x))
+    return Case("ultralytics", name, m, (x,), [m.model[-1]], plain_step(x))
 
 
 def _detection(name: str) -> Case:
@@ -139,7 +140,7 @@ def _video(name: str) -> Case:
     shape = (1, 3, 16, 224, 224) if name == "s3d" else (1, 3, 8, 64, 64)  # S3D pools 7x7 at the end
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     head = [m.fc] if hasattr(m, "fc") else [m.classifier[-1]]
-    return Case("video", name, m, (x,), head, _plain_step(x))
+    return Case("video", name, m, (x,), head, plain_step(x))
 
 
 class CNN1d(nn.Module):
@@ -164,7 +165,7 @@ class CNN1d(nn.Module):
 def _conv1d(name: str) -> Case:
     m = CNN1d()
     x = torch.randn(1, 2, 256, generator=torch.Generator().manual_seed(1))
-    return Case("conv1d", name, m, (x,), [m.fc], _plain_step(x))
+    return Case("conv1d", name, m, (x,), [m.fc], plain_step(x))
 
 
 def _torchvision(name: str) -> Case:
@@ -177,7 +178,7 @@ def _torchvision(name: str) -> Case:
     s = 299 if name == "inception_v3" else 224
     x = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(1))
     head = [mod for mod in m.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))][-1:]
-    return Case("torchvision-segmentation" if seg else "torchvision", name, m, (x,), head, _plain_step(x))
+    return Case("torchvision-segmentation" if seg else "torchvision", name, m, (x,), head, plain_step(x))
 
 
 BUILDERS: dict[str, Callable[[str], Case]] = {

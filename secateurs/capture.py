@@ -180,7 +180,7 @@ class _Mode(TorchFunctionMode):
         entry = self.derived.get(id(t))
         return entry[1] if entry is not None and entry[0]() is t else None
 
-    def _track_source(self, args, kwargs, out) -> bool:
+    def _track_source(self, target, args, kwargs, out) -> bool:
         """Record what ``out`` was computed from when only parameters (and constants) took part."""
         tensors = _ids.leaves((args, kwargs))
         if not tensors or not isinstance(out, torch.Tensor):
@@ -197,14 +197,14 @@ class _Mode(TorchFunctionMode):
             return False
         main = max((f[0] for f in found), key=lambda p: p.numel())
         others = [q for f in found for q in [f[0], *f[1]] if q is not main]
-        fixed = any(len(f) > 2 and f[2] for f in found) or self._literal_sizes(args, kwargs, main)
+        fixed = any(len(f) > 2 and f[2] for f in found) or self._literal_sizes(target, args, kwargs, main)
         self.derived[id(out)] = (weakref.ref(out), (main, list({id(q): q for q in others}.values()), fixed))
         return True
 
-    def _literal_sizes(self, args, kwargs, main: torch.Tensor) -> bool:
+    def _literal_sizes(self, target, args, kwargs, main: torch.Tensor) -> bool:
         """A reshape of parameters to literal sizes follows pruning only when each size is one that
         surgery updates on the parameter's module (``self.out_channels``), else it is fixed."""
-        name = self._current if isinstance(self._current, str) else getattr(self._current, "__name__", "")
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
         if name not in _RESHAPES:
             return False
         own = self.owners.get(id(main))
@@ -285,8 +285,7 @@ class _Mode(TorchFunctionMode):
         node = Call(op, target, self.stack[-1], args, kwargs)
         if target == "size":
             return self._shape(args, out)
-        self._current = target
-        if self._track_source(args, kwargs, out):
+        if self._track_source(target, args, kwargs, out):
             return out  # a computation on parameters alone: its consumer reads where it came from
         layer = rule in _layers.LAYER_RULES
         aids = self.tree_ids(args, materialize=not layer)
