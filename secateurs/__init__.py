@@ -2,7 +2,8 @@
 from ._validation import PruningError
 from .cost import Cost, LayerCost, PlanCost, count, measure_latency
 from .criteria import get_criterion, group_scores, list_criteria, register_criterion
-from .export import export_onnx, load, save
+from .export import export_onnx
+from .saving import load, save
 from .graph import ChannelGroup, DependencyGraph, analyze
 from .methods import (CriterionMethod, HeuristicMethod, HFPMethod, HFPRegularizer, ImportanceWeightMethod,
                       ImportanceWeights, Method, get_method, list_methods, register_method)

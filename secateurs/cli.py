@@ -19,7 +19,8 @@ from .budget import ALLOCATIONS, Budget
 from .cost import measure_latency
 from .criteria import list_criteria
 from .data import load_dataset
-from .export import export_onnx, save
+from .export import export_onnx
+from .saving import save
 from .graph import analyze
 from .methods import get_method, list_methods, method_class
 from .models import create_model, load_pretrained

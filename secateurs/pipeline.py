@@ -23,7 +23,7 @@ from ._validation import PruningError, check_scalar
 from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
                      uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
 from .cost import Cost, count
-from .export import load as load_model, save as save_model
+from .saving import load as load_model, save as save_model
 from .graph import analyze
 from .methods import Decision, Method, StepContext, get_method
 from .train import TrainConfig, evaluate, fit, is_main_process, metric_key

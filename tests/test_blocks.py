@@ -15,7 +15,7 @@ from secateurs.depth import Block, find_blocks, remove_blocks, truncate
 from secateurs.pls import block_features, block_scores, vip
 from secateurs.cost import count
 from secateurs.data import ArrayDataset, Batches
-from secateurs.export import load, save
+from secateurs.saving import load, save
 from secateurs.models import create_model
 from secateurs.testing import randomize_norms
 

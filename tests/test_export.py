@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from secateurs import analyze, apply_plan
-from secateurs.export import FORMAT, export_onnx, load, save
+from secateurs.export import export_onnx
+from secateurs.saving import FORMAT, load, save
 from secateurs.models import create_model
 from secateurs.testing import randomize_norms
 

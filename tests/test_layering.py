@@ -80,7 +80,7 @@ def test_the_graph_sees_function_local_and_relative_imports():
     graph = import_graph()
     assert "secateurs.budget" in graph["secateurs.methods.base"]  # from ..budget import ...
     assert "secateurs.methods" in graph["secateurs.pipeline"]  # a package, through its __init__
-    assert "secateurs.models" in graph["secateurs.export"]
+    assert "secateurs.models" in graph["secateurs.saving"]
     assert "secateurs.models._factory" in graph["secateurs.models.tiny"]
 
 
