@@ -103,10 +103,7 @@ class _Checkpoints:
 
     def __init__(self, model: nn.Module, out_dir: str | Path | None, request: dict) -> None:
         self.out = Path(out_dir) if out_dir is not None else None
-        self.enabled = self.out is not None and hasattr(model, "secateurs_spec")
-        if self.out is not None and not self.enabled:
-            warnings.warn("the model has no `secateurs_spec` (build it with secateurs.models.create_model): "
-                          "steps are not checkpointed, so the run cannot resume", stacklevel=3)
+        self.enabled = self.out is not None
         self.request = request
         self.state_path = self.out / "state.json" if self.out is not None else None
 
@@ -328,7 +325,8 @@ def _resume(run: _Run) -> int:
     if state is None or not state["completed_steps"]:
         return 1
     done = state["completed_steps"]
-    _restore(run.model, load_model(run.ckpt.step_dir(done)))
+    # the caller's model is the one the killed run started from: it is shrunk to the step's sizes
+    load_model(run.ckpt.step_dir(done), model=run.model)
     run.current = count(run.model, run.example_inputs)
     run.report["steps"] = state["steps"]
     run.extra = state.get("extra", {})

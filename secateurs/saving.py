@@ -1,16 +1,19 @@
-"""Saving pruned models without pickle.
+"""Saving pruned models without pickle, for any ``nn.Module``.
 
 A pruned model is no longer what its constructor builds, so ``torch.save(model)`` (pickle) is the
 usual way out, with its code-execution risk and its tie to the exact source tree. Here a run
-directory holds ``model.safetensors`` (the weights) and ``model.json``: how to build the original
-model (``model.secateurs_spec``, set by :func:`secateurs.models.create_model`) and what changed
-since (new sizes of layers, blocks replaced by ``nn.Identity``). :func:`load` rebuilds from that.
+directory holds ``model.safetensors`` (the weights) and ``model.json``: the model's class, how to
+build it when known (``model.secateurs_spec``, set by :func:`secateurs.models.create_model`) and its
+sizes (every integer size attribute, every tensor shape, blocks replaced by ``nn.Identity``). When
+the build is known, only what changed relative to a freshly built model is recorded. :func:`load`
+shrinks a freshly built model (the caller's, or one built from the spec) to those sizes.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import itertools
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -22,13 +25,14 @@ import torch.nn as nn
 from ._io import atomic_write
 from .models import create_model
 
-__all__ = ["FORMAT", "save", "load"]
+__all__ = ["FORMAT", "save", "load", "describe"]
 
-FORMAT = "secateurs/1"
+FORMAT = "secateurs/2"
+_READS = ("secateurs/1", FORMAT)  # format 1: changes relative to the spec, any simple attribute
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
-_REPLACEMENTS: dict[str, type[nn.Module]] = {"Identity": nn.Identity}
-_SKIP_ATTRS = {"training"}  # the mode is the caller's business; load() returns eval mode
+_IDENTITY = "torch.nn.modules.linear.Identity"
+_REPLACEMENTS: dict[str, type[nn.Module]] = {"Identity": nn.Identity, _IDENTITY: nn.Identity}
 _ARRAY = re.compile(r"\[\s+([^\[\]{}\"]*?)\s+\]")  # a JSON array of numbers, spread over lines
 
 
@@ -38,17 +42,17 @@ def save(model: nn.Module, run_dir: str | os.PathLike, example_inputs: Any = Non
          spec: Mapping[str, Any] | None = None, extra: Any = None) -> Path:
     """Write ``run_dir/model.safetensors`` and ``run_dir/model.json``; return ``run_dir``.
 
-    ``spec`` (``{"name": ..., "kwargs": {...}}`` for ``create_model``) defaults to
-    ``model.secateurs_spec``. Raises ``ValueError`` when the model cannot be described as that
-    model with changed sizes and ``nn.Identity`` blocks, before anything is written.
+    Works for any model. ``spec`` (``{"name": ..., "kwargs": {...}}`` for ``create_model``)
+    defaults to ``model.secateurs_spec``; with it, :func:`load` can rebuild the model alone, and
+    a model that is not that model with changed sizes and ``nn.Identity`` blocks is refused
+    (``ValueError``) before anything is written. Without it, ``load(run_dir, model=fresh)`` needs
+    a freshly built model of the same class.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    spec = _check_spec(spec if spec is not None else getattr(model, "secateurs_spec", None), "spec")
+    spec = spec if spec is not None else getattr(model, "secateurs_spec", None)
+    spec = _check_spec(spec, "spec") if spec is not None else None
     _check_json(extra, "extra")
-    fresh = _fresh(spec, "meta")
-    modules = _diff_modules(model, fresh, spec)
-
     state = model.state_dict()
     for key, t in state.items():
         if not isinstance(t, torch.Tensor):
@@ -56,14 +60,21 @@ def save(model: nn.Module, run_dir: str | os.PathLike, example_inputs: Any = Non
                              "only tensors can be saved without pickle")
         if t.is_meta:
             raise ValueError(f"state_dict entry '{key}' is on the meta device and has no values")
-    # the rebuilt model must have exactly these entries: check now rather than when loading
-    _edit_modules(fresh, modules)
-    _check_keys(list(fresh.state_dict()), list(state), f"the model rebuilt from {spec['name']!r} and the recorded changes",
-                "the model being saved")
+    sizes = describe(model)
+    if spec is not None:
+        fresh = _fresh(spec, "meta", trust_code=True)  # the caller's own model or spec: its code is trusted
+        modules = _changes(sizes, describe(fresh), f"a fresh {spec['name']!r}")
+        # the rebuilt model must have exactly these entries: check now rather than when loading
+        fresh = _apply(fresh, modules, absolute=False)
+        _check_keys(list(fresh.state_dict()), list(state),
+                    f"the model rebuilt from {spec['name']!r} and the recorded changes", "the model being saved")
+    else:
+        modules = sizes
 
     weights, aliases = _dedupe(state)
-    info: dict[str, Any] = {"format": FORMAT, "spec": spec, "modules": modules,
-                            "tensors": {k: list(t.shape) for k, t in state.items()}}
+    info: dict[str, Any] = {"format": FORMAT, "class": _qualname(model), "spec": spec,
+                            "relative_to": "spec" if spec is not None else "nothing",
+                            "modules": modules, "tensors": {k: list(t.shape) for k, t in state.items()}}
     if aliases:
         info["aliases"] = aliases
     if example_inputs is not None:
@@ -81,12 +92,59 @@ def save(model: nn.Module, run_dir: str | os.PathLike, example_inputs: Any = Non
     return run_dir
 
 
-def load(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save`, in eval mode, on ``map_location``.
+def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_location: str | torch.device = "cpu",
+         trust_code: bool = False) -> nn.Module:
+    """Rebuild a model written by :func:`save`, in eval mode.
 
-    Never unpickles: the architecture comes from the registry, the weights from safetensors.
+    ``model``: a freshly built model of the saved class (the user's own class, ``timm.create_model``,
+    an ultralytics model from its yaml); it is shrunk to the saved sizes, filled and returned (the
+    same object). Without it, the model is built from the saved spec on ``map_location``; a spec
+    naming ``module:callable`` imports that code only with ``trust_code=True``, since a model.json
+    from a stranger must not run code. Never unpickles. The given model is left unchanged on error.
     """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a freshly built nn.Module or None, got {type(model).__name__}")
     run_dir = Path(run_dir)
+    info, cfg_path, w_path = _read_config(run_dir)
+    spec = info.get("spec")
+    spec = _check_spec(spec, f"'spec' in {cfg_path}") if spec is not None else None
+    modules, tensors, aliases = info.get("modules", {}), info.get("tensors"), info.get("aliases", {})
+    if not isinstance(modules, dict) or not isinstance(tensors, dict) or not isinstance(aliases, dict):
+        raise ValueError(f"{cfg_path}: 'modules', 'tensors' and 'aliases' must be JSON objects")
+    absolute = info.get("relative_to") == "nothing"
+    if model is None and (spec is None or absolute):
+        raise ValueError(f"{cfg_path} was saved from a {info.get('class', 'model')} that secateurs cannot build by "
+                         "name (no spec): pass `model=` a freshly built model of that class")
+    state = _read_weights(w_path, cfg_path, tensors, aliases)
+
+    given = model
+    if given is not None:
+        model, on_meta = copy.deepcopy(given), False  # edited aside: an error leaves the caller's model as it was
+    else:
+        model = _fresh(spec, "meta", trust_code)
+        on_meta = _is_meta(model)
+        if on_meta and not _meta_safe(model):  # it needs values that the weights file does not hold
+            model, on_meta = _fresh(spec, "cpu", trust_code), False
+    model = _apply(model, modules, absolute=absolute, where=str(cfg_path))
+    _check_keys(list(model.state_dict()), list(state), f"the model rebuilt from {cfg_path}", str(w_path))
+    _resize(model, state)
+    if given is None and not on_meta:
+        model.to(torch.device(map_location))
+    try:
+        # assign=True on meta: the loaded tensors become the parameters, no copy
+        model.load_state_dict(state, strict=True, assign=on_meta)
+    except RuntimeError as err:
+        raise ValueError(f"{w_path} does not fit the model rebuilt from {cfg_path}: {err}") from err
+    if spec is not None:
+        model.secateurs_spec = spec
+    if given is not None and type(model) is type(given):
+        given.__dict__.clear()  # the caller's object becomes the loaded model
+        given.__dict__.update(model.__dict__)
+        model = given
+    return model.eval()
+
+
+def _read_config(run_dir: Path) -> tuple[dict, Path, Path]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"`run_dir` {str(run_dir)!r} is not a directory")
     cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
@@ -97,19 +155,17 @@ def load(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -
         info = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    if not isinstance(info, dict) or info.get("format") not in _READS:
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
-        raise ValueError(f"{cfg_path} has format {got!r}; this version of secateurs reads {FORMAT!r}")
-    spec = _check_spec(info.get("spec"), f"'spec' in {cfg_path}")
-    modules, tensors, aliases = info.get("modules", {}), info.get("tensors"), info.get("aliases", {})
-    if not isinstance(modules, dict) or not isinstance(tensors, dict) or not isinstance(aliases, dict):
-        raise ValueError(f"{cfg_path}: 'modules', 'tensors' and 'aliases' must be JSON objects")
+        raise ValueError(f"{cfg_path} has format {got!r}; this version of secateurs reads {', '.join(map(repr, _READS))}")
+    return info, cfg_path, w_path
 
+
+def _read_weights(w_path: Path, cfg_path: Path, tensors: dict, aliases: dict) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    device = torch.device(map_location)
     try:
-        state = load_file(str(w_path), device=str(device))
+        state = load_file(str(w_path), device="cpu")
     except Exception as err:  # safetensors raises its own error type
         raise ValueError(f"{w_path} could not be read: {err}") from err
     for alias, kept in aliases.items():
@@ -120,31 +176,10 @@ def load(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -
     for key, shape in tensors.items():
         if list(state[key].shape) != list(shape):
             raise ValueError(f"'{key}' has shape {list(shape)} in {cfg_path} but {list(state[key].shape)} in {w_path}")
-
-    model = _fresh(spec, "meta")
-    on_meta = _is_meta(model)
-    if on_meta and not _meta_safe(model):  # it needs values that the weights file does not hold
-        model, on_meta = _fresh(spec, "cpu"), False
-    model = _edit_modules(model, modules, where=str(cfg_path))
-    _check_keys(list(model.state_dict()), list(state), f"the model rebuilt from {cfg_path}", str(w_path))
-    _resize(model, state)
-    if not on_meta:
-        model.to(device)
-    try:
-        # assign=True on meta: the loaded tensors become the parameters, no copy
-        model.load_state_dict(state, strict=True, assign=on_meta)
-    except RuntimeError as err:
-        raise ValueError(f"{w_path} does not fit the model rebuilt from {cfg_path}: {err}") from err
-    model.secateurs_spec = spec
-    return model.eval()
+    return state
 
 
 def _check_spec(spec: Any, name: str) -> dict[str, Any]:
-    if spec is None and name != "spec":
-        raise ValueError(f"{name} is missing")
-    if spec is None:
-        raise ValueError("the model has no `secateurs_spec`: build it with secateurs.models.create_model, "
-                         "or pass spec={'name': ..., 'kwargs': {...}} (the create_model arguments)")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs", {}), Mapping):
         raise ValueError(f"`{name}` must be {{'name': str, 'kwargs': dict}}, got {spec!r}")
     spec = {"name": spec["name"], "kwargs": dict(spec.get("kwargs", {}))}
@@ -159,15 +194,24 @@ def _check_json(value: Any, name: str) -> None:
         raise TypeError(f"`{name}` must be JSON-serialisable: {err}") from err
 
 
-def _fresh(spec: dict[str, Any], device: str) -> nn.Module:
+def _fresh(spec: dict[str, Any], device: str, trust_code: bool) -> nn.Module:
     """The model as its constructor builds it; on meta it costs no memory and no init time."""
+    kwargs = dict(spec["kwargs"])
+    if "trust_code" in inspect.signature(create_model).parameters:
+        kwargs["trust_code"] = trust_code
     try:
         with torch.device(device):
-            return create_model(spec["name"], **spec["kwargs"])
+            return create_model(spec["name"], **kwargs)
     except Exception as err:
-        if device == "meta":  # some constructors need real values (data-dependent init)
-            return _fresh(spec, "cpu")
+        if device == "meta" and not _refused(err):  # some constructors need real values (data-dependent init)
+            return _fresh(spec, "cpu", trust_code)
+        if _refused(err):
+            raise
         raise ValueError(f"cannot rebuild model {spec['name']!r} with kwargs {spec['kwargs']}: {err}") from err
+
+
+def _refused(err: Exception) -> bool:
+    return isinstance(err, ValueError) and "trust_code" in str(err)
 
 
 def _meta_safe(model: nn.Module) -> bool:
@@ -188,83 +232,110 @@ def _is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def _is_simple(v: Any) -> bool:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    return isinstance(v, (tuple, list)) and all(_is_simple(x) for x in v)
+# ------------------------------------------------------------------------- the size description
+
+def _qualname(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
+def _is_size(v: Any) -> bool:
+    """A size attribute: an int, or a non-empty tuple/list of ints (bools are flags, not sizes)."""
+    if isinstance(v, (tuple, list)):
+        return bool(v) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _diff_modules(model: nn.Module, fresh: nn.Module, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    mods = dict(model.named_modules(remove_duplicate=False))
+def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's class and integer size attributes (``in_channels``, ``normalized_shape``,
+    a MixNet's ``splits``...): what pruning changes, in JSON. Cached values a forward sets
+    (anchors, shapes) are tensors or None when built, so they are never taken for sizes."""
+    return {name: {"class": _qualname(m),
+                   "attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_size(v)}}
+            for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def _under(name: str, roots: list[str]) -> bool:
+    return any(r == "" or name.startswith(r + ".") for r in roots)
+
+
+def _changes(mine: dict, fresh: dict, what: str) -> dict[str, dict[str, Any]]:
+    """What differs between two descriptions: resized modules and ``nn.Identity`` replacements."""
     out: dict[str, dict[str, Any]] = {}
     replaced: list[str] = []
-    what = f"a fresh {spec['name']!r}"
-    for name, fm in fresh.named_modules(remove_duplicate=False):
-        if any(name.startswith(r + ".") or r == "" for r in replaced):
+    for name, f in fresh.items():
+        if _under(name, replaced):
             continue
-        m = mods.get(name)
-        label = name or "<root>"
+        m, label = mine.get(name), name or "<root>"
         if m is None:
             raise ValueError(f"module '{label}' of {what} is missing from the model; only resized layers and blocks "
                              "replaced by nn.Identity() can be saved (replace it instead of deleting it)")
-        if type(m) is not type(fm):
-            kind = next((k for k, cls in _REPLACEMENTS.items() if type(m) is cls), None)
-            if kind is None:
-                raise ValueError(f"module '{label}' is a {type(m).__name__} but a {type(fm).__name__} in {what}; "
-                                 f"only replacement by {', '.join('nn.' + k for k in _REPLACEMENTS)} can be saved")
-            out[name] = {"type": kind}
+        if m["class"] != f["class"]:
+            if m["class"] != _IDENTITY:
+                raise ValueError(f"module '{label}' is a {m['class'].rpartition('.')[2]} but a "
+                                 f"{f['class'].rpartition('.')[2]} in {what}; only replacement by nn.Identity can be saved")
+            out[name] = {"class": _IDENTITY}
             replaced.append(name)
             continue
-        mine, theirs = vars(m), vars(fm)
-        attrs = {k: v for k, v in mine.items()
-                 if k not in _SKIP_ATTRS and not k.startswith("_") and _is_simple(v)
-                 and not (k in theirs and _same(v, theirs[k]))}
-        lost = [k for k, v in theirs.items() if k not in mine and not k.startswith("_") and _is_simple(v)]
+        lost = [k for k in f["attrs"] if k not in m["attrs"]]
         if lost:
             raise ValueError(f"module '{label}' lacks attribute(s) {lost} that {what} has; deleted attributes cannot be saved")
+        attrs = {k: v for k, v in m["attrs"].items() if k in f["attrs"] and v != f["attrs"][k]}
         if attrs:
-            _check_json(attrs, f"attributes of module '{label}'")
             out[name] = {"attrs": attrs}
-    fresh_names = {n for n, _ in fresh.named_modules(remove_duplicate=False)}
-    extra = [n for n in mods if n not in fresh_names
-             and not any(n.startswith(r + ".") or r == "" for r in replaced)]
+    extra = [n for n in mine if n not in fresh and not _under(n, replaced)]
     if extra:
         raise ValueError(f"module(s) {extra} are not in {what}; added modules cannot be saved")
     return out
 
 
-def _edit_modules(model: nn.Module, modules: Mapping[str, Any], where: str = "the recorded changes") -> nn.Module:
-    """Apply the recorded replacements and attributes to a fresh model (parents before children)."""
+def _apply(model: nn.Module, modules: Mapping[str, Any], *, absolute: bool,
+           where: str = "the recorded changes") -> nn.Module:
+    """Give a fresh model the recorded classes and sizes (parents before children). ``absolute``:
+    ``modules`` describes every module, so the model must have no other and the same classes."""
+    replaced: list[str] = []
     for name in sorted(modules, key=lambda n: (n.count(".") + bool(n), n)):
-        entry = modules[name]
-        label = name or "<root>"
+        entry, label = modules[name], name or "<root>"
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where}: entry for module '{label}' must be an object, got {entry!r}")
         try:
             target = model.get_submodule(name)
         except AttributeError as err:
-            raise ValueError(f"{where} names module '{label}', which the rebuilt model does not have") from err
-        if "type" in entry:
-            cls = _REPLACEMENTS.get(entry["type"])
-            if cls is None:
-                raise ValueError(f"{where}: module '{label}' has type {entry['type']!r}; known: {sorted(_REPLACEMENTS)}")
-            new = cls()
+            raise ValueError(f"{where} names module '{label}', which the model it is loaded into does not have") from err
+        cls = entry.get("class", entry.get("type"))
+        if cls in _REPLACEMENTS and not isinstance(target, nn.Identity):
+            new = _REPLACEMENTS[cls]()
             if not name:
                 return new
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+            replaced.append(name)
             continue
-        for k, v in entry.get("attrs", {}).items():
-            if isinstance(getattr(target, k, None), tuple) and isinstance(v, list):
-                v = _as_tuple(v)  # JSON has no tuples
-            setattr(target, k, v)
+        if absolute and cls != _qualname(target):
+            raise ValueError(f"{where}: module '{label}' was a {cls} when saved but is a {_qualname(target)} in the "
+                             "model it is loaded into; pass a freshly built model of the saved class")
+        _set_sizes(target, entry.get("attrs", {}), absolute)
+    if absolute:
+        extra = [n for n, _ in model.named_modules(remove_duplicate=False) if n not in modules and not _under(n, replaced)]
+        if extra:
+            raise ValueError(f"{where}: the model it is loaded into has module(s) {extra[:5]} that the saved one has not; "
+                             "pass a freshly built model of the saved class")
     return model
+
+
+def _set_sizes(target: nn.Module, attrs: Mapping[str, Any], absolute: bool) -> None:
+    """Only sizes are set: a value a forward caches (YOLO's ``Detect.shape``) is None or absent
+    in a fresh model and must stay so, or the model would skip rebuilding what goes with it."""
+    for k, v in attrs.items():
+        have = vars(target).get(k, _MISSING)
+        if (have is _MISSING and absolute) or (have is not _MISSING and not _is_size(have)):
+            continue
+        if isinstance(have, tuple) and isinstance(v, list):
+            v = _as_tuple(v)  # JSON has no tuples
+        if have is _MISSING or have != v:
+            setattr(target, k, v)
+
+
+_MISSING = object()
 
 
 def _as_tuple(v: Any) -> Any:

@@ -85,7 +85,7 @@ def test_identity_block_and_pruning_round_trip(tmp_path):
     assert type(loaded.conv1.stride) is tuple and loaded.conv1.stride == (2, 2)  # JSON has only lists
     assert_same_model(model, loaded, X32)
     info = json.loads((tmp_path / "model.json").read_text())
-    assert info["modules"]["layer1.1"] == {"type": "Identity"}
+    assert info["modules"]["layer1.1"] == {"class": "torch.nn.modules.linear.Identity"}
     assert info["modules"]["conv1"]["attrs"]["stride"] == [2, 2]
     assert not any(k.startswith("layer1.1.") for k in info["modules"]), "children of a replaced block are not recorded"
 
@@ -134,16 +134,63 @@ def test_load_never_unpickles(resnet, tmp_path, monkeypatch):
     assert_same_model(resnet, load(tmp_path), X32)
 
 
-def test_save_without_spec_says_how(tmp_path):
-    model = nn.Sequential(nn.Conv2d(1, 2, 3))
-    with pytest.raises(ValueError, match="create_model.*spec="):
-        save(model, tmp_path)
-    assert not (tmp_path / "model.json").exists()
-    # an explicit spec works for a model built without create_model
-    model = randomize_norms(create_model("tiny_cnn"))
+def test_a_model_without_spec_loads_into_a_fresh_one_of_its_class(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_norms(create_model("cifar_resnet20"))
     del model.secateurs_spec
-    save(model, tmp_path, spec={"name": "tiny_cnn", "kwargs": {}})
-    assert_same_model(model.eval(), load(tmp_path), torch.randn(1, 1, 8, 8))
+    model.layer2[1] = nn.Identity()
+    cut(model, X32[:1], every=3)
+    save(model, tmp_path, X32[:1])
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["spec"] is None and info["relative_to"] == "nothing"
+    assert info["class"] == "secateurs.models.cifar_resnet.CifarResNet"
+    assert info["modules"]["layer1.0.conv1"]["attrs"]["out_channels"] == model.layer1[0].conv1.out_channels < 16
+    with pytest.raises(ValueError, match="CifarResNet.*no spec.*model="):
+        load(tmp_path)
+    fresh = create_model("cifar_resnet20")
+    loaded = load(tmp_path, model=fresh)
+    assert loaded is fresh and isinstance(fresh.layer2[1], nn.Identity)
+    assert_same_model(model.eval(), loaded, X32)
+    # an explicit spec makes load() alone work for a model built without create_model
+    save(model, tmp_path, spec={"name": "cifar_resnet20", "kwargs": {}})
+    assert_same_model(model, load(tmp_path), X32)
+
+
+def test_loading_into_a_model_of_another_class_leaves_it_unchanged(tmp_path):
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+    cut(model, X32[:1])
+    save(model, tmp_path)
+    for other, msg in [(create_model("tiny_cnn"), r"has module\(s\) \['4', '5'"),
+                       (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Linear(8, 4)),
+                        r"module '3' was a torch.nn.modules.conv.Conv2d when saved but is a .*Linear"),
+                       (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.ReLU()),
+                        r"has module\(s\) \['4'\]")]:
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ValueError, match=msg):
+            load(tmp_path, model=other)
+        assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in before.items()}
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    assert_same_model(model.eval(), load(tmp_path, model=fresh), X32)
+    assert fresh[0].out_channels == fresh[1].num_features == 4 and fresh[3].in_channels == 4
+
+
+def test_cached_forward_state_is_not_taken_for_a_size(tmp_path):
+    """A value a forward caches (YOLO's Detect.shape) is None when built: recorded, but never set."""
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.shape = None
+
+        def forward(self, x):
+            self.shape = tuple(x.shape)
+            return self.conv(x)
+
+    m = Cached()
+    m(X32)
+    save(m, tmp_path)
+    assert load(tmp_path, model=Cached()).shape is None
 
 
 def test_unsaveable_changes_fail_before_writing(tmp_path):
@@ -182,9 +229,9 @@ def test_load_errors(resnet, tmp_path):
         load(tmp_path)
 
     bad = json.loads(json.dumps(good))
-    bad["modules"]["layer1.0"] = {"type": "Identity"}  # but the sizes of its layers are still recorded
+    bad["modules"]["layer1.0"] = {"class": "torch.nn.modules.linear.Identity"}  # its layers' sizes are still recorded
     cfg.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"module 'layer1\.0\.\w+', which the rebuilt model does not have"):
+    with pytest.raises(ValueError, match=r"module 'layer1\.0\.\w+', which the model it is loaded into does not have"):
         load(tmp_path)
 
     bad = json.loads(json.dumps(good))

@@ -1,0 +1,124 @@
+"""Any pruned model saves without pickle and reloads into a freshly built model of its class
+(timm, ultralytics YOLO, a user's own class, a registry model) with the same outputs; a prune
+of a model without a spec checkpoints and resumes."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import secateurs
+from secateurs.data import load_dataset
+from secateurs.models import create_model
+from secateurs.testing import output_tensors, randomize_norms
+
+
+class UserNet(nn.Module):
+    """A user's own class: functional BN on its own parameters, a residual add, a size attribute."""
+
+    def __init__(self, width: int = 12, classes: int = 10):
+        super().__init__()
+        self.width = width
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(width))
+        self.beta = nn.Parameter(torch.zeros(width))
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("var", torch.ones(width))
+        self.body = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(2 * width, width, 3, padding=1))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.batch_norm(self.stem(x), self.mean, self.var, self.gamma, self.beta,
+                                                self.training))
+        x = x + self.body(x)
+        return self.head(x.mean((2, 3)))
+
+
+def _timm():
+    timm = pytest.importorskip("timm")
+    return lambda: timm.create_model("efficientnet_b0", pretrained=False, num_classes=10), torch.randn(1, 3, 64, 64)
+
+
+def _yolo():
+    pytest.importorskip("ultralytics")
+    from ultralytics.nn.tasks import DetectionModel
+
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DetectionModel("yolov8n.yaml", verbose=False)
+    return build, torch.rand(1, 3, 128, 128)
+
+
+CASES = {
+    "user_class": lambda: (UserNet, torch.randn(2, 1, 8, 8)),
+    "registry": lambda: (lambda: create_model("cifar_resnet20"), torch.randn(2, 3, 32, 32)),
+    "timm": _timm,
+    "yolo": _yolo,
+}
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return output_tensors(model.eval()(x))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_round_trip_into_a_fresh_model(name, tmp_path):
+    build, x = CASES[name]()
+    torch.manual_seed(0)
+    model = randomize_norms(build())
+    if hasattr(model, "secateurs_spec"):
+        del model.secateurs_spec  # saved as any model is: by sizes, not by name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        secateurs.prune(model, x, target={"ratio": 0.4})
+    ref = _outputs(model, x)
+    secateurs.save(model, tmp_path, x)
+    assert json.loads((tmp_path / "model.json").read_text())["relative_to"] == "nothing"
+    torch.manual_seed(1)
+    fresh = build()
+    n_fresh = sum(p.numel() for p in fresh.parameters())
+    loaded = secateurs.load(tmp_path, model=fresh)
+    assert loaded is fresh and not loaded.training
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters()) < n_fresh
+    out = _outputs(loaded, x)
+    assert [t.shape for t in out] == [t.shape for t in ref]
+    for a, b in zip(out, ref):
+        assert (a - b).abs().max() <= 1e-6 * max(1.0, b.abs().max().item())
+    assert secateurs.count(loaded, x).macs == secateurs.count(model, x).macs
+
+
+def test_a_model_without_spec_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """The checkpointed steps of any model: a run killed in step 2 resumes to the same model."""
+    data = load_dataset("digits", "train")
+    x = torch.randn(1, 1, 8, 8)
+    kw = dict(target={"params": 0.5}, steps=2, data=data, finetune={"epochs": 1, "batch_size": 64, "lr": 0.05})
+
+    def fresh():
+        torch.manual_seed(0)
+        return UserNet()
+
+    full, _ = secateurs.prune(fresh(), x, out_dir=tmp_path / "full", **kw)
+    real_fit = secateurs.pipeline.fit
+    calls = []
+
+    def dies_in_step_two(model, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(model, *a, **k)
+
+    monkeypatch.setattr(secateurs.pipeline, "fit", dies_in_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        secateurs.prune(fresh(), x, out_dir=tmp_path / "cut", **kw)
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["completed_steps"] == 1
+    monkeypatch.setattr(secateurs.pipeline, "fit", real_fit)
+    resumed, report = secateurs.prune(fresh(), x, out_dir=tmp_path / "cut", resume=True, **kw)
+    assert [r["step"] for r in report["steps"]] == [0, 1, 2]
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
