@@ -1,0 +1,164 @@
+"""Measured latency that can be compared: one harness for the API, the CLI report and the benchmarks.
+
+Two models timed minutes apart on a shared CPU can differ by more than pruning saves, so models
+that are compared are timed *interleaved* (one forward of each in turn, the order rotated every
+round) after a warm-up, and each gets the median of its rounds with a distribution-free 95%
+interval of that median (order statistics), the thread count and the runtime it ran on.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ._validation import check_choice, check_scalar
+
+__all__ = ["Timing", "RUNTIMES", "time_models", "measure_latency", "compare_dense_pruned"]
+
+RUNTIMES = ("eager", "channels_last", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One model's latency: median seconds per forward and the 95% interval of that median."""
+
+    median_s: float
+    low_s: float
+    high_s: float
+    repeats: int
+    threads: int
+    runtime: str
+    batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median_interval(times: list[float]) -> tuple[float, float, float]:
+    """The median and the order statistics bracketing it with >= 95% confidence (binomial(n, 1/2))."""
+    xs = sorted(times)
+    n = len(xs)
+    med = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    half = 1.96 * math.sqrt(n) / 2
+    lo, hi = max(int(math.floor(n / 2 - half)) - 1, 0), min(int(math.ceil(n / 2 + half)), n - 1)
+    return med, xs[lo], xs[hi]
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(inputs, (tuple, list)) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    return tuple(inputs)
+
+
+def _runner(model: nn.Module, inputs: tuple, runtime: str, threads: int, workdir: Path, tag: str) -> Callable[[], Any]:
+    """A no-argument callable that runs one forward of ``model`` on ``runtime``."""
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        from .export import export_onnx
+
+        path = workdir / f"{tag}.onnx"
+        export_onnx(model, inputs, path, check=False, dynamic_batch=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+        return lambda: sess.run(None, feeds)
+    m = model
+    if runtime == "channels_last":
+        m = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
+    m.eval()
+    return lambda: m(*inputs)
+
+
+def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats: int = 30, warmup: int = 5,
+                threads: int | None = None, runtime: str = "eager") -> dict[str, Timing]:
+    """Time ``models`` interleaved on the same inputs; ``{name: Timing}``.
+
+    Models are left in the mode they were in; ``threads`` (default: torch's current count) is set
+    for the measurement only.
+    """
+    check_choice(runtime, "runtime", RUNTIMES)
+    repeats = check_scalar(repeats, "repeats", int, min_val=3)
+    warmup = check_scalar(warmup, "warmup", int, min_val=0)
+    if not models or not all(isinstance(m, nn.Module) for m in models.values()):
+        raise TypeError("`models` must be a non-empty {name: nn.Module} mapping")
+    inputs = _as_inputs(example_inputs)
+    old_threads = torch.get_num_threads()
+    threads = check_scalar(threads, "threads", int, min_val=1) if threads is not None else old_threads
+    modes = {id(m): [(s, s.training) for s in m.modules()] for m in models.values()}
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+            run = {name: _runner(m, inputs, runtime, threads, Path(tmp), f"m{i}") for i, (name, m) in enumerate(models.items())}
+            names = list(run)
+            for _ in range(warmup):
+                for name in names:
+                    run[name]()
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for r in range(repeats):
+                for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model always runs first
+                    t0 = time.perf_counter()
+                    run[name]()
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old_threads)
+        for saved in modes.values():
+            for s, was in saved:
+                s.train(was)
+    batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
+    return {name: Timing(*_median_interval(ts), repeats=repeats, threads=threads, runtime=runtime, batch=batch)
+            for name, ts in times.items()}
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 30, warmup: int = 5,
+                    threads: int | None = None, runtime: str = "eager") -> float:
+    """Median seconds of one eval-mode forward (a shortcut of :func:`time_models` for one model)."""
+    return time_models({"model": model}, example_inputs, repeats=repeats, warmup=warmup, threads=threads,
+                       runtime=runtime)["model"].median_s
+
+
+def compare_dense_pruned(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, batches: tuple[int, ...] = (1, 8),
+                         repeats: int = 30, threads: int | None = None, runtime: str = "eager") -> dict[str, Any]:
+    """The report's latency guard: dense and pruned timed interleaved at each batch size.
+
+    ``slower`` lists the batch sizes where the pruned model is measurably slower (its interval
+    lies above the dense median), which the report and the CLI state loudly.
+    """
+    x = _as_inputs(example_inputs)[0]
+    out: dict[str, Any] = {"runtime": runtime, "repeats": repeats, "rows": [], "slower": []}
+    for b in batches:
+        xb = x[:1].expand(b, *x.shape[1:]).contiguous()
+        t = time_models({"dense": dense, "pruned": pruned}, xb, repeats=repeats, threads=threads, runtime=runtime)
+        d, p = t["dense"], t["pruned"]
+        out["threads"] = d.threads
+        out["rows"].append({"batch": b, "dense_ms": 1e3 * d.median_s, "pruned_ms": 1e3 * p.median_s,
+                            "dense_interval_ms": [1e3 * d.low_s, 1e3 * d.high_s],
+                            "pruned_interval_ms": [1e3 * p.low_s, 1e3 * p.high_s],
+                            "speedup": d.median_s / p.median_s})
+        if p.low_s > d.median_s:
+            out["slower"].append(b)
+    return out
+
+
+def cpu_name() -> str:
+    """The processor, for stating where a latency was measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or os.uname().machine

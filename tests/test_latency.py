@@ -1,0 +1,97 @@
+"""The latency harness: interleaved rounds, the median's interval, runtimes, the dense/pruned guard.
+No assertion on how fast anything is: the clock is replaced where a number is checked."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from secateurs import latency
+from secateurs.latency import compare_dense_pruned, time_models
+
+
+class Tagged(nn.Module):
+    """Appends its tag to a shared log on every forward: the order the harness ran them in."""
+
+    def __init__(self, tag, log):
+        super().__init__()
+        self.tag, self.log = tag, log
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        self.log.append(self.tag)
+        return self.conv(x)
+
+
+def test_models_run_interleaved_with_a_rotating_order():
+    log = []
+    models = {t: Tagged(t, log) for t in "abc"}
+    out = time_models(models, torch.randn(1, 3, 8, 8), repeats=6, warmup=1)
+    timed = log[3:]  # after one warm-up round of each
+    rounds = [timed[i:i + 3] for i in range(0, len(timed), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert {r[0] for r in rounds} == {"a", "b", "c"}, "every model leads some rounds"
+    assert set(out) == {"a", "b", "c"} and all(t.repeats == 6 and t.batch == 1 for t in out.values())
+
+
+def test_median_and_its_interval_from_order_statistics(monkeypatch):
+    ticks = itertools.count()
+    durations = iter([5, 1, 4, 2, 3] * 10)
+    clock = [0.0]
+
+    def fake_clock():  # start/stop pairs: each forward "takes" the next duration
+        if next(ticks) % 2 == 0:
+            return clock[0]
+        clock[0] += next(durations)
+        return clock[0]
+
+    monkeypatch.setattr(latency.time, "perf_counter", fake_clock)
+    t = time_models({"m": nn.Identity()}, torch.randn(1, 3), repeats=5, warmup=0)["m"]
+    assert t.median_s == 3 and t.low_s == 1 and t.high_s == 5  # n=5: the interval is the whole range
+    med, lo, hi = latency._median_interval(list(range(100)))
+    assert med == 49.5 and 35 <= lo < 49.5 < hi <= 64  # about n/2 -+ 1.96 sqrt(n)/2
+
+
+def test_modes_and_threads_are_restored():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    m[1].eval()
+    threads = torch.get_num_threads()
+    t = time_models({"m": m}, torch.randn(1, 3, 8, 8), repeats=3, warmup=0, threads=1)["m"]
+    assert t.threads == 1 and torch.get_num_threads() == threads
+    assert m.training and not m[1].training
+
+
+@pytest.mark.parametrize("runtime", ["channels_last", "onnxruntime"])
+def test_other_runtimes(runtime):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    t = time_models({"m": nn.Conv2d(3, 4, 3)}, torch.randn(2, 3, 8, 8), repeats=3, warmup=1, runtime=runtime)["m"]
+    assert t.runtime == runtime and t.batch == 2 and 0 < t.low_s <= t.median_s <= t.high_s
+
+
+def test_bad_arguments_name_themselves():
+    m = nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="runtime"):
+        time_models({"m": m}, torch.randn(1, 3, 8, 8), runtime="tensorrt")
+    with pytest.raises(ValueError, match="repeats"):
+        time_models({"m": m}, torch.randn(1, 3, 8, 8), repeats=1)
+    with pytest.raises(TypeError, match="example_inputs"):
+        time_models({"m": m}, "image")
+    with pytest.raises(TypeError, match="models"):
+        time_models({"m": "resnet"}, torch.randn(1, 3, 8, 8))
+
+
+def test_guard_flags_a_pruned_model_that_is_slower(monkeypatch):
+    dense, pruned = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3)
+
+    def fake(models, x, **kw):
+        b = x.shape[0]
+        mk = lambda s: latency.Timing(s, s * 0.98, s * 1.02, 30, 2, "eager", b)  # noqa: E731
+        return {"dense": mk(1.0), "pruned": mk(0.5 if b == 1 else 1.2)}
+
+    monkeypatch.setattr(latency, "time_models", fake)
+    out = compare_dense_pruned(dense, pruned, torch.randn(1, 3, 8, 8))
+    assert out["slower"] == [8]
+    assert [r["batch"] for r in out["rows"]] == [1, 8] and out["rows"][0]["speedup"] == 2.0
