@@ -22,8 +22,10 @@ import torch
 import torch.nn as nn
 
 from ._validation import PruningError, check_choice, check_ratio, check_scalar
-from .cost import Cost, PlanCost, measure_latency
+from .cost import Cost, PlanCost
 from .graph import DependencyGraph
+from .latency import time_models
+from .latency_table import LatencyModel
 from .surgery import PruningPlan, apply_plan
 
 __all__ = ["Budget", "Allocator", "plan_for_budget", "uniform_plan", "as_budget", "measure", "bisect", "fill",
@@ -300,45 +302,43 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     return alloc.plan(keep), {"macs": macs, "params": params}
 
 
-def _next_fraction(tried: list[dict], frac: float, ratio: float, target: float, low: float, hi: float) -> float:
-    """The next MACs fraction to try: a secant step through the last two tries, kept in (low, hi)."""
-    aim = target - 0.01  # a little under, for timing noise
-    if len(tried) >= 2 and tried[-1]["macs_fraction"] != tried[-2]["macs_fraction"]:
-        (f0, r0), (f1, r1) = ((t["macs_fraction"], t["latency_ratio"]) for t in tried[-2:])
-        slope = (r1 - r0) / (f1 - f0)
-        guess = f1 + (aim - r1) / slope if slope > 0 else f1 * aim / max(r1, 1e-6)
-    else:
-        guess = frac * aim / max(ratio, 1e-6)
-    return guess if low < guess < hi else (low + hi) / 2
-
-
 def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[torch.Tensor], budget: Budget,
                  allocation: str, round_to: int, min_width: int | float, base: Cost, threads: int | None,
-                 log: Callable[..., None]) -> tuple[PruningPlan, dict]:
-    """Search the MACs fraction whose pruned model meets the measured latency target."""
-    lat0 = measure_latency(model, x, threads=threads)
-    target = budget.value
-    lo, hi, frac = None, 1.0, target  # lo: largest feasible MACs fraction so far; hi: smallest infeasible
-    tried = []
-    for _ in range(6):
-        plan, _ = plan_for_budget(model, graph, x, scores, Budget("macs", frac), allocation, round_to, min_width, base)
-        trial = apply_plan(copy.deepcopy(model), graph, plan)
-        ratio = measure_latency(trial, x, threads=threads) / lat0
-        tried.append({"macs_fraction": frac, "latency_ratio": ratio})
-        log(f"latency search: MACs {frac:.3f} -> latency {ratio:.3f} (target {target:.3f})")
-        if ratio <= target:
-            if lo is None or frac > lo[0]:
-                lo = (frac, plan)
-            if ratio >= target - 0.02:
-                break
-        else:
-            hi = min(hi, frac)
-        frac = _next_fraction(tried, frac, ratio, target, lo[0] if lo else 0.0, hi)
-    if lo is None:
-        fractions = ", ".join(f"{t['macs_fraction']:.3g}" for t in tried)
-        raise PruningError(f"no plan met a latency target of {target:.3g} (tried MACs fractions {fractions}); "
-                           "measured latency does not shrink with MACs on this machine for this model")
-    return lo[1], {"latency_base_s": lat0, "latency_search": tried}
+                 log: Callable[..., None], *, tolerance: float = 0.05, tries: int = 4) -> tuple[PruningPlan, dict]:
+    """Widths that meet a measured latency target.
+
+    The allocation spends a latency budget read off per-layer tables of this machine
+    (:class:`~secateurs.latency_table.LatencyModel`: each channel's saving depends on the widths
+    around it), then one interleaved timing of the dense and the pruned model confirms it; a miss
+    by more than ``tolerance`` (relative) rescales the table's limit by what was measured.
+    """
+    lm = LatencyModel(model, graph, x, threads=threads, log=log)
+    alloc = Allocator(graph, scores, allocation, round_to, min_width)
+    cost = lambda keep: lm(alloc.removed(keep))  # noqa: E731
+    search = threshold_search if allocation == "global" else _uniform_search
+    target, aim, full = budget.value, budget.value, lm.full()
+    smallest = cost(alloc.keep_for_threshold(math.inf)) / full
+    tried: list[dict] = []
+    best: tuple[PruningPlan, float] | None = None
+    for _ in range(tries):
+        limit = max(aim, smallest) * full
+        keep = fill(alloc, search(alloc, cost, limit), cost, limit)
+        plan = alloc.plan(keep)
+        timing = time_models({"dense": model, "pruned": apply_plan(copy.deepcopy(model), graph, plan)}, x,
+                             repeats=15, warmup=3, threads=threads)
+        ratio = timing["pruned"].median_s / timing["dense"].median_s
+        tried.append({"aim": aim, "predicted_ratio": cost(keep) / full, "latency_ratio": ratio})
+        log(f"latency: table predicts {cost(keep) / full:.3f}, measured {ratio:.3f} (target {target:.3f})")
+        if ratio <= target * (1 + tolerance) and (best is None or abs(ratio - target) < abs(best[1] - target)):
+            best = (plan, ratio)
+        if abs(ratio - target) <= tolerance * target or (aim <= smallest and ratio > target):
+            break
+        aim *= target / ratio
+    if best is None:
+        raise PruningError(f"no plan met a latency target of {target:.3g}: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
+                           f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g})")
+    return best[0], {"latency_base_s": lm.measured_s, "latency_search": tried, "latency_ratio": best[1],
+                     "latency_table": str(lm.path)}
 
 
 def deprecated_budget(target: Any, budget: str | None, ratio: float | None) -> Any:

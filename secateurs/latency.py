@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from ._validation import check_choice, check_scalar
 
-__all__ = ["Timing", "RUNTIMES", "time_models", "measure_latency", "compare_dense_pruned"]
+__all__ = ["Timing", "RUNTIMES", "time_models", "time_callables", "median", "measure_latency", "compare_dense_pruned",
+           "cpu_name"]
 
 RUNTIMES = ("eager", "channels_last", "onnxruntime")
 
@@ -101,16 +102,7 @@ def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats
     try:
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
             run = {name: _runner(m, inputs, runtime, threads, Path(tmp), f"m{i}") for i, (name, m) in enumerate(models.items())}
-            names = list(run)
-            for _ in range(warmup):
-                for name in names:
-                    run[name]()
-            times: dict[str, list[float]] = {name: [] for name in names}
-            for r in range(repeats):
-                for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model always runs first
-                    t0 = time.perf_counter()
-                    run[name]()
-                    times[name].append(time.perf_counter() - t0)
+            times = time_callables(run, repeats, warmup)
     finally:
         torch.set_num_threads(old_threads)
         for saved in modes.values():
@@ -119,6 +111,25 @@ def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats
     batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
     return {name: Timing(*_median_interval(ts), repeats=repeats, threads=threads, runtime=runtime, batch=batch)
             for name, ts in times.items()}
+
+
+def time_callables(run: Mapping[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of every call of each callable, run in rounds with a rotating order."""
+    names = list(run)
+    for _ in range(warmup):
+        for name in names:
+            run[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model always runs first
+            t0 = time.perf_counter()
+            run[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(times: list[float]) -> float:
+    return _median_interval(times)[0]
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 30, warmup: int = 5,

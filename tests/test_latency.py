@@ -3,6 +3,7 @@ No assertion on how fast anything is: the clock is replaced where a number is ch
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -95,3 +96,45 @@ def test_guard_flags_a_pruned_model_that_is_slower(monkeypatch):
     out = compare_dense_pruned(dense, pruned, torch.randn(1, 3, 8, 8))
     assert out["slower"] == [8]
     assert [r["batch"] for r in out["rows"]] == [1, 8] and out["rows"][0]["speedup"] == 2.0
+
+
+def test_latency_tables_are_measured_once_per_machine_and_predict_the_measured_model(tmp_path, monkeypatch):
+    from secateurs import analyze
+    from secateurs import latency_table
+    from secateurs.budget import Allocator
+    from secateurs.criteria import group_scores
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.Conv2d(16, 24, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = analyze(model, x)
+    lm = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path / "real", grid=4, repeats=3)
+    assert [l.name for l in lm.layers] == ["0", "2", "3", "6"] and lm.layers[1].depthwise
+    assert lm.full() == pytest.approx(lm.measured_s)  # by construction: the rest is what the layers miss
+    table = json.loads(lm.path.read_text())
+    assert [sorted(t) for t in table.values()] == [["in", "out"], ["dw"], ["in", "out"], ["in", "out"]]
+    assert [[w for w, _ in t["in"]] for t in table.values() if "in" in t] == [[1, 2, 3], [4, 8, 12, 16], [6, 12, 18, 24]]
+    # predictions, on a stand-in table where time is proportional to width (the clock here is noisy)
+    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
+        axis: [[w, 1e-3 * w] for w in latency_table._grid(layer.cin if axis == "in" else layer.cout, 4)]
+        for axis in (("dw",) if layer.depthwise else ("out", "in"))})
+    lm = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
+    alloc = Allocator(graph, group_scores(model, graph, "l2"), "global")
+    keep = [g.size for g in graph.groups]
+    predicted = [lm(alloc.removed([max(1, round(k * f)) for k in keep])) for f in (1.0, 0.5)]
+    assert predicted[0] == pytest.approx(lm.full()) and predicted[1] < predicted[0]
+
+    def never(self, layer):
+        raise AssertionError("the cached table was measured again")
+
+    monkeypatch.setattr(latency_table.LatencyModel, "_measure", never)
+    again = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
+    assert again.tables == lm.tables
+
+
+def test_interpolation_through_the_measured_points():
+    from secateurs.latency_table import _grid, _interp
+
+    curve = [[4, 1.0], [8, 1.0], [12, 3.0], [16, 4.0]]
+    assert _interp(curve, 2) == 0.5 and _interp(curve, 8) == 1.0 and _interp(curve, 10) == 2.0
+    assert _interp(curve, 16) == 4.0 and _grid(16, 4) == [4, 8, 12, 16] and _grid(3, 8) == [1, 2, 3]

@@ -172,17 +172,26 @@ def test_custom_criterion_callable():
         secateurs.prune(m, x, lambda model, graph: [torch.ones(1)], {"ratio": 0.5})
 
 
-def test_latency_budget_searches_until_the_measured_ratio_fits(monkeypatch):
-    """Latency measured here is noisy; a stand-in clock (0.3 + 0.7 * MACs fraction) checks the search."""
+def test_latency_budget_is_spent_by_the_tables_and_confirmed_by_a_timing(monkeypatch, tmp_path):
+    """Latency measured here is noisy; a stand-in clock (0.3 + 0.7 * MACs fraction) for the
+    confirming timing checks the loop: the table's limit is rescaled until the clock is within 5%."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
     x = torch.randn(1, 3, 32, 32)
     m = create_model("cifar_resnet20").eval()
     base = count(m, x).macs
-    monkeypatch.setattr(secateurs.budget, "measure_latency", lambda model, x, threads=None: 0.3 + 0.7 * count(model, x).macs / base)
+
+    def clock(models, x, **kw):
+        return {k: secateurs.latency.Timing(*[0.3 + 0.7 * count(v, x).macs / base] * 3, 15, 1, "eager", 1)
+                for k, v in models.items()}
+
+    monkeypatch.setattr(secateurs.budget, "time_models", clock)
     m, report = secateurs.prune(m, x, target={"latency": 0.65})
+    out = report["method_output"]
     ratio = 0.3 + 0.7 * report["kept"]["macs"]
-    assert 0.63 <= ratio <= 0.65 and len(report["method_output"]["latency_search"]) <= 6
-    with pytest.raises(PruningError, match="no plan met a latency target"):
-        secateurs.prune(create_model("cifar_resnet20").eval(), x, target={"latency": 0.2})
+    assert abs(ratio - 0.65) <= 0.05 * 0.65 and out["latency_ratio"] == pytest.approx(ratio)
+    assert 1 <= len(out["latency_search"]) <= 4 and list(tmp_path.glob("latency/*.json"))
+    with pytest.raises(PruningError, match="no plan met a latency target of 0.2"):
+        secateurs.prune(create_model("cifar_resnet20").eval(), x, target={"latency": 0.2}, min_width=0.9)
 
 
 def test_iterative_schedule_fine_tunes_and_stops_on_tolerance():

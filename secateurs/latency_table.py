@@ -1,0 +1,194 @@
+"""Per-layer latency tables of the machine the user runs on, and the latency a plan would leave.
+
+MACs are a poor proxy for time: a convolution's latency moves in steps with the hardware's vector
+width and blocking, and a small layer costs its fixed overhead whatever its width. So for every
+distinct conv/linear shape a model has, the layer is timed on this machine (runtime, threads, the
+user's batch) at a grid of output widths (inputs full) and of input widths (outputs full); the
+tables are cached in one JSON file per machine and reused by every later prune. A layer's latency
+at (in, out) is read off the two curves (a separable model, exact at both edges of the grid), and
+the latency of the whole pruned model is the sum over layers plus the rest of the model (norms,
+activations, adds), which scales with the activations the plan keeps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ._io import atomic_write
+from .cost import count
+from .graph import DependencyGraph
+from .latency import RUNTIMES, cpu_name, median, time_callables, time_models
+
+__all__ = ["LatencyModel", "default_cache_dir"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SECATEURS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                             "secateurs")
+    return Path(root) / "latency"
+
+
+def _machine_key(threads: int, runtime: str) -> str:
+    text = f"{cpu_name()}|{os.cpu_count()}|torch {torch.__version__}|{threads} threads|{runtime}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _grid(full: int, points: int) -> list[int]:
+    """Widths from about full/points to full, evenly spaced, distinct."""
+    return sorted({max(1, round(full * j / points)) for j in range(1, points + 1)})
+
+
+def _interp(curve: list[list[float]], w: float) -> float:
+    """Piecewise-linear latency at width ``w`` through the measured (width, seconds) points."""
+    if w <= curve[0][0]:
+        return curve[0][1] * max(w, 0) / curve[0][0]  # below the grid: shrinks towards zero
+    for (w0, t0), (w1, t1) in zip(curve, curve[1:]):
+        if w <= w1:
+            return t0 + (t1 - t0) * (w - w0) / (w1 - w0)
+    return curve[-1][1]
+
+
+class _Layer:
+    """One conv/linear layer: its shape key, and where its kept widths come from in a plan."""
+
+    def __init__(self, name: str, module: nn.Module, x_shape: tuple, y_shape: tuple) -> None:
+        self.name = name
+        self.linear = isinstance(module, nn.Linear)
+        self.batch, self.cin = x_shape[0], (x_shape[-1] if self.linear else x_shape[1])
+        self.cout = y_shape[-1] if self.linear else y_shape[1]
+        self.spatial = tuple(x_shape[2:]) if not self.linear else tuple(x_shape[1:-1])
+        self.out_elems = int(torch.Size(y_shape[1:]).numel()) // max(self.cout, 1)
+        self.groups = 1 if self.linear else module.groups
+        self.depthwise = self.groups > 1 and self.groups == self.cin == self.cout
+        conv = {} if self.linear else {k: list(getattr(module, k)) if isinstance(getattr(module, k), tuple)
+                                       else getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation")}
+        self.spec = {"type": type(module).__name__ if isinstance(module, _CONVS) else "Linear", "batch": self.batch,
+                     "cin": self.cin, "cout": self.cout, "spatial": list(self.spatial), "groups": self.groups,
+                     "bias": module.bias is not None, **conv}
+        self.key = json.dumps(self.spec, sort_keys=True)
+        self.labels: dict[int, list[torch.Tensor]] = {}  # weight axis -> binding labels
+
+    def build(self, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
+        s = self.spec
+        if self.linear:
+            return nn.Linear(cin, cout, bias=s["bias"]), torch.randn(self.batch, *self.spatial, cin)
+        groups = cin if self.depthwise else self.groups
+        cls = getattr(nn, s["type"])
+        m = cls(cin, cout, s["kernel_size"], s["stride"], s["padding"], s["dilation"], groups=groups, bias=s["bias"])
+        return m, torch.randn(self.batch, cin, *self.spatial)
+
+    def kept(self, axis: int, removed: torch.Tensor, full: int) -> int:
+        labs = self.labels.get(axis)
+        if not labs:
+            return full
+        gone = removed[labs[0]]
+        for lab in labs[1:]:
+            gone = gone | removed[lab]
+        return int((~gone).sum())
+
+
+class LatencyModel:
+    """Predicted latency (seconds) of the model a plan leaves, from measured per-layer tables.
+
+    ``model(removed)`` takes the removed-components mask of an :class:`~secateurs.budget.Allocator`.
+    The prediction for the unpruned model equals its measured latency by construction.
+    """
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph, example_inputs: Any, *, threads: int | None = None,
+                 runtime: str = "eager", grid: int = 6, repeats: int = 5, cache_dir: str | os.PathLike | None = None,
+                 log: Callable[..., None] = lambda *a: None) -> None:
+        if runtime not in RUNTIMES[:2]:
+            raise ValueError(f"latency tables are measured on 'eager' or 'channels_last', not {runtime!r}")
+        self.threads = threads or torch.get_num_threads()
+        self.runtime, self.grid, self.repeats = runtime, grid, repeats
+        self.path = Path(cache_dir or default_cache_dir()) / f"{_machine_key(self.threads, runtime)}.json"
+        modules = dict(model.named_modules())
+        self.layers = [_Layer(l.name, modules[l.name], l.input_shape, l.output_shape)
+                       for l in count(model, example_inputs).layers
+                       if isinstance(modules.get(l.name), (*_CONVS, nn.Linear)) and l.weight == "weight"]
+        for b, lab in zip(graph.bindings, graph.binding_labels):
+            if b.kind == "tensor" and b.name == "weight" and b.axis in (0, 1):
+                for layer in self.layers:
+                    if layer.name == b.module:
+                        layer.labels.setdefault(b.axis, []).append(lab)
+        self.tables = self._tables(log)
+        self.measured_s = time_models({"model": model}, example_inputs, repeats=15, warmup=3, threads=self.threads,
+                                      runtime=runtime)["model"].median_s
+        self._full = [self._layer_time(layer, layer.cin, layer.cout) for layer in self.layers]
+        self.rest_s = max(self.measured_s - sum(self._full), 0.0)
+        self._act_full = sum(layer.cout * layer.out_elems for layer in self.layers) or 1
+        # layers timed alone can add up to more than the model (their own overheads): scale to it
+        self._scale = self.measured_s / (sum(self._full) + self.rest_s) if self._full else 1.0
+
+    # -- measuring -------------------------------------------------------------------------------
+    def _tables(self, log) -> dict[str, dict]:
+        cache = json.loads(self.path.read_text()) if self.path.exists() else {}
+        missing = {layer.key: layer for layer in self.layers if layer.key not in cache}
+        if missing:
+            log(f"latency tables: timing {len(missing)} layer shape(s) on this machine ({self.path})")
+            old = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                for key, layer in missing.items():
+                    cache[key] = self._measure(layer)
+            finally:
+                torch.set_num_threads(old)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = json.loads(self.path.read_text()) if self.path.exists() else {}  # another run may have added some
+            fresh.update(cache)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
+        return {layer.key: cache[layer.key] for layer in self.layers}
+
+    def _measure(self, layer: _Layer) -> dict[str, list]:
+        torch.manual_seed(0)
+        cl = self.runtime == "channels_last"
+        calls, points = {}, []
+        axes = ("dw",) if layer.depthwise else ("out", "in")
+        for axis in axes:
+            full = layer.cout if axis != "in" else layer.cin
+            step = layer.groups if (layer.groups > 1 and not layer.depthwise) else 1
+            for w in _grid(full // step, self.grid):
+                w *= step
+                cin, cout = (w, w) if axis == "dw" else (layer.cin, w) if axis == "out" else (w, layer.cout)
+                m, x = layer.build(cin, cout)
+                m.eval()
+                if cl and x.dim() == 4:
+                    m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+                calls[(axis, w)] = (lambda m=m, x=x: m(x))
+                points.append((axis, w))
+        with torch.inference_mode():
+            times = time_callables(calls, self.repeats, warmup=2)
+        return {axis: [[w, median(times[(a, w)])] for a, w in points if a == axis] for axis in axes}
+
+    # -- predicting ------------------------------------------------------------------------------
+    def _layer_time(self, layer: _Layer, cin: int, cout: int) -> float:
+        t = self.tables[layer.key]
+        if layer.depthwise:
+            return _interp(t["dw"], cout)
+        full = t["out"][-1][1]
+        return _interp(t["out"], cout) * _interp(t["in"], cin) / full if full > 0 else 0.0
+
+    def __call__(self, removed: torch.Tensor) -> float:
+        total, act = 0.0, 0
+        for layer in self.layers:
+            cout = layer.kept(0, removed, layer.cout)
+            if layer.depthwise:
+                cin = cout
+            elif layer.groups > 1:  # grouped: inputs shrink with the outputs, group by group
+                cin = max(layer.groups, round(layer.cin * cout / layer.cout))
+            else:
+                cin = layer.kept(1, removed, layer.cin)
+            total += self._layer_time(layer, cin, cout)
+            act += cout * layer.out_elems
+        return self._scale * (total + self.rest_s * act / self._act_full)
+
+    def full(self) -> float:
+        return self._scale * (sum(self._full) + self.rest_s)
