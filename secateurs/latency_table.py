@@ -192,3 +192,74 @@ class LatencyModel:
 
     def full(self) -> float:
         return self._scale * (sum(self._full) + self.rest_s)
+
+
+_STEPS = (1, 2, 4, 8, 16, 32)
+
+
+def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None = None, layers: int = 3,
+                  band: int = 64, repeats: int = 5, cache_dir: str | os.PathLike | None = None) -> int:
+    """The width multiple on the fast side of this machine's steps, measured (``round_to="auto"``).
+
+    The model's largest conv layers are timed at every output width in a band around half their
+    width, and a straight line is fitted through those times. A step ``s`` scores the mean residual
+    of the widths that are multiples of ``s``: under a staircase (vector width, blocking) the right
+    edges of the steps lie below the line, so their multiple wins; on a smooth curve every step
+    scores about zero and the smallest (1) is kept. Ties within 0.5% of the latency go to the
+    smaller step. Cached per machine and layer shapes.
+    """
+    threads = threads or torch.get_num_threads()
+    path = Path(cache_dir or default_cache_dir()) / f"{_machine_key(threads, 'eager')}.json"
+    modules = dict(model.named_modules())
+    found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
+             for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
+    top = [layer for _, layer in sorted(found, key=lambda p: -p[0])
+           if layer.groups == 1 and layer.cout >= band + 2 * max(_STEPS)][:layers]
+    if not top:
+        return 1
+    key = "round_to|" + "|".join(layer.key for layer in top)
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    if key not in cache:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            scores = [_step_scores(layer, band, repeats) for layer in top]
+        finally:
+            torch.set_num_threads(old)
+        total = {s: sum(sc[0][s] for sc in scores) for s in _STEPS}
+        tol = 0.005 * sum(sc[1] for sc in scores)
+        best = min(total.values())
+        cache[key] = min(s for s in _STEPS if total[s] <= best + tol)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = json.loads(path.read_text()) if path.exists() else {}
+        fresh[key] = cache[key]
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
+    return int(cache[key])
+
+
+def _step_scores(layer: _Layer, band: int, repeats: int) -> tuple[dict[int, float], float]:
+    """Mean residual (seconds, against a fitted line) of the multiples of each step, and the mean latency."""
+    lo = layer.cout // 2 - band // 2
+    widths = list(range(lo, lo + band + 1))
+    torch.manual_seed(0)
+    calls = {}
+    for w in widths:
+        m, x = layer.build(layer.cin, w)
+        m.eval()
+        calls[w] = (lambda m=m, x=x: m(x))
+    with torch.inference_mode():
+        lat = {w: median(ts) for w, ts in time_callables(calls, repeats, warmup=1).items()}
+    return step_scores(lat), sum(lat.values()) / len(lat)
+
+
+def step_scores(lat: dict[int, float]) -> dict[int, float]:
+    """For each step, the mean residual of its multiples against the least-squares line of ``lat``."""
+    ws = list(lat)
+    mw, mt = sum(ws) / len(ws), sum(lat.values()) / len(ws)
+    b = sum((w - mw) * (lat[w] - mt) for w in ws) / max(sum((w - mw) ** 2 for w in ws), 1e-12)
+    resid = {w: lat[w] - (mt + b * (w - mw)) for w in ws}
+    out = {}
+    for s in _STEPS:
+        mult = [r for w, r in resid.items() if w % s == 0]
+        out[s] = sum(mult) / len(mult) if mult else 0.0
+    return out

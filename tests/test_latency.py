@@ -3,6 +3,7 @@ No assertion on how fast anything is: the clock is replaced where a number is ch
 from __future__ import annotations
 
 import itertools
+import math
 import json
 
 import pytest
@@ -138,3 +139,22 @@ def test_interpolation_through_the_measured_points():
     curve = [[4, 1.0], [8, 1.0], [12, 3.0], [16, 4.0]]
     assert _interp(curve, 2) == 0.5 and _interp(curve, 8) == 1.0 and _interp(curve, 10) == 2.0
     assert _interp(curve, 16) == 4.0 and _grid(16, 4) == [4, 8, 12, 16] and _grid(3, 8) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("shape,expected", [("staircase of 8", 8), ("smooth", 1), ("staircase of 16", 16)])
+def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, expected, tmp_path, monkeypatch):
+    from secateurs import latency_table
+
+    def clock(calls, repeats, warmup):  # a stand-in machine: seconds as a function of the output width
+        step = {"staircase of 8": 8, "staircase of 16": 16, "smooth": 1}[shape]
+        return {w: [1e-3 * (10 + math.ceil(w / step) * step)] * repeats for w in calls}
+
+    monkeypatch.setattr(latency_table, "time_callables", clock)
+    model = nn.Sequential(nn.Conv2d(3, 256, 3), nn.ReLU(), nn.Conv2d(256, 256, 3))
+    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == expected
+
+    def never(*a):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(latency_table, "time_callables", never)  # cached per machine and layer shapes
+    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == expected
