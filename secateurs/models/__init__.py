@@ -3,7 +3,7 @@
 One file per family (``cifar_resnet``, ``cifar_vgg``, ``tiny``, ``unet``) registers its models into
 :mod:`._factory` on import, as timm's families do.
 """
-from ._factory import create_model, list_models, list_pretrained, load_pretrained, register_model
+from ._factory import create_model, list_models, list_pretrained, load_pretrained, register_model, zoo_dir
 from . import cifar_resnet, cifar_vgg, tiny, unet  # noqa: E402,F401  (registers on import)
 
-__all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained"]
+__all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained", "zoo_dir"]

@@ -8,11 +8,12 @@ import hashlib
 import inspect
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from .._registry import Registry
 
@@ -53,14 +54,17 @@ def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return _MODELS.get(name)(**kwargs)
 
 
-def _zoo_dir() -> Path:
-    return Path(os.environ.get("SECATEURS_ZOO", Path(__file__).resolve().parents[2] / "zoo"))
+def zoo_dir() -> Any:
+    """The zoo's folder: ``$SECATEURS_ZOO`` if set, else ``secateurs/zoo`` inside the installed
+    package (a ``Path`` or an ``importlib.resources`` ``Traversable``)."""
+    env = os.environ.get("SECATEURS_ZOO")
+    return Path(env) if env else resources.files("secateurs") / "zoo"
 
 
 def list_pretrained() -> dict[str, dict]:
-    """Entries of ``zoo/manifest.json``: trained checkpoints with their recipe and accuracy."""
-    path = _zoo_dir() / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """Entries of the zoo's ``manifest.json``: trained checkpoints with their recipe and accuracy."""
+    path = zoo_dir() / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_pretrained(name: str) -> nn.Module:
@@ -68,14 +72,15 @@ def load_pretrained(name: str) -> nn.Module:
     checked against the manifest's sha256."""
     entries = list_pretrained()
     if name not in entries:
-        raise ValueError(f"no pretrained '{name}' in {_zoo_dir() / 'manifest.json'}; available: {', '.join(sorted(entries)) or 'none'}")
+        raise ValueError(f"no pretrained '{name}' in {zoo_dir() / 'manifest.json'}; available: {', '.join(sorted(entries)) or 'none'}")
     e = entries[name]
-    path = _zoo_dir() / e["file"]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path = zoo_dir() / e["file"]
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if digest != e["sha256"]:
         raise ValueError(f"{path} has sha256 {digest}, the manifest says {e['sha256']}")
     model = create_model(e["model"], **e.get("kwargs", {}))
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load_safetensors(data))
     return model.eval()
 
-__all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained"]
+__all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained", "zoo_dir"]
