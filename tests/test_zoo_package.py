@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -41,8 +42,13 @@ def test_zoo_is_package_data_found_through_importlib_resources(monkeypatch):
 
 @pytest.mark.slow
 def test_the_wheel_carries_the_zoo(tmp_path):
-    """A non-editable build: the wheel holds the manifest and every checkpoint it names."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    """A non-editable build: the wheel holds the manifest and every checkpoint it names (built from a
+    copy, since setuptools writes build/ and *.egg-info beside the sources)."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "secateurs", src / "secateurs", ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, src / part)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, cwd=tmp_path)
     wheel, = tmp_path.glob("secateurs-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
