@@ -78,7 +78,8 @@ def create_model(name: str, trust_code: bool = False, **kwargs: Any) -> nn.Modul
     widths and rebuilt without pickle.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = _build(name, dict(kwargs), trust_code)
+    _check_code_name(name, trust_code)
+    model = _build(name, dict(kwargs))
     model.secateurs_spec = {"name": name, "kwargs": {k: v for k, v in kwargs.items() if k not in WEIGHT_ARGS}}
     return model
 
@@ -93,7 +94,22 @@ def _split(name: str) -> tuple[str | None, str]:
     return (scheme, rest) if scheme in SCHEMES else ("", name)
 
 
-def _build(name: str, kwargs: dict[str, Any], trust_code: bool) -> nn.Module:
+def _check_code_name(name: str, trust_code: bool) -> None:
+    """A name outside the registry and the schemes is ``module.path:callable``: well formed, and
+    only with ``trust_code``."""
+    scheme, _ = _split(name)
+    if scheme != "":
+        return
+    module, _, attr = name.partition(":")
+    if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
+        raise ValueError(f"unknown model scheme in '{name}'; model names are {', '.join(model_forms())}")
+    if not trust_code:
+        raise ValueError(f"'{name}' is not a known scheme ({', '.join(s + ':' for s in SCHEMES)}), so it would be "
+                         f"read as {CODE_FORM}, which imports and runs that module's code: pass trust_code=True "
+                         f"(the CLI does, for a name typed on its command line) if you trust it")
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
     scheme, rest = _split(name)
     if scheme is None:
         if name not in _MODELS.names():
@@ -102,17 +118,10 @@ def _build(name: str, kwargs: dict[str, Any], trust_code: bool) -> nn.Module:
         return _MODELS.get(name)(**kwargs)
     if scheme:
         return SCHEMES[scheme].build(rest, kwargs)
-    module, _, attr = name.partition(":")
-    if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
-        raise ValueError(f"unknown model scheme in '{name}'; model names are {', '.join(model_forms())}")
-    if not trust_code:
-        raise ValueError(f"'{name}' is not a known scheme ({', '.join(s + ':' for s in SCHEMES)}), so it would be "
-                         f"read as {CODE_FORM}, which imports and runs that module's code: pass trust_code=True "
-                         f"(the CLI does, for a name typed on its command line) if you trust it")
     try:
         return _external.build_code(name, kwargs)
     except ValueError as err:
-        raise ValueError(f"{err} ('{module}' is not a scheme, so the name was read as {CODE_FORM}; "
+        raise ValueError(f"{err} ('{name.partition(':')[0]}' is not a scheme, so the name was read as {CODE_FORM}; "
                          f"schemes: {', '.join(s + ':' for s in SCHEMES)})") from None
 
 
