@@ -67,6 +67,7 @@ def test_a_failed_export_names_the_operation_and_the_module(tmp_path, inner, whe
             export_onnx(Net(Kth()), torch.randn(1, 3, 8, 8), tmp_path / "f.onnx")
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the int() is the point of the test
 def test_a_batch_baked_into_the_graph_fails_the_dynamic_batch_check(tmp_path):
     class Baked(nn.Module):
         def __init__(self):
