@@ -115,7 +115,7 @@ def write_markdown(results: dict, args, path: Path, sfx: str = "") -> None:
         f"{args.threads} CPU threads{', --cost-aware' if sfx else ''}). Raw numbers: `segmentation{sfx}.json`.",
         "",
         "**CPU protocol, not the paper's setting.** Zoo models trained here from scratch on the shared data "
-        "(`zoo/manifest.json` has each recipe): `unet16` is the standard U-Net (4 levels, two 3x3 conv+BN+ReLU per "
+        "(`secateurs/zoo/manifest.json` has each recipe): `unet16` is the standard U-Net (4 levels, two 3x3 conv+BN+ReLU per "
         "level, transposed-conv up-sampling, skip concatenations) at a quarter of the widths (16-256 channels); "
         "`ternausnet8` is the VGG-11-encoder U-Net (TernausNet, no BN, transposed-conv decoder) at a quarter of the "
         "widths (16-128), trained from scratch (no ImageNet weights offline). ISBI 2012: 24 training / 6 validation "

@@ -1,4 +1,5 @@
-"""Add a finished training run to zoo/: weights as safetensors, an entry in zoo/manifest.json.
+"""Add a finished training run to secateurs/zoo/ (package data): weights as safetensors, an entry in
+secateurs/zoo/manifest.json.
 
     python scripts/zoo_add.py NAME RUN_DIR --model cifar_resnet20 --dataset "CIFAR-10 (JPEG)" \\
         --recipe "secateurs train ..." [--kwargs '{"num_classes": 10}']
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ZOO = Path(__file__).resolve().parents[1] / "zoo"
+ZOO = Path(__file__).resolve().parents[1] / "secateurs" / "zoo"  # shipped inside the package
 
 
 def main() -> None:

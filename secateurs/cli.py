@@ -1,7 +1,9 @@
 """Command line: ``secateurs analyze``, ``secateurs prune`` and ``secateurs train``.
 
-Models are registry names (``secateurs.models.list_models()``) or ``torchvision:NAME``
-(weights=None); datasets are ``secateurs.data.list_datasets()`` names.
+Models are registry names (``secateurs.models.list_models()``), ``torchvision:NAME``, ``timm:NAME``,
+``smp:ARCH:ENCODER``, ``ultralytics:FILE.yaml`` (never with downloaded weights) or
+``module.path:callable`` (the user typed it, so its code is trusted); datasets are
+``secateurs.data.list_datasets()`` names.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .export import export_onnx
 from .saving import save
 from .graph import analyze
 from .methods import get_method, list_methods, method_class
-from .models import create_model, load_pretrained
+from .models import create_model, load_pretrained, sizing_kwargs
 from .pipeline import prune
 from .report import format_table, write_report
 from .sensitivity import plot_sensitivity, sensitivity
@@ -31,17 +33,38 @@ from .train import TrainConfig, fit, init_distributed, is_main_process, metric_k
 
 
 def load_model(spec: str, **kwargs) -> torch.nn.Module:
+    """``create_model`` with ``trust_code=True``: a ``module:callable`` name typed on the command line
+    is the user's own code."""
     try:
-        return create_model(spec, **kwargs).eval()
-    except ValueError as err:
+        return create_model(spec, trust_code=True, **kwargs).eval()
+    except (ValueError, ImportError) as err:
         raise SystemExit(f"--model: {err}") from None
 
 
 def _add_model_args(s: argparse.ArgumentParser, required: bool = False) -> None:
     s.add_argument("--model", default=None if required else "torchvision:resnet50", required=required,
-                   help="registry name (cifar_resnet56, unet...) or torchvision:NAME")
-    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=INT",
-                   help="extra integer constructor argument, e.g. --model-arg base=16 (repeatable)")
+                   help="registry name (cifar_resnet56, unet...), torchvision:NAME, timm:NAME, smp:ARCH:ENCODER "
+                        "(smp:Unet:resnet34), ultralytics:FILE.yaml (ultralytics:yolov8n.yaml) or "
+                        "module.path:callable (imports and calls your code); no weights are downloaded")
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor argument, VALUE in JSON (base=16, pretrained=false, "
+                        "encoder_depth=4, decoder_channels=[128,64,32,16,8]; not JSON: the raw string); repeatable")
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``["base=16", 'act="relu"', "mode=fast"]`` -> ``{"base": 16, "act": "relu", "mode": "fast"}``:
+    each VALUE is read as JSON, and kept as the raw string when it is not valid JSON."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--model-arg must look like KEY=VALUE with KEY a Python identifier, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _add_data_args(s: argparse.ArgumentParser, required: bool = False) -> None:
@@ -340,15 +363,9 @@ def build_model(args, ds=None, **extra) -> torch.nn.Module:
         except ValueError as err:
             raise SystemExit(f"--pretrained: {err}") from None
     kw = dict(extra)
-    if ds is not None:
-        kw["num_classes"] = max(2, ds.num_classes)
-        if not args.model.startswith("torchvision:"):
-            kw["in_chans"] = ds.images.shape[1]
-    for item in args.model_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--model-arg must look like KEY=INT, got {item!r}")
-        kw[key] = int(value)
+    if ds is not None:  # under the builder's own names (smp: classes, in_channels; ultralytics: nc, ch)
+        kw.update(sizing_kwargs(args.model, max(2, ds.num_classes), ds.images.shape[1]))
+    kw.update(parse_model_args(args.model_arg))
     return load_model(args.model, **kw)
 
 

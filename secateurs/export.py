@@ -1,12 +1,16 @@
-"""ONNX export with an onnxruntime parity check."""
+"""ONNX export with an onnxruntime parity check, for any model the engine prunes (outputs may be
+nested tuples/lists/dicts); a failed export names the operation and the module where it failed."""
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import os
+import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -25,7 +29,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     exact), and the torch.export one if that fails or no longer exists; pass True/False to force
     one. Returns ``{"path", "max_abs_diff", "max_rel_diff", "seconds", "exporter", "opset"}``;
     the relative difference is divided by the largest reference magnitude, and ``seconds`` is the
-    export time. Raises ``RuntimeError`` when ``max_rel_diff > tol`` (the file is kept to inspect).
+    export time. With ``dynamic_batch`` the check also runs a batch twice as large (the example and
+    its mirror image), since the batch axis is declared dynamic. Raises ``RuntimeError`` when
+    ``max_rel_diff > tol`` (the file is kept to inspect), and when an exporter fails, naming the
+    exporter, the model class, the operation (``aten::kthvalue``) and the module where it failed
+    when they can be found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
@@ -45,6 +53,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     try:
         with torch.no_grad():
             ref = _flatten(model(*args))
+            cases = [(args, ref, "")]
+            if check and dynamic_batch and args[0].dim():  # the declared batch axis must work: batch x2
+                twice = tuple(torch.cat([a, a.flip(-1)]) if a.dim() and a.shape[0] == args[0].shape[0] else a
+                              for a in args)
+                try:
+                    cases.append((twice, _flatten(model(*twice)),
+                                  f" at batch {2 * args[0].shape[0]} (pass dynamic_batch=False for a fixed batch)"))
+                except Exception:  # the model itself takes one batch size only: nothing to compare with
+                    pass
         in_names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
         out_names = ["output"] if len(ref) == 1 else [f"output{i}" for i in range(len(ref))]
         t0 = time.perf_counter()
@@ -65,28 +82,44 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     except ImportError as err:
         raise ImportError(f"export_onnx(check=True) needs onnxruntime: {_ONNX_HINT}") from err
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    abs_d = rel_d = 0.0
+    for inputs, expected, note in cases:
+        a, r = _compare(sess, inputs, expected, f"{path}{note}")
+        abs_d, rel_d = max(abs_d, a), max(rel_d, r)
+        result.update(max_abs_diff=abs_d, max_rel_diff=rel_d)
+        if not rel_d <= tol:
+            raise RuntimeError(f"{path}: onnxruntime and PyTorch differ by {rel_d:.3g} relative (> {tol:g}), "
+                               f"{abs_d:.3g} absolute ({exporter} exporter){note}")
+    return result
+
+
+def _compare(sess: Any, args: tuple, ref: list[torch.Tensor], where: str) -> tuple[float, float]:
+    """Largest absolute difference between onnxruntime and PyTorch, and the same divided by the
+    largest reference magnitude, over all outputs."""
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
-    outs = sess.run(None, feeds)
+    try:
+        outs = sess.run(None, feeds)
+    except Exception as err:
+        raise RuntimeError(f"{where}: onnxruntime cannot run the exported model: {err}") from err
     if len(outs) != len(ref):
-        raise RuntimeError(f"{path}: onnxruntime gives {len(outs)} outputs, PyTorch {len(ref)}")
+        raise RuntimeError(f"{where}: onnxruntime gives {len(outs)} outputs, PyTorch {len(ref)}")
     abs_d = rel_d = 0.0
     for i, (o, r) in enumerate(zip(outs, ref)):
         r = r.detach().cpu()
         o = torch.from_numpy(o)
         if o.shape != r.shape:
-            raise RuntimeError(f"{path}: output {i} has shape {tuple(o.shape)} in onnxruntime, {tuple(r.shape)} in PyTorch")
+            raise RuntimeError(f"{where}: output {i} has shape {tuple(o.shape)} in onnxruntime, {tuple(r.shape)} in PyTorch")
         d = (o.double() - r.double()).abs().max().item() if r.numel() else 0.0
         abs_d = max(abs_d, d)
         rel_d = max(rel_d, d / max(r.double().abs().max().item() if r.numel() else 0.0, 1e-12))
-    result.update(max_abs_diff=abs_d, max_rel_diff=rel_d)
-    if not rel_d <= tol:
-        raise RuntimeError(f"{path}: onnxruntime and PyTorch differ by {rel_d:.3g} relative (> {tol:g}), "
-                           f"{abs_d:.3g} absolute ({exporter} exporter)")
-    return result
+    return abs_d, rel_d
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:
-    """Outputs in the order the exporters emit them: tensors, then nested tuples/lists/dicts."""
+    """Outputs in the order the exporters emit them: tensors, then nested tuples/lists/dicts (``None``
+    entries are dropped, as the exporters drop them)."""
+    if out is None:
+        return []
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):
@@ -103,21 +136,25 @@ def _export(model: nn.Module, args: tuple, path: Path, opset: int | None, in_nam
     batched_out = [n for n, r in zip(out_names, ref) if batch is not None and r.dim() and r.shape[0] == batch]
     common = dict(input_names=in_names, output_names=out_names, opset_version=opset, verbose=False)
     first_err = None
+    stack: list[str] = []
     if not dynamo:
         try:
             axes = {n: {0: "batch"} for n in batched_in + batched_out} if dynamic_batch and batch is not None else None
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _module_stack(model) as stack:
                 warnings.simplefilter("ignore", DeprecationWarning)  # chosen knowingly; see the docstring
                 torch.onnx.export(model, args, str(path), dynamo=False, dynamic_axes=axes, **common)
             return "torchscript"
         except Exception as err:
+            first_err = _failure(model, "TorchScript", err, stack, lambda op: _locate_op(model, args, opset, op))
             if dynamo is False:
-                raise RuntimeError(f"TorchScript ONNX export failed: {err}") from err
-            first_err = err
+                raise first_err from err
     try:
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"the torch.export ONNX exporter needs onnxscript: {_ONNX_HINT}") from (first_err or err)
+        if first_err is not None:
+            raise RuntimeError(f"{first_err}; the torch.export exporter was not tried: it needs onnxscript "
+                               f"({_ONNX_HINT})") from first_err.__cause__
+        raise ImportError(f"the torch.export ONNX exporter needs onnxscript: {_ONNX_HINT}") from err
     big = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())) > 1.8 * 2**30
     shapes = tuple({0: "batch"} if n in batched_in else None for n, a in zip(in_names, args)) \
         if dynamic_batch and batch is not None else None
@@ -126,6 +163,84 @@ def _export(model: nn.Module, args: tuple, path: Path, opset: int | None, in_nam
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, args, str(path), dynamo=True, dynamic_shapes=shapes, external_data=big, **common)
     except Exception as err:
-        note = f" (the TorchScript exporter failed first: {first_err})" if first_err else ""
-        raise RuntimeError(f"torch.export ONNX export failed: {err}{note}") from err
+        note = f"; before it, {first_err}" if first_err else ""
+        raise RuntimeError(f"{_failure(model, 'torch.export', err)}{note}") from err
     return "dynamo"
+
+
+@contextlib.contextmanager
+def _module_stack(model: nn.Module) -> Iterator[list[str]]:
+    """Forward hooks keeping the names of the modules entered and not yet left: after an exception
+    raised inside a forward (while the exporter traces), the last name is where it was raised."""
+    stack: list[str] = []
+
+    def enter(name: str):
+        def hook(module, inputs):
+            if not name:
+                stack.clear()  # a new forward of the whole model
+            stack.append(name)
+        return hook
+
+    def leave(name: str):
+        def hook(module, inputs, output):
+            while stack and stack.pop() != name:
+                pass
+        return hook
+
+    handles = []
+    try:
+        for name, m in model.named_modules():
+            handles += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave(name))]
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _locate_op(model: nn.Module, args: tuple, opset: int | None, op: str) -> str | None:
+    """The module that calls operation ``op`` (``aten::kthvalue``): exported again with unsupported
+    operations passed through as ``org.pytorch.aten`` nodes, whose names carry the module scope
+    (``/body/body.1/kthvalue``). None when that export fails too."""
+    try:
+        import onnx
+
+        f = io.BytesIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, f, dynamo=False, opset_version=opset,
+                              operator_export_type=torch.onnx.OperatorExportTypes.ONNX_FALLTHROUGH)
+        nodes = onnx.load_from_string(f.getvalue()).graph.node
+    except Exception:
+        return None
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") and node.op_type == op.rpartition("::")[2]:
+            scope = node.name.strip("/").split("/")[:-1]
+            return scope[-1] if scope else ""
+    return None
+
+
+_OP = re.compile(r"'((?:aten|prim|onnx|quantized|torchvision)::[\w.]+)'")
+
+
+def _failure(model: nn.Module, exporter: str, err: Exception, stack: list[str] | None = None,
+             locate=None) -> RuntimeError:
+    """``RuntimeError`` naming the exporter, the model class, the operation and the module (when
+    they can be found) and the exporter's own first line."""
+    text = str(err).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(err).__name__
+    match = _OP.search(text)
+    op = match.group(1) if match else None
+    where = stack[-1] if stack else (locate(op) if op and locate else None)
+    parts = [f"at operation '{op}'"] if op else []
+    if where:
+        try:
+            parts.append(f"in module '{where}' ({type(model.get_submodule(where)).__name__})")
+        except AttributeError:
+            parts.append(f"in module '{where}'")
+    elif where is not None:
+        parts.append(f"in {type(model).__name__}.forward itself")
+    else:
+        parts.append("(the module could not be located)")
+    return RuntimeError(f"ONNX export of {type(model).__name__} failed in the {exporter} exporter "
+                        f"{' '.join(parts)}: {type(err).__name__}: {msg}")
