@@ -11,7 +11,6 @@ shrinks a freshly built model (the caller's, or one built from the spec) to thos
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import json
 import os
@@ -196,22 +195,21 @@ def _check_json(value: Any, name: str) -> None:
 
 def _fresh(spec: dict[str, Any], device: str, trust_code: bool) -> nn.Module:
     """The model as its constructor builds it; on meta it costs no memory and no init time."""
-    kwargs = dict(spec["kwargs"])
-    if "trust_code" in inspect.signature(create_model).parameters:
-        kwargs["trust_code"] = trust_code
     try:
         with torch.device(device):
-            return create_model(spec["name"], **kwargs)
-    except Exception as err:
-        if device == "meta" and not _refused(err):  # some constructors need real values (data-dependent init)
+            return create_model(spec["name"], trust_code=trust_code, **spec["kwargs"])
+    except ValueError as err:
+        if "trust_code" in str(err):  # a module:callable name, not trusted: never retried, never imported
+            raise ValueError(f"the saved model is built by {spec['name']!r}, which imports and runs that module's "
+                             "code: pass load(..., trust_code=True) if you trust where model.json came from, or "
+                             "model= a freshly built model") from None
+        if device == "meta":
             return _fresh(spec, "cpu", trust_code)
-        if _refused(err):
-            raise
         raise ValueError(f"cannot rebuild model {spec['name']!r} with kwargs {spec['kwargs']}: {err}") from err
-
-
-def _refused(err: Exception) -> bool:
-    return isinstance(err, ValueError) and "trust_code" in str(err)
+    except Exception as err:
+        if device == "meta":  # some constructors need real values (data-dependent init)
+            return _fresh(spec, "cpu", trust_code)
+        raise ValueError(f"cannot rebuild model {spec['name']!r} with kwargs {spec['kwargs']}: {err}") from err
 
 
 def _meta_safe(model: nn.Module) -> bool:

@@ -122,3 +122,23 @@ def test_a_model_without_spec_checkpoints_and_resumes(tmp_path, monkeypatch):
     assert [r["step"] for r in report["steps"]] == [0, 1, 2]
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_spec_that_names_code_is_imported_only_when_trusted(tmp_path, monkeypatch):
+    import sys
+
+    model = create_model("tests.test_saving_any:UserNet", trust_code=True, width=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        secateurs.prune(model, torch.randn(1, 1, 8, 8), target={"ratio": 0.5})
+    secateurs.save(model, tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text())["spec"] == {"name": "tests.test_saving_any:UserNet",
+                                                                          "kwargs": {"width": 8}}
+    monkeypatch.delitem(sys.modules, "tests.test_saving_any")  # so that an import would show
+    with pytest.raises(ValueError, match="imports and runs that module's code: pass load\\(\\.\\.\\., trust_code=True\\)"):
+        secateurs.load(tmp_path)
+    assert "tests.test_saving_any" not in sys.modules, "an untrusted spec imported its module"
+    loaded = secateurs.load(tmp_path, trust_code=True)
+    x = torch.randn(2, 1, 8, 8)
+    assert loaded.stem.out_channels == model.stem.out_channels == 4
+    assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
