@@ -142,3 +142,32 @@ def test_a_spec_that_names_code_is_imported_only_when_trusted(tmp_path, monkeypa
     x = torch.randn(2, 1, 8, 8)
     assert loaded.stem.out_channels == model.stem.out_channels == 4
     assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_prunes_checkpoints_and_resumes_a_user_class(tmp_path):
+    """Two CPU processes on the user's own class named module:callable: one writes the steps; a
+    killed run (state.json rolled back to step 1) resumes under torchrun to the same model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "secateurs.cli",
+           "prune", "--model", "tests.test_saving_any:UserNet", "--model-arg", "width=12", "--data", "digits",
+           "--params", "0.5", "--steps", "2", "--finetune-epochs", "1", "--batch-size", "32", "--lr", "0.05",
+           "--input-size", "1", "1", "8", "8", "--no-latency", "--no-onnx", "--quiet", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=root, timeout=600)
+    first = secateurs.load(out, trust_code=True)
+    assert first.stem.out_channels < 12
+    state = json.loads((out / "state.json").read_text())
+    assert state["completed_steps"] == 2
+    state.update(completed_steps=1, steps=state["steps"][:2])  # as if killed after step 1
+    (out / "state.json").write_text(json.dumps(state))
+    subprocess.run([*cmd, "--resume"], check=True, env=env, cwd=root, timeout=600)
+    again = secateurs.load(out, trust_code=True)
+    a, b = first.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
