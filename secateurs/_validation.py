@@ -87,9 +87,10 @@ def _short(x: Any) -> str:
 
 def check_model(model: Any, name: str = "model", *, values: bool = False) -> Any:
     """Return ``model`` if it is an ``nn.Module``, else raise a TypeError naming ``name``. With
-    ``values`` (what pruning needs: scores are computed from the weights) every parameter and
-    buffer must hold finite values: the first on the meta device, or with a NaN or an infinity,
-    is named in a ValueError."""
+    ``values`` (what pruning needs: scores are computed from the weights) every parameter must
+    hold finite values, every buffer no NaN (masks may hold -inf on purpose) and normalisation
+    statistics finite values: the first tensor on the meta device or breaking this is named in a
+    ValueError."""
     if not isinstance(model, nn.Module):
         hint = " (build it first, e.g. secateurs.models.create_model(name))" if isinstance(model, str) else ""
         raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(model).__name__} {_short(model)}{hint}")
@@ -99,13 +100,14 @@ def check_model(model: Any, name: str = "model", *, values: bool = False) -> Any
                 if t.is_meta:
                     raise ValueError(f"`{name}` {kind} '{key}' is on the meta device and has no values; "
                                      "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict)")
-                _check_finite_tensor(t, f"`{name}` {kind} '{key}'")
+                stats = key.endswith(("running_mean", "running_var"))
+                _check_finite_tensor(t, f"`{name}` {kind} '{key}'", nan_only=kind == "buffer" and not stats)
     return model
 
 
-def _check_finite_tensor(t: Any, what: str) -> None:
+def _check_finite_tensor(t: Any, what: str, nan_only: bool = False) -> None:
     if t.is_floating_point() or t.is_complex():
-        bad = ~torch.isfinite(t.detach())
+        bad = t.detach().isnan() if nan_only else ~torch.isfinite(t.detach())
         if bool(bad.any()):
             n = int(bad.sum())
             kinds = "NaN" if bool(t.detach().isnan().any()) else "infinite"

@@ -48,7 +48,7 @@ class ArrayDataset:
 
     def subset(self, n: int | None, seed: int = 0) -> "ArrayDataset":
         """The first ``n`` samples of a fixed shuffle, class-balanced when possible."""
-        check_scalar(n, "n", int, min_val=1, allow_none=True)
+        check_scalar(n, "n", int, min_val=0, allow_none=True)
         if n is None or n >= len(self):
             return self
         gen = torch.Generator().manual_seed(seed)

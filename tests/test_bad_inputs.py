@@ -257,7 +257,7 @@ CASES: list[Case] = [
     Case("data-imagefolder-missing", "`load_dataset('imagefolder:/no/such/dir')`", FileNotFoundError,
          "imagefolder: '/no/such/dir' is not a folder", lambda e: load_dataset("imagefolder:/no/such/dir"), model=None,
          was="FileNotFoundError from iterdir, not saying imagefolder"),
-    Case("data-subset-negative", "`ds.subset(-5)`", ValueError, "`n` must be a positive int", lambda e: toy().subset(-5),
+    Case("data-subset-negative", "`ds.subset(-5)`", ValueError, "`n` must be a non-negative int", lambda e: toy().subset(-5),
          model=None, was="returned all but the last 5 samples"),
     # -- apply_plan -----------------------------------------------------------------------------------
     Case("plan-model-str", "`apply_plan('model', graph, plan)`", TypeError, "`model` must be a torch.nn.Module",
@@ -412,6 +412,15 @@ def test_bad_input(case: Case, tmp_path, monkeypatch, capsys):
         assert tensors.keys() == before[1].keys()
         changed = [k for k in tensors if not same_bits(tensors[k], before[1][k])]
         assert not changed, f"tensors changed: {changed}"
+
+
+def test_masks_may_hold_infinities():
+    """Attention masks hold -inf on purpose: only parameters and normalisation statistics must be finite."""
+    from secateurs._validation import check_model
+
+    m = tiny()
+    m.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    assert check_model(m, values=True) is m
 
 
 def test_there_are_enough_cases_and_ids_are_unique():
