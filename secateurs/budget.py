@@ -92,6 +92,9 @@ def as_budget(target: Any, default_kind: str = "macs") -> Budget:
         if len(target) == 1 and next(iter(target)) in BUDGETS:
             (kind, value), = target.items()
             return Budget(kind, dict(value) if isinstance(value, Mapping) else value)
+        kinds = [k for k in target if k in BUDGETS]
+        if kinds:
+            raise ValueError(f"a `target` dict takes one budget kind ({', '.join(BUDGETS)}), got {sorted(target)}")
         return Budget("layers", dict(target))
     return Budget(default_kind, target)
 

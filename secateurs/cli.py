@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
-from ._validation import check_choice
-from .budget import ALLOCATIONS, Budget
+from .budget import ALLOCATIONS, Allocator, Budget
 from .cost import measure_latency
 from .criteria import list_criteria
-from .data import load_dataset
+from .data import list_datasets, load_dataset
 from .export import export_onnx
 from .saving import save
 from .graph import analyze
@@ -37,7 +36,7 @@ def load_model(spec: str, **kwargs) -> torch.nn.Module:
     is the user's own code."""
     try:
         return create_model(spec, trust_code=True, **kwargs).eval()
-    except (ValueError, ImportError) as err:
+    except (ValueError, TypeError, ImportError) as err:  # TypeError: a --model-arg the constructor does not take
         raise SystemExit(f"--model: {err}") from None
 
 
@@ -256,18 +255,21 @@ def _latencies(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
 def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int | float]:
     """Everything the command line can get wrong, refused before any data is loaded."""
     budget = _budget(args, optional=not how.needs_budget)
-    if args.allocation is not None:
-        try:
-            check_choice(args.allocation, "allocation", ALLOCATIONS)
-        except ValueError as err:
-            raise SystemExit(f"--allocation: {err}") from None
+    _check_input_size(args.input_size)
+    if args.data and args.data.partition(":")[0] not in {n.partition(":")[0] for n in list_datasets()}:
+        raise SystemExit(f"--data: unknown dataset {args.data!r}; available: {', '.join(list_datasets())}")
+    min_width = int(args.min_width) if args.min_width >= 1 else float(args.min_width)
+    try:
+        Allocator.check_arguments(args.allocation or ALLOCATIONS[0], args.round_to, min_width)
+    except ValueError as err:
+        flag = next((f for f in ("allocation", "round_to", "min_width") if f"`{f}`" in str(err)), "allocation")
+        raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
     if (args.finetune_epochs or how.needs_data) and not args.data:
         raise SystemExit(f"--{'finetune-epochs' if args.finetune_epochs else 'method ' + args.method} needs --data")
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out")
     if args.tolerance is not None and not args.data:
         raise SystemExit("--tolerance needs --data: the metric is measured on its test split")
-    min_width = int(args.min_width) if args.min_width >= 1 else float(args.min_width)
     finetune = None
     if args.finetune_epochs:
         try:
@@ -277,6 +279,11 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
         except ValueError as err:
             raise SystemExit(f"secateurs prune: {err}") from None
     return budget, finetune, min_width
+
+
+def _check_input_size(size: list[int] | None) -> None:
+    if size is not None and (len(size) < 2 or any(n < 1 for n in size)):
+        raise SystemExit(f"--input-size must be positive sizes, batch first (e.g. 1 3 224 224), got {' '.join(map(str, size))}")
 
 
 def _save_outputs(args, model: torch.nn.Module, x: torch.Tensor, report: dict) -> None:
@@ -390,6 +397,7 @@ def train_main(args) -> int:
 
 
 def analyze_main(args) -> int:
+    _check_input_size(args.input_size)
     model = build_model(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._validation import check_example_inputs, check_model
 from .capture import capture
 
 __all__ = ["Cost", "LayerCost", "PlanCost", "count", "measure_latency"]
@@ -58,7 +59,8 @@ def count(model: nn.Module, example_inputs: Any, *, reuse: bool = True) -> Cost:
     module, parameter, buffer or input shape changed since gets the same result without a forward;
     ``reuse=False`` always runs one (forward hooks see it).
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    check_model(model)
+    inputs = check_example_inputs(example_inputs)
     key = _signature(model, inputs)
     hit = _LAST.get(model) if reuse else None
     if hit is not None and hit[0] == key:

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ._validation import check_choice
+from ._validation import check_choice, check_scalar
 
 __all__ = ["ArrayDataset", "Batches", "load_dataset", "list_datasets", "data_roots", "augment"]
 
@@ -48,6 +48,7 @@ class ArrayDataset:
 
     def subset(self, n: int | None, seed: int = 0) -> "ArrayDataset":
         """The first ``n`` samples of a fixed shuffle, class-balanced when possible."""
+        check_scalar(n, "n", int, min_val=0, allow_none=True)
         if n is None or n >= len(self):
             return self
         gen = torch.Generator().manual_seed(seed)
@@ -194,6 +195,8 @@ def _digits(split: str) -> ArrayDataset:
 def _image_folder(path: Path, split: str) -> ArrayDataset:
     from PIL import Image
 
+    if not path.is_dir():
+        raise DataNotFound(f"imagefolder: {str(path)!r} is not a folder")
     base = path / split if (path / split).exists() else path
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not classes:
@@ -270,6 +273,8 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     ``split`` is ``"train"`` or ``"test"`` (the validation split for segmentation).
     """
     check_choice(split, "split", ("train", "test"))
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a dataset name (str), one of {', '.join(_NAMES)}; got {type(name).__name__}")
     roots = data_roots(root)
     kind, _, arg = name.partition(":")
     if kind in ("cifar10", "cifar100") and not arg:

@@ -19,7 +19,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ._ids import Binding, Context
-from ._validation import PruningError
+from ._validation import PruningError, check_example_inputs, check_model
 from .capture import capture, one_thread
 
 __all__ = ["ChannelGroup", "DependencyGraph", "analyze"]
@@ -249,19 +249,13 @@ def _make_group(g: int, comps: torch.Tensor, bindings: list[Binding], member_ids
 
 
 # -- front door ------------------------------------------------------------------------------------
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and example_inputs and all(
-            isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(list(example_inputs))):
-        return tuple(example_inputs)
-    raise TypeError("`example_inputs` must be a tensor or a tuple of tensors (one per positional input of "
-                    f"forward), got {type(example_inputs).__name__}")
-
-
 def _names(model: nn.Module, items: Iterable[str | nn.Module] | None, what: str) -> list[str]:
     names = []
     known = dict(model.named_modules())
+    if isinstance(items, (str, nn.Module)):  # one name, not its characters
+        items = [items]
+    elif items is not None and not isinstance(items, Iterable):
+        raise TypeError(f"`{what}` takes a list of modules or qualified names, got {type(items).__name__} {items!r}")
     for it in items or ():
         if isinstance(it, nn.Module):
             names.append(_module_name(model, it))
@@ -292,9 +286,8 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
     -------
     DependencyGraph
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_tuple(example_inputs)
+    check_model(model)
+    inputs = check_example_inputs(example_inputs)
     ignored = _names(model, ignore, "ignore")
     shapes = {name: (tuple(t.shape)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
     ctx, how = capture(model, inputs, set(ignored))

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
-from ._validation import PruningError, check_scalar
+from ._validation import (PruningError, check_dataset, check_example_inputs, check_model, check_out_dir,
+                          check_scalar)
 from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
                      uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
 from .cost import Cost, count
@@ -66,13 +67,18 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
         if data is None:
             raise ValueError("`finetune` needs `data` (the training set)")
         if isinstance(finetune, Mapping):
-            finetune = TrainConfig(**finetune)
+            try:
+                finetune = TrainConfig(**finetune)
+            except TypeError as err:
+                raise TypeError(f"`finetune` must hold TrainConfig fields: {err}") from None
         if not isinstance(finetune, TrainConfig):
             raise TypeError(f"`finetune` must be a TrainConfig or a dict of its fields, got {type(finetune).__name__}")
     if tolerance is not None:
         if val_data is None:
             raise ValueError("`tolerance` needs `val_data` to measure the metric")
         check_scalar(tolerance, "tolerance", min_val=0)
+    if metric is not None and val_data is None:
+        raise ValueError(f"`metric` ({metric!r}) needs `val_data` to be measured on")
     key = metric_key(val_data, metric)
     if kind == "latency":
         dev = next(model.parameters()).device
@@ -294,8 +300,13 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     """
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     target = deprecated_budget(target, budget, ratio)
+    check_model(model, values=True)  # a module, with finite weights
+    inputs = check_example_inputs(example_inputs, finite=True)
     req = _check_request(model, method, target, allocation, round_to, min_width, data, val_data, finetune, steps,
                          tolerance, metric, method_options)
+    check_dataset(data, "data", inputs)
+    check_dataset(val_data, "val_data", inputs, arrays=True)
+    check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
     timings = dict.fromkeys(_TIMINGS, 0.0)
     t_all = time.perf_counter()
     base = count(model, example_inputs)

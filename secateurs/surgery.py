@@ -7,6 +7,7 @@ exactly as it was.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from .cost import count
 from .graph import ChannelGroup, DependencyGraph
-from ._validation import PruningError
+from ._validation import PruningError, check_model
 
 __all__ = ["PruningPlan", "apply_plan", "zero_channels"]
 
@@ -39,8 +40,30 @@ class PruningPlan:
         if isinstance(plan, PruningPlan):
             return plan
         if isinstance(plan, Mapping):
-            return cls({int(k): list(v) for k, v in plan.items()})
+            return cls({_group_index(k): _channels(k, v) for k, v in plan.items()})
         raise TypeError(f"`plan` must be a PruningPlan or a dict {{group index: channel indices}}, got {type(plan).__name__}")
+
+
+def _group_index(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, str)) or (isinstance(k, str) and not k.strip().isdigit()):
+        raise TypeError(f"`plan` keys must be group indices (ints), got {type(k).__name__} {k!r}")
+    return int(k)
+
+
+def _channels(k: object, v: object) -> list[int]:
+    """Channel indices as ints: integers (Python or tensor), never floats or bools."""
+    if isinstance(v, torch.Tensor):
+        if v.is_floating_point() or v.dtype == torch.bool:
+            raise PruningError(f"`plan` group {k}: channel indices must be integers, got a {v.dtype} tensor")
+        return v.flatten().tolist()
+    if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
+        raise TypeError(f"`plan` group {k}: channel indices must be a list of ints, got {type(v).__name__} {v!r}")
+    out = list(v)
+    bad = [c for c in out if isinstance(c, bool) or not isinstance(c, (numbers.Integral, torch.Tensor))
+           or (isinstance(c, torch.Tensor) and (c.numel() != 1 or c.is_floating_point()))]
+    if bad:
+        raise PruningError(f"`plan` group {k}: channel indices must be integers, got {bad[:5]!r}")
+    return [int(c) for c in out]
 
 
 def _removed_components(graph: DependencyGraph, plan: PruningPlan) -> tuple[torch.Tensor, set[int]]:
@@ -75,6 +98,9 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
     every cut). With ``check`` (the default) the cut model runs once on the analysed inputs (on
     meta tensors when it can): if it no longer runs, the cut is undone and the error says so.
     """
+    check_model(model)
+    if not isinstance(graph, DependencyGraph):
+        raise TypeError(f"`graph` must be the DependencyGraph of secateurs.analyze(model, ...), got {type(graph).__name__}")
     plan = PruningPlan.coerce(plan)
     removed, touched = _removed_components(graph, plan)
     if not touched:
