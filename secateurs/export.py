@@ -52,7 +52,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     model.eval()
     try:
         with torch.no_grad():
-            ref = _flatten(model(*args))
+            ref = _flatten(_reference(model, args))
             cases = [(args, ref, "")]
             if check and dynamic_batch and args[0].dim():  # the declared batch axis must work: batch x2
                 twice = tuple(torch.cat([a, a.flip(-1)]) if a.dim() and a.shape[0] == args[0].shape[0] else a
@@ -166,6 +166,18 @@ def _export(model: nn.Module, args: tuple, path: Path, opset: int | None, in_nam
         note = f"; before it, {first_err}" if first_err else ""
         raise RuntimeError(f"{_failure(model, 'torch.export', err)}{note}") from err
     return "dynamo"
+
+
+def _reference(model: nn.Module, args: tuple) -> Any:
+    """PyTorch's own outputs; inputs that do not fit the model are the caller's error, said so."""
+    with _module_stack(model) as stack:
+        try:
+            return model(*args)
+        except Exception as err:
+            where = f" in module '{stack[-1]}'" if stack and stack[-1] else ""
+            shapes = ", ".join(str(tuple(a.shape)) for a in args)
+            raise ValueError(f"`example_inputs` (shape {shapes}) do not fit {type(model).__name__}: its forward "
+                             f"failed{where}: {type(err).__name__}: {err}") from err
 
 
 @contextlib.contextmanager

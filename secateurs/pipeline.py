@@ -130,7 +130,12 @@ class _Checkpoints:
         """The saved state of an earlier run of the same request, if any."""
         if not (self.enabled and self.state_path.exists()):
             return None
-        state = json.loads(self.state_path.read_text())
+        try:
+            state = json.loads(self.state_path.read_text())
+            state["request"], state["completed_steps"]  # noqa: B018 (the keys a resume needs)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.state_path} is damaged ({type(err).__name__}: {err}); remove it to start "
+                             "afresh, or resume from a copy of the run folder") from err
         if state["request"] != json.loads(json.dumps(self.request, default=str)):
             raise ValueError(f"{self.state_path} was written by a different request {state['request']}; "
                              "use another out_dir or the same arguments")

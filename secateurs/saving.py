@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
-from .models import create_model
+from .models import create_model, names_code
 
 __all__ = ["FORMAT", "save", "load", "describe"]
 
@@ -134,6 +134,7 @@ def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_loca
         model.load_state_dict(state, strict=True, assign=on_meta)
     except RuntimeError as err:
         raise ValueError(f"{w_path} does not fit the model rebuilt from {cfg_path}: {err}") from err
+    _check_sizes(model, str(cfg_path))
     if spec is not None:
         model.secateurs_spec = spec
     if given is not None and type(model) is type(given):
@@ -195,17 +196,13 @@ def _check_json(value: Any, name: str) -> None:
 
 def _fresh(spec: dict[str, Any], device: str, trust_code: bool) -> nn.Module:
     """The model as its constructor builds it; on meta it costs no memory and no init time."""
+    if names_code(spec["name"]) and not trust_code:  # refused before anything is imported
+        raise ValueError(f"the saved model is built by {spec['name']!r}, which imports and runs that module's code: "
+                         "pass load(..., trust_code=True) if you trust where model.json came from, or model= a "
+                         "freshly built model")
     try:
         with torch.device(device):
             return create_model(spec["name"], trust_code=trust_code, **spec["kwargs"])
-    except ValueError as err:
-        if "trust_code" in str(err):  # a module:callable name, not trusted: never retried, never imported
-            raise ValueError(f"the saved model is built by {spec['name']!r}, which imports and runs that module's "
-                             "code: pass load(..., trust_code=True) if you trust where model.json came from, or "
-                             "model= a freshly built model") from None
-        if device == "meta":
-            return _fresh(spec, "cpu", trust_code)
-        raise ValueError(f"cannot rebuild model {spec['name']!r} with kwargs {spec['kwargs']}: {err}") from err
     except Exception as err:
         if device == "meta":  # some constructors need real values (data-dependent init)
             return _fresh(spec, "cpu", trust_code)
@@ -334,6 +331,34 @@ def _set_sizes(target: nn.Module, attrs: Mapping[str, Any], absolute: bool) -> N
 
 
 _MISSING = object()
+
+
+def _size_claims(m: nn.Module) -> list[tuple[str, Any, str, Any]]:
+    """(attribute, its value, tensor, the value the tensor implies) for the standard layers."""
+    w = getattr(m, "weight", None)
+    if isinstance(m, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor):
+        out_ax, in_ax = (1, 0) if m.transposed else (0, 1)
+        return [("out_channels", m.out_channels, "weight", w.shape[out_ax] * (m.groups if m.transposed else 1)),
+                ("in_channels", m.in_channels, "weight", w.shape[in_ax] * (1 if m.transposed else m.groups))]
+    if isinstance(m, nn.Linear) and isinstance(w, torch.Tensor):
+        return [("out_features", m.out_features, "weight", w.shape[0]), ("in_features", m.in_features, "weight", w.shape[1])]
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        t = w if isinstance(w, torch.Tensor) else getattr(m, "running_mean", None)
+        return [("num_features", m.num_features, "weight" if t is w else "running_mean", t.shape[0])] if t is not None else []
+    if isinstance(m, nn.GroupNorm) and isinstance(w, torch.Tensor):
+        return [("num_channels", m.num_channels, "weight", w.shape[0])]
+    if isinstance(m, nn.LayerNorm) and isinstance(w, torch.Tensor):
+        return [("normalized_shape", tuple(m.normalized_shape), "weight", tuple(w.shape))]
+    return []
+
+
+def _check_sizes(model: nn.Module, where: str) -> None:
+    """The size attributes a description sets must agree with the weights that were loaded."""
+    for name, m in model.named_modules():
+        for attr, says, tensor, holds in _size_claims(m):
+            if says != holds:
+                raise ValueError(f"{where}: module '{name or '<root>'}' has {attr}={says} but its {tensor} implies "
+                                 f"{holds}; the description and the weights disagree (edited or from another run?)")
 
 
 def _as_tuple(v: Any) -> Any:

@@ -94,6 +94,11 @@ def _split(name: str) -> tuple[str | None, str]:
     return (scheme, rest) if scheme in SCHEMES else ("", name)
 
 
+def names_code(name: str) -> bool:
+    """Whether building ``name`` would import a module of the caller's choosing (``module:callable``)."""
+    return isinstance(name, str) and _split(name)[0] == ""
+
+
 def _check_code_name(name: str, trust_code: bool) -> None:
     """A name outside the registry and the schemes is ``module.path:callable``: well formed, and
     only with ``trust_code``."""
@@ -172,5 +177,5 @@ def load_pretrained(name: str) -> nn.Module:
     model.load_state_dict(load_safetensors(data))
     return model.eval()
 
-__all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained", "model_forms",
+__all__ = ["create_model", "list_models", "register_model", "list_pretrained", "load_pretrained", "model_forms", "names_code",
            "sizing_kwargs", "zoo_dir", "SCHEMES"]
