@@ -1,6 +1,7 @@
 """secateurs: structured pruning that hands back a physically smaller dense model."""
 from ._validation import PruningError
-from .cost import Cost, LayerCost, PlanCost, count, measure_latency
+from .cost import Cost, LayerCost, PlanCost, count
+from .latency import measure_latency, time_models
 from .criteria import get_criterion, group_scores, list_criteria, register_criterion
 from .export import export_onnx
 from .saving import load, save
@@ -16,7 +17,7 @@ __all__ = [
     "analyze", "prune", "count", "apply_plan", "zero_channels", "PruningPlan", "DependencyGraph",
     "ChannelGroup", "Cost", "LayerCost", "PruningError", "get_criterion", "group_scores",
     "list_criteria", "register_criterion", "uniform_plan", "Allocator", "Budget", "plan_for_budget", "PlanCost",
-    "measure_latency", "save", "load", "export_onnx", "Method", "CriterionMethod", "HeuristicMethod", "get_method",
+    "measure_latency", "time_models", "save", "load", "export_onnx", "Method", "CriterionMethod", "HeuristicMethod", "get_method",
     "list_methods", "register_method", "HFPMethod", "HFPRegularizer", "ImportanceWeights",
     "ImportanceWeightMethod",
 ]

@@ -8,6 +8,7 @@ Models are registry names (``secateurs.models.list_models()``), ``torchvision:NA
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import warnings
@@ -17,12 +18,12 @@ from typing import Any
 import torch
 
 from .budget import ALLOCATIONS, Allocator, Budget
-from .cost import measure_latency
 from .criteria import list_criteria
 from .data import list_datasets, load_dataset
 from .export import export_onnx
 from .saving import save
 from .graph import analyze
+from .latency import compare_dense_pruned
 from .methods import get_method, list_methods, method_class
 from .models import create_model, load_pretrained, sizing_kwargs
 from .pipeline import prune
@@ -133,7 +134,8 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     b.add_argument("--latency", type=float, default=None, help="kept fraction of measured latency here, in (0, 1]")
     b.add_argument("--ratio", type=float, default=None, help="fraction of channels removed from every group")
     s.add_argument("--allocation", default=None, help="global (one ranking) or uniform (same ratio per group)")
-    s.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this (8 suits fast kernels)")
+    s.add_argument("--round-to", type=_round_to, default=1,
+                   help="keep widths multiples of this (8 suits fast kernels), or 'auto': measured on this machine")
     s.add_argument("--min-width", type=float, default=1, help="minimum kept channels per group (>= 1) or fraction (< 1)")
     s.add_argument("--ignore", nargs="*", default=[], help="modules whose output channels are kept")
     s.add_argument("--steps", type=int, default=None,
@@ -247,9 +249,30 @@ def _budget(args, optional: bool = False) -> Budget | None:
         raise SystemExit(f"--{kind}: {err}") from None
 
 
-def _latencies(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Median latency at batch 1 and batch 8, the two rows of the report."""
-    return {f"latency_b{b}_ms": 1e3 * measure_latency(model, x.expand(b, *x.shape[1:]).contiguous()) for b in (1, 8)}
+def _latency_guard(dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, report: dict) -> None:
+    """Dense and pruned timed interleaved at batch 1 and 8: the report's latency rows, and a loud
+    warning when the pruned model is measurably slower."""
+    guard = compare_dense_pruned(dense, model, x, batches=(1, 8), repeats=30)
+    report["latency"] = guard
+    for r in guard["rows"]:
+        report["before"][f"latency_b{r['batch']}_ms"] = r["dense_ms"]
+        report["after"][f"latency_b{r['batch']}_ms"] = r["pruned_ms"]
+    if guard["slower"]:
+        rows = [r for r in guard["rows"] if r["batch"] in guard["slower"]]
+        msg = ("WARNING: the pruned model is SLOWER than the dense one on this machine at batch "
+               + ", ".join(f"{r['batch']} ({r['pruned_ms']:.2f} ms vs {r['dense_ms']:.2f} ms)" for r in rows)
+               + "; try --round-to auto or a --latency target")
+        report.setdefault("warnings", []).append(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer or 'auto', got {text!r}") from None
 
 
 def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int | float]:
@@ -260,7 +283,8 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
         raise SystemExit(f"--data: unknown dataset {args.data!r}; available: {', '.join(list_datasets())}")
     min_width = int(args.min_width) if args.min_width >= 1 else float(args.min_width)
     try:
-        Allocator.check_arguments(args.allocation or ALLOCATIONS[0], args.round_to, min_width)
+        Allocator.check_arguments(args.allocation or ALLOCATIONS[0], 1 if args.round_to == "auto" else args.round_to,
+                                  min_width)
     except ValueError as err:
         flag = next((f for f in ("allocation", "round_to", "min_width") if f"`{f}`" in str(err)), "allocation")
         raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
@@ -324,7 +348,7 @@ def prune_main(args) -> int:
     shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])
     x = torch.randn(*shape)
     name = args.pretrained or args.model
-    lat = {} if args.no_latency else _latencies(model, x)
+    dense = None if args.no_latency else copy.deepcopy(model)  # timed beside the pruned model afterwards
     log = (lambda *a: None) if args.quiet or not main_proc else print
     log(f"{name}: pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
     model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation,
@@ -332,9 +356,8 @@ def prune_main(args) -> int:
                           val_data=val_ds, finetune=finetune, steps=args.steps, tolerance=args.tolerance,
                           metric=args.metric, out_dir=args.out, resume=args.resume, quiet=args.quiet or not main_proc)
     model = model.cpu()  # measured, saved and exported on the CPU
-    report["before"].update(lat)
-    if not args.no_latency:
-        report["after"].update(_latencies(model, x))
+    if dense is not None:
+        _latency_guard(dense, model, x, report)
     report["threads"] = torch.get_num_threads()
     report["protocol"] = (f"{name} on {train_ds.name if train_ds else 'no data'}"
                           + (f", fine-tune {args.finetune_epochs} epoch(s)/step on {len(train_ds)} samples" if finetune else ", no fine-tuning")

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ._validation import check_example_inputs, check_model
 from .capture import capture
+from .latency import measure_latency  # noqa: F401  (re-exported: the one harness lives in latency.py)
 
 __all__ = ["Cost", "LayerCost", "PlanCost", "count", "measure_latency"]
 
@@ -189,32 +190,3 @@ class PlanCost:
         macs = self._fixed_macs + int((self._mac_pos * numel[self._mac_tensor]).sum())
         return macs, self._fixed_params + int(numel.sum())
 
-
-def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3,
-                    threads: int | None = None) -> float:
-    """Median wall time in seconds of one eval-mode forward on ``example_inputs``.
-
-    The median of repeated runs, after warm-up, is what a user sees; a mean would be dragged by
-    the odd scheduler hiccup on a shared CPU.
-    """
-    import statistics
-    import time
-
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    old_threads = torch.get_num_threads()
-    was = model.training
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        model.eval()
-        times = []
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                t0 = time.perf_counter()
-                model(*inputs)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    finally:
-        torch.set_num_threads(old_threads)
-        model.train(was)

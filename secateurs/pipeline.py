@@ -26,6 +26,7 @@ from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, depreca
 from .cost import Cost, count
 from .saving import load as load_model, save as save_model
 from .graph import analyze
+from .latency_table import auto_round_to
 from .methods import Decision, Method, StepContext, get_method
 from .train import TrainConfig, evaluate, fit, is_main_process, metric_key
 
@@ -266,7 +267,7 @@ def _measure_step(run: _Run, ctx: StepContext, k: int, removed: dict, snapshot: 
 
 
 def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method = "l2", target: Any = None, *,
-          allocation: str | None = None, ignore: Iterable[str | nn.Module] | None = None, round_to: int = 1,
+          allocation: str | None = None, ignore: Iterable[str | nn.Module] | None = None, round_to: int | str = 1,
           min_width: int | float = 1, data: Any = None, val_data: Any = None, finetune: Any = None,
           steps: int | None = None, tolerance: float | None = None, metric: str | None = None,
           latency_threads: int | None = None, method_options: Mapping[str, Any] | None = None,
@@ -286,7 +287,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
         every group) or {module name: removed ratio}; or a :class:`~secateurs.budget.Budget`.
         Optional for methods that pick their own widths (then it is a stop rule).
     allocation : {"global", "uniform"}, default="global" for MACs/params/latency, else "uniform"
-    round_to, min_width : widths become multiples of ``round_to`` and at least ``min_width``.
+    round_to, min_width : widths become multiples of ``round_to`` and at least ``min_width``;
+        ``round_to="auto"`` measures the multiple on the fast side of this machine's steps.
     data, val_data : datasets for data-driven criteria / fine-tuning, and for the metric.
     finetune : TrainConfig or dict of its fields; fine-tunes after every step when given.
     steps : one-shot (1) or at most that many prune -> fine-tune rounds (a criterion's budget is
@@ -307,11 +309,15 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     target = deprecated_budget(target, budget, ratio)
     check_model(model, values=True)  # a module, with finite weights
     inputs = check_example_inputs(example_inputs, finite=True)
-    req = _check_request(model, method, target, allocation, round_to, min_width, data, val_data, finetune, steps,
-                         tolerance, metric, method_options)
+    auto = isinstance(round_to, str) and round_to == "auto"
+    req = _check_request(model, method, target, allocation, 1 if auto else round_to, min_width, data, val_data,
+                         finetune, steps, tolerance, metric, method_options)
     check_dataset(data, "data", inputs)
     check_dataset(val_data, "val_data", inputs, arrays=True)
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
+    if auto:  # measured on this machine once, then cached
+        round_to = auto_round_to(model, example_inputs, threads=latency_threads)
+        log(f"round_to='auto': {round_to} on this machine")
     timings = dict.fromkeys(_TIMINGS, 0.0)
     t_all = time.perf_counter()
     base = count(model, example_inputs)

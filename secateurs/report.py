@@ -34,6 +34,11 @@ def format_table(report: dict) -> str:
         name = report.get("metric_name") or "metric"
         drop = a["metric"] - b["metric"]
         lines.append(f"{name:18} {b['metric']:>12.2f} {a['metric']:>12.2f} {drop:>+12.2f} pts")
+    lat = report.get("latency")
+    if lat:
+        lines.append(f"latency: dense and pruned timed interleaved, median of {lat['repeats']}, {lat.get('threads')} "
+                     f"threads, {lat['runtime']}")
+    lines += report.get("warnings", [])
     return "\n".join(lines)
 
 

@@ -158,3 +158,31 @@ def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, expected, tmp_
 
     monkeypatch.setattr(latency_table, "time_callables", never)  # cached per machine and layer shapes
     assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == expected
+
+
+def test_cli_report_says_loudly_when_the_pruned_model_is_slower(tmp_path, monkeypatch, capsys):
+    import secateurs.cli as cli
+
+    def slower(dense, pruned, x, **kw):
+        return {"runtime": "eager", "repeats": 30, "threads": 2, "slower": [8],
+                "rows": [{"batch": 1, "dense_ms": 2.0, "pruned_ms": 1.0}, {"batch": 8, "dense_ms": 9.0, "pruned_ms": 11.0}]}
+
+    monkeypatch.setattr(cli, "compare_dense_pruned", slower)
+    assert cli.main(["prune", "--model", "tiny_cnn", "--input-size", "1", "1", "8", "8", "--macs", "0.5", "--no-onnx",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "SLOWER than the dense one on this machine at batch 8 (11.00 ms vs 9.00 ms)" in out.err
+    assert "SLOWER" in out.out  # in the printed table too
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["after"]["latency_b8_ms"] == 11.0 and report["latency"]["slower"] == [8] and report["warnings"]
+
+
+def test_prune_round_to_auto_uses_the_measured_step(monkeypatch):
+    import secateurs
+    from secateurs.models import create_model
+
+    monkeypatch.setattr(secateurs.pipeline, "auto_round_to", lambda model, x, threads=None: 4)
+    m, report = secateurs.prune(create_model("cifar_resnet20"), torch.randn(1, 3, 32, 32), target={"macs": 0.5},
+                                round_to="auto")
+    widths = [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]
+    assert report["round_to"] == 4 and all(w % 4 == 0 for w in widths) and any(w < 16 for w in widths)
