@@ -79,6 +79,12 @@ def _runner(model: nn.Module, inputs: tuple, runtime: str, threads: int, workdir
         m = copy.deepcopy(model).to(memory_format=torch.channels_last)
         inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
     m.eval()
+    if any(t.is_cuda for t in inputs):  # kernels are asynchronous: the time is the synchronised one
+        def run_cuda() -> Any:
+            out = m(*inputs)
+            torch.cuda.synchronize()
+            return out
+        return run_cuda
     return lambda: m(*inputs)
 
 
