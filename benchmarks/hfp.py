@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     p.add_argument("--hfp-epochs", type=int, default=6)
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs after the cut")
     p.add_argument("--lam", type=float, default=5.0)
+    p.add_argument("--resnet50-check", type=int, default=0, metavar="N",
+                   help="also prune a random-init torchvision ResNet-50 (64px) to 40%% MACs on N images (0: skip)")
     add_protocol_args(p)
     args = p.parse_args(argv)
     out = start(args)

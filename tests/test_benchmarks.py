@@ -60,3 +60,25 @@ def test_report_numbers_come_from_the_results_files(tmp_path):
     assert "segmentation curves 3/" in text and "cost 2.0 h of this machine" in text  # 4 x 1800 s + 60 s
     for png in ("accuracy_vs_macs.png", "segmentation_iou_vs_macs.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_every_flag_a_benchmark_reads_is_declared():
+    """`args.resnet50_check` was read after its flag was removed: the script crashed at its end."""
+    import ast
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    declared: set[str] = set()
+    used: dict[str, set[str]] = {}
+    for f in files:
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                opts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                dest = next((k.value.value for k in node.keywords if k.arg == "dest"), None)
+                longs = [o for o in opts if o.startswith("--")] or opts
+                declared.add(dest or longs[0].lstrip("-").replace("-", "_"))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args":
+                used.setdefault(f.name, set()).add(node.attr)
+    missing = {f: sorted(a - declared) for f, a in used.items() if a - declared}
+    assert not missing, f"flags read but never declared: {missing}"
