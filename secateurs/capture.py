@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from . import _ids, _layers, _ops
+from . import _ids, _layers, _meta, _ops
 from ._ids import Context, TrackedInt
 from ._validation import PruningError
 
@@ -271,7 +271,7 @@ class _Mode(TorchFunctionMode):
         swapped = fname in _SWAPPED and len(args) == 2
         if op == "property":
             return self._property(target, func(*args, **kwargs), args)
-        fast = (_layers.META_SHAPES if self.meta else _layers.REAL_GUARDS).get(target)
+        fast = (_meta.META_SHAPES if self.meta else _layers.REAL_GUARDS).get(target)
         out = fast(args, kwargs) if fast is not None else None
         if out is None:
             out = func(*args, **kwargs)
