@@ -137,13 +137,24 @@ def _binary_shape(args, kwargs):
     return None if found is None else _empty(found[1], found[0])
 
 
-def _inplace_binary_shape(args, kwargs):
-    """``x += y``, ``x.mul_(y)``: the input itself, when ``y`` broadcasts into it unchanged."""
-    found = _operands(args, kwargs)
-    x = args[0]
-    if found is None or not isinstance(x, torch.Tensor) or tuple(found[1]) != tuple(x.shape):
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _inplace(integers: bool) -> Callable:
+    """``x += y``, ``x.mul_(y)``: the input itself, when ``y`` broadcasts into it unchanged; with
+    ``integers``, also ``counter += 1`` on an integer tensor (batch norm's ``num_batches_tracked``)."""
+    def shape(args, kwargs):
+        x = args[0]
+        if not isinstance(x, torch.Tensor):
+            return None
+        found = _operands(args, kwargs)
+        if found is not None:
+            return x if tuple(found[1]) == tuple(x.shape) else None
+        if (integers and len(args) == 2 and not kwargs and type(args[1]) is int and x.is_meta
+                and x.dtype in _INTEGERS):
+            return x
         return None
-    return x
+    return shape
 
 
 _SAME = [F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm, F.relu, F.silu, F.gelu, F.hardswish,
@@ -155,6 +166,6 @@ META_SHAPES: dict[Any, Callable] = {
     F.adaptive_avg_pool1d: _adaptive_avg(1), F.adaptive_avg_pool2d: _adaptive_avg(2), F.adaptive_avg_pool3d: _adaptive_avg(3),
     **dict.fromkeys([operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                      torch.div, "add", "sub", "mul", "div"], _binary_shape),
-    **dict.fromkeys([operator.iadd, operator.isub, operator.imul, operator.itruediv, "add_", "sub_", "mul_",
-                     "div_"], _inplace_binary_shape),
+    **dict.fromkeys([operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"], _inplace(True)),
+    **dict.fromkeys([operator.itruediv, "div_"], _inplace(False)),
 }

@@ -55,6 +55,14 @@ def test_inplace_returns_its_input(target):
     assert META_SHAPES[target]((meta(1, 8, 1, 1), x), {}) is None  # would grow its input: the kernel raises
 
 
+def test_integer_counter_step():
+    counter = meta(dtype=torch.long)  # batch norm's num_batches_tracked
+    for target in ("add_", operator.iadd, "mul_"):
+        assert META_SHAPES[target]((counter, 1), {}) is counter
+    for target, other in (("div_", 2), ("add_", 1.5), (operator.itruediv, 2)):
+        assert META_SHAPES[target]((counter, other), {}) is None  # the kernel raises (float into long)
+
+
 @pytest.mark.parametrize("fn", [F.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.dropout, F.hardtanh])
 def test_inplace_activation_returns_its_input(fn):
     x = meta(2, 8, 5, 6)
