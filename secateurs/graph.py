@@ -165,7 +165,13 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     if ctx.inexact:
         inexact[labels[torch.cat(ctx.inexact)]] = True
     bindings = _bindings(ctx, labels, frozen)
-    blabels = [labels[b.ids] for b in bindings]
+    by_ids: dict[int, torch.Tensor] = {}  # a conv's weight, bias, BN stats and attributes share one ids tensor
+    blabels = []
+    for b in bindings:
+        lab = by_ids.get(id(b.ids))
+        if lab is None:
+            lab = by_ids[id(b.ids)] = labels[b.ids]
+        blabels.append(lab)
 
     tensor_idx = [i for i, b in enumerate(bindings) if b.kind == "tensor"]
     if not tensor_idx:
@@ -178,13 +184,14 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
         src_of.append(src_of_obj.setdefault(id(b.ids), len(src_of_obj)))
     ns = len(src_of_obj)
     src_lab: list[torch.Tensor] = [None] * ns  # type: ignore[list-item]
-    src_tensor = torch.zeros(ns, dtype=torch.bool)
+    is_tensor = [False] * ns
     src_first = [len(bindings)] * ns  # first tensor binding of each source, in graph order
     for i, (b, si) in enumerate(zip(bindings, src_of)):
         src_lab[si] = blabels[i]
         if b.kind == "tensor":
-            src_tensor[si] = True
+            is_tensor[si] = True
             src_first[si] = min(src_first[si], i)
+    src_tensor = torch.tensor(is_tensor, dtype=torch.bool)
     lens = torch.tensor([len(lab) for lab in src_lab])
     comp_all = torch.cat(src_lab)
     sid_all = torch.repeat_interleave(torch.arange(ns), lens)
