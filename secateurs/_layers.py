@@ -269,7 +269,8 @@ def _record(mode, node, w, x, y, macs: int) -> None:
     own = mode.owner(w)
     name = own[0] if own else node.name
     m = mode.ctx.modules.get(name)
-    params = sum(p.numel() for p in m.parameters(recurse=False)) if m is not None else 0
+    mine = {id(p): p for p in m._parameters.values() if p is not None} if m is not None else {}  # parameters(recurse=False)
+    params = sum(p.numel() for p in mine.values())
     kind = type(m).__name__ if m is not None else _ids.op_name(node)
     y = y[0] if isinstance(y, tuple) else y
     mode.costs.append((name, kind, int(macs), params, tuple(x.shape), tuple(y.shape), own[1] if own else "weight"))
