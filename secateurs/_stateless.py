@@ -7,12 +7,13 @@ reached by two paths is swapped once, so it gets its own tensors back.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Stateless", "walk"]
+__all__ = ["Stateless", "named_tensors", "walk"]
 
 
 def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -24,6 +25,24 @@ def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
         out.append((prefix, m))
         children = [(f"{prefix}.{n}" if prefix else n, c) for n, c in m._modules.items() if c is not None]
         stack.extend(reversed(children))
+    return out
+
+
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``named_parameters()`` then ``named_buffers()``: each tensor once, under its first name."""
+    out: dict[str, torch.Tensor] = {}
+    unique, seen_modules = [], set()
+    for path, m in walk(model):
+        if id(m) not in seen_modules:
+            seen_modules.add(id(m))
+            unique.append((path, m))
+    for kind in ("_parameters", "_buffers"):
+        seen: set[int] = set()
+        for path, m in unique:
+            for k, v in m.__dict__[kind].items():
+                if v is not None and id(v) not in seen:
+                    seen.add(id(v))
+                    out[f"{path}.{k}" if path else k] = v
     return out
 
 
@@ -77,6 +96,8 @@ class Stateless:
             d[k] = orig
         for m, saved in self._saved:  # undo every attribute the forward set (modes, cached shapes...)
             d = m.__dict__
+            if list(d) == list(saved) and all(map(operator.is_, d.values(), saved.values())):
+                continue  # nothing changed (the common case), checked at C speed
             for k in [k for k in d if k not in saved]:
                 del d[k]
             for k, v in saved.items():

@@ -7,7 +7,6 @@ ids that are coupled and groups the resulting components by the parameters they 
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -19,6 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ._ids import Binding, Context
+from ._stateless import named_tensors
 from ._validation import PruningError
 from .capture import capture, one_thread
 
@@ -157,6 +157,19 @@ def _bindings(ctx: Context, labels: torch.Tensor, frozen: torch.Tensor) -> list[
     return bindings
 
 
+def _labels_of(bindings: list[Binding], labels: torch.Tensor) -> list[torch.Tensor]:
+    """Component labels of every binding, looked up once per ids tensor (a conv's weight, bias, BN
+    statistics and size attributes share one)."""
+    by_ids: dict[int, torch.Tensor] = {}
+    out = []
+    for b in bindings:
+        lab = by_ids.get(id(b.ids))
+        if lab is None:
+            lab = by_ids[id(b.ids)] = labels[b.ids]
+        out.append(lab)
+    return out
+
+
 def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     ncomp, labels = _components(ctx)
     frozen = torch.zeros(ncomp, dtype=torch.bool)
@@ -165,13 +178,7 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     if ctx.inexact:
         inexact[labels[torch.cat(ctx.inexact)]] = True
     bindings = _bindings(ctx, labels, frozen)
-    by_ids: dict[int, torch.Tensor] = {}  # a conv's weight, bias, BN stats and attributes share one ids tensor
-    blabels = []
-    for b in bindings:
-        lab = by_ids.get(id(b.ids))
-        if lab is None:
-            lab = by_ids[id(b.ids)] = labels[b.ids]
-        blabels.append(lab)
+    blabels = _labels_of(bindings, labels)
 
     tensor_idx = [i for i, b in enumerate(bindings) if b.kind == "tensor"]
     if not tensor_idx:
@@ -267,9 +274,11 @@ def _as_tuple(example_inputs: Any) -> tuple:
 
 
 def _names(model: nn.Module, items: Iterable[str | nn.Module] | None, what: str) -> list[str]:
-    names = []
+    names: list[str] = []
+    if not items:
+        return names
     known = dict(model.named_modules())
-    for it in items or ():
+    for it in items:
         if isinstance(it, nn.Module):
             names.append(_module_name(model, it))
         elif isinstance(it, str):
@@ -303,7 +312,7 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
     ignored = _names(model, ignore, "ignore")
-    shapes = {name: (tuple(t.shape)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    shapes = {name: tuple(t.shape) for name, t in named_tensors(model).items()}
     ctx, how = capture(model, inputs, set(ignored))
     with one_thread():
         result = _group(ctx, shapes)
