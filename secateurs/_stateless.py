@@ -85,6 +85,15 @@ class Stateless:
         self.device = self.slots[0][2].device if self.slots else None
         self._saved: list[tuple[nn.Module, dict]] = []
 
+    def set_mode(self, model: nn.Module, train: bool) -> None:
+        """``model.train(train)``; when no module overrides ``train``, by setting the flags directly
+        (Module.train goes through Module.__setattr__ once per module; __exit__ restores the flags)."""
+        if any(type(m).train is not nn.Module.train for m in self.modules.values()):
+            model.train(train)
+            return
+        for m in self.modules.values():
+            m.__dict__["training"] = train
+
     def __enter__(self) -> "Stateless":
         self._saved = [(m, dict(m.__dict__)) for m in self.modules.values()]
         for d, k, _, new in self.slots:

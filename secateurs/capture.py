@@ -342,7 +342,7 @@ def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, 
              nn.modules.module.register_module_forward_hook(mode.post_hook)]
     try:
         with swap:
-            model.train(train)
+            swap.set_mode(model, train)
             with torch.no_grad(), mode:
                 try:
                     out = model(*inputs)
