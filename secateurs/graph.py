@@ -208,9 +208,7 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     # a component's signature sums the salts of every position it holds: components with equal
     # signatures touch the same tensors (the same number of times) and form one group
     sig = torch.zeros(ncomp, dtype=torch.long).index_add_(0, comp_all, salt[sid_all])
-    # each component's first tensor position in graph order (none: the max, i.e. not touched);
-    # torch.where instead of boolean indexing, which costs a nonzero() over every position
-    never = torch.iinfo(torch.long).max
+    never = torch.iinfo(torch.long).max  # first tensor position of each component; never: untouched
     order_key = torch.where(src_tensor[sid_all], (torch.tensor(src_first) * (1 << 32))[sid_all] + pos_all, never)
     first = torch.full((ncomp,), never).scatter_reduce_(0, comp_all, order_key, reduce="amin")
     touched = first < never
@@ -237,8 +235,7 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     g_all = comp_group[comp_all]
     outside = len(first_pos) * ns  # the key of positions in no group, dropped below
     pairs = _unique_keys(torch.where(g_all >= 0, g_all * ns + sid_all, outside), outside + 1).tolist()
-    if pairs and pairs[-1] == outside:
-        pairs.pop()
+    pairs = pairs[:-1] if pairs and pairs[-1] == outside else pairs
     bindings_of_src: dict[int, list[int]] = {}
     for i, si in enumerate(src_of):
         bindings_of_src.setdefault(si, []).append(i)
