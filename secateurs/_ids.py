@@ -157,9 +157,21 @@ class Context:
 
 # -- helpers ---------------------------------------------------------------------------------
 def leaves(tree: Any) -> list[torch.Tensor]:
+    """Every tensor in nested tuples, lists and dicts (called on every captured operation)."""
     out: list[torch.Tensor] = []
-    map_aggregate(tree, lambda x: out.append(x) if isinstance(x, torch.Tensor) else None)
+    _collect(tree, out)
     return out
+
+
+def _collect(tree: Any, out: list) -> None:
+    if isinstance(tree, torch.Tensor):
+        out.append(tree)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            _collect(v, out)
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            _collect(v, out)
 
 
 def leaves_of(tree: Any, kind: type) -> list:

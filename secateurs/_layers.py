@@ -6,8 +6,8 @@ to channel ids through the module that owns them, and binds that module's size a
 then update any module class. A layer whose weight is computed rather than a parameter (weight
 standardisation, reparametrisation) keeps the channels it touches.
 
-Also here: the combined lookup tables used by the capture, the meta-tensor shape shortcuts for
-the heavy layers (their meta kernels cost more than the whole analysis) and the MAC counters.
+Also here: the combined lookup tables used by the capture and the MAC counters (the meta-tensor
+shape shortcuts are in :mod:`secateurs._meta`).
 """
 from __future__ import annotations
 
@@ -252,41 +252,7 @@ def attention(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
     return tuple(None for _ in out) if isinstance(out, tuple) else None
 
 
-# -- meta shortcuts: output shapes by hand for the layers whose meta kernels are slow ---------------
-def _tuple(v: Any, n: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
-def _conv_shape(args, kwargs):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
-    nd = w.dim() - 2
-    if x.dim() != nd + 2 or x.shape[1] != w.shape[1] * int(_arg(args, kwargs, 6, "groups", 1)):
-        return None  # let the real kernel raise its own message
-    pad = _arg(args, kwargs, 4, "padding", 0)
-    stride, dil = _tuple(_arg(args, kwargs, 3, "stride", 1), nd), _tuple(_arg(args, kwargs, 5, "dilation", 1), nd)
-    if isinstance(pad, str):
-        if pad == "same":
-            sp = list(x.shape[2:])
-        else:
-            sp = [(x.shape[2 + i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
-    else:
-        p = _tuple(pad, nd)
-        sp = [(x.shape[2 + i] + 2 * p[i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
-    if any(s <= 0 for s in sp):
-        return None
-    return torch.empty((x.shape[0], w.shape[0], *sp), dtype=x.dtype, device="meta")
-
-
-def _same_shape(args, kwargs):
-    x = args[0]
-    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else None
-
-
-def _norm_shape(args, kwargs):
-    x = args[0]
-    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else None
-
-
+# -- real-tensor guards --------------------------------------------------------------------------
 def _single_value_bn(args, kwargs):
     """Training-mode batch norm over one value per channel raises; the capture needs only a tensor
     of the right shape there (an auxiliary head at batch 1 after global pooling)."""
@@ -297,20 +263,14 @@ def _single_value_bn(args, kwargs):
     return None
 
 
-def _linear_shape(args, kwargs):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
-    if x.dim() < 1 or x.shape[-1] != w.shape[-1]:
-        return None
-    return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
-
-
 # -- MAC counting (METHODS.md convention: conv, transposed conv per input position, linear) ---------
 def _record(mode, node, w, x, y, macs: int) -> None:
     """One counted layer: (module, kind, MACs, own params, input shape, output shape, weight name)."""
     own = mode.owner(w)
     name = own[0] if own else node.name
     m = mode.ctx.modules.get(name)
-    params = sum(p.numel() for p in m.parameters(recurse=False)) if m is not None else 0
+    mine = {id(p): p for p in m._parameters.values() if p is not None} if m is not None else {}  # parameters(recurse=False)
+    params = sum(p.numel() for p in mine.values())
     kind = type(m).__name__ if m is not None else _ids.op_name(node)
     y = y[0] if isinstance(y, tuple) else y
     mode.costs.append((name, kind, int(macs), params, tuple(x.shape), tuple(y.shape), own[1] if own else "weight"))
@@ -365,12 +325,6 @@ for _n in ("_max_pool1d", "_max_pool2d", "_max_pool3d", "max_pool1d_with_indices
            "adaptive_max_pool3d_with_indices", "_fractional_max_pool2d", "fractional_max_pool2d_with_indices"):
     FUNCTIONS_BY_NAME[("torch.nn.functional", _n)] = _ops.per_channel
 
-META_SHAPES: dict[Any, Callable] = {
-    F.conv1d: _conv_shape, F.conv2d: _conv_shape, F.conv3d: _conv_shape, F.linear: _linear_shape,
-    F.batch_norm: _norm_shape, F.instance_norm: _norm_shape, F.group_norm: _same_shape,
-    F.layer_norm: _same_shape, F.relu: _same_shape, F.silu: _same_shape, F.gelu: _same_shape,
-    F.hardswish: _same_shape, F.hardsigmoid: _same_shape, F.relu6: _same_shape,
-}
 REAL_GUARDS: dict[Any, Callable] = {F.batch_norm: _single_value_bn}
 COSTS: dict[Any, Callable] = {**dict.fromkeys(_CONVS, _conv_cost), F.linear: _linear_cost,
                               F.multi_head_attention_forward: _mha_cost}

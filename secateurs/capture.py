@@ -21,7 +21,6 @@ while ``x.view(-1, 400)`` is not.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import operator
 import weakref
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from . import _ids, _layers, _ops
+from . import _ids, _layers, _meta, _ops
 from ._ids import Context, TrackedInt
+from ._stateless import Stateless
 from ._validation import PruningError
 
 __all__ = ["Call", "CaptureError", "TrackedInt", "capture", "one_thread", "run_captured"]
@@ -271,7 +271,7 @@ class _Mode(TorchFunctionMode):
         swapped = fname in _SWAPPED and len(args) == 2
         if op == "property":
             return self._property(target, func(*args, **kwargs), args)
-        fast = (_layers.META_SHAPES if self.meta else _layers.REAL_GUARDS).get(target)
+        fast = (_meta.META_SHAPES if self.meta else _layers.REAL_GUARDS).get(target)
         out = fast(args, kwargs) if fast is not None else None
         if out is None:
             out = func(*args, **kwargs)
@@ -325,80 +325,36 @@ class _Mode(TorchFunctionMode):
 
 
 # -- running ---------------------------------------------------------------------------------
-def _state(model: nn.Module, meta: bool) -> dict[str, torch.Tensor]:
-    named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    if meta:
-        cache: dict[int, torch.Tensor] = {}
-        out = {}
-        for n, t in named:
-            if id(t) not in cache:
-                cache[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-            out[n] = cache[id(t)]
-        return out
-    bufs = {id(b) for b in model.buffers()}
-    return {n: (t.detach().clone() if id(t) in bufs else t.detach()) for n, t in named}
-
-
-def _owners(state: dict[str, torch.Tensor]) -> dict[int, tuple[str, str]]:
-    out: dict[int, tuple[str, str]] = {}
-    for n, t in state.items():
-        path, _, tname = n.rpartition(".")
-        out.setdefault(id(t), (path, tname))
-    return out
-
-
-def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    return [(m, dict(m.__dict__)) for m in model.modules()]
-
-
-def _restore(snap: list[tuple[nn.Module, dict]]) -> None:
-    """Undo every attribute a forward set on a module (modes, cached anchors, shapes...)."""
-    for m, saved in snap:
-        d = m.__dict__
-        for k in [k for k in d if k not in saved]:
-            del d[k]
-        for k, v in saved.items():
-            if d.get(k, _MISSING) is not v:
-                d[k] = v
-
-
-_MISSING = object()
-
-
 def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, meta: bool,
                  ignored: set[str] = frozenset(), costs: list | None = None) -> Any:
     """One forward of ``model`` under the capture mode; the model is left exactly as it was."""
-    state = _state(model, meta)
-    owners = _owners(state)
-    modules = dict(model.named_modules())
+    swap = Stateless(model, meta)
+    modules = swap.modules
     names = {id(m): n for n, m in modules.items()}
     if meta:
         inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
-    else:
-        dev = next(iter(state.values())).device if state else None
-        if dev is not None:
-            inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
-    mode = _Mode(ctx, owners, meta, names, set(ignored), costs, modules)
+    elif swap.device is not None:
+        inputs = tuple(t.to(swap.device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    mode = _Mode(ctx, swap.owners, meta, names, set(ignored), costs, modules)
     mode.batch = next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
     mode.inputs = {id(t) for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)}
-    snap = _snapshot(model)
     hooks = [nn.modules.module.register_module_forward_pre_hook(mode.pre_hook),
              nn.modules.module.register_module_forward_hook(mode.post_hook)]
     try:
-        model.train(train)
-        with torch.no_grad(), mode:
-            try:
-                out = torch.func.functional_call(model, state, inputs, strict=False, tie_weights=False)
-            except PruningError:
-                raise
-            except Exception as err:
-                raise CaptureError(_where(mode), err) from err
+        with swap:
+            swap.set_mode(model, train)
+            with torch.no_grad(), mode:
+                try:
+                    out = model(*inputs)
+                except PruningError:
+                    raise
+                except Exception as err:
+                    raise CaptureError(_where(mode), err) from err
         ctx.freeze_all(mode.tree_ids(_flatten_output(out)))
         return out
     finally:
         for h in hooks:
             h.remove()
-        _restore(snap)
 
 
 def _where(mode: _Mode) -> str:

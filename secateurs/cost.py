@@ -6,7 +6,6 @@ are free. Params are all parameters of the model (BN affine included, running st
 """
 from __future__ import annotations
 
-import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._stateless import walk
 from ._validation import check_example_inputs, check_model
 from .capture import capture
 from .latency import measure_latency  # noqa: F401  (re-exported: the one harness lives in latency.py)
@@ -69,7 +69,7 @@ def count(model: nn.Module, example_inputs: Any, *, reuse: bool = True) -> Cost:
     records: list = []
     capture(model, inputs, costs=records, train_first=False)
     layers = [LayerCost(*r) for r in records]
-    params = sum(p.numel() for p in model.parameters())
+    params = _n_params(model)
     cost = Cost(sum(r.macs for r in layers), params, layers)
     _LAST[model] = (key, cost)
     return cost
@@ -81,10 +81,17 @@ _LAST: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary
 
 
 def _signature(model: nn.Module, inputs: tuple) -> tuple:
-    mods = tuple(id(m) for m in model.modules())
-    tensors = tuple((id(t), tuple(t.shape)) for t in itertools.chain(model.parameters(), model.buffers()))
+    walked = walk(model)  # one walk: torch's recursive generators cost more than the comparison
+    mods = tuple(id(m) for _, m in walked)
+    tensors = tuple((id(t), t.shape) for _, m in walked for d in (m._parameters, m._buffers)
+                    for t in d.values() if t is not None)
     shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
     return mods, tensors, shapes
+
+
+def _n_params(model: nn.Module) -> int:
+    unique = {id(p): p for _, m in walk(model) for p in m._parameters.values() if p is not None}
+    return sum(p.numel() for p in unique.values())
 
 
 class PlanCost:

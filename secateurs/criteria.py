@@ -32,8 +32,9 @@ get_criterion = _CRITERIA.get
 list_criteria = _CRITERIA.names
 
 
-def _bound_tensors(model: nn.Module, graph: DependencyGraph) -> dict[tuple[str, str], list[int]]:
-    modules = dict(model.named_modules())
+def _bound_tensors(model: nn.Module, graph: DependencyGraph,
+                   modules: dict[str, nn.Module] | None = None) -> dict[tuple[str, str], list[int]]:
+    modules = dict(model.named_modules()) if modules is None else modules
     out: dict[tuple[str, str], list[int]] = {}
     for i, b in enumerate(graph.bindings):
         if b.kind == "tensor" and b.name in modules[b.module]._parameters:
@@ -48,13 +49,23 @@ def per_channel_sum(model: nn.Module, graph: DependencyGraph,
     slice each channel owns, in every parameter of its group; ``p`` instead sums ``|w|^p`` without
     materialising it (a norm over the unbound axes first)."""
     modules = dict(model.named_modules())
-    per_comp = torch.zeros(graph.n_components)
-    for (mname, tname), idx in _bound_tensors(model, graph).items():
+    # per-position values and their components, in binding order, added in one index_add_ at the end
+    # (the same additions in the same order as one index_add_ per binding)
+    parts: list = []
+    labels: list[torch.Tensor] = []
+    vectors: list[int] = []  # parts holding a raw 1-D parameter, raised to p in one op below
+    for (mname, tname), idx in _bound_tensors(model, graph, modules).items():
         m = modules[mname]
         v = getattr(m, tname) if p is not None else values(m, tname, getattr(m, tname))
         if v is None:
             continue
         v = v.detach().float().cpu()
+        if p is not None and v.dim() == 1:
+            for i in idx:
+                vectors.append(len(parts))
+                parts.append(v)
+                labels.append(graph.binding_labels[i])
+            continue
         axes = sorted({graph.bindings[i].axis for i in idx})
         other = [d for d in range(v.dim()) if d not in axes]
         if p is not None:  # one pass over the tensor, then a sum per bound axis
@@ -63,8 +74,15 @@ def per_channel_sum(model: nn.Module, graph: DependencyGraph,
             red = v.sum(dim=other) if other else v
         for i in idx:
             k = axes.index(graph.bindings[i].axis)
-            per_pos = red.sum(dim=[d for d in range(red.dim()) if d != k]) if red.dim() > 1 else red
-            per_comp.index_add_(0, graph.binding_labels[i], per_pos)
+            parts.append(red.sum(dim=[d for d in range(red.dim()) if d != k]) if red.dim() > 1 else red)
+            labels.append(graph.binding_labels[i])
+    if vectors:
+        raised = torch.cat([parts[j] for j in vectors]).abs().pow(p).split([len(parts[j]) for j in vectors])
+        for j, r in zip(vectors, raised):
+            parts[j] = r
+    per_comp = torch.zeros(graph.n_components)
+    if parts:
+        per_comp.index_add_(0, torch.cat(labels), torch.cat(parts))
     return [per_comp[g.components] for g in graph.groups]
 
 

@@ -7,7 +7,6 @@ ids that are coupled and groups the resulting components by the parameters they 
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -19,6 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ._ids import Binding, Context
+from ._stateless import named_tensors
 from ._validation import PruningError, check_example_inputs, check_model
 from .capture import capture, one_thread
 
@@ -157,6 +157,19 @@ def _bindings(ctx: Context, labels: torch.Tensor, frozen: torch.Tensor) -> list[
     return bindings
 
 
+def _labels_of(bindings: list[Binding], labels: torch.Tensor) -> list[torch.Tensor]:
+    """Component labels of every binding, looked up once per ids tensor (a conv's weight, bias, BN
+    statistics and size attributes share one)."""
+    by_ids: dict[int, torch.Tensor] = {}
+    out = []
+    for b in bindings:
+        lab = by_ids.get(id(b.ids))
+        if lab is None:
+            lab = by_ids[id(b.ids)] = labels[b.ids]
+        out.append(lab)
+    return out
+
+
 def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     ncomp, labels = _components(ctx)
     frozen = torch.zeros(ncomp, dtype=torch.bool)
@@ -165,7 +178,7 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     if ctx.inexact:
         inexact[labels[torch.cat(ctx.inexact)]] = True
     bindings = _bindings(ctx, labels, frozen)
-    blabels = [labels[b.ids] for b in bindings]
+    blabels = _labels_of(bindings, labels)
 
     tensor_idx = [i for i, b in enumerate(bindings) if b.kind == "tensor"]
     if not tensor_idx:
@@ -178,13 +191,14 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
         src_of.append(src_of_obj.setdefault(id(b.ids), len(src_of_obj)))
     ns = len(src_of_obj)
     src_lab: list[torch.Tensor] = [None] * ns  # type: ignore[list-item]
-    src_tensor = torch.zeros(ns, dtype=torch.bool)
+    is_tensor = [False] * ns
     src_first = [len(bindings)] * ns  # first tensor binding of each source, in graph order
     for i, (b, si) in enumerate(zip(bindings, src_of)):
         src_lab[si] = blabels[i]
         if b.kind == "tensor":
-            src_tensor[si] = True
+            is_tensor[si] = True
             src_first[si] = min(src_first[si], i)
+    src_tensor = torch.tensor(is_tensor, dtype=torch.bool)
     lens = torch.tensor([len(lab) for lab in src_lab])
     comp_all = torch.cat(src_lab)
     sid_all = torch.repeat_interleave(torch.arange(ns), lens)
@@ -194,12 +208,10 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     # a component's signature sums the salts of every position it holds: components with equal
     # signatures touch the same tensors (the same number of times) and form one group
     sig = torch.zeros(ncomp, dtype=torch.long).index_add_(0, comp_all, salt[sid_all])
-    touched = torch.zeros(ncomp, dtype=torch.bool)
-    touched[comp_all[src_tensor[sid_all]]] = True
-    tmask = src_tensor[sid_all]
-    order_key = torch.tensor(src_first)[sid_all[tmask]] * (1 << 32) + pos_all[tmask]
-    first = torch.full((ncomp,), torch.iinfo(torch.long).max).scatter_reduce_(
-        0, comp_all[tmask], order_key, reduce="amin")
+    never = torch.iinfo(torch.long).max  # first tensor position of each component; never: untouched
+    order_key = torch.where(src_tensor[sid_all], (torch.tensor(src_first) * (1 << 32))[sid_all] + pos_all, never)
+    first = torch.full((ncomp,), never).scatter_reduce_(0, comp_all, order_key, reduce="amin")
+    touched = first < never
 
     prunable = (touched & ~frozen).nonzero().flatten()
     # a group of one channel can never lose it: not a prunable group
@@ -221,8 +233,9 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     comp_group[comps_sorted] = gid_sorted
 
     g_all = comp_group[comp_all]
-    keep = g_all >= 0
-    pairs = _unique_keys(g_all[keep] * ns + sid_all[keep], len(first_pos) * ns).tolist()
+    outside = len(first_pos) * ns  # the key of positions in no group, dropped below
+    pairs = _unique_keys(torch.where(g_all >= 0, g_all * ns + sid_all, outside), outside + 1).tolist()
+    pairs = pairs[:-1] if pairs and pairs[-1] == outside else pairs
     bindings_of_src: dict[int, list[int]] = {}
     for i, si in enumerate(src_of):
         bindings_of_src.setdefault(si, []).append(i)
@@ -250,7 +263,9 @@ def _make_group(g: int, comps: torch.Tensor, bindings: list[Binding], member_ids
 
 # -- front door ------------------------------------------------------------------------------------
 def _names(model: nn.Module, items: Iterable[str | nn.Module] | None, what: str) -> list[str]:
-    names = []
+    names: list[str] = []
+    if not items:
+        return names
     known = dict(model.named_modules())
     if isinstance(items, (str, nn.Module)):  # one name, not its characters
         items = [items]
@@ -289,7 +304,7 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
     check_model(model)
     inputs = check_example_inputs(example_inputs)
     ignored = _names(model, ignore, "ignore")
-    shapes = {name: (tuple(t.shape)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    shapes = {name: tuple(t.shape) for name, t in named_tensors(model).items()}
     ctx, how = capture(model, inputs, set(ignored))
     with one_thread():
         result = _group(ctx, shapes)

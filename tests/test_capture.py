@@ -276,3 +276,18 @@ def test_a_parameter_reshaped_to_literal_sizes_keeps_its_channels():
     g = analyze(m, x)
     assert [gr.name for gr in g.groups] == ["b"]  # a's channels meet the literal (8, 1, 1): kept
     check_equivalence(m, x)
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_a_module_reached_by_two_paths_gets_its_tensors_back(meta):
+    """One Linear held twice by a Sequential: it was swapped twice and got a stand-in back."""
+    from secateurs.capture import run_captured
+    from secateurs._ids import Context
+
+    shared = nn.Linear(8, 8)
+    m = nn.Sequential(nn.Linear(4, 8), shared, nn.ReLU(), shared, nn.Linear(8, 2))
+    before = {n: t for n, t in m.state_dict(keep_vars=True).items()}
+    run_captured(m, (torch.randn(2, 4),), Context(), train=False, meta=meta)
+    after = m.state_dict(keep_vars=True)
+    assert all(after[n] is t for n, t in before.items())
+    assert isinstance(shared.weight, nn.Parameter) and shared.weight.device.type == "cpu"
