@@ -30,7 +30,6 @@ import argparse
 import copy
 import csv
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -176,42 +175,46 @@ def coverage(models: list[str], out: Path) -> None:
 
 # -- speed-up ----------------------------------------------------------------------------------
 def speedup(models: dict[str, int], out: Path, repeats: int, threads: int) -> None:
+    """The unpruned model and both tools' 50% prunes timed interleaved, per runtime and batch, in one go
+    per model (a model's rows are never mixed with rows of another run)."""
     import secateurs
-    from benchmarks.speedup import ort_latency
+    from secateurs.latency import time_models
     from secateurs.models import create_model
 
     path = out / "compare_speedup.csv"
-    done = {(r["model"], r["tool"]) for r in _rows(path)}
+    done = {r["model"] for r in _rows(path) if r["tool"] == "torch_pruning"}
     torch.set_num_threads(threads)
+    tools = ("unpruned", "secateurs", "torch_pruning")
     for name, size in models.items():
+        if name in done:
+            continue
+        torch.manual_seed(0)
         base_model = create_model(name).eval()
-        x1 = torch.randn(1, 3, size, size)
-        lat = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for tool in ("unpruned", "secateurs", "torch_pruning"):
-                if (name, tool) in done:
-                    continue
-                m = copy.deepcopy(base_model)
+        x1 = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        pruned = {}
+        for tool in tools:
+            m = copy.deepcopy(base_model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if tool == "secateurs":
+                    secateurs.prune(m, x1, "l2", 0.5, round_to=8)
+                elif tool == "torch_pruning":
+                    tp_prune_to_macs(m, x1, "tp_magnitude", 0.5, round_to=8)
+            pruned[tool] = m
+        rows = {t: {"model": name, "tool": t, "kept_macs": round(secateurs.count(m, x1).macs
+                                                                  / secateurs.count(base_model, x1).macs, 4)}
+                for t, m in pruned.items()}
+        for runtime, col in (("eager", "torch"), ("onnxruntime", "ort")):
+            for b in (1, 8):
+                xb = x1.expand(b, *x1.shape[1:]).contiguous()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    if tool == "secateurs":
-                        secateurs.prune(m, x1, "l2", 0.5, round_to=8)
-                    elif tool == "torch_pruning":
-                        tp_prune_to_macs(m, x1, "tp_magnitude", 0.5, round_to=8)
-                row = {"model": name, "tool": tool, "kept_macs": round(secateurs.count(m, x1).macs
-                                                                        / secateurs.count(base_model, x1).macs, 4)}
-                for b in (1, 8):
-                    xb = torch.randn(b, 3, size, size)
-                    row[f"torch_b{b}_ms"] = round(1e3 * secateurs.measure_latency(m, xb, repeats=repeats, threads=threads), 3)
-                    onnx = Path(tmp) / f"{tool}.onnx"
-                    if b == 1:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            secateurs.export_onnx(m, x1, onnx, dynamic_batch=True)
-                    row[f"ort_b{b}_ms"] = round(1e3 * ort_latency(str(onnx), xb, repeats, threads), 3)
-                lat[tool] = row
-                _append(path, row)
-                print(f"speedup {name} {tool}: {row}", flush=True)
+                    t = time_models(pruned, xb, repeats=repeats, threads=threads, runtime=runtime)
+                for tool in tools:
+                    rows[tool][f"{col}_b{b}_ms"] = round(1e3 * t[tool].median_s, 3)
+        for tool in tools:
+            _append(path, rows[tool])
+            print(f"speedup {name} {tool}: {rows[tool]}", flush=True)
 
 
 # -- accuracy at equal MACs --------------------------------------------------------------------
