@@ -329,9 +329,9 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         plan = alloc.plan(keep)
         timing = time_models({"dense": model, "pruned": apply_plan(copy.deepcopy(model), graph, plan)}, x,
                              repeats=15, warmup=3, threads=threads)
-        ratio = timing["pruned"].median_s / timing["dense"].median_s
-        tried.append({"aim": aim, "predicted_ratio": cost(keep) / full, "latency_ratio": ratio})
-        log(f"latency: table predicts {cost(keep) / full:.3f}, measured {ratio:.3f} (target {target:.3f})")
+        ratio, predicted = timing["pruned"].median_s / timing["dense"].median_s, cost(keep) / full
+        tried.append({"aim": aim, "predicted_ratio": predicted, "latency_ratio": ratio})
+        log(f"latency: table predicts {predicted:.3f}, measured {ratio:.3f} (target {target:.3f})")
         if ratio <= target * (1 + tolerance) and (best is None or abs(ratio - target) < abs(best[1] - target)):
             best = (plan, ratio)
         if abs(ratio - target) <= tolerance * target or (aim <= smallest and ratio > target):

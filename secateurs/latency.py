@@ -7,6 +7,7 @@ interval of that median (order statistics), the thread count and the runtime it 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -14,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ import torch.nn as nn
 from ._validation import check_choice, check_scalar
 
 __all__ = ["Timing", "RUNTIMES", "time_models", "time_callables", "median", "measure_latency", "compare_dense_pruned",
-           "cpu_name"]
+           "cpu_name", "num_threads"]
 
 RUNTIMES = ("eager", "channels_last", "onnxruntime")
 
@@ -101,22 +102,30 @@ def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats
     if not models or not all(isinstance(m, nn.Module) for m in models.values()):
         raise TypeError("`models` must be a non-empty {name: nn.Module} mapping")
     inputs = _as_inputs(example_inputs)
-    old_threads = torch.get_num_threads()
-    threads = check_scalar(threads, "threads", int, min_val=1) if threads is not None else old_threads
+    threads = check_scalar(threads, "threads", int, min_val=1) if threads is not None else torch.get_num_threads()
     modes = {id(m): [(s, s.training) for s in m.modules()] for m in models.values()}
-    torch.set_num_threads(threads)
     try:
-        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        with num_threads(threads), tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
             run = {name: _runner(m, inputs, runtime, threads, Path(tmp), f"m{i}") for i, (name, m) in enumerate(models.items())}
             times = time_callables(run, repeats, warmup)
     finally:
-        torch.set_num_threads(old_threads)
         for saved in modes.values():
             for s, was in saved:
                 s.train(was)
     batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
     return {name: Timing(*_median_interval(ts), repeats=repeats, threads=threads, runtime=runtime, batch=batch)
             for name, ts in times.items()}
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch threads, then put the count back."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def time_callables(run: Mapping[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from ._io import atomic_write
 from .cost import count
 from .graph import DependencyGraph
-from .latency import RUNTIMES, cpu_name, median, time_callables, time_models
+from .latency import RUNTIMES, cpu_name, median, num_threads, time_callables, time_models
 
 __all__ = ["LatencyModel", "default_cache_dir"]
 
@@ -39,6 +39,21 @@ def default_cache_dir() -> Path:
 def _machine_key(threads: int, runtime: str) -> str:
     text = f"{cpu_name()}|{os.cpu_count()}|torch {torch.__version__}|{threads} threads|{runtime}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_file(cache_dir: str | os.PathLike | None, threads: int, runtime: str) -> Path:
+    return Path(cache_dir or default_cache_dir()) / f"{_machine_key(threads, runtime)}.json"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _store(path: Path, entries: dict) -> None:
+    """Add ``entries`` to the machine's cache file (re-read first: another run may have added some)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**_read(path), **entries}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(merged)))
 
 
 def _grid(full: int, points: int) -> list[int]:
@@ -109,7 +124,7 @@ class LatencyModel:
             raise ValueError(f"latency tables are measured on 'eager' or 'channels_last', not {runtime!r}")
         self.threads = threads or torch.get_num_threads()
         self.runtime, self.grid, self.repeats = runtime, grid, repeats
-        self.path = Path(cache_dir or default_cache_dir()) / f"{_machine_key(self.threads, runtime)}.json"
+        self.path = _cache_file(cache_dir, self.threads, runtime)
         modules = dict(model.named_modules())
         self.layers = [_Layer(l.name, modules[l.name], l.input_shape, l.output_shape)
                        for l in count(model, example_inputs).layers
@@ -130,21 +145,14 @@ class LatencyModel:
 
     # -- measuring -------------------------------------------------------------------------------
     def _tables(self, log) -> dict[str, dict]:
-        cache = json.loads(self.path.read_text()) if self.path.exists() else {}
+        cache = _read(self.path)
         missing = {layer.key: layer for layer in self.layers if layer.key not in cache}
         if missing:
             log(f"latency tables: timing {len(missing)} layer shape(s) on this machine ({self.path})")
-            old = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                for key, layer in missing.items():
-                    cache[key] = self._measure(layer)
-            finally:
-                torch.set_num_threads(old)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = json.loads(self.path.read_text()) if self.path.exists() else {}  # another run may have added some
-            fresh.update(cache)
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
+            with num_threads(self.threads):
+                measured = {key: self._measure(layer) for key, layer in missing.items()}
+            _store(self.path, measured)
+            cache.update(measured)
         return {layer.key: cache[layer.key] for layer in self.layers}
 
     def _measure(self, layer: _Layer) -> dict[str, list]:
@@ -209,7 +217,7 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     smaller step. Cached per machine and layer shapes.
     """
     threads = threads or torch.get_num_threads()
-    path = Path(cache_dir or default_cache_dir()) / f"{_machine_key(threads, 'eager')}.json"
+    path = _cache_file(cache_dir, threads, "eager")
     modules = dict(model.named_modules())
     found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
@@ -218,23 +226,17 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     if not top:
         return 1
     key = "round_to|" + "|".join(layer.key for layer in top)
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    if key not in cache:
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            scores = [_step_scores(layer, band, repeats) for layer in top]
-        finally:
-            torch.set_num_threads(old)
-        total = {s: sum(sc[0][s] for sc in scores) for s in _STEPS}
-        tol = 0.005 * sum(sc[1] for sc in scores)
-        best = min(total.values())
-        cache[key] = min(s for s in _STEPS if total[s] <= best + tol)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = json.loads(path.read_text()) if path.exists() else {}
-        fresh[key] = cache[key]
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
-    return int(cache[key])
+    cached = _read(path).get(key)
+    if cached is not None:
+        return int(cached)
+    with num_threads(threads):
+        scores = [_step_scores(layer, band, repeats) for layer in top]
+    total = {s: sum(sc[0][s] for sc in scores) for s in _STEPS}
+    tol = 0.005 * sum(sc[1] for sc in scores)
+    best = min(total.values())
+    step = min(s for s in _STEPS if total[s] <= best + tol)
+    _store(path, {key: step})
+    return step
 
 
 def _step_scores(layer: _Layer, band: int, repeats: int) -> tuple[dict[int, float], float]:
