@@ -107,8 +107,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--pad", type=int, default=4, help="zero padding before the random crop (classification)")
     t.add_argument("--crop", type=int, default=None, help="random crop size (segmentation)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
-    t.add_argument("--channels-last", action="store_true", help="channels-last memory format (GPU)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPU and GPU)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--holdout", type=int, default=0,
+                   help="set aside this many training samples (class-balanced, seed 0) as never-seen validation data")
     t.add_argument("--norm", default=None, help="normalisation layer for models that offer a choice (tiny_cnn: bn, gn, none)")
     t.add_argument("--out", default=None, help="run folder: checkpoint.pt, log.csv")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -400,7 +402,13 @@ def build_model(args, ds=None, **extra) -> torch.nn.Module:
 
 
 def train_main(args) -> int:
-    train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download).subset(args.subset, args.seed)
+    train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download)
+    if args.holdout:
+        try:
+            train_ds = train_ds.holdout(args.holdout)[0]
+        except ValueError as err:
+            raise SystemExit(f"--holdout: {err}") from None
+    train_ds = train_ds.subset(args.subset, args.seed)
     val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args, train_ds, norm=args.norm)

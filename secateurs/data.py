@@ -51,14 +51,31 @@ class ArrayDataset:
         check_scalar(n, "n", int, min_val=0, allow_none=True)
         if n is None or n >= len(self):
             return self
-        gen = torch.Generator().manual_seed(seed)
+        return self._take(self._subset_index(n, torch.Generator().manual_seed(seed)))
+
+
+    def _subset_index(self, n: int, gen: torch.Generator) -> torch.Tensor:
         perm = torch.randperm(len(self), generator=gen)
         if self.task == "classification":
             per = max(1, n // max(1, self.num_classes))
             idx = torch.cat([perm[self.targets[perm] == c][:per] for c in range(self.num_classes)])[:n]
-            idx = idx[torch.randperm(len(idx), generator=gen)]
-        else:
-            idx = perm[:n]
+            return idx[torch.randperm(len(idx), generator=gen)]
+        return perm[:n]
+
+    def holdout(self, n: int, seed: int = 0) -> tuple["ArrayDataset", "ArrayDataset"]:
+        """(rest, held-out): ``n`` samples set aside, class-balanced, by a fixed seeded shuffle.
+
+        Anything that picks or stops on a metric (tolerances, latency searches, early stopping)
+        reads the held-out part, so the test set is only ever reported, never tuned on.
+        """
+        check_scalar(n, "n", int, min_val=1, max_val=len(self) - 1)
+        idx = self._subset_index(n, torch.Generator().manual_seed(seed))
+        mask = torch.ones(len(self), dtype=torch.bool)
+        mask[idx] = False
+        keep = mask.nonzero().squeeze(1)
+        return self._take(keep), self._take(idx)
+
+    def _take(self, idx: torch.Tensor) -> "ArrayDataset":
         return ArrayDataset(self.name, self.images[idx], self.targets[idx], self.classes, self.task, self.mean, self.std)
 
 

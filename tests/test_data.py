@@ -86,6 +86,18 @@ def test_digits_and_balanced_subset():
     assert len(sub) == 100 and sub.targets.bincount().tolist() == [10] * 10
 
 
+def test_holdout_is_disjoint_balanced_and_fixed():
+    ds = load_dataset("digits", "train")
+    rest, held = ds.holdout(100)
+    assert len(rest) + len(held) == len(ds) and held.targets.bincount().tolist() == [10] * 10
+    # disjoint and complete: every image lands on exactly one side
+    key = lambda d: sorted(map(bytes, d.images.flatten(1).numpy()))  # noqa: E731
+    assert key(rest) + key(held) != [] and sorted(key(rest) + key(held)) == key(ds)
+    assert torch.equal(ds.holdout(100)[1].images, held.images)  # the same split every time
+    with pytest.raises(ValueError, match="n"):
+        ds.holdout(len(ds))
+
+
 def test_augment_crops_and_flips_whole_batches_consistently():
     gen = torch.Generator().manual_seed(0)
     x = torch.arange(2 * 1 * 4 * 4).view(2, 1, 4, 4)
