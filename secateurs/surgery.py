@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from .compensate import compensation, has_candidates
 from .cost import count
 from .graph import ChannelGroup, DependencyGraph
 from ._validation import PruningError, check_model
@@ -90,13 +91,15 @@ def _removed_components(graph: DependencyGraph, plan: PruningPlan) -> tuple[torc
 
 
 def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]],
-               check: bool = True) -> nn.Module:
+               check: bool = True, compensate: bool = True) -> nn.Module:
     """Remove the planned channels from ``model`` in place and return it.
 
     Raises :class:`PruningError` (model untouched) for unknown groups or channels, a plan that
     empties a group, or a model whose shapes no longer match ``graph`` (analyse again after
     every cut). With ``check`` (the default) the cut model runs once on the analysed inputs (on
     meta tensors when it can): if it no longer runs, the cut is undone and the error says so.
+    With ``compensate`` (the default) removed channels that carried a constant (norm scale ~0,
+    shift not) have it folded into the next layer's bias (:mod:`secateurs.compensate`).
     """
     check_model(model)
     if not isinstance(graph, DependencyGraph):
@@ -121,6 +124,7 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
             attrs.append((modules[b.module], b.name, b.axis, n // b.divisor, b.module))
         elif n_rm:
             keeps.setdefault((b.module, b.name), {}).setdefault(b.axis, []).append((part, idx))
+    folded = _compensation(model, graph, modules, bids, parts) if compensate else {}
     new_tensors = []
     for (mname, tname), axes in keeps.items():
         m = modules[mname]
@@ -135,7 +139,8 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
         for axis, idx in index.items():
             if not len(idx):
                 raise PruningError(f"module '{mname}': {tname} would lose every slice along axis {axis}")
-        new_tensors.append((m, tname, _select(t.detach(), index)))
+        new_tensors.append((m, tname, _select(folded.pop((mname, tname), t).detach(), index)))
+    new_tensors += [(modules[mname], tname, t) for (mname, tname), t in folded.items()]  # not cut, only shifted
     undo = _commit(new_tensors, attrs)
     if check and graph.example_inputs:
         try:
@@ -145,6 +150,24 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
             raise PruningError(f"the cut model no longer runs, so the cut was undone (the model is as it was): {err}. "
                                "Please report this model: a rule let through a coupling it should have kept.") from err
     return model
+
+
+def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids: list[int], parts: tuple) -> dict:
+    """The biases / running means that absorb the constants of removed channels (nothing is changed
+    here), measured only when some removed channel has a near-zero norm scale."""
+    outs, readers = [], {}
+    for bi, part in zip(bids, parts):
+        b = graph.bindings[bi]
+        if b.kind != "tensor" or not part.any():
+            continue
+        if b.role == "out":
+            outs.append((b.module, b.name, part))
+        elif b.name == "weight" and b.axis == 1:
+            prev = readers.get(b.module)
+            readers[b.module] = part if prev is None or len(prev) != len(part) else prev | part
+    if not readers or not graph.example_inputs or not has_candidates(modules, outs):
+        return {}
+    return compensation(model, graph.example_inputs, readers)
 
 
 def _commit(new_tensors: list, attrs: list) -> Callable[[], None]:

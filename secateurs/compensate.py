@@ -1,0 +1,143 @@
+"""Bias compensation: the constant a removed channel carried is added back downstream.
+
+A channel whose norm scale is (near) zero outputs (near) the same value everywhere: its shift
+``beta`` through the activation. That is the channel HFP, BN-scale and network slimming remove,
+and cutting it drops that constant from every layer reading it. :func:`compensation` measures the
+value at each reading layer's input (one forward on the analysed inputs and one on a seeded
+random copy: a constant channel does not depend on the input) and folds ``W @ value`` into that
+layer's bias, or, when it has none, into the running mean of the batch norm right after it.
+
+Exact for linears, 1x1 and unpadded convs; for padded convs exact except at border pixels, where
+the removed taps read padding zeros rather than the constant. Only channels whose norm scale is
+small are candidates, so cuts of ordinary channels pay nothing.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["compensation", "has_candidates", "SCALE_TOL", "STD_TOL"]
+
+SCALE_TOL = 0.05  # |gamma| below this fraction of the norm's mean |gamma|: a candidate
+STD_TOL = 0.02  # spread below this fraction of the layer input's median channel spread: constant
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def has_candidates(modules: dict[str, nn.Module], outs: Iterable[tuple[str, str, torch.Tensor]]) -> bool:
+    """Whether any removed channel has a near-zero norm scale (``outs``: producer bindings as
+    (module, tensor name, removed mask))."""
+    for mname, tname, gone in outs:
+        m = modules[mname]
+        if tname != "weight" or not isinstance(m, _NORMS):
+            continue
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 1 or len(gone) != len(w) or not gone.any():
+            continue
+        a = w.detach().abs()
+        if (a[gone.to(a.device)] <= SCALE_TOL * a.mean()).any():
+            return True
+    return False
+
+
+def _reader_axis(m: nn.Module) -> int | None:
+    """The input axis whose channels a layer's weight axis 1 reads, for the layers we can fold into."""
+    if isinstance(m, _CONVS) and m.groups == 1:
+        return 1
+    if isinstance(m, nn.Linear):
+        return -1
+    return None
+
+
+@torch.no_grad()
+def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, torch.Tensor]
+                 ) -> dict[tuple[str, str], torch.Tensor]:
+    """New full-size tensors ``{(module, "bias" or "running_mean"): tensor}`` that fold the constant
+    removed inputs of ``readers`` ({module name: removed mask over its input channels}) back in.
+    The model is not changed; layers whose removed inputs vary, or with nowhere to fold, are skipped.
+    """
+    modules = dict(model.named_modules())
+    readers = {n: g for n, g in readers.items() if g.any() and _reader_axis(modules[n]) is not None}
+    if not readers:
+        return {}
+    seen: dict[str, tuple] = {}
+    bad: set[str] = set()  # readers called on inputs of different widths
+    made: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> reader (outputs kept alive below)
+    after: dict[str, set[str]] = {n: set() for n in readers}
+
+    def grab(name):
+        def hook(m, args, out):
+            x = args[0]
+            axis = _reader_axis(m)
+            x = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1).float()
+            stats = (x.amin(1), x.amax(1), x.sum(1), x.shape[1])
+            prev = seen.get(name)
+            if prev is not None and prev[0].shape == stats[0].shape:  # per channel: min, max, sum, count
+                stats = (torch.minimum(prev[0], stats[0]), torch.maximum(prev[1], stats[1]), prev[2] + stats[2],
+                         prev[3] + stats[3])
+            elif prev is not None:
+                bad.add(name)
+            seen[name] = stats
+            made[id(out)] = (name, out)
+        return hook
+
+    def follow(name):
+        def hook(m, args):
+            hit = made.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
+            if hit is not None and hit[1] is args[0]:
+                after[hit[0]].add(name)
+        return hook
+
+    handles = [modules[n].register_forward_hook(grab(n)) for n in readers]
+    handles += [m.register_forward_pre_hook(follow(n)) for n, m in modules.items()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was = {m: m.training for m in model.modules()}
+    gen = torch.Generator().manual_seed(0)
+    other = tuple(torch.randn(x.shape, generator=gen).to(x) * x.std().clamp_min(1e-3) + x.mean()
+                  if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1 else x
+                  for x in example_inputs)
+    try:
+        model.eval()
+        for inputs in (example_inputs, other):
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in was.items():
+            m.training = t
+        made.clear()
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for name, gone in readers.items():
+        if name in bad or name not in seen:
+            continue
+        delta = _delta(modules[name], seen[name], gone)
+        if delta is None:
+            continue
+        m = modules[name]
+        if m.bias is not None:
+            out[(name, "bias")] = m.bias.detach() + delta.to(m.bias)
+        elif len(after[name]) == 1:
+            bn = modules[next(iter(after[name]))]
+            key = (next(iter(after[name])), "running_mean")
+            if bn.running_mean is not None:
+                out[key] = out.get(key, bn.running_mean) - delta.to(bn.running_mean)
+    return out
+
+
+def _delta(m: nn.Module, stats: tuple, gone: torch.Tensor) -> torch.Tensor | None:
+    """``W[:, c] @ value_c`` summed over the removed inputs ``c`` that are constant, or None."""
+    lo, hi, total, n = stats
+    if len(lo) != len(gone):
+        return None
+    gone = gone.to(lo.device)
+    spread = hi - lo
+    typical = spread[~gone].median() if (~gone).any() else spread.median()
+    const = gone & (spread <= STD_TOL * typical.clamp_min(1e-12))
+    if not const.any():
+        return None
+    value = total[const] / n
+    w = m.weight.detach()
+    w = w.flatten(2).sum(2) if w.dim() > 2 else w  # every kernel tap reads the same constant
+    return w[:, const.to(w.device)].float() @ value.to(w.device)
