@@ -35,6 +35,7 @@ class TrainConfig:
     """Hyper-parameters of one run (defaults: the ResNet-on-CIFAR recipe, shortened)."""
 
     epochs: int = 10
+    steps: int | None = None  # a budget in optimizer steps: overrides `epochs` (the last epoch stops early)
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -65,6 +66,15 @@ class TrainConfig:
         check_choice(self.schedule, "schedule", ("cosine", "step", "constant"))
         for name in ("epochs", "batch_size"):
             check_scalar(getattr(self, name), name, int, min_val=1)
+        check_scalar(self.steps, "steps", int, min_val=1, allow_none=True)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run."""
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
+    def num_epochs(self, steps_per_epoch: int) -> int:
+        """Epochs started (the last one may be cut short by ``steps``)."""
+        return self.epochs if self.steps is None else -(-self.steps // max(1, steps_per_epoch))
 
 
 # -- distributed -----------------------------------------------------------------------------
@@ -155,11 +165,15 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
         try:
             from tqdm import tqdm
 
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True, disable=None)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.num_epochs(len(batches))}", leave=False,
+                       dynamic_ncols=True, disable=None)
             it = bar
         except ImportError:  # progress is optional
             pass
-    for x, y in it:
+    left = cfg.total_steps(len(batches)) - epoch * len(batches)  # a step budget ends the last epoch early
+    for i, (x, y) in enumerate(it):
+        if i >= left:
+            break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -233,7 +247,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.total_steps(steps_per_epoch)
     warm = cfg.warmup_epochs * steps_per_epoch
     milestones = [m * steps_per_epoch for m in cfg.milestones]
 
@@ -284,7 +298,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
         out.mkdir(parents=True, exist_ok=True)
         if cfg.tensorboard:
             writer = _tensorboard_writer(out / "tb")
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, cfg.num_epochs(len(batches))):
         t0 = time.perf_counter()
         loss = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task, regularizer)
         row = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],

@@ -44,6 +44,23 @@ def test_training_is_deterministic_and_learns():
     assert ha[-1]["val_top1"] > before + 20 and ha[-1]["val_top1"] == hb[-1]["val_top1"]
 
 
+def test_step_budget_counts_optimizer_steps_and_ends_the_schedule():
+    tr, _ = digits()  # 1437 images: 23 batches of 64 per epoch
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn")
+    calls = []
+
+    def reg():
+        calls.append(1)
+        return torch.zeros(())
+
+    history = fit(model, tr, None, cfg(steps=30, epochs=99), regularizer=reg)
+    assert len(calls) == 30 and len(history) == 2  # one full epoch of 23 steps, then 7
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule spans the 30 steps
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+
+
 def _train_cmd(out, epochs, extra=()):
     return [sys.executable, "-m", "secateurs.cli", "train", "--model", "tiny_cnn", "--data", "digits",
             "--epochs", str(epochs), "--batch-size", "64", "--lr", "0.05", "--pad", "1", "--seed", "1",
