@@ -62,14 +62,15 @@ def data():
     return ArrayDataset("synthetic", images, y, ["a", "b", "c", "d"])
 
 
-@pytest.mark.parametrize("surrogate", ["ste", "soft"])
-def test_training_with_the_budget_loss_meets_the_target(data, surrogate):
+@pytest.mark.parametrize("surrogate,tie", [("ste", "mean"), ("soft", "mean"), ("ste", "shared")])
+def test_training_with_the_budget_loss_meets_the_target(data, surrogate, tie):
     torch.manual_seed(0)
     m = create_model("cifar_resnet20")
     base = count(m, X)
     ft = {"epochs": 1, "batch_size": 32, "lr": 0.05, "quiet": True}
     m, report = secateurs.prune(m, X, "hfp", 0.5, data=data, finetune=ft,
-                                method_options={"epochs": 80, "lam": 20.0, "warmup_steps": 5, "surrogate": surrogate})
+                                method_options={"epochs": 80, "lam": 20.0, "warmup_steps": 5, "surrogate": surrogate,
+                                                "tie": tie})
     assert report["method_output"]["hfp_converged"]
     kept = count(m, X).macs / base.macs
     assert 0.49 <= kept <= 0.5
@@ -160,3 +161,28 @@ def test_explicit_scales_gate_channels_without_norm_layers_and_fold_exactly():
     assert report["method_output"]["hfp_converged"] and report["kept"]["macs"] <= 0.5
     assert not any("secateurs_scale" in n for n, _ in m.named_parameters()) and not any(
         mod._forward_hooks for mod in m.modules())
+
+
+def test_residual_groups_get_one_shared_gate_that_folds_exactly():
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet20").eval()
+    graph = analyze(m, X)
+    reg = HFPRegularizer(m, graph, X, macs=0.5, tie="shared")
+    stages = [g for g in graph.groups if len(g.members) > 8]  # the three residual stages
+    assert len(stages) == 3 and reg.shared is not None
+    assert len(reg.shared.param) == sum(g.size for g in stages)
+    with torch.no_grad():
+        reg.shared.param.uniform_(0.0, 2.0)
+        reg.shared.param[:5] = 0.0  # the first stage's first channels: dead
+    gates = reg.gates().detach()
+    first = stages[0]
+    assert torch.equal(gates[first.components[:5]], torch.zeros(5))  # one gate, whatever the BN scales say
+    assert (reg.alive(hard_only=True)[first.components[:5]] == 0).all()
+    x = torch.randn(2, 3, 32, 32)
+    hooked = m(x)
+    reg.close()
+    assert torch.allclose(m(x), hooked, atol=1e-5)
+    assert "secateurs_shared_scale" not in dict(m.named_parameters()) and not any(mod._forward_hooks for mod in m.modules())
+    with pytest.raises(ValueError, match="tie"):
+        HFPRegularizer(m, graph, X, macs=0.5, tie="max")
+

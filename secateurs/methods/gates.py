@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..graph import DependencyGraph
 
-__all__ = ["GATED_NORMS", "ChannelScales", "carriers", "carrier_count", "mean_abs"]
+__all__ = ["GATED_NORMS", "ChannelScales", "SharedScales", "carriers", "carrier_count", "mean_abs"]
 
 GATED_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)  # norm layers whose |scale| gates a channel
 
@@ -64,6 +64,59 @@ class ChannelScales:
         for h in self.handles:
             h.remove()
         self.handles, self.scales = [], {}
+
+
+class SharedScales:
+    """One learnable multiplier per channel *component*, applied after every norm layer that
+    carries it: a channel of a residual group carried by several norm layers gets a single gate,
+    pushed by the channel's whole cost (the mean of their |scales| moves 1/K as fast and needs all
+    K of them to shrink).
+
+    The parameter lives on the model's root while training (so an optimizer built afterwards
+    trains it); :meth:`fold` multiplies it into each carrier's weight and bias and removes it.
+    """
+
+    NAME = "secateurs_shared_scale"
+
+    def __init__(self, model: nn.Module, carriers_: Mapping[str, torch.Tensor], components: torch.Tensor,
+                 n_components: int) -> None:
+        self.model, self.handles = model, []
+        self.components = components  # the component ids that get a shared gate
+        slot = torch.full((n_components,), -1, dtype=torch.long)
+        slot[components] = torch.arange(len(components))
+        dev = next(model.parameters()).device
+        self.param = nn.Parameter(torch.ones(len(components), device=dev))
+        model.register_parameter(self.NAME, self.param)
+        self.where: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, lab in carriers_.items():
+            idx = slot[lab]
+            mask = idx >= 0
+            if mask.any():
+                self.where[name] = (mask.to(dev), idx.clamp_min(0).to(dev))
+                self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(name)))
+
+    def _full(self, name: str) -> torch.Tensor:
+        mask, idx = self.where[name]
+        return torch.where(mask, self.param[idx], torch.ones_like(self.param[idx]))
+
+    def _hook(self, name: str):
+        def hook(m, args, out):
+            s = self._full(name)
+            return out * (s if out.dim() == 2 else s.view(1, -1, *([1] * (out.dim() - 2))))
+        return hook
+
+    def fold(self) -> None:
+        with torch.no_grad():
+            for name in self.where:
+                m = self.model.get_submodule(name)
+                s = self._full(name)
+                m.weight.mul_(s)
+                if m.bias is not None:
+                    m.bias.mul_(s)
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.model._parameters.pop(self.NAME, None)
 
 
 def _out_width(m: nn.Module, name: str) -> int:

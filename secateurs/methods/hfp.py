@@ -14,7 +14,7 @@ from ..cost import Cost, PlanCost
 from ..graph import DependencyGraph
 from ..train import TrainConfig, fit
 from .base import Decision, Method, Option, StepContext, register_method
-from .gates import GATED_NORMS, ChannelScales, carrier_count, carriers, mean_abs
+from .gates import GATED_NORMS, ChannelScales, SharedScales, carrier_count, carriers, mean_abs
 
 __all__ = ["HFPRegularizer", "HFPMethod"]
 
@@ -22,9 +22,10 @@ __all__ = ["HFPRegularizer", "HFPMethod"]
 class HFPRegularizer:
     """The budget loss of Holistic Filter Pruning, for any training loop.
 
-    One gate per channel: the mean |scale| of the norm layers that carry it (tied across the
-    coupled group), or of an explicit :class:`ChannelScales` on its producing convs where no norm
-    layer carries it (call :meth:`close` at the end to fold those back); a channel is alive while
+    One gate per channel: the |scale| of the norm layer that carries it; for a channel several norm
+    layers carry (a residual stage) their mean |scale| (``tie="mean"``) or one explicit gate shared
+    by all of them (``tie="shared"``, see :class:`SharedScales`); or an explicit :class:`ChannelScales` on its
+    producing convs where no norm layer carries it (call :meth:`close` at the end to fold those back); a channel is alive while
     its gate exceeds ``threshold``. The loss is
     ``lam * sum over unmet targets of C(alive) / C_target`` (a target pulls while the *hard* count
     exceeds it, i.e. ``max(0, C/C_target - 1)`` with the surrogate's gradient), with C the differentiable MACs
@@ -42,12 +43,13 @@ class HFPRegularizer:
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, example_inputs: Any, macs: float | None = None,
                  params: float | None = None, lam: float = 5.0, warmup_steps: int = 100, threshold: float = 1e-2,
-                 surrogate: str = "ste", base: Cost | None = None) -> None:
+                 surrogate: str = "ste", base: Cost | None = None, tie: str = "mean") -> None:
         if macs is None and params is None:
             raise ValueError("HFP needs a target: `macs` and/or `params` (kept fractions)")
         for name, v in (("macs", macs), ("params", params)):  # kept fractions
             check_scalar(v, name, min_val=0, max_val=1, include_min=False, allow_none=True)
         check_choice(surrogate, "surrogate", SURROGATES)
+        check_choice(tie, "tie", TIES)
         self.cost = PlanCost(model, graph, example_inputs, base=base)
         self.graph, self.threshold, self.surrogate = graph, float(threshold), surrogate
         self.lam, self.warmup_steps, self.steps = float(lam), max(1, int(warmup_steps)), 0
@@ -68,6 +70,11 @@ class HFPRegularizer:
             prunable[g.components] = True
         counts = carrier_count((lab for _, lab in self._gates), graph.n_components)
         self._count = counts
+        self.shared = None  # channels several norm layers carry (residual groups): one gate of their own
+        multi = ((counts > 1) & prunable).nonzero().flatten()
+        if tie == "shared" and len(multi):
+            norms = {n: lab for n, lab in where.items() if n not in producers}
+            self.shared = SharedScales(model, norms, multi, graph.n_components)
         self.gated = (counts > 0) & prunable  # frozen channels: always alive
         with torch.no_grad():
             self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
@@ -75,7 +82,10 @@ class HFPRegularizer:
         self.last: dict[str, float] = {}
 
     def gates(self) -> torch.Tensor:
-        return mean_abs(self._gates, self._count)
+        g = mean_abs(self._gates, self._count)
+        if self.shared is not None:
+            g = g.index_put((self.shared.components.to(g.device),), self.shared.param.abs().to(g.dtype))
+        return g
 
     def alive(self, hard_only: bool = False) -> torch.Tensor:
         g = self.gates()
@@ -112,12 +122,15 @@ class HFPRegularizer:
         return dict(self.last)
 
     def close(self) -> None:
-        """Fold the explicit scales into their convs: the model has no extra parameter or hook."""
+        """Fold the explicit scales into their layers: the model has no extra parameter or hook."""
         if self.scales is not None:
             self.scales.fold()
+        if self.shared is not None:
+            self.shared.fold()
 
 
 SURROGATES = ("ste", "soft")
+TIES = ("shared", "mean")
 
 
 @register_method("hfp")
@@ -144,6 +157,8 @@ class HFPMethod(Method):
                open_low=True, nullable=True),
         Option("lr", None, "learning rate while pruning (default: the fine-tuning one)", low=0, open_low=True,
                nullable=True),
+        Option("tie", "mean", "channels several norm layers carry (residual stages): the mean of their |scales| "
+               "(mean) or one shared explicit gate (shared)", kind=str, choices=TIES, flag="--hfp-tie"),
     )
 
     def check(self, budget: Budget | None) -> None:
@@ -157,7 +172,8 @@ class HFPMethod(Method):
         if self.params is not None:
             targets["params"] = self.params
         reg = HFPRegularizer(ctx.model, ctx.graph, ctx.example_inputs, lam=self.lam, warmup_steps=self.warmup_steps,
-                             threshold=self.threshold, surrogate=self.surrogate, base=ctx.current, **targets)
+                             threshold=self.threshold, surrogate=self.surrogate, base=ctx.current, tie=self.tie,
+                             **targets)
         cfg = ctx.finetune if ctx.finetune is not None else TrainConfig(quiet=True)
         # constant lr while pruning: a decaying schedule would freeze the gates before the target
         cfg = replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
