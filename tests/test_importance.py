@@ -290,3 +290,21 @@ def test_cli_refuses_a_metric_the_task_does_not_have(tmp_path):
     with pytest.raises(SystemExit, match="--metric: `metric` must be one of top1, top5 for classification data"):
         main([*CLI, "--metric", "iou", "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+
+
+def test_scaled_rank_weighs_alpha_by_the_channels_own_scale(trained, digits):
+    """rank='scale': with alpha at 1 the scores are the |gamma| ranking (bn_scale); alpha scales them."""
+    x = torch.randn(1, 1, 8, 8)
+    g = analyze(trained, x)
+    iw = ImportanceWeights(copy.deepcopy(trained), g, init="ones")
+    bn = secateurs.group_scores(trained, g, "bn_scale")
+    for mine, ref in zip(iw.scores(scaled=True), bn):
+        assert torch.allclose(mine, ref.float(), atol=1e-6)
+    with torch.no_grad():
+        for p in iw.scales.scales.values():
+            p.mul_(0.5)
+    for mine, ref in zip(iw.scores(scaled=True), bn):
+        assert torch.allclose(mine, 0.5 * ref.float(), atol=1e-6)
+    m, report = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0], finetune=FT,
+                                method_options={"epochs": 1, "fraction": 1.0, "rank": "scale"})
+    assert report["kept"]["macs"] <= 0.6 and report["method_options"]["rank"] == "scale"

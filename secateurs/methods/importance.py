@@ -94,8 +94,22 @@ class ImportanceWeights:
         with torch.no_grad():
             return mean_abs(((p, self.labels[n]) for n, p in self.scales.scales.items()), self._count).cpu()
 
-    def scores(self) -> list[torch.Tensor]:
-        imp = self.importance()
+    def scores(self, scaled: bool = False) -> list[torch.Tensor]:
+        """Per group: mean |alpha| per channel, or with ``scaled`` |alpha| times the channel's own
+        scale in the trained network (|gamma| of its norm layer; its filter's norm over the layer's
+        mean where no norm layer carries it): what the channel weighs once alpha is folded in."""
+        if not scaled:
+            imp = self.importance()
+        else:
+            with torch.no_grad():
+                pairs = []
+                for n, p in self.scales.scales.items():
+                    w = self.scales.model.get_submodule(n).weight.detach()
+                    own = w.abs() if w.dim() == 1 else w.flatten(1).norm(dim=1)
+                    if w.dim() > 1:
+                        own = own / own.mean().clamp_min(1e-12)
+                    pairs.append((p * own.to(p), self.labels[n]))
+                imp = mean_abs(pairs, self._count).cpu()
         return [imp[g.components] for g in self.graph.groups]
 
     def fold(self) -> None:
@@ -152,6 +166,8 @@ class ImportanceWeightMethod(Method):
                "(MACs fall sooner)", kind=bool, flag="--cost-aware"),
         Option("refinements", 2, "steps: after an undone step, halve the step and go on, at most this many "
                "times (0: stop)", kind=int, low=0, flag="--refinements"),
+        Option("rank", "alpha", "rank channels by |alpha| (alpha, the paper) or by |alpha| times the channel's own "
+               "scale, |gamma| (scale, ours)", kind=str, choices=("alpha", "scale"), flag="--iw-rank"),
     )
 
     def check(self, budget: Budget | None) -> None:
@@ -171,7 +187,7 @@ class ImportanceWeightMethod(Method):
         try:
             history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
                           regularizer=iw) if self.epochs else []
-            scores = iw.scores()
+            scores = iw.scores(scaled=self.rank == "scale")
         finally:
             iw.fold()
         if weights is not None:  # importance per MAC saved: expensive channels must earn their place
