@@ -104,6 +104,15 @@ def _main_out(out):
 
 def tp_prune_to_macs(model, x, kind: str, target: float, round_to: int | None = None, pruner=None):
     """Torch-Pruning has no MACs target: bisect its global ratio until the MACs fit (kept <= target)."""
+    ratio = tp_ratio_for_macs(model, x, kind, target, round_to)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (pruner or _tp_pruner(model, x, kind, ratio, round_to)).step()
+    return model
+
+
+def tp_ratio_for_macs(model, x, kind: str, target: float, round_to: int | None = None) -> float:
+    """The smallest global channel ratio of Torch-Pruning whose MACs fit ``target`` (12 bisection probes)."""
     import secateurs
 
     base = secateurs.count(model, x).macs
@@ -121,10 +130,7 @@ def tp_prune_to_macs(model, x, kind: str, target: float, round_to: int | None = 
             lo = mid
     if best is None:
         raise RuntimeError(f"Torch-Pruning ({kind}) cannot reach {target:.0%} of the MACs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        (pruner or _tp_pruner(model, x, kind, best[0], round_to)).step()
-    return model
+    return best[0]
 
 
 # -- coverage ----------------------------------------------------------------------------------

@@ -1,0 +1,395 @@
+"""Accuracy at equal MACs under one step budget: every method as its spec says, beside Torch-Pruning.
+
+The protocol (issue 18), the same for every row:
+
+- data: CIFAR-10 (JPEG); the training set less a held-out split of 5,000 images
+  (``ArrayDataset.holdout``, class-balanced, fixed) for anything that picks or stops on a metric;
+  top-1 on the full 10,000-image test set, which nothing is tuned on;
+- budget: ``--steps`` optimizer steps per row, pruning phase and fine-tuning together, counted by a
+  global optimizer hook (so Torch-Pruning's own loops count alike); what a method's phase leaves is
+  fine-tuned (SGD Nesterov, cosine, batch 128, ``--lr``); a row that spent more is marked;
+- every method as specified: HFP trains until its hard count meets the target (``converged`` and the
+  step it happened are recorded; a row that fell back to the lowest gates is labelled so), importance
+  weights learn alpha then cut step by step with fine-tuning between, the heuristic runs its
+  estimator (kappa 0.5) with fine-tuning between rounds, dlp+filters is the cascade (PLS-VIP blocks,
+  then VIP filters over several fine-tuned iterations); Torch-Pruning's magnitude pruner is iterative
+  as its examples are, its BN-scale and group-norm pruners sparse-train first (weight decay 0, their
+  recommended regulariser) and fine-tune after the cut;
+- ``control``: the unpruned model trained for the same steps, so the gain from extra training is
+  not credited to pruning;
+- seeds: ``--seeds`` (at least 3 for the report); mean and 95% interval (Student t) per method,
+  paired differences per seed (same criterion in both tools, and best of ours against best of theirs).
+
+Rows are appended to ``accuracy.csv`` as they finish (a killed run resumes at the next row);
+``accuracy.md`` is generated from it only.
+
+    python -m benchmarks.accuracy --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2
+    python -m benchmarks.accuracy --quick            # the machinery on tiny settings, into runs/accuracy-quick
+    python -m benchmarks.accuracy --report-only
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
+THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
+PAIRS = [("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2", "tp_group_norm")]  # same criterion, both tools
+TP_REG = {"tp_bn_scale": 1e-4, "tp_group_norm": 5e-4}  # network slimming's lambda; TP's CIFAR group_sl script
+FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
+          "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "distill",
+          "train_images", "test_images", "seconds"]
+
+
+class StepCounter:
+    """Every optimizer step taken anywhere (ours or Torch-Pruning's loops), via torch's global hook."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._handle = None
+
+    def __enter__(self) -> "StepCounter":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._handle = register_optimizer_step_post_hook(self._count)
+        return self
+
+    def _count(self, *args) -> None:
+        self.n += 1
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def finetune(args, seed: int, steps: int, distill: float = 0.0):
+    from secateurs.train import TrainConfig
+
+    return TrainConfig(steps=max(1, steps), batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, quiet=True,
+                       seed=seed, channels_last=True, **({"distill": distill} if distill else {}))
+
+
+def _fit(model, train, cfg, teacher=None) -> None:
+    from secateurs.train import fit
+
+    if teacher is not None and getattr(cfg, "distill", 0):
+        fit(model, train, None, cfg, teacher=teacher)
+    else:
+        fit(model, train, None, cfg)
+
+
+# -- Torch-Pruning ---------------------------------------------------------------------------
+def _tp_pruner(model, x, kind: str, ratio: float):
+    import torch_pruning as tp
+
+    from benchmarks.compare import _head, _tp_importance
+
+    cls = {"tp_magnitude": tp.pruner.MagnitudePruner, "tp_bn_scale": tp.pruner.BNScalePruner,
+           "tp_group_norm": tp.pruner.GroupNormPruner}[kind]
+    extra = {"reg": TP_REG[kind]} if kind in TP_REG else {}
+    return cls(model, x, importance=_tp_importance(kind), pruning_ratio=ratio, global_pruning=True,
+               ignored_layers=_head(model), **extra)
+
+
+def _tp_sparse_phase(model, pruner, train, args, seed: int, steps: int) -> None:
+    """Torch-Pruning's sparse learning: its regulariser after every backward, weight decay 0."""
+    import torch.nn.functional as F
+
+    from secateurs.data import Batches
+
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    batches = Batches(train, args.batch_size, train=True, seed=seed, pad=4)
+    if hasattr(pruner, "update_regularizer"):
+        pruner.update_regularizer()
+    model.train()
+    done, epoch = 0, 0
+    while done < steps:
+        batches.set_epoch(epoch)
+        for xb, yb in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            pruner.regularize(model)
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+        epoch += 1
+    model.eval()
+
+
+def run_tp(method: str, model, x, target: float, train, args, seed: int) -> dict:
+    import secateurs
+    from benchmarks.compare import tp_ratio_for_macs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "tp_magnitude":  # iterative, fine-tuned between, as Torch-Pruning's examples do
+            # each round a one-shot global ratio to target**(i/k) of the MACs: the last lands on the target
+            # (its own iterative scheduler spaces channel ratios, which overshoots the MACs by a few points)
+            k, base = args.rounds, secateurs.count(model, x).macs
+            for i in range(1, k + 1):
+                goal = target ** (i / k) * base / secateurs.count(model, x).macs
+                if goal < 1:
+                    _tp_pruner(model, x, method, tp_ratio_for_macs(model, x, method, goal)).step()
+                _fit(model, train, finetune(args, seed, max(1, args.steps // (2 * k))))
+        else:  # sparse learning, then the global ratio that meets the MACs on the sparse model
+            _tp_sparse_phase(model, _tp_pruner(model, x, method, 0.5), train, args, seed, args.steps // 2)
+            _tp_pruner(model, x, method, tp_ratio_for_macs(model, x, method, target)).step()
+    return {}
+
+
+# -- ours --------------------------------------------------------------------------------------
+def run_ours(method: str, model, x, target: float, train, val, args, seed: int) -> dict:
+    """Prune with one of OURS as its spec says; the caller fine-tunes what is left of the budget."""
+    import secateurs
+
+    per_round = finetune(args, seed, max(1, args.steps // (2 * args.rounds)), args.distill)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "hfp":
+            return _hfp(model, x, target, train, args, seed)
+        if method in ("importance-weights", "importance-weights@tol"):
+            # alpha learned (one round of steps), then cut step by step with fine-tuning between: the
+            # share per step takes about `rounds` steps to the target (widths ~ sqrt of the MACs)
+            fraction = 1 - math.sqrt(target) ** (1 / args.rounds)
+            options = {"epochs": 1, "fraction": min(1.0, fraction), **args.iw_options}
+            if method.endswith("@tol"):  # the method proper: the tolerance on the held-out split stops it
+                _, rep = secateurs.prune(model, x, "importance-weights", None, data=train, val_data=val,
+                                         tolerance=args.tolerance, finetune=per_round, steps=2 * args.rounds,
+                                         method_options=options)
+                return {"fallback": rep.get("stopped", "")[:80]}
+            secateurs.prune(model, x, method, target, data=train, finetune=per_round, steps=args.rounds + 2,
+                            method_options=options)
+        elif method == "heuristic":  # its estimator (kappa 0.5), fine-tuned between rounds, to the target
+            secateurs.prune(model, x, method, target, steps=args.rounds, finetune=per_round, data=train,
+                            method_options={"kappa": 0.5})
+        elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then VIP filters, iterated and fine-tuned
+            base = secateurs.count(model, x).macs
+            secateurs.prune(model, x, "dlp", max(target, 0.8), data=train, finetune=per_round,
+                            method_options={"per_class": 20})
+            rest = target * base / secateurs.count(model, x).macs
+            if rest < 1:
+                secateurs.prune(model, x, "vip", rest, steps=max(1, args.rounds - 1), data=train, finetune=per_round)
+        else:  # a criterion: one cut (bias compensation included), then fine-tuning
+            secateurs.prune(model, x, method, target, data=train)
+    return {}
+
+
+def _hfp(model, x, target: float, train, args, seed: int) -> dict:
+    """HFP's training phase (the budget loss until the hard count meets the target, at most half
+    the budget), the cut, half the budget of fine-tuning; ``converged`` False means the lowest
+    gates were cut instead (labelled as a fallback)."""
+    import secateurs
+
+    phase = finetune(args, seed, args.steps // 2, args.distill)
+    _, rep = secateurs.prune(model, x, "hfp", target, data=train, finetune=phase,
+                             method_options={"lam": args.hfp_lam, "warmup_steps": max(1, args.steps // 20),
+                                             "epochs": 10_000, **args.hfp_options})
+    out = rep["method_output"]
+    return {"converged": out["hfp_converged"], "converged_step": out["hfp_steps"] if out["hfp_converged"] else "",
+            "fallback": "" if out["hfp_converged"] else "lowest gates cut: training did not meet the target"}
+
+
+# -- the grid ----------------------------------------------------------------------------------
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _append(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def data(args):
+    """(train less the held-out split, held-out split, test set), as the protocol says."""
+    from secateurs.data import load_dataset
+
+    train, val = load_dataset("cifar10", "train", root=args.data_root).holdout(args.holdout)
+    test = load_dataset("cifar10", "test", root=args.data_root)
+    if args.subset:
+        train = train.subset(args.subset, 0)
+    if args.test_subset:
+        val, test = val.subset(args.test_subset, 0), test.subset(args.test_subset, 0)
+    return train, val, test
+
+
+def one_row(name: str, base, base_top1: float, method: str, target: float, seed: int, train, val, test, args) -> dict:
+    import secateurs
+    from secateurs.train import evaluate
+
+    x = torch.randn(1, 3, 32, 32)
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    ours = not method.startswith("tp_") and method != "control"
+    with StepCounter() as n:
+        info = {} if method == "control" else (run_tp(method, model, x, target, train, args, seed) if not ours
+                                               else run_ours(method, model, x, target, train, val, args, seed))
+    used = n.n
+    left = args.steps - used
+    if left > 0:
+        teacher = base if ours and args.distill else None
+        _fit(model, train, finetune(args, seed, left, args.distill if ours else 0.0), teacher)
+    cost, cost0 = secateurs.count(model, x), secateurs.count(base, x)
+    row = {"model": name, "target": target, "method": method, "tool": "secateurs" if ours or method == "control"
+           else "torch_pruning", "seed": seed, "steps": args.steps, "steps_used": max(used, args.steps),
+           "phase_steps": used, "over_budget": used > args.steps, "kept_macs": round(cost.macs / cost0.macs, 4),
+           "kept_params": round(cost.params / cost0.params, 4), "top1_before": round(base_top1, 2),
+           "top1": round(evaluate(model, test)["top1"], 2), "val_top1": round(evaluate(model, val)["top1"], 2),
+           "converged": info.get("converged", ""), "converged_step": info.get("converged_step", ""),
+           "fallback": info.get("fallback", ""), "distill": args.distill if ours else 0.0, "train_images": len(train),
+           "test_images": len(test), "seconds": round(time.perf_counter() - t0, 1)}
+    return row
+
+
+def run(args) -> Path:
+    from secateurs.models import load_pretrained
+    from secateurs.train import evaluate
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "accuracy.csv"
+    done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in _rows(path)}
+    train, val, test = data(args)
+    for name in args.models:
+        base = load_pretrained(name).eval()
+        top1 = evaluate(base, test)["top1"]
+        for target in args.targets:
+            for method in args.methods:
+                for seed in args.seeds:
+                    key = (name, str(target), method, str(seed), str(args.steps))
+                    if key in done:
+                        continue
+                    row = one_row(name, base, top1, method, target, seed, train, val, test, args)
+                    _append(path, row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    return path
+
+
+# -- report --------------------------------------------------------------------------------------
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (Student t; 0 for one value)."""
+    from scipy.stats import t
+
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarize(rows: list[dict]) -> dict[tuple, dict]:
+    """Per (model, target, method): mean and interval of top-1, MACs kept, seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], float(r["target"]), r["method"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        m, h = interval([float(r["top1"]) for r in rs])
+        out[key] = {"top1": m, "ci": h, "n": len(rs), "kept_macs": statistics.fmean(float(r["kept_macs"]) for r in rs),
+                    "tool": rs[0]["tool"], "seeds": {int(r["seed"]): float(r["top1"]) for r in rs},
+                    "fallbacks": sum(bool(r["fallback"]) for r in rs), "over": sum(r["over_budget"] == "True" for r in rs),
+                    "converged": [r["converged_step"] for r in rs if r["converged"] == "True"]}
+    return out
+
+
+def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
+    """Mean difference a - b over the seeds both have, with its 95% half-width."""
+    seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
+    if not seeds:
+        return None
+    m, h = interval([a["seeds"][s] - b["seeds"][s] for s in seeds])
+    return m, h, len(seeds)
+
+
+def write_report(path: Path, md: Path, args) -> None:
+    rows = _rows(path)
+    summary = summarize(rows)
+    first = rows[0] if rows else {}
+    lines = ["# Accuracy at equal MACs under one step budget (CIFAR-10 JPEG)", "",
+             f"`python -m benchmarks.accuracy` on {platform.machine()}, torch {torch.__version__}. Protocol: "
+             f"{first.get('steps', '?')} optimizer steps per row (pruning phase + fine-tuning; batch {args.batch_size}, "
+             f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (the training set "
+             f"less a {args.holdout}-image held-out split), top-1 on {first.get('test_images', '?')} test images. "
+             "Generated from `accuracy.csv`; see `benchmarks/accuracy.py` for how each method is run.", "",
+             "| model | MACs target | method | tool | MACs kept | top-1 (mean +- 95%) | seeds | notes |",
+             "|---|---:|---|---|---:|---:|---:|---|"]
+    for (model, target, method), s in sorted(summary.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[1]["top1"])):
+        notes = []
+        if s["fallbacks"]:
+            notes.append(f"{s['fallbacks']} fallback")
+        if s["over"]:
+            notes.append(f"{s['over']} over budget")
+        if s["converged"]:
+            notes.append("converged at step " + "/".join(map(str, s["converged"])))
+        lines.append(f"| {model} | {target:.0%} | {method} | {s['tool']} | {s['kept_macs']:.1%} | "
+                     f"{s['top1']:.2f} +- {s['ci']:.2f} | {s['n']} | {'; '.join(notes)} |")
+    lines += ["", "## Paired differences (same seeds; top-1 points, mean +- 95%)", "",
+              "| model | MACs target | ours | theirs | difference | seeds |", "|---|---:|---|---|---:|---:|"]
+    for model, target in sorted({(k[0], k[1]) for k in summary}, key=lambda k: (k[0], -k[1])):
+        cell = {k[2]: v for k, v in summary.items() if k[:2] == (model, target)}
+        pairs = [(a, b) for a, b in PAIRS if a in cell and b in cell]
+        ours = [m for m, v in cell.items() if v["tool"] == "secateurs" and m != "control" and not m.endswith("@tol")]
+        theirs = [m for m, v in cell.items() if v["tool"] == "torch_pruning"]
+        if ours and theirs:
+            pairs.append((max(ours, key=lambda m: cell[m]["top1"]), max(theirs, key=lambda m: cell[m]["top1"])))
+        for a, b in pairs:
+            d = paired(cell[a], cell[b])
+            if d:
+                lines.append(f"| {model} | {target:.0%} | {a} | {b} | {d[0]:+.2f} +- {d[1]:.2f} | {d[2]} |")
+    md.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--methods", nargs="+", default=OURS + ["importance-weights@tol"] + THEIRS + ["control"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps per row, pruning phase + fine-tuning")
+    p.add_argument("--rounds", type=int, default=4, help="prune/fine-tune rounds of the iterative methods")
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--distill", type=float, default=0.0, help="distillation weight in our fine-tuning (0: off)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="importance-weights@tol: top-1 points on the held-out split")
+    p.add_argument("--hfp-lam", type=float, default=5.0)
+    p.add_argument("--holdout", type=int, default=5000)
+    p.add_argument("--subset", type=int, default=0, help="training images (0: all but the held-out split)")
+    p.add_argument("--test-subset", type=int, default=0, help="test and held-out images (0: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--quick", action="store_true", help="tiny settings that exercise every path (CI)")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    args.hfp_options, args.iw_options = {}, {}
+    if args.quick:
+        args.models, args.targets, args.seeds = ["cifar_resnet20_cifar10"], [0.5], [0]
+        args.steps, args.rounds, args.subset, args.test_subset, args.batch_size = 8, 2, 256, 200, 32
+        if args.out == str(ROOT / "docs"):
+            args.out = str(ROOT / "runs" / "accuracy-quick")
+    path = Path(args.out) / "accuracy.csv"
+    if not args.report_only:
+        path = run(args)
+    write_report(path, Path(args.out) / "accuracy.md", args)
+
+
+if __name__ == "__main__":
+    main()

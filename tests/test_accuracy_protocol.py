@@ -1,0 +1,60 @@
+"""The accuracy protocol's bookkeeping: the step budget is counted for every tool, and the report's
+means, intervals and paired differences come from the rows."""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+
+import pytest
+import torch
+
+from benchmarks import accuracy as acc
+
+
+def test_interval_is_the_student_t_half_width():
+    m, h = acc.interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert acc.interval([5.0]) == (5.0, 0.0)
+
+
+def test_step_counter_sees_every_optimizer_including_ones_built_inside():
+    p = torch.nn.Parameter(torch.ones(3))
+    with acc.StepCounter() as n:
+        for opt in (torch.optim.SGD([p], lr=0.1), torch.optim.AdamW([p], lr=0.1)):
+            for _ in range(3):
+                p.sum().backward()
+                opt.step()
+    p.sum().backward()
+    torch.optim.SGD([p], lr=0.1).step()  # outside: not counted
+    assert n.n == 6
+
+
+def _row(method, seed, top1, tool="secateurs", **kw):
+    row = dict.fromkeys(acc.FIELDS, "")
+    row.update({"model": "r20", "target": 0.5, "method": method, "tool": tool, "seed": seed, "steps": 800,
+                "kept_macs": 0.5, "top1": top1, "over_budget": "False", "train_images": 45000, "test_images": 10000})
+    row.update(kw)
+    return row
+
+
+def test_report_pairs_seeds_and_labels_fallbacks(tmp_path):
+    rows = [_row("l2", 0, 85.0), _row("l2", 1, 86.0), _row("l2", 2, 87.0),
+            _row("tp_magnitude", 0, 84.0, "torch_pruning"), _row("tp_magnitude", 1, 84.5, "torch_pruning"),
+            _row("tp_magnitude", 2, 85.5, "torch_pruning"),
+            _row("hfp", 0, 80.0, fallback="lowest gates cut"), _row("hfp", 1, 81.0, converged="True", converged_step=120),
+            _row("control", 0, 90.0), _row("hfp", 2, 82.0, over_budget="True")]
+    path = tmp_path / "accuracy.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=acc.FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    args = argparse.Namespace(batch_size=128, lr=0.02, holdout=5000)
+    acc.write_report(path, tmp_path / "accuracy.md", args)
+    text = (tmp_path / "accuracy.md").read_text()
+    d, h = acc.interval([1.0, 1.5, 1.5])
+    assert f"| r20 | 50% | l2 | tp_magnitude | {d:+.2f} +- {h:.2f} | 3 |" in text  # same criterion, paired by seed
+    assert text.count("| l2 | tp_magnitude |") == 2  # and again as best of ours against best of theirs (not control)
+    hfp = next(line for line in text.splitlines() if "| hfp |" in line)
+    assert "1 fallback" in hfp and "1 over budget" in hfp and "converged at step 120" in hfp
+    assert "| 86.00 +- " in text
