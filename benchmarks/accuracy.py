@@ -149,20 +149,28 @@ def run_tp(method: str, model, x, target: float, train, args, seed: int) -> dict
 
 
 # -- ours --------------------------------------------------------------------------------------
+def variant(method: str) -> tuple[str, dict]:
+    """``"hfp:tie=shared"`` -> ("hfp", {"tie": "shared"}): a method with options is its own row."""
+    name, *opts = method.split(":")
+    return name, dict(o.split("=", 1) for o in opts)
+
+
 def run_ours(method: str, model, x, target: float, train, val, args, seed: int) -> dict:
     """Prune with one of OURS as its spec says; the caller fine-tunes what is left of the budget."""
     import secateurs
+
+    method, extra = variant(method)
 
     per_round = finetune(args, seed, max(1, args.steps // (2 * args.rounds)), args.distill)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if method == "hfp":
-            return _hfp(model, x, target, train, args, seed)
+            return _hfp(model, x, target, train, args, seed, extra)
         if method in ("importance-weights", "importance-weights@tol"):
             # alpha learned (one round of steps), then cut step by step with fine-tuning between: the
             # share per step takes about `rounds` steps to the target (widths ~ sqrt of the MACs)
             fraction = 1 - math.sqrt(target) ** (1 / args.rounds)
-            options = {"epochs": 1, "fraction": min(1.0, fraction), **args.iw_options}
+            options = {"epochs": 1, "fraction": min(1.0, fraction), **extra}
             if method.endswith("@tol"):  # the method proper: the tolerance on the held-out split stops it
                 _, rep = secateurs.prune(model, x, "importance-weights", None, data=train, val_data=val,
                                          tolerance=args.tolerance, finetune=per_round, steps=2 * args.rounds,
@@ -185,7 +193,7 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
     return {}
 
 
-def _hfp(model, x, target: float, train, args, seed: int) -> dict:
+def _hfp(model, x, target: float, train, args, seed: int, extra: dict) -> dict:
     """HFP's training phase (the budget loss until the hard count meets the target, at most half
     the budget), the cut, half the budget of fine-tuning; ``converged`` False means the lowest
     gates were cut instead (labelled as a fallback)."""
@@ -194,7 +202,7 @@ def _hfp(model, x, target: float, train, args, seed: int) -> dict:
     phase = finetune(args, seed, args.steps // 2, args.distill)
     _, rep = secateurs.prune(model, x, "hfp", target, data=train, finetune=phase,
                              method_options={"lam": args.hfp_lam, "warmup_steps": max(1, args.steps // 20),
-                                             "epochs": 10_000, **args.hfp_options})
+                                             "epochs": 10_000, **extra})
     out = rep["method_output"]
     return {"converged": out["hfp_converged"], "converged_step": out["hfp_steps"] if out["hfp_converged"] else "",
             "fallback": "" if out["hfp_converged"] else "lowest gates cut: training did not meet the target"}
@@ -346,7 +354,7 @@ def write_report(path: Path, md: Path, args) -> None:
     for model, target in sorted({(k[0], k[1]) for k in summary}, key=lambda k: (k[0], -k[1])):
         cell = {k[2]: v for k, v in summary.items() if k[:2] == (model, target)}
         pairs = [(a, b) for a, b in PAIRS if a in cell and b in cell]
-        ours = [m for m, v in cell.items() if v["tool"] == "secateurs" and m != "control" and not m.endswith("@tol")]
+        ours = [m for m, v in cell.items() if v["tool"] == "secateurs" and m != "control" and "@tol" not in m]
         theirs = [m for m, v in cell.items() if v["tool"] == "torch_pruning"]
         if ours and theirs:
             pairs.append((max(ours, key=lambda m: cell[m]["top1"]), max(theirs, key=lambda m: cell[m]["top1"])))
@@ -361,7 +369,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
-    p.add_argument("--methods", nargs="+", default=OURS + ["importance-weights@tol"] + THEIRS + ["control"])
+    p.add_argument("--methods", nargs="+", default=OURS + ["importance-weights@tol"] + THEIRS + ["control"],
+                   help="also variants with options: hfp:tie=shared, importance-weights:rank=scale")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per row, pruning phase + fine-tuning")
     p.add_argument("--rounds", type=int, default=4, help="prune/fine-tune rounds of the iterative methods")
@@ -379,7 +388,6 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny settings that exercise every path (CI)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    args.hfp_options, args.iw_options = {}, {}
     if args.quick:
         args.models, args.targets, args.seeds = ["cifar_resnet20_cifar10"], [0.5], [0]
         args.steps, args.rounds, args.subset, args.test_subset, args.batch_size = 8, 2, 256, 200, 32

@@ -29,19 +29,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["coverage", "engine", "speedup", "accuracy", "segmentation"]
 
-CLAIMS = [  # ../shared/METHODS.md's headline claims, and where we measure the same thing
-    ("1. heuristic", "VGG16/ImageNet MACs -77.47%, about 5x speed-up; ResNet34 MACs -41.94%",
-     "docs/heuristic.md: small VGG on Fashion-MNIST -76.9% MACs at -2.5 top-1 (1 epoch per round, CPU)"),
-    ("2. layer pruning", "ResNet-56/CIFAR-10: truncating stage 3 after its first block: MACs -30.02%, params -69.16%",
-     "docs/layer_pruning.md: the same arithmetic exactly (-30.02% / -69.16%); rank mode -30.0% MACs at L1's accuracy"),
-    ("3. HFP", "exact MACs/params targets reached by gradient descent during training",
-     "docs/hfp.md: ResNet-20 49.75% for a 50% target; ResNet-50 39.9990% for 40%"),
-    ("4. importance weights", "U-Net/TernausNet (Inria, AIRS): MACs -85% for a 0.32% accuracy drop, 6x smaller, ~7x faster",
-     "docs/segmentation.md (quarter-width nets trained here; ISBI 2012, HeLa; 1 point of pixel accuracy): "
-     "MACs -53%/-71% (U-Net), -80%/-89% (TernausNet); files 15-115x smaller; 1.6-2.5x faster at batch 1, 512px. "
-     "Section 5 here (same 20 epochs for every method, 2 seeds): on HeLa U-Net at 20% of the MACs IoU 90.36 (-0.31 "
-     "from unpruned), best of every method; on ISBI best at 60% and 40%, behind L1/BN-scale at 20%"),
-]
 
 
 def _csv(path: Path) -> list[dict]:
@@ -154,6 +141,7 @@ def _best_line(label: str, rows: list[dict]) -> list[str]:
 
 
 def write_report(args) -> Path:
+    from benchmarks.claims import claims
     from benchmarks.compare import (COVERAGE_MODELS, OURS, SEG_METHODS, SEG_MODELS, SEG_PHASE_EPOCHS, SEG_SEEDS,
                                     SEG_TARGETS, THEIRS, summarize)
 
@@ -301,7 +289,7 @@ def write_report(args) -> Path:
                          f"{b['file_bytes'] / p['file_bytes']:.1f}x | {lat} |")
         L += ["", "Details, curves and predictions: segmentation.md in this folder.", ""]
     L += ["## The papers' claims next to what we measured", "", "| method | paper | measured here |", "|---|---|---|"]
-    L += [f"| {a} | {b} | {c} |" for a, b, c in CLAIMS]
+    L += [f"| {a} | {b} | {c} |" for a, b, c in claims(ROOT / "docs")]  # every figure from a results file
     L += [""] + [f"![{p}]({p})" for p in made if p != "segmentation_iou_vs_macs.png"] + [""]
     path = out / "BENCHMARKS.md"
     path.write_text("\n".join(L) + "\n")

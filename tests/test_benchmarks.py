@@ -82,3 +82,17 @@ def test_every_flag_a_benchmark_reads_is_declared():
                 used.setdefault(f.name, set()).add(node.attr)
     missing = {f: sorted(a - declared) for f, a in used.items() if a - declared}
     assert not missing, f"flags read but never declared: {missing}"
+
+
+def test_claims_are_read_from_the_results_files(tmp_path):
+    from benchmarks.claims import claims
+
+    _write(tmp_path / "hfp.csv", [
+        {"model": "r20", "method": "HFP", "macs_kept": 0.4975, "params_kept": 0.8, "top1_before": 86.0,
+         "top1_after": 79.0, "epochs": 5, "note": "converged at step 281"},
+        {"model": "r20", "method": "L1 global, same MACs", "macs_kept": 0.497, "params_kept": 0.57,
+         "top1_before": 86.0, "top1_after": 82.4, "epochs": 5, "note": "one shot"}])
+    rows = dict((name, measured) for name, _, measured in claims(tmp_path))
+    assert rows["3. HFP"] == ("docs/hfp.csv: r20: MACs kept 49.75% (converged at step 281), top-1 79.00, "
+                              "best L1 at the same MACs 82.40")
+    assert rows["1. heuristic"].startswith("no results file yet")  # never a hand-written figure
