@@ -306,7 +306,7 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
 
 
 def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[torch.Tensor], budget: Budget,
-                 allocation: str, round_to: int, min_width: int | float, base: Cost, threads: int | None,
+                 allocation: str, round_to: int, min_width: int | float, threads: int | None,
                  log: Callable[..., None], *, tolerance: float = 0.05, tries: int = 4) -> tuple[PruningPlan, dict]:
     """Widths that meet a measured latency target.
 
