@@ -297,9 +297,11 @@ def _check_teacher(model: nn.Module, teacher: Any, cfg: TrainConfig) -> nn.Modul
 def _probe_shapes(model: nn.Module, teacher: nn.Module, train_ds: ArrayDataset, cfg: TrainConfig, device) -> None:
     """Refuse a teacher whose outputs differ from the model's before any weight or statistic changes:
     one augmented sample through both in eval mode."""
-    was = model.training
-    x, _ = next(iter(Batches(train_ds, 1, train=True, seed=cfg.seed, pad=cfg.pad if train_ds.task == "classification"
-                             else 0, crop=cfg.crop, flip=False)))
+    first = next(iter(Batches(train_ds, 1, train=True, seed=cfg.seed, flip=False, crop=cfg.crop,
+                              pad=cfg.pad if train_ds.task == "classification" else 0)), None)
+    if first is None:  # no sample: no step will run either
+        return
+    x, was = first[0], model.training
     model.eval()
     try:
         with torch.no_grad():
