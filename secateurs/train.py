@@ -294,13 +294,18 @@ def _check_teacher(model: nn.Module, teacher: Any, cfg: TrainConfig) -> nn.Modul
     return teacher
 
 
-def _probe_shapes(model: nn.Module, teacher: nn.Module, train_ds: ArrayDataset, cfg: TrainConfig, device) -> None:
-    """Refuse a teacher whose outputs differ from the model's before any weight or statistic changes:
-    one augmented sample through both in eval mode."""
+def _ready_teacher(model: nn.Module, teacher: nn.Module, train_ds: ArrayDataset, cfg: TrainConfig, device) -> bool:
+    """Move the teacher beside the model in eval mode (returns the mode it came in) and refuse one whose
+    outputs differ from the model's before any weight or statistic changes: one augmented sample
+    through both in eval mode."""
+    was_training = teacher.training
+    teacher.to(device).eval()
+    if cfg.channels_last:
+        teacher.to(memory_format=torch.channels_last)
     first = next(iter(Batches(train_ds, 1, train=True, seed=cfg.seed, flip=False, crop=cfg.crop,
                               pad=cfg.pad if train_ds.task == "classification" else 0)), None)
     if first is None:  # no sample: no step will run either
-        return
+        return was_training
     x, was = first[0], model.training
     model.eval()
     try:
@@ -311,6 +316,7 @@ def _probe_shapes(model: nn.Module, teacher: nn.Module, train_ds: ArrayDataset, 
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"`teacher` outputs shape {tuple(b.shape[1:])} per sample but the model "
                          f"{tuple(a.shape[1:])}; distillation needs the same outputs (classes, and pixels for segmentation)")
+    return was_training
 
 
 def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, cfg: TrainConfig,
@@ -335,12 +341,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    teacher_was = teacher.training if teacher is not None else False
-    if teacher is not None:
-        teacher.to(device).eval()
-        if cfg.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        _probe_shapes(model, teacher, train_ds, cfg, device)
+    teacher_was = _ready_teacher(model, teacher, train_ds, cfg, device) if teacher is not None else False
     batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
                       pad=cfg.pad if train_ds.task == "classification" else 0, crop=cfg.crop, flip=cfg.flip)
     optimizer = make_optimizer(model, cfg)
