@@ -151,6 +151,11 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--weight-decay", type=float, default=5e-4)
     s.add_argument("--optimizer", default="sgd")
     s.add_argument("--crop", type=int, default=None, help="random crop size for fine-tuning (segmentation)")
+    s.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="weight in [0, 1] of knowledge distillation from the unpruned model during every fine-tuning: "
+                        "loss = (1-W) CE + W T^2 KL(teacher || student) on the logits (0: off; needs --finetune-epochs)")
+    s.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
+                   help="softmax temperature of --distill (default: 4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=None, help="run folder: model.safetensors, model.json, model.onnx, report.*")
     s.add_argument("--resume", action="store_true", help="continue a killed run in --out")
@@ -294,6 +299,8 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
         raise SystemExit(f"--{'finetune-epochs' if args.finetune_epochs else 'method ' + args.method} needs --data")
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out")
+    if args.distill and not args.finetune_epochs:
+        raise SystemExit("--distill needs --finetune-epochs: it acts during fine-tuning")
     if args.tolerance is not None and not args.data:
         raise SystemExit("--tolerance needs --data: the metric is measured on its test split")
     finetune = None
@@ -301,9 +308,12 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
         try:
             finetune = TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
                                    weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed,
-                                   crop=args.crop, quiet=args.quiet)
+                                   crop=args.crop, quiet=args.quiet, distill=args.distill,
+                                   distill_temperature=args.distill_temperature)
         except ValueError as err:
-            raise SystemExit(f"secateurs prune: {err}") from None
+            flag = next((f"--{f.replace('_', '-')}" for f in ("distill", "distill_temperature") if f"`{f}`" in str(err)),
+                        "secateurs prune")
+            raise SystemExit(f"{flag}: {err}") from None
     return budget, finetune, min_width
 
 
@@ -363,6 +373,8 @@ def prune_main(args) -> int:
     report["threads"] = torch.get_num_threads()
     report["protocol"] = (f"{name} on {train_ds.name if train_ds else 'no data'}"
                           + (f", fine-tune {args.finetune_epochs} epoch(s)/step on {len(train_ds)} samples" if finetune else ", no fine-tuning")
+                          + (f", distilled from the unpruned model (w {args.distill}, T {args.distill_temperature})"
+                             if finetune is not None and args.distill else "")
                           + (f", metric on {len(val_ds)} validation samples" if val_ds is not None else "")
                           + f", {torch.get_num_threads()} CPU threads")
     if main_proc:

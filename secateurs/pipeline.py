@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
-from ._validation import (PruningError, check_dataset, check_example_inputs, check_model, check_out_dir,
-                          check_scalar)
+from ._validation import (InvalidArgument, PruningError, check_dataset, check_example_inputs, check_model,
+                          check_out_dir, check_scalar)
 from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
                      uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
 from .cost import Cost, count
@@ -70,6 +70,8 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
         if isinstance(finetune, Mapping):
             try:
                 finetune = TrainConfig(**finetune)
+            except InvalidArgument:  # a field out of range: its own message names it
+                raise
             except TypeError as err:
                 raise TypeError(f"`finetune` must hold TrainConfig fields: {err}") from None
         if not isinstance(finetune, TrainConfig):
@@ -87,6 +89,16 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
             raise PruningError(f"a latency target needs the model to run here; it is on {dev}")
     return _Request(how, budget, allocation, steps, finetune, key if val_data is not None else None,
                     dict(method_options or {}))
+
+
+def _teacher(model: nn.Module, finetune: TrainConfig | None) -> nn.Module | None:
+    """A frozen copy of the unpruned model to distil from during every fine-tuning, only when the
+    fine-tuning asks for it (it costs a model's memory and a forward per step)."""
+    if finetune is None or finetune.distill == 0:
+        return None
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _restore(model: nn.Module, snapshot: nn.Module) -> None:
@@ -233,7 +245,7 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None) -> str | None
         out = run.ckpt.out
         cfg = req.finetune if out is None else replace(req.finetune, out_dir=str(run.ckpt.step_dir(k) / "train"),
                                                        resume=True)
-        fit(model, run.context["data"], None, cfg)
+        fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
         timings["finetune_s"] += time.perf_counter() - t4
     return _measure_step(run, ctx, k, removed, snapshot, tolerance)
 
@@ -290,7 +302,9 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     round_to, min_width : widths become multiples of ``round_to`` and at least ``min_width``;
         ``round_to="auto"`` measures the multiple on the fast side of this machine's steps.
     data, val_data : datasets for data-driven criteria / fine-tuning, and for the metric.
-    finetune : TrainConfig or dict of its fields; fine-tunes after every step when given.
+    finetune : TrainConfig or dict of its fields; fine-tunes after every step when given. With
+        ``distill`` > 0 every fine-tuning (and the training inside methods such as hfp) also
+        distils from a frozen copy of the model as given here, unpruned (on resume too).
     steps : one-shot (1) or at most that many prune -> fine-tune rounds (a criterion's budget is
         shared out geometrically; a method may stop earlier when it has nothing left to remove).
         Default: the method's own (1, or e.g. 100 for "importance-weights", which the tolerance stops).
@@ -326,9 +340,10 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
                                       "steps_requested")}
     ckpt = _Checkpoints(model, out_dir, request)
+    teacher = _teacher(model, req.finetune)  # before _resume loads a step's weights into the model
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,
-                   latency_threads=latency_threads, log=log, finetune=req.finetune, val_data=val_data,
+                   latency_threads=latency_threads, log=log, finetune=req.finetune, teacher=teacher, val_data=val_data,
                    tolerance=tolerance, metric=req.key, metric0=metric0, out_dir=ckpt.out if ckpt.enabled else None)
     run = _Run(model, example_inputs, req, base, base, report, {}, ckpt, timings, log, context)
     start = _resume(run) if resume else (ckpt.clear() or 1)

@@ -26,6 +26,7 @@ from secateurs import PruningError
 from secateurs.cli import main as cli
 from secateurs.data import ArrayDataset, load_dataset
 from secateurs.models import create_model
+from secateurs.train import TrainConfig, fit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -231,6 +232,17 @@ CASES: list[Case] = [
     Case("prune-finetune-field", "`prune(..., finetune={'epochz': 1}, data=ds)`", TypeError,
          "`finetune` must hold TrainConfig fields", lambda e: P(e.model, X, "l1", 0.5, finetune={"epochz": 1}, data=toy()),
          was="TypeError: TrainConfig.__init__() got an unexpected keyword argument (no `finetune`)"),
+    Case("prune-finetune-distill", "`prune(..., finetune={'distill': 1.5}, data=ds)`: a weight above 1", ValueError,
+         "`distill` must be in [0, 1], got 1.5", lambda e: P(e.model, X, "l1", 0.5, finetune={"distill": 1.5}, data=toy())),
+    Case("prune-finetune-temperature", "`prune(..., finetune={'distill': 0.5, 'distill_temperature': 0}, data=ds)`",
+         ValueError, "`distill_temperature` must be a positive number, got 0",
+         lambda e: P(e.model, X, "l1", 0.5, finetune={"distill": 0.5, "distill_temperature": 0}, data=toy())),
+    Case("fit-distill-no-teacher", "`fit(model, ds, None, TrainConfig(distill=0.5))`: no teacher", ValueError,
+         "`distill` is 0.5: pass `teacher`", lambda e: fit(e.model, toy(), None, TrainConfig(distill=0.5, quiet=True))),
+    Case("fit-teacher-classes", "`fit(..., TrainConfig(distill=0.5), teacher=model_with_3_classes)` for a 10-class model",
+         ValueError, "`teacher` outputs shape (3,) per sample but the model (10,)",
+         lambda e: fit(e.model, toy(), None, TrainConfig(distill=0.5, quiet=True),
+                       teacher=create_model("tiny_cnn", in_chans=3, width=8, num_classes=3))),
     Case("prune-tolerance-no-val", "`prune(..., tolerance=1.0)` without `val_data`", ValueError, "`tolerance` needs `val_data`",
          lambda e: P(e.model, X, "l1", 0.5, tolerance=1.0)),
     Case("prune-metric-no-val", "`prune(..., metric='top1')` without `val_data`", ValueError, "`metric` ('top1') needs `val_data`",
@@ -370,6 +382,13 @@ CASES: list[Case] = [
          was="a traceback after the model was built and timed"),
     Case("cli-config", "`secateurs prune --config missing.yaml`", SystemExit, "--config",
          lambda e: cli(["prune", "--config", str(e.tmp / "missing.yaml")]), model=None),
+    Case("cli-distill", "`secateurs prune --macs 0.5 --finetune-epochs 1 --distill 1.5`", SystemExit,
+         "--distill: `distill` must be in [0, 1], got 1.5",
+         lambda e: cli(["prune", "--model", "tiny_cnn", "--data", "digits", "--macs", "0.5", "--finetune-epochs", "1",
+                        "--distill", "1.5"]), model=None),
+    Case("cli-distill-no-finetune", "`secateurs prune --macs 0.5 --distill 0.5`: nothing to distil into", SystemExit,
+         "--distill needs --finetune-epochs",
+         lambda e: cli(["prune", "--model", "tiny_cnn", "--macs", "0.5", "--distill", "0.5"]), model=None),
     Case("cli-unknown-flag", "`secateurs prune --macz 0.5`", SystemExit, "unrecognized arguments: --macz",
          lambda e: cli(["prune", "--model", "tiny_cnn", "--macz", "0.5"]), model=None),
 ]

@@ -83,6 +83,7 @@ class StepContext:
     latency_threads: int | None = None
     log: Callable[..., None] = print
     finetune: Any = None  # the pipeline's TrainConfig: methods that train (HFP) start from it
+    teacher: Any = None  # the frozen unpruned model when finetune.distill > 0: pass it to every fit()
     val_data: Any = None
     tolerance: float | None = None  # the pipeline's metric tolerance (points), if any
     metric: str | None = None  # the key of evaluate() the tolerance applies to

@@ -179,7 +179,7 @@ class HFPMethod(Method):
         cfg = replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
                       **({"lr": self.lr} if self.lr else {}))
         try:
-            history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg)
+            history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg, teacher=ctx.teacher)
             gates = reg.gates().detach().cpu()
             alive = reg.alive(hard_only=True).cpu().bool()
         finally:

@@ -186,7 +186,7 @@ class ImportanceWeightMethod(Method):
         iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=weights)
         try:
             history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
-                          regularizer=iw) if self.epochs else []
+                          regularizer=iw, teacher=ctx.teacher) if self.epochs else []
             scores = iw.scores(scaled=self.rank == "scale")
         finally:
             iw.fold()
@@ -303,7 +303,7 @@ class ImportanceWeightMethod(Method):
             probe = copy.deepcopy(ctx.model)
             apply_plan(probe, ctx.graph, alloc.plan(alloc.keep_removing(n)))
             if ctx.finetune is not None:
-                fit(probe, ctx.data, None, self._train_config(ctx, ctx.finetune.epochs, None))
+                fit(probe, ctx.data, None, self._train_config(ctx, ctx.finetune.epochs, None), teacher=ctx.teacher)
             m = evaluate(probe, ctx.val_data)[ctx.metric]
             ok = ctx.metric0 - m <= ctx.tolerance
             tried.append({"removed_channels": n, "metric": m, "within": ok})
