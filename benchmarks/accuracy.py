@@ -45,7 +45,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
 THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
-PAIRS = [("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2", "tp_group_norm")]  # same criterion, both tools
+# same criterion in both tools, with the same fine-tuning (no distillation), then ours as a user gets it
+PAIRS = [("l2:distill=0", "tp_magnitude"), ("bn_scale:distill=0", "tp_bn_scale"), ("l2:distill=0", "tp_group_norm"),
+         ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale")]
 TP_REG = {"tp_bn_scale": 1e-4, "tp_group_norm": 5e-4}  # network slimming's lambda; TP's CIFAR group_sl script
 FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
           "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "distill",
@@ -160,6 +162,7 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
     import secateurs
 
     method, extra = variant(method)
+    extra.pop("distill", None)  # the row's distillation weight, already in args.distill
 
     per_round = finetune(args, seed, max(1, args.steps // (2 * args.rounds)), args.distill)
     with warnings.catch_warnings():
@@ -247,14 +250,15 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
     ours = not method.startswith("tp_") and method != "control"
+    args = copy.copy(args)  # a variant may set this row's distillation weight: "l2:distill=0"
+    args.distill = float(variant(method)[1].get("distill", args.distill)) if ours else 0.0
     with StepCounter() as n:
         info = {} if method == "control" else (run_tp(method, model, x, target, train, args, seed) if not ours
                                                else run_ours(method, model, x, target, train, val, args, seed))
     used = n.n
     left = args.steps - used
     if left > 0:
-        teacher = base if ours and args.distill else None
-        _fit(model, train, finetune(args, seed, left, args.distill if ours else 0.0), teacher)
+        _fit(model, train, finetune(args, seed, left, args.distill), base if args.distill else None)
     cost, cost0 = secateurs.count(model, x), secateurs.count(base, x)
     row = {"model": name, "target": target, "method": method, "tool": "secateurs" if ours or method == "control"
            else "torch_pruning", "seed": seed, "steps": args.steps, "steps_used": max(used, args.steps),
@@ -262,7 +266,7 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
            "kept_params": round(cost.params / cost0.params, 4), "top1_before": round(base_top1, 2),
            "top1": round(evaluate(model, test)["top1"], 2), "val_top1": round(evaluate(model, val)["top1"], 2),
            "converged": info.get("converged", ""), "converged_step": info.get("converged_step", ""),
-           "fallback": info.get("fallback", ""), "distill": args.distill if ours else 0.0, "train_images": len(train),
+           "fallback": info.get("fallback", ""), "distill": args.distill, "train_images": len(train),
            "test_images": len(test), "seconds": round(time.perf_counter() - t0, 1)}
     return row
 
@@ -369,14 +373,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
-    p.add_argument("--methods", nargs="+", default=OURS + ["importance-weights@tol"] + THEIRS + ["control"],
+    p.add_argument("--methods", nargs="+",
+                   default=OURS + ["l2:distill=0", "bn_scale:distill=0", "importance-weights@tol"] + THEIRS + ["control"],
                    help="also variants with options: hfp:tie=shared, importance-weights:rank=scale")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per row, pruning phase + fine-tuning")
     p.add_argument("--rounds", type=int, default=4, help="prune/fine-tune rounds of the iterative methods")
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--distill", type=float, default=0.0, help="distillation weight in our fine-tuning (0: off)")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="distillation weight in our fine-tuning (0: off; a row 'l2:distill=0' overrides it)")
     p.add_argument("--tolerance", type=float, default=1.0, help="importance-weights@tol: top-1 points on the held-out split")
     p.add_argument("--hfp-lam", type=float, default=5.0)
     p.add_argument("--holdout", type=int, default=5000)

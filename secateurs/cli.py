@@ -151,9 +151,10 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--weight-decay", type=float, default=5e-4)
     s.add_argument("--optimizer", default="sgd")
     s.add_argument("--crop", type=int, default=None, help="random crop size for fine-tuning (segmentation)")
-    s.add_argument("--distill", type=float, default=0.0, metavar="W",
+    s.add_argument("--distill", type=float, default=None, metavar="W",
                    help="weight in [0, 1] of knowledge distillation from the unpruned model during every fine-tuning: "
-                        "loss = (1-W) CE + W T^2 KL(teacher || student) on the logits (0: off; needs --finetune-epochs)")
+                        "loss = (1-W) CE + W T^2 KL(teacher || student) on the logits (default 0.5 when fine-tuning: "
+                        "+1.4 top-1 measured on ResNet-20 at 50%% MACs; 0: off)")
     s.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
                    help="softmax temperature of --distill (default: 4)")
     s.add_argument("--seed", type=int, default=0)
@@ -282,6 +283,9 @@ def _round_to(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"an integer or 'auto', got {text!r}") from None
 
 
+DEFAULT_DISTILL = 0.5
+
+
 def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int | float]:
     """Everything the command line can get wrong, refused before any data is loaded."""
     budget = _budget(args, optional=not how.needs_budget)
@@ -301,6 +305,8 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
         raise SystemExit("--resume needs --out")
     if args.distill and not args.finetune_epochs:
         raise SystemExit("--distill needs --finetune-epochs: it acts during fine-tuning")
+    if args.distill is None:  # on by default when fine-tuning: it measured better (docs/methods.md)
+        args.distill = DEFAULT_DISTILL if args.finetune_epochs else 0.0
     if args.tolerance is not None and not args.data:
         raise SystemExit("--tolerance needs --data: the metric is measured on its test split")
     finetune = None

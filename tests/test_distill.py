@@ -251,7 +251,10 @@ def test_cli_flags_reach_the_fine_tuning_config(monkeypatch):
     _, ft, _ = _check_prune_args(args, get_method("l2"))
     assert (ft.distill, ft.distill_temperature) == (0.3, 2.0)
     _, ft, _ = _check_prune_args(get_args_parser().parse_args([*FAST, "--finetune-epochs", "1"]), get_method("l2"))
-    assert (ft.distill, ft.distill_temperature) == (0.0, 4.0)  # off by default
+    assert (ft.distill, ft.distill_temperature) == (0.5, 4.0)  # on by default when fine-tuning (it measured better)
+    _, ft, _ = _check_prune_args(get_args_parser().parse_args([*FAST, "--finetune-epochs", "1", "--distill", "0"]),
+                                 get_method("l2"))
+    assert ft.distill == 0.0  # and off when asked
     calls = recording_fit(monkeypatch, secateurs.pipeline)
     assert main([*FAST, "--finetune-epochs", "1", "--distill", "0.5", "--no-onnx", "--no-latency", "--quiet"]) == 0
     assert len(calls) == 1 and calls[0]["distill"] == 0.5 and calls[0]["teacher_params"] > calls[0]["model_params"]
