@@ -49,6 +49,7 @@ THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
 PAIRS = [("l2:distill=0", "tp_magnitude"), ("bn_scale:distill=0", "tp_bn_scale"), ("l2:distill=0", "tp_group_norm"),
          ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale")]
 TP_REG = {"tp_bn_scale": 1e-4, "tp_group_norm": 5e-4}  # network slimming's lambda; TP's CIFAR group_sl script
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit trains there too
 FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
           "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "distill",
           "train_images", "test_images", "seconds"]
@@ -118,6 +119,7 @@ def _tp_sparse_phase(model, pruner, train, args, seed: int, steps: int) -> None:
     while done < steps:
         batches.set_epoch(epoch)
         for xb, yb in batches:
+            xb, yb = xb.to(DEVICE), yb.to(DEVICE)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(xb), yb).backward()
             pruner.regularize(model)
@@ -245,7 +247,7 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
     import secateurs
     from secateurs.train import evaluate
 
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
@@ -282,7 +284,7 @@ def run(args) -> Path:
     done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in _rows(path)}
     train, val, test = data(args)
     for name in args.models:
-        base = load_pretrained(name).eval()
+        base = load_pretrained(name).eval().to(DEVICE)
         top1 = evaluate(base, test)["top1"]
         for target in args.targets:
             for method in args.methods:
