@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -38,3 +39,21 @@ def finetune_config(args, epochs: int):
     from secateurs.train import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, quiet=True, seed=0)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results CSV (none if it does not exist yet)."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict, fields: list[str] | None = None) -> None:
+    """One finished row, appended at once: a killed run keeps every row before it."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)

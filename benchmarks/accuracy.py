@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import platform
 import statistics
@@ -41,6 +40,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from benchmarks._protocol import append_row, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
@@ -214,22 +215,6 @@ def _hfp(model, x, target: float, train, args, seed: int, extra: dict) -> dict:
 
 
 # -- the grid ----------------------------------------------------------------------------------
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
-def _append(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
 def data(args):
     """(train less the held-out split, held-out split, test set), as the protocol says."""
     from secateurs.data import load_dataset
@@ -281,7 +266,7 @@ def run(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy.csv"
-    done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in _rows(path)}
+    done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in read_rows(path)}
     train, val, test = data(args)
     for name in args.models:
         base = load_pretrained(name).eval().to(DEVICE)
@@ -293,7 +278,7 @@ def run(args) -> Path:
                     if key in done:
                         continue
                     row = one_row(name, base, top1, method, target, seed, train, val, test, args)
-                    _append(path, row)
+                    append_row(path, row, FIELDS)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return path
 
@@ -334,7 +319,7 @@ def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
 
 
 def write_report(path: Path, md: Path, args) -> None:
-    rows = _rows(path)
+    rows = read_rows(path)
     summary = summarize(rows)
     first = rows[0] if rows else {}
     lines = ["# Accuracy at equal MACs under one step budget (CIFAR-10 JPEG)", "",

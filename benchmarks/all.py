@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import sys
@@ -26,16 +25,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._protocol import read_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["coverage", "engine", "speedup", "accuracy", "segmentation"]
 
-
-
-def _csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def run(args) -> None:
@@ -146,9 +140,9 @@ def write_report(args) -> Path:
                                     SEG_TARGETS, THEIRS, summarize)
 
     out = Path(args.out)
-    cov = _csv(out / "compare_coverage.csv")
-    eng = _csv(out / "engine_speed.csv")
-    speed = _csv(out / "compare_speedup.csv")
+    cov = read_rows(out / "compare_coverage.csv")
+    eng = read_rows(out / "engine_speed.csv")
+    speed = read_rows(out / "compare_speedup.csv")
     acc = summarize(out / "compare_accuracy.csv", "top1")
     curves = summarize(out / "compare_segmentation.csv", "iou")
     made = _plots(out, acc, speed, curves)
@@ -179,13 +173,13 @@ def write_report(args) -> Path:
          "python -m benchmarks.segmentation --help          # method 4 with its error tolerance",
          "```", ""]
     if not args.quick:
-        n_acc = len(_csv(out / "compare_accuracy.csv"))
+        n_acc = len(read_rows(out / "compare_accuracy.csv"))
         want = 2 * 2 * len(OURS + THEIRS) * len(args.seeds)
-        seg_rows = _csv(out / "compare_segmentation.csv")
+        seg_rows = read_rows(out / "compare_segmentation.csv")
         want_seg = len(SEG_MODELS) * len(SEG_TARGETS) * len(SEG_METHODS) * len(SEG_SEEDS)
-        hours = sum(float(r["seconds"] or 0) for r in _csv(out / "compare_accuracy.csv") + seg_rows) / 3600
+        hours = sum(float(r["seconds"] or 0) for r in read_rows(out / "compare_accuracy.csv") + seg_rows) / 3600
         L += ["**Status.** "
-              f"Coverage {len(_csv(out / 'compare_coverage.csv'))}/{2 * len(COVERAGE_MODELS)} rows; "
+              f"Coverage {len(read_rows(out / 'compare_coverage.csv'))}/{2 * len(COVERAGE_MODELS)} rows; "
               f"accuracy {n_acc}/{want} runs (ResNet-20 and ResNet-56 x 2 targets x {len(OURS + THEIRS)} methods x "
               f"{len(args.seeds)} seeds); segmentation curves {len(seg_rows)}/{want_seg} points ({len(SEG_MODELS)} "
               f"U-Nets x {len(SEG_TARGETS)} targets x {len(SEG_METHODS)} methods x {len(SEG_SEEDS)} seeds). Coverage, speed-up, accuracy and "

@@ -5,9 +5,10 @@ Each row names the file it comes from; a claim whose file is missing says so ins
 """
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
+
+from benchmarks._protocol import read_rows
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -20,19 +21,12 @@ PAPERS = {
 }
 
 
-def _csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
 def _missing(name: str) -> str:
     return f"no results file yet ({name})"
 
 
 def heuristic(docs: Path) -> str:
-    rows = _csv(docs / "heuristic.csv")
+    rows = read_rows(docs / "heuristic.csv")
     if not rows:
         return _missing("docs/heuristic.csv")
     parts = []
@@ -51,7 +45,7 @@ def heuristic(docs: Path) -> str:
 
 
 def layer_pruning(docs: Path) -> str:
-    rows = _csv(docs / "layer_pruning.csv")
+    rows = read_rows(docs / "layer_pruning.csv")
     if not rows:
         return _missing("docs/layer_pruning.csv")
     parts = []
@@ -67,7 +61,7 @@ def layer_pruning(docs: Path) -> str:
 
 
 def hfp(docs: Path) -> str:
-    rows = _csv(docs / "hfp.csv")
+    rows = read_rows(docs / "hfp.csv")
     mine = [r for r in rows if r["method"] == "HFP"]
     if not mine:
         return _missing("docs/hfp.csv")
@@ -82,7 +76,7 @@ def hfp(docs: Path) -> str:
 
 
 def importance(docs: Path, target: float = 0.2) -> str:
-    rows = [r for r in _csv(docs / "compare_segmentation.csv") if r["iou"] and abs(float(r["target"]) - target) < 1e-9]
+    rows = [r for r in read_rows(docs / "compare_segmentation.csv") if r["iou"] and abs(float(r["target"]) - target) < 1e-9]
     if not rows:
         return _missing("docs/compare_segmentation.csv")
     parts = []

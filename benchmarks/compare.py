@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from benchmarks._protocol import append_row, read_rows
 
 OURS = ["l1", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
 THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
@@ -45,22 +46,6 @@ SPEEDUP_MODELS = {"torchvision:resnet50": 224, "torchvision:mobilenet_v2": 224, 
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
-def _append(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
 def _head(model) -> list:
     """Modules whose outputs are the model's: Torch-Pruning must be told to keep them."""
     import torch.nn as nn
@@ -169,13 +154,13 @@ def _coverage_one(tool: str, name: str) -> dict:
 
 def coverage(models: list[str], out: Path) -> None:
     path = out / "compare_coverage.csv"
-    done = {(r["model"], r["tool"]) for r in _rows(path)}
+    done = {(r["model"], r["tool"]) for r in read_rows(path)}
     for name in models:
         for tool in ("secateurs", "torch_pruning"):
             if (name, tool) in done:
                 continue
             r = _coverage_one(tool, name)
-            _append(path, {"model": name, "tool": tool, **r})
+            append_row(path, {"model": name, "tool": tool, **r})
             print(f"coverage {name} {tool}: {r['status']} {r['note']}", flush=True)
 
 
@@ -188,7 +173,7 @@ def speedup(models: dict[str, int], out: Path, repeats: int, threads: int) -> No
     from secateurs.models import create_model
 
     path = out / "compare_speedup.csv"
-    done = {r["model"] for r in _rows(path) if r["tool"] == "torch_pruning"}
+    done = {r["model"] for r in read_rows(path) if r["tool"] == "torch_pruning"}
     torch.set_num_threads(threads)
     tools = ("unpruned", "secateurs", "torch_pruning")
     for name, size in models.items():
@@ -219,7 +204,7 @@ def speedup(models: dict[str, int], out: Path, repeats: int, threads: int) -> No
                 for tool in tools:
                     rows[tool][f"{col}_b{b}_ms"] = round(1e3 * t[tool].median_s, 3)
         for tool in tools:
-            _append(path, rows[tool])
+            append_row(path, rows[tool])
             print(f"speedup {name} {tool}: {rows[tool]}", flush=True)
 
 
@@ -298,7 +283,7 @@ def accuracy(models: list[str], targets: list[float], methods: list[str], seeds:
     from secateurs.train import evaluate, fit
 
     path = out / "compare_accuracy.csv"
-    done = {(r["model"], r["target"], r["method"], r["seed"]) for r in _rows(path)}
+    done = {(r["model"], r["target"], r["method"], r["seed"]) for r in read_rows(path)}
     train, val = cifar10(args)
     x = torch.randn(1, 3, 32, 32)
     for name in models:
@@ -327,7 +312,7 @@ def accuracy(models: list[str], targets: list[float], methods: list[str], seeds:
                            "kept_macs": round(kept, 4), "top1_before": round(top0, 2),
                            "top1": round(evaluate(m, val)["top1"], 2), "epochs": args.epochs,
                            "train_images": len(train), "val_images": len(val), "seconds": round(time.perf_counter() - t, 1)}
-                    _append(path, row)
+                    append_row(path, row)
                     print(f"accuracy {row}", flush=True)
 
 
@@ -349,7 +334,7 @@ def seg_curves(models: list[str], targets: list[float], methods: list[str], seed
     from secateurs.train import evaluate, fit
 
     path = out / "compare_segmentation.csv"
-    done = {(r["model"], r["target"], r["method"], r["seed"]) for r in _rows(path)}
+    done = {(r["model"], r["target"], r["method"], r["seed"]) for r in read_rows(path)}
     x = torch.randn(1, 1, 256, 256)  # MACs at 256x256, as in docs/segmentation.md
     for name in models:
         setup = SETUPS[name]
@@ -374,7 +359,7 @@ def seg_curves(models: list[str], targets: list[float], methods: list[str], seed
                                           options={"hfp": {"warmup_steps": 10},
                                                    "importance-weights": {"fraction": 1.0}}.get(method))
                     except Exception as err:  # a method that cannot prune this model is a row, not a crash
-                        _append(path, {**row, "kept_macs": "", "pixel_acc": "", "iou": "", "dice": "",
+                        append_row(path, {**row, "kept_macs": "", "pixel_acc": "", "iou": "", "dice": "",
                                        "iou_before": round(before["iou"], 2), "epochs": args.seg_epochs,
                                        "seconds": "", "note": f"{type(err).__name__}: {str(err)[:100]}"})
                         print(f"segmentation {name} {method} {target}: {type(err).__name__}: {err}", flush=True)
@@ -387,14 +372,14 @@ def seg_curves(models: list[str], targets: list[float], methods: list[str], seed
                                 "iou": round(after["iou"], 2), "dice": round(after["dice"], 2),
                                 "iou_before": round(before["iou"], 2), "epochs": args.seg_epochs,
                                 "seconds": round(time.perf_counter() - t, 1), "note": ""})
-                    _append(path, row)
+                    append_row(path, row)
                     print(f"segmentation {row}", flush=True)
 
 
 def summarize(path: Path, metric: str = "top1") -> list[dict]:
     """Mean and spread of ``metric`` over seeds per (model, target, method); a failed method keeps its note."""
     groups: dict[tuple, list[dict]] = {}
-    for r in _rows(path):
+    for r in read_rows(path):
         groups.setdefault((r["model"], r["target"], r["method"]), []).append(r)
     out = []
     for (model, target, method), rs in groups.items():

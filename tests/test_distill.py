@@ -13,22 +13,15 @@ import secateurs
 import secateurs.methods.hfp
 import secateurs.methods.importance
 from secateurs.cli import _check_prune_args, get_args_parser, main
-from secateurs.data import ArrayDataset, Batches, load_dataset
+from secateurs.data import ArrayDataset, Batches
 from secateurs.methods import get_method
 from secateurs.models import create_model
 from secateurs.train import TrainConfig, distillation_loss, evaluate, fit
+from tests.test_train import cfg, digits
 
 X8 = torch.randn(1, 1, 8, 8)
 
 
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
-
-
-def cfg(**kw):
-    base = dict(epochs=2, batch_size=64, lr=0.05, pad=1, quiet=True, seed=3)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def n_params(m):
