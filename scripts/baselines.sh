@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The CIFAR-10 (JPEG) baselines the accuracy protocol prunes (issue 18), trained on this CPU.
+# Resumable: rerun after any interruption and each run continues from its last finished epoch.
+#   bash scripts/baselines.sh r20        # ResNet-20, ~2.5-3 min an epoch on 2 quiet cores
+#   bash scripts/baselines.sh r56        # ResNet-56, ~7 min an epoch
+#   THREADS=1 bash scripts/baselines.sh r56 &  THREADS=1 bash scripts/baselines.sh r20   # both at once
+# Recipe: the training set less the 5,000-image held-out split (never trained on: tolerances and
+# searches read it), 50 epochs, SGD Nesterov lr 0.1, wd 5e-4, batch 128, 1 warm-up epoch then
+# cosine, pad-4 crop + flip, channels-last, seed 0; top-1 on the full test set every epoch (log.csv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+    r20) model=cifar_resnet20 ;;
+    r56) model=cifar_resnet56 ;;
+    *) echo "usage: $0 r20|r56" >&2; exit 2 ;;
+esac
+export OMP_NUM_THREADS="${THREADS:-2}"
+exec .venv/bin/python -m secateurs.cli train --model "$model" --data cifar10 --holdout 5000 --epochs "${EPOCHS:-50}" \
+    --batch-size 128 --lr 0.1 --weight-decay 5e-4 --warmup-epochs 1 --channels-last --seed 0 --quiet \
+    --out "runs/baselines/$1" --resume
