@@ -325,7 +325,7 @@ def write_report(path: Path, md: Path, args) -> None:
     lines = ["# Accuracy at equal MACs under one step budget (CIFAR-10 JPEG)", "",
              f"`python -m benchmarks.accuracy` on {platform.machine()}, torch {torch.__version__}. Protocol: "
              f"{first.get('steps', '?')} optimizer steps per row (pruning phase + fine-tuning; batch {args.batch_size}, "
-             f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (the training set "
+             f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (from the training set "
              f"less a {args.holdout}-image held-out split), top-1 on {first.get('test_images', '?')} test images. "
              "Generated from `accuracy.csv`; see `benchmarks/accuracy.py` for how each method is run.", "",
              "| model | MACs target | method | tool | MACs kept | top-1 (mean +- 95%) | seeds | notes |",
@@ -349,7 +349,7 @@ def write_report(path: Path, md: Path, args) -> None:
         theirs = [m for m, v in cell.items() if v["tool"] == "torch_pruning"]
         if ours and theirs:
             pairs.append((max(ours, key=lambda m: cell[m]["top1"]), max(theirs, key=lambda m: cell[m]["top1"])))
-        for a, b in pairs:
+        for a, b in dict.fromkeys(pairs):  # best vs best may be a same-criterion pair already
             d = paired(cell[a], cell[b])
             if d:
                 lines.append(f"| {model} | {target:.0%} | {a} | {b} | {d[0]:+.2f} +- {d[1]:.2f} | {d[2]} |")

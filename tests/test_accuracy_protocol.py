@@ -43,7 +43,8 @@ def test_report_pairs_seeds_and_labels_fallbacks(tmp_path):
             _row("tp_magnitude", 0, 84.0, "torch_pruning"), _row("tp_magnitude", 1, 84.5, "torch_pruning"),
             _row("tp_magnitude", 2, 85.5, "torch_pruning"),
             _row("hfp", 0, 80.0, fallback="lowest gates cut"), _row("hfp", 1, 81.0, converged="True", converged_step=120),
-            _row("control", 0, 90.0), _row("hfp", 2, 82.0, over_budget="True")]
+            _row("control", 0, 90.0), _row("hfp", 2, 82.0, over_budget="True"),
+            _row("bn_scale", 0, 88.0), _row("bn_scale", 1, 88.5), _row("bn_scale", 2, 89.5)]
     path = tmp_path / "accuracy.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=acc.FIELDS)
@@ -54,7 +55,9 @@ def test_report_pairs_seeds_and_labels_fallbacks(tmp_path):
     text = (tmp_path / "accuracy.md").read_text()
     d, h = acc.interval([1.0, 1.5, 1.5])
     assert f"| r20 | 50% | l2 | tp_magnitude | {d:+.2f} +- {h:.2f} | 3 |" in text  # same criterion, paired by seed
-    assert text.count("| l2 | tp_magnitude |") == 2  # and again as best of ours against best of theirs (not control)
+    assert text.count("| l2 | tp_magnitude |") == 1
+    d, h = acc.interval([4.0, 4.0, 4.0])  # best of ours (not the control row) against best of theirs
+    assert f"| r20 | 50% | bn_scale | tp_magnitude | {d:+.2f} +- {h:.2f} | 3 |" in text
     hfp = next(line for line in text.splitlines() if "| hfp |" in line)
     assert "1 fallback" in hfp and "1 over budget" in hfp and "converged at step 120" in hfp
     assert "| 86.00 +- " in text
