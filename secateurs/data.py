@@ -63,13 +63,16 @@ class ArrayDataset:
         return perm[:n]
 
     def holdout(self, n: int, seed: int = 0) -> tuple["ArrayDataset", "ArrayDataset"]:
-        """(rest, held-out): ``n`` samples set aside, class-balanced, by a fixed seeded shuffle.
+        """(rest, held-out): ``n`` samples set aside, class-balanced, by a fixed seeded shuffle;
+        for segmentation the last ``n`` (serial sections and time-lapse frames are correlated with
+        their neighbours: a contiguous block leaks less than a shuffle).
 
         Anything that picks or stops on a metric (tolerances, latency searches, early stopping)
         reads the held-out part, so the test set is only ever reported, never tuned on.
         """
         check_scalar(n, "n", int, min_val=1, max_val=len(self) - 1)
-        idx = self._subset_index(n, torch.Generator().manual_seed(seed))
+        idx = (self._subset_index(n, torch.Generator().manual_seed(seed)) if self.task == "classification"
+               else torch.arange(len(self) - n, len(self)))
         mask = torch.ones(len(self), dtype=torch.bool)
         mask[idx] = False
         keep = mask.nonzero().squeeze(1)

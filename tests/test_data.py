@@ -96,6 +96,9 @@ def test_holdout_is_disjoint_balanced_and_fixed():
     assert torch.equal(ds.holdout(100)[1].images, held.images)  # the same split every time
     with pytest.raises(ValueError, match="n"):
         ds.holdout(len(ds))
+    isbi = load_dataset("isbi2012", "train")  # slices 0-23: the last 4 sections are held out, in order
+    rest, held = isbi.holdout(4)
+    assert torch.equal(held.images, isbi.images[20:]) and torch.equal(rest.targets, isbi.targets[:20])
 
 
 def test_augment_crops_and_flips_whole_batches_consistently():
