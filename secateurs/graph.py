@@ -21,8 +21,9 @@ from ._ids import Binding, Context
 from ._stateless import named_tensors
 from ._validation import PruningError, check_example_inputs, check_model
 from .capture import capture, one_thread
+from .cost import Cost, count, remember
 
-__all__ = ["ChannelGroup", "DependencyGraph", "analyze"]
+__all__ = ["ChannelGroup", "DependencyGraph", "analyze", "analyze_and_count"]
 
 
 
@@ -301,15 +302,33 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
     -------
     DependencyGraph
     """
+    result, ctx = _analyze(model, example_inputs, ignore)
+    for w in ctx.warnings:
+        warnings.warn(w, stacklevel=2)
+    return result
+
+
+def analyze_and_count(model: nn.Module, example_inputs: Any,
+                      ignore: Iterable[str | nn.Module] | None = None) -> tuple[DependencyGraph, Cost]:
+    """``(analyze(model, x, ignore), count(model, x))``, from one run of the model when its training
+    forward calls the eval forward's layers (``capture(count=True)``), else from two."""
+    result, ctx = _analyze(model, example_inputs, ignore, counted=True)
+    for w in ctx.warnings:
+        warnings.warn(w, stacklevel=2)
+    if ctx.eval_costs is None:
+        return result, count(model, example_inputs)
+    return result, remember(model, result.example_inputs, ctx.eval_costs)
+
+
+def _analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Module] | None,
+             counted: bool = False) -> tuple[DependencyGraph, Context]:
     check_model(model)
     inputs = check_example_inputs(example_inputs)
     ignored = _names(model, ignore, "ignore")
     shapes = {name: tuple(t.shape) for name, t in named_tensors(model).items()}
-    ctx, how = capture(model, inputs, set(ignored))
+    ctx, how = capture(model, inputs, set(ignored), count=counted)
     with one_thread():
         result = _group(ctx, shapes)
     result.capture_mode = how
     result.example_inputs = inputs
-    for w in ctx.warnings:
-        warnings.warn(w, stacklevel=2)
-    return result
+    return result, ctx
