@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from . import _ids, _layers, _meta, _ops
 from ._ids import Context, TrackedInt
 from ._stateless import Stateless
+from ._threads import one_thread
 from ._training import watch_training
 from ._validation import PruningError
 
@@ -393,20 +394,6 @@ def _flatten_output(out: Any) -> list:
 
     walk(out, 0)
     return found
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The engine's bookkeeping is thousands of tiny integer ops: on one thread they cost a
-    fraction of what they cost when the thread pool has to wake (and waits on a busy machine)."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
 
 
 def capture(model: nn.Module, inputs: tuple, ignored: set[str] = frozenset(),

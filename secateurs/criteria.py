@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._registry import Registry
+from ._threads import one_thread
 from .data import ArrayDataset, Batches
 from .graph import DependencyGraph
 from .pls import block_features, vip
@@ -42,6 +43,7 @@ def _bound_tensors(model: nn.Module, graph: DependencyGraph,
     return out
 
 
+@one_thread()  # tiny per-tensor ops; per-row norms and sums do not depend on the thread count
 def per_channel_sum(model: nn.Module, graph: DependencyGraph,
                     values: Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None] | None = None,
                     p: int | None = None) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .cost import count
 from .graph import ChannelGroup, DependencyGraph
+from ._threads import one_thread
 from ._validation import PruningError, check_model
 
 __all__ = ["PruningPlan", "apply_plan", "zero_channels"]
@@ -102,9 +103,24 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
     if not isinstance(graph, DependencyGraph):
         raise TypeError(f"`graph` must be the DependencyGraph of secateurs.analyze(model, ...), got {type(graph).__name__}")
     plan = PruningPlan.coerce(plan)
+    undo = _cut(model, graph, plan)
+    if undo is not None and check and graph.example_inputs:
+        try:
+            count(model, graph.example_inputs)  # the report's count right after reuses this one
+        except PruningError as err:
+            undo()
+            raise PruningError(f"the cut model no longer runs, so the cut was undone (the model is as it was): {err}. "
+                               "Please report this model: a rule let through a coupling it should have kept.") from err
+    return model
+
+
+@one_thread()
+def _cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan) -> Callable[[], None] | None:
+    """Check the plan against the model, then swap in the cut tensors and sizes; returns the undo
+    (None when the plan removes nothing). Copies and integer bookkeeping only: one thread."""
     removed, touched = _removed_components(graph, plan)
     if not touched:
-        return model
+        return None
     modules = dict(model.named_modules())
     bids = sorted(touched)
     n_gone, kept, parts = _kept(graph, bids, removed)
@@ -136,15 +152,7 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
             if not len(idx):
                 raise PruningError(f"module '{mname}': {tname} would lose every slice along axis {axis}")
         new_tensors.append((m, tname, _select(t.detach(), index)))
-    undo = _commit(new_tensors, attrs)
-    if check and graph.example_inputs:
-        try:
-            count(model, graph.example_inputs)  # the report's count right after reuses this one
-        except PruningError as err:
-            undo()
-            raise PruningError(f"the cut model no longer runs, so the cut was undone (the model is as it was): {err}. "
-                               "Please report this model: a rule let through a coupling it should have kept.") from err
-    return model
+    return _commit(new_tensors, attrs)
 
 
 def _commit(new_tensors: list, attrs: list) -> Callable[[], None]:
