@@ -97,7 +97,9 @@ def l1(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
 @register_criterion("l2")
 def l2(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
     """L2 norm of all weights of the channel across its coupled group."""
-    return [s.sqrt() for s in per_channel_sum(model, graph, p=2)]
+    sums = per_channel_sum(model, graph, p=2)
+    with one_thread():  # sqrt is a VML kernel that goes parallel from ~1000 elements: a pool wake per group
+        return [s.sqrt() for s in sums]
 
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
