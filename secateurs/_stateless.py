@@ -105,6 +105,8 @@ class Stateless:
             d[k] = orig
         for m, saved in self._saved:  # undo every attribute the forward set (modes, cached shapes...)
             d = m.__dict__
+            if "training" in saved and "training" in d:  # set_mode's flag first: then most compare equal below
+                d["training"] = saved["training"]
             if list(d) == list(saved) and all(map(operator.is_, d.values(), saved.values())):
                 continue  # nothing changed (the common case), checked at C speed
             for k in [k for k in d if k not in saved]:

@@ -184,6 +184,9 @@ class _Mode(TorchFunctionMode):
 
     def _track_source(self, target, args, kwargs, out) -> bool:
         """Record what ``out`` was computed from when only parameters (and constants) took part."""
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and (id(x) in self.ids or id(x) in self.inputs) and self.source(x) is None:
+            return False  # the common case, decided by the first operand: an activation takes part
         tensors = _ids.leaves((args, kwargs))
         if not tensors or not isinstance(out, torch.Tensor):
             return False
@@ -251,7 +254,7 @@ class _Mode(TorchFunctionMode):
         if isinstance(tree, (torch.Tensor, TrackedInt)):
             return self.get(tree, materialize)
         if isinstance(tree, (tuple, list)):
-            return tuple(self.tree_ids(v, materialize) for v in tree)
+            return tuple([self.tree_ids(v, materialize) for v in tree])
         if isinstance(tree, dict):
             return {k: self.tree_ids(v, materialize) for k, v in tree.items()}
         return None
