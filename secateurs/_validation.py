@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from ._io import atomic_write
+from ._stateless import named_by_kind
 from ._threads import one_thread
 
 
@@ -96,8 +97,7 @@ def check_model(model: Any, name: str = "model", *, values: bool = False) -> Any
         hint = " (build it first, e.g. secateurs.models.create_model(name))" if isinstance(model, str) else ""
         raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(model).__name__} {_short(model)}{hint}")
     if values:
-        named = [(kind, key, t) for kind, items in (("parameter", model.named_parameters()),
-                                                      ("buffer", model.named_buffers())) for key, t in items]
+        named = named_by_kind(model)  # named_parameters() then named_buffers(), from one walk
         for kind, key, t in named:
             if t.is_meta:
                 raise ValueError(f"`{name}` {kind} '{key}' is on the meta device and has no values; "
