@@ -171,3 +171,14 @@ def test_norm_scores_do_not_depend_on_the_thread_count(name):
             assert all(torch.equal(a, b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_squares_are_the_bits_of_abs_pow():
+    """per_channel_sum squares with one multiply; torch's |x|^2 must give the same bits for every
+    float (random bit patterns: subnormals, huge values, infinities; NaN stays NaN)."""
+    from secateurs.criteria import _abs_pow
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    for p in (2, 1):
+        torch.testing.assert_close(_abs_pow(v, p), v.abs().pow(p), rtol=0, atol=0, equal_nan=True)
