@@ -78,6 +78,9 @@ class Context:
         self.source: Callable[[Any], Any] = lambda t: None
         self.ids_of: Callable[[Any], Ids] = lambda t: None
         self.modules: dict[str, nn.Module] = {}
+        # set by a capture that also counts: the eval forward's layer costs, or who read `training`
+        self.eval_costs: list | None = None
+        self.training_read: str | None = None
 
     # -- ids ---------------------------------------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["Stateless", "named_tensors", "walk"]
+__all__ = ["Stateless", "named_by_kind", "named_tensors", "walk"]
 
 
 def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -30,19 +30,25 @@ def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``named_parameters()`` then ``named_buffers()``: each tensor once, under its first name."""
-    out: dict[str, torch.Tensor] = {}
+    return {key: t for _, key, t in named_by_kind(model)}
+
+
+def named_by_kind(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """``("parameter", name, p)`` for ``named_parameters()`` then ``("buffer", name, b)`` for
+    ``named_buffers()``, in their order, from one walk of the module tree."""
+    out: list[tuple[str, str, torch.Tensor]] = []
     unique, seen_modules = [], set()
     for path, m in walk(model):
         if id(m) not in seen_modules:
             seen_modules.add(id(m))
             unique.append((path, m))
-    for kind in ("_parameters", "_buffers"):
+    for kind, attr in (("parameter", "_parameters"), ("buffer", "_buffers")):
         seen: set[int] = set()
         for path, m in unique:
-            for k, v in m.__dict__[kind].items():
+            for k, v in m.__dict__[attr].items():
                 if v is not None and id(v) not in seen:
                     seen.add(id(v))
-                    out[f"{path}.{k}" if path else k] = v
+                    out.append((kind, f"{path}.{k}" if path else k, v))
     return out
 
 
@@ -105,6 +111,8 @@ class Stateless:
             d[k] = orig
         for m, saved in self._saved:  # undo every attribute the forward set (modes, cached shapes...)
             d = m.__dict__
+            if "training" in saved and "training" in d:  # set_mode's flag first: then most compare equal below
+                d["training"] = saved["training"]
             if list(d) == list(saved) and all(map(operator.is_, d.values(), saved.values())):
                 continue  # nothing changed (the common case), checked at C speed
             for k in [k for k in d if k not in saved]:

@@ -13,6 +13,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from ._io import atomic_write
+from ._stateless import named_by_kind
+from ._threads import one_thread
 
 
 class PruningError(ValueError):
@@ -95,15 +97,16 @@ def check_model(model: Any, name: str = "model", *, values: bool = False) -> Any
         hint = " (build it first, e.g. secateurs.models.create_model(name))" if isinstance(model, str) else ""
         raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(model).__name__} {_short(model)}{hint}")
     if values:
-        named = [(kind, key, t) for kind, items in (("parameter", model.named_parameters()),
-                                                      ("buffer", model.named_buffers())) for key, t in items]
+        named = named_by_kind(model)  # named_parameters() then named_buffers(), from one walk
         for kind, key, t in named:
             if t.is_meta:
                 raise ValueError(f"`{name}` {kind} '{key}' is on the meta device and has no values; "
                                  "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict)")
-        for kind, key, t in _suspects(named):  # only tensors whose norm is not finite are looked at closely
-            stats = key.endswith(("running_mean", "running_var"))
-            _check_finite_tensor(t, f"`{name}` {kind} '{key}'", nan_only=kind == "buffer" and not stats)
+        with one_thread():  # a few hundred small reductions whose only use is "finite or not"
+            suspects = _suspects(named)  # only tensors whose norm is not finite are looked at closely
+            for kind, key, t in suspects:
+                stats = key.endswith(("running_mean", "running_var"))
+                _check_finite_tensor(t, f"`{name}` {kind} '{key}'", nan_only=kind == "buffer" and not stats)
     return model
 
 
@@ -160,9 +163,10 @@ def check_example_inputs(example_inputs: Any, name: str = "example_inputs", *, f
         if t.numel() == 0:
             raise ValueError(f"`{name}` (tensor {i}) is empty, shape {list(t.shape)}; give at least one sample")
     if finite:
-        for i, t in enumerate(tree_leaves(list(inputs))):
-            if not t.is_meta:
-                _check_finite_tensor(t, f"`{name}` (tensor {i})")
+        with one_thread():  # one elementwise check: waking the pool costs more than it saves
+            for i, t in enumerate(tree_leaves(list(inputs))):
+                if not t.is_meta:
+                    _check_finite_tensor(t, f"`{name}` (tensor {i})")
     return inputs
 
 

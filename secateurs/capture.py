@@ -33,6 +33,8 @@ from torch.overrides import TorchFunctionMode
 from . import _ids, _layers, _meta, _ops
 from ._ids import Context, TrackedInt
 from ._stateless import Stateless
+from ._threads import one_thread
+from ._training import watch_training
 from ._validation import PruningError
 
 __all__ = ["Call", "CaptureError", "TrackedInt", "capture", "one_thread", "run_captured"]
@@ -134,10 +136,10 @@ class _Mode(TorchFunctionMode):
     """Propagates channel ids through every operation of one forward."""
 
     def __init__(self, ctx: Context, owners: dict[int, tuple[str, str]], meta: bool, names: dict[int, str],
-                 ignored: set[str], costs: list | None, modules: dict[str, nn.Module]) -> None:
+                 ignored: set[str], costs: list | None, modules: dict[str, nn.Module], rules: bool = True) -> None:
         super().__init__()
         self.ctx, self.owners, self.meta, self.names = ctx, owners, meta, names
-        self.ignored, self.costs = ignored, costs
+        self.ignored, self.costs, self.rules = ignored, costs, rules
         self.ids: dict[int, tuple[weakref.ref, Any]] = {}
         self.derived: dict[int, tuple[weakref.ref, Any]] = {}
         self.inputs: set[int] = set()
@@ -182,6 +184,9 @@ class _Mode(TorchFunctionMode):
 
     def _track_source(self, target, args, kwargs, out) -> bool:
         """Record what ``out`` was computed from when only parameters (and constants) took part."""
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and (id(x) in self.ids or id(x) in self.inputs) and self.source(x) is None:
+            return False  # the common case, decided by the first operand: an activation takes part
         tensors = _ids.leaves((args, kwargs))
         if not tensors or not isinstance(out, torch.Tensor):
             return False
@@ -249,7 +254,7 @@ class _Mode(TorchFunctionMode):
         if isinstance(tree, (torch.Tensor, TrackedInt)):
             return self.get(tree, materialize)
         if isinstance(tree, (tuple, list)):
-            return tuple(self.tree_ids(v, materialize) for v in tree)
+            return tuple([self.tree_ids(v, materialize) for v in tree])
         if isinstance(tree, dict):
             return {k: self.tree_ids(v, materialize) for k, v in tree.items()}
         return None
@@ -275,11 +280,12 @@ class _Mode(TorchFunctionMode):
         out = fast(args, kwargs) if fast is not None else None
         if out is None:
             out = func(*args, **kwargs)
-        if self.costs is not None:  # counting only: no channel rules
+        if self.costs is not None:
             cost = _layers.COSTS.get(target)
             if cost is not None:
                 cost(self, Call(op, target, self.stack[-1], args, kwargs), args, kwargs, out)
-            return out
+            if not self.rules:  # counting only
+                return out
         if swapped:
             args = (args[1], args[0])
         node = Call(op, target, self.stack[-1], args, kwargs)
@@ -300,7 +306,7 @@ class _Mode(TorchFunctionMode):
     def _shape(self, args, out):
         x = args[0]
         xi = self.get(x, materialize=False)
-        if xi is None or self.costs is not None:
+        if xi is None or not self.rules:
             return out
         per_dim = _ids.size_ids(xi, x.dim())
         if isinstance(out, int):
@@ -310,7 +316,7 @@ class _Mode(TorchFunctionMode):
         return torch.Size([TrackedInt(s, i) if i is not None else s for s, i in zip(out, per_dim)])
 
     def _property(self, prop: str, out: Any, args: tuple) -> Any:
-        if self.costs is not None or not isinstance(out, (torch.Tensor, torch.Size)):
+        if not self.rules or not isinstance(out, (torch.Tensor, torch.Size)):
             return out
         if prop == "shape":
             return self._shape(args, out)
@@ -326,8 +332,11 @@ class _Mode(TorchFunctionMode):
 
 # -- running ---------------------------------------------------------------------------------
 def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, meta: bool,
-                 ignored: set[str] = frozenset(), costs: list | None = None) -> Any:
-    """One forward of ``model`` under the capture mode; the model is left exactly as it was."""
+                 ignored: set[str] = frozenset(), costs: list | None = None, rules: bool | None = None) -> Any:
+    """One forward of ``model`` under the capture mode; the model is left exactly as it was.
+    ``costs`` collects the counted layers; with it, the channel rules run only when ``rules`` says
+    so (a training pass that does both also notes in ``ctx.training_read`` who read the flag)."""
+    rules = costs is None if rules is None else rules
     swap = Stateless(model, meta)
     modules = swap.modules
     names = {id(m): n for n, m in modules.items()}
@@ -335,13 +344,14 @@ def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, 
         inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
     elif swap.device is not None:
         inputs = tuple(t.to(swap.device) if isinstance(t, torch.Tensor) else t for t in inputs)
-    mode = _Mode(ctx, swap.owners, meta, names, set(ignored), costs, modules)
+    mode = _Mode(ctx, swap.owners, meta, names, set(ignored), costs, modules, rules)
     mode.batch = next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
     mode.inputs = {id(t) for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)}
     hooks = [nn.modules.module.register_module_forward_pre_hook(mode.pre_hook),
              nn.modules.module.register_module_forward_hook(mode.post_hook)]
     try:
-        with swap:
+        watching = train and rules and costs is not None
+        with swap, (watch_training(modules.values()) if watching else contextlib.nullcontext()) as watch:
             swap.set_mode(model, train)
             with torch.no_grad(), mode:
                 try:
@@ -350,6 +360,8 @@ def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, 
                     raise
                 except Exception as err:
                     raise CaptureError(_where(mode), err) from err
+            if watch is not None and watch.unsafe:
+                ctx.training_read = watch.first
         ctx.freeze_all(mode.tree_ids(_flatten_output(out)))
         return out
     finally:
@@ -387,45 +399,37 @@ def _flatten_output(out: Any) -> list:
     return found
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The engine's bookkeeping is thousands of tiny integer ops: on one thread they cost a
-    fraction of what they cost when the thread pool has to wake (and waits on a busy machine)."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
 def capture(model: nn.Module, inputs: tuple, ignored: set[str] = frozenset(),
-            costs: list | None = None, train_first: bool = True) -> tuple[Context, str]:
+            costs: list | None = None, train_first: bool = True, count: bool = False) -> tuple[Context, str]:
     """Capture ``model`` on ``inputs``, trying the cheapest pass that works.
 
     Returns the filled :class:`Context` and the pass used (``"train/meta"``, ``"eval/real"``...).
     Raises :class:`PruningError` naming the module where the forward failed on real tensors in
-    every mode.
+    every mode. ``costs`` makes it a counting pass (no channel rules). With ``count`` the channel
+    pass records the layer costs too and keeps them in ``ctx.eval_costs`` when they are what a
+    counting pass would find: a meta pass in eval mode, or in training mode when only layers whose
+    training branch runs the same convs and linears read the flag (:mod:`secateurs._training`).
     """
     last: CaptureError | None = None
     modes = (True, False) if train_first else (False,)
     for meta in (True, False):
         for train in modes:
             ctx = Context()
-            rec: list | None = [] if costs is not None else None
+            rec: list | None = [] if costs is not None or count else None
+            kw = dict(train=train, meta=meta, ignored=ignored, costs=rec, rules=costs is None)
             try:
                 if meta:
                     with one_thread():
-                        run_captured(model, inputs, ctx, train=train, meta=meta, ignored=ignored, costs=rec)
+                        run_captured(model, inputs, ctx, **kw)
                 else:  # real arithmetic: let it use every thread
-                    run_captured(model, inputs, ctx, train=train, meta=meta, ignored=ignored, costs=rec)
+                    run_captured(model, inputs, ctx, **kw)
             except CaptureError as err:
                 last = err
                 continue
             if costs is not None:
                 costs.extend(rec)
+            elif count and meta and ctx.training_read is None:
+                ctx.eval_costs = rec
             return ctx, f"{'train' if train else 'eval'}/{'meta' if meta else 'real'}"
     assert last is not None
     raise PruningError(f"running {type(model).__name__} on example_inputs failed {last}") from last.err

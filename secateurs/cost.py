@@ -68,10 +68,15 @@ def count(model: nn.Module, example_inputs: Any, *, reuse: bool = True) -> Cost:
         return hit[1]
     records: list = []
     capture(model, inputs, costs=records, train_first=False)
+    return remember(model, inputs, records, key)
+
+
+def remember(model: nn.Module, inputs: tuple, records: list, key: tuple | None = None) -> Cost:
+    """The :class:`Cost` of what a counting pass recorded (:func:`count`'s, or an analysis that
+    counted too), remembered as the model's last count."""
     layers = [LayerCost(*r) for r in records]
-    params = _n_params(model)
-    cost = Cost(sum(r.macs for r in layers), params, layers)
-    _LAST[model] = (key, cost)
+    cost = Cost(sum(r.macs for r in layers), _n_params(model), layers)
+    _LAST[model] = (key if key is not None else _signature(model, inputs), cost)
     return cost
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._registry import Registry
+from ._threads import one_thread
 from .data import ArrayDataset, Batches
 from .graph import DependencyGraph
 from .pls import block_features, vip
@@ -42,6 +43,7 @@ def _bound_tensors(model: nn.Module, graph: DependencyGraph,
     return out
 
 
+@one_thread()  # tiny per-tensor ops; per-row norms and sums do not depend on the thread count
 def per_channel_sum(model: nn.Module, graph: DependencyGraph,
                     values: Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None] | None = None,
                     p: int | None = None) -> list[torch.Tensor]:
@@ -69,7 +71,7 @@ def per_channel_sum(model: nn.Module, graph: DependencyGraph,
         axes = sorted({graph.bindings[i].axis for i in idx})
         other = [d for d in range(v.dim()) if d not in axes]
         if p is not None:  # one pass over the tensor, then a sum per bound axis
-            red = torch.linalg.vector_norm(v, ord=p, dim=other).pow(p) if other else v.abs().pow(p)
+            red = torch.linalg.vector_norm(v, ord=p, dim=other).pow(p) if other else _abs_pow(v, p)
         else:
             red = v.sum(dim=other) if other else v
         for i in idx:
@@ -77,13 +79,20 @@ def per_channel_sum(model: nn.Module, graph: DependencyGraph,
             parts.append(red.sum(dim=[d for d in range(red.dim()) if d != k]) if red.dim() > 1 else red)
             labels.append(graph.binding_labels[i])
     if vectors:
-        raised = torch.cat([parts[j] for j in vectors]).abs().pow(p).split([len(parts[j]) for j in vectors])
+        raised = _abs_pow(torch.cat([parts[j] for j in vectors]), p).split([len(parts[j]) for j in vectors])
         for j, r in zip(vectors, raised):
             parts[j] = r
     per_comp = torch.zeros(graph.n_components)
     if parts:
         per_comp.index_add_(0, torch.cat(labels), torch.cat(parts))
     return [per_comp[g.components] for g in graph.groups]
+
+
+def _abs_pow(v: torch.Tensor, p: int) -> torch.Tensor:
+    """``|v|^p``; for p=2 one pass instead of two: torch computes ``pow(x, 2)`` as ``x * x`` and
+    ``|x| * |x|`` rounds as ``x * x``, so the bits are the same (a classifier's weights are
+    millions of elements)."""
+    return v * v if p == 2 else v.abs().pow(p)
 
 
 @register_criterion("l1")
@@ -95,7 +104,9 @@ def l1(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
 @register_criterion("l2")
 def l2(model: nn.Module, graph: DependencyGraph) -> list[torch.Tensor]:
     """L2 norm of all weights of the channel across its coupled group."""
-    return [s.sqrt() for s in per_channel_sum(model, graph, p=2)]
+    sums = per_channel_sum(model, graph, p=2)
+    with one_thread():  # sqrt is a VML kernel that goes parallel from ~1000 elements: a pool wake per group
+        return [s.sqrt() for s in sums]
 
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)

@@ -21,8 +21,9 @@ from ._ids import Binding, Context
 from ._stateless import named_tensors
 from ._validation import PruningError, check_example_inputs, check_model
 from .capture import capture, one_thread
+from .cost import Cost, count, remember
 
-__all__ = ["ChannelGroup", "DependencyGraph", "analyze"]
+__all__ = ["ChannelGroup", "DependencyGraph", "analyze", "analyze_and_count"]
 
 
 
@@ -157,17 +158,28 @@ def _bindings(ctx: Context, labels: torch.Tensor, frozen: torch.Tensor) -> list[
     return bindings
 
 
-def _labels_of(bindings: list[Binding], labels: torch.Tensor) -> list[torch.Tensor]:
-    """Component labels of every binding, looked up once per ids tensor (a conv's weight, bias, BN
-    statistics and size attributes share one)."""
-    by_ids: dict[int, torch.Tensor] = {}
-    out = []
+def _labels_of(bindings: list[Binding], labels: torch.Tensor) -> tuple[list[torch.Tensor], list[int], torch.Tensor, list[int]]:
+    """Component labels of every binding, looked up once per distinct ids tensor ("source": a conv's
+    weight, bias, BN statistics and size attributes share one) in one gather.
+
+    Returns the labels per binding, each binding's source, and every source's labels end to end
+    (in order of first use) with their lengths."""
+    src_of_obj: dict[int, int] = {}
+    sources: list[torch.Tensor] = []
+    src_of = []
     for b in bindings:
-        lab = by_ids.get(id(b.ids))
-        if lab is None:
-            lab = by_ids[id(b.ids)] = labels[b.ids]
-        out.append(lab)
-    return out
+        si = src_of_obj.setdefault(id(b.ids), len(sources))
+        if si == len(sources):
+            sources.append(b.ids)
+        src_of.append(si)
+    lens = [t.shape[0] for t in sources]
+    if any(t.dim() != 1 for t in sources):  # not produced by the rules; kept general all the same
+        src_lab = [labels[t] for t in sources]
+        flat = torch.cat([lab.reshape(-1) for lab in src_lab]) if src_lab else torch.zeros(0, dtype=torch.long)
+    else:
+        flat = labels[torch.cat(sources)] if sources else torch.zeros(0, dtype=torch.long)
+        src_lab = list(flat.split(lens))
+    return [src_lab[si] for si in src_of], src_of, flat, lens
 
 
 def _group(ctx: Context, shapes: dict) -> DependencyGraph:
@@ -178,29 +190,22 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
     if ctx.inexact:
         inexact[labels[torch.cat(ctx.inexact)]] = True
     bindings = _bindings(ctx, labels, frozen)
-    blabels = _labels_of(bindings, labels)
+    # many bindings share one ids tensor (a conv's outputs: weight, bias, BN stats, attributes);
+    # work per distinct ids tensor ("source") and map back to bindings at the end
+    blabels, src_of, comp_all, src_lens = _labels_of(bindings, labels)
 
     tensor_idx = [i for i, b in enumerate(bindings) if b.kind == "tensor"]
     if not tensor_idx:
         return DependencyGraph([], bindings, blabels, ncomp, ctx.warnings, [], shapes)
-    # many bindings share one ids tensor (a conv's outputs: weight, bias, BN stats, attributes);
-    # work per distinct ids tensor ("source") and map back to bindings at the end
-    src_of_obj: dict[int, int] = {}
-    src_of = []
-    for b in bindings:
-        src_of.append(src_of_obj.setdefault(id(b.ids), len(src_of_obj)))
-    ns = len(src_of_obj)
-    src_lab: list[torch.Tensor] = [None] * ns  # type: ignore[list-item]
+    ns = len(src_lens)
     is_tensor = [False] * ns
     src_first = [len(bindings)] * ns  # first tensor binding of each source, in graph order
     for i, (b, si) in enumerate(zip(bindings, src_of)):
-        src_lab[si] = blabels[i]
         if b.kind == "tensor":
             is_tensor[si] = True
             src_first[si] = min(src_first[si], i)
     src_tensor = torch.tensor(is_tensor, dtype=torch.bool)
-    lens = torch.tensor([len(lab) for lab in src_lab])
-    comp_all = torch.cat(src_lab)
+    lens = torch.tensor(src_lens)
     sid_all = torch.repeat_interleave(torch.arange(ns), lens)
     pos_all = torch.arange(len(comp_all)) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
     gen = torch.Generator().manual_seed(0)
@@ -246,8 +251,9 @@ def _group(ctx: Context, shapes: dict) -> DependencyGraph:
         for bi in bindings_of_src[si]:
             (members_of if bindings[bi].kind == "tensor" else attr_of).setdefault(g, []).append(bi)
 
-    groups = [_make_group(g, comps_sorted[starts[g]: starts[g] + counts[g]], bindings, members_of.get(g, []),
-                          attr_of.get(g, []), inexact) for g in range(len(first_pos))]
+    bounds = (starts + counts).tolist()
+    groups = [_make_group(g, comps_sorted[start: bounds[g]], bindings, members_of.get(g, []),
+                          attr_of.get(g, []), inexact) for g, start in enumerate(starts.tolist())]
     return DependencyGraph(groups, bindings, blabels, ncomp, ctx.warnings, [], shapes)
 
 
@@ -256,7 +262,7 @@ def _make_group(g: int, comps: torch.Tensor, bindings: list[Binding], member_ids
     bids = sorted(member_ids)
     members = tuple((bindings[i].module, bindings[i].name, bindings[i].axis, bindings[i].role) for i in bids)
     outs = [m for m in members if m[3] == "out"] or list(members)
-    return ChannelGroup(index=g, size=len(comps), name=outs[0][0], members=members,
+    return ChannelGroup(index=g, size=comps.shape[0], name=outs[0][0], members=members,
                         exact=not bool(inexact[comps].any()), components=comps,
                         binding_ids=tuple(bids + sorted(attr_ids)))
 
@@ -301,15 +307,33 @@ def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Mod
     -------
     DependencyGraph
     """
+    result, ctx = _analyze(model, example_inputs, ignore)
+    for w in ctx.warnings:
+        warnings.warn(w, stacklevel=2)
+    return result
+
+
+def analyze_and_count(model: nn.Module, example_inputs: Any,
+                      ignore: Iterable[str | nn.Module] | None = None) -> tuple[DependencyGraph, Cost]:
+    """``(analyze(model, x, ignore), count(model, x))``, from one run of the model when its training
+    forward calls the eval forward's layers (``capture(count=True)``), else from two."""
+    result, ctx = _analyze(model, example_inputs, ignore, counted=True)
+    for w in ctx.warnings:
+        warnings.warn(w, stacklevel=2)
+    if ctx.eval_costs is None:
+        return result, count(model, example_inputs)
+    return result, remember(model, result.example_inputs, ctx.eval_costs)
+
+
+def _analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[str | nn.Module] | None,
+             counted: bool = False) -> tuple[DependencyGraph, Context]:
     check_model(model)
     inputs = check_example_inputs(example_inputs)
     ignored = _names(model, ignore, "ignore")
     shapes = {name: tuple(t.shape) for name, t in named_tensors(model).items()}
-    ctx, how = capture(model, inputs, set(ignored))
+    ctx, how = capture(model, inputs, set(ignored), count=counted)
     with one_thread():
         result = _group(ctx, shapes)
     result.capture_mode = how
     result.example_inputs = inputs
-    for w in ctx.warnings:
-        warnings.warn(w, stacklevel=2)
-    return result
+    return result, ctx

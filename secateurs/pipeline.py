@@ -25,7 +25,7 @@ from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, depreca
                      uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
 from .cost import Cost, count
 from .saving import load as load_model, save as save_model
-from .graph import analyze
+from .graph import DependencyGraph, analyze, analyze_and_count
 from .latency_table import auto_round_to
 from .methods import Decision, Method, StepContext, get_method
 from .train import TrainConfig, evaluate, fit, is_main_process, metric_key
@@ -211,14 +211,15 @@ class _Run:
     context: dict  # the StepContext fields that do not change between steps
 
 
-def _step(run: _Run, k: int, ignore: Any, tolerance: float | None) -> str | None:
-    """One step: analyse, decide, cut, fine-tune, measure; undo it if it breaks the tolerance.
-    Returns why the schedule stops, or None to go on."""
+def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: DependencyGraph | None = None) -> str | None:
+    """One step: analyse (unless ``graph`` is this model's already), decide, cut, fine-tune, measure;
+    undo it if it breaks the tolerance. Returns why the schedule stops, or None to go on."""
     model, req, timings = run.model, run.req, run.timings
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = analyze(model, run.example_inputs, ignore=ignore)
+    if graph is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = analyze(model, run.example_inputs, ignore=ignore)
     if "original_widths" not in run.extra:  # min-kept guards refer to the original widths, across resumes too
         run.extra["original_widths"] = {g.name: g.size for g in graph.groups}
     t1 = time.perf_counter()
@@ -334,7 +335,14 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
         log(f"round_to='auto': {round_to} on this machine")
     timings = dict.fromkeys(_TIMINGS, 0.0)
     t_all = time.perf_counter()
-    base = count(model, example_inputs)
+    graph = None
+    if resume or req.key is not None:  # the model is replaced, or runs, before the first step's analysis
+        base = count(model, example_inputs)
+    else:  # the first step's analysis and the MACs before, from one capture when the model allows
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph, base = analyze_and_count(model, example_inputs, ignore=ignore)
+        timings["analyze_s"] += time.perf_counter() - t_all
     metric0 = evaluate(model, val_data)[req.key] if req.key is not None else None
     report = _start_report(req, model, base, metric0, round_to, min_width, tolerance)
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
@@ -348,7 +356,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     run = _Run(model, example_inputs, req, base, base, report, {}, ckpt, timings, log, context)
     start = _resume(run) if resume else (ckpt.clear() or 1)
     for k in range(start, req.steps + 1):
-        stop = _step(run, k, ignore, tolerance)
+        stop = _step(run, k, ignore, tolerance, graph if k == start else None)
         if stop is not None:
             report["stopped"] = stop
             break

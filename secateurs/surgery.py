@@ -17,6 +17,7 @@ import torch.nn as nn
 from .compensate import compensation, has_candidates
 from .cost import count
 from .graph import ChannelGroup, DependencyGraph
+from ._threads import one_thread
 from ._validation import PruningError, check_model
 
 __all__ = ["PruningPlan", "apply_plan", "zero_channels"]
@@ -68,6 +69,40 @@ def _channels(k: object, v: object) -> list[int]:
 
 
 def _removed_components(graph: DependencyGraph, plan: PruningPlan) -> tuple[torch.Tensor, set[int]]:
+    """The components a plan removes and the bindings it touches; a bad plan raises, naming the group."""
+    fast = _removed_at_once(graph, plan)
+    return fast if fast is not None else _removed_per_group(graph, plan)
+
+
+def _removed_at_once(graph: DependencyGraph, plan: PruningPlan) -> tuple[torch.Tensor, set[int]] | None:
+    """The same for a plan of Python ints that passes every check, in a few ops over all groups at
+    once (an allocator's plan); None for anything else, which the per-group loop checks and names."""
+    n = len(graph.groups)
+    if not all(type(gi) is int and 0 <= gi < n and type(idx) is list and all(type(c) is int for c in idx)
+               for gi, idx in plan.remove.items()):
+        return None
+    items = [(gi, idx) for gi, idx in plan.remove.items() if idx]
+    removed = torch.zeros(graph.n_components, dtype=torch.bool)
+    if not items:
+        return removed, set()
+    groups = [graph.groups[gi] for gi, _ in items]
+    sizes = torch.tensor([g.size for g in groups])
+    seg = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(idx) for _, idx in items]))
+    flat = torch.tensor([c for _, idx in items for c in idx], dtype=torch.long)
+    if bool(((flat < 0) | (flat >= sizes[seg])).any()):
+        return None
+    width = int(sizes.max())
+    distinct = torch.bincount(torch.unique(seg * width + flat) // width, minlength=len(items))
+    if bool((distinct >= sizes).any()):  # a group would lose every channel
+        return None
+    removed[torch.cat([g.components for g in groups])[(torch.cumsum(sizes, 0) - sizes)[seg] + flat]] = True
+    touched: set[int] = set()
+    for g in groups:
+        touched.update(g.binding_ids)
+    return removed, touched
+
+
+def _removed_per_group(graph: DependencyGraph, plan: PruningPlan) -> tuple[torch.Tensor, set[int]]:
     removed = torch.zeros(graph.n_components, dtype=torch.bool)
     touched: set[int] = set()
     for gi, idx in plan.remove.items():
@@ -78,12 +113,12 @@ def _removed_components(graph: DependencyGraph, plan: PruningPlan) -> tuple[torc
             t = torch.as_tensor(list(idx), dtype=torch.long)
         except (TypeError, ValueError, RuntimeError) as err:
             raise PruningError(f"group {gi} ({group.name}): channel indices must be integers, got {idx!r}") from err
-        if len(t) == 0:
+        if t.numel() == 0:
             continue
         bad = t[(t < 0) | (t >= group.size)]
-        if len(bad):
+        if bad.numel():
             raise PruningError(f"group {gi} ({group.name}) has channels 0..{group.size - 1}; plan asks for {bad.tolist()}")
-        if len(torch.unique(t)) >= group.size:
+        if torch.unique(t).numel() >= group.size:
             raise PruningError(f"group {gi} ({group.name}): the plan removes all {group.size} channels; keep at least one")
         removed[group.components[t]] = True
         touched.update(group.binding_ids)
@@ -105,9 +140,25 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
     if not isinstance(graph, DependencyGraph):
         raise TypeError(f"`graph` must be the DependencyGraph of secateurs.analyze(model, ...), got {type(graph).__name__}")
     plan = PruningPlan.coerce(plan)
+    undo = _cut(model, graph, plan, compensate)
+    if undo is not None and check and graph.example_inputs:
+        try:
+            count(model, graph.example_inputs)  # the report's count right after reuses this one
+        except PruningError as err:
+            undo()
+            raise PruningError(f"the cut model no longer runs, so the cut was undone (the model is as it was): {err}. "
+                               "Please report this model: a rule let through a coupling it should have kept.") from err
+    return model
+
+
+@one_thread()
+def _cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, compensate: bool = True
+         ) -> Callable[[], None] | None:
+    """Check the plan against the model, then swap in the cut tensors and sizes; returns the undo
+    (None when the plan removes nothing). Copies and integer bookkeeping only: one thread."""
     removed, touched = _removed_components(graph, plan)
     if not touched:
-        return model
+        return None
     modules = dict(model.named_modules())
     bids = sorted(touched)
     n_gone, kept, parts = _kept(graph, bids, removed)
@@ -118,7 +169,7 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
         if b.module not in modules:
             raise PruningError(f"module '{b.module}' is gone from the model; analyse it again")
         if b.kind == "attr":
-            n = len(part) - n_rm
+            n = part.shape[0] - n_rm
             if n % b.divisor:
                 raise PruningError(f"module '{b.module}': {b.name} would become {n}/{b.divisor}, not an integer")
             attrs.append((modules[b.module], b.name, b.axis, n // b.divisor, b.module))
@@ -137,19 +188,11 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, plan: PruningPlan | Map
                                "analyse the model again after every cut")
         index = {axis: _axis_kept(entries) for axis, entries in axes.items()}
         for axis, idx in index.items():
-            if not len(idx):
+            if not idx.numel():
                 raise PruningError(f"module '{mname}': {tname} would lose every slice along axis {axis}")
         new_tensors.append((m, tname, _select(folded.pop((mname, tname), t).detach(), index)))
     new_tensors += [(modules[mname], tname, t) for (mname, tname), t in folded.items()]  # not cut, only shifted
-    undo = _commit(new_tensors, attrs)
-    if check and graph.example_inputs:
-        try:
-            count(model, graph.example_inputs)  # the report's count right after reuses this one
-        except PruningError as err:
-            undo()
-            raise PruningError(f"the cut model no longer runs, so the cut was undone (the model is as it was): {err}. "
-                               "Please report this model: a rule let through a coupling it should have kept.") from err
-    return model
+    return _commit(new_tensors, attrs)
 
 
 def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids: list[int], parts: tuple) -> dict:
@@ -208,17 +251,27 @@ def _commit(new_tensors: list, attrs: list) -> Callable[[], None]:
 
 def _kept(graph: DependencyGraph, bids: list[int], removed: torch.Tensor) -> tuple[list[int], tuple, tuple]:
     """For every touched binding, in one pass: how many positions go, the indices that stay, and
-    the removed mask."""
-    labs = [graph.binding_labels[bi] for bi in bids]
-    lens = torch.tensor([len(lab) for lab in labs])
-    gone = removed[torch.cat(labs)]  # one lookup for every touched binding
+    the removed mask. Bindings that share their labels (a conv's weight and bias, a BN's four
+    tensors) share one result."""
+    first: dict[int, int] = {}
+    labs: list[torch.Tensor] = []
+    which = []
+    for bi in bids:
+        lab = graph.binding_labels[bi]
+        j = first.setdefault(id(lab), len(labs))
+        if j == len(labs):
+            labs.append(lab)
+        which.append(j)
+    lens = torch.tensor([lab.shape[0] for lab in labs])
+    gone = removed[torch.cat(labs)]  # one lookup for every distinct labels tensor
     cum = torch.cat([torch.zeros(1, dtype=torch.long), gone.long().cumsum(0)])
     ends = lens.cumsum(0)
     n_gone = cum[ends] - cum[ends - lens]
     n_kept = lens - n_gone
     kept = (~gone).nonzero().flatten()
     kept -= (ends - lens).repeat_interleave(n_kept)  # positions within each binding
-    return n_gone.tolist(), kept.split(n_kept.tolist()), gone.split(lens.tolist())
+    n_gone, kept, gone = n_gone.tolist(), kept.split(n_kept.tolist()), gone.split(lens.tolist())
+    return [n_gone[j] for j in which], tuple(kept[j] for j in which), tuple(gone[j] for j in which)
 
 
 def _axis_kept(entries: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -64,3 +64,70 @@ def test_pruned_params_equal_sum_of_numel():
     m = torchvision.models.resnet18()
     secateurs.prune(m, torch.randn(1, 3, 64, 64), target={"ratio": 0.3})
     assert count(m, torch.randn(1, 3, 64, 64)).params == sum(p.numel() for p in m.parameters())
+
+
+class _AuxHead(nn.Module):
+    """A training-only branch: the eval forward runs one conv fewer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1))
+        self.aux = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return (y, self.aux(y)) if self.training else y
+
+
+class _OwnTrain(nn.Sequential):
+    def train(self, mode=True):  # may set more than the flag: the capture cannot tell
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("model, merged", [
+    (lambda: torchvision.models.mobilenet_v3_small(), True),  # only BN and dropout read the flag
+    (lambda: torchvision.models.efficientnet_b0(), True),  # and stochastic depth
+    (lambda: _AuxHead(), False),
+    (lambda: _OwnTrain(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), False),
+    (lambda: torchvision.models.googlenet(init_weights=False, aux_logits=True), False),
+])
+def test_analyze_and_count_is_one_capture_only_when_train_and_eval_agree(model, merged):
+    """The training capture's costs stand for the eval forward's only when nothing but BN, dropout
+    and stochastic depth reads `training`; either way the result is count()'s and analyze()'s."""
+    from secateurs.capture import capture
+    from secateurs.graph import analyze_and_count
+
+    m, x = model().eval(), torch.randn(1, 3, 64, 64)
+    ctx, _ = capture(m, (x,), count=True)
+    assert (ctx.eval_costs is not None) is merged
+    graph, cost = analyze_and_count(m, x)
+    ref = count(m, x, reuse=False)
+    assert (cost.macs, cost.params, cost.layers) == (ref.macs, ref.params, ref.layers)
+    assert graph.describe() == secateurs.analyze(m, x).describe()
+    assert "training" not in nn.Module.__dict__ and not m.training  # the watch is gone, the mode restored
+
+
+def test_training_watch_is_removed_when_the_forward_fails():
+    from secateurs.capture import capture
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(secateurs.PruningError):
+        capture(Broken(), (torch.randn(1, 3),), count=True)
+    assert "training" not in nn.Module.__dict__
+
+
+def test_training_watch_reads_sets_and_deletes_the_instance_flag():
+    from secateurs._training import watch_training
+
+    m = nn.BatchNorm1d(3)
+    with watch_training([m]) as watch:
+        assert m.training and watch.unsafe == 1 and "test_cost.py" in watch.first  # read here: not a safe reader
+        m.eval()
+        assert m.__dict__["training"] is False and not m.training
+        del m.training
+        assert not hasattr(m, "training")
+    m.training = True
+    assert m.training and "training" not in nn.Module.__dict__

@@ -149,3 +149,36 @@ def test_moved_names_still_import_for_one_release():
         blocks = importlib.import_module("secateurs.blocks")
     assert blocks.find_blocks is secateurs.depth.find_blocks and blocks.LayerPlan is LayerPlan
     assert (Budget, Allocator) == (secateurs.Budget, secateurs.Allocator)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet18"])
+def test_norm_scores_do_not_depend_on_the_thread_count(name):
+    """per_channel_sum runs on one thread (tiny ops); its per-row norms and sums must be the
+    bits every thread count gives, large tensors (parallel kernels) included."""
+    import torchvision
+
+    from secateurs.criteria import per_channel_sum
+
+    m = torchvision.models.get_model(name, weights=None).eval()
+    randomize_norms(m)
+    graph = secateurs.analyze(m, torch.randn(1, 3, 64, 64))
+    ours = [per_channel_sum(m, graph, p=p) for p in (1, 2)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 4):
+            torch.set_num_threads(n)
+            theirs = [per_channel_sum.__wrapped__(m, graph, p=p) for p in (1, 2)]
+            assert all(torch.equal(a, b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_squares_are_the_bits_of_abs_pow():
+    """per_channel_sum squares with one multiply; torch's |x|^2 must give the same bits for every
+    float (random bit patterns: subnormals, huge values, infinities; NaN stays NaN)."""
+    from secateurs.criteria import _abs_pow
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    for p in (2, 1):
+        torch.testing.assert_close(_abs_pow(v, p), v.abs().pow(p), rtol=0, atol=0, equal_nan=True)

@@ -53,6 +53,24 @@ def test_bad_plans_raise_and_leave_the_model_unchanged(resnet, plan, match):
     assert same(before, state(resnet))
 
 
+def test_a_plan_checked_at_once_matches_the_per_group_check(resnet):
+    """The vectorised check of an allocator's plan (ints in lists) removes what the per-group loop
+    removes; anything it cannot vouch for (duplicates emptying a group, tensors) goes to the loop."""
+    from secateurs.surgery import _removed_at_once, _removed_per_group
+
+    g = analyze(resnet, X)
+    gen = torch.Generator().manual_seed(0)
+    plans = [PruningPlan({i: torch.randperm(gr.size, generator=gen)[: k % gr.size].tolist()
+                          for i, gr in enumerate(g.groups)}) for k in (1, 3, 7)]
+    plans.append(PruningPlan({0: [1, 1, 2], 2: []}))  # duplicates and an empty entry
+    for plan in plans:
+        fast, slow = _removed_at_once(g, plan), _removed_per_group(g, plan)
+        assert torch.equal(fast[0], slow[0]) and fast[1] == slow[1]
+    size = g.groups[0].size
+    assert _removed_at_once(g, PruningPlan({0: list(range(size)) + [0]})) is None  # all channels, once repeated
+    assert _removed_at_once(g, PruningPlan({0: torch.tensor([1])})) is None
+
+
 def test_stale_graph_is_refused(resnet):
     g = analyze(resnet, X)
     apply_plan(resnet, g, {1: [0]})
