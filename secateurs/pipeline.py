@@ -335,14 +335,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
         log(f"round_to='auto': {round_to} on this machine")
     timings = dict.fromkeys(_TIMINGS, 0.0)
     t_all = time.perf_counter()
-    graph = None
-    if resume or req.key is not None:  # the model is replaced, or runs, before the first step's analysis
-        base = count(model, example_inputs)
-    else:  # the first step's analysis and the MACs before, from one capture when the model allows
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph, base = analyze_and_count(model, example_inputs, ignore=ignore)
-        timings["analyze_s"] += time.perf_counter() - t_all
+    graph, base = _count_before(model, example_inputs, ignore, resume or req.key is not None, timings)
     metric0 = evaluate(model, val_data)[req.key] if req.key is not None else None
     report = _start_report(req, model, base, metric0, round_to, min_width, tolerance)
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
@@ -362,6 +355,20 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
             break
     # an undone step restored the model whose cost `run.current` still holds
     return model, _finish_report(report, base, run.current, run.extra, timings, t_all)
+
+
+def _count_before(model: nn.Module, example_inputs: Any, ignore: Any, separately: bool, timings: dict
+                  ) -> tuple[DependencyGraph | None, Cost]:
+    """The MACs before, and the first step's analysis from the same capture when the model allows
+    (``separately``: the model is replaced or runs before the first step, so only count)."""
+    if separately:
+        return None, count(model, example_inputs)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, base = analyze_and_count(model, example_inputs, ignore=ignore)
+    timings["analyze_s"] += time.perf_counter() - t0
+    return graph, base
 
 
 def _resume(run: _Run) -> int:
