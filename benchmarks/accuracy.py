@@ -80,16 +80,13 @@ def finetune(args, seed: int, steps: int, distill: float = 0.0):
     from secateurs.train import TrainConfig
 
     return TrainConfig(steps=max(1, steps), batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, quiet=True,
-                       seed=seed, channels_last=True, **({"distill": distill} if distill else {}))
+                       seed=seed, channels_last=True, distill=distill)
 
 
 def _fit(model, train, cfg, teacher=None) -> None:
     from secateurs.train import fit
 
-    if teacher is not None and getattr(cfg, "distill", 0):
-        fit(model, train, None, cfg, teacher=teacher)
-    else:
-        fit(model, train, None, cfg)
+    fit(model, train, None, cfg, teacher=teacher)  # fit ignores the teacher when cfg.distill is 0
 
 
 # -- Torch-Pruning ---------------------------------------------------------------------------
