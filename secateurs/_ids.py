@@ -81,6 +81,7 @@ class Context:
         # set by a capture that also counts: the eval forward's layer costs, or who read `training`
         self.eval_costs: list | None = None
         self.training_read: str | None = None
+        self.unnamed = False  # a counting pass without module names met a layer that needs one
 
     # -- ids ---------------------------------------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:

@@ -267,6 +267,8 @@ def _single_value_bn(args, kwargs):
 def _record(mode, node, w, x, y, macs: int) -> None:
     """One counted layer: (module, kind, MACs, own params, input shape, output shape, weight name)."""
     own = mode.owner(w)
+    if own is None and not mode.named:
+        mode.ctx.unnamed = True  # named after the calling module: capture.run_captured counts again with names
     name = own[0] if own else node.name
     m = mode.ctx.modules.get(name)
     mine = {id(p): p for p in m._parameters.values() if p is not None} if m is not None else {}  # parameters(recurse=False)

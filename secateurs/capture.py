@@ -140,6 +140,7 @@ class _Mode(TorchFunctionMode):
         super().__init__()
         self.ctx, self.owners, self.meta, self.names = ctx, owners, meta, names
         self.ignored, self.costs, self.rules = ignored, costs, rules
+        self.named = True  # the module hooks keep `stack` (a counting pass may run without them)
         self.ids: dict[int, tuple[weakref.ref, Any]] = {}
         self.derived: dict[int, tuple[weakref.ref, Any]] = {}
         self.inputs: set[int] = set()
@@ -335,8 +336,30 @@ def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, 
                  ignored: set[str] = frozenset(), costs: list | None = None, rules: bool | None = None) -> Any:
     """One forward of ``model`` under the capture mode; the model is left exactly as it was.
     ``costs`` collects the counted layers; with it, the channel rules run only when ``rules`` says
-    so (a training pass that does both also notes in ``ctx.training_read`` who read the flag)."""
+    so (a training pass that does both also notes in ``ctx.training_read`` who read the flag).
+
+    A counting pass first runs without the module hooks that keep the current module's name (each
+    module call is cheaper without them): a layer is named after its weight's module. Only when a
+    weight belongs to no module (computed weights), or a pass on real tensors fails (the error
+    names the module), does it run again with them."""
     rules = costs is None if rules is None else rules
+    if rules:
+        return _run(model, inputs, ctx, train, meta, ignored, costs, rules, named=True)
+    try:
+        out = _run(model, inputs, ctx, train, meta, ignored, costs, rules, named=False)
+    except CaptureError:
+        if meta:  # a meta failure is never shown: the real pass that follows replaces it
+            raise
+    else:
+        if not ctx.unnamed:
+            return out
+    costs.clear()
+    ctx.unnamed = False
+    return _run(model, inputs, ctx, train, meta, ignored, costs, rules, named=True)
+
+
+def _run(model: nn.Module, inputs: tuple, ctx: Context, train: bool, meta: bool, ignored: set[str],
+         costs: list | None, rules: bool, named: bool) -> Any:
     swap = Stateless(model, meta)
     modules = swap.modules
     names = {id(m): n for n, m in modules.items()}
@@ -345,10 +368,11 @@ def run_captured(model: nn.Module, inputs: tuple, ctx: Context, *, train: bool, 
     elif swap.device is not None:
         inputs = tuple(t.to(swap.device) if isinstance(t, torch.Tensor) else t for t in inputs)
     mode = _Mode(ctx, swap.owners, meta, names, set(ignored), costs, modules, rules)
+    mode.named = named
     mode.batch = next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
     mode.inputs = {id(t) for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)}
     hooks = [nn.modules.module.register_module_forward_pre_hook(mode.pre_hook),
-             nn.modules.module.register_module_forward_hook(mode.post_hook)]
+             nn.modules.module.register_module_forward_hook(mode.post_hook)] if named else []
     try:
         watching = train and rules and costs is not None
         with swap, (watch_training(modules.values()) if watching else contextlib.nullcontext()) as watch:

@@ -131,3 +131,18 @@ def test_training_watch_reads_sets_and_deletes_the_instance_flag():
         assert not hasattr(m, "training")
     m.training = True
     assert m.training and "training" not in nn.Module.__dict__
+
+
+class _StandardisedConv(nn.Conv2d):
+    def forward(self, x):  # a computed weight: it belongs to no module
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_a_layer_with_a_computed_weight_is_named_after_the_module_calling_it():
+    """Counting passes run without module hooks while every weight names its layer; a computed
+    weight sends the count through the pass with them."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(_StandardisedConv(8, 4, 3)))
+    c = count(m, torch.randn(1, 3, 16, 16), reuse=False)
+    assert [(l.name, l.kind) for l in c.layers] == [("0", "Conv2d"), ("1.0", "_StandardisedConv")]
+    assert c.macs == 14 * 14 * 8 * 27 + 12 * 12 * 4 * 72
