@@ -1,7 +1,7 @@
 """Wall time of one 50% L2 prune as a user calls it, secateurs beside Torch-Pruning, on this machine.
 
-secateurs is timed through its front door, ``secateurs.prune(model, x, target={"ratio": 0.5})`` (capture,
-groups, scores, plan, cut, the check forward of the cut model and the MACs it counts before and
+secateurs is timed through its front door, ``secateurs.prune(model, x, target={"ratio": 0.5})`` (checks,
+capture, groups, scores, plan, cut, the check forward of the cut model and the MACs it counts before and
 after for its report), and separately as the bare engine (``analyze`` + scores + ``apply_plan``).
 Each (tool, model) pair runs in its own subprocess (fresh imports, a time limit), does one
 warm-up prune on a separate model instance, then times ``--repeats`` prunes of fresh instances
@@ -177,8 +177,10 @@ def write_report(rows: list[dict], out: Path, repeats: int, tp_version: str | No
              f"torchvision {torchvision.__version__}, secateurs {secateurs.__version__}, Torch-Pruning {tp_version}. "
              "Input 1x3x224x224, weights=None. Median wall seconds of fresh model instances after one warm-up "
              "prune in the same process; model construction not timed. Raw data: `engine_speed.csv`.", "",
-             "secateurs: `secateurs.prune(model, x, target={'ratio': 0.5})` (capture, groups, L2 scores, plan, cut, the "
-             "check forward of the cut model, MACs counted before and after for the report); engine alone: "
+             "secateurs: `secateurs.prune(model, x, target={'ratio': 0.5})` (weight and input checks, capture, groups, "
+             "L2 scores, plan, cut, the check forward of the cut model, MACs counted before and after for the report: "
+             "the capture counts the MACs before too when only BN, dropout and stochastic depth read `training`, and "
+             "the check forward is the count after); engine alone: "
              "`analyze` + `group_scores(\"l2\")` + `uniform_plan(0.5)` + `apply_plan`. "
              "Torch-Pruning: `BasePruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5, "
              "ignored_layers=[classifier]).step()`. The ratio is `secateurs.prune` over Torch-Pruning.", "",

@@ -2,7 +2,7 @@
 back exactly what it had: its tensors, and every attribute its forward set on a module.
 
 This is what ``torch.func.functional_call`` does, in one walk of the module tree instead of one per
-tensor name (the capture runs three times per prune), and with one swap per tensor *slot*: a module
+tensor name (the capture runs two or three times per prune), and with one swap per tensor *slot*: a module
 reached by two paths is swapped once, so it gets its own tensors back.
 """
 from __future__ import annotations
