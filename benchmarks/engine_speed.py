@@ -3,9 +3,11 @@
 secateurs is timed through its front door, ``secateurs.prune(model, x, target={"ratio": 0.5})`` (checks,
 capture, groups, scores, plan, cut, the check forward of the cut model and the MACs it counts before and
 after for its report), and separately as the bare engine (``analyze`` + scores + ``apply_plan``).
-Each (tool, model) pair runs in its own subprocess (fresh imports, a time limit), does one
-warm-up prune on a separate model instance, then times ``--repeats`` prunes of fresh instances
-(building the model is not timed) and reports the median. Torch-Pruning is the benchmark-only
+Each model runs in its own subprocess (fresh imports, a time limit) holding every tool: one
+warm-up prune each on a separate model, then ``--repeats`` rounds in which every tool prunes a fresh
+instance (building it is not timed), the order rotated each round. The tools thus share each slow
+spell of this machine, and each round gives a paired ratio: the report gives the median ratio with a
+95% distribution-free interval. Torch-Pruning is the benchmark-only
 extra ``pip install torch-pruning``; its ``BasePruner`` with ``GroupMagnitudeImportance(p=2)`` at
 ``pruning_ratio=0.5``, the classifier ignored (our engine never shrinks model outputs).
 
@@ -88,25 +90,44 @@ def _tp_once(name, x):
     return time.perf_counter() - t, m
 
 
-def worker(tool: str, name: str, repeats: int) -> dict:
+TOOLS = {"secateurs": _secateurs_once, "engine": _engine_once, "tp": _tp_once}
+
+
+def worker(name: str, repeats: int, tools: list[str]) -> dict:
+    """All tools in one process, interleaved: repeat i runs them in an order rotated by i, so a
+    slow spell of this shared machine lands on every tool alike and each repeat gives a paired ratio."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("SECATEURS_THREADS", "2")))
     x = torch.randn(1, 3, 224, 224)
-    once = {"secateurs": _secateurs_once, "engine": _engine_once, "tp": _tp_once}[tool]
     warm = "resnet18" if name != "resnet18" else "resnet34"
-    once(warm, x)  # imports, first capture, kernel caches
-    times, m = [], None
-    for _ in range(repeats):
-        t, m = once(name, x)
-        times.append(t)
-    with torch.no_grad():
-        out = m(x)
-    return {"median_s": statistics.median(times), "times": times, "out_shape": list(out.shape)}
+    for tool in tools:
+        TOOLS[tool](warm, x)  # imports, first capture, kernel caches
+    times: dict[str, list[float]] = {t: [] for t in tools}
+    shapes = {}
+    for i in range(repeats):
+        for tool in tools[i % len(tools):] + tools[:i % len(tools)]:
+            t, m = TOOLS[tool](name, x)
+            times[tool].append(t)
+            if tool not in shapes:
+                with torch.no_grad():
+                    shapes[tool] = list(m(x).shape)
+    return {"times": times, "out_shape": shapes}
 
 
-def run_one(tool: str, name: str, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.engine_speed", "--worker", tool, name, "--repeats", str(repeats)]
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Median and a distribution-free interval for it (binomial order statistics), so the ratio
+    is reported with how far this machine's noise could move it."""
+    from scipy.stats import binom
+
+    v, n = sorted(values), len(values)
+    lo = max(int(binom.ppf((1 - level) / 2, n, 0.5)) - 1, 0)
+    hi = min(n - 1 - lo, n - 1)
+    return statistics.median(v), v[lo], v[hi]
+
+
+def run_one(name: str, repeats: int, tools: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.engine_speed", "--worker", name, "--repeats", str(repeats), "--tools", *tools]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -117,22 +138,35 @@ def run_one(tool: str, name: str, repeats: int, timeout: float) -> dict:
     return {"status": "ok", **json.loads(r.stdout.strip().splitlines()[-1])}
 
 
-def _fmt(res: dict) -> str:
-    return f"{res['median_s']:.3f}" if res.get("status") == "ok" else res.get("note", res.get("status"))
+def row(name: str, res: dict) -> dict:
+    if res["status"] != "ok":
+        return {"model": name, "secateurs_s": res["note"], "engine_s": "", "torch_pruning_s": "", "ratio": "",
+                "ratio_lo": "", "ratio_hi": "", "secateurs_times": "", "tp_times": ""}
+    times = res["times"]
+    med = {t: f"{statistics.median(v):.3f}" for t, v in times.items()}
+    out = {"model": name, "secateurs_s": med.get("secateurs", ""), "engine_s": med.get("engine", ""),
+           "torch_pruning_s": med.get("tp", "not run"), "ratio": "", "ratio_lo": "", "ratio_hi": "",
+           "secateurs_times": json.dumps([round(t, 4) for t in times.get("secateurs", [])]),
+           "tp_times": json.dumps([round(t, 4) for t in times.get("tp", [])])}
+    if "secateurs" in times and "tp" in times:
+        ratios = [a / b for a, b in zip(times["secateurs"], times["tp"])]
+        out.update(zip(("ratio", "ratio_lo", "ratio_hi"), (f"{r:.2f}" for r in median_interval(ratios))))
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per (tool, model) subprocess")
     p.add_argument("--out", default="docs")
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--report-only", action="store_true", help="rebuild engine_speed.md from engine_speed.csv")
-    p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--tools", nargs="+", default=list(TOOLS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.repeats)))
+        print(json.dumps(worker(args.worker, args.repeats, args.tools)))
         return 0
 
     try:
@@ -144,16 +178,14 @@ def main(argv=None) -> int:
         with open(Path(args.out) / "engine_speed.csv") as f:
             write_report(list(csv.DictReader(f)), Path(args.out), args.repeats, tp_version)
         return 0
+    tools = [t for t in TOOLS if not (t == "tp" and args.no_tp)]
     rows = []
     for name in args.models:
-        ours = run_one("secateurs", name, args.repeats, args.timeout)
-        engine = run_one("engine", name, args.repeats, args.timeout)
-        theirs = {"status": "skipped", "note": "not installed"} if args.no_tp else run_one("tp", name, 1 if name.startswith("swin") else args.repeats, args.timeout)
-        ratio = (ours["median_s"] / theirs["median_s"]) if ours.get("status") == "ok" and theirs.get("status") == "ok" else None
-        rows.append({"model": name, "secateurs_s": _fmt(ours), "engine_s": _fmt(engine), "torch_pruning_s": _fmt(theirs),
-                     "ratio": f"{ratio:.2f}" if ratio is not None else "",
-                     "secateurs_times": ours.get("times", ""), "tp_times": theirs.get("times", "")})
-        print(f"{name:22s} secateurs {_fmt(ours):>10}  torch-pruning {_fmt(theirs):>24}  ratio {rows[-1]['ratio']}", flush=True)
+        repeats = 3 if name.startswith("swin") else args.repeats  # Torch-Pruning takes minutes on swin_t
+        rows.append(row(name, run_one(name, repeats, tools, args.timeout * len(tools))))
+        r = rows[-1]
+        print(f"{name:22s} secateurs {r['secateurs_s']:>8}  torch-pruning {r['torch_pruning_s']:>8}  "
+              f"ratio {r['ratio']} [{r['ratio_lo']}, {r['ratio_hi']}]", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +207,10 @@ def write_report(rows: list[dict], out: Path, repeats: int, tp_version: str | No
              f"`python -m benchmarks.engine_speed --repeats {repeats}` on {platform.machine()}, "
              f"{os.cpu_count()} cores, {os.environ.get('SECATEURS_THREADS', '2')} torch threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, secateurs {secateurs.__version__}, Torch-Pruning {tp_version}. "
-             "Input 1x3x224x224, weights=None. Median wall seconds of fresh model instances after one warm-up "
-             "prune in the same process; model construction not timed. Raw data: `engine_speed.csv`.", "",
+             "Input 1x3x224x224, weights=None. Each model in one process: one warm-up prune per tool, then "
+             f"{repeats} rounds in which every tool prunes a fresh instance, in an order rotated each round "
+             "(model construction not timed). Times are medians; the ratio is the median of the rounds' paired "
+             "ratios with its 95% interval (binomial order statistics). Raw data: `engine_speed.csv`.", "",
              "secateurs: `secateurs.prune(model, x, target={'ratio': 0.5})` (weight and input checks, capture, groups, "
              "L2 scores, plan, cut, the check forward of the cut model, MACs counted before and after for the report: "
              "the capture counts the MACs before too when only BN, dropout and stochastic depth read `training`, and "
@@ -184,10 +218,12 @@ def write_report(rows: list[dict], out: Path, repeats: int, tp_version: str | No
              "`analyze` + `group_scores(\"l2\")` + `uniform_plan(0.5)` + `apply_plan`. "
              "Torch-Pruning: `BasePruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.5, "
              "ignored_layers=[classifier]).step()`. The ratio is `secateurs.prune` over Torch-Pruning.", "",
-             "| model | secateurs.prune (s) | engine alone (s) | Torch-Pruning (s) | secateurs.prune / TP |",
-             "|---|---|---|---|---|"]
+             "| model | secateurs.prune (s) | engine alone (s) | Torch-Pruning (s) | secateurs.prune / TP | 95% interval |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['secateurs_s']} | {r.get('engine_s', '')} | {r['torch_pruning_s']} | {r['ratio']} |")
+        ci = f"{r['ratio_lo']}-{r['ratio_hi']}" if r.get("ratio_lo") else ""
+        lines.append(f"| {r['model']} | {r['secateurs_s']} | {r.get('engine_s', '')} | {r['torch_pruning_s']} "
+                     f"| {r['ratio']} | {ci} |")
     depth = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
     growth = [(r["model"], depth[r["model"]], float(r["secateurs_s"])) for r in rows
               if r["model"] in depth and r["secateurs_s"].replace(".", "", 1).isdigit()]

@@ -28,18 +28,23 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def has_candidates(modules: dict[str, nn.Module], outs: Iterable[tuple[str, str, torch.Tensor]]) -> bool:
     """Whether any removed channel has a near-zero norm scale (``outs``: producer bindings as
-    (module, tensor name, removed mask))."""
+    (module, tensor name, removed mask)). Every cut asks, so all norms are tested in a few fused
+    ops rather than five per norm."""
+    scales, gones = [], []
     for mname, tname, gone in outs:
         m = modules[mname]
         if tname != "weight" or not isinstance(m, _NORMS):
             continue
         w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 1 or len(gone) != len(w) or not gone.any():
-            continue
-        a = w.detach().abs()
-        if (a[gone.to(a.device)] <= SCALE_TOL * a.mean()).any():
-            return True
-    return False
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and len(gone) == len(w) and w.is_floating_point():
+            scales.append(w.detach().float().cpu().abs())
+            gones.append(gone.cpu())
+    if not scales:
+        return False
+    a, gone = torch.cat(scales), torch.cat(gones)
+    sizes = torch.tensor([len(s) for s in scales])
+    means = torch.zeros(len(scales)).index_add_(0, torch.repeat_interleave(torch.arange(len(scales)), sizes), a) / sizes
+    return bool(((a <= SCALE_TOL * torch.repeat_interleave(means, sizes)) & gone).any())
 
 
 def _reader_axis(m: nn.Module) -> int | None:

@@ -120,3 +120,26 @@ def test_prune_with_bn_scale_keeps_a_slimmed_network_working():
         with torch.no_grad():
             errs[comp] = (m(x) - ref).abs().mean().item()
     assert errs[True] < 0.3 * errs[False]
+
+
+def test_has_candidates_flags_exactly_the_removed_small_scale_channels():
+    """The fused test agrees with the rule it replaces (a removed channel whose |gamma| is at most
+    SCALE_TOL x its norm's mean |gamma|), norm by norm, on random scales and masks."""
+    from secateurs.compensate import SCALE_TOL, has_candidates
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        modules, outs, expected = {}, [], False
+        for i in range(int(torch.randint(1, 5, (1,), generator=g))):
+            n = int(torch.randint(2, 9, (1,), generator=g))
+            bn = nn.BatchNorm2d(n)
+            with torch.no_grad():
+                bn.weight.copy_(torch.rand(n, generator=g) * (torch.rand(n, generator=g) > 0.2))
+            gone = torch.rand(n, generator=g) > 0.5
+            modules[f"bn{i}"] = bn
+            outs.append((f"bn{i}", "weight", gone))
+            a = bn.weight.detach().abs()
+            expected |= bool((a[gone] <= SCALE_TOL * a.mean()).any())
+        modules["lin"] = nn.Linear(3, 3)  # not a norm: never a candidate
+        outs.append(("lin", "weight", torch.ones(3, dtype=torch.bool)))
+        assert has_candidates(modules, outs) == expected, trial
