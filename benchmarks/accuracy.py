@@ -17,6 +17,10 @@ The protocol (issue 18), the same for every row:
   recommended regulariser) and fine-tune after the cut;
 - ``control``: the unpruned model trained for the same steps, so the gain from extra training is
   not credited to pruning;
+- latency (issue 19): every pruned row's latency over the unpruned model's at ``--latency-batch`` (8),
+  timed interleaved on this CPU (at batch 1 a 32px ResNet is mostly per-layer overhead); ``l2@latency`` prunes to a *latency* target ``--latency-gain`` (0.8) times the latency that
+  Torch-Pruning's magnitude prune at the same MACs target leaves (its one-shot architecture, timed in
+  the same row), so "as accurate and at least 20% faster" is read off one table;
 - seeds: ``--seeds`` (at least 3 for the report); mean and 95% interval (Student t) per method,
   paired differences per seed (same criterion in both tools, and best of ours against best of theirs).
 
@@ -48,12 +52,12 @@ OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "im
 THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
 # same criterion in both tools, with the same fine-tuning (no distillation), then ours as a user gets it
 PAIRS = [("l2:distill=0", "tp_magnitude"), ("bn_scale:distill=0", "tp_bn_scale"), ("l2:distill=0", "tp_group_norm"),
-         ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale")]
+         ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2@latency", "tp_magnitude")]
 TP_REG = {"tp_bn_scale": 1e-4, "tp_group_norm": 5e-4}  # network slimming's lambda; TP's CIFAR group_sl script
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit trains there too
 FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
           "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "distill",
-          "train_images", "test_images", "seconds"]
+          "train_images", "test_images", "seconds", "latency_ratio", "latency_target"]
 
 
 class StepCounter:
@@ -150,6 +154,16 @@ def run_tp(method: str, model, x, target: float, train, args, seed: int) -> dict
     return {}
 
 
+def latency_ratio(base, model, args) -> float:
+    """Latency of ``model`` over ``base`` at ``--latency-batch`` on this CPU, timed interleaved (median of 30)."""
+    from secateurs.latency import time_models
+
+    cpu = lambda m: copy.deepcopy(m).cpu().eval()  # noqa: E731
+    t = time_models({"dense": cpu(base), "pruned": cpu(model)}, torch.randn(args.latency_batch, 3, 32, 32), repeats=30,
+                    threads=args.threads)
+    return t["pruned"].median_s / t["dense"].median_s
+
+
 # -- ours --------------------------------------------------------------------------------------
 def variant(method: str) -> tuple[str, dict]:
     """``"hfp:tie=shared"`` -> ("hfp", {"tie": "shared"}): a method with options is its own row."""
@@ -169,6 +183,8 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
         warnings.simplefilter("ignore")
         if method == "hfp":
             return _hfp(model, x, target, train, args, seed, extra)
+        if method == "l2@latency":
+            return _latency(model, x, target, args)
         if method in ("importance-weights", "importance-weights@tol"):
             # alpha learned (one round of steps), then cut step by step with fine-tuning between: the
             # share per step takes about `rounds` steps to the target (widths ~ sqrt of the MACs)
@@ -211,6 +227,28 @@ def _hfp(model, x, target: float, train, args, seed: int, extra: dict) -> dict:
             "fallback": "" if out["hfp_converged"] else "lowest gates cut: training did not meet the target"}
 
 
+def _latency(model, x, target: float, args) -> dict:
+    """L2 to a latency target: ``--latency-gain`` times what Torch-Pruning's magnitude prune at the
+    same MACs target leaves (per-layer tables of this CPU, one confirming timing)."""
+    import secateurs
+    from benchmarks.compare import tp_ratio_for_macs
+
+    ref = copy.deepcopy(model)
+    _tp_pruner(ref, x, "tp_magnitude", tp_ratio_for_macs(ref, x, "tp_magnitude", target)).step()
+    goal = args.latency_gain * latency_ratio(model, ref, args)
+    device = next(model.parameters()).device
+    model.cpu()  # the latency tables and the search time this CPU, at the latency batch
+    xb = torch.randn(args.latency_batch, 3, 32, 32)
+    try:
+        secateurs.prune(model, xb, "l2", {"latency": goal}, round_to="auto", latency_threads=args.threads)
+        info = {"latency_target": round(goal, 4)}
+    except secateurs.PruningError as err:  # channels alone cannot get there (fixed per-layer costs)
+        secateurs.prune(model, xb, "l2", target)
+        info = {"latency_target": round(goal, 4), "fallback": f"latency target unreachable, MACs target used: {err}"[:120]}
+    model.to(device)
+    return info
+
+
 # -- the grid ----------------------------------------------------------------------------------
 def data(args):
     """(train less the held-out split, held-out split, test set), as the protocol says."""
@@ -251,7 +289,9 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
            "top1": round(evaluate(model, test)["top1"], 2), "val_top1": round(evaluate(model, val)["top1"], 2),
            "converged": info.get("converged", ""), "converged_step": info.get("converged_step", ""),
            "fallback": info.get("fallback", ""), "distill": args.distill, "train_images": len(train),
-           "test_images": len(test), "seconds": round(time.perf_counter() - t0, 1)}
+           "test_images": len(test), "seconds": round(time.perf_counter() - t0, 1),
+           "latency_ratio": "" if method == "control" else round(latency_ratio(base, model, args), 4),
+           "latency_target": info.get("latency_target", "")}
     return row
 
 
@@ -302,8 +342,15 @@ def summarize(rows: list[dict]) -> dict[tuple, dict]:
         out[key] = {"top1": m, "ci": h, "n": len(rs), "kept_macs": statistics.fmean(float(r["kept_macs"]) for r in rs),
                     "tool": rs[0]["tool"], "seeds": {int(r["seed"]): float(r["top1"]) for r in rs},
                     "fallbacks": sum(bool(r["fallback"]) for r in rs), "over": sum(r["over_budget"] == "True" for r in rs),
-                    "converged": [r["converged_step"] for r in rs if r["converged"] == "True"]}
+                    "converged": [r["converged_step"] for r in rs if r["converged"] == "True"],
+                    "latency": _mean([r.get("latency_ratio", "") for r in rs]),
+                    "latency_target": _mean([r.get("latency_target", "") for r in rs])}
     return out
+
+
+def _mean(values: list) -> float | None:
+    got = [float(v) for v in values if v not in ("", None)]
+    return statistics.fmean(got) if got else None
 
 
 def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
@@ -325,8 +372,8 @@ def write_report(path: Path, md: Path, args) -> None:
              f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (from the training set "
              f"less a {args.holdout}-image held-out split), top-1 on {first.get('test_images', '?')} test images. "
              "Generated from `accuracy.csv`; see `benchmarks/accuracy.py` for how each method is run.", "",
-             "| model | MACs target | method | tool | MACs kept | top-1 (mean +- 95%) | seeds | notes |",
-             "|---|---:|---|---|---:|---:|---:|---|"]
+             "| model | MACs target | method | tool | MACs kept | latency | top-1 (mean +- 95%) | seeds | notes |",
+             "|---|---:|---|---|---:|---:|---:|---:|---|"]
     for (model, target, method), s in sorted(summary.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[1]["top1"])):
         notes = []
         if s["fallbacks"]:
@@ -335,14 +382,15 @@ def write_report(path: Path, md: Path, args) -> None:
             notes.append(f"{s['over']} over budget")
         if s["converged"]:
             notes.append("converged at step " + "/".join(map(str, s["converged"])))
-        lines.append(f"| {model} | {target:.0%} | {method} | {s['tool']} | {s['kept_macs']:.1%} | "
+        lat = f"{s['latency']:.3f}" if s["latency"] is not None else ""
+        lines.append(f"| {model} | {target:.0%} | {method} | {s['tool']} | {s['kept_macs']:.1%} | {lat} | "
                      f"{s['top1']:.2f} +- {s['ci']:.2f} | {s['n']} | {'; '.join(notes)} |")
     lines += ["", "## Paired differences (same seeds; top-1 points, mean +- 95%)", "",
               "| model | MACs target | ours | theirs | difference | seeds |", "|---|---:|---|---|---:|---:|"]
     for model, target in sorted({(k[0], k[1]) for k in summary}, key=lambda k: (k[0], -k[1])):
         cell = {k[2]: v for k, v in summary.items() if k[:2] == (model, target)}
         pairs = [(a, b) for a, b in PAIRS if a in cell and b in cell]
-        ours = [m for m, v in cell.items() if v["tool"] == "secateurs" and m != "control" and "@tol" not in m]
+        ours = [m for m, v in cell.items() if v["tool"] == "secateurs" and m != "control" and "@" not in m]
         theirs = [m for m, v in cell.items() if v["tool"] == "torch_pruning"]
         if ours and theirs:
             pairs.append((max(ours, key=lambda m: cell[m]["top1"]), max(theirs, key=lambda m: cell[m]["top1"])))
@@ -350,7 +398,27 @@ def write_report(path: Path, md: Path, args) -> None:
             d = paired(cell[a], cell[b])
             if d:
                 lines.append(f"| {model} | {target:.0%} | {a} | {b} | {d[0]:+.2f} +- {d[1]:.2f} | {d[2]} |")
+    lines += _latency_section(summary)
     md.write_text("\n".join(lines) + "\n")
+
+
+def _latency_section(summary: dict) -> list[str]:
+    """Issue 19's comparison: our latency-budget prune against Torch-Pruning's MACs-equal prune."""
+    lines = ["", "## Latency at equal accuracy (this CPU, `--latency-batch`; latency as a fraction of the unpruned model's)", "",
+             "| model | MACs target | TP magnitude: latency, top-1 | l2@latency: target, latency, top-1 | faster by | "
+             "top-1 difference (paired) |", "|---|---:|---|---|---:|---:|"]
+    for (model, target, method), ours in sorted(summary.items()):
+        theirs = summary.get((model, target, "tp_magnitude"))
+        if method != "l2@latency" or theirs is None or ours["latency"] is None or theirs["latency"] is None:
+            continue
+        d = paired(ours, theirs)
+        diff = f"{d[0]:+.2f} +- {d[1]:.2f}" if d else ""
+        faster = 1 - ours["latency"] / theirs["latency"]
+        goal = ours["latency_target"]
+        lines.append(f"| {model} | {target:.0%} | {theirs['latency']:.3f}, {theirs['top1']:.2f} | "
+                     f"{goal if goal is None else f'{goal:.3f}'}, {ours['latency']:.3f}, {ours['top1']:.2f} | "
+                     f"{faster:.0%} | {diff} |")
+    return lines if len(lines) > 4 else []
 
 
 def main(argv=None) -> None:
@@ -358,7 +426,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--methods", nargs="+",
-                   default=OURS + ["l2:distill=0", "bn_scale:distill=0", "importance-weights@tol"] + THEIRS + ["control"],
+                   default=OURS + ["l2:distill=0", "bn_scale:distill=0", "importance-weights@tol", "l2@latency"] + THEIRS
+                   + ["control"],
                    help="also variants with options: hfp:tie=shared, importance-weights:rank=scale")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per row, pruning phase + fine-tuning")
@@ -369,6 +438,9 @@ def main(argv=None) -> None:
                    help="distillation weight in our fine-tuning (0: off; a row 'l2:distill=0' overrides it)")
     p.add_argument("--tolerance", type=float, default=1.0, help="importance-weights@tol: top-1 points on the held-out split")
     p.add_argument("--hfp-lam", type=float, default=5.0)
+    p.add_argument("--latency-batch", type=int, default=8, help="batch size latency is timed and searched at")
+    p.add_argument("--latency-gain", type=float, default=0.8,
+                   help="l2@latency: latency target as this fraction of Torch-Pruning's MACs-equal prune's")
     p.add_argument("--holdout", type=int, default=5000)
     p.add_argument("--subset", type=int, default=0, help="training images (0: all but the held-out split)")
     p.add_argument("--test-subset", type=int, default=0, help="test and held-out images (0: all)")

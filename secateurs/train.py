@@ -15,7 +15,8 @@ import math
 import numbers
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -295,6 +296,22 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def channels_last_hazard(model: nn.Module, device: torch.device) -> str | None:
+    """The first layer that torch's CPU channels-last kernels cannot train, or None.
+
+    torch 2.14's CPU backward of a 1x1 convolution with a stride and fewer than 8 input channels
+    per group corrupts the heap in channels-last (a crash, or garbage, some steps later); pruning
+    makes such layers (a ResNet shortcut cut to 7 channels). Contiguous memory trains them fine.
+    """
+    if device.type != "cpu":
+        return None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and set(m.kernel_size) == {1} and max(m.stride) > 1 \
+                and m.in_channels // m.groups < 8:
+            return name
+    return None
+
+
 def _check_teacher(model: nn.Module, teacher: Any, cfg: TrainConfig) -> nn.Module | None:
     """The teacher ``fit`` distils from, or None when ``cfg.distill`` is 0 (a teacher is then unused)."""
     if cfg.distill == 0:
@@ -353,6 +370,12 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     device = torch.device(device) if device is not None else dev
     torch.manual_seed(cfg.seed)
     model.to(device)
+    hazard = channels_last_hazard(model, device) if cfg.channels_last else None
+    if hazard is not None:
+        warnings.warn(f"channels_last=True ignored: module '{hazard}' is a strided 1x1 conv with fewer than 8 input "
+                      "channels, whose channels-last CPU backward crashes in this torch; training in contiguous memory",
+                      RuntimeWarning, stacklevel=2)
+        cfg = replace(cfg, channels_last=False)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     teacher_was = _ready_teacher(model, teacher, train_ds, cfg, device) if teacher is not None else False

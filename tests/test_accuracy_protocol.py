@@ -61,3 +61,25 @@ def test_report_pairs_seeds_and_labels_fallbacks(tmp_path):
     hfp = next(line for line in text.splitlines() if "| hfp |" in line)
     assert "1 fallback" in hfp and "1 over budget" in hfp and "converged at step 120" in hfp
     assert "| 86.00 +- " in text
+
+
+def test_report_compares_the_latency_prune_with_torch_pruning_at_equal_accuracy(tmp_path):
+    lat = {"latency_ratio": 0.8}
+    rows = [_row("tp_magnitude", s, t, "torch_pruning", **lat) for s, t in ((0, 84.0), (1, 85.0), (2, 86.0))]
+    rows += [_row("l2@latency", s, t, latency_ratio=0.6, latency_target=0.64, kept_macs=0.4)
+             for s, t in ((0, 84.5), (1, 85.0), (2, 87.0))]
+    rows += [_row("control", 0, 90.0)]
+    path = tmp_path / "accuracy.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=acc.FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    acc.write_report(path, tmp_path / "accuracy.md", argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    d, h = acc.interval([0.5, 0.0, 1.0])
+    assert f"| r20 | 50% | 0.800, 85.00 | 0.640, 0.600, 85.50 | 25% | {d:+.2f} +- {h:.2f} |" in text
+    # a latency row has fewer MACs: it never stands as "best of ours" in the equal-MACs comparison
+    assert "| r20 | 50% | l2@latency | tp_magnitude |" in text and "| l2@latency | tp_magnitude | " in text
+    assert text.count("l2@latency | tp_magnitude") == 1
+    control = next(line for line in text.splitlines() if "| control |" in line)
+    assert "| 50.0% |  |" in control  # no latency measured for the unpruned control

@@ -107,6 +107,42 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert abs(a["history"][-1]["val_top1"] - b["history"][-1]["val_top1"]) < 1.0
 
 
+class _NarrowShortcut(torch.nn.Module):
+    """A ResNet downsampling shortcut pruned to 7 channels: a strided 1x1 conv with 7 inputs."""
+
+    def __init__(self, cin: int = 7) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, cin, 3, padding=1)
+        self.shortcut = torch.nn.Conv2d(cin, 16, 1, stride=2, bias=False)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.shortcut(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_channels_last_is_refused_where_the_cpu_backward_corrupts_memory():
+    """torch's channels-last CPU backward of a strided 1x1 conv with < 8 inputs corrupts the heap
+    (this test process would crash): fit warns, names the module and trains contiguous."""
+    from secateurs.train import channels_last_hazard
+
+    cpu = torch.device("cpu")
+    assert channels_last_hazard(_NarrowShortcut(7), cpu) == "shortcut"
+    assert channels_last_hazard(_NarrowShortcut(8), cpu) is None
+    assert channels_last_hazard(create_model("tiny_cnn"), cpu) is None
+    g = torch.Generator().manual_seed(0)  # 32px images: at 8px the corruption goes unnoticed
+    tr = ArrayDataset("noise", torch.randint(0, 256, (256, 1, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 10, (256,), generator=g), [str(i) for i in range(10)], mean=(0.5,), std=(0.25,))
+    model, threads = _NarrowShortcut(7), torch.get_num_threads()
+    torch.set_num_threads(1)  # where the unguarded kernel crashes reliably
+    try:
+        with pytest.warns(RuntimeWarning, match="'shortcut'"):
+            hist = fit(model, tr, None, cfg(epochs=2, batch_size=32, channels_last=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert model.shortcut.weight.is_contiguous()
+
+
 def test_segmentation_metrics_by_hand():
     y = torch.tensor([[[0, 1], [1, 1]]])
     out = torch.tensor([[[[5.0, 0.0], [5.0, 0.0]], [[0.0, 5.0], [0.0, 5.0]]]])  # predicts [[0,1],[0,1]]
