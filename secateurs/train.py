@@ -312,6 +312,19 @@ def channels_last_hazard(model: nn.Module, device: torch.device) -> str | None:
     return None
 
 
+def _memory_format(model: nn.Module, cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """Put the model in channels-last when asked and safe; the config training then follows."""
+    hazard = channels_last_hazard(model, device) if cfg.channels_last else None
+    if hazard is not None:
+        warnings.warn(f"channels_last=True ignored: module '{hazard}' is a strided 1x1 conv with fewer than 8 input "
+                      "channels, whose channels-last CPU backward crashes in this torch; training in contiguous memory",
+                      RuntimeWarning, stacklevel=3)
+        cfg = replace(cfg, channels_last=False)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return cfg
+
+
 def _check_teacher(model: nn.Module, teacher: Any, cfg: TrainConfig) -> nn.Module | None:
     """The teacher ``fit`` distils from, or None when ``cfg.distill`` is 0 (a teacher is then unused)."""
     if cfg.distill == 0:
@@ -370,14 +383,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     device = torch.device(device) if device is not None else dev
     torch.manual_seed(cfg.seed)
     model.to(device)
-    hazard = channels_last_hazard(model, device) if cfg.channels_last else None
-    if hazard is not None:
-        warnings.warn(f"channels_last=True ignored: module '{hazard}' is a strided 1x1 conv with fewer than 8 input "
-                      "channels, whose channels-last CPU backward crashes in this torch; training in contiguous memory",
-                      RuntimeWarning, stacklevel=2)
-        cfg = replace(cfg, channels_last=False)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    cfg = _memory_format(model, cfg, device)
     teacher_was = _ready_teacher(model, teacher, train_ds, cfg, device) if teacher is not None else False
     batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
                       pad=cfg.pad if train_ds.task == "classification" else 0, crop=cfg.crop, flip=cfg.flip)
