@@ -6,7 +6,8 @@ with a 95% interval), in eager PyTorch and in onnxruntime, at batch 1 and 8, wit
 threads; models are built from seeded random weights, so the pruned architecture is the same in
 every run. Variants: 50% of the MACs by L2 with global and uniform allocation (``round_to`` 8), and
 the latency budget (``target={"latency": 0.5}``: per-layer latency tables, one confirming timing),
-whose search time is recorded. Goals (issue 19): at 50% MACs, speed-up / MACs ratio >= 0.9 at
+whose search time is recorded; and 50% of the MACs with ``allocation="latency"`` (each group's
+scores divided by the time its channels save per MAC, read off the same tables). Goals (issue 19): at 50% MACs, speed-up / MACs ratio >= 0.9 at
 batch 8 and >= 0.8 at batch 1; no model slower than its dense version.
 
 Usage::
@@ -31,6 +32,7 @@ MODELS = {"torchvision:resnet50": 224, "torchvision:vgg16": 224, "torchvision:mo
           "cifar_resnet20": 32, "cifar_resnet56": 32}
 VARIANTS = {"macs 50% global": dict(target={"macs": 0.5}, allocation="global", round_to=8),
             "macs 50% uniform": dict(target={"macs": 0.5}, allocation="uniform", round_to=8),
+            "macs 50% latency-allocated": dict(target={"macs": 0.5}, allocation="latency", round_to=8),
             "latency 50% (tables)": dict(target={"latency": 0.5}, allocation="global", round_to=8)}
 RUNTIMES = ("eager", "onnxruntime")
 
@@ -126,10 +128,20 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     miss = sorted({f"{r['model']} {r['variant']} {r['runtime']} b{r['batch']} ({r['vs_macs']})" for r in macs_rows
                    if r["vs_macs"] < (0.9 if r["batch"] == 8 else 0.8)})
     slower = sorted({f"{r['model']} {r['variant']} {r['runtime']} b{r['batch']}" for r in rows if r["slower"]})
-    lat = [r for r in rows if r.get("latency_target_met") not in (None, "") and r["runtime"] == "eager" and r["batch"] == 1]
+    lat = [r for r in rows if r["variant"].startswith("latency") and r["runtime"] == "eager" and r["batch"] == 1]
+    best: dict[tuple, dict] = {}
+    for r in macs_rows:  # per model, runtime and batch: the allocation a user after speed would pick
+        key = (r["model"], r["runtime"], r["batch"])
+        if key not in best or r["vs_macs"] > best[key]["vs_macs"]:
+            best[key] = r
+    best_miss = sorted(f"{m} {rt} b{b} ({r['vs_macs']}, {r['variant']})" for (m, rt, b), r in best.items()
+                       if r["vs_macs"] < (0.9 if b == 8 else 0.8))
     lines += ["## Against the goals", "",
               f"- Speed-up / MACs ratio >= 0.9 at batch 8 and >= 0.8 at batch 1 (50% MACs rows): "
               f"{'all rows' if not miss else 'missed by ' + '; '.join(miss)}.",
+              f"- The same goal for the best 50%-MACs allocation of each model, runtime and batch (`allocation='latency'` "
+              f"spends the MACs where this machine's tables say they buy time): "
+              f"{'met everywhere' if not best_miss else 'missed by ' + '; '.join(best_miss)}.",
               f"- Pruned model measurably slower than dense (its interval above the dense median): "
               f"{'none' if not slower else ', '.join(slower)}.",
               "- Latency budget 0.5 (goal: within 5%, under a minute on resnet50), the ratio measured by the search's "
@@ -161,12 +173,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
     p.add_argument("--resume", action="store_true", help="keep the (model, variant) rows already in OUT/speedup.csv")
+    p.add_argument("--report-only", action="store_true", help="rewrite OUT/speedup.md from OUT/speedup.csv")
     args = p.parse_args(argv)
     kept = []
-    if args.resume and (Path(args.out) / "speedup.csv").exists():
+    if (args.resume or args.report_only) and (Path(args.out) / "speedup.csv").exists():
         with open(Path(args.out) / "speedup.csv", newline="") as f:
             kept = [_typed(r) for r in csv.DictReader(f)]
-    rows = run(args.models, args.variants, args.repeats, args.threads, kept)
+    rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept)
     write(rows, Path(args.out), args.repeats, args.threads)
 
 

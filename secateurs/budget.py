@@ -29,10 +29,10 @@ from .latency_table import LatencyModel
 from .surgery import PruningPlan, apply_plan
 
 __all__ = ["Budget", "Allocator", "plan_for_budget", "uniform_plan", "as_budget", "measure", "bisect", "fill",
-           "threshold_search", "latency_plan", "BUDGETS", "ALLOCATIONS", "COSTS"]
+           "threshold_search", "latency_plan", "latency_weights", "BUDGETS", "ALLOCATIONS", "COSTS"]
 
 BUDGETS = ("macs", "params", "latency", "ratio", "layers")
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "latency")
 COSTS = ("macs", "params")  # the budgets a plan's cost is counted in
 
 
@@ -124,7 +124,9 @@ class Allocator:
     """Turns per-channel scores into kept widths under the user's constraints.
 
     ``global`` ranks all channels together after dividing each group's scores by their mean (so
-    groups with large weights are not favoured); ``uniform`` removes the same fraction everywhere.
+    groups with large weights are not favoured); ``uniform`` removes the same fraction everywhere;
+    ``latency`` ranks like ``global`` after :meth:`reweight` divides each group's scores by how
+    much latency its channels buy per MAC on this machine.
     Widths are at least ``min_width`` (channels, or a fraction of the group if a float < 1) and,
     with ``round_to``, multiples of it (rounded up).
     """
@@ -203,6 +205,10 @@ class Allocator:
         return PruningPlan({g.index: order[k:].sort().values.tolist()
                             for g, order, k in zip(self.graph.groups, self.order, keep) if k < g.size})
 
+    def reweight(self, weights: list[float]) -> None:
+        """Divide group ``i``'s normalised scores by ``weights[i]`` (the order within a group stays)."""
+        self.sorted_norm = [s / max(w, 1e-6) for s, w in zip(self.sorted_norm, weights)]
+
     def thresholds(self) -> torch.Tensor:
         return torch.unique(torch.cat(self.sorted_norm)) if self.sorted_norm else torch.zeros(0)
 
@@ -234,6 +240,25 @@ def fill(alloc: Allocator, keep: list[int], cost: Callable[[list[int]], float], 
             if keep[i] < alloc.graph.groups[i].size:
                 heapq.heappush(heap, (-float(alloc.sorted_norm[i][keep[i]]), i))
     return keep
+
+
+def latency_weights(alloc: Allocator, lm: Any, pc: "PlanCost", power: float = 1.0) -> list[float]:
+    """Per group: the share of the latency that removing half its channels saves, over the share of
+    the MACs it saves (from the per-layer tables), to the ``power``. On a model whose depthwise
+    convs, norms and activations cost more time than MACs (MobileNets), an expansion channel saves
+    more time per MAC than a residual one: ``allocation="latency"`` removes those first."""
+    full_lat, full_macs = lm.full(), pc.base.macs
+    sizes = [g.size for g in alloc.graph.groups]
+    out = []
+    for i, size in enumerate(sizes):
+        keep = list(sizes)
+        keep[i] = alloc.clamp(i, size // 2)
+        removed = alloc.removed(keep)
+        d_macs = (full_macs - pc(removed)[0]) / max(full_macs, 1)
+        d_lat = (full_lat - lm(removed)) / max(full_lat, 1e-12)
+        out.append((max(d_lat, 0.0) / d_macs) ** power if d_macs > 0 else 1.0)
+    mean = sum(out) / len(out) if out else 1.0
+    return [w / mean if mean > 0 else 1.0 for w in out]
 
 
 def threshold_search(alloc: Allocator, cost: Callable[[list[int]], float], limit: float) -> list[int]:
@@ -280,9 +305,10 @@ def _ratio_widths(alloc: Allocator, ratio: float) -> list[int]:
 def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: Any, scores: list[torch.Tensor],
                     budget: Budget, allocation: str = "global", round_to: int = 1, min_width: int | float = 1,
                     base: Cost | None = None, reference: Cost | None = None,
-                    normalize: bool = True) -> tuple[PruningPlan, dict]:
+                    normalize: bool = True, threads: int | None = None) -> tuple[PruningPlan, dict]:
     """The plan that meets ``budget`` on ``model``; ``reference`` is the cost the fractions refer to
-    (the original model in an iterative schedule). Returns the plan and the predicted cost."""
+    (the original model in an iterative schedule). Returns the plan and the predicted cost.
+    ``allocation="latency"`` times this machine's layers (``threads``; cached tables)."""
     alloc = Allocator(graph, scores, allocation, round_to, min_width, normalize)
     if budget.kind == "layers":
         return alloc.plan(_layer_widths(model, graph, alloc, budget.value)), {}
@@ -291,6 +317,8 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     if budget.kind == "latency":
         raise ValueError("latency budgets are searched by `latency_plan`, which measures the pruned model")
     pc = PlanCost(model, graph, example_inputs, base=base)
+    if allocation == "latency":
+        alloc.reweight(latency_weights(alloc, LatencyModel(model, graph, example_inputs, threads=threads), pc))
     ref = reference or pc.base
     limit = budget.limit(ref)
     cost = lambda keep: measure(pc(alloc.removed(keep)), budget.kind)  # noqa: E731
@@ -299,7 +327,7 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
         raise PruningError(f"a {budget.kind} target of {budget.value:.4g} cannot be reached: with min_width={min_width}, "
                            f"round_to={round_to} and the ignored/frozen layers, the smallest model keeps "
                            f"{smallest / measure(ref, budget.kind):.4g}")
-    search = threshold_search if allocation == "global" else _uniform_search
+    search = _uniform_search if allocation == "uniform" else threshold_search
     keep = fill(alloc, search(alloc, cost, limit), cost, limit)
     macs, params = pc(alloc.removed(keep))
     return alloc.plan(keep), {"macs": macs, "params": params}
@@ -318,7 +346,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     lm = LatencyModel(model, graph, x, threads=threads, log=log)
     alloc = Allocator(graph, scores, allocation, round_to, min_width)
     cost = lambda keep: lm(alloc.removed(keep))  # noqa: E731
-    search = threshold_search if allocation == "global" else _uniform_search
+    search = _uniform_search if allocation == "uniform" else threshold_search
     target, aim, full = budget.value, budget.value, lm.full()
     smallest = cost(alloc.keep_for_threshold(math.inf)) / full
     tried: list[dict] = []

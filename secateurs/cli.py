@@ -135,7 +135,7 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
     b.add_argument("--params", type=float, default=None, help="kept fraction of parameters, in (0, 1]")
     b.add_argument("--latency", type=float, default=None, help="kept fraction of measured latency here, in (0, 1]")
     b.add_argument("--ratio", type=float, default=None, help="fraction of channels removed from every group")
-    s.add_argument("--allocation", default=None, help="global (one ranking) or uniform (same ratio per group)")
+    s.add_argument("--allocation", default=None, help="global (one ranking), uniform (same ratio per group) or latency (global, each group weighted by the time its channels save per MAC on this machine)")
     s.add_argument("--round-to", type=_round_to, default=1,
                    help="keep widths multiples of this (8 suits fast kernels), or 'auto': measured on this machine")
     s.add_argument("--min-width", type=float, default=1, help="minimum kept channels per group (>= 1) or fraction (< 1)")

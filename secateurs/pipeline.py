@@ -299,7 +299,9 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
         ``{"params": 0.4}``, ``{"latency": 0.7}``, ``{"ratio": 0.3}``: remove that fraction of
         every group) or {module name: removed ratio}; or a :class:`~secateurs.budget.Budget`.
         Optional for methods that pick their own widths (then it is a stop rule).
-    allocation : {"global", "uniform"}, default="global" for MACs/params/latency, else "uniform"
+    allocation : {"global", "uniform", "latency"}, default="global" for MACs/params/latency, else "uniform"
+        ``"latency"``: global, with each group's scores divided by the latency its channels save per
+        MAC on this machine (per-layer tables, ``latency_threads``): a MACs budget spent where it buys time.
     round_to, min_width : widths become multiples of ``round_to`` and at least ``min_width``;
         ``round_to="auto"`` measures the multiple on the fast side of this machine's steps.
     data, val_data : datasets for data-driven criteria / fine-tuning, and for the metric.

@@ -213,7 +213,7 @@ CASES: list[Case] = [
     Case("prune-target-layer", "`prune(..., target={'layer9': 0.5})`: a module that does not exist", PruningError,
          "budget names module 'layer9'", lambda e: P(e.model, X, "l1", {"layer9": 0.5})),
     Case("prune-method", "`prune(..., method='l7')`", ValueError, "unknown method 'l7'", lambda e: P(e.model, X, "l7", 0.5)),
-    Case("prune-allocation", "`prune(..., allocation='greedy')`", ValueError, "`allocation` must be 'global' or 'uniform'",
+    Case("prune-allocation", "`prune(..., allocation='greedy')`", ValueError, "`allocation` must be one of global, uniform, latency",
          lambda e: P(e.model, X, "l1", 0.5, allocation="greedy")),
     Case("prune-round-to", "`prune(..., round_to=-8)`", ValueError, "`round_to` must be a positive int",
          lambda e: P(e.model, X, "l1", 0.5, round_to=-8)),

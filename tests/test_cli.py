@@ -46,7 +46,7 @@ def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, capsys):
     (["--macs", "0"], r"--macs: a macs target is the kept fraction, in \(0, 1\]; got 0.0"),
     (["--params", "1.5"], r"--params: a params target is the kept fraction"),
     (["--macs", "0.5", "--method", "l7"], "--method: unknown method 'l7'; criteria \\(pruned to a budget\\): bn_scale, l1, l2"),
-    (["--macs", "0.5", "--allocation", "greedy"], "--allocation: `allocation` must be 'global' or 'uniform'"),
+    (["--macs", "0.5", "--allocation", "greedy"], "--allocation: `allocation` must be one of global, uniform, latency"),
     ([], "give exactly one budget"),
     (["--macs", "0.5", "--finetune-epochs", "1", "--data", ""], "--finetune-epochs needs --data"),
 ])

@@ -2,6 +2,7 @@
 No assertion on how fast anything is: the clock is replaced where a number is checked."""
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import json
@@ -186,3 +187,37 @@ def test_prune_round_to_auto_uses_the_measured_step(monkeypatch):
                                 round_to="auto")
     widths = [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]
     assert report["round_to"] == 4 and all(w % 4 == 0 for w in widths) and any(w < 16 for w in widths)
+
+
+def test_latency_allocation_spends_a_macs_budget_where_it_buys_time(tmp_path, monkeypatch):
+    """allocation="latency" divides each group's scores by the time its channels save per MAC:
+    with a stand-in table where the depthwise conv is slow, the channels feeding it go first,
+    and the MACs budget is met exactly as with "global"."""
+    import secateurs
+    from secateurs import latency_table
+    from secateurs.budget import Allocator, latency_weights
+    from secateurs.cost import PlanCost
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
+        axis: [[w, (1e-2 if layer.depthwise else 1e-5) * w] for w in latency_table._grid(
+            layer.cin if axis == "in" else layer.cout, 4)] for axis in (("dw",) if layer.depthwise else ("out", "in"))})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    graph = secateurs.analyze(model, x)
+    alloc = Allocator(graph, secateurs.group_scores(model, graph, "l2"), "latency")
+    lm = latency_table.LatencyModel(model, graph, x, grid=4, repeats=3)
+    weights = latency_weights(alloc, lm, PlanCost(model, graph, x))
+    sizes = [g.size for g in graph.groups]
+    assert sorted(sizes) == [8, 16, 32] and sum(weights) == pytest.approx(len(weights))
+    assert weights[sizes.index(16)] > 2 * max(weights[sizes.index(32)], weights[sizes.index(8)])
+
+    widths = {}
+    for allocation in ("global", "latency"):
+        m, report = secateurs.prune(copy.deepcopy(model), x, target={"macs": 0.6}, allocation=allocation)
+        assert report["after"]["macs"] <= 0.6 * report["before"]["macs"]
+        widths[allocation] = m[2].out_channels
+    assert widths["latency"] < widths["global"]

@@ -78,7 +78,7 @@ def test_unreachable_or_invalid_requests_leave_the_model_unchanged():
         (dict(target=0.0), ValueError, r"kept fraction, in \(0, 1\]; got 0.0"),
         (dict(target=1.5, budget="params"), ValueError, "params target is the kept fraction"),
         (dict(target=0.5, budget="flops"), ValueError, "`budget` must be one of macs, params, latency"),
-        (dict(target=0.5, allocation="greedy"), ValueError, "`allocation` must be 'global' or 'uniform'"),
+        (dict(target=0.5, allocation="greedy"), ValueError, "`allocation` must be one of global, uniform, latency"),
         (dict(target=0.5, round_to=0), ValueError, "`round_to` must be a positive int"),
         (dict(target=0.5, method="taylor"), ValueError, "method 'taylor' needs data"),
         (dict(target=0.5, method="nope"), ValueError, "unknown method 'nope'; criteria"),

@@ -214,7 +214,8 @@ class CriterionMethod(Method):
                                       ctx.round_to, ctx.min_width, ctx.latency_threads, ctx.log)
             return Decision(channels=plan, info=info)
         plan, _ = plan_for_budget(ctx.model, ctx.graph, ctx.example_inputs, scores, budget, ctx.allocation,
-                                  ctx.round_to, ctx.min_width, base=ctx.current, reference=ctx.base)
+                                  ctx.round_to, ctx.min_width, base=ctx.current, reference=ctx.base,
+                                  threads=ctx.latency_threads)
         return Decision(channels=plan)
 
 
