@@ -335,13 +335,16 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
 
 def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[torch.Tensor], budget: Budget,
                  allocation: str, round_to: int, min_width: int | float, threads: int | None,
-                 log: Callable[..., None], *, tolerance: float = 0.05, tries: int = 4) -> tuple[PruningPlan, dict]:
+                 log: Callable[..., None], *, tolerance: float = 0.05, tries: int = 6) -> tuple[PruningPlan, dict]:
     """Widths that meet a measured latency target.
 
     The allocation spends a latency budget read off per-layer tables of this machine
     (:class:`~secateurs.latency_table.LatencyModel`: each channel's saving depends on the widths
-    around it), then one interleaved timing of the dense and the pruned model confirms it; a miss
-    by more than ``tolerance`` (relative) rescales the table's limit by what was measured.
+    around it), then one interleaved timing of the dense and the pruned model confirms it. A miss by
+    more than ``tolerance`` (relative) aims the table again: scaled by what was measured until one
+    aim lands below the target and one above, then interpolated between the closest two (the
+    measured latency is not proportional to the table's, e.g. a VGG's classifier weights are read
+    from memory whatever the widths, so plain scaling swings across the target).
     """
     lm = LatencyModel(model, graph, x, threads=threads, log=log)
     alloc = Allocator(graph, scores, allocation, round_to, min_width)
@@ -364,12 +367,28 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
             best = (plan, ratio)
         if abs(ratio - target) <= tolerance * target or (aim <= smallest and ratio > target):
             break
-        aim *= target / ratio
+        aim = _next_aim(tried, target)
     if best is None:
         raise PruningError(f"no plan met a latency target of {target:.3g}: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
                            f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g})")
     return best[0], {"latency_base_s": lm.measured_s, "latency_search": tried, "latency_ratio": best[1],
                      "latency_table": str(lm.path)}
+
+
+def _next_aim(tried: list[dict], target: float) -> float:
+    """The next table aim: between the closest measured aims on either side of the target when
+    there are both (linear in the measured ratio), else the last aim scaled by target / measured."""
+    below = [t for t in tried if t["latency_ratio"] <= target]
+    above = [t for t in tried if t["latency_ratio"] > target]
+    last = tried[-1]
+    if not below or not above:
+        return last["aim"] * target / last["latency_ratio"]
+    lo = max(below, key=lambda t: t["latency_ratio"])
+    hi = min(above, key=lambda t: t["latency_ratio"])
+    span = hi["latency_ratio"] - lo["latency_ratio"]
+    frac = (target - lo["latency_ratio"]) / span if span > 0 else 0.5
+    aim = lo["aim"] + frac * (hi["aim"] - lo["aim"])
+    return aim if min(lo["aim"], hi["aim"]) < aim < max(lo["aim"], hi["aim"]) else (lo["aim"] + hi["aim"]) / 2
 
 
 def deprecated_budget(target: Any, budget: str | None, ratio: float | None) -> Any:

@@ -221,3 +221,28 @@ def test_latency_allocation_spends_a_macs_budget_where_it_buys_time(tmp_path, mo
         assert report["after"]["macs"] <= 0.6 * report["before"]["macs"]
         widths[allocation] = m[2].out_channels
     assert widths["latency"] < widths["global"]
+
+
+def test_latency_search_brackets_the_target_instead_of_swinging_across_it():
+    """On vgg16 here the measured ratio ran about 0.32 + 1.5 (aim - 0.5) over the aims the search
+    tried: scaling the aim by target / measured alone swings 0.5 -> 0.78 -> 0.52 -> 0.76 and never
+    lands; once one aim is below and one above, interpolating between them does within 4 tries."""
+    from secateurs.budget import _next_aim
+
+    measured = lambda aim: 0.32 + 1.5 * (aim - 0.5)  # noqa: E731
+    target, tried, aim = 0.5, [], 0.5
+    for _ in range(4):
+        tried.append({"aim": aim, "latency_ratio": measured(aim)})
+        if abs(measured(aim) - target) <= 0.05 * target:
+            break
+        aim = _next_aim(tried, target)
+    assert abs(tried[-1]["latency_ratio"] - target) <= 0.05 * target and len(tried) <= 4
+    scaled, aim = [], 0.5
+    for _ in range(6):  # the old rule, for contrast: it never gets within 5%
+        scaled.append(measured(aim))
+        aim *= target / measured(aim)
+    assert all(abs(r - target) > 0.05 * target for r in scaled)
+    # the interpolated aim stays strictly inside the bracket, even when the two ratios are equal
+    assert _next_aim([{"aim": 0.4, "latency_ratio": 0.45}, {"aim": 0.6, "latency_ratio": 0.55}], 0.5) == \
+        pytest.approx(0.5)
+    assert 0.4 < _next_aim([{"aim": 0.4, "latency_ratio": 0.5}, {"aim": 0.6, "latency_ratio": 0.55}], 0.5) < 0.6
