@@ -207,8 +207,11 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
             rest = target * base / secateurs.count(model, x).macs
             if rest < 1:
                 secateurs.prune(model, x, "vip", rest, steps=max(1, args.rounds - 1), data=train, finetune=per_round)
-        else:  # a criterion: one cut (bias compensation included), then fine-tuning
-            secateurs.prune(model, x, method, target, data=train)
+        else:  # a criterion: one cut (bias compensation included), then fine-tuning; "l2:allocation=latency"
+            device = next(model.parameters()).device  # latency tables time this CPU, at the latency batch
+            xb = torch.randn(args.latency_batch, 3, 32, 32)
+            secateurs.prune(model.cpu(), xb, method, target, data=train, latency_threads=args.threads, **extra)
+            model.to(device)
     return {}
 
 
@@ -426,9 +429,10 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--methods", nargs="+",
-                   default=OURS + ["l2:distill=0", "bn_scale:distill=0", "importance-weights@tol", "l2@latency"] + THEIRS
+                   default=OURS + ["l2:distill=0", "bn_scale:distill=0", "importance-weights@tol", "l2@latency",
+                            "l2:allocation=latency"] + THEIRS
                    + ["control"],
-                   help="also variants with options: hfp:tie=shared, importance-weights:rank=scale")
+                   help="also variants with options: hfp:tie=shared, importance-weights:rank=scale, l2:allocation=latency")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per row, pruning phase + fine-tuning")
     p.add_argument("--rounds", type=int, default=4, help="prune/fine-tune rounds of the iterative methods")
