@@ -261,6 +261,24 @@ def latency_weights(alloc: Allocator, lm: Any, pc: "PlanCost", power: float = 1.
     return [w / mean if mean > 0 else 1.0 for w in out]
 
 
+LATENCY_FLOOR = 0.75  # allocation="latency" keeps at least this share of each group's global width
+
+
+def _favour_latency(alloc: Allocator, glob: Allocator, pc: "PlanCost", limit: float, kind: str, lm: Any) -> None:
+    """Reweight ``alloc`` by :func:`latency_weights`, with each group kept at no less than
+    ``LATENCY_FLOOR`` of the width the importance-only (global) plan gives it at the same budget:
+    without a floor, a group whose channels score alike (a ResNet stage) drops below any threshold
+    at once and is cut to one channel, buying speed with the network's accuracy. Measured on the
+    zoo ResNet-20 at 50% MACs (batch 8, 150 fine-tuning steps, 2,000 test images, one seed): global
+    82.8% top-1 at 0.96-1.01 of the dense latency; floors 0.75 / 0.5 / 0.25: 81.7 / 79.7 / 78.4% at
+    0.84 / 0.81 / 0.79; without a floor the first stage kept 1 channel."""
+    cost = lambda keep: measure(pc(glob.removed(keep)), kind)  # noqa: E731
+    widths = fill(glob, threshold_search(glob, cost, limit), cost, limit)
+    alloc.reweight(latency_weights(alloc, lm, pc))
+    for i, w in enumerate(widths):
+        alloc.raise_floor(i, math.ceil(LATENCY_FLOOR * w))
+
+
 def threshold_search(alloc: Allocator, cost: Callable[[list[int]], float], limit: float) -> list[int]:
     """Widths at the lowest global score threshold whose cost fits ``limit`` (cost falls as it rises)."""
     ts = alloc.thresholds()
@@ -317,10 +335,11 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     if budget.kind == "latency":
         raise ValueError("latency budgets are searched by `latency_plan`, which measures the pruned model")
     pc = PlanCost(model, graph, example_inputs, base=base)
-    if allocation == "latency":
-        alloc.reweight(latency_weights(alloc, LatencyModel(model, graph, example_inputs, threads=threads), pc))
     ref = reference or pc.base
     limit = budget.limit(ref)
+    if allocation == "latency":
+        _favour_latency(alloc, Allocator(graph, scores, "global", round_to, min_width, normalize), pc, limit,
+                        budget.kind, LatencyModel(model, graph, example_inputs, threads=threads))
     cost = lambda keep: measure(pc(alloc.removed(keep)), budget.kind)  # noqa: E731
     smallest = cost(alloc.keep_for_threshold(math.inf))
     if smallest > limit:
