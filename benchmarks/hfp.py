@@ -91,7 +91,8 @@ def main(argv=None) -> None:
         check = {"kept_macs": rep["kept"]["macs"], "kept_params": rep["kept"]["params"], "steps": rep["method_output"]["hfp_steps"],
                  "converged": rep["method_output"]["hfp_converged"], "curve": [h["hfp_macs"] for h in rep["method_output"]["hfp_history"]]}
         print("resnet50 check", check, flush=True)
-        (out / "hfp_resnet50.json").write_text(json.dumps({"images": args.resnet50_check, **check}, indent=1) + "\n")
+        check["images"] = args.resnet50_check
+        (out / "hfp_resnet50.json").write_text(json.dumps(check, indent=1) + "\n")
     elif (out / "hfp_resnet50.json").exists():  # the check from an earlier run, kept with its results file
         check = json.loads((out / "hfp_resnet50.json").read_text())
     with open(out / "hfp.csv", "w", newline="") as f:
@@ -99,6 +100,11 @@ def main(argv=None) -> None:
         w.writeheader()
         w.writerows(rows)
     _plot(curves, widths, out / "hfp_curves.png")
+    write_doc(out, args, rows, check)
+
+
+def write_doc(out, args, rows: list[dict], check: dict | None) -> None:
+    """hfp.md from the rows (hfp.csv) and the ResNet-50 check (hfp_resnet50.json)."""
     lines = ["# Method 3: Holistic Filter Pruning vs L1 at the same MACs and epochs", "",
              f"`python -m benchmarks.hfp --macs {args.macs} --hfp-epochs {args.hfp_epochs} --epochs {args.epochs} --lam {args.lam}` "
              f"on {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}. "
