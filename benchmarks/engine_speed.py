@@ -115,17 +115,6 @@ def worker(name: str, repeats: int, tools: list[str]) -> dict:
     return {"times": times, "out_shape": shapes}
 
 
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Median and a distribution-free interval for it (binomial order statistics), so the ratio
-    is reported with how far this machine's noise could move it."""
-    from scipy.stats import binom
-
-    v, n = sorted(values), len(values)
-    lo = max(int(binom.ppf((1 - level) / 2, n, 0.5)) - 1, 0)
-    hi = min(n - 1 - lo, n - 1)
-    return statistics.median(v), v[lo], v[hi]
-
-
 def run_one(name: str, repeats: int, tools: list[str], timeout: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.engine_speed", "--worker", name, "--repeats", str(repeats), "--tools", *tools]
     try:
@@ -139,6 +128,8 @@ def run_one(name: str, repeats: int, tools: list[str], timeout: float) -> dict:
 
 
 def row(name: str, res: dict) -> dict:
+    from secateurs.latency import _median_interval  # the interval every latency in the project reports
+
     if res["status"] != "ok":
         return {"model": name, "secateurs_s": res["note"], "engine_s": "", "torch_pruning_s": "", "ratio": "",
                 "ratio_lo": "", "ratio_hi": "", "secateurs_times": "", "tp_times": ""}
@@ -150,7 +141,7 @@ def row(name: str, res: dict) -> dict:
            "tp_times": json.dumps([round(t, 4) for t in times.get("tp", [])])}
     if "secateurs" in times and "tp" in times:
         ratios = [a / b for a, b in zip(times["secateurs"], times["tp"])]
-        out.update(zip(("ratio", "ratio_lo", "ratio_hi"), (f"{r:.2f}" for r in median_interval(ratios))))
+        out.update(zip(("ratio", "ratio_lo", "ratio_hi"), (f"{r:.2f}" for r in _median_interval(ratios))))
     return out
 
 
@@ -158,7 +149,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--timeout", type=float, default=240.0, help="seconds per (tool, model) subprocess")
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds per tool in a model's subprocess")
     p.add_argument("--out", default="docs")
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--report-only", action="store_true", help="rebuild engine_speed.md from engine_speed.csv")
@@ -210,7 +201,7 @@ def write_report(rows: list[dict], out: Path, repeats: int, tp_version: str | No
              "Input 1x3x224x224, weights=None. Each model in one process: one warm-up prune per tool, then "
              f"{repeats} rounds in which every tool prunes a fresh instance, in an order rotated each round "
              "(model construction not timed). Times are medians; the ratio is the median of the rounds' paired "
-             "ratios with its 95% interval (binomial order statistics). Raw data: `engine_speed.csv`.", "",
+             "ratios with its 95% interval (binomial order statistics, as `secateurs.latency`). Raw data: `engine_speed.csv`.", "",
              "secateurs: `secateurs.prune(model, x, target={'ratio': 0.5})` (weight and input checks, capture, groups, "
              "L2 scores, plan, cut, the check forward of the cut model, MACs counted before and after for the report: "
              "the capture counts the MACs before too when only BN, dropout and stochastic depth read `training`, and "
