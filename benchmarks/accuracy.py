@@ -18,7 +18,8 @@ The protocol (issue 18), the same for every row:
 - ``control``: the unpruned model trained for the same steps, so the gain from extra training is
   not credited to pruning;
 - latency (issue 19): every pruned row's latency over the unpruned model's at ``--latency-batch`` (8),
-  timed interleaved on this CPU (at batch 1 a 32px ResNet is mostly per-layer overhead); ``l2@latency`` prunes to a *latency* target ``--latency-gain`` (0.8) times the latency that
+  timed interleaved on this CPU (at batch 1 a 32px ResNet is mostly per-layer overhead);
+  ``l2@latency`` prunes to a *latency* target ``--latency-gain`` (0.8) times the latency that
   Torch-Pruning's magnitude prune at the same MACs target leaves (its one-shot architecture, timed in
   the same row), so "as accurate and at least 20% faster" is read off one table;
 - seeds: ``--seeds`` (at least 3 for the report); mean and 95% interval (Student t) per method,
@@ -208,11 +209,20 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
             if rest < 1:
                 secateurs.prune(model, x, "vip", rest, steps=max(1, args.rounds - 1), data=train, finetune=per_round)
         else:  # a criterion: one cut (bias compensation included), then fine-tuning; "l2:allocation=latency"
-            device = next(model.parameters()).device  # latency tables time this CPU, at the latency batch
-            xb = torch.randn(args.latency_batch, 3, 32, 32)
-            secateurs.prune(model.cpu(), xb, method, target, data=train, latency_threads=args.threads, **extra)
-            model.to(device)
+            _prune_on_cpu(model, args, method, target, data=train, latency_threads=args.threads, **extra)
     return {}
+
+
+def _prune_on_cpu(model, args, *a, **kw) -> None:
+    """``secateurs.prune`` with the model on this CPU and an input at ``--latency-batch``: whatever
+    the rows train on, latency tables and searches time the CPU the report's latencies come from."""
+    import secateurs
+
+    device = next(model.parameters()).device
+    try:
+        secateurs.prune(model.cpu(), torch.randn(args.latency_batch, 3, 32, 32), *a, **kw)
+    finally:
+        model.to(device)
 
 
 def _hfp(model, x, target: float, train, args, seed: int, extra: dict) -> dict:
@@ -239,17 +249,12 @@ def _latency(model, x, target: float, args) -> dict:
     ref = copy.deepcopy(model)
     _tp_pruner(ref, x, "tp_magnitude", tp_ratio_for_macs(ref, x, "tp_magnitude", target)).step()
     goal = args.latency_gain * latency_ratio(model, ref, args)
-    device = next(model.parameters()).device
-    model.cpu()  # the latency tables and the search time this CPU, at the latency batch
-    xb = torch.randn(args.latency_batch, 3, 32, 32)
     try:
-        secateurs.prune(model, xb, "l2", {"latency": goal}, round_to="auto", latency_threads=args.threads)
-        info = {"latency_target": round(goal, 4)}
+        _prune_on_cpu(model, args, "l2", {"latency": goal}, round_to="auto", latency_threads=args.threads)
+        return {"latency_target": round(goal, 4)}
     except secateurs.PruningError as err:  # channels alone cannot get there (fixed per-layer costs)
-        secateurs.prune(model, xb, "l2", target)
-        info = {"latency_target": round(goal, 4), "fallback": f"latency target unreachable, MACs target used: {err}"[:120]}
-    model.to(device)
-    return info
+        _prune_on_cpu(model, args, "l2", target)
+        return {"latency_target": round(goal, 4), "fallback": f"latency target unreachable, MACs target used: {err}"[:120]}
 
 
 # -- the grid ----------------------------------------------------------------------------------

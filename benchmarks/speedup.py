@@ -7,8 +7,9 @@ threads; models are built from seeded random weights, so the pruned architecture
 every run. Variants: 50% of the MACs by L2 with global and uniform allocation (``round_to`` 8), and
 the latency budget (``target={"latency": 0.5}``: per-layer latency tables, one confirming timing),
 whose search time is recorded; and 50% of the MACs with ``allocation="latency"`` (each group's
-scores divided by the time its channels save per MAC, read off the same tables). Goals (issue 19): at 50% MACs, speed-up / MACs ratio >= 0.9 at
-batch 8 and >= 0.8 at batch 1; no model slower than its dense version.
+scores divided by the time its channels save per MAC, read off the same tables). Goals (issue 19):
+at 50% MACs, speed-up / MACs ratio >= 0.9 at batch 8 and >= 0.8 at batch 1; no model slower than
+its dense version.
 
 Usage::
 

@@ -242,9 +242,9 @@ def fill(alloc: Allocator, keep: list[int], cost: Callable[[list[int]], float], 
     return keep
 
 
-def latency_weights(alloc: Allocator, lm: Any, pc: "PlanCost", power: float = 1.0) -> list[float]:
+def latency_weights(alloc: Allocator, lm: Any, pc: "PlanCost") -> list[float]:
     """Per group: the share of the latency that removing half its channels saves, over the share of
-    the MACs it saves (from the per-layer tables), to the ``power``. On a model whose depthwise
+    the MACs it saves (from the per-layer tables), relative to the mean over groups. On a model whose depthwise
     convs, norms and activations cost more time than MACs (MobileNets), an expansion channel saves
     more time per MAC than a residual one: ``allocation="latency"`` removes those first."""
     full_lat, full_macs = lm.full(), pc.base.macs
@@ -256,7 +256,7 @@ def latency_weights(alloc: Allocator, lm: Any, pc: "PlanCost", power: float = 1.
         removed = alloc.removed(keep)
         d_macs = (full_macs - pc(removed)[0]) / max(full_macs, 1)
         d_lat = (full_lat - lm(removed)) / max(full_lat, 1e-12)
-        out.append((max(d_lat, 0.0) / d_macs) ** power if d_macs > 0 else 1.0)
+        out.append(max(d_lat, 0.0) / d_macs if d_macs > 0 else 1.0)
     mean = sum(out) / len(out) if out else 1.0
     return [w / mean if mean > 0 else 1.0 for w in out]
 
