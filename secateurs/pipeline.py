@@ -301,7 +301,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
         Optional for methods that pick their own widths (then it is a stop rule).
     allocation : {"global", "uniform", "latency"}, default="global" for MACs/params/latency, else "uniform"
         ``"latency"``: global, with each group's scores divided by the latency its channels save per
-        MAC on this machine (per-layer tables, ``latency_threads``): a MACs budget spent where it buys time.
+        MAC on this machine (per-layer tables, ``latency_threads``): a MACs budget spent where it buys time
+        (for MACs/params budgets; a latency budget already spends the tables, a ratio is taken globally).
     round_to, min_width : widths become multiples of ``round_to`` and at least ``min_width``;
         ``round_to="auto"`` measures the multiple on the fast side of this machine's steps.
     data, val_data : datasets for data-driven criteria / fine-tuning, and for the metric.
