@@ -4,6 +4,9 @@
 #   bash scripts/baselines.sh r20        # ResNet-20, ~2.5-3 min an epoch on 2 quiet cores
 #   bash scripts/baselines.sh r56        # ResNet-56, ~7 min an epoch
 #   THREADS=1 bash scripts/baselines.sh r56 &  THREADS=1 bash scripts/baselines.sh r20   # both at once
+# runs/baselines/ is tracked by git (the rest of runs/ is not): commit its checkpoint.pt + log.csv before a
+# session ends, so the next checkout resumes there. Untracked, each session's progress was lost with
+# its checkout and ResNet-20 restarted from epoch 0.
 # Recipe: the training set less the 5,000-image held-out split (never trained on: tolerances and
 # searches read it), 50 epochs, SGD Nesterov lr 0.1, wd 5e-4, batch 128, 1 warm-up epoch then
 # cosine, pad-4 crop + flip, channels-last, seed 0; top-1 on the full test set every epoch (log.csv).
