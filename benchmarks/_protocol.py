@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
+import statistics
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -57,3 +59,13 @@ def append_row(path: Path, row: dict, fields: list[str] | None = None) -> None:
         if new:
             w.writeheader()
         w.writerow(row)
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (Student t; 0 for one value)."""
+    from scipy.stats import t
+
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import append_row, read_rows
+from benchmarks._protocol import append_row, interval, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
@@ -329,16 +329,6 @@ def run(args) -> Path:
 
 
 # -- report --------------------------------------------------------------------------------------
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% interval (Student t; 0 for one value)."""
-    from scipy.stats import t
-
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def summarize(rows: list[dict]) -> dict[tuple, dict]:
     """Per (model, target, method): mean and interval of top-1, MACs kept, seeds."""
     groups: dict[tuple, list[dict]] = {}

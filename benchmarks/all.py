@@ -45,9 +45,9 @@ def run(args) -> None:
         compare.main(["--sections", "accuracy", "--models", "cifar_resnet20_cifar10", "--targets", "0.5",
                       "--methods", "l1", "heuristic", "importance-weights", "tp_magnitude", "tp_bn_scale",
                       "--seeds", "0", "1", "--epochs", "1", "--subset", "256", "--val-subset", "200", *common])
-        segmentation.main(["--models", "unet16_isbi2012", "--max-steps", "1", "--iw-epochs", "1", "--ft-epochs", "1",
-                           "--fraction", "0.2", "--work", str(out / "seg_runs"), "--out", str(out),
-                           "--threads", str(args.threads)])
+        segmentation.main(["--models", "unet16_isbi2012", "--seeds", "0", "--max-steps", "1", "--iw-epochs", "1",
+                           "--ft-epochs", "1", "--fraction", "0.2", "--fixed", "0.8", "--latency-repeats", "3",
+                           "--work", str(out / "seg_runs"), "--out", str(out), "--threads", str(args.threads)])
         compare.main(["--sections", "segmentation", "--seg-models", "unet16_isbi2012", "--seg-targets", "0.6", "0.3",
                       "--seg-methods", "l1", "importance-weights", "tp_magnitude", "--seg-epochs", "2",
                       "--seg-phase-epochs", "1", *common])
@@ -271,18 +271,10 @@ def write_report(args) -> Path:
         if "segmentation_iou_vs_macs.png" in made:
             L += ["![IoU vs MACs kept](segmentation_iou_vs_macs.png)", ""]
     if seg:
-        L += ["### Method 4 with its error tolerance beside L1 at the same MACs", "",
-              "| model | method | MACs kept | metric drop (pixel acc / IoU) | file smaller | latency b1 512 |",
-              "|---|---|---|---|---|---|"]
-        for name, r in seg.items():
-            b = r["base"]
-            for tag in ("iw", "l1"):
-                p = r[tag]
-                lat = (f"{b['latency_b1_512_ms'] / p['latency_b1_512_ms']:.2f}x" if "latency_b1_512_ms" in p else "-")
-                L.append(f"| {name} | {'importance weights' if tag == 'iw' else 'L1'} | {p['macs_256'] / b['macs_256']:.1%} | "
-                         f"{b['pixel_acc'] - p['pixel_acc']:+.2f} / {b['iou'] - p['iou']:+.2f} | "
-                         f"{b['file_bytes'] / p['file_bytes']:.1f}x | {lat} |")
-        L += ["", "Details, curves and predictions: segmentation.md in this folder.", ""]
+        from benchmarks.segmentation import seg_summary
+
+        L += ["### Method 4 with its error tolerance beside L1 at the same MACs", "", *seg_summary(seg),
+              "", "Details, curves and predictions: segmentation.md in this folder.", ""]
     L += ["## The papers' claims next to what we measured", "", "| method | paper | measured here |", "|---|---|---|"]
     L += [f"| {a} | {b} | {c} |" for a, b, c in claims(ROOT / "docs")]  # every figure from a results file
     L += [""] + [f"![{p}]({p})" for p in made if p != "segmentation_iou_vs_macs.png"] + [""]

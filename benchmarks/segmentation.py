@@ -1,16 +1,22 @@
 """Method 4 (importance weights + error tolerance) on U-Net segmentation, beside L1 at the same MACs.
 
-For each zoo model: importance-weight pruning with ``--tolerance`` points of ``--metric`` on the
-validation slices (alpha trained ``--iw-epochs``, then ``--fraction`` of the remaining filters per
-step, ``--ft-epochs`` of fine-tuning per step); then L1 (global) pruned one-shot to the MACs it
-reached and fine-tuned for the same total number of epochs. Measures MACs, params, file size,
-CPU latency at batch 1 (256x256 and 512x512), every segmentation metric, and draws predictions.
-Resumable: finished models are kept in the JSON, a killed pruning run resumes from its steps.
+The protocol of the accuracy benchmark, on the zoo U-Nets: for each model and seed,
+
+- ``tol``: importance-weight pruning stopped by ``--tolerance`` points of ``--metric`` read on a
+  held-out split (the last validation slices/frames, never trained on and never reported); then
+  L1 (global) cut one-shot to the MACs it reached and fine-tuned for the same number of epochs;
+- ``fixed``: importance weights run to a fixed MACs target (``--fixed``, 0.15: the paper's -85%)
+  and L1 at the same target and epochs: how much IoU the paper's cut costs here.
+
+Every metric is reported on the remaining validation images (the test split), as a mean and 95%
+interval over ``--seeds``, with the paired difference importance weights - L1. Latency: the seed-0
+models, timed interleaved at batch 1. Resumable: each finished (model, seed, run) is kept in the
+JSON, and a killed pruning run resumes from its steps.
 
 Usage::
 
-    python -m benchmarks.segmentation              # docs/segmentation.{md,json}, docs/segmentation.png
-    python -m benchmarks.segmentation --models unet16_isbi2012 --tolerance 1.0 --metric pixel_acc
+    python -m benchmarks.segmentation              # docs/segmentation.{md,json,png}, segmentation_curves.png
+    python -m benchmarks.segmentation --report-only
 """
 from __future__ import annotations
 
@@ -20,249 +26,357 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import DOCS
+from benchmarks._protocol import DOCS, interval
 
-SETUPS = {  # the zoo model, its data and the training crops it was trained with
-    "unet16_isbi2012": {"data": "isbi2012", "crop": 128, "batch": 8},
-    "unet16_hela": {"data": "hela", "crop": 192, "batch": 4},
-    "ternausnet8_isbi2012": {"data": "isbi2012", "crop": 128, "batch": 8},
-    "ternausnet8_hela": {"data": "hela", "crop": 192, "batch": 4},
+SETUPS = {  # the zoo model, its data, the training crops it was trained with, held-out images for the tolerance
+    "unet16_isbi2012": {"data": "isbi2012", "crop": 128, "batch": 8, "tol_images": 2},
+    "unet16_hela": {"data": "hela", "crop": 192, "batch": 4, "tol_images": 1},
+    "ternausnet8_isbi2012": {"data": "isbi2012", "crop": 128, "batch": 8, "tol_images": 2},
+    "ternausnet8_hela": {"data": "hela", "crop": 192, "batch": 4, "tol_images": 1},
 }
+METRICS = ("pixel_acc", "iou", "dice")
+RUNS = ("tol", "fixed")
 
 
-def finetune_config(setup: dict, args, epochs: int):
+def finetune_config(setup: dict, args, epochs: int, seed: int = 0):
     from secateurs.train import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=setup["batch"], lr=args.lr, optimizer="adamw", weight_decay=1e-4,
-                       crop=setup["crop"], quiet=True, seed=0)
+                       crop=setup["crop"], quiet=True, seed=seed)
 
 
-def _measure(model, val, base_dir: Path, tag: str) -> dict:
+def splits(setup: dict):
+    """(train, held-out, test): the validation images split in two, the held-out ones last."""
+    from secateurs.data import load_dataset
+
+    test, held = load_dataset(setup["data"], "test").holdout(setup["tol_images"])
+    return load_dataset(setup["data"], "train"), held, test
+
+
+def _measure(model, test, held, metric: str, folder: Path | None) -> dict:
     import secateurs
     from secateurs.train import evaluate
 
-    row = {f"{k}": round(v, 3) for k, v in evaluate(model, val).items()}
+    row = {k: round(v, 3) for k, v in evaluate(model, test).items() if k in METRICS}
+    row["held_" + metric] = round(evaluate(model, held)[metric], 3)
     c = secateurs.count(model, torch.randn(1, 1, 256, 256))
     row.update(macs_256=c.macs, params=c.params)
-    folder = base_dir / tag
-    secateurs.save(model, folder, torch.randn(1, 1, 256, 256))
-    row["file_bytes"] = (folder / "model.safetensors").stat().st_size
+    if folder is not None:  # seed 0's models: the latency, file size and predictions figure read them
+        secateurs.save(model, folder, torch.randn(1, 1, 256, 256))
+        row["file_bytes"] = (folder / "model.safetensors").stat().st_size
     return row
 
 
-def run_model(name: str, args, work: Path) -> dict:
+def _iw(base, x, target, train, held, setup: dict, args, seed: int, folder: Path) -> tuple:
+    """Importance weights to ``target`` (fixed) or until the tolerance breaks (target None)."""
     import secateurs
-    from secateurs.data import load_dataset
-    from secateurs.models import load_pretrained
+
+    tol = args.tolerance if target is None else None
+    return secateurs.prune(copy.deepcopy(base), x, "importance-weights", target, data=train, val_data=held,
+                           tolerance=tol, metric=args.metric, steps=args.max_steps,
+                           finetune=finetune_config(setup, args, args.ft_epochs, seed), out_dir=folder, resume=True,
+                           method_options={"epochs": args.iw_epochs, "fraction": args.fraction, "init": args.init,
+                                           "l1": args.l1, "rank": args.rank, "cost_aware": args.cost_aware,
+                                           "refinements": args.refinements})
+
+
+def run_pair(name: str, kind: str, base, seed: int, args, work: Path) -> dict:
+    """Importance weights, then L1 at the MACs it reached with the same epochs (optimizer steps)."""
+    import secateurs
 
     setup = SETUPS[name]
-    train, val = load_dataset(setup["data"], "train"), load_dataset(setup["data"], "test")
+    train, held, test = splits(setup)
     x = torch.randn(1, 1, 256, 256)
-    base = load_pretrained(name)
-    result = {"model": name, "dataset": val.name, "train_images": len(train), "val_images": len(val),
-              "base": _measure(base, val, work, "base")}
+    save = (lambda tag: work / name / tag) if seed == 0 else (lambda tag: None)
     t0 = time.perf_counter()
-    iw, rep = secateurs.prune(copy.deepcopy(base), x, "importance-weights", data=train, val_data=val,
-                              tolerance=args.tolerance, metric=args.metric, steps=args.max_steps,
-                              finetune=finetune_config(setup, args, args.ft_epochs), out_dir=work / "iw_run", resume=True,
-                              method_options={"epochs": args.iw_epochs, "fraction": args.fraction, "init": args.init,
-                                              "l1": args.l1, "cost_aware": args.cost_aware,
-                                              "refinements": args.refinements}, quiet=False)
+    iw, rep = _iw(base, x, None if kind == "tol" else args.fixed, train, held, setup, args, seed,
+                  work / name / f"s{seed}_{kind}_iw")
     kept_steps = [r for r in rep["steps"][1:] if not r.get("reverted")]
     epochs = args.iw_epochs + args.ft_epochs * len(kept_steps)
-    result["iw"] = _measure(iw, val, work, "iw")
-    result["iw"].update(steps=len(kept_steps), stopped=rep.get("stopped"), epochs=epochs, refinements=args.refinements,
-                        time_s=round(time.perf_counter() - t0, 1), metric_after_alpha=rep["method_output"].get("iw_metric_trained"),
-                        curve=[{"step": r["step"], "macs": r["macs"] / rep["before"]["macs"], "metric": r["metric"],
-                                "reverted": bool(r.get("reverted"))} for r in rep["steps"]])
-    target = rep["after"]["macs"] / rep["before"]["macs"]
+    out = {"iw": _measure(iw, test, held, args.metric, save(f"{kind}_iw"))}
+    out["iw"].update(steps=len(kept_steps), stopped=rep.get("stopped"), epochs=epochs,
+                     time_s=round(time.perf_counter() - t0, 1),
+                     held_after_alpha=round(rep["method_output"].get("iw_metric_trained") or float("nan"), 3),
+                     curve=[{"step": r["step"], "macs": r["macs"] / rep["before"]["macs"], "metric": r["metric"],
+                             "reverted": bool(r.get("reverted"))} for r in rep["steps"]])
     t0 = time.perf_counter()
-    l1, _ = secateurs.prune(copy.deepcopy(base), x, "l1", target, data=train, val_data=val,
-                            finetune=finetune_config(setup, args, epochs), out_dir=work / "l1_run", resume=True)
-    result["l1"] = _measure(l1, val, work, "l1")
-    result["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1))
-    return result
+    kept = rep["after"]["macs"] / rep["before"]["macs"]
+    l1, _ = secateurs.prune(copy.deepcopy(base), x, "l1", {"macs": kept}, data=train,
+                            finetune=finetune_config(setup, args, epochs, seed), out_dir=work / name / f"s{seed}_{kind}_l1",
+                            resume=True)
+    out["l1"] = _measure(l1, test, held, args.metric, save(f"{kind}_l1"))
+    out["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1))
+    return out
 
 
-def measure_latency(results: dict, work: Path, threads: int) -> None:
-    """Batch-1 latency of every saved model, measured back to back at the end (nothing else running)."""
+def measure_latency(results: dict, work: Path, threads: int, repeats: int) -> None:
+    """Batch-1 latency of seed 0's saved models, each model's set timed interleaved."""
     import secateurs
 
     for name, r in results.items():
-        for tag in ("base", "iw", "l1"):
-            if "latency_b1_512_ms" in r[tag]:
-                continue
-            model = secateurs.load(work / name / tag).eval()
-            for size in (256, 512):
-                r[tag][f"latency_b1_{size}_ms"] = round(1e3 * secateurs.measure_latency(
-                    model, torch.randn(1, 1, size, size), repeats=10, warmup=2, threads=threads), 2)
+        if r.get("latency") or not r["runs"].get("0"):
+            continue
+        tags = ["base"] + [f"{k}_{m}" for k in RUNS if k in r["runs"]["0"] for m in ("iw", "l1")]
+        if not all((work / name / t).exists() for t in tags):
+            continue
+        models = {t: secateurs.load(work / name / t).eval() for t in tags}
+        r["latency"] = {}
+        for size in (256, 512):
+            times = secateurs.time_models(models, torch.randn(1, 1, size, size), repeats=repeats, threads=threads)
+            r["latency"][str(size)] = {t: round(1e3 * tm.median_s, 2) for t, tm in times.items()}
 
 
-def _pct(a: float, b: float) -> str:
-    return f"{100 * (a / b - 1):+.1f}%"
+def _save(path: Path, args, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "report_only"},
+                               "results": results}, indent=1))
+    os.replace(tmp, path)
 
 
-def write_markdown(results: dict, args, path: Path, sfx: str = "") -> None:
+def run(args, path: Path, work: Path) -> dict:
+    from secateurs.models import load_pretrained
+
+    results = json.loads(path.read_text())["results"] if path.exists() else {}
+    if any("runs" not in r for r in results.values()):  # the one-seed layout of an earlier protocol
+        results = {}
+    for name in args.models:
+        setup = SETUPS[name]
+        base = load_pretrained(name)
+        r = results.setdefault(name, {"model": name, "runs": {}})
+        if "base" not in r:
+            train, held, test = splits(setup)
+            r.update(dataset=test.name, train_images=len(train), held_images=len(held), test_images=len(test),
+                     base=_measure(base, test, held, args.metric, work / name / "base"))
+        for seed in args.seeds:
+            for kind in RUNS:
+                got = r["runs"].setdefault(str(seed), {})
+                if kind in got:
+                    continue
+                got[kind] = run_pair(name, kind, base, seed, args, work)
+                _save(path, args, results)
+                print(name, seed, kind, {m: {k: v for k, v in got[kind][m].items() if k != "curve"}
+                                         for m in ("iw", "l1")}, flush=True)
+    measure_latency(results, work, args.threads, args.latency_repeats)
+    _save(path, args, results)
+    return results
+
+
+# -- report --------------------------------------------------------------------------------------
+def _stat(values: list[float], fmt: str = "{:.2f}") -> str:
+    m, h = interval(values)
+    return fmt.format(m) + (f" +- {fmt.format(h)}" if len(values) > 1 else "")
+
+
+def _rows(name: str, r: dict, kind: str) -> list[str]:
+    b, runs = r["base"], [v[kind] for v in r["runs"].values() if kind in v]
+    if not runs:
+        return []
+    lat = r.get("latency", {})
+    out = []
+    for m, label in (("iw", "importance weights"), ("l1", "L1 (same MACs, epochs)")):
+        ps = [run[m] for run in runs]
+        speed = [f"{lat[s]['base'] / lat[s][f'{kind}_{m}']:.2f}x" if lat.get(s, {}).get(f"{kind}_{m}") else "-"
+                 for s in ("256", "512")]
+        size = (f"{b['file_bytes'] / ps[0]['file_bytes']:.1f}x smaller" if "file_bytes" in ps[0] and "file_bytes" in b
+                else "-")
+        out.append(f"| | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {label} | "
+                   f"{_stat([100 * p['macs_256'] / b['macs_256'] for p in ps], '{:.1f}')}% | "
+                   f"{_stat([100 * p['params'] / b['params'] for p in ps], '{:.1f}')}% | {size} | {speed[0]} | {speed[1]} | "
+                   + " | ".join(_stat([p[k] for p in ps]) for k in METRICS)
+                   + f" | {_stat([b['iou'] - p['iou'] for p in ps])} | {_stat([p['epochs'] for p in ps], '{:.0f}')} | {len(ps)} |")
+    d = [run["iw"]["iou"] - run["l1"]["iou"] for run in runs]
+    out.append(f"| | | *importance weights - L1, IoU (paired)* | | | | | | | {_stat(d)} | | | | |")
+    return out
+
+
+def write_markdown(results: dict, args, path: Path) -> None:
     m = args.metric
+    setups = "; ".join(f"{n}: {r.get('train_images')} training / {r.get('held_images')} held-out / {r.get('test_images')} "
+                       "test images" for n, r in results.items())
     lines = [
-        "# Method 4: importance-weight filter pruning with an error tolerance (U-Net segmentation)",
-        "",
+        "# Method 4: importance-weight filter pruning with an error tolerance (U-Net segmentation)", "",
         f"Generated by `python -m benchmarks.segmentation` ({platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} CPU threads{', --cost-aware' if sfx else ''}). Raw numbers: `segmentation{sfx}.json`.",
-        "",
+        f"{args.threads} CPU threads) from `segmentation.json`.", "",
         "**CPU protocol, not the paper's setting.** Zoo models trained here from scratch on the shared data "
         "(`secateurs/zoo/manifest.json` has each recipe): `unet16` is the standard U-Net (4 levels, two 3x3 conv+BN+ReLU per "
         "level, transposed-conv up-sampling, skip concatenations) at a quarter of the widths (16-256 channels); "
         "`ternausnet8` is the VGG-11-encoder U-Net (TernausNet, no BN, transposed-conv decoder) at a quarter of the "
-        "widths (16-128), trained from scratch (no ImageNet weights offline). ISBI 2012: 24 training / 6 validation "
-        "slices of 512x512; HeLa: frames 0-15 train, 16-19 validation (700x1100). The tolerance is checked on "
-        "those validation images.",
-        "",
+        "widths (16-128), trained from scratch (no ImageNet weights offline). ISBI 2012 slices 0-23 and HeLa frames "
+        "0-15 train (the zoo models were trained on them); the validation images are split: the last "
+        "ones are **held out** for the tolerance (and never reported), the others are the test split every metric "
+        f"below is read on ({setups}).", "",
         f"Importance weights: alpha after every BN (after the conv where there is none), init `{args.init}`, "
-        + ("**cost-aware variant (ours)**: the penalty on each alpha and its rank are weighted by the MACs its "
-           "channel costs; " if sfx else "") + f"L1 penalty {args.l1}, trained {args.iw_epochs} epochs with the network (AdamW lr {args.lr}); then "
-        f"{args.fraction:.0%} of the remaining removable filters per step, {args.ft_epochs} fine-tuning epochs per "
-        f"step, until `{m}` falls more than **{args.tolerance} point(s)** below the unpruned model (that step "
-        "undone). L1: global L1-norm ranking pruned one-shot to the same MACs, fine-tuned for the same total "
-        "number of epochs (alpha epochs + kept steps x epochs per step). MACs at 256x256; latency: batch 1, "
-        "median of 10, PyTorch eager on this CPU.",
-        "",
-        f"| model | data | method | MACs | params | file | latency b1 256 | latency b1 512 | pixel acc | IoU | Dice "
-        f"| {m} drop | epochs | steps |",
+        f"ranked by `{args.rank}`, L1 penalty {args.l1}, trained {args.iw_epochs} epochs with the network (AdamW lr "
+        f"{args.lr}); then {args.fraction:.0%} of the remaining removable filters per step, {args.ft_epochs} "
+        f"fine-tuning epochs per step. **tolerance**: until `{m}` on the held-out images falls more than "
+        f"{args.tolerance} point(s) below the unpruned model's (that step undone, then the step halved at most "
+        f"{args.refinements} times). **fixed MACs**: to {args.fixed:.0%} of the MACs (the paper's "
+        f"-{1 - args.fixed:.0%}), no tolerance. L1: global L1-norm ranking cut one-shot to the MACs importance "
+        "weights reached, fine-tuned for the same number of epochs (alpha epochs + kept steps x epochs per step; "
+        f"the same batches, so the same optimizer steps). Mean +- 95% interval over seeds {args.seeds}. MACs at "
+        "256x256; latency: seed 0's models, batch 1, timed interleaved (median of "
+        f"{args.latency_repeats}), PyTorch eager on this CPU.", "",
+        "| model | run | method | MACs | params | file | latency b1 256 | latency b1 512 | pixel acc | IoU | Dice "
+        "| IoU drop | epochs | seeds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         b = r["base"]
-        data = "ISBI 2012" if "isbi" in name else "HeLa"
-        lines.append(f"| {name} | {data} | unpruned | {b['macs_256'] / 1e9:.2f} G | {b['params'] / 1e6:.2f} M | "
-                     f"{b['file_bytes'] / 1e6:.2f} MB | {b['latency_b1_256_ms']:.1f} ms | {b['latency_b1_512_ms']:.1f} ms | "
-                     f"{b['pixel_acc']:.2f} | {b['iou']:.2f} | {b['dice']:.2f} | | | |")
-        for tag, label in (("iw", "importance weights"), ("l1", "L1 (same MACs, epochs)")):
-            p = r[tag]
-            lines.append(
-                f"| | | {label} | {_pct(p['macs_256'], b['macs_256'])} | {_pct(p['params'], b['params'])} | "
-                f"{b['file_bytes'] / p['file_bytes']:.1f}x smaller | {b['latency_b1_256_ms'] / p['latency_b1_256_ms']:.2f}x | "
-                f"{b['latency_b1_512_ms'] / p['latency_b1_512_ms']:.2f}x | {p['pixel_acc']:.2f} | {p['iou']:.2f} | "
-                f"{p['dice']:.2f} | {b[m] - p[m]:+.2f} | {p['epochs']} | {p.get('steps', 1)} |")
-    lines += ["", "Speed-ups and size ratios are unpruned / pruned; a drop is unpruned minus pruned (points).", ""]
-    lines += [f"![inputs, ground truth, unpruned and pruned predictions](segmentation{sfx}.png)", "",
-              f"![metric vs MACs along the importance-weight schedule](segmentation{sfx}_curves.png)", ""]
+        lines.append(f"| {name} | | unpruned | {b['macs_256'] / 1e9:.2f} G | {b['params'] / 1e6:.2f} M | "
+                     f"{b.get('file_bytes', 0) / 1e6:.2f} MB | | | " + " | ".join(f"{b[k]:.2f}" for k in METRICS) + " | | | |")
+        for kind in RUNS:
+            lines += _rows(name, r, kind)
+    lines += ["", "Speed-ups and size ratios are unpruned / pruned; a drop is unpruned minus pruned (points).", "",
+              "![inputs, ground truth, unpruned and pruned predictions](segmentation.png)", "",
+              "![held-out metric vs MACs along the importance-weight schedule (seed 0)](segmentation_curves.png)", ""]
+    lines += [claim_line(results, args.fixed)]
     for name, r in results.items():
-        lines.append(f"- `{name}`: {r['iw'].get('refinements', 0)} step halving(s) allowed after an undone step; "
-                     f"stopped: {r['iw']['stopped']}; {m} after learning alpha "
-                     f"{r['iw']['metric_after_alpha']}; importance weights {r['iw']['time_s']:.0f} s, L1 "
-                     f"{r['l1']['time_s']:.0f} s.")
+        for seed, runs in r["runs"].items():
+            if "tol" in runs:
+                p = runs["tol"]["iw"]
+                lines.append(f"- `{name}` seed {seed}: stopped: {p['stopped']}; held-out {m} after learning alpha "
+                             f"{p['held_after_alpha']}; importance weights {p['time_s']:.0f} s, L1 {runs['tol']['l1']['time_s']:.0f} s.")
     path.write_text("\n".join(lines) + "\n")
 
 
-def _predictions(results: dict, work: Path, out: Path, sfx: str) -> None:
-    """Input, ground truth and each saved model's prediction on the first validation image."""
+def seg_summary(results: dict) -> list[str]:
+    """BENCHMARKS.md's short table: MACs and IoU per run and method, mean +- 95% interval over seeds."""
+    if any("runs" not in r for r in results.values()):
+        return ["segmentation.json holds the earlier one-seed protocol's results: run `python -m benchmarks.segmentation`."]
+    L = ["| model | run | method | MACs kept | IoU | IoU drop | importance weights - L1 (paired) | seeds |",
+         "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        b = r["base"]
+        for kind in RUNS:
+            runs = [v[kind] for v in r["runs"].values() if kind in v]
+            if not runs:
+                continue
+            d = _stat([run["iw"]["iou"] - run["l1"]["iou"] for run in runs])
+            for m, label in (("iw", "importance weights"), ("l1", "L1")):
+                ps = [run[m] for run in runs]
+                L.append(f"| {name} | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {label} | "
+                         f"{_stat([100 * p['macs_256'] / b['macs_256'] for p in ps], '{:.1f}')}% | "
+                         f"{_stat([p['iou'] for p in ps])} | {_stat([b['iou'] - p['iou'] for p in ps])} | "
+                         f"{d if m == 'iw' else ''} | {len(ps)} |")
+    return L
+
+
+def claim_line(results: dict, fixed: float) -> str:
+    """The paper's -85% MACs claim checked: importance weights' IoU drop at the fixed target."""
+    parts = []
+    for name, r in results.items():
+        drops = [r["base"]["iou"] - v["fixed"]["iw"]["iou"] for v in r["runs"].values() if "fixed" in v]
+        if drops:
+            m, h = interval(drops)
+            parts.append(f"{name} {m:+.2f}" + (f" +- {h:.2f}" if len(drops) > 1 else "")
+                         + (" (within 1 point)" if m <= 1.0 else " (more than 1 point)"))
+    return (f"**At {fixed:.0%} of the MACs (the paper's -{1 - fixed:.0%}), importance weights' IoU drop:** "
+            + ("; ".join(parts) if parts else "not run yet") + ".")
+
+
+def _predictions(results: dict, work: Path, out: Path) -> None:
+    """Input, ground truth and seed 0's predictions on the first test image."""
     import matplotlib.pyplot as plt
 
     import secateurs
-    from secateurs.data import Batches, load_dataset
+    from secateurs.data import Batches
     from secateurs.train import predict_padded
 
     names = list(results)
-    fig, axes = plt.subplots(len(names), 5, figsize=(15, 3.2 * len(names)), squeeze=False)
+    tags = [("base", "unpruned"), ("tol_iw", "importance weights, tolerance"), ("tol_l1", "L1, same MACs"),
+            ("fixed_iw", "importance weights, fixed"), ("fixed_l1", "L1, fixed")]
+    fig, axes = plt.subplots(len(names), 2 + len(tags), figsize=(3 * (2 + len(tags)), 3.2 * len(names)), squeeze=False)
     for row, name in zip(axes, names):
-        val = load_dataset(SETUPS[name]["data"], "test")
-        x, y = next(iter(Batches(val, 1, train=False)))
+        x, y = next(iter(Batches(splits(SETUPS[name])[2], 1, train=False)))
         h, w = (256, 256) if "isbi" in name else (320, 480)
         x, y = x[..., :h, :w], y[..., :h, :w]
-        preds = []
-        for tag in ("base", "iw", "l1"):
+        imgs, titles = [x[0, 0], y[0]], ["input", "ground truth"]
+        b = results[name]["base"]
+        for tag, label in tags:
             model = secateurs.load(work / name / tag).eval()
             with torch.no_grad():
-                preds.append(predict_padded(model, x).argmax(1)[0])
-        b = results[name]["base"]
-        titles = ["input", "ground truth", f"unpruned ({b['macs_256'] / 1e9:.2f} GMACs)",
-                  f"importance weights ({_pct(results[name]['iw']['macs_256'], b['macs_256'])} MACs)",
-                  f"L1 ({_pct(results[name]['l1']['macs_256'], b['macs_256'])} MACs)"]
-        for ax, img, t in zip(row, [x[0, 0], y[0], *preds], titles):
+                imgs.append(predict_padded(model, x).argmax(1)[0])
+            macs = secateurs.count(model, torch.randn(1, 1, 256, 256)).macs
+            titles.append(f"{label} ({100 * macs / b['macs_256']:.0f}% MACs)")
+        for ax, img, t in zip(row, imgs, titles):
             ax.imshow(img, cmap="gray")
-            ax.set_title(t, fontsize=9)
+            ax.set_title(t, fontsize=8)
             ax.axis("off")
         row[0].text(-0.08, 0.5, name, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / f"segmentation{sfx}.png", dpi=80)
+    fig.savefig(out / "segmentation.png", dpi=70)
     plt.close(fig)
 
 
-def plot(results: dict, work: Path, out: Path, sfx: str = "") -> None:
+def plot(results: dict, work: Path, out: Path, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    missing = [work / n / t for n in names for t in ("base", "iw", "l1") if not (work / n / t).exists()]
+    names = [n for n, r in results.items() if "tol" in r["runs"].get("0", {})]
+    tags = ("base", "tol_iw", "tol_l1", "fixed_iw", "fixed_l1")
+    missing = [work / n / t for n in names for t in tags if not (work / n / t).exists()]
     if missing:  # results made in another checkout: their predictions figure stays as it is
-        print(f"kept {out}/segmentation{sfx}.png: its saved models are not in {work} ({missing[0]}, ...)")
-    else:
-        _predictions(results, work, out, sfx)
+        print(f"kept {out}/segmentation.png: its saved models are not in {work} ({missing[0]}, ...)")
+    elif names:
+        _predictions({n: results[n] for n in names}, work, out)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
-        c = results[name]["iw"]["curve"]
+        c = results[name]["runs"]["0"]["tol"]["iw"]["curve"]
         ax.plot([100 * p["macs"] for p in c], [p["metric"] for p in c], marker="o", label=name)
         ax.plot([100 * p["macs"] for p in c if p["reverted"]], [p["metric"] for p in c if p["reverted"]], "rx")
     ax.set_xlabel("MACs kept (%)")
-    ax.set_ylabel(results[names[0]].get("metric_name", "metric"))
+    ax.set_ylabel(f"{metric}, held-out images")
     ax.invert_xaxis()
     ax.legend(fontsize=8)
-    ax.set_title("importance-weight schedule (x: step undone)")
+    ax.set_title("importance-weight schedule, seed 0 (x: step undone)")
     fig.tight_layout()
-    fig.savefig(out / f"segmentation{sfx}_curves.png", dpi=90)
+    fig.savefig(out / "segmentation_curves.png", dpi=90)
     plt.close(fig)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tolerance", type=float, default=1.0)
     p.add_argument("--metric", default="pixel_acc", help="pixel_acc (the paper's), iou or dice")
+    p.add_argument("--fixed", type=float, default=0.15, help="MACs kept in the fixed-target run (the paper's -85%%)")
     p.add_argument("--iw-epochs", type=int, default=5)
     p.add_argument("--ft-epochs", type=int, default=2)
     p.add_argument("--fraction", type=float, default=0.1, help="CPU protocol: 10%% per step (method default 5%%)")
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--init", default="ones")
+    p.add_argument("--rank", default="alpha", help="alpha (the paper's) or scale (ours: |alpha| x the channel's scale)")
+    p.add_argument("--cost-aware", action="store_true", help="ours: alpha's penalty and rank weighted by MACs")
     p.add_argument("--l1", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--refinements", type=int, default=2, help="after an undone step, halve the step, at most N times")
-    p.add_argument("--cost-aware", action="store_true",
-                   help="our variant: alpha's penalty and rank weighted by each channel's MACs (files *_cost_aware.*)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", default=None, help="pruning runs (checkpoints) and saved models (runs/segmentation[_cost_aware])")
+    p.add_argument("--latency-repeats", type=int, default=30)
+    p.add_argument("--work", default="runs/segmentation", help="pruning runs (checkpoints) and seed 0's saved models")
     p.add_argument("--out", default=str(DOCS))
+    p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sfx = "_cost_aware" if args.cost_aware else ""
-    out, work = Path(args.out), Path(args.work or f"runs/segmentation{sfx}")
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    res_path = out / f"segmentation{sfx}.json"
-    results = json.loads(res_path.read_text())["results"] if res_path.exists() else {}
-    for name in args.models:
-        if name in results:
-            print(f"{name}: done already ({res_path})")
-            continue
-        results[name] = run_model(name, args, work / name)
-        results[name]["metric_name"] = args.metric
-        tmp = res_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-        os.replace(tmp, res_path)
-        print(json.dumps({k: v for k, v in results[name].items() if k != "iw"}, default=str)[:400])
+    path = out / "segmentation.json"
+    if args.report_only:  # the settings the results were made with, for the text
+        saved = json.loads(path.read_text())
+        results, args = saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]})
+    else:
+        results = run(args, path, work)
     results = {n: results[n] for n in SETUPS if n in results}
-    measure_latency(results, work, args.threads)
-    tmp = res_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    os.replace(tmp, res_path)
-    write_markdown(results, args, out / f"segmentation{sfx}.md", sfx)
-    plot(results, work, out, sfx)
-    print(f"wrote {out}/segmentation{sfx}.md, .json, .png, _curves.png")
+    write_markdown(results, args, out / "segmentation.md")
+    plot(results, work, out, args.metric)
+    print(f"wrote {out}/segmentation.md, .json, .png, _curves.png")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,23 @@ def test_claims_are_read_from_the_results_files(tmp_path):
     assert rows["3. HFP"] == ("docs/hfp.csv: r20: MACs kept 49.75% (converged at step 281), top-1 79.00, "
                               "best L1 at the same MACs 82.40")
     assert rows["1. heuristic"].startswith("no results file yet")  # never a hand-written figure
+
+
+def _seg_results(drops_iw, drops_l1):
+    base = {"pixel_acc": 92.0, "iou": 65.0, "dice": 79.0, "macs_256": 3.0e9, "params": 1.9e6}
+    def row(drop, macs):
+        return {"pixel_acc": 91.0, "iou": 65.0 - drop, "dice": 78.0, "macs_256": macs, "params": 1e5, "epochs": 20}
+    runs = {str(s): {"fixed": {"iw": row(a, 0.45e9), "l1": row(b, 0.45e9)}} for s, (a, b) in enumerate(zip(drops_iw, drops_l1))}
+    return {"unet16_isbi2012": {"base": base, "runs": runs}}
+
+
+def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
+    from benchmarks.segmentation import claim_line, seg_summary
+
+    res = _seg_results([0.5, 1.0, 1.5], [2.5, 2.0, 3.5])  # IW loses 1.0 IoU on average, L1 2.67
+    line = claim_line(res, 0.15)
+    assert "unet16_isbi2012 +1.00 +- 1.24 (within 1 point)" in line and "-85%" in line
+    table = "\n".join(seg_summary(res))
+    assert "| fixed MACs | importance weights | 15.0 +- 0.0% | 64.00 +- 1.24 | 1.00 +- 1.24 | 1.67 +- 1.43 | 3 |" in table  # paired: [2, 1, 2]
+    assert "more than 1 point" in claim_line(_seg_results([1.5, 1.0, 1.5], [0, 0, 0]), 0.15)
+    assert seg_summary({"m": {"base": {}, "iw": {}}})[0].startswith("segmentation.json holds the earlier")
