@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${THREADS:-2}"
+.venv/bin/python -c "import torch_pruning" 2>/dev/null || .venv/bin/python -m pip install -q -e '.[bench]'  # the peer rows
 run() { exec .venv/bin/python -m benchmarks.accuracy --threads "$OMP_NUM_THREADS" "$@"; }
 case "${1:-}" in
     r20) run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" ;;
