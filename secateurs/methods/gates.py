@@ -15,6 +15,11 @@ __all__ = ["GATED_NORMS", "ChannelScales", "SharedScales", "carriers", "carrier_
 GATED_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)  # norm layers whose |scale| gates a channel
 
 
+def scale_channels(out: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``out`` with channel (dim 1; the last dim of a 2-d output) ``c`` multiplied by ``s[c]``."""
+    return out * (s if out.dim() == 2 else s.view(1, -1, *([1] * (out.dim() - 2))))
+
+
 class ChannelScales:
     """Learnable per-channel multipliers on module outputs (convs, transposed convs, linears, or
     affine norm layers), trained with the network and folded back into it exactly.
@@ -44,7 +49,7 @@ class ChannelScales:
     @staticmethod
     def _hook(m, args, out):
         s = getattr(m, ChannelScales.NAME)
-        return out * (s if out.dim() == 2 or isinstance(m, nn.Linear) else s.view(1, -1, *([1] * (out.dim() - 2))))
+        return out * s if isinstance(m, nn.Linear) else scale_channels(out, s)
 
     def fold(self) -> None:
         with torch.no_grad():
@@ -101,8 +106,7 @@ class SharedScales:
 
     def _hook(self, name: str):
         def hook(m, args, out):
-            s = self._full(name)
-            return out * (s if out.dim() == 2 else s.view(1, -1, *([1] * (out.dim() - 2))))
+            return scale_channels(out, self._full(name))
         return hook
 
     def fold(self) -> None:
