@@ -425,7 +425,7 @@ def main(argv=None) -> None:
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--methods", nargs="+",
                    default=OURS + ["l2:distill=0", "bn_scale:distill=0", "importance-weights@tol", "l2@latency",
-                            "l2:allocation=latency"] + THEIRS
+                            "l2:allocation=latency", "hfp:tie=shared", "importance-weights:rank=scale"] + THEIRS
                    + ["control"],
                    help="also variants with options: hfp:tie=shared, importance-weights:rank=scale, l2:allocation=latency")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

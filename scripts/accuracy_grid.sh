@@ -6,7 +6,7 @@
 #   bash scripts/accuracy_grid.sh report # docs/accuracy.md from docs/accuracy.csv
 # Run it only once scripts/baselines.sh has replaced the zoo checkpoints (ResNet-20 >= 90%, ResNet-56
 # >= 91% top-1): pruning an under-trained network says little. Cost on 2 quiet cores, from a ResNet-20
-# row at 800 steps taking ~5 min: r20 (17 methods x 2 targets x 3 seeds at 500 steps) ~5.5 h, r56
+# row at 800 steps taking ~5 min: r20 (19 methods x 2 targets x 3 seeds at 500 steps) ~6 h, r56
 # (8 methods x 2 x 3 at 300 steps, ~3x the time per step) ~5 h: about 10 h, two sessions.
 # On a lent GPU (benchmarks/accuracy.py trains on CUDA when it is there) use --steps 2000 instead.
 set -euo pipefail
