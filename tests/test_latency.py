@@ -74,6 +74,16 @@ def test_other_runtimes(runtime):
     assert t.runtime == runtime and t.batch == 2 and 0 < t.low_s <= t.median_s <= t.high_s
 
 
+def test_onnxruntime_workers_sleep_between_runs():
+    """Interleaved sessions with spinning workers steal each other's cores (timings 2x slower, noisy)."""
+    pytest.importorskip("onnxruntime")
+    from secateurs.latency import ort_options
+
+    opts = ort_options(3)
+    assert opts.intra_op_num_threads == 3 and opts.inter_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_bad_arguments_name_themselves():
     m = nn.Conv2d(3, 4, 3)
     with pytest.raises(ValueError, match="runtime"):
