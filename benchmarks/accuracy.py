@@ -37,23 +37,18 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import platform
-import statistics
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import append_row, interval, read_rows
+from benchmarks._protocol import append_row, interval, read_rows  # noqa: F401 (interval: the report's, re-exported)
+from benchmarks.accuracy_report import PAIRS, paired, summarize, write_report  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
 THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
-# same criterion in both tools, with the same fine-tuning (no distillation), then ours as a user gets it
-PAIRS = [("l2:distill=0", "tp_magnitude"), ("bn_scale:distill=0", "tp_bn_scale"), ("l2:distill=0", "tp_group_norm"),
-         ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2@latency", "tp_magnitude")]
 TP_REG = {"tp_bn_scale": 1e-4, "tp_group_norm": 5e-4}  # network slimming's lambda; TP's CIFAR group_sl script
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit trains there too
 FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
@@ -326,97 +321,6 @@ def run(args) -> Path:
                     append_row(path, row, FIELDS)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return path
-
-
-# -- report --------------------------------------------------------------------------------------
-def summarize(rows: list[dict]) -> dict[tuple, dict]:
-    """Per (model, target, method): mean and interval of top-1, MACs kept, seeds."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"], float(r["target"]), r["method"]), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        m, h = interval([float(r["top1"]) for r in rs])
-        out[key] = {"top1": m, "ci": h, "n": len(rs), "kept_macs": statistics.fmean(float(r["kept_macs"]) for r in rs),
-                    "tool": rs[0]["tool"], "seeds": {int(r["seed"]): float(r["top1"]) for r in rs},
-                    "fallbacks": sum(bool(r["fallback"]) for r in rs), "over": sum(r["over_budget"] == "True" for r in rs),
-                    "converged": [r["converged_step"] for r in rs if r["converged"] == "True"],
-                    "latency": _mean([r.get("latency_ratio", "") for r in rs]),
-                    "latency_target": _mean([r.get("latency_target", "") for r in rs])}
-    return out
-
-
-def _mean(values: list) -> float | None:
-    got = [float(v) for v in values if v not in ("", None)]
-    return statistics.fmean(got) if got else None
-
-
-def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
-    """Mean difference a - b over the seeds both have, with its 95% half-width."""
-    seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
-    if not seeds:
-        return None
-    m, h = interval([a["seeds"][s] - b["seeds"][s] for s in seeds])
-    return m, h, len(seeds)
-
-
-def write_report(path: Path, md: Path, args) -> None:
-    rows = read_rows(path)
-    summary = summarize(rows)
-    first = rows[0] if rows else {}
-    lines = ["# Accuracy at equal MACs under one step budget (CIFAR-10 JPEG)", "",
-             f"`python -m benchmarks.accuracy` on {platform.machine()}, torch {torch.__version__}. Protocol: "
-             f"{first.get('steps', '?')} optimizer steps per row (pruning phase + fine-tuning; batch {args.batch_size}, "
-             f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (from the training set "
-             f"less a {args.holdout}-image held-out split), top-1 on {first.get('test_images', '?')} test images. "
-             "Generated from `accuracy.csv`; see `benchmarks/accuracy.py` for how each method is run.", "",
-             "| model | MACs target | method | tool | MACs kept | latency | top-1 (mean +- 95%) | seeds | notes |",
-             "|---|---:|---|---|---:|---:|---:|---:|---|"]
-    for (model, target, method), s in sorted(summary.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[1]["top1"])):
-        notes = []
-        if s["fallbacks"]:
-            notes.append(f"{s['fallbacks']} fallback")
-        if s["over"]:
-            notes.append(f"{s['over']} over budget")
-        if s["converged"]:
-            notes.append("converged at step " + "/".join(map(str, s["converged"])))
-        lat = f"{s['latency']:.3f}" if s["latency"] is not None else ""
-        lines.append(f"| {model} | {target:.0%} | {method} | {s['tool']} | {s['kept_macs']:.1%} | {lat} | "
-                     f"{s['top1']:.2f} +- {s['ci']:.2f} | {s['n']} | {'; '.join(notes)} |")
-    lines += ["", "## Paired differences (same seeds; top-1 points, mean +- 95%)", "",
-              "| model | MACs target | ours | theirs | difference | seeds |", "|---|---:|---|---|---:|---:|"]
-    for model, target in sorted({(k[0], k[1]) for k in summary}, key=lambda k: (k[0], -k[1])):
-        cell = {k[2]: v for k, v in summary.items() if k[:2] == (model, target)}
-        pairs = [(a, b) for a, b in PAIRS if a in cell and b in cell]
-        ours = [m for m, v in cell.items() if v["tool"] == "secateurs" and m != "control" and "@" not in m]
-        theirs = [m for m, v in cell.items() if v["tool"] == "torch_pruning"]
-        if ours and theirs:
-            pairs.append((max(ours, key=lambda m: cell[m]["top1"]), max(theirs, key=lambda m: cell[m]["top1"])))
-        for a, b in dict.fromkeys(pairs):  # best vs best may be a same-criterion pair already
-            d = paired(cell[a], cell[b])
-            if d:
-                lines.append(f"| {model} | {target:.0%} | {a} | {b} | {d[0]:+.2f} +- {d[1]:.2f} | {d[2]} |")
-    lines += _latency_section(summary)
-    md.write_text("\n".join(lines) + "\n")
-
-
-def _latency_section(summary: dict) -> list[str]:
-    """Issue 19's comparison: our latency-budget prune against Torch-Pruning's MACs-equal prune."""
-    lines = ["", "## Latency at equal accuracy (this CPU, `--latency-batch`; latency as a fraction of the unpruned model's)", "",
-             "| model | MACs target | TP magnitude: latency, top-1 | l2@latency: target, latency, top-1 | faster by | "
-             "top-1 difference (paired) |", "|---|---:|---|---|---:|---:|"]
-    for (model, target, method), ours in sorted(summary.items()):
-        theirs = summary.get((model, target, "tp_magnitude"))
-        if method != "l2@latency" or theirs is None or ours["latency"] is None or theirs["latency"] is None:
-            continue
-        d = paired(ours, theirs)
-        diff = f"{d[0]:+.2f} +- {d[1]:.2f}" if d else ""
-        faster = 1 - ours["latency"] / theirs["latency"]
-        goal = ours["latency_target"]
-        lines.append(f"| {model} | {target:.0%} | {theirs['latency']:.3f}, {theirs['top1']:.2f} | "
-                     f"{goal if goal is None else f'{goal:.3f}'}, {ours['latency']:.3f}, {ours['top1']:.2f} | "
-                     f"{faster:.0%} | {diff} |")
-    return lines if len(lines) > 4 else []
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,6 @@ rows are kept (``--resume``), so a killed run picks up where it stopped. Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import gc
 import platform

@@ -83,3 +83,31 @@ def test_report_compares_the_latency_prune_with_torch_pruning_at_equal_accuracy(
     assert text.count("l2@latency | tp_magnitude") == 1
     control = next(line for line in text.splitlines() if "| control |" in line)
     assert "| 50.0% |  |" in control  # no latency measured for the unpruned control
+
+
+def _write_rows(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=acc.FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_goals_pick_the_best_on_the_held_out_split_and_measure_each_change(tmp_path):
+    theirs = [_row("tp_magnitude", s, 84.0 + s, "torch_pruning", val_top1=85.0) for s in range(3)]
+    l2 = [_row("l2", s, t, val_top1=88.0) for s, t in enumerate((85.5, 86.0, 87.5))]  # best on held-out
+    bn = [_row("bn_scale", s, 90.0, val_top1=86.0) for s in range(3)]  # best on test: not chosen
+    l1 = [_row("l1", s, 85.0 + s) for s in range(3)]
+    hfp = [_row("hfp", s, t) for s, t in enumerate((84.0, 85.0, 87.5))]  # vs l1: -1, -1, +0.5
+    tie = [_row("hfp:tie=shared", s, t) for s, t in enumerate((85.0, 86.0, 87.0))]  # vs hfp: +1, +1, -0.5
+    heur = [_row("heuristic", s, 80.0 + s) for s in range(3)]  # 5 points below l1 on every seed
+    _write_rows(tmp_path / "accuracy.csv", theirs + l2 + bn + l1 + hfp + tie + heur)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    d, h = acc.interval([1.5, 1.0, 1.5])
+    assert f"| r20 | 50% | l2 (ours) - tp_magnitude | {d:+.2f} +- {h:.2f} | 3 | met |" in text
+    d, h = acc.interval([-1.0, -1.0, 0.5])
+    assert f"| r20 | 50% | hfp - l1 | {d:+.2f} +- {h:.2f} | 3 | met |" in text  # -0.5 +- 2.15 reaches 0
+    assert "| r20 | 50% | heuristic - l1 | -5.00 +- 0.00 | 3 | not met (below L1) |" in text
+    d, h = acc.interval([1.0, 1.0, -0.5])
+    assert f"(`hfp:tie=shared` - `hfp`) | {d:+.2f} +- {h:.2f} | 3 |" in text

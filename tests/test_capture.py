@@ -2,7 +2,6 @@
 never changes the model; exact sizes, MACs and zeroed-channel equivalence on hand-built models."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

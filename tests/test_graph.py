@@ -1,7 +1,6 @@
 """Channel coupling on small hand-built models: one test per rule, exact shapes and sizes."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ from secateurs import HFPRegularizer, analyze, apply_plan, count
 from secateurs.cost import PlanCost
 from secateurs.data import ArrayDataset
 from secateurs.models import create_model
-from secateurs.train import TrainConfig, fit
 
 X = torch.randn(1, 3, 32, 32)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import secateurs
-from secateurs import Budget, PruningError, analyze, count, group_scores
+from secateurs import PruningError, analyze, count, group_scores
 from secateurs.data import load_dataset
 from secateurs.models import create_model
 from secateurs.testing import main_output, randomize_norms

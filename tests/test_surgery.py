@@ -1,7 +1,6 @@
 """Surgery: plans are validated whole, the model is unchanged on error, empty plans change nothing."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
