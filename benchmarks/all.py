@@ -122,6 +122,24 @@ def _plots(out: Path, acc: list[dict], speed: list[dict], seg: list[dict]) -> li
     return made
 
 
+def _protocol_accuracy(path: Path) -> list[str]:
+    """Section 4 from the accuracy protocol's rows: its goals, the changes it measured, latency at equal accuracy."""
+    from benchmarks.accuracy_report import _latency_section, changes_section, goals_section, summarize as by_method
+
+    rows = read_rows(path)
+    summary = by_method(rows)
+    r0 = rows[0]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    done = ", ".join(f"{m} at {t:.0%}: {sum(1 for k in summary if k[:2] == (m, t))} methods"
+                     for m, t in sorted({k[:2] for k in summary}, key=lambda k: (k[0], -k[1])))
+    return [f"The accuracy protocol (`benchmarks/accuracy.py`, `scripts/accuracy_grid.sh`): every row {r0['steps']} "
+            f"optimizer steps, pruning phase and fine-tuning together; top-1 on the full {r0['test_images']}-image test "
+            f"set; seeds {seeds}; anything that picks or stops on a metric reads a held-out split of the training set. "
+            f"Rows so far: {done}. Every row, its notes (HFP convergence step, fallbacks) and the paired same-criterion "
+            "comparisons: accuracy.md in this folder.", ""] + goals_section(summary) + changes_section(summary) \
+        + _latency_section(summary) + [""]
+
+
 def _best_line(label: str, rows: list[dict]) -> list[str]:
     """The best of our rows beside the best of Torch-Pruning's (failed rows left out)."""
     ok = [r for r in rows if r["mean"] is not None]
@@ -220,7 +238,9 @@ def write_report(args) -> Path:
     L += ["", "Speed-up = unpruned latency / pruned latency, median of the repeats; latency on this shared machine "
           "varies 20-30% between identical runs (docs/speedup.md).", ""]
     L += ["## 4. Accuracy at equal MACs, CIFAR-10 (JPEG)", ""]
-    if acc:
+    if (out / "accuracy.csv").exists():  # the one-step-budget protocol (issue 18) supersedes the epoch-based rows
+        L += _protocol_accuracy(out / "accuracy.csv")
+    elif acc:
         a0 = acc[0]
         L += [f"Every row: the zoo model pruned to the target, then {a0['epochs']} fine-tuning epoch(s) on "
               f"{a0['train_images']} training images (SGD, the same recipe, `benchmarks/_protocol.py`), top-1 on "

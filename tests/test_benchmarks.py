@@ -116,3 +116,21 @@ def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
     assert "| fixed MACs | importance weights | 15.0 +- 0.0% | 64.00 +- 1.24 | 1.00 +- 1.24 | 1.67 +- 1.43 | 3 |" in table  # paired: [2, 1, 2]
     assert "more than 1 point" in claim_line(_seg_results([1.5, 1.0, 1.5], [0, 0, 0]), 0.15)
     assert seg_summary({"m": {"base": {}, "iw": {}}})[0].startswith("segmentation.json holds the earlier")
+
+
+def test_report_takes_the_accuracy_protocol_rows_when_there_are_any(tmp_path):
+    from benchmarks.accuracy import FIELDS
+
+    _results(tmp_path)
+    rows = []
+    for s, (ours, theirs) in enumerate(((86.0, 84.0), (86.5, 85.0), (87.0, 85.5))):
+        for method, tool, top1 in (("l2", "secateurs", ours), ("tp_magnitude", "torch_pruning", theirs)):
+            row = dict.fromkeys(FIELDS, "")
+            row.update(model="r20", target=0.5, method=method, tool=tool, seed=s, steps=500, kept_macs=0.5, top1=top1,
+                       val_top1=top1, over_budget="False", test_images=10000)
+            rows.append(row)
+    _write(tmp_path / "accuracy.csv", rows)
+    text = report.write_report(argparse.Namespace(out=str(tmp_path), quick=False, threads=2, seeds=[0, 1])).read_text()
+    assert "every row 500 optimizer steps" in text and "Rows so far: r20 at 50%: 2 methods" in text
+    assert "| r20 | 50% | l2 (ours) - tp_magnitude | +1.67 +- 0.72 | 3 | met |" in text  # paired [2.0, 1.5, 1.5]
+    assert "| r20 | 50% | l1 | secateurs | 49.9% | 86.00 |" not in text  # the epoch-based rows give way
