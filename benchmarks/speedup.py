@@ -109,7 +109,9 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
              f"({platform.machine()}, {os.cpu_count()} cores), {threads} threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}. Seeded random weights, "
              "L2 criterion, `round_to=8`. Dense and pruned timed interleaved in one run (rotating order, warm-up, "
-             f"{repeats} rounds), median and 95% interval of the median. *vs MACs* = speed-up / (MACs before / MACs "
+             f"{repeats} rounds), median and 95% interval of the median; onnxruntime sessions with idle workers "
+             "sleeping (`secateurs.latency.ort_options`: spinning workers of one session steal the cores from the "
+             "other). *vs MACs* = speed-up / (MACs before / MACs "
              "after): 1.0 means time fell exactly as the MACs did. The latency rows spend `target={'latency': 0.5}` "
              "with per-layer latency tables; *prune (s)* includes building the tables when they were not cached. "
              "Raw data: `speedup.csv`.", ""]
