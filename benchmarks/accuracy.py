@@ -151,11 +151,12 @@ def run_tp(method: str, model, x, target: float, train, args, seed: int) -> dict
 
 
 def latency_ratio(base, model, args) -> float:
-    """Latency of ``model`` over ``base`` at ``--latency-batch`` on this CPU, timed interleaved (median of 30)."""
+    """Latency of ``model`` over ``base`` at ``--latency-batch`` on this CPU, timed interleaved (median of 100:
+    30 left the per-row ratios of one architecture a few points apart on this shared machine)."""
     from secateurs.latency import time_models
 
     cpu = lambda m: copy.deepcopy(m).cpu().eval()  # noqa: E731
-    t = time_models({"dense": cpu(base), "pruned": cpu(model)}, torch.randn(args.latency_batch, 3, 32, 32), repeats=30,
+    t = time_models({"dense": cpu(base), "pruned": cpu(model)}, torch.randn(args.latency_batch, 3, 32, 32), repeats=100,
                     threads=args.threads)
     return t["pruned"].median_s / t["dense"].median_s
 
