@@ -126,7 +126,11 @@ def _protocol_accuracy(path: Path) -> list[str]:
     """Section 4 from the accuracy protocol's rows: its goals, the changes it measured, latency at equal accuracy."""
     from benchmarks.accuracy_report import _latency_section, changes_section, goals_section, summarize as by_method
 
-    rows = read_rows(path)
+    from benchmarks.accuracy_report import one_budget
+
+    rows, left_out = one_budget(read_rows(path))
+    if not rows:
+        return ["`accuracy.csv` has no rows yet.", ""]
     summary = by_method(rows)
     r0 = rows[0]
     seeds = sorted({int(r["seed"]) for r in rows})
@@ -136,8 +140,8 @@ def _protocol_accuracy(path: Path) -> list[str]:
             f"optimizer steps, pruning phase and fine-tuning together; top-1 on the full {r0['test_images']}-image test "
             f"set; seeds {seeds}; anything that picks or stops on a metric reads a held-out split of the training set. "
             f"Rows so far: {done}. Every row, its notes (HFP convergence step, fallbacks) and the paired same-criterion "
-            "comparisons: accuracy.md in this folder.", ""] + goals_section(summary) + changes_section(summary) \
-        + _latency_section(summary) + [""]
+            "comparisons: accuracy.md in this folder." + (" " + " ".join(left_out) if left_out else ""), ""] \
+        + goals_section(summary, "###") + changes_section(summary, "###") + _latency_section(summary, "###") + [""]
 
 
 def _best_line(label: str, rows: list[dict]) -> list[str]:
@@ -163,7 +167,8 @@ def write_report(args) -> Path:
     speed = read_rows(out / "compare_speedup.csv")
     acc = summarize(out / "compare_accuracy.csv", "top1")
     curves = summarize(out / "compare_segmentation.csv", "iou")
-    made = _plots(out, acc, speed, curves)
+    # the epoch-based rows' scatter only while they stand in for the accuracy protocol's
+    made = _plots(out, [] if (out / "accuracy.csv").exists() else acc, speed, curves)
     seg = json.loads((out / "segmentation.json").read_text())["results"] if (out / "segmentation.json").exists() else {}
     try:
         import torch_pruning as tp

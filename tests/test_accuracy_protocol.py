@@ -33,7 +33,7 @@ def test_step_counter_sees_every_optimizer_including_ones_built_inside():
 def _row(method, seed, top1, tool="secateurs", **kw):
     row = dict.fromkeys(acc.FIELDS, "")
     row.update({"model": "r20", "target": 0.5, "method": method, "tool": tool, "seed": seed, "steps": 800,
-                "kept_macs": 0.5, "top1": top1, "over_budget": "False", "train_images": 45000, "test_images": 10000})
+                "kept_macs": 0.5, "top1": top1, "val_top1": top1, "over_budget": "False", "train_images": 45000, "test_images": 10000})
     row.update(kw)
     return row
 
@@ -111,3 +111,15 @@ def test_goals_pick_the_best_on_the_held_out_split_and_measure_each_change(tmp_p
     assert "| r20 | 50% | heuristic - l1 | -5.00 +- 0.00 | 3 | not met (below L1) |" in text
     d, h = acc.interval([1.0, 1.0, -0.5])
     assert f"(`hfp:tie=shared` - `hfp`) | {d:+.2f} +- {h:.2f} | 3 |" in text
+
+
+def test_verdicts_wait_for_three_seeds_and_budgets_are_never_pooled(tmp_path):
+    rows = [_row("l2", s, 88.0) for s in range(2)] + [_row("tp_magnitude", s, 80.0, "torch_pruning") for s in range(2)]
+    rows += [_row("l1", s, 99.0, steps=300) for s in range(3)]  # another step budget: left out, said so
+    _write_rows(tmp_path / "accuracy.csv", rows)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "| r20 | 50% | l2 (ours) - tp_magnitude | +8.00 +- 0.00 | 2 | pending (2 of 3 seeds) |" in text
+    assert "Left out of this report (another step budget): 3 rows at 300 steps." in text
+    assert "| l1 |" not in text and "Changes to the methods" not in text  # no pair measured: no empty section

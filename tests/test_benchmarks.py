@@ -111,7 +111,8 @@ def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
 
     res = _seg_results([0.5, 1.0, 1.5], [2.5, 2.0, 3.5])  # IW loses 1.0 IoU on average, L1 2.67
     line = claim_line(res, 0.15)
-    assert "unet16_isbi2012 +1.00 +- 1.24 (within 1 point)" in line and "-85%" in line
+    assert "unet16_isbi2012 at 15.0 +- 0.0% MACs: IoU +1.00 +- 1.24 (within 1 point on average only)" in line
+    assert "pixel accuracy +1.00 +- 0.00 (3 seeds)" in line and "-85%" in line
     table = "\n".join(seg_summary(res))
     assert "| fixed MACs | importance weights | 15.0 +- 0.0% | 64.00 +- 1.24 | 1.00 +- 1.24 | 1.67 +- 1.43 | 3 |" in table  # paired: [2, 1, 2]
     assert "more than 1 point" in claim_line(_seg_results([1.5, 1.0, 1.5], [0, 0, 0]), 0.15)
@@ -134,3 +135,21 @@ def test_report_takes_the_accuracy_protocol_rows_when_there_are_any(tmp_path):
     assert "every row 500 optimizer steps" in text and "Rows so far: r20 at 50%: 2 methods" in text
     assert "| r20 | 50% | l2 (ours) - tp_magnitude | +1.67 +- 0.72 | 3 | met |" in text  # paired [2.0, 1.5, 1.5]
     assert "| r20 | 50% | l1 | secateurs | 49.9% | 86.00 |" not in text  # the epoch-based rows give way
+
+
+def test_segmentation_resume_refuses_results_made_with_other_settings(tmp_path):
+    import json
+
+    import pytest
+
+    from benchmarks.segmentation import SETTINGS, _load
+
+    args = argparse.Namespace(**dict.fromkeys(SETTINGS, 1))
+    path = tmp_path / "segmentation.json"
+    path.write_text(json.dumps({"args": {**vars(args), "tolerance": 2.0}, "results": _seg_results([1.0], [1.0])}))
+    with pytest.raises(SystemExit, match="tolerance: 2.0 there, 1 now"):
+        _load(path, args)
+    path.write_text(json.dumps({"args": vars(args), "results": _seg_results([1.0], [1.0])}))
+    assert set(_load(path, args)) == {"unet16_isbi2012"}
+    path.write_text(json.dumps({"args": {}, "results": {"m": {"base": {}, "iw": {}}}}))  # the earlier layout: redone
+    assert _load(path, args) == {}
