@@ -114,6 +114,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--norm", default=None, help="normalisation layer for models that offer a choice (tiny_cnn: bn, gn, none)")
     t.add_argument("--out", default=None, help="run folder: checkpoint.pt, log.csv")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--init-from", default=None, help="start from these weights (a run folder or its checkpoint.pt, or "
+                   "a .safetensors file) with a new optimizer and schedule: a second training stage")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (pip install tensorboard)")
     t.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -419,6 +421,22 @@ def build_model(args, ds=None, **extra) -> torch.nn.Module:
     return load_model(args.model, **kw)
 
 
+def _init_from(model, path: Path) -> None:
+    """Load the weights of an earlier run into ``model`` (strictly: the same architecture)."""
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict(state)
+    except (OSError, KeyError, RuntimeError) as err:
+        raise SystemExit(f"--init-from {path}: {type(err).__name__}: {str(err)[:300]}") from None
+
+
 def train_main(args) -> int:
     train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download)
     if args.holdout:
@@ -430,6 +448,8 @@ def train_main(args) -> int:
     val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args, train_ds, norm=args.norm)
+    if args.init_from and not args.resume:  # a resumed run's checkpoint already holds its weights
+        _init_from(model, Path(args.init_from))
     try:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                           optimizer=args.optimizer, schedule=args.schedule, milestones=tuple(args.milestones),

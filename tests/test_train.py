@@ -190,3 +190,21 @@ def test_tensorboard_logging_is_optional(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("val_top1")] == [1, 2]
     assert {"loss", "lr", "val_top1", "val_top5"} <= set(acc.Tags()["scalars"])
+
+
+def test_train_init_from_starts_a_second_stage_from_an_earlier_run(tmp_path, monkeypatch):
+    from secateurs import cli
+
+    first = tmp_path / "first"
+    assert cli.main(_train_cmd(first, 1)[3:]) == 0
+    seen = {}
+    monkeypatch.setattr(cli, "fit", lambda model, *a, **k: seen.update(model.state_dict()) or [])
+    assert cli.main(_train_cmd(tmp_path / "second", 1, ["--init-from", str(first), "--lr", "0.01"])[3:]) == 0
+    want = torch.load(first / "checkpoint.pt", weights_only=True)["model"]
+    assert set(seen) == set(want) and all(torch.equal(seen[k], want[k]) for k in want)
+    with pytest.raises(SystemExit, match="--init-from .*missing.pt"):
+        cli.main(_train_cmd(tmp_path / "third", 1, ["--init-from", str(tmp_path / "missing.pt")])[3:])
+    other = _train_cmd(tmp_path / "fourth", 1, ["--init-from", str(first)])
+    other[other.index("tiny_cnn")] = "cifar_resnet20"
+    with pytest.raises(SystemExit, match="(?s)--init-from .*(size mismatch|Missing key)"):
+        cli.main(other[3:])
