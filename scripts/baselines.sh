@@ -8,8 +8,8 @@
 # session ends, so the next checkout resumes there. Untracked, each session's progress was lost with
 # its checkout and ResNet-20 restarted from epoch 0.
 # Recipe: the training set less the 5,000-image held-out split (never trained on: tolerances and
-# searches read it), 50 epochs, SGD Nesterov lr 0.1, wd 5e-4, batch 128, 1 warm-up epoch then
-# cosine, pad-4 crop + flip, channels-last, seed 0; top-1 on the full test set every epoch (log.csv).
+# searches read it), SGD Nesterov, wd 5e-4, batch 128, pad-4 crop + flip, channels-last, seed 0, in two
+# stages (below); top-1 on the full test set every epoch (each stage's log.csv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -18,6 +18,12 @@ case "${1:-}" in
     *) echo "usage: $0 r20|r56" >&2; exit 2 ;;
 esac
 export OMP_NUM_THREADS="${THREADS:-2}"
-exec .venv/bin/python -m secateurs.cli train --model "$model" --data cifar10 --holdout 5000 --epochs "${EPOCHS:-50}" \
-    --batch-size 128 --lr 0.1 --weight-decay 5e-4 --warmup-epochs 1 --channels-last --seed 0 --quiet \
-    --out "runs/baselines/$1" --resume
+train() { .venv/bin/python -m secateurs.cli train --model "$model" --data cifar10 --holdout 5000 --batch-size 128 \
+    --weight-decay 5e-4 --channels-last --seed 0 --quiet --resume "$@"; }
+# stage 1: 50 epochs, 1 warm-up epoch then cosine from lr 0.1
+train --epochs "${EPOCHS:-50}" --lr 0.1 --warmup-epochs 1 --out "runs/baselines/$1"
+# stage 2 (a second cosine cycle from stage 1's weights, lr 0.05): stage 1 left ResNet-20 at 87% top-1 on
+# this JPEG copy, short of the 90% the accuracy protocol wants; STAGE2_EPOCHS=0 skips it
+if [ "${STAGE2_EPOCHS:-100}" -gt 0 ]; then
+    train --epochs "${STAGE2_EPOCHS:-100}" --lr 0.05 --init-from "runs/baselines/$1" --out "runs/baselines/$1-stage2"
+fi
