@@ -448,7 +448,8 @@ def train_main(args) -> int:
     val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args, train_ds, norm=args.norm)
-    if args.init_from and not args.resume:  # a resumed run's checkpoint already holds its weights
+    resuming = args.resume and args.out and (Path(args.out) / "checkpoint.pt").exists()
+    if args.init_from and not resuming:  # a run being resumed already holds its weights
         _init_from(model, Path(args.init_from))
     try:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

@@ -199,7 +199,8 @@ def test_train_init_from_starts_a_second_stage_from_an_earlier_run(tmp_path, mon
     assert cli.main(_train_cmd(first, 1)[3:]) == 0
     seen = {}
     monkeypatch.setattr(cli, "fit", lambda model, *a, **k: seen.update(model.state_dict()) or [])
-    assert cli.main(_train_cmd(tmp_path / "second", 1, ["--init-from", str(first), "--lr", "0.01"])[3:]) == 0
+    # --resume with nothing to resume yet (how scripts/baselines.sh calls it): the weights are loaded
+    assert cli.main(_train_cmd(tmp_path / "second", 1, ["--init-from", str(first), "--lr", "0.01", "--resume"])[3:]) == 0
     want = torch.load(first / "checkpoint.pt", weights_only=True)["model"]
     assert set(seen) == set(want) and all(torch.equal(seen[k], want[k]) for k in want)
     with pytest.raises(SystemExit, match="--init-from .*missing.pt"):
