@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--recipe", required=True)
     p.add_argument("--kwargs", default="{}")
+    p.add_argument("--epochs", type=int, default=None, help="all stages' epochs, when RUN_DIR is a later stage")
     a = p.parse_args()
     state = torch.load(Path(a.run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
     ZOO.mkdir(exist_ok=True)
@@ -35,7 +36,7 @@ def main() -> None:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest[a.name] = {
         "model": a.model, "kwargs": json.loads(a.kwargs), "file": path.name, "dataset": a.dataset,
-        "epochs": state["epoch"], "recipe": a.recipe,
+        "epochs": a.epochs or state["epoch"], "recipe": a.recipe,
         "metrics": {k: round(v, 2) for k, v in last.items() if k.startswith("val_")},
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
