@@ -12,7 +12,8 @@ from benchmarks._protocol import interval, read_rows
 
 # same criterion in both tools, with the same fine-tuning (no distillation), then ours as a user gets it
 PAIRS = [("l2:distill=0", "tp_magnitude"), ("bn_scale:distill=0", "tp_bn_scale"), ("l2:distill=0", "tp_group_norm"),
-         ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2@latency", "tp_magnitude")]
+         ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2@latency", "tp_magnitude"),
+         ("dlp+l2@latency", "tp_magnitude")]
 
 
 def summarize(rows: list[dict]) -> dict[tuple, dict]:
@@ -175,19 +176,19 @@ def _latency_section(summary: dict, level: str = "##") -> list[str]:
     lines = ["", f"{level} Latency at equal accuracy (this CPU, `--latency-batch`; latency as a fraction of the unpruned model's)", "",
              "Goal (issue 19): at least 20% faster than Torch-Pruning's MACs-equal prune at equal accuracy (the paired "
              f"top-1 difference not significantly below 0), on {MIN_SEEDS} paired seeds.", "",
-             "| model | MACs target | TP magnitude: latency, top-1 | l2@latency: target, latency, top-1 | faster by | "
-             "top-1 difference (paired) | goal |", "|---|---:|---|---|---:|---:|---|"]
+             "| model | MACs target | TP magnitude: latency, top-1 | ours | ours: target, latency, top-1 | faster by | "
+             "top-1 difference (paired) | goal |", "|---|---:|---|---|---|---:|---:|---|"]
     header = len(lines)
     for (model, target, method), ours in sorted(summary.items()):
         theirs = summary.get((model, target, "tp_magnitude"))
-        if method != "l2@latency" or theirs is None or ours["latency"] is None or theirs["latency"] is None:
+        if not method.endswith("l2@latency") or theirs is None or ours["latency"] is None or theirs["latency"] is None:
             continue
         d = paired(ours, theirs)
         diff = f"{d[0]:+.2f} +- {d[1]:.2f}" if d else ""
         faster = 1 - ours["latency"] / theirs["latency"]
         goal = ours["latency_target"]
         verdict = _verdict(d, faster >= 0.2 and d[0] + d[1] >= 0) if d else ""
-        lines.append(f"| {model} | {target:.0%} | {theirs['latency']:.3f}, {theirs['top1']:.2f} | "
+        lines.append(f"| {model} | {target:.0%} | {theirs['latency']:.3f}, {theirs['top1']:.2f} | {method} | "
                      f"{goal if goal is None else f'{goal:.3f}'}, {ours['latency']:.3f}, {ours['top1']:.2f} | "
                      f"{faster:.0%} | {diff} | {verdict} |")
     return lines if len(lines) > header else []
