@@ -81,11 +81,12 @@ def test_kd_is_zero_against_an_identical_teacher_and_grows_as_the_student_moves(
     assert len(seen) == 2 * (len(tr) // 64) and seen[0] == 0.0 and max(map(abs, seen)) < 1e-6
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(student.parameters(), frozen.parameters()))
     assert abs(hist[-1]["kd_loss"]) < 1e-6
-    # w = 1 with weight decay: the weights shrink, the student leaves the teacher and KD grows from exactly 0
+    # w = 1 with weight decay: the weights shrink, the student leaves the teacher and KD grows from ~0 (the
+    # first fit left it within rounding of the teacher, not bit-equal: how far depends on the CPU's kernels)
     seen.clear()
     hist = fit(student, tr, None, cfg(distill=1.0), teacher=teacher)
     epoch = len(seen) // 2
-    assert seen[0] == 0.0 and sum(seen[-epoch:]) > sum(seen[:epoch]) > 0
+    assert abs(seen[0]) < 1e-6 and sum(seen[-epoch:]) > sum(seen[:epoch]) > 0
     assert hist[-1]["kd_loss"] > hist[0]["kd_loss"] > 0
     assert abs(hist[-1]["kd_loss"] - sum(seen[-epoch:]) / epoch) < 1e-9  # the history holds the epoch mean
     # w = 0.5: the labels pull the student away from its (untrained) teacher, much further than the decay did
