@@ -87,8 +87,7 @@ def write_report(path: Path, md: Path, args) -> None:
                      f"{s['top1']:.2f} +- {s['ci']:.2f} | {s['n']} | {'; '.join(notes)} |")
     lines += ["", "## Paired differences (same seeds; top-1 points, mean +- 95%)", "",
               "| model | MACs target | ours | theirs | difference | seeds |", "|---|---:|---|---|---:|---:|"]
-    for model, target in sorted({(k[0], k[1]) for k in summary}, key=lambda k: (k[0], -k[1])):
-        cell = {k[2]: v for k, v in summary.items() if k[:2] == (model, target)}
+    for model, target, cell in _cells(summary):
         pairs = [(a, b) for a, b in PAIRS if a in cell and b in cell]
         best = best_of_each_tool(cell)
         if best:

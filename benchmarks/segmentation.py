@@ -86,12 +86,13 @@ def _iw(base, x, target, train, held, setup: dict, args, seed: int, folder: Path
                                            "refinements": args.refinements})
 
 
-def run_pair(name: str, kind: str, base, seed: int, args, work: Path) -> dict:
-    """Importance weights, then L1 at the MACs it reached with the same epochs (optimizer steps)."""
+def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Path) -> dict:
+    """Importance weights, then L1 at the MACs it reached with the same epochs (optimizer steps);
+    ``data`` is the model's (train, held-out, test) from :func:`splits`."""
     import secateurs
 
     setup = SETUPS[name]
-    train, held, test = splits(setup)
+    train, held, test = data
     x = torch.randn(1, 1, 256, 256)
     save = (lambda tag: work / name / tag) if seed == 0 else (lambda tag: None)
     t0 = time.perf_counter()
@@ -164,8 +165,8 @@ def run(args, path: Path, work: Path) -> dict:
         setup = SETUPS[name]
         base = load_pretrained(name)
         r = results.setdefault(name, {"model": name, "runs": {}})
+        data = train, held, test = splits(setup)  # loaded once per model, not once per run
         if "base" not in r:
-            train, held, test = splits(setup)
             r.update(dataset=test.name, train_images=len(train), held_images=len(held), test_images=len(test),
                      base=_measure(base, test, held, args.metric, work / name / "base"))
         for seed in args.seeds:
@@ -173,7 +174,7 @@ def run(args, path: Path, work: Path) -> dict:
                 got = r["runs"].setdefault(str(seed), {})
                 if kind in got:
                     continue
-                got[kind] = run_pair(name, kind, base, seed, args, work)
+                got[kind] = run_pair(name, kind, base, data, seed, args, work)
                 _save(path, args, results)
                 print(name, seed, kind, {m: {k: v for k, v in got[kind][m].items() if k != "curve"}
                                          for m in ("iw", "l1")}, flush=True)
