@@ -105,6 +105,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int, default=0)
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--pad", type=int, default=4, help="zero padding before the random crop (classification)")
+    t.add_argument("--cutout", type=int, default=0, metavar="PX",
+                   help="blank one PX x PX square of every training image (classification; 16 for CIFAR)")
     t.add_argument("--crop", type=int, default=None, help="random crop size (segmentation)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPU and GPU)")
@@ -455,7 +457,8 @@ def train_main(args) -> int:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                           optimizer=args.optimizer, schedule=args.schedule, milestones=tuple(args.milestones),
                           warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, amp=args.amp,
-                          channels_last=args.channels_last, seed=args.seed, pad=args.pad, crop=args.crop, out_dir=args.out,
+                          channels_last=args.channels_last, seed=args.seed, pad=args.pad, crop=args.crop, cutout=args.cutout,
+                          out_dir=args.out,
                           resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard, step_delay=args.step_delay)
     except ValueError as err:
         raise SystemExit(f"secateurs train: {err}") from None

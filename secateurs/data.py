@@ -342,6 +342,19 @@ def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, pad: 
     return x, y
 
 
+def cutout_mask(n: int, h: int, w: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, 1, h, w) float mask with one ``size`` x ``size`` square of zeros per sample, centred
+    anywhere in the image (so it may be cut by the border), as in DeVries & Taylor 2017. Applied
+    after normalisation it blanks to the dataset mean: the regulariser that lets small CIFAR
+    ResNets stop memorising the training set."""
+    cy = torch.randint(0, h, (n,), generator=gen)[:, None, None]
+    cx = torch.randint(0, w, (n,), generator=gen)[:, None, None]
+    rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    lo, hi = size // 2, size - size // 2
+    inside = (rows >= cy - lo) & (rows < cy + hi) & (cols >= cx - lo) & (cols < cx + hi)
+    return (~inside).float()[:, None]
+
+
 class Batches:
     """Shuffled, augmented mini-batches of an :class:`ArrayDataset`, shared out across processes.
 
@@ -352,11 +365,12 @@ class Batches:
     """
 
     def __init__(self, ds: ArrayDataset, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1,
-                 pad: int = 4, crop: int | None = None, flip: bool = True) -> None:
+                 pad: int = 4, crop: int | None = None, flip: bool = True, cutout: int = 0) -> None:
         if train and batch_size % world:
             raise ValueError(f"`batch_size` ({batch_size}) must be a multiple of the number of processes ({world})")
         self.ds, self.batch_size, self.train, self.seed = ds, batch_size, train, seed
         self.rank, self.world, self.pad, self.crop, self.flip = rank, world, pad, crop, flip
+        self.cutout = cutout
         mean = torch.tensor(ds.mean or (0.5,) * ds.images.shape[1]).view(1, -1, 1, 1)
         std = torch.tensor(ds.std or (0.25,) * ds.images.shape[1]).view(1, -1, 1, 1)
         self._scale, self._shift = 1 / (255 * std), mean / std
@@ -384,7 +398,11 @@ class Batches:
             x, y = self.ds.images[sel], self.ds.targets[sel]
             if self.train and (self.pad or self.crop or self.flip):
                 x, y = augment(x, y, gen, pad=self.pad, flip=self.flip, crop=self.crop)
+            # drawn for the global batch, before the split, so every world size sees the same squares
+            mask = cutout_mask(len(x), *x.shape[-2:], self.cutout, gen) if self.train and self.cutout else None
             if self.world > 1:  # this process's share of the global batch
                 per = -(-len(x) // self.world)
-                x, y = x[self.rank * per:(self.rank + 1) * per], y[self.rank * per:(self.rank + 1) * per]
-            yield self.normalize(x), y
+                part = slice(self.rank * per, (self.rank + 1) * per)
+                x, y, mask = x[part], y[part], mask[part] if mask is not None else None
+            x = self.normalize(x)
+            yield (x * mask if mask is not None else x), y

@@ -58,6 +58,7 @@ class TrainConfig:
     pad: int = 4  # augmentation: zero padding before the random crop (classification)
     crop: int | None = None  # augmentation: random crop size (segmentation)
     flip: bool = True
+    cutout: int = 0  # augmentation: side of the square blanked in every training image (classification; 0 = off)
     out_dir: str | None = None
     resume: bool = False
     quiet: bool = False
@@ -74,6 +75,7 @@ class TrainConfig:
         check_scalar(self.distill, "distill", numbers.Real, min_val=0, max_val=1)
         check_scalar(self.distill_temperature, "distill_temperature", numbers.Real, min_val=0, include_min=False)
         check_scalar(self.steps, "steps", int, min_val=1, allow_none=True)
+        check_scalar(self.cutout, "cutout", int, min_val=0)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the whole run."""
@@ -386,7 +388,8 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     cfg = _memory_format(model, cfg, device)
     teacher_was = _ready_teacher(model, teacher, train_ds, cfg, device) if teacher is not None else False
     batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
-                      pad=cfg.pad if train_ds.task == "classification" else 0, crop=cfg.crop, flip=cfg.flip)
+                      pad=cfg.pad if train_ds.task == "classification" else 0, crop=cfg.crop, flip=cfg.flip,
+                      cutout=cfg.cutout if train_ds.task == "classification" else 0)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(batches))
     out = Path(cfg.out_dir) if cfg.out_dir else None

@@ -121,6 +121,29 @@ def test_batches_shard_the_global_batch():
         Batches(ds, 63, train=True, world=2)
 
 
+def test_cutout_blanks_one_square_to_the_mean_per_sample():
+    gen = torch.Generator().manual_seed(0)
+    mask = data.cutout_mask(500, 12, 12, 4, gen)
+    blanked = (mask == 0).sum((1, 2, 3))
+    # a square centred inside the border keeps all 16 pixels; one at a corner keeps a quarter
+    assert blanked.max() == 16 and blanked.min() == 4 and set(mask.unique().tolist()) == {0.0, 1.0}
+    for m in mask[:20, 0]:  # the zeros form one axis-aligned rectangle
+        rows, cols = (m == 0).nonzero().unbind(1)
+        assert len(rows) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    ds = load_dataset("digits", "train")
+    plain = list(Batches(ds, 64, train=True, seed=5, pad=0, flip=False))
+    cut = list(Batches(ds, 64, train=True, seed=5, pad=0, flip=False, cutout=4))
+    for (x, y), (xc, yc) in zip(plain, cut):
+        assert torch.equal(y, yc)
+        hole = (xc == 0).all(1)  # blanked to 0 after normalisation: the dataset mean
+        assert (hole.sum((1, 2)) >= 4).all() and torch.equal(xc[~hole.unsqueeze(1).expand_as(xc)],
+                                                               x[~hole.unsqueeze(1).expand_as(x)])
+    # the squares are drawn for the global batch: two processes see one process's batch split in two
+    parts = [list(Batches(ds, 64, train=True, seed=5, rank=r, world=2, pad=0, flip=False, cutout=4)) for r in range(2)]
+    for (x, _), (x0, _), (x1, _) in zip(cut, *parts):
+        assert torch.equal(torch.cat([x0, x1]), x)
+
+
 def test_cifar100_python_layout_is_read(tmp_path, monkeypatch):
     """The download path's on-disk format (pickled batches), built by hand: no network needed."""
     import pickle

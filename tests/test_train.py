@@ -59,6 +59,8 @@ def test_step_budget_counts_optimizer_steps_and_ends_the_schedule():
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule spans the 30 steps
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="cutout"):
+        TrainConfig(cutout=-1)
 
 
 def _train_cmd(out, epochs, extra=()):
@@ -70,9 +72,10 @@ def _train_cmd(out, epochs, extra=()):
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(ref, 3), check=True, env=env, cwd=ROOT)
+    cut = ["--cutout", "3"]  # the cutout squares are part of each epoch's seeded augmentation too
+    subprocess.run(_train_cmd(ref, 3, cut), check=True, env=env, cwd=ROOT)
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, 3, ["--step-delay", "0.05"]), env=env, cwd=ROOT)
+    proc = subprocess.Popen(_train_cmd(run, 3, ["--step-delay", "0.05", *cut]), env=env, cwd=ROOT)
     deadline = time.time() + 120
     while not (run / "log.csv").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -81,10 +84,10 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     proc.wait()
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1, "the kill should land in the second epoch"
-    subprocess.run(_train_cmd(run, 3, ["--resume"]), check=True, env=env, cwd=ROOT)
+    subprocess.run(_train_cmd(run, 3, ["--resume", *cut]), check=True, env=env, cwd=ROOT)
     a = torch.load(ref / "checkpoint.pt", weights_only=True)
     b = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert b["epoch"] == 3
+    assert b["epoch"] == 3 and a["config"]["cutout"] == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [r["val_top1"] for r in a["history"]] == [r["val_top1"] for r in b["history"]]
 
