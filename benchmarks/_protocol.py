@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -54,11 +55,17 @@ def read_rows(path: Path) -> list[dict]:
 def append_row(path: Path, row: dict, fields: list[str] | None = None) -> None:
     """One finished row, appended at once: a killed run keeps every row before it."""
     new = not path.exists()
+    if not new:  # a run killed mid-write leaves a partial last line: drop it, or the next row joins it
+        text = path.read_bytes()
+        if text and not text.endswith(b"\n"):
+            path.write_bytes(text[:text.rfind(b"\n") + 1])
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields or list(row))
         if new:
             w.writeheader()
         w.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def interval(values: list[float]) -> tuple[float, float]:

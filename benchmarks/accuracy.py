@@ -52,8 +52,10 @@ THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
 TP_REG = {"tp_bn_scale": 1e-4, "tp_group_norm": 5e-4}  # network slimming's lambda; TP's CIFAR group_sl script
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit trains there too
 FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
-          "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "distill",
-          "train_images", "test_images", "seconds", "latency_ratio", "latency_target"]
+          "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "stopped",
+          "missed_target", "distill", "train_images", "test_images", "seconds", "latency_ratio", "latency_target",
+          "error", "settings"]
+FINAL = 999  # the seed offset of a row's last fine-tuning (see finetune)
 
 
 class StepCounter:
@@ -76,11 +78,13 @@ class StepCounter:
         self._handle.remove()
 
 
-def finetune(args, seed: int, steps: int, distill: float = 0.0):
+def finetune(args, seed: int, steps: int, distill: float = 0.0, call: int = 0):
+    """The row's fine-tuning recipe; ``call`` numbers the fits of one row, so that each reads its own
+    batches (one seed for all would replay the same first images in every short round)."""
     from secateurs.train import TrainConfig
 
     return TrainConfig(steps=max(1, steps), batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, quiet=True,
-                       seed=seed, channels_last=True, distill=distill)
+                       seed=seed * 1000 + call, channels_last=True, distill=distill)
 
 
 def _fit(model, train, cfg, teacher=None) -> None:
@@ -143,7 +147,7 @@ def run_tp(method: str, model, x, target: float, train, args, seed: int) -> dict
                 goal = target ** (i / k) * base / secateurs.count(model, x).macs
                 if goal < 1:
                     _tp_pruner(model, x, method, tp_ratio_for_macs(model, x, method, goal)).step()
-                _fit(model, train, finetune(args, seed, max(1, args.steps // (2 * k))))
+                _fit(model, train, finetune(args, seed, max(1, args.steps // (2 * k)), call=i))
         else:  # sparse learning, then the global ratio that meets the MACs on the sparse model
             _tp_sparse_phase(model, _tp_pruner(model, x, method, 0.5), train, args, seed, args.steps // 2)
             _tp_pruner(model, x, method, tp_ratio_for_macs(model, x, method, target)).step()
@@ -155,7 +159,8 @@ def latency_ratio(base, model, args) -> float:
     30 left the per-row ratios of one architecture a few points apart on this shared machine)."""
     from secateurs.latency import time_models
 
-    cpu = lambda m: copy.deepcopy(m).cpu().eval()  # noqa: E731
+    # one memory format for both: fine-tuning leaves models channels-last, which oneDNN runs by another path
+    cpu = lambda m: copy.deepcopy(m).cpu().eval().to(memory_format=torch.channels_last)  # noqa: E731
     t = time_models({"dense": cpu(base), "pruned": cpu(model)}, torch.randn(args.latency_batch, 3, 32, 32), repeats=100,
                     threads=args.threads)
     return t["pruned"].median_s / t["dense"].median_s
@@ -189,10 +194,12 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
             fraction = 1 - math.sqrt(target) ** (1 / args.rounds)
             options = {"epochs": 1, "fraction": min(1.0, fraction), **extra}
             if method.endswith("@tol"):  # the method proper: the tolerance on the held-out split stops it
+                # alpha's round and up to 2 x rounds cuts share the budget: (2 x rounds + 1) equal parts
+                part = finetune(args, seed, max(1, args.steps // (2 * args.rounds + 1)), args.distill)
                 _, rep = secateurs.prune(model, x, "importance-weights", None, data=train, val_data=val,
-                                         tolerance=args.tolerance, finetune=per_round, steps=2 * args.rounds,
+                                         tolerance=args.tolerance, finetune=part, steps=2 * args.rounds,
                                          method_options=options)
-                return {"fallback": rep.get("stopped", "")[:80]}
+                return {"stopped": rep.get("stopped", "")[:80]}
             secateurs.prune(model, x, method, target, data=train, finetune=per_round, steps=args.rounds + 2,
                             method_options=options)
         elif method == "heuristic":  # its estimator (kappa 0.5), fine-tuned between rounds, to the target
@@ -291,8 +298,8 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
                                                else run_ours(method, model, x, target, train, val, args, seed))
     used = n.n
     left = args.steps - used
-    if left > 0:
-        _fit(model, train, finetune(args, seed, left, args.distill), base if args.distill else None)
+    if left > 0:  # the teacher a copy: fit readies it (memory format) and the base must stay as it is
+        _fit(model, train, finetune(args, seed, left, args.distill, call=FINAL), copy.deepcopy(base) if args.distill else None)
     cost, cost0 = secateurs.count(model, x), secateurs.count(base, x)
     row = {"model": name, "target": target, "method": method, "tool": "secateurs" if ours or method == "control"
            else "torch_pruning", "seed": seed, "steps": args.steps, "steps_used": max(used, args.steps),
@@ -300,11 +307,38 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
            "kept_params": round(cost.params / cost0.params, 4), "top1_before": round(base_top1, 2),
            "top1": round(evaluate(model, test)["top1"], 2), "val_top1": round(evaluate(model, val)["top1"], 2),
            "converged": info.get("converged", ""), "converged_step": info.get("converged_step", ""),
-           "fallback": info.get("fallback", ""), "distill": args.distill, "train_images": len(train),
+           "fallback": info.get("fallback", ""), "stopped": info.get("stopped", ""), "distill": args.distill,
+           "missed_target": "@" not in method and method != "control" and cost.macs > cost0.macs * target * 1.01,
+           "train_images": len(train),
            "test_images": len(test), "seconds": round(time.perf_counter() - t0, 1),
            "latency_ratio": "" if method == "control" else round(latency_ratio(base, model, args), 4),
            "latency_target": info.get("latency_target", "")}
     return row
+
+
+SETTINGS = ("rounds", "lr", "batch_size", "distill", "tolerance", "hfp_lam", "latency_batch", "latency_gain", "holdout",
+            "subset", "test_subset", "threads")
+
+
+def settings(args, name: str) -> str:
+    """What else a row's numbers depend on (besides model, target, method, seed and steps), with the
+    checkpoint's hash: rows of other settings must not be resumed from or pooled."""
+    from secateurs.models import list_pretrained
+
+    entry = list_pretrained().get(name, {})
+    return ";".join([*(f"{k}={getattr(args, k)}" for k in SETTINGS), f"device={DEVICE.type}",
+                     f"sha={entry.get('sha256', '?')[:12]}"])
+
+
+def check_baseline(name: str, args) -> None:
+    """The held-out split must be images the baseline never trained on, or the tolerance and the
+    held-out picks read training data: refuse a checkpoint whose recipe did not hold them out."""
+    from secateurs.models import list_pretrained
+
+    recipe = list_pretrained().get(name, {}).get("recipe", "")
+    if not args.quick and f"--holdout {args.holdout}" not in recipe:
+        raise SystemExit(f"{name}: its zoo recipe does not hold out the {args.holdout}-image split (`--holdout "
+                         f"{args.holdout}` not in {recipe[:80]!r}...); train it with scripts/baselines.sh first")
 
 
 def run(args) -> Path:
@@ -315,19 +349,30 @@ def run(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy.csv"
-    done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in read_rows(path)}
+    rows = read_rows(path)
+    done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in rows if not r.get("error")}
+    for name in args.models:  # every refusal before any data is read
+        check_baseline(name, args)
+        other = {r.get("settings") for r in rows if r["model"] == name} - {settings(args, name)}
+        if other:
+            raise SystemExit(f"{path} holds {name} rows made with other settings ({sorted(map(str, other))[0]}, now "
+                             f"{settings(args, name)}): pass another --out, or the same settings")
     train, val, test = data(args)
     for name in args.models:
+        mine = settings(args, name)
         base = load_pretrained(name).eval().to(DEVICE)
         top1 = evaluate(base, test)["top1"]
         for target in args.targets:
             for method in args.methods:
                 for seed in args.seeds:
-                    key = (name, str(target), method, str(seed), str(args.steps))
-                    if key in done:
+                    if (name, str(target), method, str(seed), str(args.steps)) in done:
                         continue
-                    row = one_row(name, base, top1, method, target, seed, train, val, test, args)
-                    append_row(path, row, FIELDS)
+                    try:
+                        row = one_row(name, base, top1, method, target, seed, train, val, test, args)
+                    except Exception as err:  # noqa: BLE001 - one broken row must not stall the grid; it is rerun next time
+                        row = {"model": name, "target": target, "method": method, "seed": seed, "steps": args.steps,
+                               "error": f"{type(err).__name__}: {err}"[:200]}
+                    append_row(path, {**row, "settings": mine}, FIELDS)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return path
 

@@ -27,6 +27,8 @@ def summarize(rows: list[dict]) -> dict[tuple, dict]:
         out[key] = {"top1": m, "ci": h, "n": len(rs), "kept_macs": statistics.fmean(float(r["kept_macs"]) for r in rs),
                     "tool": rs[0]["tool"], "seeds": {int(r["seed"]): float(r["top1"]) for r in rs},
                     "fallbacks": sum(bool(r["fallback"]) for r in rs), "over": sum(r["over_budget"] == "True" for r in rs),
+                    "missed": sum(r.get("missed_target") == "True" for r in rs),
+                    "stopped": sum(bool(r.get("stopped")) for r in rs),
                     "converged": [r["converged_step"] for r in rs if r["converged"] == "True"],
                     "val": _mean([r.get("val_top1", "") for r in rs]),
                     "latency": _mean([r.get("latency_ratio", "") for r in rs]),
@@ -40,16 +42,25 @@ def _mean(values: list) -> float | None:
 
 
 def one_budget(rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """The rows of the step budget most rows have, and a note for any left out: rows of two
-    budgets must never be pooled into one mean."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[str(r["steps"])] = counts.get(str(r["steps"]), 0) + 1
-    if len(counts) < 2:
-        return rows, []
-    keep = max(counts, key=counts.get)
-    other = ", ".join(f"{n} rows at {k} steps" for k, n in counts.items() if k != keep)
-    return [r for r in rows if str(r["steps"]) == keep], [f"Left out of this report (another step budget): {other}."]
+    """Per model, the rows of the step budget most of its rows have (models may differ: ResNet-56
+    steps cost 3x), and a note for any left out: rows of two budgets must never be pooled into one
+    mean. Rows that failed (``error``) are left out and counted too."""
+    notes, keep_rows = [], []
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        notes.append(f"{len(failed)} failed rows left out (their `error` column says why; a rerun retries them).")
+    rows = [r for r in rows if not r.get("error")]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        counts: dict[str, int] = {}
+        for r in rows:
+            if r["model"] == model:
+                counts[str(r["steps"])] = counts.get(str(r["steps"]), 0) + 1
+        keep = max(counts, key=counts.get)
+        keep_rows += [r for r in rows if r["model"] == model and str(r["steps"]) == keep]
+        if len(counts) > 1:
+            other = ", ".join(f"{n} rows at {k} steps" for k, n in counts.items() if k != keep)
+            notes.append(f"Left out of this report (another step budget for {model}): {other}.")
+    return keep_rows, notes
 
 
 def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
@@ -67,7 +78,7 @@ def write_report(path: Path, md: Path, args) -> None:
     first = rows[0] if rows else {}
     lines = ["# Accuracy at equal MACs under one step budget (CIFAR-10 JPEG)", "",
              f"`python -m benchmarks.accuracy` on {platform.machine()}, torch {torch.__version__}. Protocol: "
-             f"{first.get('steps', '?')} optimizer steps per row (pruning phase + fine-tuning; batch {args.batch_size}, "
+             f"{'/'.join(dict.fromkeys(str(r['steps']) for r in rows)) or '?'} optimizer steps per row (pruning phase + fine-tuning; batch {args.batch_size}, "
              f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (from the training set "
              f"less a {args.holdout}-image held-out split), top-1 on {first.get('test_images', '?')} test images. "
              "Generated from `accuracy.csv`; see `benchmarks/accuracy.py` for how each method is run.", "",
@@ -80,6 +91,10 @@ def write_report(path: Path, md: Path, args) -> None:
             notes.append(f"{s['fallbacks']} fallback")
         if s["over"]:
             notes.append(f"{s['over']} over budget")
+        if s["missed"]:
+            notes.append(f"{s['missed']} missed the MACs target (not an equal-MACs candidate)")
+        if s["stopped"]:
+            notes.append(f"{s['stopped']} stopped by the tolerance")
         if s["converged"]:
             notes.append("converged at step " + "/".join(map(str, s["converged"])))
         lat = f"{s['latency']:.3f}" if s["latency"] is not None else ""
@@ -115,7 +130,8 @@ def best_of_each_tool(cell: dict) -> tuple[str, str] | None:
     (not the test set the difference is then read on). Rows that do not aim at the MACs target
     (``@tol``, ``@latency``), the control and rows without a held-out top-1 are not candidates."""
     def pick(tool: str) -> str | None:
-        names = [m for m, v in cell.items() if v["tool"] == tool and m != "control" and "@" not in m and v["val"] is not None]
+        names = [m for m, v in cell.items() if v["tool"] == tool and m != "control" and "@" not in m
+                 and v["val"] is not None and not v.get("missed")]
         return max(names, key=lambda m: cell[m]["val"], default=None)
     ours, theirs = pick("secateurs"), pick("torch_pruning")
     return (ours, theirs) if ours and theirs else None

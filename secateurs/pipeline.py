@@ -244,8 +244,10 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
     timings["surgery_s"] += t4 - t3
     if req.finetune is not None:
         out = run.ckpt.out
-        cfg = req.finetune if out is None else replace(req.finetune, out_dir=str(run.ckpt.step_dir(k) / "train"),
-                                                       resume=True)
+        # each step its own data order: one seed for all would replay the same first batches every step
+        cfg = replace(req.finetune, seed=req.finetune.seed + k)
+        if out is not None:
+            cfg = replace(cfg, out_dir=str(run.ckpt.step_dir(k) / "train"), resume=True)
         fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
         timings["finetune_s"] += time.perf_counter() - t4
     return _measure_step(run, ctx, k, removed, snapshot, tolerance)

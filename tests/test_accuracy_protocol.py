@@ -121,5 +121,53 @@ def test_verdicts_wait_for_three_seeds_and_budgets_are_never_pooled(tmp_path):
                      argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
     text = (tmp_path / "accuracy.md").read_text()
     assert "| r20 | 50% | l2 (ours) - tp_magnitude | +8.00 +- 0.00 | 2 | pending (2 of 3 seeds) |" in text
-    assert "Left out of this report (another step budget): 3 rows at 300 steps." in text
+    assert "Left out of this report (another step budget for r20): 3 rows at 300 steps." in text
     assert "| l1 |" not in text and "Changes to the methods" not in text  # no pair measured: no empty section
+
+
+def test_each_model_keeps_its_own_budget_and_failed_or_missed_rows_stay_out(tmp_path):
+    rows = [_row("l2", s, 88.0) for s in range(3)] + [_row("tp_magnitude", s, 80.0, "torch_pruning") for s in range(3)]
+    r56 = [_row(m, s, t, tool, model="r56", steps=300)  # ResNet-56 runs fewer, dearer steps: still reported
+           for m, t, tool in (("l2", 90.0, "secateurs"), ("tp_magnitude", 89.0, "torch_pruning")) for s in range(3)]
+    # better on the held-out split than l2, but it never reached the MACs target: no equal-MACs candidate
+    missed = [_row("importance-weights", s, 95.0, val_top1=99.0, missed_target="True", kept_macs=0.6) for s in range(3)]
+    failed = [_row("hfp", 0, "", error="RuntimeError: boom")]
+    _write_rows(tmp_path / "accuracy.csv", rows + r56 + missed + failed)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "| r56 | 50% | l2 | tp_magnitude | +1.00 +- 0.00 | 3 |" in text and "Left out" not in text
+    assert "| r20 | 50% | l2 (ours) - tp_magnitude | +8.00 +- 0.00 | 3 |" in text
+    iw = next(line for line in text.splitlines() if "| importance-weights |" in line)
+    assert "3 missed the MACs target" in iw
+    assert "1 failed rows left out" in text and "| hfp |" not in text
+
+
+def test_grid_refuses_other_settings_and_baselines_that_saw_the_held_out_split(tmp_path, monkeypatch):
+    ns = argparse.Namespace(models=["cifar_resnet20_cifar10"], targets=[0.5], methods=["l2"], seeds=[0], steps=10,
+                            rounds=4, lr=0.02, batch_size=128, distill=0.5, tolerance=1.0, hfp_lam=5.0, latency_batch=8,
+                            latency_gain=0.8, holdout=5000, subset=0, test_subset=0, threads=1, data_root=None,
+                            out=str(tmp_path), quick=False)
+    monkeypatch.setattr("secateurs.models.list_pretrained",
+                        lambda: {"cifar_resnet20_cifar10": {"recipe": "secateurs train --epochs 15", "sha256": "ab"}})
+    with pytest.raises(SystemExit, match="cifar_resnet20_cifar10: its zoo recipe does not hold out"):
+        acc.run(ns)
+    monkeypatch.setattr("secateurs.models.list_pretrained", lambda: {"cifar_resnet20_cifar10": {
+        "recipe": "secateurs train --holdout 5000", "sha256": "ab"}})
+    _write_rows(tmp_path / "accuracy.csv", [_row("l2", 0, 88.0, model="cifar_resnet20_cifar10", settings="lr=0.1")])
+    with pytest.raises(SystemExit, match="rows made with other settings"):
+        acc.run(ns)
+    mine = acc.settings(ns, "cifar_resnet20_cifar10")
+    assert "lr=0.02" in mine and "sha=ab" in mine and mine != acc.settings(argparse.Namespace(**{**vars(ns), "lr": 0.1}),
+                                                                            "cifar_resnet20_cifar10")
+
+
+def test_append_row_drops_the_partial_line_a_kill_left(tmp_path):
+    from benchmarks._protocol import append_row, read_rows
+
+    path = tmp_path / "rows.csv"
+    append_row(path, {"a": 1, "b": 2})
+    with path.open("a") as f:
+        f.write("3,")  # killed mid-row
+    append_row(path, {"a": 4, "b": 5})
+    assert read_rows(path) == [{"a": "1", "b": "2"}, {"a": "4", "b": "5"}]
