@@ -55,6 +55,11 @@ FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "p
           "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "stopped",
           "missed_target", "distill", "train_images", "test_images", "seconds", "latency_ratio", "latency_target",
           "error", "settings"]
+# the issue's verdicts first (a grid cut short by a session still answers them): same-criterion pairs with
+# Torch-Pruning, the paper methods against l1, the latency prune, the control; then the other variants
+GRID_ORDER = ["tp_magnitude", "l2:distill=0", "l2", "l1", "tp_bn_scale", "bn_scale:distill=0", "bn_scale", "hfp",
+              "heuristic", "l2@latency", "control", "tp_group_norm", "dlp+filters", "dlp+l2@latency", "importance-weights",
+              "importance-weights@tol", "hfp:tie=shared", "importance-weights:rank=scale", "l2:allocation=latency", "taylor"]
 FINAL = 999  # the seed offset of a row's last fine-tuning (see finetune)
 
 
@@ -382,9 +387,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--methods", nargs="+",
-                   default=OURS + ["l2:distill=0", "bn_scale:distill=0", "importance-weights@tol", "l2@latency",
-                            "dlp+l2@latency", "l2:allocation=latency", "hfp:tie=shared", "importance-weights:rank=scale"] + THEIRS
-                   + ["control"],
+                   default=GRID_ORDER,
                    help="also variants with options: hfp:tie=shared, importance-weights:rank=scale, l2:allocation=latency")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per row, pruning phase + fine-tuning")

@@ -30,6 +30,15 @@ def test_step_counter_sees_every_optimizer_including_ones_built_inside():
     assert n.n == 6
 
 
+def test_grid_order_runs_every_method_and_tool_once_verdict_pairs_first():
+    assert sorted(acc.GRID_ORDER) == sorted(set(acc.GRID_ORDER)) and set(acc.OURS + acc.THEIRS) <= set(acc.GRID_ORDER)
+    first = acc.GRID_ORDER[:acc.GRID_ORDER.index("control") + 1]
+    assert all(a in first and b in first for a, b in acc.PAIRS[:2]) and {"l1", "hfp", "heuristic"} <= set(first)
+    for m in acc.GRID_ORDER:  # every variant names a method the grid can run
+        assert acc.variant(m)[0] in acc.OURS + acc.THEIRS + ["control", "l2@latency", "dlp+l2@latency",
+                                                             "importance-weights@tol"]
+
+
 def _row(method, seed, top1, tool="secateurs", **kw):
     row = dict.fromkeys(acc.FIELDS, "")
     row.update({"model": "r20", "target": 0.5, "method": method, "tool": tool, "seed": seed, "steps": 800,
