@@ -223,9 +223,12 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
     if "original_widths" not in run.extra:  # min-kept guards refer to the original widths, across resumes too
         run.extra["original_widths"] = {g.name: g.size for g in graph.groups}
     t1 = time.perf_counter()
+    # each step its own data order (one seed for all would replay the same first batches every step);
+    # the method sees the same config, so what it trains or probes inside the step reads those batches
+    finetune = replace(req.finetune, seed=req.finetune.seed + k) if req.finetune is not None else None
     ctx = StepContext(model=model, graph=graph, step=k, current=run.current,
                       original_widths=run.extra["original_widths"], state=run.extra.setdefault("_state", {}),
-                      **run.context)
+                      **{**run.context, "finetune": finetune})
     before_plan = copy.deepcopy(model) if tolerance is not None and req.how.trains else None
     decision: Decision = req.how.plan(ctx)
     t3 = time.perf_counter()
@@ -242,10 +245,9 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
     removed = decision.apply(model, graph, run.example_inputs)
     t4 = time.perf_counter()
     timings["surgery_s"] += t4 - t3
-    if req.finetune is not None:
+    if finetune is not None:
         out = run.ckpt.out
-        # each step its own data order: one seed for all would replay the same first batches every step
-        cfg = replace(req.finetune, seed=req.finetune.seed + k)
+        cfg = finetune
         if out is not None:
             cfg = replace(cfg, out_dir=str(run.ckpt.step_dir(k) / "train"), resume=True)
         fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
