@@ -356,15 +356,15 @@ def run(args) -> Path:
     path = out / "accuracy.csv"
     rows = read_rows(path)
     done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in rows if not r.get("error")}
+    mine = {name: settings(args, name) for name in args.models}
     for name in args.models:  # every refusal before any data is read
         check_baseline(name, args)
-        other = {r.get("settings") for r in rows if r["model"] == name} - {settings(args, name)}
+        other = {r.get("settings") for r in rows if r["model"] == name} - {mine[name]}
         if other:
             raise SystemExit(f"{path} holds {name} rows made with other settings ({sorted(map(str, other))[0]}, now "
-                             f"{settings(args, name)}): pass another --out, or the same settings")
+                             f"{mine[name]}): pass another --out, or the same settings")
     train, val, test = data(args)
     for name in args.models:
-        mine = settings(args, name)
         base = load_pretrained(name).eval().to(DEVICE)
         top1 = evaluate(base, test)["top1"]
         for target in args.targets:
@@ -377,7 +377,7 @@ def run(args) -> Path:
                     except Exception as err:  # noqa: BLE001 - one broken row must not stall the grid; it is rerun next time
                         row = {"model": name, "target": target, "method": method, "seed": seed, "steps": args.steps,
                                "error": f"{type(err).__name__}: {err}"[:200]}
-                    append_row(path, {**row, "settings": mine}, FIELDS)
+                    append_row(path, {**row, "settings": mine[name]}, FIELDS)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -50,11 +51,9 @@ def one_budget(rows: list[dict]) -> tuple[list[dict], list[str]]:
     if failed:
         notes.append(f"{len(failed)} failed rows left out (their `error` column says why; a rerun retries them).")
     rows = [r for r in rows if not r.get("error")]
+    per_model = Counter((r["model"], str(r["steps"])) for r in rows)
     for model in dict.fromkeys(r["model"] for r in rows):
-        counts: dict[str, int] = {}
-        for r in rows:
-            if r["model"] == model:
-                counts[str(r["steps"])] = counts.get(str(r["steps"]), 0) + 1
+        counts = {steps: n for (m, steps), n in per_model.items() if m == model}
         keep = max(counts, key=counts.get)
         keep_rows += [r for r in rows if r["model"] == model and str(r["steps"]) == keep]
         if len(counts) > 1:

@@ -387,9 +387,10 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     model.to(device)
     cfg = _memory_format(model, cfg, device)
     teacher_was = _ready_teacher(model, teacher, train_ds, cfg, device) if teacher is not None else False
+    images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
     batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
-                      pad=cfg.pad if train_ds.task == "classification" else 0, crop=cfg.crop, flip=cfg.flip,
-                      cutout=cfg.cutout if train_ds.task == "classification" else 0)
+                      pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
+                      cutout=cfg.cutout if images_only else 0)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(batches))
     out = Path(cfg.out_dir) if cfg.out_dir else None
