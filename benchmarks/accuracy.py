@@ -211,12 +211,13 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
             secateurs.prune(model, x, method, target, steps=args.rounds, finetune=per_round, data=train,
                             method_options={"kappa": 0.5})
         elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then VIP filters, iterated and fine-tuned
-            base = secateurs.count(model, x).macs
+            base, dense = secateurs.count(model, x).macs, copy.deepcopy(model)
             secateurs.prune(model, x, "dlp", max(target, 0.8), data=train, finetune=per_round,
                             method_options={"per_class": 20})
             rest = target * base / secateurs.count(model, x).macs
-            if rest < 1:
-                secateurs.prune(model, x, "vip", rest, steps=max(1, args.rounds - 1), data=train, finetune=per_round)
+            if rest < 1:  # distilled from the unpruned model, not the block-pruned one
+                secateurs.prune(model, x, "vip", rest, steps=max(1, args.rounds - 1), data=train, finetune=per_round,
+                                teacher=dense)
         else:  # a criterion: one cut (bias compensation included), then fine-tuning; "l2:allocation=latency"
             _prune_on_cpu(model, args, method, target, data=train, latency_threads=args.threads, **extra)
     return {}

@@ -91,11 +91,18 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
                     dict(method_options or {}))
 
 
-def _teacher(model: nn.Module, finetune: TrainConfig | None) -> nn.Module | None:
+def _teacher(model: nn.Module, finetune: TrainConfig | None, given: nn.Module | None) -> nn.Module | None:
     """A frozen copy of the unpruned model to distil from during every fine-tuning, only when the
-    fine-tuning asks for it (it costs a model's memory and a forward per step)."""
+    fine-tuning asks for it (it costs a model's memory and a forward per step). ``given`` replaces
+    it: the model before an earlier prune of a cascade, whose outputs the user is after."""
+    if given is not None:
+        check_model(given, "teacher", values=True)
+        if given is model:
+            raise InvalidArgument("`teacher` must be a separate module (e.g. a deepcopy), not the model being pruned")
     if finetune is None or finetune.distill == 0:
         return None
+    if given is not None:
+        return given.eval().requires_grad_(False)
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
     return teacher
@@ -289,7 +296,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
           steps: int | None = None, tolerance: float | None = None, metric: str | None = None,
           latency_threads: int | None = None, method_options: Mapping[str, Any] | None = None,
           out_dir: str | Path | None = None, resume: bool = False, quiet: bool = True,
-          budget: str | None = None, ratio: float | None = None) -> tuple[nn.Module, dict]:
+          teacher: nn.Module | None = None, budget: str | None = None, ratio: float | None = None
+          ) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place to a budget and return ``(model, report)``.
 
     Parameters
@@ -313,6 +321,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     finetune : TrainConfig or dict of its fields; fine-tunes after every step when given. With
         ``distill`` > 0 every fine-tuning (and the training inside methods such as hfp) also
         distils from a frozen copy of the model as given here, unpruned (on resume too).
+    teacher : the module to distil from instead (frozen in place), e.g. the unpruned model when this
+        prune continues a cascade on an already pruned one.
     steps : one-shot (1) or at most that many prune -> fine-tune rounds (a criterion's budget is
         shared out geometrically; a method may stop earlier when it has nothing left to remove).
         Default: the method's own (1, or e.g. 100 for "importance-weights", which the tolerance stops).
@@ -336,6 +346,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
                          finetune, steps, tolerance, metric, method_options)
     check_dataset(data, "data", inputs)
     check_dataset(val_data, "val_data", inputs, arrays=True)
+    teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
     if auto:  # measured on this machine once, then cached
         round_to = auto_round_to(model, example_inputs, threads=latency_threads)
@@ -348,7 +359,6 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
                                       "steps_requested")}
     ckpt = _Checkpoints(model, out_dir, request)
-    teacher = _teacher(model, req.finetune)  # before _resume loads a step's weights into the model
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,
                    latency_threads=latency_threads, log=log, finetune=req.finetune, teacher=teacher, val_data=val_data,

@@ -193,6 +193,27 @@ def test_prune_distils_every_fine_tuning_from_the_unpruned_model(monkeypatch):
     assert calls and calls[0]["teacher"] is None
 
 
+def test_a_cascade_distils_from_the_teacher_it_is_given(monkeypatch):
+    """The second prune of a cascade works on an already pruned model: `teacher=` keeps the unpruned
+    one as the target instead of a copy of the model as given."""
+    tr, _ = digits()
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn")
+    original = copy.deepcopy(model)
+    ft = {"epochs": 1, "batch_size": 64, "lr": 0.02, "pad": 1, "quiet": True, "distill": 0.5}
+    secateurs.prune(model, X8, "l2", 0.7)
+    calls = recording_fit(monkeypatch, secateurs.pipeline)
+    secateurs.prune(model, X8, "l2", 0.6, data=tr, finetune=ft, teacher=original)
+    assert len(calls) == 1 and calls[0]["teacher"] is original and not original.training
+    assert calls[0]["teacher_params"] == n_params(original) > calls[0]["model_params"]
+    # refused before anything is cut: the model itself, or a teacher that is not a module
+    before = copy.deepcopy(model)
+    for bad, msg in ((model, "not the model being pruned"), ("resnet20", "`teacher`")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            secateurs.prune(model, X8, "l2", 0.5, data=tr, finetune=ft, teacher=bad)
+        assert same_state(model, before)
+
+
 def test_a_resumed_run_distils_from_the_original_model_too(tmp_path, monkeypatch):
     tr, _ = digits()
     torch.manual_seed(0)
