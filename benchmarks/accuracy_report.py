@@ -117,6 +117,8 @@ def write_report(path: Path, md: Path, args) -> None:
 PAPER_METHODS = ("hfp", "heuristic")  # their papers' setting is classification; importance weights': the U-Nets
 CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("hfp:tie=shared", "hfp", "HFP: one shared gate per residual channel instead of the mean |gamma| of its norm layers"),
+    ("hfp:lam=5", "hfp", "HFP at half the budget-loss weight: its phase ends before the target, the lowest gates are cut "
+     "(a labelled fallback)"),
     ("importance-weights:rank=scale", "importance-weights", "importance weights ranked by |alpha| x |gamma| instead of |alpha|"),
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),

@@ -39,6 +39,11 @@ def test_grid_order_runs_every_method_and_tool_once_verdict_pairs_first():
                                                              "importance-weights@tol"]
 
 
+def test_a_variant_reads_its_options_as_numbers_where_they_are_numbers():
+    assert acc.variant("hfp:lam=5:tie=shared") == ("hfp", {"lam": 5, "tie": "shared"})
+    assert acc.variant("l2:distill=0.25") == ("l2", {"distill": 0.25}) and acc.variant("l1") == ("l1", {})
+
+
 def _row(method, seed, top1, tool="secateurs", **kw):
     row = dict.fromkeys(acc.FIELDS, "")
     row.update({"model": "r20", "target": 0.5, "method": method, "tool": tool, "seed": seed, "steps": 800,
