@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._protocol import append_row, interval, read_rows  # noqa: F401 (interval: the report's, re-exported)
-from benchmarks.accuracy_report import PAIRS, paired, summarize, write_report  # noqa: F401
+from benchmarks.accuracy_report import PAIRS, no_worse, paired, summarize, write_report  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]

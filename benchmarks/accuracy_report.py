@@ -150,12 +150,22 @@ def _verdict(d: tuple[float, float, int], ok: bool, fail: str = "not met") -> st
     return f"pending ({d[2]} of {MIN_SEEDS} seeds)" if d[2] < MIN_SEEDS else ("met" if ok else fail)
 
 
+TIE = 0.5  # top-1 points: "as accurate" allows a mean this far below, no further
+
+
+def no_worse(d: tuple[float, float, int]) -> bool:
+    """As accurate: the paired difference not significantly below 0 *and* its mean at most TIE below;
+    the interval alone would pass any row whose seeds disagree enough (-15 +- 21 is not "equal")."""
+    return d[0] >= -TIE and d[0] + d[1] >= 0
+
+
 def goals_section(summary: dict, level: str = "##") -> list[str]:
     """Issue 18's goals, each read off paired differences over the seeds both rows have."""
     lines = ["", f"{level} Goals", "",
              "Best of ours against best of Torch-Pruning at equal MACs (each picked on the held-out split's top-1): "
              "goal >= +1.0 point with the 95% interval above 0. Paper methods against L1 under the same budget: goal "
-             "at least matching, i.e. not significantly below (the interval reaches 0 or above). A verdict needs "
+             f"at least matching, i.e. not significantly below (the interval reaches 0 or above) and at most {TIE} "
+             "below on average. A verdict needs "
              f"{MIN_SEEDS} paired seeds.", "",
              "| model | MACs target | comparison | difference (paired, mean +- 95%) | seeds | goal |",
              "|---|---:|---|---:|---:|---|"]
@@ -170,7 +180,7 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
             d = paired(cell[m], cell["l1"]) if m in cell and "l1" in cell else None
             if d:
                 lines.append(f"| {model} | {target:.0%} | {m} - l1 | {d[0]:+.2f} +- {d[1]:.2f} | {d[2]} | "
-                             f"{_verdict(d, d[0] + d[1] >= 0, 'not met (below L1)')} |")
+                             f"{_verdict(d, no_worse(d), 'not met (below L1)')} |")
     return lines if len(lines) > header else []
 
 
@@ -191,7 +201,8 @@ def _latency_section(summary: dict, level: str = "##") -> list[str]:
     """Issue 19's comparison: our latency-budget prune against Torch-Pruning's MACs-equal prune."""
     lines = ["", f"{level} Latency at equal accuracy (this CPU, `--latency-batch`; latency as a fraction of the unpruned model's)", "",
              "Goal (issue 19): at least 20% faster than Torch-Pruning's MACs-equal prune at equal accuracy (the paired "
-             f"top-1 difference not significantly below 0), on {MIN_SEEDS} paired seeds.", "",
+             f"top-1 difference not significantly below 0 and at most {TIE} points below on average), on {MIN_SEEDS} "
+             "paired seeds.", "",
              "| model | MACs target | TP magnitude: latency, top-1 | ours | ours: target, latency, top-1 | faster by | "
              "top-1 difference (paired) | goal |", "|---|---:|---|---|---|---:|---:|---|"]
     header = len(lines)
@@ -203,7 +214,7 @@ def _latency_section(summary: dict, level: str = "##") -> list[str]:
         diff = f"{d[0]:+.2f} +- {d[1]:.2f}" if d else ""
         faster = 1 - ours["latency"] / theirs["latency"]
         goal = ours["latency_target"]
-        verdict = _verdict(d, faster >= 0.2 and d[0] + d[1] >= 0) if d else ""
+        verdict = _verdict(d, faster >= 0.2 and no_worse(d), "not met" if faster >= 0.2 else "not met (not 20% faster)") if d else ""
         lines.append(f"| {model} | {target:.0%} | {theirs['latency']:.3f}, {theirs['top1']:.2f} | {method} | "
                      f"{goal if goal is None else f'{goal:.3f}'}, {ours['latency']:.3f}, {ours['top1']:.2f} | "
                      f"{faster:.0%} | {diff} | {verdict} |")

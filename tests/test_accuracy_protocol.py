@@ -99,6 +99,20 @@ def test_report_compares_the_latency_prune_with_torch_pruning_at_equal_accuracy(
     assert "| 50.0% |  |" in control  # no latency measured for the unpruned control
 
 
+def test_equal_accuracy_needs_a_mean_near_zero_not_only_an_interval_that_reaches_it(tmp_path):
+    assert acc.no_worse((-0.4, 0.5, 3)) and acc.no_worse((0.3, 0.1, 3))
+    assert not acc.no_worse((-0.3, 0.2, 3))  # significantly below
+    assert not acc.no_worse((-15.05, 21.04, 3))  # seeds that disagree wildly are not "as accurate"
+    # a latency prune 25% faster but 15 points worse on average, with a wide interval: not met
+    rows = [_row("tp_magnitude", s, 85.0, "torch_pruning", latency_ratio=0.8) for s in range(3)]
+    rows += [_row("l2@latency", s, t, latency_ratio=0.6, latency_target=0.64) for s, t in enumerate((84.0, 60.0, 66.0))]
+    _write_rows(tmp_path / "accuracy.csv", rows)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    line = next(x for x in (tmp_path / "accuracy.md").read_text().splitlines() if x.startswith("| r20 | 50% | 0.800"))
+    assert line.endswith("| 25% | " + "{:+.2f} +- {:.2f}".format(*acc.interval([-1.0, -25.0, -19.0])) + " | not met |")
+
+
 def _write_rows(path, rows):
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=acc.FIELDS)
