@@ -348,9 +348,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     check_dataset(val_data, "val_data", inputs, arrays=True)
     teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
-    if auto:  # measured on this machine once, then cached
-        round_to = auto_round_to(model, example_inputs, threads=latency_threads)
-        log(f"round_to='auto': {round_to} on this machine")
+    round_to = _measured_round_to(model, example_inputs, latency_threads, log) if auto else round_to
     timings = dict.fromkeys(_TIMINGS, 0.0)
     t_all = time.perf_counter()
     graph, base = _count_before(model, example_inputs, ignore, resume or req.key is not None, timings)
@@ -372,6 +370,13 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
             break
     # an undone step restored the model whose cost `run.current` still holds
     return model, _finish_report(report, base, run.current, run.extra, timings, t_all)
+
+
+def _measured_round_to(model: nn.Module, example_inputs: Any, threads: int | None, log: Callable) -> int:
+    """``round_to="auto"``: measured on this machine once, then cached."""
+    round_to = auto_round_to(model, example_inputs, threads=threads)
+    log(f"round_to='auto': {round_to} on this machine")
+    return round_to
 
 
 def _count_before(model: nn.Module, example_inputs: Any, ignore: Any, separately: bool, timings: dict
