@@ -24,7 +24,7 @@ import torch.nn as nn
 from ._validation import PruningError, check_choice, check_ratio, check_scalar
 from .cost import Cost, PlanCost
 from .graph import DependencyGraph
-from .latency import time_models
+from .latency import runtime_of, time_models
 from .latency_table import LatencyModel
 from .surgery import PruningPlan, apply_plan
 
@@ -339,7 +339,7 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     limit = budget.limit(ref)
     if allocation == "latency":
         _favour_latency(alloc, Allocator(graph, scores, "global", round_to, min_width, normalize), pc, limit,
-                        budget.kind, LatencyModel(model, graph, example_inputs, threads=threads))
+                        budget.kind, LatencyModel(model, graph, example_inputs, threads=threads, runtime=runtime_of(model)))
     cost = lambda keep: measure(pc(alloc.removed(keep)), budget.kind)  # noqa: E731
     smallest = cost(alloc.keep_for_threshold(math.inf))
     if smallest > limit:
@@ -365,7 +365,8 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     measured latency is not proportional to the table's, e.g. a VGG's classifier weights are read
     from memory whatever the widths, so plain scaling swings across the target).
     """
-    lm = LatencyModel(model, graph, x, threads=threads, log=log)
+    runtime = runtime_of(model)  # the layout the model runs in, for the tables and the timing alike
+    lm = LatencyModel(model, graph, x, threads=threads, runtime=runtime, log=log)
     alloc = Allocator(graph, scores, allocation, round_to, min_width)
     cost = lambda keep: lm(alloc.removed(keep))  # noqa: E731
     search = _uniform_search if allocation == "uniform" else threshold_search
@@ -378,7 +379,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         keep = fill(alloc, search(alloc, cost, limit), cost, limit)
         plan = alloc.plan(keep)
         timing = time_models({"dense": model, "pruned": apply_plan(copy.deepcopy(model), graph, plan)}, x,
-                             repeats=15, warmup=3, threads=threads)
+                             repeats=15, warmup=3, threads=threads, runtime=runtime)
         ratio, predicted = timing["pruned"].median_s / timing["dense"].median_s, cost(keep) / full
         tried.append({"aim": aim, "predicted_ratio": predicted, "latency_ratio": ratio})
         log(f"latency: table predicts {predicted:.3f}, measured {ratio:.3f} (target {target:.3f})")
@@ -391,23 +392,28 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         raise PruningError(f"no plan met a latency target of {target:.3g}: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
                            f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g})")
     return best[0], {"latency_base_s": lm.measured_s, "latency_search": tried, "latency_ratio": best[1],
-                     "latency_table": str(lm.path)}
+                     "latency_table": str(lm.path), "latency_runtime": runtime}
 
 
 def _next_aim(tried: list[dict], target: float) -> float:
-    """The next table aim: between the closest measured aims on either side of the target when
-    there are both (linear in the measured ratio), else the last aim scaled by target / measured."""
+    """The next table aim: inside the bracket of the closest aims measured below and above the target
+    (linear in the measured ratio; the midpoint when that lands outside or repeats the last plan),
+    else the last aim scaled by target / measured. The bracket is taken in aim, which the measured
+    ratio grows with: taken in measured ratio, two aims that give one plan tie and the next aim
+    repeats forever (seen: 0.729 four times while the tables' steps hid the target)."""
     below = [t for t in tried if t["latency_ratio"] <= target]
     above = [t for t in tried if t["latency_ratio"] > target]
     last = tried[-1]
     if not below or not above:
         return last["aim"] * target / last["latency_ratio"]
-    lo = max(below, key=lambda t: t["latency_ratio"])
-    hi = min(above, key=lambda t: t["latency_ratio"])
+    lo, hi = max(below, key=lambda t: t["aim"]), min(above, key=lambda t: t["aim"])
+    if lo["aim"] >= hi["aim"]:  # timing noise broke the order: the closest measured on either side
+        lo, hi = max(below, key=lambda t: t["latency_ratio"]), min(above, key=lambda t: t["latency_ratio"])
     span = hi["latency_ratio"] - lo["latency_ratio"]
     frac = (target - lo["latency_ratio"]) / span if span > 0 else 0.5
-    aim = lo["aim"] + frac * (hi["aim"] - lo["aim"])
-    return aim if min(lo["aim"], hi["aim"]) < aim < max(lo["aim"], hi["aim"]) else (lo["aim"] + hi["aim"]) / 2
+    aim, mid = lo["aim"] + frac * (hi["aim"] - lo["aim"]), (lo["aim"] + hi["aim"]) / 2
+    stuck = len(tried) > 1 and tried[-2].get("predicted_ratio", -1) == last.get("predicted_ratio")
+    return aim if min(lo["aim"], hi["aim"]) < aim < max(lo["aim"], hi["aim"]) and not stuck else mid
 
 
 def deprecated_budget(target: Any, budget: str | None, ratio: float | None) -> Any:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ._validation import check_choice, check_scalar
 
-__all__ = ["Timing", "RUNTIMES", "time_models", "time_callables", "median", "measure_latency", "compare_dense_pruned",
+__all__ = ["Timing", "RUNTIMES", "runtime_of", "time_models", "time_callables", "median", "measure_latency", "compare_dense_pruned",
            "cpu_name", "num_threads"]
 
 RUNTIMES = ("eager", "channels_last", "onnxruntime")
@@ -42,6 +42,18 @@ class Timing:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def runtime_of(model: nn.Module) -> str:
+    """``"channels_last"`` for a model whose convolutions are stored channels-last (as fine-tuning
+    with ``channels_last=True`` leaves them), else ``"eager"``: oneDNN runs the two layouts by
+    different kernels, so a latency search must time the layout the model will run in."""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Conv2d) and isinstance(w, torch.Tensor) and w.dim() == 4:
+            return "channels_last" if (w.is_contiguous(memory_format=torch.channels_last)
+                                       and not w.is_contiguous()) else "eager"
+    return "eager"
 
 
 def _median_interval(times: list[float]) -> tuple[float, float, float]:

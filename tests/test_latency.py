@@ -259,3 +259,19 @@ def test_latency_search_brackets_the_target_instead_of_swinging_across_it():
     assert _next_aim([{"aim": 0.4, "latency_ratio": 0.45}, {"aim": 0.6, "latency_ratio": 0.55}], 0.5) == \
         pytest.approx(0.5)
     assert 0.4 < _next_aim([{"aim": 0.4, "latency_ratio": 0.5}, {"aim": 0.6, "latency_ratio": 0.55}], 0.5) < 0.6
+
+
+def test_latency_search_shrinks_its_bracket_when_two_aims_give_one_plan():
+    """Seen on ResNet-20: aims 0.791 and 0.729 gave one plan (measured 0.829), and bracketing by
+    measured ratio picked 0.791 again each time, so every later try repeated 0.729. Bracketed in aim,
+    the next aim lies strictly inside (0.65, 0.729)."""
+    from secateurs.budget import _next_aim
+
+    tried = [{"aim": 0.65, "predicted_ratio": 0.65, "latency_ratio": 0.42},
+             {"aim": 1.006, "predicted_ratio": 1.0, "latency_ratio": 1.0},
+             {"aim": 0.791, "predicted_ratio": 0.687, "latency_ratio": 0.829},
+             {"aim": 0.729, "predicted_ratio": 0.687, "latency_ratio": 0.829}]
+    aim = _next_aim(tried, 0.65)
+    assert 0.65 < aim < 0.729 and aim == pytest.approx((0.65 + 0.729) / 2)  # same plan twice: bisect
+    assert 0.65 < _next_aim(tried[:3], 0.65) < 0.791
+
