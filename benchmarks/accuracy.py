@@ -21,7 +21,8 @@ The protocol (issue 18), the same for every row:
   timed interleaved on this CPU (at batch 1 a 32px ResNet is mostly per-layer overhead);
   ``l2@latency`` prunes to a *latency* target ``--latency-gain`` (0.8) times the latency that
   Torch-Pruning's magnitude prune at the same MACs target leaves (its one-shot architecture, timed in
-  the same row), so "as accurate and at least 20% faster" is read off one table;
+  the same row), so "as accurate and at least 20% faster" is read off one table; ``dlp@latency``
+  removes whole residual blocks only (lowest PLS-VIP first), as few as meet that target;
 - seeds: ``--seeds`` (at least 3 for the report); mean and 95% interval (Student t) per method,
   paired differences per seed (same criterion in both tools, and best of ours against best of theirs).
 
@@ -61,7 +62,7 @@ FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "p
 GRID_ORDER = ["tp_magnitude", "l2:distill=0", "l2", "l1", "tp_bn_scale", "bn_scale:distill=0", "bn_scale", "hfp",
               "heuristic", "l2@latency", "control", "tp_group_norm", "dlp+filters", "dlp+l2@latency", "importance-weights",
               "importance-weights@tol", "hfp:tie=shared", "hfp:lam=5", "importance-weights:rank=scale", "l2:allocation=latency",
-              "taylor"]
+              "taylor", "dlp@latency"]
 FINAL = 999  # the seed offset of a row's last fine-tuning (see finetune)
 
 
@@ -200,6 +201,8 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
         warnings.simplefilter("ignore")
         if method == "hfp":
             return _hfp(model, x, target, train, args, seed, extra)
+        if method == "dlp@latency":
+            return _blocks_to_latency(model, x, target, args, train)
         if method in ("l2@latency", "dlp+l2@latency"):
             return _latency(model, x, target, args, blocks_first=per_round if method.startswith("dlp") else None,
                             train=train)
@@ -268,11 +271,8 @@ def _latency(model, x, target: float, args, blocks_first=None, train=None) -> di
     ``blocks_first`` (a fine-tuning config), PLS-VIP residual blocks go first, to 80% of the MACs: at
     32px much of a block's time is per-layer cost that narrower channels do not remove."""
     import secateurs
-    from benchmarks.compare import tp_ratio_for_macs
 
-    ref = copy.deepcopy(model)
-    _tp_pruner(ref, x, "tp_magnitude", tp_ratio_for_macs(ref, x, "tp_magnitude", target)).step()
-    goal = left = args.latency_gain * latency_ratio(model, ref, args)
+    goal = left = _latency_goal(model, x, target, args)
     macs0 = secateurs.count(model, x).macs
     if blocks_first is not None:
         dense = copy.deepcopy(model)
@@ -284,6 +284,33 @@ def _latency(model, x, target: float, args, blocks_first=None, train=None) -> di
     except secateurs.PruningError as err:  # channels alone cannot get there (fixed per-layer costs)
         _prune_on_cpu(model, args, "l2", min(1.0, target * macs0 / secateurs.count(model, x).macs))
         return {"latency_target": round(goal, 4), "fallback": f"latency target unreachable, MACs target used: {err}"[:120]}
+
+
+def _latency_goal(model, x, target: float, args) -> float:
+    """``--latency-gain`` times the latency Torch-Pruning's magnitude prune at ``target`` MACs leaves."""
+    from benchmarks.compare import tp_ratio_for_macs
+
+    ref = copy.deepcopy(model)
+    _tp_pruner(ref, x, "tp_magnitude", tp_ratio_for_macs(ref, x, "tp_magnitude", target)).step()
+    return args.latency_gain * latency_ratio(model, ref, args)
+
+
+def _blocks_to_latency(model, x, target: float, args, train) -> dict:
+    """Whole residual blocks only, lowest PLS-VIP first, as few as meet the latency goal (each count
+    timed): at 32px much of a block's time is per-layer cost that narrower channels do not remove."""
+    from secateurs.depth import find_blocks
+
+    goal = _latency_goal(model, x, target, args)
+    options = {"min_per_stage": 0, "per_class": 20}
+    removable = sum(b.removable for b in find_blocks(model, x))
+    met = False
+    for k in range(1, removable + 1):
+        trial = copy.deepcopy(model)
+        _prune_on_cpu(trial, args, "dlp", None, data=train, method_options={**options, "count": k})
+        if met := latency_ratio(model, trial, args) <= goal:
+            break
+    _prune_on_cpu(model, args, "dlp", None, data=train, method_options={**options, "count": k})
+    return {"latency_target": round(goal, 4), "stopped": f"{k} of {removable} blocks removed (goal {'met' if met else 'not met'})"}
 
 
 # -- the grid ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from benchmarks._protocol import interval, read_rows
 # same criterion in both tools, with the same fine-tuning (no distillation), then ours as a user gets it
 PAIRS = [("l2:distill=0", "tp_magnitude"), ("bn_scale:distill=0", "tp_bn_scale"), ("l2:distill=0", "tp_group_norm"),
          ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2@latency", "tp_magnitude"),
-         ("dlp+l2@latency", "tp_magnitude")]
+         ("dlp+l2@latency", "tp_magnitude"), ("dlp@latency", "tp_magnitude")]
 
 
 def summarize(rows: list[dict]) -> dict[tuple, dict]:
@@ -208,7 +208,7 @@ def _latency_section(summary: dict, level: str = "##") -> list[str]:
     header = len(lines)
     for (model, target, method), ours in sorted(summary.items()):
         theirs = summary.get((model, target, "tp_magnitude"))
-        if not method.endswith("l2@latency") or theirs is None or ours["latency"] is None or theirs["latency"] is None:
+        if not method.endswith("@latency") or theirs is None or ours["latency"] is None or theirs["latency"] is None:
             continue
         d = paired(ours, theirs)
         diff = f"{d[0]:+.2f} +- {d[1]:.2f}" if d else ""

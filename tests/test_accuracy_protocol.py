@@ -36,7 +36,26 @@ def test_grid_order_runs_every_method_and_tool_once_verdict_pairs_first():
     assert all(a in first and b in first for a, b in acc.PAIRS[:2]) and {"l1", "hfp", "heuristic"} <= set(first)
     for m in acc.GRID_ORDER:  # every variant names a method the grid can run
         assert acc.variant(m)[0] in acc.OURS + acc.THEIRS + ["control", "l2@latency", "dlp+l2@latency",
-                                                             "importance-weights@tol"]
+                                                             "dlp@latency", "importance-weights@tol"]
+
+
+def test_blocks_to_latency_removes_the_fewest_blocks_that_meet_the_goal(monkeypatch):
+    """dlp@latency: each block count timed, the first that meets the goal kept; the model loses
+    exactly that many residual blocks (a stand-in clock: latency = blocks left / blocks before)."""
+    from secateurs.depth import find_blocks
+    from secateurs.models import create_model
+
+    torch.manual_seed(0)
+    model, x = create_model("cifar_resnet20").eval(), torch.randn(1, 3, 32, 32)
+    n0 = len(find_blocks(model, x))
+    monkeypatch.setattr(acc, "_latency_goal", lambda *a: 0.7)
+    monkeypatch.setattr(acc, "latency_ratio", lambda base, m, args: len(find_blocks(m, x)) / n0)
+    data = [(torch.randn(100, 3, 32, 32), torch.arange(100) % 10) for _ in range(3)]
+    args = argparse.Namespace(latency_batch=2)
+    info = acc._blocks_to_latency(model, x, 0.5, args, data)
+    k = math.ceil(0.3 * n0)  # the fewest removed with (n0 - k) / n0 <= 0.7
+    assert len(find_blocks(model, x)) == n0 - k and info["stopped"].startswith(f"{k} of ")
+    assert "goal met" in info["stopped"] and info["latency_target"] == 0.7
 
 
 def test_a_variant_reads_its_options_as_numbers_where_they_are_numbers():
