@@ -110,7 +110,7 @@ def test_report_compares_the_latency_prune_with_torch_pruning_at_equal_accuracy(
     acc.write_report(path, tmp_path / "accuracy.md", argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
     text = (tmp_path / "accuracy.md").read_text()
     d, h = acc.interval([0.5, 0.0, 1.0])
-    assert f"| r20 | 50% | 0.800, 85.00 | l2@latency | 0.640, 0.600, 85.50 | 25% | {d:+.2f} +- {h:.2f} | met |" in text
+    assert f"| r20 | 50% | 0.800, 85.00 | l2@latency | 0.640, 0.600, 85.50 | 40.0% | 25% | {d:+.2f} +- {h:.2f} | met |" in text
     # a latency row has fewer MACs: it never stands as "best of ours" in the equal-MACs comparison
     assert "| r20 | 50% | l2@latency | tp_magnitude |" in text and "| l2@latency | tp_magnitude | " in text
     assert text.count("l2@latency | tp_magnitude") == 1
