@@ -390,7 +390,9 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         aim = _next_aim(tried, target)
     if best is None:
         raise PruningError(f"no plan met a latency target of {target:.3g}: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
-                           f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g})")
+                           f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g}). "
+                           "Narrower channels do not remove a layer's fixed cost, which dominates small inputs: remove "
+                           "whole blocks first (method='dlp' with a block count), then prune channels to the target")
     return best[0], {"latency_base_s": lm.measured_s, "latency_search": tried, "latency_ratio": best[1],
                      "latency_table": str(lm.path), "latency_runtime": runtime}
 

@@ -209,7 +209,7 @@ def test_latency_budget_is_spent_by_the_tables_and_confirmed_by_a_timing(monkeyp
     ratio = 0.3 + 0.7 * report["kept"]["macs"]
     assert abs(ratio - 0.65) <= 0.05 * 0.65 and out["latency_ratio"] == pytest.approx(ratio)
     assert 1 <= len(out["latency_search"]) <= 4 and list(tmp_path.glob("latency/*.json"))
-    with pytest.raises(PruningError, match="no plan met a latency target of 0.2"):
+    with pytest.raises(PruningError, match="no plan met a latency target of 0.2.*method='dlp"):
         secateurs.prune(create_model("cifar_resnet20").eval(), x, target={"latency": 0.2}, min_width=0.9)
 
 
