@@ -158,6 +158,20 @@ def test_goals_pick_the_best_on_the_held_out_split_and_measure_each_change(tmp_p
     assert "| r20 | 50% | heuristic - l1 | -5.00 +- 0.00 | 3 | not met (below L1) |" in text
     d, h = acc.interval([1.0, 1.0, -0.5])
     assert f"(`hfp:tie=shared` - `hfp`) | {d:+.2f} +- {h:.2f} | 3 |" in text
+    assert "Why HFP" not in text  # it matched L1: nothing to explain
+
+
+def test_hfp_below_l1_is_explained_from_its_own_rows(tmp_path):
+    l1 = [_row("l1", s, 85.0 + s) for s in range(3)]
+    hfp = [_row("hfp", s, 83.0 + s, converged="True", converged_step=170 + 10 * s) for s in range(3)]
+    short = [_row("hfp:lam=5", s, 84.0 + s, fallback="lowest gates cut") for s in range(3)]
+    _write_rows(tmp_path / "accuracy.csv", l1 + hfp + short)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "| r20 | 50% | hfp - l1 | -2.00 +- 0.00 | 3 | not met (below L1) |" in text
+    assert "step(s) 170, 180, 190 of HFP's 400-step phase" in text
+    assert "lowest gates are cut: +1.00 +- 0.00 points against hfp (3 seeds)" in text
 
 
 def test_verdicts_wait_for_three_seeds_and_budgets_are_never_pooled(tmp_path):
