@@ -51,8 +51,9 @@ def runtime_of(model: nn.Module) -> str:
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(m, nn.Conv2d) and isinstance(w, torch.Tensor) and w.dim() == 4:
-            return "channels_last" if (w.is_contiguous(memory_format=torch.channels_last)
-                                       and not w.is_contiguous()) else "eager"
+            cl, plain = w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()
+            if cl != plain:  # a 1x1 kernel (or one input channel) is both: it does not tell
+                return "channels_last" if cl else "eager"
     return "eager"
 
 

@@ -223,6 +223,8 @@ def test_latency_search_times_the_layout_the_model_runs_in(monkeypatch, tmp_path
     assert secateurs.latency.runtime_of(m) == "eager"
     m.to(memory_format=torch.channels_last)
     assert secateurs.latency.runtime_of(m) == "channels_last"
+    pointwise_first = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3)).to(memory_format=torch.channels_last)
+    assert secateurs.latency.runtime_of(pointwise_first) == "channels_last"  # a 1x1 kernel is both layouts
     seen = _macs_clock(monkeypatch, m, x)
     _, report = secateurs.prune(m, x, target={"latency": 0.7})
     out = report["method_output"]
