@@ -303,6 +303,8 @@ def _blocks_to_latency(model, x, target: float, args, train) -> dict:
     goal = _latency_goal(model, x, target, args)
     options = {"min_per_stage": 0, "per_class": 20}
     removable = sum(b.removable for b in find_blocks(model, x))
+    if not removable:
+        return {"latency_target": round(goal, 4), "fallback": "no removable block: the model is left as it is"}
     met = False
     for k in range(1, removable + 1):
         trial = copy.deepcopy(model)
@@ -310,7 +312,8 @@ def _blocks_to_latency(model, x, target: float, args, train) -> dict:
         if met := latency_ratio(model, trial, args) <= goal:
             break
     _prune_on_cpu(model, args, "dlp", None, data=train, method_options={**options, "count": k})
-    return {"latency_target": round(goal, 4), "stopped": f"{k} of {removable} blocks removed (goal {'met' if met else 'not met'})"}
+    out = {"latency_target": round(goal, 4), "stopped": f"{k} of {removable} blocks removed"}
+    return out if met else {**out, "fallback": "latency goal not met with every removable block removed"}
 
 
 # -- the grid ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ def summarize(rows: list[dict]) -> dict[tuple, dict]:
                     "fallbacks": sum(bool(r["fallback"]) for r in rs), "over": sum(r["over_budget"] == "True" for r in rs),
                     "missed": sum(r.get("missed_target") == "True" for r in rs),
                     "stopped": sum(bool(r.get("stopped")) for r in rs),
+                    "stop_notes": sorted({r["stopped"] for r in rs if r.get("stopped")}),
                     "converged": [r["converged_step"] for r in rs if r["converged"] == "True"],
                     "val": _mean([r.get("val_top1", "") for r in rs]),
                     "latency": _mean([r.get("latency_ratio", "") for r in rs]),
@@ -93,8 +94,10 @@ def write_report(path: Path, md: Path, args) -> None:
             notes.append(f"{s['over']} over budget")
         if s["missed"]:
             notes.append(f"{s['missed']} missed the MACs target (not an equal-MACs candidate)")
-        if s["stopped"]:
+        if s["stopped"] and method.endswith("@tol"):
             notes.append(f"{s['stopped']} stopped by the tolerance")
+        elif s["stopped"]:  # what the method says it did (e.g. dlp@latency: blocks removed)
+            notes.append("; ".join(s["stop_notes"]))
         if s["converged"]:
             notes.append("converged at step " + "/".join(map(str, s["converged"])))
         lat = f"{s['latency']:.3f}" if s["latency"] is not None else ""
@@ -192,16 +195,22 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
 
 def _hfp_reason(model: str, target: float, cell: dict) -> str:
     """HFP's shortfall read off its rows: where in its phase the hard count met the target, and
-    what stopping short of it (half the loss weight, the lowest gates cut) measured."""
+    what stopping short of it (the lower loss weight of ``hfp:lam=5``) measured."""
     h = cell["hfp"]
-    steps = ", ".join(str(s) for s in sorted(int(s) for s in h["converged"] if s)) or "never"
-    text = (f"- {model} at {target:.0%}: the hard count met the target at step(s) {steps} of HFP's {h['steps'] // 2}-step "
-            "phase, so the budget loss forced the whole shrink into a few hundred steps (the paper prunes during "
-            "its whole training)")
-    d = paired(cell["hfp:lam=5"], h) if "hfp:lam=5" in cell else None
+    steps, phase = sorted(int(s) for s in h["converged"] if s), h["steps"] // 2
+    if not steps:
+        text = (f"- {model} at {target:.0%}: HFP's hard count never met the target within its {phase}-step phase "
+                f"({h['fallbacks']} of {h['n']} rows cut the lowest gates instead)")
+    else:
+        text = (f"- {model} at {target:.0%}: {len(steps)} of {h['n']} HFP rows met the target, at step(s) "
+                f"{', '.join(map(str, steps))} of its {phase}-step phase: the budget loss forced the whole shrink into "
+                "that part of one short phase (the paper prunes during its whole training)")
+    short = cell.get("hfp:lam=5")
+    d = paired(short, h) if short else None
     if d:
-        text += (f"; at half the loss weight the phase ends before the target and the lowest gates are cut: "
-                 f"{d[0]:+.2f} +- {d[1]:.2f} points against hfp ({d[2]} seeds)")
+        how = (f"{short['fallbacks']} of {short['n']} of its rows ended the phase short of the target and cut the lowest "
+               "gates" if short["fallbacks"] else "it met the target in every row")
+        text += f"; with the loss weight at 5 ({how}): {d[0]:+.2f} +- {d[1]:.2f} points against hfp ({d[2]} seeds)"
     return text + "."
 
 

@@ -361,7 +361,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     (:class:`~secateurs.latency_table.LatencyModel`: each channel's saving depends on the widths
     around it), then one interleaved timing of the dense and the pruned model confirms it. A miss by
     more than ``tolerance`` (relative) aims the table again: scaled by what was measured until one
-    aim lands below the target and one above, then interpolated between the closest two (the
+    aim lands below the target and one above, then interpolated inside that bracket (the
     measured latency is not proportional to the table's, e.g. a VGG's classifier weights are read
     from memory whatever the widths, so plain scaling swings across the target).
     """

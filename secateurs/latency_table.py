@@ -23,7 +23,7 @@ import torch.nn as nn
 from ._io import atomic_write
 from .cost import count
 from .graph import DependencyGraph
-from .latency import RUNTIMES, cpu_name, median, num_threads, time_callables, time_models
+from .latency import RUNTIMES, cpu_name, median, num_threads, runtime_of, time_callables, time_models
 
 __all__ = ["LatencyModel", "default_cache_dir"]
 
@@ -206,7 +206,8 @@ _STEPS = (1, 2, 4, 8, 16, 32)
 
 
 def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None = None, layers: int = 3,
-                  band: int = 64, repeats: int = 5, cache_dir: str | os.PathLike | None = None) -> int:
+                  band: int = 64, repeats: int = 5, cache_dir: str | os.PathLike | None = None,
+                  runtime: str | None = None) -> int:
     """The width multiple on the fast side of this machine's steps, measured (``round_to="auto"``).
 
     The model's largest conv layers are timed at every output width in a band around half their
@@ -214,10 +215,11 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     of the widths that are multiples of ``s``: under a staircase (vector width, blocking) the right
     edges of the steps lie below the line, so their multiple wins; on a smooth curve every step
     scores about zero and the smallest (1) is kept. Ties within 0.5% of the latency go to the
-    smaller step. Cached per machine and layer shapes.
+    smaller step. Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
     """
     threads = threads or torch.get_num_threads()
-    path = _cache_file(cache_dir, threads, "eager")
+    runtime = runtime or runtime_of(model)
+    path = _cache_file(cache_dir, threads, runtime)
     modules = dict(model.named_modules())
     found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
@@ -230,7 +232,7 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     if cached is not None:
         return int(cached)
     with num_threads(threads):
-        scores = [_step_scores(layer, band, repeats) for layer in top]
+        scores = [_step_scores(layer, band, repeats, runtime == "channels_last") for layer in top]
     total = {s: sum(sc[0][s] for sc in scores) for s in _STEPS}
     tol = 0.005 * sum(sc[1] for sc in scores)
     best = min(total.values())
@@ -239,7 +241,7 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     return step
 
 
-def _step_scores(layer: _Layer, band: int, repeats: int) -> tuple[dict[int, float], float]:
+def _step_scores(layer: _Layer, band: int, repeats: int, channels_last: bool = False) -> tuple[dict[int, float], float]:
     """Mean residual (seconds, against a fitted line) of the multiples of each step, and the mean latency."""
     lo = layer.cout // 2 - band // 2
     widths = list(range(lo, lo + band + 1))
@@ -248,6 +250,8 @@ def _step_scores(layer: _Layer, band: int, repeats: int) -> tuple[dict[int, floa
     for w in widths:
         m, x = layer.build(layer.cin, w)
         m.eval()
+        if channels_last and x.dim() == 4:
+            m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         calls[w] = (lambda m=m, x=x: m(x))
     with torch.inference_mode():
         lat = {w: median(ts) for w, ts in time_callables(calls, repeats, warmup=1).items()}

@@ -213,6 +213,14 @@ def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids:
     return compensation(model, graph.example_inputs, readers)
 
 
+def _same_layout(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` stored like ``old``: a channels-last model stays channels-last (a half-converted one
+    runs every layer through layout conversions, and its latency is neither layout's)."""
+    if old.dim() == 4 and old.is_contiguous(memory_format=torch.channels_last) and not old.is_contiguous():
+        return new.contiguous(memory_format=torch.channels_last)
+    return new.contiguous()
+
+
 def _commit(new_tensors: list, attrs: list) -> Callable[[], None]:
     """Swap in the new tensors and sizes (nothing here can fail); returns the undo."""
     old_tensors, old_attrs = [], []
@@ -221,11 +229,11 @@ def _commit(new_tensors: list, attrs: list) -> Callable[[], None]:
             if tname in m._parameters:
                 p = m._parameters[tname]
                 old_tensors.append((m, tname, p.data, p.grad))
-                p.data = new.contiguous()
+                p.data = _same_layout(new, p.data)
                 p.grad = None
             else:
                 old_tensors.append((m, tname, m._buffers[tname], None))
-                m._buffers[tname] = new.contiguous()
+                m._buffers[tname] = _same_layout(new, m._buffers[tname])
         for m, name, axis, value, _ in attrs:
             old_attrs.append((m, name, getattr(m, name)))
             if axis is None:

@@ -322,6 +322,7 @@ def _memory_format(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
                       "channels, whose channels-last CPU backward crashes in this torch; training in contiguous memory",
                       RuntimeWarning, stacklevel=3)
         cfg = replace(cfg, channels_last=False)
+        model.to(memory_format=torch.contiguous_format)  # a model handed over channels-last would still crash
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return cfg

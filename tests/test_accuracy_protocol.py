@@ -55,7 +55,10 @@ def test_blocks_to_latency_removes_the_fewest_blocks_that_meet_the_goal(monkeypa
     info = acc._blocks_to_latency(model, x, 0.5, args, data)
     k = math.ceil(0.3 * n0)  # the fewest removed with (n0 - k) / n0 <= 0.7
     assert len(find_blocks(model, x)) == n0 - k and info["stopped"].startswith(f"{k} of ")
-    assert "goal met" in info["stopped"] and info["latency_target"] == 0.7
+    assert "fallback" not in info and info["latency_target"] == 0.7
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    plain(x)
+    assert acc._blocks_to_latency(plain, x, 0.5, args, data)["fallback"].startswith("no removable block")
 
 
 def test_a_variant_reads_its_options_as_numbers_where_they_are_numbers():
@@ -170,8 +173,8 @@ def test_hfp_below_l1_is_explained_from_its_own_rows(tmp_path):
                      argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
     text = (tmp_path / "accuracy.md").read_text()
     assert "| r20 | 50% | hfp - l1 | -2.00 +- 0.00 | 3 | not met (below L1) |" in text
-    assert "step(s) 170, 180, 190 of HFP's 400-step phase" in text
-    assert "lowest gates are cut: +1.00 +- 0.00 points against hfp (3 seeds)" in text
+    assert "3 of 3 HFP rows met the target, at step(s) 170, 180, 190 of its 400-step phase" in text
+    assert "(3 of 3 of its rows ended the phase short of the target and cut the lowest gates): +1.00 +- 0.00 points against hfp (3 seeds)" in text
 
 
 def test_verdicts_wait_for_three_seeds_and_budgets_are_never_pooled(tmp_path):

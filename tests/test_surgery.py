@@ -1,6 +1,7 @@
 """Surgery: plans are validated whole, the model is unchanged on error, empty plans change nothing."""
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -108,3 +109,21 @@ def test_gradients_flow_after_pruning(resnet):
     resnet.train()
     resnet(X).sum().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in resnet.parameters())
+
+
+def test_a_channels_last_model_stays_channels_last_and_prunes_the_same():
+    """Sliced tensors keep the layout they replace: a half-converted model runs layout conversions
+    between layers, so its latency is neither layout's (the latency search times the model's own)."""
+    torch.manual_seed(0)
+    plain = create_model("cifar_resnet20").eval()
+    randomize_norms(plain)
+    cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    for m in (plain, cl):
+        secateurs.prune(m, x, "l1", 0.5)
+    convs = [(a, b) for a, b in zip(plain.modules(), cl.modules()) if isinstance(a, torch.nn.Conv2d)]
+    assert [a.out_channels for a, _ in convs] == [b.out_channels for _, b in convs]
+    wide = [b.weight for _, b in convs if b.kernel_size != (1, 1)]
+    assert wide and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in wide)
+    assert all(a.weight.is_contiguous() for a, _ in convs)
+    torch.testing.assert_close(cl(x), plain(x), atol=1e-5, rtol=1e-5)

@@ -136,6 +136,7 @@ def test_channels_last_is_refused_where_the_cpu_backward_corrupts_memory():
     tr = ArrayDataset("noise", torch.randint(0, 256, (256, 1, 32, 32), dtype=torch.uint8, generator=g),
                       torch.randint(0, 10, (256,), generator=g), [str(i) for i in range(10)], mean=(0.5,), std=(0.25,))
     model, threads = _NarrowShortcut(7), torch.get_num_threads()
+    model.to(memory_format=torch.channels_last)  # handed over channels-last, e.g. pruned from such a model
     torch.set_num_threads(1)  # where the unguarded kernel crashes reliably
     try:
         with pytest.warns(RuntimeWarning, match="'shortcut'"):
@@ -143,7 +144,7 @@ def test_channels_last_is_refused_where_the_cpu_backward_corrupts_memory():
     finally:
         torch.set_num_threads(threads)
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
-    assert model.shortcut.weight.is_contiguous()
+    assert model.shortcut.weight.is_contiguous() and model.stem.weight.is_contiguous()
 
 
 def test_segmentation_metrics_by_hand():
