@@ -9,7 +9,6 @@ import torch
 import secateurs
 from secateurs import PruningError, PruningPlan, analyze, apply_plan
 from secateurs.models import create_model
-
 from secateurs.testing import check_equivalence, randomize_norms
 
 
