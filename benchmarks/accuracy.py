@@ -236,7 +236,7 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
     return {}
 
 
-def _prune_on_cpu(model, args, *a, **kw) -> None:
+def _prune_on_cpu(model, args, *a, **kw) -> dict:
     """``secateurs.prune`` with the model on this CPU, channels-last, and an input at ``--latency-batch``:
     whatever the rows train on, latency tables and searches time the CPU and the layout the report's
     latencies come from (`latency_ratio`)."""
@@ -245,7 +245,7 @@ def _prune_on_cpu(model, args, *a, **kw) -> None:
     device = next(model.parameters()).device
     try:
         model.cpu().to(memory_format=torch.channels_last)
-        secateurs.prune(model, torch.randn(args.latency_batch, 3, 32, 32), *a, **kw)
+        return secateurs.prune(model, torch.randn(args.latency_batch, 3, 32, 32), *a, **kw)[1]
     finally:
         model.to(device)
 
@@ -296,24 +296,24 @@ def _latency_goal(model, x, target: float, args) -> float:
 
 
 def _blocks_to_latency(model, x, target: float, args, train) -> dict:
-    """Whole residual blocks only, lowest PLS-VIP first, as few as meet the latency goal (each count
-    timed): at 32px much of a block's time is per-layer cost that narrower channels do not remove."""
-    from secateurs.depth import find_blocks
+    """Whole residual blocks only: secateurs' ``dlp`` to the latency goal (lowest PLS-VIP first, as
+    few as meet it, each count timed): at 32px much of a block's time is per-layer cost that
+    narrower channels do not remove."""
+    import secateurs
 
     goal = _latency_goal(model, x, target, args)
     options = {"min_per_stage": 0, "per_class": 20}
-    removable = sum(b.removable for b in find_blocks(model, x))
-    if not removable:
-        return {"latency_target": round(goal, 4), "fallback": "no removable block: the model is left as it is"}
-    met = False
-    for k in range(1, removable + 1):
-        trial = copy.deepcopy(model)
-        _prune_on_cpu(trial, args, "dlp", None, data=train, method_options={**options, "count": k})
-        if met := latency_ratio(model, trial, args) <= goal:
-            break
-    _prune_on_cpu(model, args, "dlp", None, data=train, method_options={**options, "count": k})
-    out = {"latency_target": round(goal, 4), "stopped": f"{k} of {removable} blocks removed"}
-    return out if met else {**out, "fallback": "latency goal not met with every removable block removed"}
+    out = {"latency_target": round(goal, 4)}
+    try:
+        rep = _prune_on_cpu(model, args, "dlp", {"latency": goal}, data=train, method_options=options)
+    except secateurs.PruningError:  # every block that may go is not enough: they all go, labelled
+        rep = _prune_on_cpu(model, args, "dlp", None, data=train, method_options={**options, "fraction": 1.0})
+        out["fallback"] = "latency goal not met with every removable block removed"
+    steps = rep.get("steps", [])
+    gone = len(steps[1]["removed"]) if len(steps) > 1 else 0
+    if not gone:
+        return {**out, "fallback": f"no block removed: {rep.get('stopped', '')}"[:120]}
+    return {**out, "stopped": f"{gone} blocks removed"}
 
 
 # -- the grid ----------------------------------------------------------------------------------

@@ -40,25 +40,33 @@ def test_grid_order_runs_every_method_and_tool_once_verdict_pairs_first():
 
 
 def test_blocks_to_latency_removes_the_fewest_blocks_that_meet_the_goal(monkeypatch):
-    """dlp@latency: each block count timed, the first that meets the goal kept; the model loses
-    exactly that many residual blocks (a stand-in clock: latency = blocks left / blocks before)."""
+    """dlp@latency is secateurs' dlp to the latency goal: the model loses exactly the fewest blocks
+    that meet it (a stand-in clock: latency = blocks left / blocks before); a goal no block count
+    meets removes every block that may go, labelled a fallback; no block at all is labelled too."""
+    import secateurs
     from secateurs.depth import find_blocks
     from secateurs.models import create_model
 
     torch.manual_seed(0)
     model, x = create_model("cifar_resnet20").eval(), torch.randn(1, 3, 32, 32)
     n0 = len(find_blocks(model, x))
-    monkeypatch.setattr(acc, "_latency_goal", lambda *a: 0.7)
-    monkeypatch.setattr(acc, "latency_ratio", lambda base, m, args: len(find_blocks(m, x)) / n0)
+    monkeypatch.setattr(secateurs.methods.dlp, "time_models", lambda models, x, **kw: {
+        k: secateurs.latency.Timing(*[len(find_blocks(m, x)) / n0] * 3, 15, 1, "eager", 1) for k, m in models.items()})
+    goal = {"value": 0.7}
+    monkeypatch.setattr(acc, "_latency_goal", lambda *a: goal["value"])
     data = [(torch.randn(100, 3, 32, 32), torch.arange(100) % 10) for _ in range(3)]
     args = argparse.Namespace(latency_batch=2)
     info = acc._blocks_to_latency(model, x, 0.5, args, data)
     k = math.ceil(0.3 * n0)  # the fewest removed with (n0 - k) / n0 <= 0.7
-    assert len(find_blocks(model, x)) == n0 - k and info["stopped"].startswith(f"{k} of ")
-    assert "fallback" not in info and info["latency_target"] == 0.7
+    assert len(find_blocks(model, x)) == n0 - k and info == {"latency_target": 0.7, "stopped": f"{k} blocks removed"}
+    goal["value"] = 0.05
+    small = create_model("cifar_resnet20").eval()
+    info = acc._blocks_to_latency(small, x, 0.5, args, data)
+    removable = sum(b.removable for b in find_blocks(create_model("cifar_resnet20"), x))
+    assert info["fallback"].startswith("latency goal not met") and len(find_blocks(small, x)) == n0 - removable
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
     plain(x)
-    assert acc._blocks_to_latency(plain, x, 0.5, args, data)["fallback"].startswith("no removable block")
+    assert acc._blocks_to_latency(plain, x, 0.5, args, data)["fallback"].startswith("no block removed")
 
 
 def test_a_variant_reads_its_options_as_numbers_where_they_are_numbers():

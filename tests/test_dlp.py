@@ -70,6 +70,36 @@ def test_macs_target_and_min_per_stage(r20, data):
     assert [sum(n not in gone for n in names) for names in stages.values()] == [1] * len(stages)
 
 
+def test_latency_target_removes_the_fewest_lowest_blocks_that_meet_it(r20, data, monkeypatch):
+    """Each block count timed against the model (a stand-in clock: time ~ blocks left): the first
+    count under the target goes, lowest scores first; an unreachable target leaves the model as it was."""
+    n0 = len(find_blocks(r20, X))
+    seen = []
+
+    def clock(models, x, runtime="eager", **kw):
+        seen.append(runtime)
+        return {k: secateurs.latency.Timing(*[len(find_blocks(m, X)) / n0] * 3, 15, 1, runtime, 1)
+                for k, m in models.items()}
+
+    monkeypatch.setattr(secateurs.methods.dlp, "time_models", clock)
+    opts = {"per_class": 20, "min_per_stage": 0}
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", {"latency": 0.75}, data=data, method_options=opts)
+    out = report["method_output"]
+    gone = list(report["steps"][1]["removed"])
+    k = 3  # (n0 - 3) / n0 = 0.67 <= 0.75 < (n0 - 2) / n0
+    assert len(gone) == k and len(find_blocks(m, X)) == n0 - k and out["latency_ratio"] == pytest.approx((n0 - k) / n0)
+    assert [t["blocks"] for t in out["latency_search"]] == [1, 2, 3] and set(seen) == {"eager"}
+    scores = out["block_scores"]
+    assert sorted(gone) == sorted(sorted(scores, key=scores.get)[:k])
+    before = copy.deepcopy(r20)
+    with pytest.raises(secateurs.PruningError, match="removing all 2 blocks that may go measured"):
+        secateurs.prune(before, X, "dlp", {"latency": 0.1}, data=data, method_options={"per_class": 20, "count": 2})
+    assert len(find_blocks(before, X)) == n0
+    for bad in ({"mode": "truncate"}, {"filters": True}):
+        with pytest.raises(ValueError, match="latency target with mode='rank' and no filter steps"):
+            secateurs.prune(copy.deepcopy(r20), X, "dlp", {"latency": 0.5}, data=data, method_options=bad)
+
+
 def test_truncate_cuts_where_the_scores_stop_rising(r20, data, monkeypatch):
     fake = {"layer3.0": 0.5, "layer3.1": 0.7, "layer3.2": 0.6}
     monkeypatch.setattr(secateurs.methods.dlp, "block_scores", lambda model, blocks, *a, **k: {b.name: fake[b.name] for b in blocks})
