@@ -24,7 +24,7 @@ import torch.nn as nn
 from ._validation import PruningError, check_choice, check_ratio, check_scalar
 from .cost import Cost, PlanCost
 from .graph import DependencyGraph
-from .latency import runtime_of, time_models
+from .latency import latency_ratio, runtime_of
 from .latency_table import LatencyModel
 from .surgery import PruningPlan, apply_plan
 
@@ -378,9 +378,8 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         limit = max(aim, smallest) * full
         keep = fill(alloc, search(alloc, cost, limit), cost, limit)
         plan = alloc.plan(keep)
-        timing = time_models({"dense": model, "pruned": apply_plan(copy.deepcopy(model), graph, plan)}, x,
-                             repeats=15, warmup=3, threads=threads, runtime=runtime)
-        ratio, predicted = timing["pruned"].median_s / timing["dense"].median_s, cost(keep) / full
+        ratio = latency_ratio(model, apply_plan(copy.deepcopy(model), graph, plan), x, threads=threads, runtime=runtime)
+        predicted = cost(keep) / full
         tried.append({"aim": aim, "predicted_ratio": predicted, "latency_ratio": ratio})
         log(f"latency: table predicts {predicted:.3f}, measured {ratio:.3f} (target {target:.3f})")
         if ratio <= target * (1 + tolerance) and (best is None or abs(ratio - target) < abs(best[1] - target)):

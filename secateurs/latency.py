@@ -20,9 +20,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from ._layout import channels_last_only
 from ._validation import check_choice, check_scalar
 
-__all__ = ["Timing", "RUNTIMES", "runtime_of", "time_models", "time_callables", "median", "measure_latency", "compare_dense_pruned",
+__all__ = ["Timing", "RUNTIMES", "runtime_of", "time_models", "latency_ratio", "time_callables", "median", "measure_latency", "compare_dense_pruned",
            "cpu_name", "num_threads"]
 
 RUNTIMES = ("eager", "channels_last", "onnxruntime")
@@ -50,10 +51,8 @@ def runtime_of(model: nn.Module) -> str:
     different kernels, so a latency search must time the layout the model will run in."""
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if isinstance(m, nn.Conv2d) and isinstance(w, torch.Tensor) and w.dim() == 4:
-            cl, plain = w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()
-            if cl != plain:  # a 1x1 kernel (or one input channel) is both: it does not tell
-                return "channels_last" if cl else "eager"
+        if isinstance(m, nn.Conv2d) and isinstance(w, torch.Tensor) and (cl := channels_last_only(w)) is not None:
+            return "channels_last" if cl else "eager"
     return "eager"
 
 
@@ -139,6 +138,15 @@ def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats
     batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
     return {name: Timing(*_median_interval(ts), repeats=repeats, threads=threads, runtime=runtime, batch=batch)
             for name, ts in times.items()}
+
+
+def latency_ratio(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, threads: int | None = None,
+                  runtime: str | None = None, repeats: int = 15, warmup: int = 3) -> float:
+    """Median pruned / median dense, timed interleaved in the layout ``dense`` runs in (unless
+    ``runtime`` says otherwise): the one confirming measurement every latency search stops on."""
+    t = time_models({"dense": dense, "pruned": pruned}, example_inputs, repeats=repeats, warmup=warmup,
+                    threads=threads, runtime=runtime or runtime_of(dense))
+    return t["pruned"].median_s / t["dense"].median_s
 
 
 @contextlib.contextmanager

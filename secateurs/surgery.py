@@ -17,6 +17,7 @@ import torch.nn as nn
 from .compensate import compensation, has_candidates
 from .cost import count
 from .graph import ChannelGroup, DependencyGraph
+from ._layout import channels_last_only
 from ._threads import one_thread
 from ._validation import PruningError, check_model
 
@@ -216,7 +217,7 @@ def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids:
 def _same_layout(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``new`` stored like ``old``: a channels-last model stays channels-last (a half-converted one
     runs every layer through layout conversions, and its latency is neither layout's)."""
-    if old.dim() == 4 and old.is_contiguous(memory_format=torch.channels_last) and not old.is_contiguous():
+    if channels_last_only(old):
         return new.contiguous(memory_format=torch.channels_last)
     return new.contiguous()
 

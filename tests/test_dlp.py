@@ -81,7 +81,7 @@ def test_latency_target_removes_the_fewest_lowest_blocks_that_meet_it(r20, data,
         return {k: secateurs.latency.Timing(*[len(find_blocks(m, X)) / n0] * 3, 15, 1, runtime, 1)
                 for k, m in models.items()}
 
-    monkeypatch.setattr(secateurs.methods.dlp, "time_models", clock)
+    monkeypatch.setattr(secateurs.latency, "time_models", clock)
     opts = {"per_class": 20, "min_per_stage": 0}
     m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", {"latency": 0.75}, data=data, method_options=opts)
     out = report["method_output"]

@@ -193,7 +193,7 @@ def _macs_clock(monkeypatch, model, x):
     seen: list[str] = []
     monkeypatch.setattr(secateurs.latency_table.LatencyModel, "_measure", measure)
     monkeypatch.setattr(secateurs.latency_table, "time_models", clock)
-    monkeypatch.setattr(secateurs.budget, "time_models", clock)
+    monkeypatch.setattr(secateurs.latency, "time_models", clock)
     return seen
 
 

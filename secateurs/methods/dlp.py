@@ -9,7 +9,7 @@ from .._validation import PruningError
 from ..budget import Budget, measure, plan_for_budget
 from ..criteria import group_scores
 from ..depth import Block, LayerPlan, find_blocks
-from ..latency import runtime_of, time_models
+from ..latency import latency_ratio
 from ..pls import block_scores
 from .base import Decision, Method, Option, StepContext, check_stop_rule, register_method
 
@@ -145,14 +145,12 @@ class LayerPruningMethod(Method):
         time is mostly per-layer cost that narrower channels keep: on CIFAR ResNet-20 at batch 8,
         3 of 7 blocks reached 0.65 of the latency at 65% of the MACs, where channel pruning needed
         about 18% of the MACs."""
-        target, runtime, tried = ctx.budget.value, runtime_of(ctx.model), []
+        target, tried = ctx.budget.value, []
         for k in range(1, len(order) + 1):
             names = [b.name for b in order[:k]]
             probe = copy.deepcopy(ctx.model)
             LayerPlan(names, scores).apply(probe, ctx.example_inputs)
-            t = time_models({"dense": ctx.model, "pruned": probe}, ctx.example_inputs, repeats=15, warmup=3,
-                            threads=ctx.latency_threads, runtime=runtime)
-            ratio = t["pruned"].median_s / t["dense"].median_s
+            ratio = latency_ratio(ctx.model, probe, ctx.example_inputs, threads=ctx.latency_threads)
             tried.append({"blocks": k, "latency_ratio": round(ratio, 4)})
             ctx.log(f"dlp: {k} block(s) removed -> latency {ratio:.3f} of the model's (target {target:.3f})")
             if ratio <= target:
