@@ -10,17 +10,15 @@ How the blocks are scored (PLS-VIP of their outputs) lives in :mod:`secateurs.pl
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from ._validation import PruningError
 from .cost import count
-from .fxtrace import trace_fx
+from .residual import residual_units
 
 __all__ = ["Block", "LayerPlan", "find_blocks", "remove_blocks", "truncate", "block_names"]
 
@@ -43,157 +41,6 @@ class Block:
     reason: str = ""
 
 
-# -- structure from the fx graph -------------------------------------------------------------------
-_ADDS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-
-
-@dataclass
-class _Candidate:
-    name: str
-    order: int  # position of its first node in the graph: forward order
-    removable: bool
-    reason: str
-
-
-def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADDS) or \
-        (node.op == "call_method" and node.target in _ADD_METHODS)
-
-
-def _stack(node: fx.Node) -> list[tuple[str, str]]:
-    """(key, qualified name) of the modules a node was traced in, outermost first."""
-    return [(k, v[0]) for k, v in (node.meta.get("nn_module_stack") or {}).items()]
-
-
-def _params_of(modules: dict[str, nn.Module], node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return any(True for _ in modules[node.target].parameters())
-    return False
-
-
-def _unwrap_identity(node: Any, modules: dict[str, nn.Module]) -> Any:
-    # the CIFAR ResNet shortcut is a literal nn.Identity() call
-    while isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
-        node = node.args[0] if node.args else None
-    return node
-
-
-def _depends_on(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> bool:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n is source:
-            return True
-        if n in seen or n not in members:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return False
-
-
-def _history(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> int:
-    return len(_path(node, source, members))
-
-
-def _path(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> list[fx.Node]:
-    """Nodes of the block that ``node`` depends on, up to ``source``."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n is source or n in seen or n not in members:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
-
-
-def _structure(model: nn.Module) -> list[_Candidate]:
-    """Residual units of ``model`` from its fx graph (no shapes: those need example inputs)."""
-    graph, _ = trace_fx(model)
-    modules = dict(model.named_modules())
-    nodes = list(graph.nodes)
-    members: dict[str, set[fx.Node]] = {}
-    first: dict[str, int] = {}
-    calls: dict[str, set[str]] = {}
-    innermost: dict[fx.Node, str] = {}
-    for i, node in enumerate(nodes):
-        st = _stack(node)
-        if st:
-            innermost[node] = st[-1][1]
-        for key, q in st:
-            members.setdefault(q, set()).add(node)
-            first.setdefault(q, i)
-            calls.setdefault(q, set()).add(key)
-
-    found: dict[str, _Candidate] = {}
-    for q, mem in members.items():
-        if not q or q not in modules:
-            continue
-        if len(calls[q]) > 1:
-            continue  # judged below by the sibling rule, if at all
-        ext = {a for n in mem for a in n.all_input_nodes if a not in mem and a.op != "get_attr"}
-        outs = [n for n in mem if any(u not in mem for u in n.users)]
-        if len(ext) != 1 or len(outs) != 1:
-            continue
-        (x,), out = ext, outs[0]
-        # walk back over a parameter-free tail (ReLU, dropout, ...) to the residual add
-        node, tail_params = out, []
-        while node in mem and not _is_add(node) and len(node.all_input_nodes) == 1:
-            if _params_of(modules, node):
-                tail_params.append(node.target)
-            node = node.all_input_nodes[0]
-        if node not in mem or not _is_add(node):
-            continue
-        add = node
-        ops = [_unwrap_identity(a, modules) for a in add.args[:2]]
-        if len(ops) != 2 or not all(isinstance(a, fx.Node) for a in ops):
-            continue
-        own = innermost.get(add) == q
-        if x in ops:
-            other = ops[1] if ops[0] is x else ops[0]
-            if other is x or not _depends_on(other, x, mem):
-                continue  # x + x or x + constant: not a residual branch
-            if tail_params:
-                if own:
-                    found[q] = _Candidate(q, first[q], False, f"layer(s) with parameters {tail_params} follow the residual add, "
-                                          "so the block is not input + f(input)")
-                continue
-            found[q] = _Candidate(q, first[q], True, "")
-        elif own and all(_depends_on(a, x, mem) for a in ops):
-            # the shortcut is the operand with the shorter history inside the block
-            short = min(ops, key=lambda a: _history(a, x, mem))
-            mods = [n.target for n in _path(short, x, mem) if n.op == "call_module"]
-            names = list(dict.fromkeys(_child_of(q, t) for t in mods))
-            via = f"goes through {', '.join(repr(n) for n in names)}" if names else "is not an identity"
-            found[q] = _Candidate(q, first[q], False, f"its shortcut {via} (a projection), so removing it would change "
-                                  "the tensor that the next layer receives")
-
-    # the largest unit wins: drop candidates nested in a removable block
-    removable = [c.name for c in found.values() if c.removable]
-    kept = {q: c for q, c in found.items()
-            if not any(q.startswith(r + ".") for r in removable)}
-    # blocks of the same (non-torch.nn) class without an identity shortcut: report, to mark stage starts
-    kinds = {type(modules[q]) for q in kept if not type(modules[q]).__module__.startswith("torch.nn")}
-    for q, m in modules.items():
-        if q in kept or type(m) not in kinds or q not in members:
-            continue
-        if any(q.startswith(k + ".") or k.startswith(q + ".") for k in kept):
-            continue
-        reason = (f"it is called {len(calls[q])} times" if len(calls[q]) > 1
-                  else "it has no identity shortcut: its output is not input + f(input)")
-        kept[q] = _Candidate(q, first[q], False, reason)
-    return sorted(kept.values(), key=lambda c: c.order)
-
-
-def _child_of(block: str, target: str) -> str:
-    """The direct child of ``block`` that holds module ``target`` (names the shortcut)."""
-    if not target.startswith(block + "."):
-        return target
-    return block + "." + target[len(block) + 1:].split(".")[0]
-
-
 def _as_inputs(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -210,7 +57,7 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
     called with that input alone (else ``nn.Identity`` could not stand in for it).
     """
     inputs = _as_inputs(example_inputs)
-    cands = _structure(model)
+    cands = residual_units(model)
     modules = dict(model.named_modules())
     seen: dict[str, dict[str, Any]] = {}
     handles = []
@@ -304,7 +151,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
         found = {b.name: (b.removable, b.reason) for b in find_blocks(model, inputs)}
     else:
         inputs = None
-        found = {c.name: (c.removable, c.reason) for c in _structure(model)}
+        found = {c.name: (c.removable, c.reason) for c in residual_units(model)}
     for n in names:
         if n not in found:
             ok = [b for b, (r, _) in found.items() if r]

@@ -96,3 +96,54 @@ def test_budgets_and_exact_cost_on_library_models(family, name, size):
         _, report = secateurs.prune(m, x, "bn_scale", 0.5, budget="macs")
     kept = secateurs.count(m, x).macs / base
     assert report["kept"]["macs"] == pytest.approx(kept, abs=1e-12) and 0.45 < kept <= 0.5
+
+
+def test_blocks_inside_a_model_fx_cannot_trace():
+    """ultralytics' DetectionModel runs its layers by index (fx cannot trace it) and its C2f makes a
+    list of its input: traced piecewise, the bottlenecks with a shortcut are found (ultralytics' own
+    ``add`` flag says which), and removing ones whose branch was zeroed leaves every output unchanged."""
+    pytest.importorskip("ultralytics")
+    from secateurs.depth import find_blocks, remove_blocks
+    from tests.test_blocks import zero_branch
+
+    m, x = zoo.build("ultralytics", "yolov8n.yaml").model.eval(), torch.randn(1, 3, 128, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blocks = find_blocks(m, x)
+        truth = {n for n, s in m.named_modules() if type(s).__name__ == "Bottleneck" and s.add}
+        assert {b.name for b in blocks if b.removable} == truth and len(truth) == 6
+        assert [b.stage for b in blocks] == sorted(b.stage for b in blocks)  # forward order
+        gone = sorted(truth)[::2]
+        base = secateurs.count(m, x).macs
+        for name in gone:
+            zero_branch(m, name, x)
+        with torch.no_grad():
+            ref = output_tensors(m(x))
+        remove_blocks(m, gone, x)
+        with torch.no_grad():
+            out = output_tensors(m(x))
+        assert secateurs.count(m, x).macs == base - sum(b.macs for b in blocks if b.name in gone)
+    assert len(out) == len(ref)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_dlp_latency_target_on_a_timm_model(monkeypatch):
+    """The latency target of ``dlp`` on a library model (a stand-in clock: time ~ blocks left)."""
+    pytest.importorskip("timm")
+    from secateurs.data import ArrayDataset
+    from secateurs.depth import find_blocks
+
+    m, x = zoo.build("timm", "resnet18").model.eval(), torch.randn(1, 3, 64, 64)
+    n0 = len(find_blocks(m, x))
+    monkeypatch.setattr(secateurs.latency, "time_models", lambda models, inputs, runtime="eager", **kw: {
+        k: secateurs.latency.Timing(*[len(find_blocks(v, x)) / n0] * 3, 15, 1, runtime, 1) for k, v in models.items()})
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    data = ArrayDataset("synthetic", (torch.rand(40, 3, 64, 64, generator=gen) * 120 + y.view(-1, 1, 1, 1) * 30)
+                        .to(torch.uint8), y, list("abcd"))
+    _, report = secateurs.prune(m, x, "dlp", {"latency": 0.75}, data=data,
+                                method_options={"per_class": 10, "min_per_stage": 0})
+    out = report["method_output"]
+    assert len(find_blocks(m, x)) == n0 - 2 and out["latency_ratio"] == pytest.approx((n0 - 2) / n0)
+    assert [t["blocks"] for t in out["latency_search"]] == [1, 2]

@@ -1,0 +1,227 @@
+"""Residual units from the :mod:`torch.fx` graph: which submodules compute ``input + f(input)``
+through an identity shortcut (possibly followed by parameter-free ops such as a ReLU), judged from
+the nodes inside each unit only, never from class names. :mod:`secateurs.depth` adds shapes, MACs
+and the surgery that removes them.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ._validation import PruningError
+from .fxtrace import trace_fx
+
+__all__ = ["Unit", "residual_units"]
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+@dataclass
+class Unit:
+    """A candidate block before shapes are known: ``removable`` when its output is input + f(input)."""
+
+    name: str
+    order: int  # position of its first node in the graph: forward order
+    removable: bool
+    reason: str
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or \
+        (node.op == "call_method" and node.target in _ADD_METHODS)
+
+
+def _stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(key, qualified name) of the modules a node was traced in, outermost first."""
+    return [(k, v[0]) for k, v in (node.meta.get("nn_module_stack") or {}).items()]
+
+
+def _params_of(modules: dict[str, nn.Module], node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return any(True for _ in modules[node.target].parameters())
+    return False
+
+
+def _unwrap_identity(node: Any, modules: dict[str, nn.Module]) -> Any:
+    # the CIFAR ResNet shortcut is a literal nn.Identity() call
+    while isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
+        node = node.args[0] if node.args else None
+    return node
+
+
+def _depends_on(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is source:
+            return True
+        if n in seen or n not in members:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _history(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> int:
+    return len(_path(node, source, members))
+
+
+def _path(node: fx.Node, source: fx.Node, members: set[fx.Node]) -> list[fx.Node]:
+    """Nodes of the block that ``node`` depends on, up to ``source``."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n is source or n in seen or n not in members:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def residual_units(model: nn.Module, prefix: str = "") -> list[Unit]:
+    """Residual units of ``model`` from its fx graph (no shapes: those need example inputs), named
+    ``prefix`` + their name in ``model``.
+
+    A model whose own forward fx cannot trace (ultralytics' DetectionModel runs its layers by
+    index from a list) is traced piecewise, each child on its own, and so is every submodule fx had
+    to keep opaque: a residual unit is judged from its own nodes only, so the caller's dataflow is
+    not needed, and :func:`find_blocks` confirms every candidate on a real forward."""
+    try:
+        graph, leaves = trace_fx(model)
+    except PruningError:
+        parts, traced = [], False
+        for name, child in model.named_children():
+            try:
+                parts += residual_units(child, f"{prefix}{name}.")
+                traced = True
+            except PruningError:
+                continue
+        if not traced:
+            raise
+        return [replace(c, order=i) for i, c in enumerate(parts)]
+    return _inside_opaque(model, graph, leaves, _units(model, graph, prefix), prefix)
+
+
+def _inside_opaque(model: nn.Module, graph: fx.Graph, leaves: list[str], units: list[Unit],
+                   prefix: str) -> list[Unit]:
+    """``units`` and the residual units inside the submodules the trace kept opaque (ultralytics'
+    C2f makes a list of its input), in forward order."""
+    at: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op == "call_module":
+            at.setdefault(str(n.target), i)
+    modules = dict(model.named_modules())
+    removable = [c.name for c in units if c.removable]
+    keyed = [((c.order, -1), c) for c in units]
+    for leaf in leaves:
+        if leaf not in at:
+            continue
+        try:
+            inner = residual_units(modules[leaf], f"{prefix}{leaf}.")
+        except PruningError:
+            continue
+        keyed += [((at[leaf], c.order), c) for c in inner if not any(c.name.startswith(r + ".") for r in removable)]
+    return [replace(c, order=i) for i, (_, c) in enumerate(sorted(keyed, key=lambda kc: kc[0]))]
+
+
+def _membership(graph: fx.Graph, piece: bool) -> tuple[dict, dict, dict, dict]:
+    """{module: its nodes}, {module: index of its first node}, {module: its call keys} and {node: the
+    innermost module running it}, from fx's module stacks. A ``piece`` (a submodule traced on its
+    own) is itself a module of its graph, named ""."""
+    members: dict[str, set[fx.Node]] = {}
+    first: dict[str, int] = {}
+    calls: dict[str, set[str]] = {}
+    innermost: dict[fx.Node, str] = {}
+    for i, node in enumerate(graph.nodes):
+        st = _stack(node)
+        if piece and node.op not in ("placeholder", "output", "get_attr"):
+            st = [("", "")] + st
+        if st:
+            innermost[node] = st[-1][1]
+        for key, q in st:
+            members.setdefault(q, set()).add(node)
+            first.setdefault(q, i)
+            calls.setdefault(q, set()).add(key)
+    return members, first, calls, innermost
+
+
+def _units(model: nn.Module, graph: fx.Graph, prefix: str) -> list[Unit]:
+    modules = dict(model.named_modules())
+    members, first, calls, innermost = _membership(graph, piece=bool(prefix))
+    full = lambda q: prefix + q if q else prefix[:-1]  # noqa: E731
+    found: dict[str, Unit] = {}
+    for q, mem in members.items():
+        if (not q and not prefix) or q not in modules:
+            continue
+        if len(calls[q]) > 1:
+            continue  # judged below by the sibling rule, if at all
+        ext = {a for n in mem for a in n.all_input_nodes if a not in mem and a.op != "get_attr"}
+        outs = [n for n in mem if any(u not in mem for u in n.users)]
+        if len(ext) != 1 or len(outs) != 1:
+            continue
+        (x,), out = ext, outs[0]
+        # walk back over a parameter-free tail (ReLU, dropout, ...) to the residual add
+        node, tail_params = out, []
+        while node in mem and not _is_add(node) and len(node.all_input_nodes) == 1:
+            if _params_of(modules, node):
+                tail_params.append(full(str(node.target)))
+            node = node.all_input_nodes[0]
+        if node not in mem or not _is_add(node):
+            continue
+        add = node
+        ops = [_unwrap_identity(a, modules) for a in add.args[:2]]
+        if len(ops) != 2 or not all(isinstance(a, fx.Node) for a in ops):
+            continue
+        own = innermost.get(add) == q
+        if x in ops:
+            other = ops[1] if ops[0] is x else ops[0]
+            if other is x or not _depends_on(other, x, mem):
+                continue  # x + x or x + constant: not a residual branch
+            if tail_params:
+                if own:
+                    found[q] = Unit(full(q), first[q], False, f"layer(s) with parameters {tail_params} follow the residual add, "
+                                          "so the block is not input + f(input)")
+                continue
+            found[q] = Unit(full(q), first[q], True, "")
+        elif own and all(_depends_on(a, x, mem) for a in ops):
+            # the shortcut is the operand with the shorter history inside the block
+            short = min(ops, key=lambda a: _history(a, x, mem))
+            mods = [n.target for n in _path(short, x, mem) if n.op == "call_module"]
+            names = list(dict.fromkeys(full(_child_of(q, t)) for t in mods))
+            via = f"goes through {', '.join(repr(n) for n in names)}" if names else "is not an identity"
+            found[q] = Unit(full(q), first[q], False, f"its shortcut {via} (a projection), so removing it would change "
+                                  "the tensor that the next layer receives")
+
+    # the largest unit wins: drop candidates nested in a removable block
+    removable = [c.name for c in found.values() if c.removable]
+    kept = {q: c for q, c in found.items()
+            if not any(c.name.startswith(r + ".") for r in removable)}
+    # blocks of the same (non-torch.nn) class without an identity shortcut: report, to mark stage starts
+    kinds = {type(modules[q]) for q in kept if not type(modules[q]).__module__.startswith("torch.nn")}
+    for q, m in modules.items():
+        if q in kept or type(m) not in kinds or q not in members:
+            continue
+        if any(not k or q.startswith(k + ".") or k.startswith(q + ".") for k in kept):
+            continue
+        reason = (f"it is called {len(calls[q])} times" if len(calls[q]) > 1
+                  else "it has no identity shortcut: its output is not input + f(input)")
+        kept[q] = Unit(full(q), first[q], False, reason)
+    return sorted(kept.values(), key=lambda c: c.order)
+
+
+def _child_of(block: str, target: str) -> str:
+    """The direct child of ``block`` that holds module ``target`` (names the shortcut)."""
+    if not block:
+        return target.split(".")[0]
+    if not target.startswith(block + "."):
+        return target
+    return block + "." + target[len(block) + 1:].split(".")[0]
+
+
