@@ -90,8 +90,8 @@ def residual_units(model: nn.Module, prefix: str = "") -> list[Unit]:
     ``prefix`` + their name in ``model``.
 
     A model whose own forward fx cannot trace (ultralytics' DetectionModel runs its layers by
-    index from a list) is traced piecewise, each child on its own, and so is every submodule fx had
-    to keep opaque: a residual unit is judged from its own nodes only, so the caller's dataflow is
+    index from a list) is traced piecewise, each child on its own (in registration order, the
+    forward order of such layer lists), and so is every submodule fx had to keep opaque: a residual unit is judged from its own nodes only, so the caller's dataflow is
     not needed, and :func:`find_blocks` confirms every candidate on a real forward."""
     try:
         graph, leaves = trace_fx(model)
