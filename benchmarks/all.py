@@ -160,6 +160,19 @@ RESULTS = ("compare_coverage.csv", "engine_speed.csv", "compare_speedup.csv", "a
            "compare_segmentation.csv", "segmentation.json")
 
 
+R56_EPOCHS = 120  # scripts/baselines.sh r56: one cosine cycle
+
+
+def _r56_baseline(log: Path = Path(__file__).resolve().parents[1] / "runs/baselines/r56/log.csv") -> str:
+    """How far ResNet-56's baseline has trained, from its run's log (tracked by git, resumed across sessions)."""
+    rows = read_rows(log)
+    if not rows:
+        return f"its baseline is not trained ({R56_EPOCHS} epochs, about 8.5 h of this machine, `scripts/baselines.sh r56`)"
+    last = rows[-1]
+    return (f"its baseline is training (`scripts/baselines.sh r56`, resumable): epoch {last['epoch']} of {R56_EPOCHS}, "
+            f"{float(last['val_top1']):.2f}% top-1 on the test set so far (runs/baselines/r56/log.csv)")
+
+
 def _status(out: Path, args) -> list[str]:
     """How far the long sections have got, from their results files (the accuracy protocol's rows
     when they exist: the epoch-based accuracy rows before it are kept only for the record)."""
@@ -176,7 +189,7 @@ def _status(out: Path, args) -> list[str]:
             per.setdefault((r["model"], float(r["target"])), set()).add(r["method"])
         acc_rows = rows
         acc = (f"accuracy protocol {len(rows)} rows ({'; '.join(f'{m} at {t:.0%}: {len(v)} methods' for (m, t), v in sorted(per.items(), key=lambda k: (k[0][0], -k[0][1])))}"
-               f"{'' if any('resnet56' in m for m, _ in per) else '; ResNet-56 none yet: its baseline is not trained (about 9 h of this machine, `scripts/baselines.sh r56`)'})")
+               f"{'' if any('resnet56' in m for m, _ in per) else '; ResNet-56 none yet: ' + _r56_baseline()})")
     else:
         acc_rows = read_rows(out / "compare_accuracy.csv")
         acc = (f"accuracy {len(acc_rows)}/{2 * 2 * len(OURS + THEIRS) * len(args.seeds)} runs (ResNet-20 and ResNet-56 x "
