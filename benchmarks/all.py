@@ -160,17 +160,18 @@ RESULTS = ("compare_coverage.csv", "engine_speed.csv", "compare_speedup.csv", "a
            "compare_segmentation.csv", "segmentation.json")
 
 
-R56_EPOCHS = 120  # scripts/baselines.sh r56: one cosine cycle
+R56_EPOCHS = 120  # scripts/baselines.sh r56 (EPOCHS): one cosine cycle
 
 
 def _r56_baseline(log: Path = Path(__file__).resolve().parents[1] / "runs/baselines/r56/log.csv") -> str:
     """How far ResNet-56's baseline has trained, from its run's log (tracked by git, resumed across sessions)."""
-    rows = read_rows(log)
+    rows = [r for r in read_rows(log) if (r.get("val_top1") or "").strip()]
     if not rows:
         return f"its baseline is not trained ({R56_EPOCHS} epochs, about 8.5 h of this machine, `scripts/baselines.sh r56`)"
-    last = rows[-1]
-    return (f"its baseline is training (`scripts/baselines.sh r56`, resumable): epoch {last['epoch']} of {R56_EPOCHS}, "
-            f"{float(last['val_top1']):.2f}% top-1 on the test set so far (runs/baselines/r56/log.csv)")
+    epoch, top1 = int(rows[-1]["epoch"]), float(rows[-1]["val_top1"])
+    state = "has trained" if epoch >= R56_EPOCHS else "is training (`scripts/baselines.sh r56`, resumable):"
+    return (f"its baseline {state} epoch {epoch} of {R56_EPOCHS}, {top1:.2f}% top-1 on the test set "
+            "(runs/baselines/r56/log.csv)")
 
 
 def _status(out: Path, args) -> list[str]:

@@ -52,9 +52,10 @@ def _as_inputs(example_inputs: Any) -> tuple:
 def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
     """Residual blocks of ``model`` in forward order, removable or not (see :class:`Block`).
 
-    One fx trace finds the structure; one forward on ``example_inputs`` (eval mode, no grad)
-    gives shapes and MACs and checks that each removable block keeps its input's shape and is
-    called with that input alone (else ``nn.Identity`` could not stand in for it).
+    The fx graph finds the structure (:func:`secateurs.residual.residual_units`); one forward on
+    ``example_inputs`` (eval mode, no grad) gives shapes and MACs and checks that each removable
+    block runs once, keeps its input's shape and is called with that input alone (else
+    ``nn.Identity`` could not stand in for it).
     """
     inputs = _as_inputs(example_inputs)
     cands = residual_units(model)
@@ -72,6 +73,8 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
             rec["single"] = len(args) == 1 and not kwargs and isinstance(x, torch.Tensor)
         return fn
 
+    # a counting pass that needs values restarts (meta, then real): only the last pass's calls count
+    handles.append(model.register_forward_pre_hook(lambda m, args: seen.clear()))
     for c in cands:
         handles.append(modules[c.name].register_forward_hook(hook(c.name), with_kwargs=True))
     try:
@@ -87,6 +90,8 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
         removable, reason = c.removable, c.reason
         if rec is None:
             removable, reason = False, "it does not run on the example inputs"
+        elif removable and rec["calls"] > 1:
+            removable, reason = False, f"it is called {rec['calls']} times"
         elif removable and not rec["single"]:
             removable, reason = False, "it is not called with a single tensor, so nn.Identity cannot replace it"
         elif removable and rec["in"] != rec["out"]:
@@ -151,7 +156,9 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
         found = {b.name: (b.removable, b.reason) for b in find_blocks(model, inputs)}
     else:
         inputs = None
-        found = {c.name: (c.removable, c.reason) for c in residual_units(model)}
+        found = {c.name: (c.removable and not c.alone, c.reason or "it was found by tracing a submodule on its own "
+                          "(fx cannot trace the model whole): pass example_inputs so a forward checks how it is called")
+                 for c in residual_units(model)}
     for n in names:
         if n not in found:
             ok = [b for b, (r, _) in found.items() if r]

@@ -30,6 +30,7 @@ class Unit:
     order: int  # position of its first node in the graph: forward order
     removable: bool
     reason: str
+    alone: bool = False  # found by tracing a submodule on its own: how its caller calls it is unseen
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -91,43 +92,49 @@ def residual_units(model: nn.Module, prefix: str = "") -> list[Unit]:
 
     A model whose own forward fx cannot trace (ultralytics' DetectionModel runs its layers by
     index from a list) is traced piecewise, each child on its own (in registration order, the
-    forward order of such layer lists), and so is every submodule fx had to keep opaque: a residual unit is judged from its own nodes only, so the caller's dataflow is
-    not needed, and :func:`find_blocks` confirms every candidate on a real forward."""
+    forward order of such layer lists), and so is every submodule fx had to keep opaque: a residual
+    unit is judged from its own nodes only, so the caller's dataflow is not needed, but how the
+    caller calls it is unseen (``Unit.alone``): ``depth.find_blocks`` checks that on a real forward.
+    """
     try:
         graph, leaves = trace_fx(model)
     except PruningError:
-        parts, traced = [], False
+        parts = []
         for name, child in model.named_children():
             try:
                 parts += residual_units(child, f"{prefix}{name}.")
-                traced = True
             except PruningError:
                 continue
-        if not traced:
-            raise
+        if not parts:
+            raise  # nothing found piecewise: fx's own reason is the useful one
         return [replace(c, order=i) for i, c in enumerate(parts)]
-    return _inside_opaque(model, graph, leaves, _units(model, graph, prefix), prefix)
+    units = _units(model, graph, prefix)
+    if prefix:
+        units = [replace(c, alone=True) for c in units]
+    return _inside_opaque(model, graph, leaves, units, prefix)
 
 
 def _inside_opaque(model: nn.Module, graph: fx.Graph, leaves: list[str], units: list[Unit],
                    prefix: str) -> list[Unit]:
     """``units`` and the residual units inside the submodules the trace kept opaque (ultralytics'
-    C2f makes a list of its input), in forward order."""
+    C2f makes a list of its input), in forward order. A leaf's own trace judges it better than the
+    caller's graph, where it is one opaque node."""
     at: dict[str, int] = {}
     for i, n in enumerate(graph.nodes):
         if n.op == "call_module":
             at.setdefault(str(n.target), i)
     modules = dict(model.named_modules())
     removable = [c.name for c in units if c.removable]
-    keyed = [((c.order, -1), c) for c in units]
+    inner: list[tuple[tuple[int, int], Unit]] = []
     for leaf in leaves:
-        if leaf not in at:
+        if leaf not in at or any(f"{prefix}{leaf}".startswith(r + ".") for r in removable):
             continue
         try:
-            inner = residual_units(modules[leaf], f"{prefix}{leaf}.")
+            inner += [((at[leaf], c.order), c) for c in residual_units(modules[leaf], f"{prefix}{leaf}.")]
         except PruningError:
             continue
-        keyed += [((at[leaf], c.order), c) for c in inner if not any(c.name.startswith(r + ".") for r in removable)]
+    judged = {c.name for _, c in inner}
+    keyed = [((c.order, -1), c) for c in units if c.name not in judged] + inner
     return [replace(c, order=i) for i, (_, c) in enumerate(sorted(keyed, key=lambda kc: kc[0]))]
 
 
@@ -223,5 +230,3 @@ def _child_of(block: str, target: str) -> str:
     if not target.startswith(block + "."):
         return target
     return block + "." + target[len(block) + 1:].split(".")[0]
-
-

@@ -206,6 +206,93 @@ def test_generic_rules_largest_unit_and_post_norm():
     assert blocks["body.0"].params == 8 * 8 * 9 + 8 + 8
 
 
+class Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+class Untraceable(nn.Module):
+    """fx cannot trace its forward (it iterates a tensor's chunks), like ultralytics' DetectionModel;
+    one of its residual children is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body, self.shared = nn.Conv2d(3, 8, 3, padding=1), nn.ModuleList([Res(8), Res(8)]), Res(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.cat(list(self.stem(x).chunk(2, 1)), 1)
+        for m in self.body:
+            x = m(x)
+        return self.fc(self.shared(self.shared(x)).mean((2, 3)))
+
+
+class Split(nn.Module):
+    """Kept opaque by fx (a list of its input's chunks), like ultralytics' C2f."""
+
+    def __init__(self):
+        super().__init__()
+        self.m, self.out = nn.ModuleList([Res(4), Res(4)]), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = list(x.chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.out(torch.cat(y, 1))
+
+
+class WithOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.split, self.post = nn.Conv2d(3, 8, 3, padding=1), Split(), Res(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.post(self.split(self.stem(x))).mean((2, 3)))
+
+
+def test_blocks_of_models_fx_cannot_trace_whole():
+    """Traced piecewise: units named in the whole model, in forward order, a twice-called one kept,
+    removal exact when the branch is zero; without example inputs such a block is refused (how its
+    caller calls it is unseen); with no unit anywhere, fx's own reason is raised."""
+    x = torch.randn(2, 3, 8, 8)
+    for model, removable, kept in ((Untraceable(), ["body.0", "body.1"], {"shared": "called 2 times"}),
+                                   (WithOpaque(), ["split.m.0", "split.m.1", "post"], {})):
+        model = randomize_norms(model).eval()
+        blocks = find_blocks(model, x)
+        assert [b.name for b in blocks if b.removable] == removable
+        assert {b.name: b.reason for b in blocks if not b.removable}.keys() == kept.keys()
+        assert all(why in b.reason for b in blocks for n, why in kept.items() if b.name == n)
+        gone = removable[::2]
+        for name in gone:
+            zero_branch(model, name, x)
+        with torch.no_grad():
+            ref = model(x)
+        remove_blocks(model, gone, x)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+        assert all(isinstance(model.get_submodule(n), nn.Identity) for n in gone)
+    with pytest.raises(PruningError, match="tracing a submodule on its own"):
+        remove_blocks(Untraceable(), ["body.0"])
+    m = WithOpaque()
+    remove_blocks(m, ["post"])  # found in the whole model's graph: no forward needed
+    assert isinstance(m.post, nn.Identity)
+    with pytest.raises(PruningError, match="cannot trace _NoUnits.forward itself"):
+        find_blocks(_NoUnits(), torch.randn(1, 8, 4, 4))
+
+
+class _NoUnits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return torch.cat(list(self.conv(x).chunk(2, 1)), 1)
+
+
 # -- exactness ---------------------------------------------------------------------------------------
 def zero_branch(model, block, x):
     """Zero every parameter of the last parametrised layer the block runs: its branch gives 0."""
