@@ -256,6 +256,9 @@ def write_markdown(results: dict, args, path: Path) -> None:
               "![inputs, ground truth, unpruned and pruned predictions](segmentation.png)", "",
               "![held-out metric vs MACs along the importance-weight schedule (seed 0)](segmentation_curves.png)", ""]
     lines += [claim_line(results, args.fixed)]
+    if getattr(args, "versus", None):
+        other = json.loads(Path(args.versus).read_text())
+        lines += versus_lines(results, other["results"], f"`{args.versus}` (ranked by `{other['args'].get('rank')}`)") + [""]
     for name, r in results.items():
         for seed, runs in r["runs"].items():
             if "tol" in runs:
@@ -285,6 +288,31 @@ def seg_summary(results: dict) -> list[str]:
                          f"{_stat([p['iou'] for p in ps])} | {_stat([b['iou'] - p['iou'] for p in ps])} | "
                          f"{d if m == 'iw' else ''} | {len(ps)} |")
     return L
+
+
+def versus_lines(results: dict, other: dict, label: str) -> list[str]:
+    """A change to importance weights measured: this run's importance weights against ``other``'s
+    (the same models, seeds, data and epochs), paired by seed."""
+    L = ["", f"## Importance weights here - importance weights in {label} (paired by seed)", "",
+         "| model | run | MACs kept here | MACs kept there | IoU here | IoU there | IoU difference (paired) | seeds |",
+         "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name not in other:
+            continue
+        b = r["base"]
+        for kind in RUNS:
+            seeds = [s for s, v in r["runs"].items() if kind in v and kind in other[name]["runs"].get(s, {})]
+            if not seeds:
+                continue
+            here = [r["runs"][s][kind]["iw"] for s in seeds]
+            there = [other[name]["runs"][s][kind]["iw"] for s in seeds]
+            mean, half = interval([a["iou"] - o["iou"] for a, o in zip(here, there)])
+            L.append(f"| {name} | {'tolerance' if kind == 'tol' else 'fixed MACs'} | "
+                     f"{_stat([100 * p['macs_256'] / b['macs_256'] for p in here], '{:.1f}')}% | "
+                     f"{_stat([100 * p['macs_256'] / b['macs_256'] for p in there], '{:.1f}')}% | "
+                     f"{_stat([p['iou'] for p in here])} | {_stat([p['iou'] for p in there])} | "
+                     f"{mean:+.2f} +- {half:.2f} | {len(seeds)} |")
+    return L if len(L) > 5 else []
 
 
 def claim_line(results: dict, fixed: float) -> str:
@@ -381,6 +409,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--init", default="ones")
     p.add_argument("--rank", default="alpha", help="alpha (the paper's) or scale (ours: |alpha| x the channel's scale)")
+    p.add_argument("--versus", default=None, metavar="JSON",
+                   help="another run's segmentation.json: its importance weights against these, paired by seed")
     p.add_argument("--cost-aware", action="store_true", help="ours: alpha's penalty and rank weighted by MACs")
     p.add_argument("--l1", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -397,7 +427,9 @@ def main(argv=None) -> None:
     path = out / "segmentation.json"
     if args.report_only:  # the settings the results were made with, for the text
         saved = json.loads(path.read_text())
+        versus = args.versus  # the comparison asked for now, not the one the run was made with
         results, args = saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]})
+        args.versus = versus or getattr(args, "versus", None)
         if any("runs" not in r for r in results.values()):
             raise SystemExit(f"{path} holds the earlier one-seed protocol's results: run the benchmark to replace them")
     else:
