@@ -110,6 +110,25 @@ def test_guard_flags_a_pruned_model_that_is_slower(monkeypatch):
     assert [r["batch"] for r in out["rows"]] == [1, 8] and out["rows"][0]["speedup"] == 2.0
 
 
+def test_latency_ratio_times_the_layout_the_dense_model_is_stored_in(monkeypatch):
+    """The ratio every latency search stops on: pruned / dense medians, in the dense model's layout
+    unless a runtime is given."""
+    seen = []
+
+    def fake(models, x, runtime="eager", **kw):
+        seen.append(runtime)
+        return {"dense": latency.Timing(2.0, 1.9, 2.1, 15, 1, runtime, 1), "pruned": latency.Timing(0.5, 0.4, 0.6, 15, 1, runtime, 1)}
+
+    monkeypatch.setattr(latency, "time_models", fake)
+    plain = nn.Conv2d(3, 8, 3)
+    stored_cl = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 8, 8)
+    assert latency.latency_ratio(plain, plain, x) == 0.25
+    assert latency.latency_ratio(stored_cl, plain, x) == 0.25
+    assert latency.latency_ratio(plain, plain, x, runtime="onnxruntime") == 0.25
+    assert seen == ["eager", "channels_last", "onnxruntime"]
+
+
 def test_latency_tables_are_measured_once_per_machine_and_predict_the_measured_model(tmp_path, monkeypatch):
     from secateurs import analyze
     from secateurs import latency_table
