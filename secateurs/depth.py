@@ -73,12 +73,24 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
             rec["single"] = len(args) == 1 and not kwargs and isinstance(x, torch.Tensor)
         return fn
 
+    taken: dict[str, torch.Tensor] = {}  # real inputs of the units with ops after their add
+
+    def take(q):
+        def fn(m, args):
+            if args and isinstance(args[0], torch.Tensor) and not args[0].is_meta:
+                taken[q] = args[0].detach().clone()
+        return fn
+
     # a counting pass that needs values restarts (meta, then real): only the last pass's calls count
     handles.append(model.register_forward_pre_hook(lambda m, args: seen.clear()))
     for c in cands:
         handles.append(modules[c.name].register_forward_hook(hook(c.name), with_kwargs=True))
+        if c.tail is not None:
+            handles.append(modules[c.name].register_forward_pre_hook(take(c.name)))
     try:
         cost = count(model, inputs, reuse=False)  # the hooks above must see a forward
+        if any(c.tail is not None and c.name not in taken for c in cands):
+            _forward(model, inputs)  # the count ran on meta tensors: the tails need values
     finally:
         for h in handles:
             h.remove()
@@ -96,6 +108,10 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
             removable, reason = False, "it is not called with a single tensor, so nn.Identity cannot replace it"
         elif removable and rec["in"] != rec["out"]:
             removable, reason = False, f"its output shape {list(rec['out'] or [])} differs from its input shape {list(rec['in'] or [])}"
+        elif removable and c.tail is not None and not _tail_keeps(c.tail, taken.get(c.name)):
+            removable, reason = False, (f"{', '.join(repr(o) for o in c.tail_ops)} after its residual add change(s) its input, so even with a "
+                                        "zero branch nn.Identity would not stand in for it (e.g. a ReLU on an input that "
+                                        "can be negative)")
         if not removable and rec and rec["in"] and rec["out"] and rec["in"] != rec["out"] and "shape" not in reason:
             reason += f" (input {list(rec['in'])}, output {list(rec['out'])})"
         in_shape = tuple(rec["in"] or ()) if rec else ()
@@ -107,6 +123,21 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
         params = sum(p.numel() for p in modules[c.name].parameters())
         blocks.append(Block(c.name, stage, macs, params, in_shape, removable, reason))
     return blocks
+
+
+def _tail_keeps(tail: nn.Module, x: torch.Tensor | None) -> bool:
+    """Whether the ops after a unit's add leave its (real) input unchanged: ReLU after the add of a
+    block whose input already went through a ReLU, as in every torchvision ResNet."""
+    if x is None:
+        return False
+    modes = {m: m.training for m in tail.modules()}  # the tail's modules are the model's own
+    try:
+        with torch.no_grad():
+            y = tail.eval()(x.clone())
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and bool(torch.allclose(y, x, rtol=1e-5, atol=1e-6))
 
 
 # -- removal ---------------------------------------------------------------------------------------

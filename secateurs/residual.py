@@ -6,7 +6,7 @@ and the surgery that removes them.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ class Unit:
     removable: bool
     reason: str
     alone: bool = False  # found by tracing a submodule on its own: how its caller calls it is unseen
+    tail: Any = field(default=None, repr=False, compare=False)  # the parameter-free ops after the add, callable
+    tail_ops: tuple = ()  # their names, for messages
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -175,10 +177,11 @@ def _units(model: nn.Module, graph: fx.Graph, prefix: str) -> list[Unit]:
             continue
         (x,), out = ext, outs[0]
         # walk back over a parameter-free tail (ReLU, dropout, ...) to the residual add
-        node, tail_params = out, []
+        node, tail_params, tail = out, [], []
         while node in mem and not _is_add(node) and len(node.all_input_nodes) == 1:
             if _params_of(modules, node):
                 tail_params.append(full(str(node.target)))
+            tail.insert(0, node)
             node = node.all_input_nodes[0]
         if node not in mem or not _is_add(node):
             continue
@@ -196,7 +199,8 @@ def _units(model: nn.Module, graph: fx.Graph, prefix: str) -> list[Unit]:
                     found[q] = Unit(full(q), first[q], False, f"layer(s) with parameters {tail_params} follow the residual add, "
                                           "so the block is not input + f(input)")
                 continue
-            found[q] = Unit(full(q), first[q], True, "")
+            found[q] = Unit(full(q), first[q], True, "", tail=_tail_module(model, add, tail) if tail else None,
+                            tail_ops=tuple(_op_name(n, full) for n in tail))
         elif own and all(_depends_on(a, x, mem) for a in ops):
             # the shortcut is the operand with the shorter history inside the block
             short = min(ops, key=lambda a: _history(a, x, mem))
@@ -221,6 +225,24 @@ def _units(model: nn.Module, graph: fx.Graph, prefix: str) -> list[Unit]:
                   else "it has no identity shortcut: its output is not input + f(input)")
         kept[q] = Unit(full(q), first[q], False, reason)
     return sorted(kept.values(), key=lambda c: c.order)
+
+
+def _tail_module(root: nn.Module, add: fx.Node, tail: list[fx.Node]) -> fx.GraphModule:
+    """The ops after a unit's residual add, as a module of one input: where they change that input
+    (a ReLU on values that can be negative), ``nn.Identity`` is no stand-in for the unit even when
+    its branch is zero."""
+    g = fx.Graph()
+    env = {add: g.placeholder("x")}
+    for n in tail:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[tail[-1]])
+    return fx.GraphModule(root, g)
+
+
+def _op_name(node: fx.Node, full: Any) -> str:
+    if node.op == "call_module":
+        return full(str(node.target))
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def _child_of(block: str, target: str) -> str:

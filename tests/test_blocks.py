@@ -293,6 +293,38 @@ class _NoUnits(nn.Module):
         return torch.cat(list(self.conv(x).chunk(2, 1)), 1)
 
 
+class ResReLU(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(c, c, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x + self.conv(x))
+
+
+def test_ops_after_the_add_must_leave_the_input_unchanged():
+    """relu(x + f(x)) is x where f is zero only if x >= 0: after a ReLU (every torchvision ResNet) the
+    block is removable, after a plain conv (a CSP stage's first block) it is not, and says why."""
+    x = torch.randn(2, 3, 8, 8)
+    after_relu = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ResReLU(8), ResReLU(8)).eval()
+    raw = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResReLU(8), ResReLU(8)).eval()
+    assert [b.removable for b in find_blocks(after_relu, x)] == [True, True]
+    blocks = find_blocks(raw, x)
+    assert [b.removable for b in blocks] == [False, True]  # the second one's input is the first one's ReLU
+    assert "'1.act' after its residual add" in blocks[0].reason
+    for m in (after_relu, raw):
+        for b in find_blocks(m, x):
+            if b.removable:
+                zero_branch(m, b.name, x)
+        with torch.no_grad():
+            ref = m(x)
+        remove_blocks(m, [b.name for b in find_blocks(m, x) if b.removable], x)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=0)
+    with pytest.raises(PruningError, match="change\\(s\\) its input"):
+        remove_blocks(raw, ["1"], x)
+
+
 # -- exactness ---------------------------------------------------------------------------------------
 def zero_branch(model, block, x):
     """Zero every parameter of the last parametrised layer the block runs: its branch gives 0."""
