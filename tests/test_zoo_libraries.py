@@ -149,3 +149,36 @@ def test_dlp_latency_target_on_a_timm_model(monkeypatch):
     out = report["method_output"]
     assert len(find_blocks(m, x)) == n0 - 2 and out["latency_ratio"] == pytest.approx((n0 - 2) / n0)
     assert [t["blocks"] for t in out["latency_search"]] == [1, 2]
+
+
+BLOCK_MODELS = [(f, n) for f, n in SLOW if f != "detection"]  # detectors post-process boxes a zeroed block changes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,name", BLOCK_MODELS, ids=[f"{f}-{n}" for f, n in BLOCK_MODELS])
+def test_block_removal_on_every_library_model(family, name):
+    """Every other removable block of the model zeroed (all its parameters: the branch gives 0) and
+    removed: every output unchanged. A model the fx trace cannot reach raises a PruningError."""
+    from secateurs.depth import find_blocks, remove_blocks
+
+    if family in LIBS:
+        pytest.importorskip(LIBS[family])
+    torch.manual_seed(0)
+    case = zoo.build(family, name)
+    m, x = case.model.eval(), case.inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            gone = [b.name for b in find_blocks(m, x) if b.removable][::2]
+        except secateurs.PruningError:
+            return
+        with torch.no_grad():
+            for block in gone:
+                for p in m.get_submodule(block).parameters():
+                    p.zero_()
+            ref = output_tensors(m(*x))
+            remove_blocks(m, gone, x)
+            out = output_tensors(m(*x))
+    assert [t.shape for t in out] == [t.shape for t in ref]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
