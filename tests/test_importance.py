@@ -308,3 +308,24 @@ def test_scaled_rank_weighs_alpha_by_the_channels_own_scale(trained, digits):
     m, report = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0], finetune=FT,
                                 method_options={"epochs": 1, "fraction": 1.0, "rank": "scale"})
     assert report["kept"]["macs"] <= 0.6 and report["method_options"]["rank"] == "scale"
+
+
+def test_scaled_rank_reads_transposed_convs_by_their_output_channels():
+    """A carrier without a norm layer is weighed by its filters' norms: a transposed conv (a U-Net's
+    up-sampling) keeps them along dim 1, group by group; its scores have one value per output channel."""
+    from secateurs.methods.gates import out_channel_norms
+
+    up = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2)
+    w = up.weight.detach()  # (6, 2, 2, 2): in, out / groups, k, k
+    want = torch.stack([w[3 * (o // 2):3 * (o // 2) + 3, o % 2].norm() for o in range(4)])
+    assert torch.allclose(out_channel_norms(up), want)
+    conv = nn.Conv2d(3, 5, 3)
+    assert torch.allclose(out_channel_norms(conv), conv.weight.detach().flatten(1).norm(dim=1))
+    torch.manual_seed(0)
+    unet, x = randomize_norms(create_model("unet", in_chans=1, num_classes=2, base=4)).eval(), torch.randn(1, 1, 32, 32)
+    g = analyze(unet, x)
+    iw = ImportanceWeights(copy.deepcopy(unet), g, init="ones")
+    assert any(isinstance(iw.scales.model.get_submodule(n), nn.ConvTranspose2d) for n in iw.scales.scales)
+    scores = iw.scores(scaled=True)
+    assert [len(s) for s in scores] == [grp.size for grp in g.groups]
+    assert all(torch.isfinite(s).all() for s in scores)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..graph import DependencyGraph
 
-__all__ = ["GATED_NORMS", "ChannelScales", "SharedScales", "carriers", "carrier_count", "mean_abs"]
+__all__ = ["GATED_NORMS", "ChannelScales", "SharedScales", "carriers", "carrier_count", "mean_abs", "out_channel_norms"]
 
 GATED_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)  # norm layers whose |scale| gates a channel
 
@@ -132,6 +132,16 @@ def _out_width(m: nn.Module, name: str) -> int:
         return m.out_channels
     raise ValueError(f"module '{name}': channel scales go on conv, linear or affine norm outputs, "
                      f"not {type(m).__name__}")
+
+
+def out_channel_norms(m: nn.Module) -> torch.Tensor:
+    """L2 norm of each output channel's weights: a transposed conv stores them along dim 1, group by
+    group (weight: in, out / groups, *k), every other layer along dim 0."""
+    w = m.weight.detach()
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        g, per = m.groups, w.shape[1]
+        return w.reshape(g, w.shape[0] // g, per, -1).transpose(1, 2).reshape(g * per, -1).norm(dim=1)
+    return w.flatten(1).norm(dim=1)
 
 
 def carriers(model: nn.Module, graph: DependencyGraph, transposed: bool = True) -> dict[str, torch.Tensor]:

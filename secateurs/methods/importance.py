@@ -19,7 +19,7 @@ from ..graph import DependencyGraph
 from ..surgery import PruningPlan, apply_plan
 from ..train import TrainConfig, evaluate, fit
 from .base import Decision, Method, Option, StepContext, check_stop_rule, register_method
-from .gates import ChannelScales, carrier_count, carriers, mean_abs
+from .gates import ChannelScales, carrier_count, carriers, mean_abs, out_channel_norms
 
 __all__ = ["ImportanceWeights", "ImportanceWeightMethod", "channel_macs"]
 
@@ -104,9 +104,11 @@ class ImportanceWeights:
             with torch.no_grad():
                 pairs = []
                 for n, p in self.scales.scales.items():
-                    w = self.scales.model.get_submodule(n).weight.detach()
-                    own = w.abs() if w.dim() == 1 else w.flatten(1).norm(dim=1)
-                    if w.dim() > 1:
+                    m = self.scales.model.get_submodule(n)
+                    if m.weight.dim() == 1:
+                        own = m.weight.detach().abs()
+                    else:
+                        own = out_channel_norms(m)
                         own = own / own.mean().clamp_min(1e-12)
                     pairs.append((p * own.to(p), self.labels[n]))
                 imp = mean_abs(pairs, self._count).cpu()
