@@ -206,6 +206,20 @@ def _status(out: Path, args) -> list[str]:
             "(not run: no GPU was lent).", ""]
 
 
+def _rank_scale_lines(out: Path, seg: dict) -> list[str]:
+    """Issue 18's change to importance weights (|alpha| x the channel's scale) on the U-Nets, when its
+    run (``benchmarks.segmentation --rank scale --out docs/segmentation_rank_scale``) is there."""
+    from benchmarks.segmentation import versus_lines
+
+    path = out / "segmentation_rank_scale" / "segmentation.json"
+    if not path.exists():
+        return []
+    title = ("### Importance weights ranked by |alpha| x the channel's scale (ours, `--rank scale`; \"here\") against "
+             "|alpha| alone (the paper's; \"there\"), paired by seed")
+    lines = versus_lines(json.loads(path.read_text())["results"], seg, "", title)
+    return lines + ["", "Details: segmentation_rank_scale/segmentation.md.", ""] if lines else []
+
+
 def write_report(args) -> Path:
     from benchmarks.claims import claims
     from benchmarks.compare import (OURS, SEG_PHASE_EPOCHS, THEIRS, summarize)
@@ -335,6 +349,7 @@ def write_report(args) -> Path:
 
         L += ["### Method 4 with its error tolerance beside L1 at the same MACs", "", *seg_summary(seg),
               "", "Details, curves and predictions: segmentation.md in this folder.", ""]
+        L += _rank_scale_lines(out, seg)
     L += ["## The papers' claims next to what we measured", "", "| method | paper | measured here |", "|---|---|---|"]
     L += [f"| {a} | {b} | {c} |" for a, b, c in claims(ROOT / "docs")]  # every figure from a results file
     L += [""] + [f"![{p}]({p})" for p in made if p != "segmentation_iou_vs_macs.png"] + [""]

@@ -290,10 +290,10 @@ def seg_summary(results: dict) -> list[str]:
     return L
 
 
-def versus_lines(results: dict, other: dict, label: str) -> list[str]:
+def versus_lines(results: dict, other: dict, label: str, title: str | None = None) -> list[str]:
     """A change to importance weights measured: this run's importance weights against ``other``'s
     (the same models, seeds, data and epochs), paired by seed."""
-    L = ["", f"## Importance weights here - importance weights in {label} (paired by seed)", "",
+    L = ["", title or f"## Importance weights here - importance weights in {label} (paired by seed)", "",
          "| model | run | MACs kept here | MACs kept there | IoU here | IoU there | IoU difference (paired) | seeds |",
          "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():

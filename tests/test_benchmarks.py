@@ -119,6 +119,16 @@ def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
     assert seg_summary({"m": {"base": {}, "iw": {}}})[0].startswith("segmentation.json holds the earlier")
 
 
+def test_a_change_to_importance_weights_is_paired_by_seed():
+    from benchmarks.segmentation import versus_lines
+
+    here, there = _seg_results([0.5, 1.0, 3.0], [0, 0, 0]), _seg_results([1.5, 1.0, 1.0], [0, 0, 0])
+    del there["unet16_isbi2012"]["runs"]["2"]  # only the seeds both runs have are paired
+    table = "\n".join(versus_lines(here, there, "x"))
+    assert "| unet16_isbi2012 | fixed MACs | 15.0 +- 0.0% | 15.0 +- 0.0% | 64.25 +- 3.18 | 63.75 +- 3.18 | +0.50 +- 6.35 | 2 |" in table
+    assert versus_lines(here, {}, "x") == []
+
+
 def test_report_takes_the_accuracy_protocol_rows_when_there_are_any(tmp_path):
     from benchmarks.accuracy import FIELDS
 
