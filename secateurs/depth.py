@@ -1,8 +1,9 @@
 """Depth surgery: find residual blocks that can go, remove them, or truncate the network after one.
 
 A block is removable when its output is ``input + f(input)`` through an identity shortcut (possibly
-followed by parameter-free ops such as a ReLU): replacing it by ``nn.Identity()`` then keeps every
-shape in the network, and if ``f`` is (near) zero it keeps the function too. This is found from the
+followed by parameter-free ops, such as a ReLU, that leave its input unchanged): replacing it by
+``nn.Identity()`` then keeps every shape in the network, and if ``f`` is (near) zero it keeps the
+function too. This is found from the
 :mod:`torch.fx` graph, not from class names, so any architecture built from such blocks works.
 Blocks whose shortcut is a projection (they change shapes) are reported as non-removable.
 
@@ -52,10 +53,11 @@ def _as_inputs(example_inputs: Any) -> tuple:
 def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
     """Residual blocks of ``model`` in forward order, removable or not (see :class:`Block`).
 
-    The fx graph finds the structure (:func:`secateurs.residual.residual_units`); one forward on
+    The fx graph finds the structure (:func:`secateurs.residual.residual_units`); a counting pass on
     ``example_inputs`` (eval mode, no grad) gives shapes and MACs and checks that each removable
-    block runs once, keeps its input's shape and is called with that input alone (else
-    ``nn.Identity`` could not stand in for it).
+    block runs once, keeps its input's shape and is called with that input alone, and one real
+    forward checks that the ops after its add leave its input unchanged (else ``nn.Identity``
+    could not stand in for it).
     """
     inputs = _as_inputs(example_inputs)
     cands = residual_units(model)
@@ -73,27 +75,16 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
             rec["single"] = len(args) == 1 and not kwargs and isinstance(x, torch.Tensor)
         return fn
 
-    taken: dict[str, torch.Tensor] = {}  # real inputs of the units with ops after their add
-
-    def take(q):
-        def fn(m, args):
-            if args and isinstance(args[0], torch.Tensor) and not args[0].is_meta:
-                taken[q] = args[0].detach().clone()
-        return fn
-
     # a counting pass that needs values restarts (meta, then real): only the last pass's calls count
     handles.append(model.register_forward_pre_hook(lambda m, args: seen.clear()))
     for c in cands:
         handles.append(modules[c.name].register_forward_hook(hook(c.name), with_kwargs=True))
-        if c.tail is not None:
-            handles.append(modules[c.name].register_forward_pre_hook(take(c.name)))
     try:
         cost = count(model, inputs, reuse=False)  # the hooks above must see a forward
-        if any(c.tail is not None and c.name not in taken for c in cands):
-            _forward(model, inputs)  # the count ran on meta tensors: the tails need values
     finally:
         for h in handles:
             h.remove()
+    tails = _tail_verdicts(model, [c for c in cands if c.removable and c.tail is not None], inputs)
 
     blocks: list[Block] = []
     stage, prev = -1, None
@@ -108,10 +99,8 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
             removable, reason = False, "it is not called with a single tensor, so nn.Identity cannot replace it"
         elif removable and rec["in"] != rec["out"]:
             removable, reason = False, f"its output shape {list(rec['out'] or [])} differs from its input shape {list(rec['in'] or [])}"
-        elif removable and c.tail is not None and not _tail_keeps(c.tail, taken.get(c.name)):
-            removable, reason = False, (f"{', '.join(repr(o) for o in c.tail_ops)} after its residual add change(s) its input, so even with a "
-                                        "zero branch nn.Identity would not stand in for it (e.g. a ReLU on an input that "
-                                        "can be negative)")
+        elif removable and tails.get(c.name):
+            removable, reason = False, tails[c.name]
         if not removable and rec and rec["in"] and rec["out"] and rec["in"] != rec["out"] and "shape" not in reason:
             reason += f" (input {list(rec['in'])}, output {list(rec['out'])})"
         in_shape = tuple(rec["in"] or ()) if rec else ()
@@ -125,19 +114,36 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
     return blocks
 
 
-def _tail_keeps(tail: nn.Module, x: torch.Tensor | None) -> bool:
-    """Whether the ops after a unit's add leave its (real) input unchanged: ReLU after the add of a
-    block whose input already went through a ReLU, as in every torchvision ResNet."""
-    if x is None:
-        return False
-    modes = {m: m.training for m in tail.modules()}  # the tail's modules are the model's own
+def _tail_verdicts(model: nn.Module, units: list, inputs: tuple) -> dict[str, str]:
+    """{unit: why not} for the units whose ops after the add change their input, from one real forward
+    (the count may have run on meta tensors): relu(x + f(x)) is x where f is zero only if x >= 0, as
+    after the ReLU that ends every torchvision ResNet block, not on a CSP stage's raw input."""
+    verdicts: dict[str, str] = {}
+
+    def check(u):
+        def fn(m, args):  # one input at a time: nothing is kept but the verdict
+            x = args[0] if args else None
+            try:
+                y = u.tail(x.clone()) if isinstance(x, torch.Tensor) else None
+                ok = isinstance(y, torch.Tensor) and y.shape == x.shape and bool(torch.allclose(y, x, rtol=1e-5, atol=1e-6))
+                verdicts[u.name] = "" if ok else (
+                    f"{', '.join(repr(o) for o in u.tail_ops)} after its residual add change(s) its input, so even with "
+                    "a zero branch nn.Identity would not stand in for it (e.g. a ReLU on an input that can be negative)")
+            except Exception as err:  # a tail that cannot run alone is not known to be safe
+                verdicts[u.name] = f"the ops after its residual add could not be checked: {type(err).__name__}: {err}"
+        return fn
+
+    if not units:
+        return {}
+    modules = dict(model.named_modules())
+    handles = [modules[u.name].register_forward_pre_hook(check(u)) for u in units]
     try:
-        with torch.no_grad():
-            y = tail.eval()(x.clone())
+        _forward(model, inputs)
     finally:
-        for m, t in modes.items():
-            m.training = t
-    return isinstance(y, torch.Tensor) and y.shape == x.shape and bool(torch.allclose(y, x, rtol=1e-5, atol=1e-6))
+        for h in handles:
+            h.remove()
+    return {u.name: verdicts.get(u.name, "it did not run on a real forward, so the ops after its add are unchecked")
+            for u in units if verdicts.get(u.name) != ""}
 
 
 # -- removal ---------------------------------------------------------------------------------------
@@ -163,6 +169,9 @@ def block_names(blocks: Iterable[Block | str]) -> list[str]:
 
 
 def _forward(model: nn.Module, inputs: tuple) -> Any:
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:
+        inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -178,8 +187,9 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
 
     Everything is checked before anything changes: an unknown or non-removable block raises
     :class:`PruningError` naming it, and the model is untouched. With ``example_inputs`` the
-    checks include shapes, and the result is run once (restored on failure); without them only
-    the fx structure is used.
+    checks include shapes and the ops after each add (see :func:`find_blocks`), and the result is run
+    once (restored on failure); without them only the fx structure is used, so a block whose ReLU
+    sees negative inputs (a CSP stage's) is not refused: pass the inputs.
     """
     names = block_names(blocks)
     if example_inputs is not None:

@@ -199,8 +199,13 @@ def _units(model: nn.Module, graph: fx.Graph, prefix: str) -> list[Unit]:
                     found[q] = Unit(full(q), first[q], False, f"layer(s) with parameters {tail_params} follow the residual add, "
                                           "so the block is not input + f(input)")
                 continue
-            found[q] = Unit(full(q), first[q], True, "", tail=_tail_module(model, add, tail) if tail else None,
-                            tail_ops=tuple(_op_name(n, full) for n in tail))
+            try:
+                check = _tail_module(model, add, tail) if tail else None
+            except Exception as err:  # a tail that cannot be rebuilt cannot be checked: not known to be safe
+                found[q] = Unit(full(q), first[q], False, f"the ops after its residual add could not be rebuilt to check "
+                                f"them: {type(err).__name__}: {err}")
+                continue
+            found[q] = Unit(full(q), first[q], True, "", tail=check, tail_ops=tuple(_op_name(n, full) for n in tail))
         elif own and all(_depends_on(a, x, mem) for a in ops):
             # the shortcut is the operand with the shorter history inside the block
             short = min(ops, key=lambda a: _history(a, x, mem))

@@ -323,6 +323,11 @@ def test_ops_after_the_add_must_leave_the_input_unchanged():
             torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=0)
     with pytest.raises(PruningError, match="change\\(s\\) its input"):
         remove_blocks(raw, ["1"], x)
+    dropped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ResReLU(8))
+    dropped[2].act = nn.Sequential(nn.Dropout(0.5), nn.ReLU())  # a train-mode model: the check runs in eval mode
+    dropped.train()
+    assert [b.removable for b in find_blocks(dropped, x)] == [True]
+    assert all(m.training for m in dropped.modules())  # modes put back
 
 
 # -- exactness ---------------------------------------------------------------------------------------
