@@ -97,6 +97,8 @@ def residual_units(model: nn.Module, prefix: str = "") -> list[Unit]:
     forward order of such layer lists), and so is every submodule fx had to keep opaque: a residual
     unit is judged from its own nodes only, so the caller's dataflow is not needed, but how the
     caller calls it is unseen (``Unit.alone``): ``depth.find_blocks`` checks that on a real forward.
+    Non-removable look-alikes (same class, no identity shortcut) are listed only within the piece
+    that holds them, so a piecewise trace may leave some stage markers out.
     """
     try:
         graph, leaves = trace_fx(model)
