@@ -58,7 +58,8 @@ def count(model: nn.Module, example_inputs: Any, *, reuse: bool = True) -> Cost:
     pass when the model allows it (no arithmetic), else from one real forward under
     ``torch.no_grad()``; the model is left as it was. With ``reuse`` a model counted before with no
     module, parameter, buffer or input shape changed since gets the same result without a forward;
-    ``reuse=False`` always runs one (forward hooks see it).
+    ``reuse=False`` always runs one (forward hooks see it; a meta pass that turns out to need values
+    is followed by a real one, so hooks can see both: the root's pre-hook marks each pass).
     """
     check_model(model)
     inputs = check_example_inputs(example_inputs)

@@ -3,8 +3,8 @@
 A block is removable when its output is ``input + f(input)`` through an identity shortcut (possibly
 followed by parameter-free ops, such as a ReLU, that leave its input unchanged): replacing it by
 ``nn.Identity()`` then keeps every shape in the network, and if ``f`` is (near) zero it keeps the
-function too. This is found from the
-:mod:`torch.fx` graph, not from class names, so any architecture built from such blocks works.
+function too. This is found from the :mod:`torch.fx` graph (:mod:`secateurs.residual`), not from
+class names, so any architecture built from such blocks works.
 Blocks whose shortcut is a projection (they change shapes) are reported as non-removable.
 
 How the blocks are scored (PLS-VIP of their outputs) lives in :mod:`secateurs.pls`.
