@@ -23,6 +23,8 @@ __all__ = ["vip", "vip_from_pls", "block_features", "block_scores"]
 
 def _one_hot(Y: np.ndarray) -> np.ndarray:
     if Y.ndim == 2:
+        if Y.shape[1] < 2:
+            raise ValueError("`Y` has a single class; VIP needs at least two")
         return Y.astype(np.float64)
     if Y.ndim != 1:
         raise ValueError(f"`Y` must be labels [n] or a one-hot matrix [n, classes], got shape {Y.shape}")
@@ -76,17 +78,42 @@ def _pool(out: torch.Tensor, pool: int | str) -> torch.Tensor:
     return out.flatten(1)
 
 
+def _classes_in(y: torch.Tensor) -> list[list[int]]:
+    """The classes each sample holds: its label, or every class its mask shows."""
+    if y.dim() == 1:
+        return [[c] for c in y.tolist()]
+    return [torch.unique(m).tolist() for m in y]
+
+
+def _keep(y: torch.Tensor, counts: dict[int, int], per_class: int) -> torch.Tensor:
+    """Samples that still add to a class short of ``per_class``; a mask counts for every class it
+    shows (so a classification selection is the usual per-class one)."""
+    keep = torch.zeros(len(y), dtype=torch.bool)
+    for i, classes in enumerate(_classes_in(y)):
+        if any(counts.get(c, 0) < per_class for c in classes):
+            keep[i] = True
+            for c in classes:
+                counts[c] = counts.get(c, 0) + 1
+    return keep
+
+
 def _labelled_batches(data: Any, per_class: int | None, batch_size: int, seed: int) -> Iterator[tuple]:
     """``(x, y, total)`` batches of at most ``per_class`` samples per class: a seeded class-balanced
-    selection of an :class:`ArrayDataset` (``total`` known), or the first ones of any ``(x, y)`` batches."""
+    selection of an :class:`ArrayDataset` (``total`` known), or the first ones of any ``(x, y)`` batches.
+    ``y`` holds labels [n] or segmentation masks [n, H, W]."""
     if isinstance(data, ArrayDataset):
         t = data.targets
-        if t.dim() != 1:
-            raise ValueError(f"block features need class labels; dataset '{data.name}' has targets of shape {list(t.shape)}")
+        if t.dim() not in (1, 3):
+            raise ValueError(f"block features need class labels [N] or masks [N, H, W]; dataset '{data.name}' "
+                             f"has targets of shape {list(t.shape)}")
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-        if per_class is not None:
+        if per_class is not None and t.dim() == 1:
             perm = torch.cat([perm[t[perm] == c][:per_class] for c in torch.unique(t)])
+        elif per_class is not None:
+            perm = perm[_keep(t[perm], {}, per_class)]
         idx = perm.sort().values
+        if t.dim() == 3:  # every block's whole output is held until pooled: as many pixels a batch as 256 CIFAR images
+            batch_size = max(1, min(batch_size, batch_size * 32 * 32 // (t.shape[1] * t.shape[2])))
         norm = Batches(data, batch_size, train=False)
         for i in range(0, len(idx), batch_size):
             sel = idx[i:i + batch_size]
@@ -96,15 +123,51 @@ def _labelled_batches(data: Any, per_class: int | None, batch_size: int, seed: i
     for x, y in data:
         y = torch.as_tensor(y)
         if per_class is not None:
-            keep = torch.zeros(len(y), dtype=torch.bool)
-            for i, c in enumerate(y.tolist()):
-                if counts.get(c, 0) < per_class:
-                    counts[c] = counts.get(c, 0) + 1
-                    keep[i] = True
+            keep = _keep(y, counts, per_class)
             if not keep.any():
                 continue
             x, y = x[keep.to(x.device)], y[keep]
         yield x, y, None
+
+
+def _cells(out: torch.Tensor, grid: int) -> torch.Tensor:
+    """A block output [B, C, h, w] average-pooled onto a ``grid`` x ``grid`` grid: one row [C] per cell."""
+    if out.dim() != 4:
+        raise ValueError(f"segmentation masks need block outputs [B, C, H, W], got shape {list(out.shape)}")
+    return F.adaptive_avg_pool2d(out, grid).permute(0, 2, 3, 1).flatten(0, 2)
+
+
+def _mask_fractions(y: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
+    """For every class a mask batch [B, H, W] shows, its share of each grid cell's pixels [B * grid^2]."""
+    return {c: F.adaptive_avg_pool2d((y == c).float()[:, None], grid).flatten().numpy()
+            for c in torch.unique(y).tolist()}
+
+
+class _Labels:
+    """Class labels, or for masks each sample's (cell's) share of every class: PLS regresses on
+    either, a one-hot row being the share of a single class."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+
+    def add(self, y: torch.Tensor, grid: int | None) -> None:
+        self.parts.append(y.cpu().numpy() if grid is None else _mask_fractions(y.cpu(), grid))
+
+    def array(self) -> np.ndarray:
+        if not self.parts or not isinstance(self.parts[0], dict):
+            return np.concatenate(self.parts)
+        classes = sorted({c for p in self.parts for c in p})
+        cols = [np.concatenate([p.get(c, np.zeros(len(next(iter(p.values()))))) for p in self.parts]) for c in classes]
+        return np.stack(cols, axis=1)
+
+
+def _grid(outputs: dict[str, torch.Tensor], y: torch.Tensor, pool: int | str) -> int:
+    """The cells per side for masks: ``pool``, or the coarsest block output's side if smaller; one
+    cell, the whole image, for the filters' global max."""
+    if pool == "max":
+        return 1
+    sides = [min(o.shape[2:]) for o in outputs.values() if o.dim() == 4]
+    return max(1, min([int(pool), *sides, *y.shape[1:]]))
 
 
 def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, per_class: int | None = None,
@@ -115,6 +178,12 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
     normalised and run in batches, so only the chosen samples are forwarded) or any iterable of
     ``(x, y)`` batches (taken in order until every class has ``per_class``). Only the pooled
     features are kept: one float32 array [n, features] per block, filled batch by batch.
+
+    Segmentation masks ``y`` [B, H, W] (a mask counts for every class it shows): each block's
+    output is average-pooled onto a ``pool`` x ``pool`` grid (the coarsest block's, if smaller)
+    and every cell is a sample, labelled by its share of each class's pixels: the block is scored
+    by how well its channels tell the classes apart where they lie. ``pool="max"`` (filters): one
+    global maximum per channel, labelled by the image's class shares.
     """
     names = block_names(blocks)
     modules = dict(model.named_modules())
@@ -127,37 +196,43 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
         device = torch.device("cpu")
     batches = _labelled_batches(data, per_class, batch_size, seed)
     feats: dict[str, Any] = {n: [] for n in names}
-    labels: list[np.ndarray] = []
+    labels = _Labels()
     filled = 0
     current: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: current.__setitem__(n, _pool(o, pool)))
-               for n in names]
+    raw = [False]  # masks: whole outputs, pooled onto the grid after the forward; labels: pooled at once
+    handles = [modules[n].register_forward_hook(
+        lambda m, a, o, n=n: current.__setitem__(n, o if raw[0] else _pool(o, pool))) for n in names]
     was = model.training
+    grid = None
     try:
         model.eval()
         with torch.no_grad():
             for x, y, total in batches:
                 current.clear()
+                masks = y.dim() > 1
+                raw[0] = masks and pool != "max"
                 model(x.to(device))
-                k = len(y)
+                if masks and grid is None:
+                    grid = _grid(current, y, pool)
+                cells = 1 if grid is None else grid * grid
                 for n in names:
-                    f = current[n].float().cpu().numpy()
+                    f = (_cells(current[n], grid) if raw[0] else current[n]).float().cpu().numpy()
                     if total is None:
                         feats[n].append(f)
                     else:
                         if isinstance(feats[n], list):
-                            feats[n] = np.empty((total, f.shape[1]), dtype=np.float32)
-                        feats[n][filled:filled + k] = f
-                labels.append(y.cpu().numpy())
-                filled += k
+                            feats[n] = np.empty((total * cells, f.shape[1]), dtype=np.float32)
+                        feats[n][filled:filled + len(f)] = f
+                labels.add(y, grid)
+                filled += len(y) * cells
     finally:
         for h in handles:
             h.remove()
         model.train(was)
-    if not labels:
+    if not labels.parts:
         raise ValueError("`data` gave no samples")
     out = {n: (np.concatenate(v) if isinstance(v, list) else v[:filled]) for n, v in feats.items()}
-    return out, np.concatenate(labels)
+    return out, labels.array()
 
 
 def block_scores(model: nn.Module, blocks: Sequence[Block | str], data: Any, per_class: int | None = None,

@@ -20,6 +20,8 @@ __all__ = ["LayerPruningMethod", "CascadeMethod"]
 class LayerPruningMethod(Method):
     """Jordao et al. 2020 as specified in METHODS.md section 2: score every removable residual
     block by the mean VIP of its pooled output in a PLS fit on the labels, then remove blocks.
+    On segmentation masks each cell of a coarse grid is a sample labelled by its class shares
+    (:func:`secateurs.pls.block_features`): a U-Net's encoder blocks are ranked the same way.
 
     ``mode="rank"`` removes the lowest-scoring removable blocks until ``fraction`` of them, or
     ``count`` blocks, are gone, or the MACs/params budget is met, keeping ``min_per_stage``
@@ -78,6 +80,9 @@ class LayerPruningMethod(Method):
         if not removable:
             return Decision.halt("no removable block (identity-shortcut residual unit) in this model")
         if self.mode == "truncate":
+            if getattr(ctx.data, "task", "classification") != "classification":
+                raise ValueError(f"method {self.name!r}: mode='truncate' attaches a classifier head; on "
+                                 f"{ctx.data.task} data use mode='rank'")
             return self._truncate(ctx, blocks)
         return self._rank(ctx, removable)
 
