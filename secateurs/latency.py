@@ -187,18 +187,29 @@ def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 30, wa
 
 
 def compare_dense_pruned(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, batches: tuple[int, ...] = (1, 8),
-                         repeats: int = 30, threads: int | None = None, runtime: str = "eager") -> dict[str, Any]:
+                         repeats: int = 30, threads: int | None = None, runtime: str = "eager",
+                         max_seconds: float | None = None) -> dict[str, Any]:
     """The report's latency guard: dense and pruned timed interleaved at each batch size.
 
     ``slower`` lists the batch sizes where the pruned model is measurably slower (its interval
-    lies above the dense median), which the report and the CLI state loudly.
+    lies above the dense median), which the report and the CLI state loudly. ``max_seconds``
+    bounds the guard's time: the first batch size is always timed; a later one whose estimate
+    (the first's time per sample x batch x rounds x 2 models) would pass the bound goes to ``skipped``
+    instead of being timed with fewer rounds (a U-Net on 700x1100 frames takes minutes at batch 8).
     """
     x = _as_inputs(example_inputs)[0]
-    out: dict[str, Any] = {"runtime": runtime, "repeats": repeats, "rows": [], "slower": []}
+    out: dict[str, Any] = {"runtime": runtime, "repeats": repeats, "rows": [], "slower": [], "skipped": []}
+    t0, per_sample = time.perf_counter(), None
     for b in batches:
         xb = x[:1].expand(b, *x.shape[1:]).contiguous()
+        if max_seconds is not None and per_sample is not None:
+            estimate = 2 * (repeats + 5) * per_sample * b
+            if time.perf_counter() - t0 + estimate > max_seconds:
+                out["skipped"].append({"batch": b, "estimated_s": round(estimate, 1)})
+                continue
         t = time_models({"dense": dense, "pruned": pruned}, xb, repeats=repeats, threads=threads, runtime=runtime)
         d, p = t["dense"], t["pruned"]
+        per_sample = per_sample or d.median_s / b
         out["threads"] = d.threads
         out["rows"].append({"batch": b, "dense_ms": 1e3 * d.median_s, "pruned_ms": 1e3 * p.median_s,
                             "dense_interval_ms": [1e3 * d.low_s, 1e3 * d.high_s],

@@ -38,6 +38,8 @@ def format_table(report: dict) -> str:
     if lat:
         lines.append(f"latency: dense and pruned timed interleaved, median of {lat['repeats']}, {lat.get('threads')} "
                      f"threads, {lat['runtime']}")
+        lines += [f"latency b{s['batch']} not timed: about {s['estimated_s']:g} s, past the guard's bound"
+                  for s in lat.get("skipped", [])]
     lines += report.get("warnings", [])
     return "\n".join(lines)
 

@@ -110,6 +110,29 @@ def test_guard_flags_a_pruned_model_that_is_slower(monkeypatch):
     assert [r["batch"] for r in out["rows"]] == [1, 8] and out["rows"][0]["speedup"] == 2.0
 
 
+def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
+    """A slow model (1 s a sample): batch 8 would take 2 x 35 x 8 s, so a 100 s bound times batch 1
+    only and says so; the report's table names the batch left out."""
+    from secateurs.report import format_table
+
+    timed = []
+
+    def fake(models, x, **kw):
+        timed.append(x.shape[0])
+        mk = lambda s: latency.Timing(s, s, s, 30, 2, "eager", x.shape[0])  # noqa: E731
+        return {"dense": mk(1.0 * x.shape[0]), "pruned": mk(0.5 * x.shape[0])}
+
+    monkeypatch.setattr(latency, "time_models", fake)
+    dense, pruned, x = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    out = compare_dense_pruned(dense, pruned, x, max_seconds=100)
+    assert timed == [1] and [r["batch"] for r in out["rows"]] == [1]
+    assert out["skipped"] == [{"batch": 8, "estimated_s": 560.0}]
+    assert compare_dense_pruned(dense, pruned, x, max_seconds=600)["skipped"] == []
+    assert timed == [1, 1, 8]
+    report = {"before": {"macs": 1, "params": 1}, "after": {"macs": 1, "params": 1}, "latency": out}
+    assert "latency b8 not timed: about 560 s" in format_table(report)
+
+
 def test_latency_ratio_times_the_layout_the_dense_model_is_stored_in(monkeypatch):
     """The ratio every latency search stops on: pruned / dense medians, in the dense model's layout
     unless a runtime is given."""
