@@ -31,6 +31,8 @@ class Block:
     ``stage`` numbers runs of consecutive blocks that share a parent container and a shape (a
     non-removable block, e.g. a down-sampling one, starts a new stage), so a budget can keep at
     least one block per stage. ``macs`` (per sample) and ``params`` are the block's own.
+    ``replacement`` names the block's own submodule that stands in for it when the ops after its
+    add change its input (a CSP block's leaky ``act3``); empty: ``nn.Identity``.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Block:
     input_shape: tuple[int, ...]
     removable: bool
     reason: str = ""
+    replacement: str = ""
 
 
 def _as_inputs(example_inputs: Any) -> tuple:
@@ -57,7 +60,8 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
     ``example_inputs`` (eval mode, no grad) gives shapes and MACs and checks that each removable
     block runs once, keeps its input's shape and is called with that input alone, and one real
     forward checks that the ops after its add leave its input unchanged (else ``nn.Identity``
-    could not stand in for it).
+    could not stand in for it, and only a block whose tail is one stateless submodule of its own,
+    which then replaces it, stays removable).
     """
     inputs = _as_inputs(example_inputs)
     cands = residual_units(model)
@@ -90,7 +94,7 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
     stage, prev = -1, None
     for c in cands:
         rec = seen.get(c.name)
-        removable, reason = c.removable, c.reason
+        removable, reason, replacement = c.removable, c.reason, ""
         if rec is None:
             removable, reason = False, "it does not run on the example inputs"
         elif removable and rec["calls"] > 1:
@@ -100,7 +104,10 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
         elif removable and rec["in"] != rec["out"]:
             removable, reason = False, f"its output shape {list(rec['out'] or [])} differs from its input shape {list(rec['in'] or [])}"
         elif removable and tails.get(c.name):
-            removable, reason = False, tails[c.name]
+            if c.tail_child:  # tail(x + 0) is tail(x): the block's own tail module stands in for it
+                replacement = c.tail_child
+            else:
+                removable, reason = False, tails[c.name]
         if not removable and rec and rec["in"] and rec["out"] and rec["in"] != rec["out"] and "shape" not in reason:
             reason += f" (input {list(rec['in'])}, output {list(rec['out'])})"
         in_shape = tuple(rec["in"] or ()) if rec else ()
@@ -110,7 +117,7 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
         prev = (parent, tuple(rec["out"] or ()) if rec else ())
         macs = sum(layer.macs for layer in cost.layers if layer.name.startswith(c.name + "."))
         params = sum(p.numel() for p in modules[c.name].parameters())
-        blocks.append(Block(c.name, stage, macs, params, in_shape, removable, reason))
+        blocks.append(Block(c.name, stage, macs, params, in_shape, removable, reason, replacement))
     return blocks
 
 
@@ -155,6 +162,16 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def _stand_in(block: nn.Module, child: str) -> nn.Module:
+    """What replaces a removed block: ``nn.Identity()``, or its own tail submodule ``child``, tagged
+    with that name so :func:`secateurs.save` can record it and ``load`` rebuild it."""
+    if not child:
+        return nn.Identity()
+    tail = block.get_submodule(child)
+    tail._secateurs_child = child
+    return tail
+
+
 def block_names(blocks: Iterable[Block | str]) -> list[str]:
     if isinstance(blocks, (str, Block)):
         blocks = [blocks]
@@ -187,22 +204,23 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
 
     Everything is checked before anything changes: an unknown or non-removable block raises
     :class:`PruningError` naming it, and the model is untouched. With ``example_inputs`` the
-    checks include shapes and the ops after each add (see :func:`find_blocks`), and the result is run
+    checks include shapes and the ops after each add (see :func:`find_blocks`; a block whose tail
+    changes its input is replaced by that tail, its own submodule, instead), and the result is run
     once (restored on failure); without them only the fx structure is used, so a block whose ReLU
-    sees negative inputs (a CSP stage's) is not refused: pass the inputs.
+    sees negative inputs (a CSP stage's) is not refused and becomes ``nn.Identity``: pass the inputs.
     """
     names = block_names(blocks)
     if example_inputs is not None:
         inputs = _as_inputs(example_inputs)
-        found = {b.name: (b.removable, b.reason) for b in find_blocks(model, inputs)}
+        found = {b.name: (b.removable, b.reason, b.replacement) for b in find_blocks(model, inputs)}
     else:
         inputs = None
         found = {c.name: (c.removable and not c.alone, c.reason or "it was found by tracing a submodule on its own "
-                          "(fx cannot trace the model whole): pass example_inputs so a forward checks how it is called")
-                 for c in residual_units(model)}
+                          "(fx cannot trace the model whole): pass example_inputs so a forward checks how it is called",
+                          "") for c in residual_units(model)}
     for n in names:
         if n not in found:
-            ok = [b for b, (r, _) in found.items() if r]
+            ok = [b for b, (r, _, _) in found.items() if r]
             raise PruningError(f"'{n}' is not a block of {type(model).__name__}; removable blocks: "
                                f"{', '.join(ok[:12]) or 'none'}{' ...' if len(ok) > 12 else ''}")
         if not found[n][0]:
@@ -211,7 +229,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
     if inputs is not None:
         out = _forward(model, inputs)
         ref = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-    olds = {n: _set(model, n, nn.Identity()) for n in names}
+    olds = {n: _set(model, n, _stand_in(model.get_submodule(n), found[n][2])) for n in names}
     if inputs is not None:
         try:
             out = _forward(model, inputs)

@@ -33,6 +33,7 @@ class Unit:
     alone: bool = False  # found by tracing a submodule on its own: how its caller calls it is unseen
     tail: Any = field(default=None, repr=False, compare=False)  # the parameter-free ops after the add, callable
     tail_ops: tuple = ()  # their names, for messages
+    tail_child: str | None = None  # the tail when it is one stateless submodule of the unit: its name in the unit
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -207,7 +208,8 @@ def _units(model: nn.Module, graph: fx.Graph, prefix: str) -> list[Unit]:
                 found[q] = Unit(full(q), first[q], False, f"the ops after its residual add could not be rebuilt to check "
                                 f"them: {type(err).__name__}: {err}")
                 continue
-            found[q] = Unit(full(q), first[q], True, "", tail=check, tail_ops=tuple(_op_name(n, full) for n in tail))
+            found[q] = Unit(full(q), first[q], True, "", tail=check, tail_ops=tuple(_op_name(n, full) for n in tail),
+                            tail_child=_own_child(modules, q, tail))
         elif own and all(_depends_on(a, x, mem) for a in ops):
             # the shortcut is the operand with the shorter history inside the block
             short = min(ops, key=lambda a: _history(a, x, mem))
@@ -244,6 +246,18 @@ def _tail_module(root: nn.Module, add: fx.Node, tail: list[fx.Node]) -> fx.Graph
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[tail[-1]])
     return fx.GraphModule(root, g)
+
+
+def _own_child(modules: dict[str, nn.Module], q: str, tail: list[fx.Node]) -> str | None:
+    """The tail's name inside unit ``q`` when it is a single call of one of the unit's own stateless
+    submodules (a CSP block's ``act3``): the unit can then be replaced by it, exactly, when its
+    branch is zero, where ``nn.Identity`` would not be (a leaky ReLU changes negative inputs)."""
+    if not q or len(tail) != 1 or tail[0].op != "call_module" or not str(tail[0].target).startswith(q + "."):
+        return None
+    m = modules[str(tail[0].target)]
+    if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+        return None
+    return str(tail[0].target)[len(q) + 1:]
 
 
 def _op_name(node: fx.Node, full: Any) -> str:

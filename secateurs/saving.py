@@ -4,7 +4,8 @@ A pruned model is no longer what its constructor builds, so ``torch.save(model)`
 usual way out, with its code-execution risk and its tie to the exact source tree. Here a run
 directory holds ``model.safetensors`` (the weights) and ``model.json``: the model's class, how to
 build it when known (``model.secateurs_spec``, set by :func:`secateurs.models.create_model`) and its
-sizes (every integer size attribute, every tensor shape, blocks replaced by ``nn.Identity``). When
+sizes (every integer size attribute, every tensor shape, blocks replaced by ``nn.Identity`` or by
+their own tail submodule). When
 the build is known, only what changed relative to a freshly built model is recorded. :func:`load`
 shrinks a freshly built model (the caller's, or one built from the spec) to those sizes.
 """
@@ -244,9 +245,13 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every module's class and integer size attributes (``in_channels``, ``normalized_shape``,
     a MixNet's ``splits``...): what pruning changes, in JSON. Cached values a forward sets
     (anchors, shapes) are tensors or None when built, so they are never taken for sizes."""
-    return {name: {"class": _qualname(m),
-                   "attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_size(v)}}
-            for name, m in model.named_modules(remove_duplicate=False)}
+    out = {name: {"class": _qualname(m),
+                  "attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_size(v)}}
+           for name, m in model.named_modules(remove_duplicate=False)}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(getattr(m, "_secateurs_child", None), str):  # a removed block's own tail stands in for it
+            out[name]["child"] = m._secateurs_child
+    return out
 
 
 def _under(name: str, roots: list[str]) -> bool:
@@ -265,10 +270,15 @@ def _changes(mine: dict, fresh: dict, what: str) -> dict[str, dict[str, Any]]:
             raise ValueError(f"module '{label}' of {what} is missing from the model; only resized layers and blocks "
                              "replaced by nn.Identity() can be saved (replace it instead of deleting it)")
         if m["class"] != f["class"]:
-            if m["class"] != _IDENTITY:
+            child = m.get("child")
+            if child is not None and fresh.get(f"{name}.{child}", {}).get("class") == m["class"]:
+                out[name] = {"class": m["class"], "child": child}
+            elif m["class"] != _IDENTITY:
                 raise ValueError(f"module '{label}' is a {m['class'].rpartition('.')[2]} but a "
-                                 f"{f['class'].rpartition('.')[2]} in {what}; only replacement by nn.Identity can be saved")
-            out[name] = {"class": _IDENTITY}
+                                 f"{f['class'].rpartition('.')[2]} in {what}; only replacement by nn.Identity "
+                                 "(or a removed block's own tail) can be saved")
+            else:
+                out[name] = {"class": _IDENTITY}
             replaced.append(name)
             continue
         lost = [k for k in f["attrs"] if k not in m["attrs"]]
@@ -297,8 +307,8 @@ def _apply(model: nn.Module, modules: Mapping[str, Any], *, absolute: bool,
         except AttributeError as err:
             raise ValueError(f"{where} names module '{label}', which the model it is loaded into does not have") from err
         cls = entry.get("class", entry.get("type"))
-        if cls in _REPLACEMENTS and not isinstance(target, nn.Identity):
-            new = _REPLACEMENTS[cls]()
+        new = _replacement(target, entry, cls, label, where)
+        if new is not None:
             if not name:
                 return new
             parent, _, child = name.rpartition(".")
@@ -315,6 +325,27 @@ def _apply(model: nn.Module, modules: Mapping[str, Any], *, absolute: bool,
             raise ValueError(f"{where}: the model it is loaded into has module(s) {extra[:5]} that the saved one has not; "
                              "pass a freshly built model of the saved class")
     return model
+
+
+def _replacement(target: nn.Module, entry: Mapping[str, Any], cls: Any, label: str, where: str) -> nn.Module | None:
+    """What stands in for a removed block: ``nn.Identity()``, or the block's own tail submodule
+    (``child``) as the fresh model builds it; None where nothing is replaced (or it already is)."""
+    child = entry.get("child")
+    if child is not None:
+        if getattr(target, "_secateurs_child", None) == child:
+            return None
+        try:
+            new = target.get_submodule(str(child))
+        except AttributeError as err:
+            raise ValueError(f"{where}: module '{label}' was replaced by its submodule '{child}', which the model "
+                             "it is loaded into does not have") from err
+        if _qualname(new) != cls:
+            raise ValueError(f"{where}: module '{label}.{child}' was a {cls} when saved but is a {_qualname(new)}")
+        new._secateurs_child = child
+        return new
+    if cls in _REPLACEMENTS and not isinstance(target, nn.Identity):
+        return _REPLACEMENTS[cls]()
+    return None
 
 
 def _set_sizes(target: nn.Module, attrs: Mapping[str, Any], absolute: bool) -> None:

@@ -3,6 +3,7 @@ paper's ResNet-56 arithmetic, and scored by a VIP that matches the METHODS.md fo
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -302,17 +303,26 @@ class ResReLU(nn.Module):
         return self.act(x + self.conv(x))
 
 
-def test_ops_after_the_add_must_leave_the_input_unchanged():
+class ResFunctionalReLU(ResReLU):
+    def forward(self, x):
+        return torch.relu(x + self.conv(x))
+
+
+def test_ops_after_the_add_must_leave_the_input_unchanged_or_replace_the_block():
     """relu(x + f(x)) is x where f is zero only if x >= 0: after a ReLU (every torchvision ResNet) the
-    block is removable, after a plain conv (a CSP stage's first block) it is not, and says why."""
+    block becomes nn.Identity; after a plain conv (a CSP stage's first block) its own ReLU module
+    replaces it (relu(x + 0) is relu(x)), and a functional ReLU, which nothing can stand in for,
+    makes it non-removable, saying why."""
     x = torch.randn(2, 3, 8, 8)
     after_relu = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ResReLU(8), ResReLU(8)).eval()
     raw = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResReLU(8), ResReLU(8)).eval()
-    assert [b.removable for b in find_blocks(after_relu, x)] == [True, True]
-    blocks = find_blocks(raw, x)
+    functional = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResFunctionalReLU(8), ResReLU(8)).eval()
+    assert [(b.removable, b.replacement) for b in find_blocks(after_relu, x)] == [(True, ""), (True, "")]
+    assert [(b.removable, b.replacement) for b in find_blocks(raw, x)] == [(True, "act"), (True, "")]
+    blocks = find_blocks(functional, x)
     assert [b.removable for b in blocks] == [False, True]  # the second one's input is the first one's ReLU
-    assert "'1.act' after its residual add" in blocks[0].reason
-    for m in (after_relu, raw):
+    assert "'relu' after its residual add" in blocks[0].reason
+    for m in (after_relu, raw, functional):
         for b in find_blocks(m, x):
             if b.removable:
                 zero_branch(m, b.name, x)
@@ -321,8 +331,28 @@ def test_ops_after_the_add_must_leave_the_input_unchanged():
         remove_blocks(m, [b.name for b in find_blocks(m, x) if b.removable], x)
         with torch.no_grad():
             torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=0)
+    assert isinstance(raw[1], nn.ReLU) and isinstance(raw[2], nn.Identity)
     with pytest.raises(PruningError, match="change\\(s\\) its input"):
-        remove_blocks(raw, ["1"], x)
+        remove_blocks(functional, ["1"], x)
+
+
+def test_a_block_replaced_by_its_tail_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    raw = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResReLU(8), ResReLU(8)).eval()
+    fresh = copy.deepcopy(raw)
+    remove_blocks(raw, ["1"], x)
+    save(raw, tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["modules"]["1"]["child"] == "act"
+    loaded = load(tmp_path, model=fresh)
+    assert isinstance(loaded[1], nn.ReLU) and not any(True for _ in loaded[1].parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), raw(x))
+    save(loaded, tmp_path / "again")  # a loaded model saves the same way
+    assert json.loads((tmp_path / "again" / "model.json").read_text())["modules"]["1"]["child"] == "act"
+
+
     dropped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ResReLU(8))
     dropped[2].act = nn.Sequential(nn.Dropout(0.5), nn.ReLU())  # a train-mode model: the check runs in eval mode
     dropped.train()

@@ -151,6 +151,34 @@ def test_dlp_latency_target_on_a_timm_model(monkeypatch):
     assert [t["blocks"] for t in out["latency_search"]] == [1, 2]
 
 
+def test_csp_blocks_go_with_their_leaky_relu_and_save(tmp_path):
+    """A CSP block ends in leaky_relu(x + f(x)) on an input that can be negative: nn.Identity is
+    1-2% off even with a zero branch, so its own ``act3`` replaces it (exact), and save/load rebuild
+    that from the model's name."""
+    pytest.importorskip("timm")
+    from secateurs.depth import find_blocks, remove_blocks
+    from secateurs.models import create_model
+
+    torch.manual_seed(0)
+    m, x = create_model("timm:cspresnext50").eval(), torch.randn(1, 3, 64, 64)
+    blocks = [b for b in find_blocks(m, x) if b.removable]
+    # Identity where the block's input is already >= 0 (after a stage's leaky ReLU), else its act3
+    assert {b.replacement for b in blocks} == {"", "act3"}
+    gone = [b.name for b in blocks if b.replacement][::2]
+    with torch.no_grad():
+        for block in gone:
+            for p in m.get_submodule(block).parameters():
+                p.zero_()
+        ref = m(x)
+        remove_blocks(m, gone, x)
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
+    assert all(type(m.get_submodule(g)).__name__ != "Identity" for g in gone)
+    secateurs.save(m, tmp_path)
+    loaded = secateurs.load(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, atol=1e-5, rtol=0)
+
+
 BLOCK_MODELS = [(f, n) for f, n in SLOW if f != "detection"]  # detectors post-process boxes a zeroed block changes
 
 
