@@ -112,7 +112,7 @@ def _labelled_batches(data: Any, per_class: int | None, batch_size: int, seed: i
         elif per_class is not None:
             perm = perm[_keep(t[perm], {}, per_class)]
         idx = perm.sort().values
-        if t.dim() == 3:  # every block's whole output is held until pooled: as many pixels a batch as 256 CIFAR images
+        if t.dim() == 3:  # as many pixels a batch as 256 CIFAR images: a U-Net's outputs are large before pooling
             batch_size = max(1, min(batch_size, batch_size * 32 * 32 // (t.shape[1] * t.shape[2])))
         norm = Batches(data, batch_size, train=False)
         for i in range(0, len(idx), batch_size):
@@ -130,11 +130,25 @@ def _labelled_batches(data: Any, per_class: int | None, batch_size: int, seed: i
         yield x, y, None
 
 
-def _cells(out: torch.Tensor, grid: int) -> torch.Tensor:
-    """A block output [B, C, h, w] average-pooled onto a ``grid`` x ``grid`` grid: one row [C] per cell."""
+_MAX_GRID = 8  # cells per side of the filters' (max-pooled) features on masks
+
+
+def _cells(out: torch.Tensor, grid: int, pool: int | str) -> torch.Tensor:
+    """An output [B, C, h, w] pooled onto a ``grid`` x ``grid`` grid (average, or maximum for
+    ``pool="max"``): one row [C] per cell, cells in row-major order per image."""
     if out.dim() != 4:
         raise ValueError(f"segmentation masks need block outputs [B, C, H, W], got shape {list(out.shape)}")
-    return F.adaptive_avg_pool2d(out, grid).permute(0, 2, 3, 1).flatten(0, 2)
+    fn = F.adaptive_max_pool2d if pool == "max" else F.adaptive_avg_pool2d
+    return fn(out, grid).permute(0, 2, 3, 1).flatten(0, 2)
+
+
+def _to_grid(out: torch.Tensor, pool: int | str) -> torch.Tensor:
+    """In the hook, an output [B, C, h, w] shrunk to at most ``pool`` (or 8) cells per side, so no
+    whole output is kept; pooling again onto the common grid gives the same cells when the sides divide."""
+    if out.dim() != 4:
+        return out
+    side = min(_MAX_GRID if pool == "max" else int(pool), *out.shape[2:])
+    return (F.adaptive_max_pool2d if pool == "max" else F.adaptive_avg_pool2d)(out, side)
 
 
 def _mask_fractions(y: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
@@ -162,12 +176,10 @@ class _Labels:
 
 
 def _grid(outputs: dict[str, torch.Tensor], y: torch.Tensor, pool: int | str) -> int:
-    """The cells per side for masks: ``pool``, or the coarsest block output's side if smaller; one
-    cell, the whole image, for the filters' global max."""
-    if pool == "max":
-        return 1
+    """The cells per side for masks: ``pool`` (8 for the filters' maximum), or the coarsest output's
+    side if smaller."""
     sides = [min(o.shape[2:]) for o in outputs.values() if o.dim() == 4]
-    return max(1, min([int(pool), *sides, *y.shape[1:]]))
+    return max(1, min([_MAX_GRID if pool == "max" else int(pool), *sides, *y.shape[1:]]))
 
 
 def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, per_class: int | None = None,
@@ -182,8 +194,8 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
     Segmentation masks ``y`` [B, H, W] (a mask counts for every class it shows): each block's
     output is average-pooled onto a ``pool`` x ``pool`` grid (the coarsest block's, if smaller)
     and every cell is a sample, labelled by its share of each class's pixels: the block is scored
-    by how well its channels tell the classes apart where they lie. ``pool="max"`` (filters): one
-    global maximum per channel, labelled by the image's class shares.
+    by how well its channels tell the classes apart where they lie. ``pool="max"`` (the filters'
+    features): each channel's maximum over each cell of an 8x8 grid (the coarsest output's if smaller).
     """
     names = block_names(blocks)
     modules = dict(model.named_modules())
@@ -199,9 +211,9 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
     labels = _Labels()
     filled = 0
     current: dict[str, torch.Tensor] = {}
-    raw = [False]  # masks: whole outputs, pooled onto the grid after the forward; labels: pooled at once
+    masks = [False]  # masks: outputs shrunk in the hook, pooled onto the common grid after the forward
     handles = [modules[n].register_forward_hook(
-        lambda m, a, o, n=n: current.__setitem__(n, o if raw[0] else _pool(o, pool))) for n in names]
+        lambda m, a, o, n=n: current.__setitem__(n, _to_grid(o, pool) if masks[0] else _pool(o, pool))) for n in names]
     was = model.training
     grid = None
     try:
@@ -209,14 +221,13 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
         with torch.no_grad():
             for x, y, total in batches:
                 current.clear()
-                masks = y.dim() > 1
-                raw[0] = masks and pool != "max"
+                masks[0] = y.dim() > 1
                 model(x.to(device))
-                if masks and grid is None:
+                if masks[0] and grid is None:
                     grid = _grid(current, y, pool)
                 cells = 1 if grid is None else grid * grid
                 for n in names:
-                    f = (_cells(current[n], grid) if raw[0] else current[n]).float().cpu().numpy()
+                    f = (_cells(current[n], grid, pool) if masks[0] else current[n]).float().cpu().numpy()
                     if total is None:
                         feats[n].append(f)
                     else:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import secateurs
-from secateurs.data import ArrayDataset
+from secateurs.data import ArrayDataset, Batches
 from secateurs.models import create_model
 from secateurs.pls import block_features, block_scores
 
@@ -60,7 +60,7 @@ def test_a_cell_on_a_class_border_is_labelled_by_its_share():
     np.testing.assert_allclose(y[:, 1], [0.75, 0.0, 0.75, 0.0] * 2)
 
 
-def test_the_grid_follows_the_coarsest_block_and_the_global_max_takes_the_image():
+def test_the_grid_follows_the_coarsest_output_and_pooling_twice_is_exact():
     class Down(Probe):
         def __init__(self):
             super().__init__()
@@ -72,20 +72,27 @@ def test_the_grid_follows_the_coarsest_block_and_the_global_max_takes_the_image(
     ds = _halves(n=3)
     feats, y = block_features(Down(), ["good", "pool"], ds, per_class=None, pool=8)
     assert feats["good"].shape == feats["pool"].shape == (3 * 4, 3) and y.shape == (12, 2)  # 2x2 grid
-    feats, y = block_features(Down(), ["good"], ds, per_class=None, pool="max")
-    assert feats["good"].shape == (3, 3)
-    np.testing.assert_allclose(y, [[0.5, 0.5]] * 3)  # each image: half of each class
+    # 'good' (16px) is pooled to 8x8 in its hook, then onto the 2x2 grid: the same as AvgPool2d(8) at once
+    np.testing.assert_allclose(feats["good"], feats["pool"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y[:, 1], [1.0, 0.0, 1.0, 0.0] * 3)
+    # the filters' features: each channel's maximum over each cell, here of the 2x2 grid
+    feats, y = block_features(Down(), ["good", "pool"], ds, per_class=None, pool="max")
+    images = Batches(ds, 3, train=False).normalize(ds.images)
+    assert feats["good"].shape == (12, 3) and y.shape == (12, 2)
+    want = torch.nn.functional.adaptive_max_pool2d(images, 2).permute(0, 2, 3, 1).reshape(12, 3)
+    np.testing.assert_allclose(feats["good"], want.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_per_class_counts_a_mask_for_every_class_it_shows():
     ds = _halves(n=10)
     ds.targets[:6] = 0  # six background-only images, then four with both classes
+    shows_fg = lambda y: y[:, 1].reshape(-1, 64).max(1) > 0  # noqa: E731 (per image: 8x8 cells)
     _, y = block_features(Probe(), ["good"], ds, per_class=3, pool="max")
     # images are taken (in a seeded order) until both classes have three: exactly three show class 1
-    assert (y[:, 1] > 0).sum() == 3 and 3 <= len(y) <= 6
+    assert shows_fg(y).sum() == 3 and 3 <= len(shows_fg(y)) <= 6
     batches = [(ds.images[i:i + 2].float(), ds.targets[i:i + 2]) for i in range(0, 10, 2)]
     _, y = block_features(Probe(), ["good"], batches, per_class=3, pool="max")
-    assert len(y) == 6 and (y[:, 1] > 0).sum() == 3  # in order: 3 background-only, then 3 with both
+    assert shows_fg(y).tolist() == [False] * 3 + [True] * 3  # in order: 3 background-only, then 3 with both
 
 
 def test_vip_finds_the_block_that_draws_the_mask():
