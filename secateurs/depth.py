@@ -163,13 +163,9 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def _stand_in(block: nn.Module, child: str) -> nn.Module:
-    """What replaces a removed block: ``nn.Identity()``, or its own tail submodule ``child``, tagged
-    with that name so :func:`secateurs.save` can record it and ``load`` rebuild it."""
-    if not child:
-        return nn.Identity()
-    tail = block.get_submodule(child)
-    tail._secateurs_child = child
-    return tail
+    """What replaces a removed block: ``nn.Identity()``, or its own tail submodule ``child``
+    (tagged by ``remove_blocks`` once the removal stands, so :func:`secateurs.save` records it)."""
+    return block.get_submodule(child) if child else nn.Identity()
 
 
 def block_names(blocks: Iterable[Block | str]) -> list[str]:
@@ -241,6 +237,9 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
             if isinstance(err, PruningError):
                 raise
             raise PruningError(f"the model no longer runs after removing {names}: {type(err).__name__}: {err}") from err
+    for n in names:
+        if found[n][2]:
+            model.get_submodule(n)._secateurs_child = found[n][2]  # save/load rebuild it as the block's own child
     return model
 
 

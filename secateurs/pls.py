@@ -79,9 +79,12 @@ def _pool(out: torch.Tensor, pool: int | str) -> torch.Tensor:
 
 
 def _classes_in(y: torch.Tensor) -> list[list[int]]:
-    """The classes each sample holds: its label, or every class its mask shows."""
+    """The classes each sample holds: its label (a one-hot or soft row: its largest entry), or
+    every class its mask shows."""
     if y.dim() == 1:
         return [[c] for c in y.tolist()]
+    if y.dim() == 2:
+        return [[c] for c in y.argmax(1).tolist()]
     return [torch.unique(m).tolist() for m in y]
 
 
@@ -122,6 +125,8 @@ def _labelled_batches(data: Any, per_class: int | None, batch_size: int, seed: i
     counts: dict[int, int] = {}
     for x, y in data:
         y = torch.as_tensor(y)
+        if y.dim() == 4 and y.shape[1] == 1:  # masks [B, 1, H, W]
+            y = y[:, 0]
         if per_class is not None:
             keep = _keep(y, counts, per_class)
             if not keep.any():
@@ -133,22 +138,22 @@ def _labelled_batches(data: Any, per_class: int | None, batch_size: int, seed: i
 _MAX_GRID = 8  # cells per side of the filters' (max-pooled) features on masks
 
 
+def _mask_grid(y: torch.Tensor, pool: int | str) -> int:
+    """Cells per side of the grid laid over a mask batch: ``pool`` (8 for the filters' maximum),
+    at most the mask's own side."""
+    return max(1, min(_MAX_GRID if pool == "max" else int(pool), *y.shape[1:]))
+
+
 def _cells(out: torch.Tensor, grid: int, pool: int | str) -> torch.Tensor:
-    """An output [B, C, h, w] pooled onto a ``grid`` x ``grid`` grid (average, or maximum for
-    ``pool="max"``): one row [C] per cell, cells in row-major order per image."""
+    """An output pooled onto the image's ``grid`` x ``grid`` grid (average, or maximum for
+    ``pool="max"``): one row [C] per cell, row-major per image, as the mask's cells. An output
+    coarser than the grid is repeated onto it, a vector [B, C] (a Linear's) onto every cell."""
+    if out.dim() == 2:
+        return out.repeat_interleave(grid * grid, dim=0)
     if out.dim() != 4:
-        raise ValueError(f"segmentation masks need block outputs [B, C, H, W], got shape {list(out.shape)}")
+        raise ValueError(f"segmentation masks need outputs [B, C, H, W] or [B, C], got shape {list(out.shape)}")
     fn = F.adaptive_max_pool2d if pool == "max" else F.adaptive_avg_pool2d
     return fn(out, grid).permute(0, 2, 3, 1).flatten(0, 2)
-
-
-def _to_grid(out: torch.Tensor, pool: int | str) -> torch.Tensor:
-    """In the hook, an output [B, C, h, w] shrunk to at most ``pool`` (or 8) cells per side, so no
-    whole output is kept; pooling again onto the common grid gives the same cells when the sides divide."""
-    if out.dim() != 4:
-        return out
-    side = min(_MAX_GRID if pool == "max" else int(pool), *out.shape[2:])
-    return (F.adaptive_max_pool2d if pool == "max" else F.adaptive_avg_pool2d)(out, side)
 
 
 def _mask_fractions(y: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
@@ -175,13 +180,6 @@ class _Labels:
         return np.stack(cols, axis=1)
 
 
-def _grid(outputs: dict[str, torch.Tensor], y: torch.Tensor, pool: int | str) -> int:
-    """The cells per side for masks: ``pool`` (8 for the filters' maximum), or the coarsest output's
-    side if smaller."""
-    sides = [min(o.shape[2:]) for o in outputs.values() if o.dim() == 4]
-    return max(1, min([_MAX_GRID if pool == "max" else int(pool), *sides, *y.shape[1:]]))
-
-
 def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, per_class: int | None = None,
                    pool: int | str = 8, batch_size: int = 256, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Pooled outputs of each block on at most ``per_class`` samples per class, and their labels.
@@ -191,11 +189,12 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
     ``(x, y)`` batches (taken in order until every class has ``per_class``). Only the pooled
     features are kept: one float32 array [n, features] per block, filled batch by batch.
 
-    Segmentation masks ``y`` [B, H, W] (a mask counts for every class it shows): each block's
-    output is average-pooled onto a ``pool`` x ``pool`` grid (the coarsest block's, if smaller)
-    and every cell is a sample, labelled by its share of each class's pixels: the block is scored
-    by how well its channels tell the classes apart where they lie. ``pool="max"`` (the filters'
-    features): each channel's maximum over each cell of an 8x8 grid (the coarsest output's if smaller).
+    Segmentation masks ``y`` [B, H, W] or [B, 1, H, W] (a mask counts for every class it shows):
+    a ``pool`` x ``pool`` grid is laid over the image, each block's output is average-pooled onto
+    it (``_cells``) and every cell is a sample, labelled by its share of each class's pixels: the
+    block is scored by how well its channels tell the classes apart where they lie. ``pool="max"``
+    (the filters' features): each channel's maximum over each cell of an 8x8 grid. Labels [B] or
+    one-hot rows [B, K] and masks cannot be mixed in one ``data``.
     """
     names = block_names(blocks)
     modules = dict(model.named_modules())
@@ -211,30 +210,39 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
     labels = _Labels()
     filled = 0
     current: dict[str, torch.Tensor] = {}
-    masks = [False]  # masks: outputs shrunk in the hook, pooled onto the common grid after the forward
-    handles = [modules[n].register_forward_hook(
-        lambda m, a, o, n=n: current.__setitem__(n, _to_grid(o, pool) if masks[0] else _pool(o, pool))) for n in names]
+    grid: list[int | None] = [None]  # masks: the batch's grid, so each hook pools straight onto it
+
+    def hook(n):
+        def fn(m, a, o):
+            try:
+                current[n] = _pool(o, pool) if grid[0] is None else _cells(o, grid[0], pool)
+            except ValueError as err:
+                raise ValueError(f"'{n}': {err}") from None
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
     was = model.training
-    grid = None
+    kind = None
     try:
         model.eval()
         with torch.no_grad():
             for x, y, total in batches:
                 current.clear()
-                masks[0] = y.dim() > 1
+                if kind is not None and kind != (y.dim() == 3):
+                    raise ValueError("`data` mixes class labels and segmentation masks")
+                kind = y.dim() == 3
+                grid[0] = _mask_grid(y, pool) if kind else None
                 model(x.to(device))
-                if masks[0] and grid is None:
-                    grid = _grid(current, y, pool)
-                cells = 1 if grid is None else grid * grid
+                cells = 1 if grid[0] is None else grid[0] * grid[0]
                 for n in names:
-                    f = (_cells(current[n], grid, pool) if masks[0] else current[n]).float().cpu().numpy()
+                    f = current[n].float().cpu().numpy()
                     if total is None:
                         feats[n].append(f)
                     else:
                         if isinstance(feats[n], list):
                             feats[n] = np.empty((total * cells, f.shape[1]), dtype=np.float32)
                         feats[n][filled:filled + len(f)] = f
-                labels.add(y, grid)
+                labels.add(y, grid[0])
                 filled += len(y) * cells
     finally:
         for h in handles:

@@ -334,6 +334,11 @@ def test_ops_after_the_add_must_leave_the_input_unchanged_or_replace_the_block()
     assert isinstance(raw[1], nn.ReLU) and isinstance(raw[2], nn.Identity)
     with pytest.raises(PruningError, match="change\\(s\\) its input"):
         remove_blocks(functional, ["1"], x)
+    dropped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ResReLU(8))
+    dropped[2].act = nn.Sequential(nn.Dropout(0.5), nn.ReLU())  # a train-mode model: the check runs in eval mode
+    dropped.train()
+    assert [b.removable for b in find_blocks(dropped, x)] == [True]
+    assert all(m.training for m in dropped.modules())  # modes put back
 
 
 def test_a_block_replaced_by_its_tail_saves_and_loads(tmp_path):
@@ -353,11 +358,26 @@ def test_a_block_replaced_by_its_tail_saves_and_loads(tmp_path):
     assert json.loads((tmp_path / "again" / "model.json").read_text())["modules"]["1"]["child"] == "act"
 
 
-    dropped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ResReLU(8))
-    dropped[2].act = nn.Sequential(nn.Dropout(0.5), nn.ReLU())  # a train-mode model: the check runs in eval mode
-    dropped.train()
-    assert [b.removable for b in find_blocks(dropped, x)] == [True]
-    assert all(m.training for m in dropped.modules())  # modes put back
+class NeedsItsBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.b = nn.Conv2d(3, 8, 3, padding=1), ResReLU(8)
+
+    def forward(self, x):
+        if not isinstance(self.b, ResReLU):
+            raise RuntimeError("this model needs its block")
+        return self.b(self.conv(x))
+
+
+def test_a_failed_removal_leaves_no_trace(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    m = NeedsItsBlock().eval()
+    assert [(b.name, b.replacement) for b in find_blocks(m, x)] == [("b", "act")]
+    with pytest.raises(PruningError, match="no longer runs"):
+        remove_blocks(m, ["b"], x)
+    assert isinstance(m.b, ResReLU) and not hasattr(m.b.act, "_secateurs_child")
+    save(m, tmp_path)  # described as it is: loads into a fresh one
+    load(tmp_path, model=NeedsItsBlock())
 
 
 # -- exactness ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import secateurs
 from secateurs.data import ArrayDataset, Batches
@@ -60,27 +61,47 @@ def test_a_cell_on_a_class_border_is_labelled_by_its_share():
     np.testing.assert_allclose(y[:, 1], [0.75, 0.0, 0.75, 0.0] * 2)
 
 
-def test_the_grid_follows_the_coarsest_output_and_pooling_twice_is_exact():
-    class Down(Probe):
-        def __init__(self):
-            super().__init__()
-            self.pool = nn.AvgPool2d(8)  # 16px -> 2px
+class Down(Probe):
+    """'good' at 16px, 'pool' at 2px, 'vec' a vector [B, 12] per image."""
 
-        def forward(self, x):
-            return self.pool(self.good(x))
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(8)
+        self.vec = nn.Flatten()
 
+    def forward(self, x):
+        return self.vec(self.pool(self.good(x)))
+
+
+def test_every_output_is_pooled_onto_the_masks_grid():
     ds = _halves(n=3)
-    feats, y = block_features(Down(), ["good", "pool"], ds, per_class=None, pool=8)
-    assert feats["good"].shape == feats["pool"].shape == (3 * 4, 3) and y.shape == (12, 2)  # 2x2 grid
-    # 'good' (16px) is pooled to 8x8 in its hook, then onto the 2x2 grid: the same as AvgPool2d(8) at once
-    np.testing.assert_allclose(feats["good"], feats["pool"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(y[:, 1], [1.0, 0.0, 1.0, 0.0] * 3)
-    # the filters' features: each channel's maximum over each cell, here of the 2x2 grid
-    feats, y = block_features(Down(), ["good", "pool"], ds, per_class=None, pool="max")
     images = Batches(ds, 3, train=False).normalize(ds.images)
-    assert feats["good"].shape == (12, 3) and y.shape == (12, 2)
-    want = torch.nn.functional.adaptive_max_pool2d(images, 2).permute(0, 2, 3, 1).reshape(12, 3)
-    np.testing.assert_allclose(feats["good"], want.numpy(), rtol=1e-5, atol=1e-6)
+    rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).numpy()  # noqa: E731 (row-major cells)
+    feats, y = block_features(Down(), ["good", "pool", "vec"], ds, per_class=None, pool=8)
+    assert y.shape == (3 * 64, 2)  # an 8x8 grid over each 16px image
+    np.testing.assert_array_equal(y[:, 1], np.tile(np.tile([1.0] * 4 + [0.0] * 4, 8), 3))
+    np.testing.assert_allclose(feats["good"], rows(F.avg_pool2d(images, 2)), rtol=1e-5, atol=1e-6)
+    # a 2x2 output covers 4x4 cells each: repeated onto them
+    np.testing.assert_allclose(feats["pool"], rows(F.interpolate(F.avg_pool2d(images, 8), size=8)), rtol=1e-5, atol=1e-6)
+    vec = feats["vec"].reshape(3, 64, 12)
+    assert (vec == vec[:, :1]).all()  # one vector per image, on every cell
+    # the filters' features: each channel's maximum over each cell
+    feats, y = block_features(Down(), ["good"], ds, per_class=None, pool="max")
+    np.testing.assert_allclose(feats["good"], rows(F.max_pool2d(images, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_masks_with_a_channel_one_hot_labels_and_mixed_data():
+    ds = _halves(n=4)
+    x = Batches(ds, 4, train=False).normalize(ds.images)
+    f3, y3 = block_features(Probe(), ["good"], [(x, ds.targets)], per_class=None, pool=4)
+    f4, y4 = block_features(Probe(), ["good"], [(x, ds.targets[:, None])], per_class=None, pool=4)
+    np.testing.assert_array_equal(y3, y4)
+    np.testing.assert_array_equal(f3["good"], f4["good"])
+    one_hot = torch.eye(2)[torch.tensor([0, 1, 1, 1])]  # image-level labels as one-hot rows: as before, per image
+    f, y = block_features(Probe(), ["good"], [(x, one_hot)], per_class=1, pool=4)
+    assert y.tolist() == [[1.0, 0.0], [0.0, 1.0]] and f["good"].shape == (2, 3 * 16)
+    with pytest.raises(ValueError, match="mixes class labels and segmentation masks"):
+        block_features(Probe(), ["good"], [(x[:2], torch.tensor([0, 1])), (x[2:], ds.targets[2:])], per_class=None)
 
 
 def test_per_class_counts_a_mask_for_every_class_it_shows():

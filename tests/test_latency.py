@@ -131,6 +131,11 @@ def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
     assert timed == [1, 1, 8]
     report = {"before": {"macs": 1, "params": 1}, "after": {"macs": 1, "params": 1}, "latency": out}
     assert "latency b8 not timed: about 560 s" in format_table(report)
+    # a pruned model slower than the dense one (what the guard is for) sets the estimate
+    monkeypatch.setattr(latency, "time_models", lambda models, x, **kw: {
+        k: latency.Timing(v * x.shape[0], v * x.shape[0], v * x.shape[0], 30, 2, "eager", x.shape[0])
+        for k, v in (("dense", 1.0), ("pruned", 2.0))})
+    assert compare_dense_pruned(dense, pruned, x, max_seconds=600)["skipped"] == [{"batch": 8, "estimated_s": 1120.0}]
 
 
 def test_latency_ratio_times_the_layout_the_dense_model_is_stored_in(monkeypatch):
