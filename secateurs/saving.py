@@ -245,13 +245,14 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every module's class and integer size attributes (``in_channels``, ``normalized_shape``,
     a MixNet's ``splits``...): what pruning changes, in JSON. Cached values a forward sets
     (anchors, shapes) are tensors or None when built, so they are never taken for sizes."""
-    out = {name: {"class": _qualname(m),
-                  "attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_size(v)}}
-           for name, m in model.named_modules(remove_duplicate=False)}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(getattr(m, "_secateurs_child", None), str):  # a removed block's own tail stands in for it
-            out[name]["child"] = m._secateurs_child
-    return out
+    return {name: _entry(m) for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def _entry(m: nn.Module) -> dict[str, Any]:
+    entry = {"class": _qualname(m), "attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_size(v)}}
+    if isinstance(getattr(m, "_secateurs_child", None), str):  # a removed block's own tail stands in for it
+        entry["child"] = m._secateurs_child
+    return entry
 
 
 def _under(name: str, roots: list[str]) -> bool:
