@@ -4,10 +4,13 @@ Every row comes from one run: the dense model and its pruned copy are timed toge
 ``secateurs.latency.time_models`` (one forward of each in turn, rotating order, warm-up, median
 with a 95% interval), in eager PyTorch and in onnxruntime, at batch 1 and 8, with ``--threads``
 threads; models are built from seeded random weights, so the pruned architecture is the same in
-every run. Variants: 50% of the MACs by L2 with global and uniform allocation (``round_to`` 8), and
+every run. Runtimes: eager NCHW, eager channels-last (the model pruned in that layout) and onnxruntime.
+Variants: 50% of the MACs by L2 with global and uniform allocation (``round_to`` 8), and
 the latency budget (``target={"latency": 0.5}``: per-layer latency tables, one confirming timing),
 whose search time is recorded; and 50% of the MACs with ``allocation="latency"`` (each group's
-scores divided by the time its channels save per MAC, read off the same tables). Goals (issue 19):
+scores divided by the time its channels save per MAC, read off the same tables), with ``round_to``
+8 and with ``round_to="auto"`` (the step measured on the model's own largest 1x1 and depthwise
+layers). Goals (issue 19):
 at 50% MACs, speed-up / MACs ratio >= 0.9 at batch 8 and >= 0.8 at batch 1; no model slower than
 its dense version.
 
@@ -34,13 +37,20 @@ MODELS = {"torchvision:resnet50": 224, "torchvision:vgg16": 224, "torchvision:mo
 VARIANTS = {"macs 50% global": dict(target={"macs": 0.5}, allocation="global", round_to=8),
             "macs 50% uniform": dict(target={"macs": 0.5}, allocation="uniform", round_to=8),
             "macs 50% latency-allocated": dict(target={"macs": 0.5}, allocation="latency", round_to=8),
-            "latency 50% (tables)": dict(target={"latency": 0.5}, allocation="global", round_to=8)}
-RUNTIMES = ("eager", "onnxruntime")
+            "latency 50% (tables)": dict(target={"latency": 0.5}, allocation="global", round_to=8),
+            "macs 50% latency-allocated, round_to auto": dict(target={"macs": 0.5}, allocation="latency",
+                                                              round_to="auto")}
+RUNTIMES = ("eager", "channels_last", "onnxruntime")
+TITLES = {"eager": "PyTorch (eager, NCHW)", "channels_last": "PyTorch (eager, channels-last)",
+          "onnxruntime": "onnxruntime"}
 
 
-def _prune(base, x, variant: str, threads: int):
+def _prune(base, x, variant: str, threads: int, layout: str):
+    """Pruned in the layout it will run in: the latency tables and ``round_to="auto"`` time that layout."""
     import secateurs
 
+    if layout == "channels_last":
+        base = copy.deepcopy(base).to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -48,32 +58,37 @@ def _prune(base, x, variant: str, threads: int):
     return model, report, time.perf_counter() - t0
 
 
-def run(models: list[str], variants: list[str], repeats: int, threads: int, rows: list[dict] | None = None) -> list[dict]:
-    """Every (model, variant) not already in ``rows``: each row holds a dense and a pruned time measured together."""
+def run(models: list[str], variants: list[str], repeats: int, threads: int, rows: list[dict] | None = None,
+        runtimes: tuple[str, ...] = RUNTIMES) -> list[dict]:
+    """Every (model, variant, runtime) not already in ``rows``: each row holds a dense and a pruned time measured together."""
     from secateurs import PruningError
     from secateurs.latency import compare_dense_pruned
     from secateurs.models import create_model
 
     torch.set_num_threads(threads)
     rows = list(rows or [])
-    done = {(r["model"], r["variant"]) for r in rows}
+    done = {(r["model"], r["variant"], r["runtime"]) for r in rows}
     for name in models:
         size = MODELS.get(name, 224)
         torch.manual_seed(0)
         base = create_model(name).eval()
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         for variant in variants:
-            if (name, variant) in done:
-                continue
-            try:
-                model, report, seconds = _prune(base, x, variant, threads)
-            except PruningError as err:  # e.g. a latency target the model cannot reach: a row that says so
-                row = {"model": name, "input": size, "variant": variant, "runtime": "-", "batch": "-", "note": str(err)}
-                rows.append(row)
-                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-                continue
-            macs_speedup = 1 / report["kept"]["macs"]
-            for runtime in RUNTIMES:
+            pruned: dict[str, tuple] = {}  # layout -> (model, report, seconds): one prune serves eager and onnxruntime
+            for runtime in (rt for rt in runtimes if (name, variant, rt) not in done and (name, variant, "-") not in done):
+                layout = "channels_last" if runtime == "channels_last" else "eager"
+                if layout not in pruned:
+                    try:
+                        pruned[layout] = _prune(base, x, variant, threads, layout)
+                    except PruningError as err:  # e.g. a latency target the model cannot reach: a row that says so
+                        row = {"model": name, "input": size, "variant": variant, "runtime": "-", "batch": "-",
+                               "note": str(err)}
+                        rows.append(row)
+                        done.add((name, variant, "-"))
+                        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                        break
+                model, report, seconds = pruned[layout]
+                macs_speedup = 1 / report["kept"]["macs"]
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     cmp = compare_dense_pruned(base, model, x, batches=(1, 8), repeats=repeats, threads=threads,
@@ -85,7 +100,8 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                            "dense_ci_ms": "-".join(f"{v:.3f}" for v in r["dense_interval_ms"]),
                            "pruned_ci_ms": "-".join(f"{v:.3f}" for v in r["pruned_interval_ms"]),
                            "speedup": round(r["speedup"], 3), "vs_macs": round(r["speedup"] / macs_speedup, 3),
-                           "slower": r["batch"] in cmp["slower"], "repeats": repeats, "threads": threads}
+                           "slower": r["batch"] in cmp["slower"], "repeats": repeats, "threads": threads,
+                           "round_to": report.get("round_to", "")}
                     if "latency" in variant:
                         row["latency_target_met"] = round(report["method_output"].get("latency_ratio", float("nan")), 3)
                     rows.append(row)
@@ -108,15 +124,17 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
              f"`python -m benchmarks.speedup --repeats {repeats} --threads {threads}` on {cpu_name()} "
              f"({platform.machine()}, {os.cpu_count()} cores), {threads} threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}. Seeded random weights, "
-             "L2 criterion, `round_to=8`. Dense and pruned timed interleaved in one run (rotating order, warm-up, "
+             "L2 criterion, `round_to=8` unless the variant says `auto` (the step measured on this machine by "
+             "`secateurs.latency_table.auto_round_to`, in the CSV's `round_to` column); a channels-last row's model is "
+             "pruned in that layout, so its tables and step are the channels-last ones. Dense and pruned timed interleaved in one run (rotating order, warm-up, "
              f"{repeats} rounds), median and 95% interval of the median; onnxruntime sessions with idle workers "
              "sleeping (`secateurs.latency.ort_options`: spinning workers of one session steal the cores from the "
              "other). *vs MACs* = speed-up / (MACs before / MACs "
              "after): 1.0 means time fell exactly as the MACs did. The latency rows spend `target={'latency': 0.5}` "
              "with per-layer latency tables; *prune (s)* includes building the tables when they were not cached. "
              "Raw data: `speedup.csv`.", ""]
-    for runtime in RUNTIMES:
-        lines += [f"## {'PyTorch (eager)' if runtime == 'eager' else 'onnxruntime'}", "",
+    for runtime in (rt for rt in RUNTIMES if any(r["runtime"] == rt for r in rows)):
+        lines += [f"## {TITLES[runtime]}", "",
                   "| model | variant | MACs kept | prune (s) | batch | dense (ms) | pruned (ms) | speed-up | vs MACs |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["runtime"] == runtime and not r.get("note")):
@@ -172,6 +190,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
@@ -182,7 +201,8 @@ def main(argv=None) -> None:
     if (args.resume or args.report_only) and (Path(args.out) / "speedup.csv").exists():
         with open(Path(args.out) / "speedup.csv", newline="") as f:
             kept = [_typed(r) for r in csv.DictReader(f)]
-    rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept)
+    rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
+                                                    tuple(args.runtimes))
     write(rows, Path(args.out), args.repeats, args.threads)
 
 

@@ -210,8 +210,8 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
                   runtime: str | None = None) -> int:
     """The width multiple on the fast side of this machine's steps, measured (``round_to="auto"``).
 
-    The model's largest conv layers are timed at every output width in a band around half their
-    width, and a straight line is fitted through those times. A step ``s`` scores the mean residual
+    The model's largest conv layers (and its largest depthwise ones, whose widths the 1x1s around them
+    share) are timed at every output width in a band around half their width, and a straight line is fitted through those times. A step ``s`` scores the mean residual
     of the widths that are multiples of ``s``: under a staircase (vector width, blocking) the right
     edges of the steps lie below the line, so their multiple wins; on a smooth curve every step
     scores about zero and the smallest (1) is kept. Ties within 0.5% of the latency go to the
@@ -223,8 +223,9 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     modules = dict(model.named_modules())
     found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
-    top = [layer for _, layer in sorted(found, key=lambda p: -p[0])
-           if layer.groups == 1 and layer.cout >= band + 2 * max(_STEPS)][:layers]
+    ranked = [layer for _, layer in sorted(found, key=lambda p: -p[0]) if layer.cout >= band + 2 * max(_STEPS)]
+    # depthwise convs are memory-bound: few MACs, yet their own staircase can cost more than the 1x1s'
+    top = [c for c in ranked if c.groups == 1][:layers] + [c for c in ranked if c.depthwise][:layers]
     if not top:
         return 1
     key = "round_to|" + "|".join(layer.key for layer in top)
@@ -248,7 +249,7 @@ def _step_scores(layer: _Layer, band: int, repeats: int, channels_last: bool = F
     torch.manual_seed(0)
     calls = {}
     for w in widths:
-        m, x = layer.build(layer.cin, w)
+        m, x = layer.build(w if layer.depthwise else layer.cin, w)
         m.eval()
         if channels_last and x.dim() == 4:
             m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)

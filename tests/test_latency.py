@@ -218,6 +218,24 @@ def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, expected, tmp_
     assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == expected
 
 
+def test_round_to_auto_hears_the_depthwise_staircase(tmp_path, monkeypatch):
+    """The 1x1 convs run smooth, the depthwise one in steps of 16 and slower: its step wins."""
+    from secateurs import latency_table
+
+    def clock(calls, repeats, warmup):
+        out = {}
+        for w, call in calls.items():
+            if call.__defaults__[0].groups > 1:
+                out[w] = [1e-3 * (50 + 10 * math.ceil(w / 16) * 16)] * repeats
+            else:
+                out[w] = [1e-3 * (10 + w)] * repeats
+        return out
+
+    monkeypatch.setattr(latency_table, "time_callables", clock)
+    model = nn.Sequential(nn.Conv2d(3, 256, 1), nn.Conv2d(256, 256, 3, padding=1, groups=256), nn.Conv2d(256, 256, 1))
+    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 16
+
+
 def test_cli_report_says_loudly_when_the_pruned_model_is_slower(tmp_path, monkeypatch, capsys):
     import secateurs.cli as cli
 
