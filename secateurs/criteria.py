@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._registry import Registry
 from ._threads import one_thread
@@ -23,7 +22,7 @@ from .data import ArrayDataset, Batches
 from .graph import DependencyGraph
 from .pls import block_features, vip
 from .testing import main_output
-from .train import predict_padded
+from .train import predict_padded, task_loss
 
 __all__ = ["register_criterion", "get_criterion", "list_criteria", "group_scores", "per_channel_sum"]
 
@@ -151,7 +150,7 @@ def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches
     ``(sum over the channel's weights of w * dL/dw)^2``, accumulated over ``n_batches`` batches."""
     if data is None:
         raise ValueError("criterion 'taylor' needs data: pass `data` (a dataset or an iterable of (x, y) batches)")
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or task_loss  # masks: their unlabelled pixels skipped, as in training
     dense = getattr(data, "task", None) == "segmentation"
     if dense:  # whole images of any size (HeLa is 700x1100): few at a time, padded as evaluation pads them
         batch_size = min(batch_size, 4)

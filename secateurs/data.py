@@ -21,7 +21,11 @@ import torch
 
 from ._validation import check_choice, check_scalar
 
-__all__ = ["ArrayDataset", "Batches", "load_dataset", "list_datasets", "data_roots", "augment"]
+__all__ = ["ArrayDataset", "Batches", "load_dataset", "list_datasets", "data_roots", "augment", "IGNORE_INDEX"]
+
+IGNORE_INDEX = 255
+"""Mask value of unlabelled pixels (Pascal VOC's void borders, Cityscapes' ignore label): they add
+nothing to the loss, the metrics or the PLS samples of ``dlp``."""
 
 ENV = "SECATEURS_DATA"
 CACHE_ENV = "SECATEURS_CACHE"
@@ -324,7 +328,7 @@ def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, pad: 
     if pad:
         x = torch.nn.functional.pad(x, (pad, pad, pad, pad))
         if y is not None and y.dim() == 3:
-            y = torch.nn.functional.pad(y, (pad, pad, pad, pad), value=0)
+            y = torch.nn.functional.pad(y, (pad, pad, pad, pad), value=IGNORE_INDEX)  # padding is no class
     H, W = x.shape[-2:]
     oy = torch.randint(0, H - th + 1, (n,), generator=gen)
     ox = torch.randint(0, W - tw + 1, (n,), generator=gen)

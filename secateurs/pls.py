@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validation import PruningError
-from .data import ArrayDataset, Batches
+from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .depth import Block, block_names
 
 __all__ = ["vip", "vip_from_pls", "block_features", "block_scores"]
@@ -85,7 +85,7 @@ def _classes_in(y: torch.Tensor) -> list[list[int]]:
         return [[c] for c in y.tolist()]
     if y.dim() == 2:
         return [[c] for c in y.argmax(1).tolist()]
-    return [torch.unique(m).tolist() for m in y]
+    return [[c for c in torch.unique(m).tolist() if c != IGNORE_INDEX] for m in y]
 
 
 def _keep(y: torch.Tensor, counts: dict[int, int], per_class: int) -> torch.Tensor:
@@ -157,9 +157,10 @@ def _cells(out: torch.Tensor, grid: int, pool: int | str) -> torch.Tensor:
 
 
 def _mask_fractions(y: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
-    """For every class a mask batch [B, H, W] shows, its share of each grid cell's pixels [B * grid^2]."""
+    """For every class a mask batch [B, H, W] shows, its share of each grid cell's pixels [B * grid^2]
+    (unlabelled ``IGNORE_INDEX`` pixels belong to no class)."""
     return {c: F.adaptive_avg_pool2d((y == c).float()[:, None], grid).flatten().numpy()
-            for c in torch.unique(y).tolist()}
+            for c in torch.unique(y).tolist() if c != IGNORE_INDEX}
 
 
 class _Labels:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ._io import atomic_write
 from ._validation import InvalidArgument, check_choice, check_model, check_scalar
-from .data import ArrayDataset, Batches
+from .data import IGNORE_INDEX, ArrayDataset, Batches
 
 __all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process",
            "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss"]
@@ -114,16 +114,23 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 # -- metrics ---------------------------------------------------------------------------------
+def task_loss(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on labels, or on every labelled pixel of masks (``IGNORE_INDEX`` pixels skipped)."""
+    ignore = IGNORE_INDEX if y.dim() > 1 else -100
+    return F.cross_entropy(out.float(), y, ignore_index=ignore, label_smoothing=label_smoothing)
+
+
 def _batch_stats(out: torch.Tensor, y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
-    """Sums that add up across batches and processes."""
+    """Sums that add up across batches and processes (masks: over their labelled pixels only)."""
     if task == "classification":
         top5 = out.topk(min(5, out.shape[1]), dim=1).indices
         return torch.tensor([len(y), (top5[:, 0] == y).sum().item(), (top5 == y[:, None]).any(1).sum().item()],
                             dtype=torch.float64)
     pred = out.argmax(1)
-    stats = [y.numel(), (pred == y).sum().item()]
+    labelled = y != IGNORE_INDEX
+    stats = [labelled.sum().item(), (pred == y).sum().item()]
     for c in range(num_classes):  # per-class intersection, prediction area, target area
-        p, t = pred == c, y == c
+        p, t = (pred == c) & labelled, y == c
         stats += [(p & t).sum().item(), p.sum().item(), t.sum().item()]
     return torch.tensor(stats, dtype=torch.float64)
 
@@ -205,13 +212,13 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
             out = model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = task_loss(out, y, cfg.label_smoothing)
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(x)
                 kd = distillation_loss(out, target, cfg.distill_temperature)
-        task_loss = (1 - w) * loss + w * kd if teacher is not None else loss
-        total_loss = task_loss + regularizer() if regularizer is not None else task_loss
+        objective = (1 - w) * loss + w * kd if teacher is not None else loss
+        total_loss = objective + regularizer() if regularizer is not None else objective
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         optimizer.step()

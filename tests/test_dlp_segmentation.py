@@ -61,6 +61,21 @@ def test_a_cell_on_a_class_border_is_labelled_by_its_share():
     np.testing.assert_allclose(y[:, 1], [0.75, 0.0, 0.75, 0.0] * 2)
 
 
+def test_unlabelled_pixels_belong_to_no_class():
+    """VOC-style void (255) is no third class: no label column, and a cell's shares count only labelled pixels."""
+    from secateurs.data import IGNORE_INDEX
+
+    ds = _halves(n=4, size=16)
+    ds.targets[:, :, 12:] = IGNORE_INDEX  # the right quarter unlabelled
+    ds.targets[2:] = IGNORE_INDEX  # two images with no labelled pixel: they show no class
+    _, y = block_features(Probe(), ["good"], ds, per_class=None, pool=4)
+    assert y.shape == (4 * 16, 2)
+    np.testing.assert_array_equal(y[:32], np.tile([[0, 1], [0, 1], [1, 0], [0, 0]], (8, 1)))
+    assert (y[32:] == 0).all()
+    _, y = block_features(Probe(), ["good"], ds, per_class=1, pool=4)
+    assert len(y) == 16  # one image shows both classes; the void ones add to no class and are not taken
+
+
 class Down(Probe):
     """'good' at 16px, 'pool' at 2px, 'vec' a vector [B, 12] per image."""
 

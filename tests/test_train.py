@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from secateurs.data import ArrayDataset, load_dataset
 from secateurs.models import create_model
@@ -154,6 +155,22 @@ def test_segmentation_metrics_by_hand():
     assert m["pixel_acc"] == 75.0
     assert m["iou"] == pytest.approx(100 * 2 / 3)  # foreground: inter 2, union 3
     assert m["dice"] == pytest.approx(100 * 4 / 5)
+
+
+def test_unlabelled_pixels_count_nowhere():
+    """IGNORE_INDEX (VOC's void) pixels: no metric and no loss, whatever the network predicts there."""
+    from secateurs.data import IGNORE_INDEX
+    from secateurs.train import task_loss
+
+    y = torch.tensor([[[0, 1], [IGNORE_INDEX, 1]]])
+    out = torch.tensor([[[[5.0, 0.0], [0.0, 0.0]], [[0.0, 5.0], [5.0, 5.0]]]])  # predicts [[0,1],[1,1]]
+    m = _metrics(_batch_stats(out, y, "segmentation", 2), "segmentation", 2)
+    assert m["pixel_acc"] == 100.0 and m["iou"] == 100.0 and m["miou"] == 100.0  # the void pixel's 1 is no error
+    labelled = torch.tensor([[[0, 1], [0, 1]]])
+    by_hand = F.cross_entropy(out.permute(0, 2, 3, 1).reshape(-1, 2)[[0, 1, 3]], labelled.flatten()[[0, 1, 3]])
+    assert torch.allclose(task_loss(out, y), by_hand)
+    with pytest.raises((IndexError, RuntimeError)):  # without the ignore label, 255 is a class the model lacks
+        F.cross_entropy(out, y)
 
 
 def test_classification_metrics_by_hand():
