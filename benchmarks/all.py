@@ -160,17 +160,18 @@ RESULTS = ("compare_coverage.csv", "engine_speed.csv", "compare_speedup.csv", "a
            "compare_segmentation.csv", "segmentation.json")
 
 
-R56_EPOCHS = 120  # scripts/baselines.sh r56 (EPOCHS): one cosine cycle
+def _r56_baseline(run: Path = Path(__file__).resolve().parents[1] / "runs/baselines/r56") -> str:
+    """How far ResNet-56's baseline has trained, from its run's log and checkpoint (tracked by git,
+    resumed across sessions; the checkpoint holds the run's settings, its length among them)."""
+    import torch
 
-
-def _r56_baseline(log: Path = Path(__file__).resolve().parents[1] / "runs/baselines/r56/log.csv") -> str:
-    """How far ResNet-56's baseline has trained, from its run's log (tracked by git, resumed across sessions)."""
-    rows = [r for r in read_rows(log) if (r.get("val_top1") or "").strip()]
-    if not rows:
-        return f"its baseline is not trained ({R56_EPOCHS} epochs, about 8.5 h of this machine, `scripts/baselines.sh r56`)"
+    rows = [r for r in read_rows(run / "log.csv") if (r.get("val_top1") or "").strip()]
+    if not rows or not (run / "checkpoint.pt").exists():
+        return "its baseline is not trained (about 8.5 h of this machine, `scripts/baselines.sh r56`)"
+    total = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["config"]["epochs"]
     epoch, top1 = int(rows[-1]["epoch"]), float(rows[-1]["val_top1"])
-    state = "has trained" if epoch >= R56_EPOCHS else "is training (`scripts/baselines.sh r56`, resumable):"
-    return (f"its baseline {state} epoch {epoch} of {R56_EPOCHS}, {top1:.2f}% top-1 on the test set "
+    state = "has trained" if epoch >= total else "is training (`scripts/baselines.sh r56`, resumable):"
+    return (f"its baseline {state} epoch {epoch} of {total}, {top1:.2f}% top-1 on the test set "
             "(runs/baselines/r56/log.csv)")
 
 

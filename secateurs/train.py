@@ -277,6 +277,18 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     return _metrics(stats, ds.task, max(2, ds.num_classes))
 
 
+_RUN_ONLY = {"out_dir", "resume", "quiet", "tensorboard", "step_delay", "amp", "channels_last"}
+
+
+def _changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings that shape the run's trajectory (schedule, data order, augmentation) and differ
+    from a checkpoint's: a resume under them is no longer the run it continues."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (a saved tuple may come back a list)
+    now = asdict(cfg)
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+            if k in saved and k not in _RUN_ONLY and plain(saved[k]) != plain(now[k])]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
@@ -412,6 +424,9 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start, history = state["epoch"], list(state["history"])
+        if changed := _changed_settings(state.get("config", {}), cfg):
+            warnings.warn(f"resuming {ckpt} at epoch {start} with settings that differ from its run's: "
+                          f"{'; '.join(changed)}; the rest of the run follows the new ones", stacklevel=2)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     writer = None
     if out is not None and is_main_process():

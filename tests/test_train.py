@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ def test_step_budget_counts_optimizer_steps_and_ends_the_schedule():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="cutout"):
         TrainConfig(cutout=-1)
+
+
+def test_resume_under_other_settings_says_which(tmp_path):
+    tr, _ = digits()
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn")
+    fit(model, tr, None, cfg(epochs=1, milestones=(1,), out_dir=str(tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings (and a new thread layout): a plain resume
+        fit(model, tr, None, cfg(epochs=1, milestones=(1,), out_dir=str(tmp_path), resume=True, channels_last=True))
+    with pytest.warns(UserWarning, match=r"epoch 1 .*epochs 1 -> 2; lr 0.05 -> 0.01"):
+        fit(model, tr, None, cfg(epochs=2, lr=0.01, milestones=(1,), out_dir=str(tmp_path), resume=True))
 
 
 def _train_cmd(out, epochs, extra=()):
