@@ -99,7 +99,8 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                            "dense_ms": round(r["dense_ms"], 3), "pruned_ms": round(r["pruned_ms"], 3),
                            "dense_ci_ms": "-".join(f"{v:.3f}" for v in r["dense_interval_ms"]),
                            "pruned_ci_ms": "-".join(f"{v:.3f}" for v in r["pruned_interval_ms"]),
-                           "speedup": round(r["speedup"], 3), "vs_macs": round(r["speedup"] / macs_speedup, 3),
+                           "speedup": round(r["speedup"], 3),
+                           "speedup_ci": "-".join(f"{v:.3f}" for v in r["speedup_interval"]), "vs_macs": round(r["speedup"] / macs_speedup, 3),
                            "slower": r["batch"] in cmp["slower"], "repeats": repeats, "threads": threads,
                            "round_to": report.get("round_to", "")}
                     if "latency" in variant:
@@ -127,7 +128,9 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
              "L2 criterion, `round_to=8` unless the variant says `auto` (the step measured on this machine by "
              "`secateurs.latency_table.auto_round_to`, in the CSV's `round_to` column); a channels-last row's model is "
              "pruned in that layout, so its tables and step are the channels-last ones. Dense and pruned timed interleaved in one run (rotating order, warm-up, "
-             f"{repeats} rounds), median and 95% interval of the median; onnxruntime sessions with idle workers "
+             f"{repeats} rounds), median and 95% interval of the median; the speed-up is the median of the "
+             "per-round ratios dense / pruned (the two ran back to back, so a slow spell of this shared machine "
+             "falls on both), with its 95% interval; onnxruntime sessions with idle workers "
              "sleeping (`secateurs.latency.ort_options`: spinning workers of one session steal the cores from the "
              "other). *vs MACs* = speed-up / (MACs before / MACs "
              "after): 1.0 means time fell exactly as the MACs did. The latency rows spend `target={'latency': 0.5}` "
@@ -135,13 +138,13 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
              "Raw data: `speedup.csv`.", ""]
     for runtime in (rt for rt in RUNTIMES if any(r["runtime"] == rt for r in rows)):
         lines += [f"## {TITLES[runtime]}", "",
-                  "| model | variant | MACs kept | prune (s) | batch | dense (ms) | pruned (ms) | speed-up | vs MACs |",
+                  "| model | variant | MACs kept | prune (s) | batch | dense (ms) | pruned (ms) | speed-up (paired) | vs MACs |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["runtime"] == runtime and not r.get("note")):
             flag = " **slower**" if r["slower"] else ""
             lines.append(f"| {r['model']} ({r['input']}px) | {r['variant']} | {r['macs_kept']:.1%} | {r['prune_s']} | "
                          f"{r['batch']} | {r['dense_ms']} ({r['dense_ci_ms']}) | {r['pruned_ms']} ({r['pruned_ci_ms']}) | "
-                         f"{r['speedup']}x{flag} | {r['vs_macs']} |")
+                         f"{r['speedup']}x ({r.get('speedup_ci') or 'not recorded'}){flag} | {r['vs_macs']} |")
         lines.append("")
     unreachable = [r for r in rows if r.get("note")]
     rows = [r for r in rows if not r.get("note")]
@@ -163,7 +166,7 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
               f"- The same goal for the best 50%-MACs allocation of each model, runtime and batch (`allocation='latency'` "
               f"spends the MACs where this machine's tables say they buy time): "
               f"{'met everywhere' if not best_miss else 'missed by ' + '; '.join(best_miss)}.",
-              f"- Pruned model measurably slower than dense (its interval above the dense median): "
+              f"- Pruned model measurably slower than dense (its paired speed-up interval below 1): "
               f"{'none' if not slower else ', '.join(slower)}.",
               "- Latency budget 0.5 (goal: within 5%, under a minute on resnet50), the ratio measured by the search's "
               "confirming timing (eager, the user's batch 1), and the prune's wall time including building the tables: "

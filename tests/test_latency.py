@@ -99,15 +99,17 @@ def test_bad_arguments_name_themselves():
 def test_guard_flags_a_pruned_model_that_is_slower(monkeypatch):
     dense, pruned = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3)
 
-    def fake(models, x, **kw):
+    def fake(models, x, repeats, warmup, threads, runtime):
         b = x.shape[0]
-        mk = lambda s: latency.Timing(s, s * 0.98, s * 1.02, 30, 2, "eager", b)  # noqa: E731
-        return {"dense": mk(1.0), "pruned": mk(0.5 if b == 1 else 1.2)}
+        drift = [1 + 0.5 * (r % 3) for r in range(repeats)]  # a slow spell of the machine hits both models of a round
+        return {"dense": drift, "pruned": [d * (0.5 if b == 1 else 1.2) for d in drift]}, 2, b
 
-    monkeypatch.setattr(latency, "time_models", fake)
+    monkeypatch.setattr(latency, "_timed", fake)
     out = compare_dense_pruned(dense, pruned, torch.randn(1, 3, 8, 8))
-    assert out["slower"] == [8]
-    assert [r["batch"] for r in out["rows"]] == [1, 8] and out["rows"][0]["speedup"] == 2.0
+    assert out["slower"] == [8] and out["threads"] == 2
+    assert [r["batch"] for r in out["rows"]] == [1, 8] and out["rows"][0]["speedup"] == pytest.approx(2.0)
+    assert out["rows"][0]["speedup_interval"] == pytest.approx([2.0, 2.0])  # paired: the drift cancels
+    assert out["rows"][1]["dense_interval_ms"] == pytest.approx([1000, 2000])  # unpaired medians keep it
 
 
 def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
@@ -117,12 +119,11 @@ def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
 
     timed = []
 
-    def fake(models, x, **kw):
+    def fake(models, x, repeats, warmup, threads, runtime):
         timed.append(x.shape[0])
-        mk = lambda s: latency.Timing(s, s, s, 30, 2, "eager", x.shape[0])  # noqa: E731
-        return {"dense": mk(1.0 * x.shape[0]), "pruned": mk(0.5 * x.shape[0])}
+        return {"dense": [1.0 * x.shape[0]] * repeats, "pruned": [0.5 * x.shape[0]] * repeats}, 2, x.shape[0]
 
-    monkeypatch.setattr(latency, "time_models", fake)
+    monkeypatch.setattr(latency, "_timed", fake)
     dense, pruned, x = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
     out = compare_dense_pruned(dense, pruned, x, max_seconds=100)
     assert timed == [1] and [r["batch"] for r in out["rows"]] == [1]
@@ -132,9 +133,8 @@ def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
     report = {"before": {"macs": 1, "params": 1}, "after": {"macs": 1, "params": 1}, "latency": out}
     assert "latency b8 not timed: about 560 s" in format_table(report)
     # a pruned model slower than the dense one (what the guard is for) sets the estimate
-    monkeypatch.setattr(latency, "time_models", lambda models, x, **kw: {
-        k: latency.Timing(v * x.shape[0], v * x.shape[0], v * x.shape[0], 30, 2, "eager", x.shape[0])
-        for k, v in (("dense", 1.0), ("pruned", 2.0))})
+    monkeypatch.setattr(latency, "_timed", lambda models, x, repeats, *a: (
+        {k: [v * x.shape[0]] * repeats for k, v in (("dense", 1.0), ("pruned", 2.0))}, 2, x.shape[0]))
     assert compare_dense_pruned(dense, pruned, x, max_seconds=600)["skipped"] == [{"batch": 8, "estimated_s": 1120.0}]
 
 
