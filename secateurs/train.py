@@ -277,6 +277,19 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     return _metrics(stats, ds.task, max(2, ds.num_classes))
 
 
+def _resume(ckpt: Path, model: nn.Module, optimizer, scheduler, cfg: TrainConfig) -> tuple[int, list[dict]]:
+    """Everything a killed run had (weights, optimizer, schedule, RNG, history) back from its checkpoint."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if changed := _changed_settings(state.get("config", {}), cfg):
+        warnings.warn(f"resuming {ckpt} at epoch {state['epoch']} with settings that differ from its run's: "
+                      f"{'; '.join(changed)}; the rest of the run follows the new ones", stacklevel=3)
+    return state["epoch"], list(state["history"])
+
+
 _RUN_ONLY = {"out_dir", "resume", "quiet", "tensorboard", "step_delay", "amp", "channels_last"}
 
 
@@ -415,18 +428,8 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     scheduler = make_scheduler(optimizer, cfg, len(batches))
     out = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt = out / "checkpoint.pt" if out else None
-    history: list[dict[str, float]] = []
-    start = 0
-    if cfg.resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start, history = state["epoch"], list(state["history"])
-        if changed := _changed_settings(state.get("config", {}), cfg):
-            warnings.warn(f"resuming {ckpt} at epoch {start} with settings that differ from its run's: "
-                          f"{'; '.join(changed)}; the rest of the run follows the new ones", stacklevel=2)
+    start, history = (_resume(ckpt, model, optimizer, scheduler, cfg) if cfg.resume and ckpt is not None and ckpt.exists()
+                      else (0, []))
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     writer = None
     if out is not None and is_main_process():
