@@ -18,6 +18,7 @@ Usage::
 
     python -m benchmarks.speedup                          # writes docs/speedup.md and docs/speedup.csv
     python -m benchmarks.speedup --models cifar_resnet20 --repeats 10 --out /tmp/s
+    python -m benchmarks.speedup --models torchvision:mobilenet_v2 --processes 3 --resume --out docs/speedup_mbv2
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ import copy
 import csv
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -110,6 +114,28 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
     return rows
 
 
+def merged(rows: list[dict]) -> list[dict]:
+    """One row per (model, variant, runtime, batch) over the processes that timed it: the median of
+    their speed-ups, dense and pruned times, each process's speed-up listed, and slower if any found it so."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["variant"], r["runtime"], r["batch"]), []).append(r)
+    out = []
+    for same in groups.values():
+        if len(same) == 1 or same[0].get("note"):
+            out.append(same[0])
+            continue
+        row = dict(same[0])
+        for k in ("speedup", "vs_macs", "dense_ms", "pruned_ms", "macs_kept", "prune_s"):
+            row[k] = round(statistics.median(r[k] for r in same), 4 if k == "macs_kept" else 3)
+        row["speedup_ci"] = f"{len(same)} processes: " + ", ".join(str(r["speedup"]) for r in same)
+        row["dense_ci_ms"] = f"{min(r['dense_ms'] for r in same)}-{max(r['dense_ms'] for r in same)}"
+        row["pruned_ci_ms"] = f"{min(r['pruned_ms'] for r in same)}-{max(r['pruned_ms'] for r in same)}"
+        row["slower"] = any(r["slower"] for r in same)
+        out.append(row)
+    return out
+
+
 def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     import onnxruntime
     import torchvision
@@ -121,8 +147,11 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         w.writeheader()
         w.writerows(rows)
+    processes = len({r.get("process", 0) for r in rows})
+    rows = merged(rows)
     lines = ["# Speed-up of pruned models on this CPU", "",
-             f"`python -m benchmarks.speedup --repeats {repeats} --threads {threads}` on {cpu_name()} "
+             f"`python -m benchmarks.speedup --repeats {repeats} --threads {threads}"
+             f"{f' --processes {processes}' if processes > 1 else ''}` on {cpu_name()} "
              f"({platform.machine()}, {os.cpu_count()} cores), {threads} threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}. Seeded random weights, "
              "L2 criterion, `round_to=8` unless the variant says `auto` (the step measured on this machine by "
@@ -130,12 +159,17 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
              "pruned in that layout, so its tables and step are the channels-last ones. Dense and pruned timed interleaved in one run (rotating order, warm-up, "
              f"{repeats} rounds), median and 95% interval of the median; the speed-up is the median of the "
              "per-round ratios dense / pruned (the two ran back to back, so a slow spell of this shared machine "
-             "falls on both), with its 95% interval; onnxruntime sessions with idle workers "
-             "sleeping (`secateurs.latency.ort_options`: spinning workers of one session steal the cores from the "
-             "other). *vs MACs* = speed-up / (MACs before / MACs "
+             "falls on both), with its 95% interval; onnxruntime timed in a fresh process "
+             "whose sessions share one spinning intra-op pool, as a deployed session runs (`secateurs._ort_timer`: "
+             "a pool per session lets the idle one's spinning workers steal the cores, and workers that sleep make "
+             "every op at batch 1 pay a wake-up). *vs MACs* = speed-up / (MACs before / MACs "
              "after): 1.0 means time fell exactly as the MACs did. The latency rows spend `target={'latency': 0.5}` "
              "with per-layer latency tables; *prune (s)* includes building the tables when they were not cached. "
-             "Raw data: `speedup.csv`.", ""]
+             "Raw data: `speedup.csv`."
+             + (f" Every row was timed in {processes} separate processes one after the other (on this shared VM the "
+                "same measurement moves by more between processes than within one): the table gives the median over "
+                "the processes, each one's paired speed-up, and the range of their dense and pruned medians."
+                if processes > 1 else ""), ""]
     for runtime in (rt for rt in RUNTIMES if any(r["runtime"] == rt for r in rows)):
         lines += [f"## {TITLES[runtime]}", "",
                   "| model | variant | MACs kept | prune (s) | batch | dense (ms) | pruned (ms) | speed-up (paired) | vs MACs |",
@@ -199,7 +233,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
     p.add_argument("--resume", action="store_true", help="keep the (model, variant) rows already in OUT/speedup.csv")
     p.add_argument("--report-only", action="store_true", help="rewrite OUT/speedup.md from OUT/speedup.csv")
+    p.add_argument("--processes", type=int, default=1,
+                   help="time everything in this many fresh processes, one after the other, and report their median")
     args = p.parse_args(argv)
+    if args.processes > 1 and not args.report_only:
+        return _in_processes(args)
     kept = []
     if (args.resume or args.report_only) and (Path(args.out) / "speedup.csv").exists():
         with open(Path(args.out) / "speedup.csv", newline="") as f:
@@ -207,6 +245,22 @@ def main(argv=None) -> None:
     rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
                                                     tuple(args.runtimes))
     write(rows, Path(args.out), args.repeats, args.threads)
+
+
+def _in_processes(args) -> None:
+    """Each process writes OUT/processes/pK/speedup.csv (resumable with --resume); OUT gets them all."""
+    out, rows = Path(args.out), []
+    for k in range(args.processes):
+        sub = out / "processes" / f"p{k}"
+        if not (args.resume and (sub / "done").exists()):
+            cmd = [sys.executable, "-m", "benchmarks.speedup", "--models", *args.models, "--variants", *args.variants,
+                   "--runtimes", *args.runtimes, "--repeats", str(args.repeats), "--threads", str(args.threads),
+                   "--out", str(sub), *(["--resume"] if args.resume else [])]
+            subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+            (sub / "done").touch()
+        with open(sub / "speedup.csv", newline="") as f:
+            rows += [{**_typed(r), "process": k} for r in csv.DictReader(f)]
+    write(rows, out, args.repeats, args.threads)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -73,31 +76,8 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
-def ort_options(threads: int) -> Any:
-    """onnxruntime session options for interleaved timing: ``threads`` intra-op threads that sleep
-    when idle. Spinning workers (the default) of the session that just ran steal the cores from
-    the next one: on mobilenet_v2 at batch 8, 2 threads, dense and pruned measured 45 and 30 ms with
-    wide intervals, against 23 and 13 ms, tight, with spinning off."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
-
-
-def _runner(model: nn.Module, inputs: tuple, runtime: str, threads: int, workdir: Path, tag: str) -> Callable[[], Any]:
-    """A no-argument callable that runs one forward of ``model`` on ``runtime``."""
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        from .export import export_onnx
-
-        path = workdir / f"{tag}.onnx"
-        export_onnx(model, inputs, path, check=False, dynamic_batch=False)
-        sess = ort.InferenceSession(str(path), ort_options(threads), providers=["CPUExecutionProvider"])
-        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
-        return lambda: sess.run(None, feeds)
+def _runner(model: nn.Module, inputs: tuple, runtime: str) -> Callable[[], Any]:
+    """A no-argument callable that runs one forward of ``model`` in PyTorch (eager or channels-last)."""
     m = model
     if runtime == "channels_last":
         m = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -137,14 +117,36 @@ def _timed(models: Mapping[str, nn.Module], example_inputs: Any, repeats: int, w
     threads = check_scalar(threads, "threads", int, min_val=1) if threads is not None else torch.get_num_threads()
     modes = {id(m): [(s, s.training) for s in m.modules()] for m in models.values()}
     try:
-        with num_threads(threads), tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-            run = {name: _runner(m, inputs, runtime, threads, Path(tmp), f"m{i}") for i, (name, m) in enumerate(models.items())}
-            times = time_callables(run, repeats, warmup)
+        if runtime == "onnxruntime":
+            times = _ort_timed(models, inputs, repeats, warmup, threads)
+        else:
+            with num_threads(threads), torch.inference_mode():
+                times = time_callables({name: _runner(m, inputs, runtime) for name, m in models.items()}, repeats, warmup)
     finally:
         for saved in modes.values():
             for s, was in saved:
                 s.train(was)
     return times, threads, int(inputs[0].shape[0]) if inputs[0].dim() else 1
+
+
+def _ort_timed(models: Mapping[str, nn.Module], inputs: tuple, repeats: int, warmup: int,
+               threads: int) -> dict[str, list[float]]:
+    """onnxruntime rounds, timed by ``secateurs._ort_timer`` in a fresh process (why: its docstring)."""
+    import numpy as np
+
+    from .export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tags = {f"m{i}": name for i, name in enumerate(models)}
+        for tag, name in tags.items():
+            export_onnx(models[name], inputs, Path(tmp) / f"{tag}.onnx", check=False, dynamic_batch=False)
+        np.savez(Path(tmp) / "inputs.npz", *[t.detach().cpu().numpy() for t in inputs])
+        cmd = [sys.executable, "-m", "secateurs._ort_timer", tmp, str(repeats), str(warmup), str(threads), *tags]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode != 0:
+        raise RuntimeError(f"timing on onnxruntime failed:\n{done.stderr[-2000:]}")
+    times = json.loads(done.stdout.strip().splitlines()[-1])
+    return {tags[tag]: ts for tag, ts in times.items()}
 
 
 def latency_ratio(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, threads: int | None = None,

@@ -74,14 +74,21 @@ def test_other_runtimes(runtime):
     assert t.runtime == runtime and t.batch == 2 and 0 < t.low_s <= t.median_s <= t.high_s
 
 
-def test_onnxruntime_workers_sleep_between_runs():
-    """Interleaved sessions with spinning workers steal each other's cores (timings 2x slower, noisy)."""
-    pytest.importorskip("onnxruntime")
-    from secateurs.latency import ort_options
+def test_onnxruntime_is_timed_in_its_own_process_and_leaves_this_one_free(tmp_path):
+    """The timer's shared thread pool binds every later session of its process; the user's own
+    sessions (per-session threads, the default) must still work afterwards, in this process."""
+    ort = pytest.importorskip("onnxruntime")
+    from secateurs.export import export_onnx
 
-    opts = ort_options(3)
-    assert opts.intra_op_num_threads == 3 and opts.inter_op_num_threads == 1
-    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    dense, pruned, x = nn.Conv2d(3, 16, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 16, 16)
+    t = time_models({"dense": dense, "pruned": pruned}, x, repeats=4, warmup=1, threads=1, runtime="onnxruntime")
+    assert set(t) == {"dense", "pruned"} and t["pruned"].repeats == 4 and t["dense"].threads == 1
+    path = tmp_path / "m.onnx"
+    export_onnx(dense, x, path, check=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    assert sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0].shape == (1, 16, 14, 14)
 
 
 def test_bad_arguments_name_themselves():
