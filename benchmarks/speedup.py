@@ -126,8 +126,9 @@ def merged(rows: list[dict]) -> list[dict]:
             out.append(same[0])
             continue
         row = dict(same[0])
-        for k in ("speedup", "vs_macs", "dense_ms", "pruned_ms", "macs_kept", "prune_s"):
-            row[k] = round(statistics.median(r[k] for r in same), 4 if k == "macs_kept" else 3)
+        for k in ("speedup", "vs_macs", "dense_ms", "pruned_ms", "macs_kept", "prune_s", "latency_target_met"):
+            if all(isinstance(r.get(k), (int, float)) for r in same):
+                row[k] = round(statistics.median(r[k] for r in same), 4 if k == "macs_kept" else 3)
         row["speedup_ci"] = f"{len(same)} processes: " + ", ".join(str(r["speedup"]) for r in same)
         row["dense_ci_ms"] = f"{min(r['dense_ms'] for r in same)}-{max(r['dense_ms'] for r in same)}"
         row["pruned_ci_ms"] = f"{min(r['pruned_ms'] for r in same)}-{max(r['pruned_ms'] for r in same)}"
@@ -206,7 +207,37 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
               "confirming timing (eager, the user's batch 1), and the prune's wall time including building the tables: "
               + (", ".join(f"{r['model']} {r['latency_target_met']} in {r['prune_s']} s" for r in lat) or "not run") + "."]
     lines += [f"- Not reached: {r['model']} {r['variant']}: {r['note']}" for r in unreachable] + [""]
+    lines += _fixed_share(rows, best)
     (out / "speedup.md").write_text("\n".join(lines))
+
+
+def fixed_share(points: list[tuple[float, float]]) -> float:
+    """The share ``f`` of the dense time that no channel removal shrinks (per-op dispatch, thread
+    wake-ups, kernels with a floor), fitted by least squares to ``1 / speed-up = f + (1 - f) m`` over
+    ``(MACs kept m, speed-up)`` points: at 50% of the MACs the speed-up / MACs ratio is then at most 1 / (1 + f)."""
+    num = sum((1 - m) * (1 / s - m) for m, s in points)
+    den = sum((1 - m) ** 2 for m, _ in points)
+    return min(max(num / den, 0.0), 1.0) if den > 0 else float("nan")
+
+
+def _fixed_share(rows: list[dict], best: dict[tuple, dict]) -> list[str]:
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["runtime"], r["batch"]), []).append((r["macs_kept"], r["speedup"]))
+    table = [(key, fixed_share(pts)) for key, pts in groups.items() if len({round(m, 2) for m, _ in pts}) > 1]
+    if not table:
+        return []
+    lines = ["## Time that does not shrink with the MACs", "",
+             "Fitted over every variant of a model, runtime and batch (their MACs kept and speed-ups): "
+             "`1 / speed-up = f + (1 - f) x MACs kept`. A share `f` of the dense time that no channel removal "
+             "shrinks caps the speed-up / MACs ratio at 50% of the MACs at 1 / (1 + f), whatever the allocation.", "",
+             "| model | runtime | batch | fixed share f | ratio at 50% MACs: cap 1/(1+f) | best measured |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (model, runtime, batch), f in table:
+        b = best.get((model, runtime, batch))
+        lines.append(f"| {model} | {runtime} | {batch} | {f:.2f} | {1 / (1 + f):.2f} | "
+                     f"{b['vs_macs'] if b else '-'} |")
+    return lines + [""]
 
 
 def _typed(row: dict) -> dict:
@@ -248,16 +279,15 @@ def main(argv=None) -> None:
 
 
 def _in_processes(args) -> None:
-    """Each process writes OUT/processes/pK/speedup.csv (resumable with --resume); OUT gets them all."""
+    """Each process writes OUT/processes/pK/speedup.csv (with --resume it keeps the rows it has and
+    times only the missing ones); OUT gets them all."""
     out, rows = Path(args.out), []
     for k in range(args.processes):
         sub = out / "processes" / f"p{k}"
-        if not (args.resume and (sub / "done").exists()):
-            cmd = [sys.executable, "-m", "benchmarks.speedup", "--models", *args.models, "--variants", *args.variants,
-                   "--runtimes", *args.runtimes, "--repeats", str(args.repeats), "--threads", str(args.threads),
-                   "--out", str(sub), *(["--resume"] if args.resume else [])]
-            subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
-            (sub / "done").touch()
+        cmd = [sys.executable, "-m", "benchmarks.speedup", "--models", *args.models, "--variants", *args.variants,
+               "--runtimes", *args.runtimes, "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--out", str(sub), *(["--resume"] if args.resume else [])]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
         with open(sub / "speedup.csv", newline="") as f:
             rows += [{**_typed(r), "process": k} for r in csv.DictReader(f)]
     write(rows, out, args.repeats, args.threads)

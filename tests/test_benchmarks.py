@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import csv
 
+import pytest
+
 from benchmarks import all as report
 from benchmarks.compare import summarize
 
@@ -163,3 +165,27 @@ def test_segmentation_resume_refuses_results_made_with_other_settings(tmp_path):
     assert set(_load(path, args)) == {"unet16_isbi2012"}
     path.write_text(json.dumps({"args": {}, "results": {"m": {"base": {}, "iw": {}}}}))  # the earlier layout: redone
     assert _load(path, args) == {}
+
+
+def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
+    """Rows timed in several processes become one (the median, each process's speed-up listed), and
+    the share of time no pruning shrinks is recovered from the rows' (MACs kept, speed-up) points."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import speedup
+
+    def row(variant, m, s, process):
+        return {"model": "net", "input": 32, "variant": variant, "runtime": "eager", "batch": 1, "macs_kept": m,
+                "prune_s": 0.1, "dense_ms": 10.0, "pruned_ms": 10 / s, "dense_ci_ms": "9-11", "pruned_ci_ms": "4-6",
+                "speedup": s, "speedup_ci": "1-2", "vs_macs": s * m, "slower": False, "repeats": 30, "threads": 2,
+                "round_to": 8, "process": process, "latency_target_met": 0.5}
+
+    f = 0.4  # 1 / speed-up = f + (1 - f) m
+    rows = [row("macs 50% global", 0.5, 1 / (f + (1 - f) * 0.5) + d, p) for p, d in enumerate((-0.1, 0.0, 0.2))]
+    rows.append(row("latency 50% (tables)", 0.1, 1 / (f + (1 - f) * 0.1), 0))
+    merged = speedup.merged(rows)
+    assert len(merged) == 2 and merged[0]["speedup"] == pytest.approx(1 / 0.7, abs=1e-3)
+    assert merged[0]["speedup_ci"].startswith("3 processes: ")
+    assert speedup.fixed_share([(r["macs_kept"], r["speedup"]) for r in merged]) == pytest.approx(f, abs=1e-3)
+    speedup.write(rows, tmp_path, 30, 2)
+    text = (tmp_path / "speedup.md").read_text()
+    assert "--processes 3" in text and "| net | eager | 1 | 0.40 | 0.71 |" in text
