@@ -202,8 +202,10 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
     :class:`PruningError` naming it, and the model is untouched. With ``example_inputs`` the
     checks include shapes and the ops after each add (see :func:`find_blocks`; a block whose tail
     changes its input is replaced by that tail, its own submodule, instead), and the result is run
-    once (restored on failure); without them only the fx structure is used, so a block whose ReLU
-    sees negative inputs (a CSP stage's) is not refused and becomes ``nn.Identity``: pass the inputs.
+    once (restored on failure); without them only the fx structure is used: a block whose tail is
+    one of its own stateless submodules is replaced by it (``tail(x + 0)`` is ``tail(x)``, whatever
+    ``x`` holds), any other by ``nn.Identity``, exact only if its tail leaves ``x`` unchanged: pass
+    the inputs to have that checked.
     """
     names = block_names(blocks)
     if example_inputs is not None:
@@ -213,7 +215,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
         inputs = None
         found = {c.name: (c.removable and not c.alone, c.reason or "it was found by tracing a submodule on its own "
                           "(fx cannot trace the model whole): pass example_inputs so a forward checks how it is called",
-                          "") for c in residual_units(model)}
+                          c.tail_child or "") for c in residual_units(model)}
     for n in names:
         if n not in found:
             ok = [b for b, (r, _, _) in found.items() if r]

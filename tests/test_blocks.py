@@ -487,14 +487,39 @@ def test_remove_errors_name_the_block_and_change_nothing():
     assert unchanged(model, snap)
 
 
+class _LeakyUnit(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        return self.act(x + self.bn(self.conv(x)))
+
+
+def test_without_inputs_a_block_goes_with_its_own_tail():
+    """No forward to tell whether the tail changes the block's input (here it does: a leaky ReLU on
+    a conv's signed output): the block's own tail module stands in, which is exact either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _LeakyUnit(8), _LeakyUnit(8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model[1].bn.weight.zero_()
+        model[1].bn.bias.zero_()
+        ref = model(x)
+    remove_blocks(model, ["1"])
+    assert isinstance(model[1], nn.LeakyReLU)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
+
+
 def test_removed_blocks_save_and_load(tmp_path):
     model = randomize_norms(build("cifar_resnet20")).eval()
-    remove_blocks(model, ["layer1.1", "layer2.2", "layer3.1", "layer3.2"])
+    remove_blocks(model, ["layer1.1", "layer2.2", "layer3.1", "layer3.2"])  # no inputs: each by its own ReLU
     with torch.no_grad():
         out = model(X32)
     save(model, tmp_path, X32)
     back = load(tmp_path)
-    assert isinstance(back.layer3[1], nn.Identity) and sum(p.numel() for p in back.parameters()) == \
+    assert isinstance(back.layer3[1], nn.ReLU) and sum(p.numel() for p in back.parameters()) == \
         sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         torch.testing.assert_close(back(X32), out, atol=0, rtol=0)
