@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ._validation import PruningError
 from .cost import count
-from .residual import residual_units
+from .residual import out_of_place, residual_units
 
 __all__ = ["Block", "LayerPlan", "find_blocks", "remove_blocks", "truncate", "block_names"]
 
@@ -165,7 +165,7 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 def _stand_in(block: nn.Module, child: str) -> nn.Module:
     """What replaces a removed block: ``nn.Identity()``, or its own tail submodule ``child``
     (tagged by ``remove_blocks`` once the removal stands, so :func:`secateurs.save` records it)."""
-    return block.get_submodule(child) if child else nn.Identity()
+    return out_of_place(block.get_submodule(child)) if child else nn.Identity()
 
 
 def block_names(blocks: Iterable[Block | str]) -> list[str]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from ._validation import PruningError
 from .fxtrace import trace_fx
 
-__all__ = ["Unit", "residual_units"]
+__all__ = ["Unit", "residual_units", "out_of_place"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -258,6 +258,15 @@ def _own_child(modules: dict[str, nn.Module], q: str, tail: list[fx.Node]) -> st
     if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
         return None
     return str(tail[0].target)[len(q) + 1:]
+
+
+def out_of_place(tail: nn.Module) -> nn.Module:
+    """A removed block's tail submodule made to stand in for it: in the block an in-place tail wrote
+    into the sum ``x + f(x)``; standing in, it would write into ``x``, which a skip or a feature tap
+    may still read. Returns ``tail``, with ``inplace`` off."""
+    if getattr(tail, "inplace", False):
+        tail.inplace = False
+    return tail
 
 
 def _op_name(node: fx.Node, full: Any) -> str:

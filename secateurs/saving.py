@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ._io import atomic_write
 from .models import create_model, names_code
+from .residual import out_of_place
 
 __all__ = ["FORMAT", "save", "load", "describe"]
 
@@ -343,7 +344,7 @@ def _replacement(target: nn.Module, entry: Mapping[str, Any], cls: Any, label: s
         if _qualname(new) != cls:
             raise ValueError(f"{where}: module '{label}.{child}' was a {cls} when saved but is a {_qualname(new)}")
         new._secateurs_child = child
-        return new
+        return out_of_place(new)
     if cls in _REPLACEMENTS and not isinstance(target, nn.Identity):
         return _REPLACEMENTS[cls]()
     return None

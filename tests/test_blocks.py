@@ -488,9 +488,9 @@ def test_remove_errors_name_the_block_and_change_nothing():
 
 
 class _LeakyUnit(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, inplace=False):
         super().__init__()
-        self.conv, self.bn, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU(0.1)
+        self.conv, self.bn, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU(0.1, inplace)
 
     def forward(self, x):
         return self.act(x + self.bn(self.conv(x)))
@@ -510,6 +510,36 @@ def test_without_inputs_a_block_goes_with_its_own_tail():
     assert isinstance(model[1], nn.LeakyReLU)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
+
+
+class _Tapped(nn.Module):
+    """The unit's input is read again after it (a U-Net skip, a feature tap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.unit = nn.Conv2d(3, 8, 3, padding=1), _LeakyUnit(8, inplace=True)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return torch.cat([self.unit(s), s], 1)
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_an_inplace_tail_standing_in_leaves_the_blocks_input_alone(with_inputs, tmp_path):
+    """leaky_relu_(x + f(x)) wrote into the sum; standing in, leaky_relu_(x) would write into x,
+    which the skip reads afterwards: the stand-in runs out of place, also after save and load."""
+    torch.manual_seed(0)
+    model, x = _Tapped().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.unit.bn.weight.zero_()
+        model.unit.bn.bias.zero_()
+        ref = model(x)
+    remove_blocks(model, ["unit"], x if with_inputs else None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=0)
+    save(model, tmp_path, x)
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path, model=_Tapped())(x), ref, atol=1e-6, rtol=0)
 
 
 def test_removed_blocks_save_and_load(tmp_path):
