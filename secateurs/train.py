@@ -128,7 +128,7 @@ def _batch_stats(out: torch.Tensor, y: torch.Tensor, task: str, num_classes: int
                             dtype=torch.float64)
     pred = out.argmax(1)
     labelled = y != IGNORE_INDEX
-    stats = [labelled.sum().item(), (pred == y).sum().item()]
+    stats = [labelled.sum().item(), ((pred == y) & labelled).sum().item()]
     for c in range(num_classes):  # per-class intersection, prediction area, target area
         p, t = (pred == c) & labelled, y == c
         stats += [(p & t).sum().item(), p.sum().item(), t.sum().item()]
