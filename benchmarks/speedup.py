@@ -1,10 +1,13 @@
 """Does a pruned model run as much faster as its MACs say? Dense and pruned timed interleaved, on CPU.
 
 Every row comes from one run: the dense model and its pruned copy are timed together by
-``secateurs.latency.time_models`` (one forward of each in turn, rotating order, warm-up, median
-with a 95% interval), in eager PyTorch and in onnxruntime, at batch 1 and 8, with ``--threads``
-threads; models are built from seeded random weights, so the pruned architecture is the same in
-every run. Runtimes: eager NCHW, eager channels-last (the model pruned in that layout) and onnxruntime.
+``secateurs.latency.compare_dense_pruned`` (one forward of each in turn, rotating order, warm-up;
+medians with 95% intervals, and the median of the per-round speed-ups), at batch 1 and 8, with
+``--threads`` threads, in eager NCHW, eager channels-last (the model pruned in that layout) and
+onnxruntime (its own process, one shared thread pool). Models are built from seeded random
+weights, so a MACs variant's pruned architecture is the same in every run (a latency-driven one
+follows this machine's measured tables). ``--processes K`` repeats it all in K fresh processes
+and reports their median: between processes this machine moves more than within one.
 Variants: 50% of the MACs by L2 with global and uniform allocation (``round_to`` 8), and
 the latency budget (``target={"latency": 0.5}``: per-layer latency tables, one confirming timing),
 whose search time is recorded; and 50% of the MACs with ``allocation="latency"`` (each group's
