@@ -165,13 +165,12 @@ def run_tp(method: str, model, x, target: float, train, args, seed: int) -> dict
 def latency_ratio(base, model, args) -> float:
     """Latency of ``model`` over ``base`` at ``--latency-batch`` on this CPU, timed interleaved (median of 100:
     30 left the per-row ratios of one architecture a few points apart on this shared machine)."""
-    from secateurs.latency import time_models
+    from secateurs.latency import latency_ratio as ratio
 
     # one memory format for both: fine-tuning leaves models channels-last, which oneDNN runs by another path
     cpu = lambda m: copy.deepcopy(m).cpu().eval().to(memory_format=torch.channels_last)  # noqa: E731
-    t = time_models({"dense": cpu(base), "pruned": cpu(model)}, torch.randn(args.latency_batch, 3, 32, 32), repeats=100,
-                    threads=args.threads)
-    return t["pruned"].median_s / t["dense"].median_s
+    return ratio(cpu(base), cpu(model), torch.randn(args.latency_batch, 3, 32, 32), threads=args.threads, repeats=100,
+                 runtime="eager")
 
 
 # -- ours --------------------------------------------------------------------------------------

@@ -151,11 +151,12 @@ def _ort_timed(models: Mapping[str, nn.Module], inputs: tuple, repeats: int, war
 
 def latency_ratio(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, threads: int | None = None,
                   runtime: str | None = None, repeats: int = 15, warmup: int = 3) -> float:
-    """Median pruned / median dense, timed interleaved in the layout ``dense`` runs in (unless
-    ``runtime`` says otherwise): the one confirming measurement every latency search stops on."""
-    t = time_models({"dense": dense, "pruned": pruned}, example_inputs, repeats=repeats, warmup=warmup,
-                    threads=threads, runtime=runtime or runtime_of(dense))
-    return t["pruned"].median_s / t["dense"].median_s
+    """Median of the per-round ratios pruned / dense (the two run back to back), timed interleaved in
+    the layout ``dense`` runs in (unless ``runtime`` says otherwise): the one confirming measurement
+    every latency search stops on."""
+    times, _, _ = _timed({"dense": dense, "pruned": pruned}, example_inputs, repeats, warmup, threads,
+                         runtime or runtime_of(dense))
+    return _median_interval([p / d for d, p in zip(times["dense"], times["pruned"])])[0]
 
 
 @contextlib.contextmanager

@@ -50,8 +50,8 @@ def test_blocks_to_latency_removes_the_fewest_blocks_that_meet_the_goal(monkeypa
     torch.manual_seed(0)
     model, x = create_model("cifar_resnet20").eval(), torch.randn(1, 3, 32, 32)
     n0 = len(find_blocks(model, x))
-    monkeypatch.setattr(secateurs.latency, "time_models", lambda models, x, **kw: {
-        k: secateurs.latency.Timing(*[len(find_blocks(m, x)) / n0] * 3, 15, 1, "eager", 1) for k, m in models.items()})
+    monkeypatch.setattr(secateurs.latency, "_timed", lambda models, x, repeats, *a: (
+        {k: [len(find_blocks(m, x)) / n0] * repeats for k, m in models.items()}, 1, 1))
     goal = {"value": 0.7}
     monkeypatch.setattr(acc, "_latency_goal", lambda *a: goal["value"])
     data = [(torch.randn(100, 3, 32, 32), torch.arange(100) % 10) for _ in range(3)]

@@ -76,12 +76,11 @@ def test_latency_target_removes_the_fewest_lowest_blocks_that_meet_it(r20, data,
     n0 = len(find_blocks(r20, X))
     seen = []
 
-    def clock(models, x, runtime="eager", **kw):
+    def clock(models, x, repeats, warmup, threads, runtime):
         seen.append(runtime)
-        return {k: secateurs.latency.Timing(*[len(find_blocks(m, X)) / n0] * 3, 15, 1, runtime, 1)
-                for k, m in models.items()}
+        return {k: [len(find_blocks(m, X)) / n0] * repeats for k, m in models.items()}, 1, 1
 
-    monkeypatch.setattr(secateurs.latency, "time_models", clock)
+    monkeypatch.setattr(secateurs.latency, "_timed", clock)
     opts = {"per_class": 20, "min_per_stage": 0}
     m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp", {"latency": 0.75}, data=data, method_options=opts)
     out = report["method_output"]

@@ -146,15 +146,16 @@ def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
 
 
 def test_latency_ratio_times_the_layout_the_dense_model_is_stored_in(monkeypatch):
-    """The ratio every latency search stops on: pruned / dense medians, in the dense model's layout
-    unless a runtime is given."""
+    """The ratio every latency search stops on: the median of the rounds' pruned / dense, in the dense
+    model's layout unless a runtime is given."""
     seen = []
 
-    def fake(models, x, runtime="eager", **kw):
+    def fake(models, x, repeats, warmup, threads, runtime):
         seen.append(runtime)
-        return {"dense": latency.Timing(2.0, 1.9, 2.1, 15, 1, runtime, 1), "pruned": latency.Timing(0.5, 0.4, 0.6, 15, 1, runtime, 1)}
+        drift = [1 + r % 4 for r in range(repeats)]  # the machine's slow spells: in both models' rounds
+        return {"dense": [2.0 * d for d in drift], "pruned": [0.5 * d for d in drift]}, 1, 1
 
-    monkeypatch.setattr(latency, "time_models", fake)
+    monkeypatch.setattr(latency, "_timed", fake)
     plain = nn.Conv2d(3, 8, 3)
     stored_cl = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 8, 8)
