@@ -66,8 +66,9 @@ def _prune(base, x, variant: str, threads: int, layout: str):
 
 
 def run(models: list[str], variants: list[str], repeats: int, threads: int, rows: list[dict] | None = None,
-        runtimes: tuple[str, ...] = RUNTIMES) -> list[dict]:
-    """Every (model, variant, runtime) not already in ``rows``: each row holds a dense and a pruned time measured together."""
+        runtimes: tuple[str, ...] = RUNTIMES, out: Path | None = None) -> list[dict]:
+    """Every (model, variant, runtime) not already in ``rows``: each row holds a dense and a pruned time
+    measured together. With ``out``, OUT/speedup.csv is rewritten after every runtime's rows (--resume goes on from it)."""
     from secateurs import PruningError
     from secateurs.latency import compare_dense_pruned
     from secateurs.models import create_model
@@ -114,6 +115,8 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                         row["latency_target_met"] = round(report["method_output"].get("latency_ratio", float("nan")), 3)
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                if out is not None:
+                    write_csv(rows, out)
     return rows
 
 
@@ -140,17 +143,28 @@ def merged(rows: list[dict]) -> list[dict]:
     return out
 
 
+def write_csv(rows: list[dict], out: Path) -> None:
+    """OUT/speedup.csv, replaced atomically (a kill leaves the previous one)."""
+    from secateurs._io import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def dump(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out / "speedup.csv", dump)
+
+
 def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     import onnxruntime
     import torchvision
 
     from secateurs.latency import cpu_name
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "speedup.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out)
     processes = len({r.get("process", 0) for r in rows})
     rows = merged(rows)
     lines = ["# Speed-up of pruned models on this CPU", "",
@@ -277,7 +291,7 @@ def main(argv=None) -> None:
         with open(Path(args.out) / "speedup.csv", newline="") as f:
             kept = [_typed(r) for r in csv.DictReader(f)]
     rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
-                                                    tuple(args.runtimes))
+                                                    tuple(args.runtimes), Path(args.out))
     write(rows, Path(args.out), args.repeats, args.threads)
 
 
