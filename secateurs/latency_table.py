@@ -207,15 +207,19 @@ _STEPS = (1, 2, 4, 8, 16, 32)
 
 def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None = None, layers: int = 3,
                   band: int = 64, repeats: int = 5, cache_dir: str | os.PathLike | None = None,
-                  runtime: str | None = None) -> int:
+                  runtime: str | None = None, floor: int = 8) -> int:
     """The width multiple on the fast side of this machine's steps, measured (``round_to="auto"``).
 
-    The model's largest conv layers (and its largest depthwise ones, whose widths the 1x1s around them
-    share) are timed at every output width in a band around half their width, and a straight line is fitted through those times. A step ``s`` scores the mean residual
-    of the widths that are multiples of ``s``: under a staircase (vector width, blocking) the right
-    edges of the steps lie below the line, so their multiple wins; on a smooth curve every step
-    scores about zero and the smallest (1) is kept. A step within 0.5% of the latency or 90% of the
-    best step's saving beats the coarser ones. Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
+    The model's largest conv layers (and its largest depthwise ones, whose widths the 1x1s around
+    them share) are timed at every output width in a band around half their width (at most
+    ``band``), and a straight line is fitted through those times. A step ``s`` scores the mean
+    residual of the widths that are multiples of ``s``: under a staircase (vector width, blocking)
+    the right edges of the steps lie below the line, so their multiple wins; on a smooth curve every
+    step scores about zero and the smallest is kept. A step within 0.5% of the latency or 90% of the
+    best step's saving beats the coarser ones. Steps start at ``floor``: PyTorch timing cannot see
+    the runtimes a model is deployed with, and onnxruntime's blocked kernels want multiples of 8
+    (CIFAR ResNets, whose eager curve is smooth, pruned at step 1 ran slower than dense there; at
+    8 they did not). Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
     """
     threads = threads or torch.get_num_threads()
     runtime = runtime or runtime_of(model)
@@ -223,24 +227,26 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     modules = dict(model.named_modules())
     found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
-    ranked = [layer for _, layer in sorted(found, key=lambda p: -p[0]) if layer.cout >= band + 2 * max(_STEPS)]
+    ranked = [layer for _, layer in sorted(found, key=lambda p: -p[0]) if layer.cout >= 4 * floor]
     # depthwise convs are memory-bound: few MACs, yet their own staircase can cost more than the 1x1s'
     top = [c for c in ranked if c.groups == 1][:layers] + [c for c in ranked if c.depthwise][:layers]
-    if not top:
-        return 1
-    key = "round_to|" + "|".join(layer.key for layer in top)
+    bands = [min(band, layer.cout // 2) for layer in top]
+    steps = [s for s in _STEPS if floor <= s <= min(bands, default=0) // 2]  # two multiples at least in every band
+    if not steps:
+        return floor
+    key = f"round_to|{floor}|" + "|".join(layer.key for layer in top)
     cached = _read(path).get(key)
     if cached is not None:
         return int(cached)
     with num_threads(threads):
-        scores = [_step_scores(layer, band, repeats, runtime == "channels_last") for layer in top]
-    total = {s: sum(sc[0][s] for sc in scores) for s in _STEPS}
+        scores = [_step_scores(layer, b, repeats, runtime == "channels_last") for layer, b in zip(top, bands)]
+    total = {s: sum(sc[0][s] for sc in scores) for s in steps}
     # a coarser step must earn its keep: it halves the widths to choose from, and the mean residual
     # of its few multiples in the band is noisier. The smallest step within 0.5% of the latency or
     # 90% of the best saving wins (mobilenet_v2 here: 16 saves 93% of what 32 does)
     best = min(total.values())
     tol = max(0.005 * sum(sc[1] for sc in scores), 0.1 * -best)
-    step = min(s for s in _STEPS if total[s] <= best + tol)
+    step = min(s for s in steps if total[s] <= best + tol)
     _store(path, {key: step})
     return step
 

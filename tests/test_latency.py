@@ -207,26 +207,28 @@ def test_interpolation_through_the_measured_points():
     assert _interp(curve, 16) == 4.0 and _grid(16, 4) == [4, 8, 12, 16] and _grid(3, 8) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("shape,expected", [("staircase of 8", 8), ("smooth", 1), ("staircase of 16", 16),
-                                            ("staircase of 16, a little faster at 32", 16)])
-def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, expected, tmp_path, monkeypatch):
-    """A coarser step wins only for a real saving: 32 saving 1 ms more than 16's ~7.5 ms does not."""
+@pytest.mark.parametrize("shape,floor,expected", [("staircase of 8", 8, 8), ("staircase of 4", 1, 4), ("smooth", 1, 1),
+                                                  ("smooth", 8, 8), ("staircase of 16", 8, 16),
+                                                  ("staircase of 16, a little faster at 32", 8, 16)])
+def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, floor, expected, tmp_path, monkeypatch):
+    """A coarser step wins only for a real saving (32 saving 1 ms more than 16's ~7.5 ms does not),
+    and none below ``floor`` is chosen, smooth curve or not."""
     from secateurs import latency_table
 
     def clock(calls, repeats, warmup):  # a stand-in machine: seconds as a function of the output width
-        step = {"staircase of 8": 8, "staircase of 16": 16, "smooth": 1}.get(shape, 16)
+        step = {"staircase of 8": 8, "staircase of 4": 4, "staircase of 16": 16, "smooth": 1}.get(shape, 16)
         extra = 2 if "32" in shape else 0
         return {w: [1e-3 * (10 + math.ceil(w / step) * step - extra * (w % 32 == 0))] * repeats for w in calls}
 
     monkeypatch.setattr(latency_table, "time_callables", clock)
     model = nn.Sequential(nn.Conv2d(3, 256, 3), nn.ReLU(), nn.Conv2d(256, 256, 3))
-    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == expected
+    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path, floor=floor) == expected
 
     def never(*a):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(latency_table, "time_callables", never)  # cached per machine and layer shapes
-    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == expected
+    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path, floor=floor) == expected
 
 
 def test_round_to_auto_hears_the_depthwise_staircase(tmp_path, monkeypatch):
@@ -245,6 +247,23 @@ def test_round_to_auto_hears_the_depthwise_staircase(tmp_path, monkeypatch):
     monkeypatch.setattr(latency_table, "time_callables", clock)
     model = nn.Sequential(nn.Conv2d(3, 256, 1), nn.Conv2d(256, 256, 3, padding=1, groups=256), nn.Conv2d(256, 256, 1))
     assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 16
+
+
+def test_round_to_auto_on_narrow_models(tmp_path, monkeypatch):
+    """A CIFAR ResNet's 64-wide layers are timed in a narrower band (16..48: steps up to 16 have two
+    multiples there); a model too narrow to tell gets the floor, untimed."""
+    from secateurs import latency_table
+
+    def clock(calls, repeats, warmup):
+        assert min(calls) == 16 and max(calls) == 48
+        return {w: [1e-3 * (10 + math.ceil(w / 16) * 16)] * repeats for w in calls}
+
+    monkeypatch.setattr(latency_table, "time_callables", clock)
+    cifar = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
+    assert latency_table.auto_round_to(cifar, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 16
+    monkeypatch.setattr(latency_table, "time_callables", None)
+    tiny = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    assert latency_table.auto_round_to(tiny, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 8
 
 
 def test_cli_report_says_loudly_when_the_pruned_model_is_slower(tmp_path, monkeypatch, capsys):
