@@ -142,7 +142,10 @@ def _ort_timed(models: Mapping[str, nn.Module], inputs: tuple, repeats: int, war
             export_onnx(models[name], inputs, Path(tmp) / f"{tag}.onnx", check=False, dynamic_batch=False)
         np.savez(Path(tmp) / "inputs.npz", *[t.detach().cpu().numpy() for t in inputs])
         cmd = [sys.executable, "-m", "secateurs._ort_timer", tmp, str(repeats), str(warmup), str(threads), *tags]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        # this very package, installed or not (a script may import it from a path the child does not know)
+        path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"timing on onnxruntime failed:\n{done.stderr[-2000:]}")
     times = json.loads(done.stdout.strip().splitlines()[-1])
