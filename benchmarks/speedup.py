@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._protocol import read_rows
+
 MODELS = {"torchvision:resnet50": 224, "torchvision:vgg16": 224, "torchvision:mobilenet_v2": 224,
           "cifar_resnet20": 32, "cifar_resnet56": 32}
 VARIANTS = {"macs 50% global": dict(target={"macs": 0.5}, allocation="global", round_to=8),
@@ -286,10 +288,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.processes > 1 and not args.report_only:
         return _in_processes(args)
-    kept = []
-    if (args.resume or args.report_only) and (Path(args.out) / "speedup.csv").exists():
-        with open(Path(args.out) / "speedup.csv", newline="") as f:
-            kept = [_typed(r) for r in csv.DictReader(f)]
+    kept = [_typed(r) for r in read_rows(Path(args.out) / "speedup.csv")] if args.resume or args.report_only else []
     rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
                                                     tuple(args.runtimes), Path(args.out))
     write(rows, Path(args.out), args.repeats, args.threads)
@@ -305,8 +304,7 @@ def _in_processes(args) -> None:
                "--runtimes", *args.runtimes, "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--out", str(sub), *(["--resume"] if args.resume else [])]
         subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
-        with open(sub / "speedup.csv", newline="") as f:
-            rows += [{**_typed(r), "process": k} for r in csv.DictReader(f)]
+        rows += [{**_typed(r), "process": k} for r in read_rows(sub / "speedup.csv")]
     write(rows, out, args.repeats, args.threads)
 
 

@@ -159,7 +159,13 @@ def latency_ratio(dense: nn.Module, pruned: nn.Module, example_inputs: Any, *, t
     every latency search stops on."""
     times, _, _ = _timed({"dense": dense, "pruned": pruned}, example_inputs, repeats, warmup, threads,
                          runtime or runtime_of(dense))
-    return _median_interval([p / d for d, p in zip(times["dense"], times["pruned"])])[0]
+    return _paired(times["pruned"], times["dense"])[0]
+
+
+def _paired(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median and 95% interval of the per-round ratios ``num / den``: round ``r`` of both ran back to
+    back, so a slow spell of the machine falls on both and cancels."""
+    return _median_interval([a / b for a, b in zip(num, den)])
 
 
 @contextlib.contextmanager
@@ -224,7 +230,7 @@ def compare_dense_pruned(dense: nn.Module, pruned: nn.Module, example_inputs: An
                 continue
         times, out["threads"], _ = _timed({"dense": dense, "pruned": pruned}, xb, repeats, 5, threads, runtime)
         (d, d_lo, d_hi), (p, p_lo, p_hi) = _median_interval(times["dense"]), _median_interval(times["pruned"])
-        speedup, s_lo, s_hi = _median_interval([a / c for a, c in zip(times["dense"], times["pruned"])])
+        speedup, s_lo, s_hi = _paired(times["dense"], times["pruned"])
         per_sample = per_sample or max(d, p) / b
         out["rows"].append({"batch": b, "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p,
                             "dense_interval_ms": [1e3 * d_lo, 1e3 * d_hi], "pruned_interval_ms": [1e3 * p_lo, 1e3 * p_hi],

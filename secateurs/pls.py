@@ -85,7 +85,12 @@ def _classes_in(y: torch.Tensor) -> list[list[int]]:
         return [[c] for c in y.tolist()]
     if y.dim() == 2:
         return [[c] for c in y.argmax(1).tolist()]
-    return [[c for c in torch.unique(m).tolist() if c != IGNORE_INDEX] for m in y]
+    return [_shown(m) for m in y]
+
+
+def _shown(masks: torch.Tensor) -> list[int]:
+    """The classes masks show (unlabelled ``IGNORE_INDEX`` pixels belong to none)."""
+    return [c for c in torch.unique(masks).tolist() if c != IGNORE_INDEX]
 
 
 def _keep(y: torch.Tensor, counts: dict[int, int], per_class: int) -> torch.Tensor:
@@ -159,8 +164,7 @@ def _cells(out: torch.Tensor, grid: int, pool: int | str) -> torch.Tensor:
 def _mask_fractions(y: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
     """For every class a mask batch [B, H, W] shows, its share of each grid cell's pixels [B * grid^2]
     (unlabelled ``IGNORE_INDEX`` pixels belong to no class)."""
-    return {c: F.adaptive_avg_pool2d((y == c).float()[:, None], grid).flatten().numpy()
-            for c in torch.unique(y).tolist() if c != IGNORE_INDEX}
+    return {c: F.adaptive_avg_pool2d((y == c).float()[:, None], grid).flatten().numpy() for c in _shown(y)}
 
 
 class _Labels:

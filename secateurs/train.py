@@ -30,7 +30,7 @@ from ._validation import InvalidArgument, check_choice, check_model, check_scala
 from .data import IGNORE_INDEX, ArrayDataset, Batches
 
 __all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process",
-           "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss"]
+           "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
 
 
 @dataclass
