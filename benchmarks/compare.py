@@ -6,8 +6,9 @@ so a killed run continues where it stopped):
 - ``coverage``: torchvision models pruned by each tool at 50% of every prunable group's channels
   (L2 magnitude; the classifier / segmentation head kept): output shape, forward, backward, MACs
   drop (``compare_coverage.csv``).
-- ``speedup``: each tool prunes to 50% of the MACs (L2, global; Torch-Pruning's global ratio is
-  bisected until its MACs fit), then CPU latency at batch 1 and 8 in PyTorch and onnxruntime
+- ``speedup``: each tool prunes to 50% of the MACs (L2, global, widths multiples of 8; Torch-Pruning's
+  global ratio is bisected until its MACs fit; and ours latency-allocated with ``round_to="auto"``),
+  then the paired speed-up over the unpruned model at batch 1 and 8 in PyTorch and onnxruntime
   (``compare_speedup.csv``).
 - ``accuracy``: CIFAR-10 (JPEG) ResNet-20/56 from the zoo, pruned to each MACs target by our
   criteria and methods and by Torch-Pruning's magnitude, BN-scale and group-norm pruners, then
@@ -165,47 +166,51 @@ def coverage(models: list[str], out: Path) -> None:
 
 
 # -- speed-up ----------------------------------------------------------------------------------
+SPEEDUP_TOOLS = {"secateurs": dict(allocation="global", round_to=8),  # the same settings as Torch-Pruning's row
+                 "secateurs_latency": dict(allocation="latency", round_to="auto"),  # what a user after speed runs
+                 "torch_pruning": None}
+
+
 def speedup(models: dict[str, int], out: Path, repeats: int, threads: int) -> None:
-    """The unpruned model and both tools' 50% prunes timed interleaved, per runtime and batch, in one go
-    per model (a model's rows are never mixed with rows of another run)."""
+    """Each tool's 50% prune against the unpruned model, per runtime and batch: the paired speed-up of
+    ``secateurs.latency.compare_dense_pruned`` (unpruned and pruned timed in turn, the median of the
+    per-round ratios with its 95% interval), so a slow spell of the machine falls on both."""
     import secateurs
-    from secateurs.latency import time_models
+    from secateurs.latency import compare_dense_pruned
     from secateurs.models import create_model
 
     path = out / "compare_speedup.csv"
-    done = {r["model"] for r in read_rows(path) if r["tool"] == "torch_pruning"}
+    done = {(r["model"], r["tool"]) for r in read_rows(path)}
     torch.set_num_threads(threads)
-    tools = ("unpruned", "secateurs", "torch_pruning")
     for name, size in models.items():
-        if name in done:
-            continue
         torch.manual_seed(0)
         base_model = create_model(name).eval()
         x1 = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        pruned = {}
-        for tool in tools:
+        for tool, settings in SPEEDUP_TOOLS.items():
+            if (name, tool) in done:
+                continue
             m = copy.deepcopy(base_model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if tool == "secateurs":
-                    secateurs.prune(m, x1, "l2", 0.5, round_to=8)
-                elif tool == "torch_pruning":
+                if settings is None:
                     tp_prune_to_macs(m, x1, "tp_magnitude", 0.5, round_to=8)
-            pruned[tool] = m
-        rows = {t: {"model": name, "tool": t, "kept_macs": round(secateurs.count(m, x1).macs
-                                                                  / secateurs.count(base_model, x1).macs, 4)}
-                for t, m in pruned.items()}
-        for runtime, col in (("eager", "torch"), ("onnxruntime", "ort")):
-            for b in (1, 8):
-                xb = x1.expand(b, *x1.shape[1:]).contiguous()
+                else:
+                    secateurs.prune(m, x1, "l2", 0.5, latency_threads=threads, **settings)
+            row = {"model": name, "tool": tool, "kept_macs": round(secateurs.count(m, x1).macs
+                                                                   / secateurs.count(base_model, x1).macs, 4)}
+            for runtime, col in (("eager", "torch"), ("onnxruntime", "ort")):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    t = time_models(pruned, xb, repeats=repeats, threads=threads, runtime=runtime)
-                for tool in tools:
-                    rows[tool][f"{col}_b{b}_ms"] = round(1e3 * t[tool].median_s, 3)
-        for tool in tools:
-            append_row(path, rows[tool])
-            print(f"speedup {name} {tool}: {rows[tool]}", flush=True)
+                    cmp = compare_dense_pruned(base_model, m, x1, batches=(1, 8), repeats=repeats, threads=threads,
+                                               runtime=runtime)
+                for r in cmp["rows"]:
+                    k = f"{col}_b{r['batch']}"
+                    row.update({f"{k}_dense_ms": round(r["dense_ms"], 3), f"{k}_ms": round(r["pruned_ms"], 3),
+                                f"{k}_speedup": round(r["speedup"], 3),
+                                f"{k}_ci": "-".join(f"{v:.3f}" for v in r["speedup_interval"])})
+            row.update(repeats=repeats, threads=threads)
+            append_row(path, row)
+            print(f"speedup {name} {tool}: {row}", flush=True)
 
 
 # -- accuracy at equal MACs --------------------------------------------------------------------
@@ -409,7 +414,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=OURS + THEIRS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs, the same for every row")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--seg-models", nargs="+", default=SEG_MODELS)
     p.add_argument("--seg-targets", nargs="+", type=float, default=SEG_TARGETS)
     p.add_argument("--seg-methods", nargs="+", default=SEG_METHODS)

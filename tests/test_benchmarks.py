@@ -37,6 +37,12 @@ def _results(tmp_path):
         {**seg, "target": 0.8, "method": "tp_group_norm", "tool": "torch_pruning", "kept_macs": "", "iou": "",
          "dice": "", "pixel_acc": "", "seconds": "", "note": "IndexError: index 16 is out of bounds"},
     ])
+    sp = {"model": "cifar_resnet56", "repeats": 30, "threads": 2}
+    _write(tmp_path / "compare_speedup.csv", [
+        {**sp, "tool": "secateurs", "kept_macs": 0.499, "torch_b1_speedup": 1.5, "torch_b1_ci": "1.400-1.600",
+         "torch_b8_speedup": 0.9, "torch_b8_ci": "0.850-0.950"},
+        {**sp, "tool": "torch_pruning", "kept_macs": 0.49, "torch_b1_speedup": 0.97, "torch_b1_ci": "0.900-1.020",
+         "torch_b8_speedup": 1.2, "torch_b8_ci": "1.100-1.300"}])
 
 
 def test_summary_is_mean_and_spread_over_seeds_and_keeps_failures(tmp_path):
@@ -60,7 +66,11 @@ def test_report_numbers_come_from_the_results_files(tmp_path):
     assert "- `tp_group_norm` failed: IndexError: index 16 is out of bounds" in text
     assert "best of ours `l1` 64.77, best of Torch-Pruning's `tp_magnitude` 63.00 (+1.77 points)" in text
     assert "segmentation curves 3/" in text and "cost 2.0 h of this machine" in text  # 4 x 1800 s + 60 s
-    for png in ("accuracy_vs_macs.png", "segmentation_iou_vs_macs.png"):
+    # the paired speed-up with its interval; slower only where the whole interval is below 1
+    assert "| cifar_resnet56 | secateurs | 49.9% | 1.50x (1.40-1.60) | 0.90x (0.85-0.95) **slower** | - | - |" in text
+    assert "| cifar_resnet56 | torch_pruning | 49.0% | 0.97x (0.90-1.02) | 1.20x (1.10-1.30) | - | - |" in text
+    assert "unpruned (interval below 1): cifar_resnet56 secateurs torch_b8." in text
+    for png in ("accuracy_vs_macs.png", "segmentation_iou_vs_macs.png", "latency_vs_macs.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
 
 
