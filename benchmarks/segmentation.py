@@ -118,20 +118,35 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
 
 
 def measure_latency(results: dict, work: Path, threads: int, repeats: int) -> None:
-    """Batch-1 latency of seed 0's saved models, each model's set timed interleaved."""
+    """Batch-1 speed-up of seed 0's saved models over the unpruned one: each pruned model timed in
+    turn with the unpruned (`compare_dense_pruned`, the median of the per-round ratios and its interval)."""
     import secateurs
+    from secateurs.latency import compare_dense_pruned
 
     for name, r in results.items():
-        if r.get("latency") or not r["runs"].get("0"):
+        if any("speedup" in cell for cell in r.get("latency", {}).values()) or not r["runs"].get("0"):
+            continue  # measured already (an earlier harness's medians are measured again)
+        tags = [f"{k}_{m}" for k in RUNS if k in r["runs"]["0"] for m in ("iw", "l1")]
+        if not all((work / name / t).exists() for t in ["base", *tags]):
             continue
-        tags = ["base"] + [f"{k}_{m}" for k in RUNS if k in r["runs"]["0"] for m in ("iw", "l1")]
-        if not all((work / name / t).exists() for t in tags):
-            continue
-        models = {t: secateurs.load(work / name / t).eval() for t in tags}
+        base = secateurs.load(work / name / "base").eval()
         r["latency"] = {}
         for size in (256, 512):
-            times = secateurs.time_models(models, torch.randn(1, 1, size, size), repeats=repeats, threads=threads)
-            r["latency"][str(size)] = {t: round(1e3 * tm.median_s, 2) for t, tm in times.items()}
+            x, cell = torch.randn(1, 1, size, size), {}
+            for t in tags:
+                row = compare_dense_pruned(base, secateurs.load(work / name / t).eval(), x, batches=(1,),
+                                           repeats=repeats, threads=threads)["rows"][0]
+                cell[t] = [round(row["speedup"], 3), *(round(v, 3) for v in row["speedup_interval"])]
+            r["latency"][str(size)] = {"speedup": cell}
+
+
+def _speedup(cell: dict, tag: str) -> str:
+    """A latency cell: the paired speed-up with its interval, or (results of the earlier harness, which
+    stored each model's median in ms) the ratio of the medians."""
+    if "speedup" in cell:
+        v = cell["speedup"].get(tag)
+        return f"{v[0]:.2f}x ({v[1]:.2f}-{v[2]:.2f})" if v else "-"
+    return f"{cell['base'] / cell[tag]:.2f}x" if cell.get(tag) else "-"
 
 
 def _save(path: Path, args, results: dict) -> None:
@@ -197,8 +212,7 @@ def _rows(name: str, r: dict, kind: str) -> list[str]:
     out = []
     for m, label in (("iw", "importance weights"), ("l1", "L1 (same MACs, epochs)")):
         ps = [run[m] for run in runs]
-        speed = [f"{lat[s]['base'] / lat[s][f'{kind}_{m}']:.2f}x" if lat.get(s, {}).get(f"{kind}_{m}") else "-"
-                 for s in ("256", "512")]
+        speed = [_speedup(lat.get(s, {}), f"{kind}_{m}") for s in ("256", "512")]
         size = (f"{b['file_bytes'] / ps[0]['file_bytes']:.1f}x smaller" if "file_bytes" in ps[0] and "file_bytes" in b
                 else "-")
         out.append(f"| | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {label} | "
@@ -217,6 +231,7 @@ def _seeds(results: dict) -> list[int]:
 
 def write_markdown(results: dict, args, path: Path) -> None:
     m = args.metric
+    paired = any("speedup" in cell for r in results.values() for cell in r.get("latency", {}).values())
     setups = "; ".join(f"{n}: {r.get('train_images')} training / {r.get('held_images')} held-out / {r.get('test_images')} "
                        "test images" for n, r in results.items())
     lines = [
@@ -240,8 +255,10 @@ def write_markdown(results: dict, args, path: Path) -> None:
         f"-{1 - args.fixed:.0%}), no tolerance. L1: global L1-norm ranking cut one-shot to the MACs importance "
         "weights reached, fine-tuned for the same number of epochs (alpha epochs + kept steps x epochs per step; "
         f"the same batches, so the same optimizer steps). Mean +- 95% interval over seeds {_seeds(results)}. MACs at "
-        "256x256; latency: seed 0's models, batch 1, timed interleaved (median of "
-        f"{args.latency_repeats}), PyTorch eager on this CPU.", "",
+        "256x256; latency: seed 0's models' speed-up over the unpruned model, batch 1, PyTorch eager on this CPU, "
+        + (f"the median of {args.latency_repeats} per-round ratios (each round times both back to back) and its 95% "
+           "interval." if paired else f"the ratio of the medians of {args.latency_repeats} interleaved rounds (an "
+           "earlier harness; a re-run with the seed-0 models measures the paired ratio)."), "",
         "| model | run | method | MACs | params | file | latency b1 256 | latency b1 512 | pixel acc | IoU | Dice "
         "| IoU drop | epochs | seeds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

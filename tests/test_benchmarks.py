@@ -199,3 +199,27 @@ def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
     speedup.write(rows, tmp_path, 30, 2)
     text = (tmp_path / "speedup.md").read_text()
     assert "--processes 3" in text and "| net | eager | 1 | 0.40 | 0.71 |" in text
+
+
+def test_segmentation_latency_is_the_paired_speedup_of_each_saved_model(tmp_path, monkeypatch):
+    import torch.nn as nn
+
+    import secateurs
+    from benchmarks import segmentation
+
+    nets = {tag: nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 1, 1))
+            for tag, w in (("base", 32), ("fixed_iw", 4), ("fixed_l1", 8))}
+    for tag in nets:
+        (tmp_path / "u" / tag).mkdir(parents=True)
+    monkeypatch.setattr(secateurs, "load", lambda path: nets[path.name])  # the saved models of seed 0
+    # an earlier harness's medians (ms) are measured again; the report reads either kind
+    results = {"u": {"runs": {"0": {"fixed": {}}}, "latency": {"256": {"base": 2.0, "fixed_iw": 1.0}}}}
+    assert segmentation._speedup(results["u"]["latency"]["256"], "fixed_iw") == "2.00x"
+    segmentation.measure_latency(results, tmp_path, threads=1, repeats=5)
+    for size in ("256", "512"):
+        cell = results["u"]["latency"][size]
+        assert set(cell["speedup"]) == {"fixed_iw", "fixed_l1"}
+        med, lo, hi = cell["speedup"]["fixed_iw"]
+        assert lo <= med <= hi and med > 1  # 4 filters instead of 32 at 256x256 and up
+        assert segmentation._speedup(cell, "fixed_iw") == f"{med:.2f}x ({lo:.2f}-{hi:.2f})"
+        assert segmentation._speedup(cell, "tol_iw") == "-"
