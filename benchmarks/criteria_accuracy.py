@@ -96,7 +96,7 @@ def write_md(csv_path: Path, md_path: Path, args) -> None:
     lines = ["# Criteria on CIFAR-10 (JPEG): pruned to 50% MACs, fine-tuned with the same budget", "",
              f"`python -m benchmarks.criteria_accuracy` on {platform.machine()}, {os.cpu_count()} cores, "
              f"{args.threads} threads, torch {torch.__version__}. {protocol}. Starting points: the zoo checkpoints "
-             "(docs/baselines.md). Every model is pruned to at most 50% of its MACs (achieved value in the table), "
+             "when this was run (their top-1 in *top-1 before*; docs/baselines.md lists the current ones). Every model is pruned to at most 50% of its MACs (achieved value in the table), "
              "`taylor` uses 8 training batches of 64, `vip` 50 training images per class. Raw data: `criteria_accuracy.csv`.", "",
              "| model | fine-tune images | criterion | allocation | MACs kept | params kept | top-1 before | after cut | after fine-tune |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|"]

@@ -2,15 +2,17 @@
 
 Measures the project's own loop pieces: in-memory uint8 batches, batched tensor augmentation,
 forward/backward/SGD step (training) and forward only (evaluation). CPU with the given thread
-count; on a GPU too when one is present (bf16 autocast and channels-last, as ``--amp
+count, in contiguous memory and channels-last (``--channels-last``, what scripts/baselines.sh trains
+with); on a GPU too when one is present (bf16 autocast and channels-last, as ``--amp
 --channels-last`` would train).
 
-    python -m benchmarks.train_throughput                 # writes docs/train_throughput.md
+    python -m benchmarks.train_throughput                 # docs/train_throughput.csv, then .md from it
     python -m benchmarks.train_throughput --steps 5 --models cifar_resnet20
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 import sys
@@ -25,18 +27,19 @@ from secateurs.data import Batches, load_dataset
 from secateurs.models import create_model
 
 
-def measure(model_name: str, ds, device: torch.device, batch: int, steps: int, amp: bool) -> tuple[float, float]:
+def measure(model_name: str, ds, device: torch.device, batch: int, steps: int, amp: bool,
+            channels_last: bool) -> tuple[float, float]:
     torch.manual_seed(0)
     model = create_model(model_name).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     batches = iter(Batches(ds, batch, train=True, seed=0))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def train_step():
         x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
@@ -54,7 +57,7 @@ def measure(model_name: str, ds, device: torch.device, batch: int, steps: int, a
     train_ips = steps * batch / (time.perf_counter() - t)
 
     model.eval()
-    x = next(iter(Batches(ds, batch, train=False)))[0].to(device)
+    x = next(iter(Batches(ds, batch, train=False)))[0].to(device).contiguous(memory_format=fmt)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         model(x)
         sync()
@@ -80,25 +83,34 @@ def main(argv=None) -> int:
     ds = load_dataset("cifar10", "train", root=args.data_root)
     load_s = time.perf_counter() - t0
     rows = []
-    devices = [("cpu", torch.device("cpu"), False)]
+    devices = [("cpu", torch.device("cpu"), False, cl) for cl in (False, True)]
     if torch.cuda.is_available():
-        devices.append((torch.cuda.get_device_name(), torch.device("cuda"), True))
-    for label, device, amp in devices:
+        devices.append((torch.cuda.get_device_name(), torch.device("cuda"), True, True))
+    for label, device, amp, cl in devices:
         for name in args.models:
-            tr, ev = measure(name, ds, device, args.batch_size, args.steps, amp)
-            epoch_min = len(ds) / tr / 60
-            rows.append((name, label, tr, ev, epoch_min))
-            print(f"{name:16s} {label:24s} train {tr:8.1f} img/s  eval {ev:8.1f} img/s  epoch {epoch_min:6.1f} min", flush=True)
+            tr, ev = measure(name, ds, device, args.batch_size, args.steps, amp, cl)
+            rows.append({"model": name, "device": label, "layout": "channels_last" if cl else "contiguous",
+                         "amp": amp, "train_img_s": round(tr, 1), "eval_img_s": round(ev, 1),
+                         "epoch_min": round(len(ds) / tr / 60, 2)})
+            print(rows[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "train_throughput.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
     lines = ["# Training throughput", "",
-             f"`python -m benchmarks.train_throughput --steps {args.steps} --batch-size {args.batch_size} "
-             f"--threads {args.threads}` on {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
-             f"secateurs {secateurs.__version__}. Data: {ds.name}, {len(ds)} training images decoded into memory "
-             f"({load_s:.1f} s including the one-time decode when not cached). Training = batch from memory + "
-             "batched crop/flip + forward + backward + SGD step; evaluation = forward only.", "",
-             "| model | device | train img/s | eval img/s | one epoch (min) |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {d} | {tr:.0f} | {ev:.0f} | {em:.1f} |" for n, d, tr, ev, em in rows]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "train_throughput.md").write_text("\n".join(lines) + "\n")
+             f"Generated by `python -m benchmarks.train_throughput --steps {args.steps} --batch-size {args.batch_size} "
+             f"--threads {args.threads}` from train_throughput.csv, on {platform.machine()} ({os.cpu_count()} cores), "
+             f"torch {torch.__version__}, secateurs {secateurs.__version__}. Data: {ds.name}, {len(ds)} training images "
+             f"in memory (loading them took {load_s:.1f} s: decoded once on first use, then read from the cache). "
+             "Training = batch from memory + batched crop/flip + forward + backward + SGD step, after 2 warm-up steps; "
+             f"evaluation = forward only; one epoch = {len(ds)} images at the training rate. A benchmark of a few "
+             "steps on a shared machine: the training logs (runs/baselines/*/log.csv) hold the time of every real epoch.",
+             "", "| model | device | layout | train img/s | eval img/s | one epoch (min) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['device']} | {r['layout']}{' + bf16' if r['amp'] else ''} | {r['train_img_s']:.0f} | "
+              f"{r['eval_img_s']:.0f} | {r['epoch_min']:.1f} |" for r in rows]
+    (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
     return 0
 
 
