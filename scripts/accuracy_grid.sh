@@ -6,6 +6,7 @@
 #                                        # the goals' rows (best of ours and of Torch-Pruning, the paper methods
 #                                        # against L1, dlp@latency against TP); the changes were measured on ResNet-20
 #   bash scripts/accuracy_grid.sh report # docs/accuracy.md from docs/accuracy.csv
+#   bash scripts/r56_grid.sh             # ResNet-56's baseline to its end, into the zoo, then `r56` (resumable)
 # Run it only once scripts/baselines.sh has replaced the zoo checkpoints (ResNet-20 >= 90%, ResNet-56
 # >= 91% top-1): pruning an under-trained network says little. Cost on 2 quiet cores, from a ResNet-20
 # row at 800 steps taking ~5 min: r20 (20 methods x 2 targets x 3 seeds at 500 steps) ~6 h, r56
