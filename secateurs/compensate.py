@@ -17,6 +17,7 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 __all__ = ["compensation", "has_candidates", "SCALE_TOL", "STD_TOL"]
 
@@ -24,6 +25,9 @@ SCALE_TOL = 0.05  # |gamma| below this fraction of the norm's mean |gamma|: a ca
 STD_TOL = 0.02  # spread below this fraction of the layer input's median channel spread: constant
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# a reader's fold is W @ value with its stored weight: only layers that compute with that weight as
+# stored (a subclass's forward may scale or standardise it; a parametrization recomputes it)
+_STOCK = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
 
 
 def has_candidates(modules: dict[str, nn.Module], outs: Iterable[tuple[str, str, torch.Tensor]]) -> bool:
@@ -49,6 +53,8 @@ def has_candidates(modules: dict[str, nn.Module], outs: Iterable[tuple[str, str,
 
 def _reader_axis(m: nn.Module) -> int | None:
     """The input axis whose channels a layer's weight axis 1 reads, for the layers we can fold into."""
+    if type(m).forward not in _STOCK or parametrize.is_parametrized(m):
+        return None
     if isinstance(m, _CONVS) and m.groups == 1:
         return 1
     if isinstance(m, nn.Linear):
@@ -69,7 +75,7 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
         return {}
     seen: dict[str, tuple] = {}
     bad: set[str] = set()  # readers called on inputs of different widths
-    made: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> reader (outputs kept alive below)
+    made: dict[int, tuple[str, torch.Tensor, int]] = {}  # id(output) -> reader, output (kept alive), version
     after: dict[str, set[str]] = {n: set() for n in readers}
 
     def grab(name):
@@ -85,13 +91,15 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
             elif prev is not None:
                 bad.add(name)
             seen[name] = stats
-            made[id(out)] = (name, out)
+            made[id(out)] = (name, out, out._version)
         return hook
 
     def follow(name):
         def hook(m, args):
             hit = made.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-            if hit is not None and hit[1] is args[0]:
+            # the reader's output itself, unchanged: an in-place op in between (ReLU(inplace=True))
+            # returns the same tensor, after which the norm's running mean is no place for the fold
+            if hit is not None and hit[1] is args[0] and args[0]._version == hit[2]:
                 after[hit[0]].add(name)
         return hook
 

@@ -143,3 +143,57 @@ def test_has_candidates_flags_exactly_the_removed_small_scale_channels():
         modules["lin"] = nn.Linear(3, 3)  # not a norm: never a candidate
         outs.append(("lin", "weight", torch.ones(3, dtype=torch.bool)))
         assert has_candidates(modules, outs) == expected, trial
+
+
+def test_an_inplace_op_between_reader_and_norm_stops_the_running_mean_fold():
+    """conv(bias=False) -> ReLU(inplace) -> BN: the BN reads the same tensor object as the conv's
+    output, changed in place; folding into its running mean would shift the post-ReLU values."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 6, 1, bias=False), nn.ReLU(inplace=True), nn.BatchNorm2d(6))
+    for bn in (net[1], net[5]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        net[1].weight[[2, 5]] = 0.0
+        net[1].bias[[2, 5]] = torch.tensor([0.7, 0.3])
+        net[3].weight.copy_(-net[3].weight.abs())  # the reader's output <= 0: after the ReLU the cut is exact
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    cut = copy.deepcopy(net)
+    graph = secateurs.analyze(cut, x[:1])
+    (group,) = graph.groups_of("0")
+    apply_plan(cut, graph, {group.index: [2, 5]})
+    with torch.no_grad():
+        torch.testing.assert_close(cut(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+class _ScaledConv(nn.Conv2d):
+    """A conv that computes with its weight times a per-output gain (as scaled-weight layers do)."""
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), 3.0))
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.gain, self.bias)
+
+
+def test_a_reader_that_computes_its_weight_gets_no_fold_from_the_stored_one():
+    """W @ value with the stored weight would fold a third of the constant into this reader's bias:
+    a reader whose forward is not the stock one is left alone (the cut is then as without compensation)."""
+    from secateurs.compensate import compensation
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), _ScaledConv(8, 6, 1))
+    with torch.no_grad():
+        net[1].weight[[2, 5]] = 0.0
+        net[1].bias[[2, 5]] = torch.tensor([0.7, 0.3])
+    gone = torch.zeros(8, dtype=torch.bool)
+    gone[[2, 5]] = True
+    x = torch.randn(1, 3, 8, 8)
+    assert compensation(net.eval(), (x,), {"3": gone}) == {}
+    plain = nn.Sequential(*[copy.deepcopy(m) for m in net[:3]], nn.Conv2d(8, 6, 1))
+    plain[3].weight.data.copy_(net[3].weight * net[3].gain)
+    plain[3].bias.data.copy_(net[3].bias)
+    assert set(compensation(plain.eval(), (x,), {"3": gone})) == {("3", "bias")}  # the stock conv: folded
