@@ -127,12 +127,15 @@ class Allocator:
     groups with large weights are not favoured); ``uniform`` removes the same fraction everywhere;
     ``latency`` ranks like ``global`` after :meth:`reweight` divides each group's scores by how
     much latency its channels buy per MAC on this machine.
-    Widths are at least ``min_width`` (channels, or a fraction of the group if a float < 1) and,
-    with ``round_to``, multiples of it (rounded up).
+    Widths are at least ``min_width`` (channels, or a fraction of the group's ``original`` width,
+    {group name: width} before the first step of a schedule, if a float < 1) and, with ``round_to``,
+    multiples of it (rounded up). Exactly tied normalised scores (an untrained network's BN scales,
+    all 1) are broken by rank within the group, so a tie is cut evenly rather than group by group.
     """
 
     def __init__(self, graph: DependencyGraph, scores: list[torch.Tensor], allocation: str = "global",
-                 round_to: int = 1, min_width: int | float = 1, normalize: bool = True) -> None:
+                 round_to: int = 1, min_width: int | float = 1, normalize: bool = True,
+                 original: Mapping[str, int] | None = None) -> None:
         self.check_arguments(allocation, round_to, min_width)
         self.graph, self.allocation, self.round_to = graph, allocation, round_to
         self.order, self.sorted_norm, self.min_keep = [], [], []
@@ -144,8 +147,13 @@ class Allocator:
                 norm = s / s.mean().clamp_min(1e-12) if s.abs().sum() > 0 else torch.ones_like(s)
             order = torch.argsort(norm, descending=True, stable=True)
             self.order.append(order)
-            self.sorted_norm.append(norm[order])
-            lo = math.ceil(min_width * g.size) if isinstance(min_width, float) else min(int(min_width), g.size)
+            ranked = norm[order]
+            if normalize and len(ranked):  # mean 1: a step far below any real score difference
+                ranked = ranked - 1e-6 * torch.arange(len(ranked), dtype=ranked.dtype) / len(ranked)
+            self.sorted_norm.append(ranked)
+            width = (original or {}).get(g.name, g.size)
+            lo = (min(g.size, math.ceil(min_width * width - 1e-9)) if isinstance(min_width, float)
+                  else min(int(min_width), g.size))
             self.min_keep.append(self.round_width(max(1, lo), g.size))
 
     @staticmethod
@@ -323,11 +331,13 @@ def _ratio_widths(alloc: Allocator, ratio: float) -> list[int]:
 def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: Any, scores: list[torch.Tensor],
                     budget: Budget, allocation: str = "global", round_to: int = 1, min_width: int | float = 1,
                     base: Cost | None = None, reference: Cost | None = None,
-                    normalize: bool = True, threads: int | None = None) -> tuple[PruningPlan, dict]:
+                    normalize: bool = True, threads: int | None = None,
+                    original: Mapping[str, int] | None = None) -> tuple[PruningPlan, dict]:
     """The plan that meets ``budget`` on ``model``; ``reference`` is the cost the fractions refer to
-    (the original model in an iterative schedule). Returns the plan and the predicted cost.
+    and ``original`` the widths a fractional ``min_width`` refers to (the original model's, in an
+    iterative schedule). Returns the plan and the predicted cost.
     ``allocation="latency"`` times this machine's layers (``threads``; cached tables)."""
-    alloc = Allocator(graph, scores, allocation, round_to, min_width, normalize)
+    alloc = Allocator(graph, scores, allocation, round_to, min_width, normalize, original)
     if budget.kind == "layers":
         return alloc.plan(_layer_widths(model, graph, alloc, budget.value)), {}
     if budget.kind == "ratio":
@@ -338,7 +348,7 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     ref = reference or pc.base
     limit = budget.limit(ref)
     if allocation == "latency":
-        _favour_latency(alloc, Allocator(graph, scores, "global", round_to, min_width, normalize), pc, limit,
+        _favour_latency(alloc, Allocator(graph, scores, "global", round_to, min_width, normalize, original), pc, limit,
                         budget.kind, LatencyModel(model, graph, example_inputs, threads=threads, runtime=runtime_of(model)))
     cost = lambda keep: measure(pc(alloc.removed(keep)), budget.kind)  # noqa: E731
     smallest = cost(alloc.keep_for_threshold(math.inf))
@@ -354,7 +364,8 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
 
 def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[torch.Tensor], budget: Budget,
                  allocation: str, round_to: int, min_width: int | float, threads: int | None,
-                 log: Callable[..., None], *, tolerance: float = 0.05, tries: int = 6) -> tuple[PruningPlan, dict]:
+                 log: Callable[..., None], *, tolerance: float = 0.05, tries: int = 6,
+                 original: Mapping[str, int] | None = None) -> tuple[PruningPlan, dict]:
     """Widths that meet a measured latency target.
 
     The allocation spends a latency budget read off per-layer tables of this machine
@@ -367,7 +378,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     """
     runtime = runtime_of(model)  # the layout the model runs in, for the tables and the timing alike
     lm = LatencyModel(model, graph, x, threads=threads, runtime=runtime, log=log)
-    alloc = Allocator(graph, scores, allocation, round_to, min_width)
+    alloc = Allocator(graph, scores, allocation, round_to, min_width, original=original)
     cost = lambda keep: lm(alloc.removed(keep))  # noqa: E731
     search = _uniform_search if allocation == "uniform" else threshold_search
     target, aim, full = budget.value, budget.value, lm.full()

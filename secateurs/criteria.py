@@ -155,7 +155,7 @@ def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches
     if dense:  # whole images of any size (HeLa is 700x1100): few at a time, padded as evaluation pads them
         batch_size = min(batch_size, 4)
     device = next(model.parameters()).device
-    was = model.training
+    was = {m: m.training for m in model.modules()}  # per module: a frozen BN in a training model stays frozen
     model.eval()  # BN statistics stay as trained; gradients still flow
     params = [p for p in model.parameters()]
     saved = [(p.requires_grad, p.grad) for p in params]
@@ -177,7 +177,8 @@ def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches
         for p, (rg, g) in zip(params, saved):
             p.requires_grad_(rg)
             p.grad = g
-        model.train(was)
+        for m, t in was.items():
+            m.training = t
     if seen == 0:
         raise ValueError("criterion 'taylor': `data` yielded no batches")
     return [t / seen for t in total]

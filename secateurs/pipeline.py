@@ -339,6 +339,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     """
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     target = deprecated_budget(target, budget, ratio)
+    if ignore is not None and not isinstance(ignore, (str, nn.Module)):
+        ignore = list(ignore)  # every step analyses the model again: a generator would be spent by the first
     check_model(model, values=True)  # a module, with finite weights
     inputs = check_example_inputs(example_inputs, finite=True)
     auto = isinstance(round_to, str) and round_to == "auto"
@@ -362,14 +364,27 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
                    latency_threads=latency_threads, log=log, finetune=req.finetune, teacher=teacher, val_data=val_data,
                    tolerance=tolerance, metric=req.key, metric0=metric0, out_dir=ckpt.out if ckpt.enabled else None)
     run = _Run(model, example_inputs, req, base, base, report, {}, ckpt, timings, log, context)
-    start = _resume(run) if resume else (ckpt.clear() or 1)
-    for k in range(start, req.steps + 1):
-        stop = _step(run, k, ignore, tolerance, graph if k == start else None)
-        if stop is not None:
-            report["stopped"] = stop
-            break
+    _run_steps(run, ignore, tolerance, graph, resume)
     # an undone step restored the model whose cost `run.current` still holds
     return model, _finish_report(report, base, run.current, run.extra, timings, t_all)
+
+
+def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: DependencyGraph | None, resume: bool) -> None:
+    """The schedule. An error after a cut (a later step's unreachable target, a failed fine-tuning)
+    puts the user's model back as it came; a one-shot cut without fine-tuning is undone by the surgery itself."""
+    model, req = run.model, run.req
+    original = copy.deepcopy(model) if req.steps > 1 or req.finetune is not None or resume else None
+    try:
+        start = _resume(run) if resume else (run.ckpt.clear() or 1)
+        for k in range(start, req.steps + 1):
+            stop = _step(run, k, ignore, tolerance, graph if k == start else None)
+            if stop is not None:
+                run.report["stopped"] = stop
+                break
+    except BaseException:
+        if original is not None:
+            _restore(model, original)
+        raise
 
 
 def _measured_round_to(model: nn.Module, example_inputs: Any, threads: int | None, log: Callable) -> int:

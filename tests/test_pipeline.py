@@ -46,6 +46,63 @@ def test_macs_and_params_targets_are_met_within_one_percent(name, shape, allocat
         assert main_output(out).shape[1] == main_output(create_model(name).eval()(x)).shape[1]
 
 
+def _three_convs() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU(),
+                         nn.Conv2d(10, 30, 3, padding=1), nn.BatchNorm2d(30), nn.ReLU(),
+                         nn.Conv2d(30, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 5)).eval()
+
+
+def _conv_widths(m: nn.Module) -> list[int]:
+    return [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]
+
+
+def test_a_fractional_min_width_refers_to_the_original_widths_at_every_step():
+    x = torch.randn(2, 3, 16, 16)
+    m, _ = secateurs.prune(_three_convs(), x, "l1", 0.3, min_width=0.5, steps=3)
+    assert all(w >= math.ceil(0.5 * w0) for w, w0 in zip(_conv_widths(m), (10, 30, 16))), _conv_widths(m)
+    # 0.15 needs widths below half: refused at step 1 ... or at a later step, the model then put back
+    for steps in (1, 3):
+        m = _three_convs()
+        before = _state(m)
+        with pytest.raises(PruningError, match="cannot be reached"):
+            secateurs.prune(m, x, "l1", 0.15, min_width=0.5, steps=steps)
+        assert _conv_widths(m) == [10, 30, 16] and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_a_fractional_min_width_is_not_rounded_up_by_float_error():
+    x = torch.randn(1, 3, 8, 8)
+    m = nn.Sequential(nn.Conv2d(3, 100, 3, padding=1), nn.ReLU(), nn.Conv2d(100, 8, 3, padding=1))
+    m, _ = secateurs.prune(m, x, "l1", 0.075, min_width=0.07)  # 0.07 * 100 is 7.000000000000001
+    assert _conv_widths(m)[0] == 7
+
+
+def test_ignore_may_be_a_generator_when_every_step_analyses_again():
+    x = torch.randn(2, 3, 16, 16)
+    m, _ = secateurs.prune(_three_convs(), x, "l1", 0.3, ignore=(n for n in ["0"]), steps=2)
+    assert _conv_widths(m)[0] == 10
+
+
+def test_tied_scores_are_cut_evenly_not_group_by_group():
+    """An untrained network's BN scales are all 1: with a global ranking every channel ties, which
+    used to keep the first layers whole and cut the last ones to a single channel."""
+    import torchvision
+
+    x = torch.randn(1, 3, 32, 32)
+    m, report = secateurs.prune(torchvision.models.resnet18(num_classes=10).eval(), x, "bn_scale", 0.5)
+    widths = {n: c.out_channels for n, c in m.named_modules() if n.endswith("conv1")}
+    assert min(widths.values()) >= 0.5 * 64, widths  # layer4's convs were cut to 1 (params kept 0.05)
+    assert report["kept"]["params"] > 0.3
+
+
+def test_taylor_keeps_each_modules_own_mode():
+    x = torch.randn(2, 3, 16, 16)
+    m = _three_convs().train()
+    m[1].eval()  # a frozen BN in a training model
+    secateurs.prune(m, x, "taylor", 0.5, data=[(x, torch.tensor([0, 1]))])
+    assert m.training and not m[1].training and m[4].training
+
+
 def test_round_to_and_min_width_shape_every_group():
     x = torch.randn(1, 3, 64, 64)
     m = create_model("torchvision:resnet18").eval()

@@ -211,11 +211,12 @@ class CriterionMethod(Method):
         budget = ctx.budget.at_step(ctx.step, ctx.steps)
         if budget.kind == "latency":
             plan, info = latency_plan(ctx.model, ctx.graph, ctx.example_inputs, scores, budget, ctx.allocation,
-                                      ctx.round_to, ctx.min_width, ctx.latency_threads, ctx.log)
+                                      ctx.round_to, ctx.min_width, ctx.latency_threads, ctx.log,
+                                      original=ctx.original_widths)
             return Decision(channels=plan, info=info)
         plan, _ = plan_for_budget(ctx.model, ctx.graph, ctx.example_inputs, scores, budget, ctx.allocation,
                                   ctx.round_to, ctx.min_width, base=ctx.current, reference=ctx.base,
-                                  threads=ctx.latency_threads)
+                                  threads=ctx.latency_threads, original=ctx.original_widths)
         return Decision(channels=plan)
 
 

@@ -97,7 +97,8 @@ class LayerPruningMethod(Method):
             return Decision.halt("layer pruning is one step (use dlp+filters for the filter cascade)")
         scores = group_scores(ctx.model, ctx.graph, "vip", data=ctx.data, n_components=self.filter_components)
         plan, _ = plan_for_budget(ctx.model, ctx.graph, ctx.example_inputs, scores, Budget("ratio", self.filter_ratio),
-                                  "global", ctx.round_to, ctx.min_width, base=ctx.current, normalize=False)
+                                  "global", ctx.round_to, ctx.min_width, base=ctx.current, normalize=False,
+                                  original=ctx.original_widths)
         return Decision(channels=plan)
 
     def _truncate(self, ctx: StepContext, blocks: list[Block]) -> Decision:

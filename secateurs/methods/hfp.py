@@ -186,7 +186,8 @@ class HFPMethod(Method):
             reg.close()
         scores = [torch.where(reg.gated[g.components], gates[g.components], torch.full((g.size,), float("inf")))
                   for g in ctx.graph.groups]
-        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False)
+        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False,
+                          original=ctx.original_widths)
         keep = [alloc.clamp(g.index, int(alive[g.components].sum())) for g in ctx.graph.groups]
         pc = reg.cost
         limits = {k: Budget(k, v).limit(pc.base) for k, v in targets.items()}

@@ -217,7 +217,8 @@ class ImportanceWeightMethod(Method):
         return out
 
     def _allocator(self, ctx: StepContext, scores: list[torch.Tensor]) -> Allocator:
-        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False)
+        alloc = Allocator(ctx.graph, scores, "global", ctx.round_to, ctx.min_width, normalize=False,
+                          original=ctx.original_widths)
         for i, g in enumerate(ctx.graph.groups):  # the floor refers to the original width
             alloc.raise_floor(i, math.ceil(self.min_keep * ctx.original_widths.get(g.name, g.size)))
         return alloc
