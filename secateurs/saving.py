@@ -199,7 +199,9 @@ def _check_json(value: Any, name: str) -> None:
 def _fresh(spec: dict[str, Any], device: str, trust_code: bool) -> nn.Module:
     """The model as its constructor builds it; on meta it costs no memory and no init time."""
     if names_code(spec["name"]) and not trust_code:  # refused before anything is imported
-        raise ValueError(f"the saved model is built by {spec['name']!r}, which imports and runs that module's code: "
+        raise ValueError(f"the saved model is built by {spec['name']!r}, which runs code that model.json's author chose "
+                         "(a module import, or an ultralytics yaml from outside the ultralytics package, whose strings "
+                         "ultralytics evaluates): "
                          "pass load(..., trust_code=True) if you trust where model.json came from, or model= a "
                          "freshly built model")
     try:

@@ -135,13 +135,49 @@ def test_a_spec_that_names_code_is_imported_only_when_trusted(tmp_path, monkeypa
     assert json.loads((tmp_path / "model.json").read_text())["spec"] == {"name": "tests.test_saving_any:UserNet",
                                                                           "kwargs": {"width": 8}}
     monkeypatch.delitem(sys.modules, "tests.test_saving_any")  # so that an import would show
-    with pytest.raises(ValueError, match="imports and runs that module's code: pass load\\(\\.\\.\\., trust_code=True\\)"):
+    with pytest.raises(ValueError, match="runs code that model.json's author chose .* pass load\\(\\.\\.\\., trust_code=True\\)"):
         secateurs.load(tmp_path)
     assert "tests.test_saving_any" not in sys.modules, "an untrusted spec imported its module"
     loaded = secateurs.load(tmp_path, trust_code=True)
     x = torch.randn(2, 1, 8, 8)
     assert loaded.stem.out_channels == model.stem.out_channels == 4
     assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+
+
+def _crafted(tmp_path, spec: dict):
+    """A run folder whose model.json names ``spec`` (its weights file is empty: the build comes first)."""
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good"
+    secateurs.save(create_model("cifar_resnet20"), good)
+    info = json.loads((good / "model.json").read_text())
+    info["spec"], info["tensors"], info["aliases"] = spec, {}, {}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text(json.dumps(info))
+    save_file({}, str(bad / "model.safetensors"))
+    return bad
+
+
+def test_a_crafted_ultralytics_yaml_path_runs_nothing_without_trust(tmp_path):
+    """ultralytics evaluates a model yaml's `activation` as Python: a yaml beside a stranger's
+    model.json is code, so it is refused before ultralytics reads it."""
+    pytest.importorskip("ultralytics")
+    flag = tmp_path / "PWNED"
+    (tmp_path / "evil.yaml").write_text(
+        f"nc: 2\nactivation: \"__import__('pathlib').Path({str(flag)!r}).write_text('x') or __import__('torch').nn.SiLU()\"\n"
+        "backbone:\n  - [-1, 1, Conv, [8, 3, 2]]\nhead:\n  - [[0], 1, Detect, [nc]]\n")
+    for name in (f"ultralytics:{tmp_path / 'evil.yaml'}", "ultralytics:evil.yaml"):
+        with pytest.raises(ValueError, match="runs code that model.json's author chose"):
+            secateurs.load(_crafted(tmp_path / name.replace("/", "_"), {"name": name, "kwargs": {}}))
+    assert not flag.exists()
+
+
+def test_a_crafted_spec_cannot_ask_for_downloaded_weights(tmp_path):
+    with pytest.raises(ValueError, match="without downloading weights, got weights='DEFAULT'"):
+        secateurs.load(_crafted(tmp_path, {"name": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}}))
+    with pytest.raises(ValueError, match="without downloading weights, got weights='DEFAULT'"):
+        create_model("torchvision:resnet18", weights="DEFAULT")
 
 
 @pytest.mark.slow

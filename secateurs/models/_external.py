@@ -12,7 +12,9 @@ import difflib
 import importlib
 import inspect
 import logging
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -48,10 +50,10 @@ def build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
     if name not in torchvision.models.list_models():
         raise _unknown("torchvision model", name, torchvision.models.list_models(), "torchvision.models.list_models()")
-    kwargs.setdefault("weights", None)
+    _no_weights(kwargs, "weights", None, "torchvision")
     builder = torchvision.models.get_model_builder(name)
     if "weights_backbone" in inspect.signature(builder).parameters:
-        kwargs.setdefault("weights_backbone", None)  # never download behind the user's back
+        _no_weights(kwargs, "weights_backbone", None, "torchvision")  # never download behind the user's back
     if name in ("googlenet", "inception_v3"):
         kwargs.setdefault("init_weights", True)  # silences torchvision's FutureWarning
     return builder(**kwargs)
@@ -63,6 +65,9 @@ def build_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
     if not timm.is_model(name):
         raise _unknown("timm model", name, timm.list_models(), "timm.list_models()")
     _no_weights(kwargs, "pretrained", False, "timm")
+    if kwargs.get("checkpoint_path"):  # timm would torch.load it
+        raise ValueError(f"'timm:' models are built without loading files, got checkpoint_path={kwargs['checkpoint_path']!r}; "
+                         "load a state_dict into the model instead")
     return timm.create_model(name, **kwargs)
 
 
@@ -88,6 +93,21 @@ def build_smp(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 _YOLO_TASKS = {"detect": "DetectionModel", "segment": "SegmentationModel", "pose": "PoseModel",
                "classify": "ClassificationModel", "obb": "OBBModel"}
+
+
+def packaged_yaml(name: str) -> bool:
+    """Whether ``name`` is a bare yaml name that ultralytics ships (``yolov8n.yaml`` is its
+    ``yolov8.yaml`` at scale n). ultralytics evaluates some strings of a model yaml as Python (its
+    ``activation``), so a yaml from anywhere else runs code its author chose."""
+    if any(c in name for c in "/\\:") or not name.endswith((".yaml", ".yml")):
+        return False
+    try:
+        import ultralytics
+    except ImportError:
+        return False
+    shipped = {p.name for p in (Path(ultralytics.__file__).parent / "cfg" / "models").rglob("*.y*ml")}
+    scaled = re.fullmatch(r"(.*\d+)[nslmx](.*\.ya?ml)", name)
+    return name in shipped or (scaled is not None and scaled.group(1) + scaled.group(2) in shipped)
 
 
 def build_ultralytics(name: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -95,8 +95,13 @@ def _split(name: str) -> tuple[str | None, str]:
 
 
 def names_code(name: str) -> bool:
-    """Whether building ``name`` would import a module of the caller's choosing (``module:callable``)."""
-    return isinstance(name, str) and _split(name)[0] == ""
+    """Whether building ``name`` runs code that whoever wrote the name chose: ``module:callable``
+    imports a module, and an ultralytics yaml from outside the ultralytics package has strings that
+    ultralytics evaluates. :func:`secateurs.load` builds such names only with ``trust_code=True``."""
+    if not isinstance(name, str):
+        return False
+    scheme, rest = _split(name)
+    return scheme == "" or (scheme == "ultralytics" and not _external.packaged_yaml(rest))
 
 
 def _check_code_name(name: str, trust_code: bool) -> None:
