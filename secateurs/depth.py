@@ -11,6 +11,7 @@ How the blocks are scored (PLS-VIP of their outputs) lives in :mod:`secateurs.pl
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -165,7 +166,8 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 def _stand_in(block: nn.Module, child: str) -> nn.Module:
     """What replaces a removed block: ``nn.Identity()``, or its own tail submodule ``child``
     (tagged by ``remove_blocks`` once the removal stands, so :func:`secateurs.save` records it)."""
-    return out_of_place(block.get_submodule(child)) if child else nn.Identity()
+    # a copy (it holds no parameters): a removal that fails leaves the block's own tail as it was
+    return out_of_place(copy.deepcopy(block.get_submodule(child))) if child else nn.Identity()
 
 
 def block_names(blocks: Iterable[Block | str]) -> list[str]:

@@ -52,9 +52,11 @@ def _params_of(modules: dict[str, nn.Module], node: fx.Node) -> bool:
     return False
 
 
-def _unwrap_identity(node: Any, modules: dict[str, nn.Module]) -> Any:
-    # the CIFAR ResNet shortcut is a literal nn.Identity() call
-    while isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
+def _unwrap_identity(node: Any, modules: dict[str, nn.Module], members: set) -> Any:
+    """Through the unit's own ``nn.Identity`` calls (the CIFAR ResNet shortcut is one); one outside
+    the unit, such as a removed block before it, is where its input comes from."""
+    while (isinstance(node, fx.Node) and node in members and node.op == "call_module"
+           and isinstance(modules[node.target], nn.Identity)):
         node = node.args[0] if node.args else None
     return node
 
@@ -189,7 +191,7 @@ def _units(model: nn.Module, graph: fx.Graph, prefix: str) -> list[Unit]:
         if node not in mem or not _is_add(node):
             continue
         add = node
-        ops = [_unwrap_identity(a, modules) for a in add.args[:2]]
+        ops = [_unwrap_identity(a, modules, mem) for a in add.args[:2]]
         if len(ops) != 2 or not all(isinstance(a, fx.Node) for a in ops):
             continue
         own = innermost.get(add) == q

@@ -603,3 +603,43 @@ def test_block_scores_per_block_and_joint():
     widths = np.cumsum([0] + [feats[b.name].shape[1] for b in blocks])
     expected = {b.name: float(v[widths[i]:widths[i + 1]].mean()) for i, b in enumerate(blocks)}
     assert j == pytest.approx(expected, rel=1e-9) and s != j
+
+
+def test_blocks_are_found_again_after_one_before_them_was_removed():
+    """A removed block is an nn.Identity call in the graph: the next block's input comes from it,
+    which is not a shortcut of that block (it was unwrapped as one, so layer1.2 had 'no identity
+    shortcut' and could not be removed in a second call)."""
+    torch.manual_seed(0)
+    model = build("cifar_resnet20").eval()
+    remove_blocks(model, ["layer1.1"], X32)
+    found = {b.name: b for b in find_blocks(model, X32)}
+    assert "layer1.1" not in found and found["layer1.2"].removable and found["layer1.2"].stage == found["layer1.0"].stage
+    remove_blocks(model, ["layer1.2"], X32)
+    assert isinstance(model.layer1[2], nn.Identity) and model(X32).shape == (1, 10)
+
+
+def test_a_failed_removal_leaves_the_blocks_inplace_tail_as_it_was():
+    class ResLeaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.1, inplace=True)
+
+        def forward(self, x):
+            return self.act(x + self.conv(x))
+
+    class NeedsItsBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.b = nn.Conv2d(3, 8, 3, padding=1), ResLeaky()
+
+        def forward(self, x):
+            if not isinstance(self.b, ResLeaky):
+                raise RuntimeError("needs its block")
+            return self.b(self.conv(x))
+
+    model = NeedsItsBlock().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert [b.replacement for b in find_blocks(model, x)] == ["act"]  # the leaky tail stands in for it
+    with pytest.raises(PruningError, match="no longer runs after removing"):
+        remove_blocks(model, ["b"], x)
+    assert isinstance(model.b, ResLeaky) and model.b.act.inplace  # was switched off by the attempt
