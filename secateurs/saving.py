@@ -34,7 +34,10 @@ WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 _IDENTITY = "torch.nn.modules.linear.Identity"
 _REPLACEMENTS: dict[str, type[nn.Module]] = {"Identity": nn.Identity, _IDENTITY: nn.Identity}
-_ARRAY = re.compile(r"\[\s+([^\[\]{}\"]*?)\s+\]")  # a JSON array of numbers, spread over lines
+# a JSON array of numbers, spread over lines by indent (a newline right after "[" is structure:
+# json.dumps escapes newlines inside strings, so no string can be rewritten)
+_BUFFER = "non_persistent:"  # key prefix in the weights file: buffers a state_dict leaves out
+_ARRAY = re.compile(r"\[\n([\d\s.eE+,-]*?)\n\s*\]")
 
 
 # ----------------------------------------------------------------------------------- save / load
@@ -73,9 +76,14 @@ def save(model: nn.Module, run_dir: str | os.PathLike, example_inputs: Any = Non
         modules = sizes
 
     weights, aliases = _dedupe(state)
+    # buffers outside the state_dict (per-channel scales, anchors): pruning may have resized them
+    buffers = _non_persistent(model)
+    weights.update({_BUFFER + k: t.detach().cpu().contiguous().clone() for k, t in buffers.items()})
     info: dict[str, Any] = {"format": FORMAT, "class": _qualname(model), "spec": spec,
                             "relative_to": "spec" if spec is not None else "nothing",
                             "modules": modules, "tensors": {k: list(t.shape) for k, t in state.items()}}
+    if buffers:
+        info["buffers"] = {k: list(t.shape) for k, t in buffers.items()}
     if aliases:
         info["aliases"] = aliases
     if example_inputs is not None:
@@ -105,6 +113,10 @@ def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_loca
     """
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a freshly built nn.Module or None, got {type(model).__name__}")
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`map_location` must name a device, got {map_location!r}: {err}") from None
     run_dir = Path(run_dir)
     info, cfg_path, w_path = _read_config(run_dir)
     spec = info.get("spec")
@@ -116,7 +128,7 @@ def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_loca
     if model is None and (spec is None or absolute):
         raise ValueError(f"{cfg_path} was saved from a {info.get('class', 'model')} that secateurs cannot build by "
                          "name (no spec): pass `model=` a freshly built model of that class")
-    state = _read_weights(w_path, cfg_path, tensors, aliases)
+    state, buffers = _read_weights(w_path, cfg_path, tensors, aliases)
 
     given = model
     if given is not None:
@@ -129,13 +141,17 @@ def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_loca
     model = _apply(model, modules, absolute=absolute, where=str(cfg_path))
     _check_keys(list(model.state_dict()), list(state), f"the model rebuilt from {cfg_path}", str(w_path))
     _resize(model, state)
-    if given is None and not on_meta:
-        model.to(torch.device(map_location))
     try:
         # assign=True on meta: the loaded tensors become the parameters, no copy
         model.load_state_dict(state, strict=True, assign=on_meta)
     except RuntimeError as err:
         raise ValueError(f"{w_path} does not fit the model rebuilt from {cfg_path}: {err}") from err
+    _set_buffers(model, buffers, info.get("buffers", {}), str(cfg_path))
+    if given is None:  # the weights were read on the CPU, on the meta path assigned as they are
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as err:  # e.g. CUDA asked for on a machine without it
+            raise ValueError(f"cannot move the loaded model to map_location={map_location!r}: {err}") from err
     _check_sizes(model, str(cfg_path))
     if spec is not None:
         model.secateurs_spec = spec
@@ -163,13 +179,16 @@ def _read_config(run_dir: Path) -> tuple[dict, Path, Path]:
     return info, cfg_path, w_path
 
 
-def _read_weights(w_path: Path, cfg_path: Path, tensors: dict, aliases: dict) -> dict[str, torch.Tensor]:
+def _read_weights(w_path: Path, cfg_path: Path, tensors: dict, aliases: dict
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The state_dict and the non-persistent buffers the file holds."""
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(w_path), device="cpu")
     except Exception as err:  # safetensors raises its own error type
         raise ValueError(f"{w_path} could not be read: {err}") from err
+    buffers = {k[len(_BUFFER):]: state.pop(k) for k in [k for k in state if k.startswith(_BUFFER)]}
     for alias, kept in aliases.items():
         if kept not in state:
             raise ValueError(f"{cfg_path}: alias '{alias}' points to '{kept}', which {w_path.name} lacks")
@@ -178,7 +197,7 @@ def _read_weights(w_path: Path, cfg_path: Path, tensors: dict, aliases: dict) ->
     for key, shape in tensors.items():
         if list(state[key].shape) != list(shape):
             raise ValueError(f"'{key}' has shape {list(shape)} in {cfg_path} but {list(state[key].shape)} in {w_path}")
-    return state
+    return state, buffers
 
 
 def _check_spec(spec: Any, name: str) -> dict[str, Any]:
@@ -211,6 +230,34 @@ def _fresh(spec: dict[str, Any], device: str, trust_code: bool) -> nn.Module:
         if device == "meta":  # some constructors need real values (data-dependent init)
             return _fresh(spec, "cpu", trust_code)
         raise ValueError(f"cannot rebuild model {spec['name']!r} with kwargs {spec['kwargs']}: {err}") from err
+
+
+def _non_persistent(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in model.named_modules():
+        for b in sorted(m._non_persistent_buffers_set):
+            t = m._buffers.get(b)
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                out[f"{name}.{b}" if name else b] = t
+    return out
+
+
+def _set_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], shapes: Any, where: str) -> None:
+    """Put the saved non-persistent buffers back, each into a buffer the rebuilt model has."""
+    if not isinstance(shapes, dict) or set(shapes) != set(buffers):
+        raise ValueError(f"{where}: 'buffers' does not list the non-persistent buffers its weights file holds")
+    for key, t in buffers.items():
+        if list(t.shape) != list(shapes[key]):
+            raise ValueError(f"{where}: buffer '{key}' has shape {list(shapes[key])} but {list(t.shape)} in the weights")
+        owner, _, b = key.rpartition(".")
+        try:
+            m = model.get_submodule(owner)
+        except AttributeError:
+            m = None
+        if m is None or b not in m._non_persistent_buffers_set:
+            raise ValueError(f"{where}: the rebuilt model has no non-persistent buffer '{key}'")
+        old = m._buffers[b]
+        m._buffers[b] = t.to(dtype=old.dtype) if isinstance(old, torch.Tensor) and not old.is_meta else t
 
 
 def _meta_safe(model: nn.Module) -> bool:

@@ -165,6 +165,7 @@ def _cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, compensate
     n_gone, kept, parts = _kept(graph, bids, removed)
     keeps: dict[tuple[str, str], dict[int, list]] = {}
     attrs: list[tuple[nn.Module, str, int | None, int, str]] = []
+    shared = None
     for bi, part, idx, n_rm in zip(bids, parts, kept, n_gone):
         b = graph.bindings[bi]
         if b.module not in modules:
@@ -173,7 +174,9 @@ def _cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, compensate
             n = part.shape[0] - n_rm
             if n % b.divisor:
                 raise PruningError(f"module '{b.module}': {b.name} would become {n}/{b.divisor}, not an integer")
-            attrs.append((modules[b.module], b.name, b.axis, n // b.divisor, b.module))
+            shared = _sharing(model) if shared is None else shared
+            for m in (modules[b.module], *shared.get(b.module, ())):  # a tied weight's other owners too
+                attrs.append((m, b.name, b.axis, n // b.divisor, b.module))
         elif n_rm:
             keeps.setdefault((b.module, b.name), {}).setdefault(b.axis, []).append((part, idx))
     folded = _compensation(model, graph, modules, bids, parts) if compensate else {}
@@ -194,6 +197,22 @@ def _cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, compensate
         new_tensors.append((m, tname, _select(folded.pop((mname, tname), t).detach(), index)))
     new_tensors += [(modules[mname], tname, t) for (mname, tname), t in folded.items()]  # not cut, only shifted
     return _commit(new_tensors, attrs)
+
+
+def _sharing(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """{module name: the other modules of its class holding one of its parameters} (a tied weight:
+    the graph binds sizes such as ``out_channels`` to one owner, and every owner must say the same)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((name, m))
+    out: dict[str, list[nn.Module]] = {}
+    for group in owners.values():
+        for name, m in group:
+            for other_name, other in group:
+                if other is not m and type(other) is type(m) and all(other is not o for o in out.get(name, [])):
+                    out.setdefault(name, []).append(other)
+    return out
 
 
 def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids: list[int], parts: tuple) -> dict:

@@ -207,3 +207,52 @@ def test_torchrun_prunes_checkpoints_and_resumes_a_user_class(tmp_path):
     again = secateurs.load(out, trust_code=True)
     a, b = first.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _ScaledChannels(nn.Module):
+    """A per-channel scale kept outside the state_dict (non-persistent), which pruning resizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("scale", torch.linspace(0.5, 2, 8), persistent=False)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)) * self.scale.view(1, -1, 1, 1))
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c3.weight = self.c2.weight
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))))
+
+
+@pytest.mark.parametrize("build", [_ScaledChannels, _Tied], ids=["non-persistent buffer", "tied weight"])
+def test_pruned_models_with_buffers_outside_the_state_dict_or_tied_weights_round_trip(build, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        secateurs.prune(model, x, target={"ratio": 0.4})
+    if build is _Tied:  # every owner of the tied weight says its new size
+        assert model.c3.weight is model.c2.weight and model.c3.out_channels == model.c2.weight.shape[0] < 8
+    secateurs.save(model, tmp_path)
+    loaded = secateurs.load(tmp_path, model=build())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_load_honours_map_location_and_json_strings_stay_as_written(tmp_path):
+    model = create_model("cifar_resnet20")
+    secateurs.save(model, tmp_path, extra={"cmd": "a[  b , c  ]", "shape": [1, 2]})
+    assert json.loads((tmp_path / "model.json").read_text())["extra"] == {"cmd": "a[  b , c  ]", "shape": [1, 2]}
+    assert all(p.is_meta for p in secateurs.load(tmp_path, map_location="meta").parameters())
+    with pytest.raises(ValueError, match="`map_location` must name a device"):
+        secateurs.load(tmp_path, map_location="nowhere")
