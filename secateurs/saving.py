@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
+from ._state import dedupe, non_persistent_buffers, set_buffers
 from .models import create_model, names_code
 from .residual import out_of_place
 
@@ -75,9 +76,9 @@ def save(model: nn.Module, run_dir: str | os.PathLike, example_inputs: Any = Non
     else:
         modules = sizes
 
-    weights, aliases = _dedupe(state)
+    weights, aliases = dedupe(state)
     # buffers outside the state_dict (per-channel scales, anchors): pruning may have resized them
-    buffers = _non_persistent(model)
+    buffers = non_persistent_buffers(model)
     weights.update({_BUFFER + k: t.detach().cpu().contiguous().clone() for k, t in buffers.items()})
     info: dict[str, Any] = {"format": FORMAT, "class": _qualname(model), "spec": spec,
                             "relative_to": "spec" if spec is not None else "nothing",
@@ -146,7 +147,7 @@ def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_loca
         model.load_state_dict(state, strict=True, assign=on_meta)
     except RuntimeError as err:
         raise ValueError(f"{w_path} does not fit the model rebuilt from {cfg_path}: {err}") from err
-    _set_buffers(model, buffers, info.get("buffers", {}), str(cfg_path))
+    set_buffers(model, buffers, info.get("buffers", {}), str(cfg_path))
     if given is None:  # the weights were read on the CPU, on the meta path assigned as they are
         try:
             model.to(device)
@@ -230,34 +231,6 @@ def _fresh(spec: dict[str, Any], device: str, trust_code: bool) -> nn.Module:
         if device == "meta":  # some constructors need real values (data-dependent init)
             return _fresh(spec, "cpu", trust_code)
         raise ValueError(f"cannot rebuild model {spec['name']!r} with kwargs {spec['kwargs']}: {err}") from err
-
-
-def _non_persistent(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in model.named_modules():
-        for b in sorted(m._non_persistent_buffers_set):
-            t = m._buffers.get(b)
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                out[f"{name}.{b}" if name else b] = t
-    return out
-
-
-def _set_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], shapes: Any, where: str) -> None:
-    """Put the saved non-persistent buffers back, each into a buffer the rebuilt model has."""
-    if not isinstance(shapes, dict) or set(shapes) != set(buffers):
-        raise ValueError(f"{where}: 'buffers' does not list the non-persistent buffers its weights file holds")
-    for key, t in buffers.items():
-        if list(t.shape) != list(shapes[key]):
-            raise ValueError(f"{where}: buffer '{key}' has shape {list(shapes[key])} but {list(t.shape)} in the weights")
-        owner, _, b = key.rpartition(".")
-        try:
-            m = model.get_submodule(owner)
-        except AttributeError:
-            m = None
-        if m is None or b not in m._non_persistent_buffers_set:
-            raise ValueError(f"{where}: the rebuilt model has no non-persistent buffer '{key}'")
-        old = m._buffers[b]
-        m._buffers[b] = t.to(dtype=old.dtype) if isinstance(old, torch.Tensor) and not old.is_meta else t
 
 
 def _meta_safe(model: nn.Module) -> bool:
@@ -477,28 +450,6 @@ def _resize(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
                         new = nn.Parameter(new, requires_grad=t.requires_grad)
                     new_of[id(t)] = new
                 store[name] = new_of[id(t)]
-
-
-def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory: keep tied ones once, copy overlapping ones."""
-    out: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first: dict[tuple, str] = {}
-    storages: set[tuple] = set()
-    for key, t in state.items():
-        t = t.detach()
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and ident in first:
-            aliases[key] = first[ident]
-            continue
-        storage = (t.device, t.untyped_storage().data_ptr())
-        shared = t.numel() > 0 and storage in storages
-        if t.numel():
-            first[ident] = key
-            storages.add(storage)
-        t = t.to("cpu").contiguous()
-        out[key] = t.clone() if shared else t
-    return out, aliases
 
 
 def _input_shapes(example_inputs: Any) -> list:
