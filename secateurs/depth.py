@@ -173,6 +173,8 @@ def _stand_in(block: nn.Module, child: str) -> nn.Module:
 def block_names(blocks: Iterable[Block | str]) -> list[str]:
     if isinstance(blocks, (str, Block)):
         blocks = [blocks]
+    if not isinstance(blocks, Iterable):
+        raise TypeError(f"`blocks` must be block names or Block objects, got {type(blocks).__name__}")
     out = []
     for b in blocks:
         name = b.name if isinstance(b, Block) else b
@@ -308,6 +310,10 @@ def truncate(model: nn.Module, after: str | Block, num_classes: int | None = Non
     """
     inputs = _as_inputs(example_inputs)
     after = after.name if isinstance(after, Block) else after
+    if not isinstance(after, str):
+        raise TypeError(f"`after` must be a block name or a Block, got {type(after).__name__}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"`num_classes` must be a positive int or None, got {num_classes!r}")
     blocks = find_blocks(model, inputs)
     names = [b.name for b in blocks]
     inside = [n for n in names if n.startswith(after + ".")]

@@ -485,6 +485,15 @@ def test_remove_errors_name_the_block_and_change_nothing():
     with pytest.raises(PruningError, match="layer3.0"):
         remove_blocks(model, [stale], X32)
     assert unchanged(model, snap)
+    with pytest.raises(TypeError, match="`blocks` must be block names"):
+        remove_blocks(model, None, X32)
+    for after, num_classes, err, msg in ((3, None, TypeError, "`after` must be a block name"),
+                                         ("layer2.2", 2.7, ValueError, "`num_classes` must be a positive int"),
+                                         ("layer2.2", 0, ValueError, "`num_classes` must be a positive int"),
+                                         ("layer2.2", True, ValueError, "`num_classes` must be a positive int")):
+        with pytest.raises(err, match=msg):
+            truncate(model, after, num_classes, example_inputs=X32)
+        assert unchanged(model, snap)
 
 
 class _LeakyUnit(nn.Module):
