@@ -139,7 +139,11 @@ class Allocator:
         self.check_arguments(allocation, round_to, min_width)
         self.graph, self.allocation, self.round_to = graph, allocation, round_to
         self.order, self.sorted_norm, self.min_keep = [], [], []
-        for g, s in zip(graph.groups, scores):
+        # round_to and an int min_width count channels; a grouped conv's unit is one channel per conv
+        # group (``mult`` channels), so its widths are multiples of round_to / gcd(round_to, mult) units
+        mults = [_channels_per_unit(graph, g) for g in graph.groups]
+        self.step = [round_to // math.gcd(round_to, m) for m in mults]
+        for g, s, mult in zip(graph.groups, scores, mults):
             s = s.float()
             if not normalize:  # scores already comparable across groups (e.g. one joint PLS)
                 norm = s
@@ -153,8 +157,8 @@ class Allocator:
             self.sorted_norm.append(ranked)
             width = (original or {}).get(g.name, g.size)
             lo = (min(g.size, math.ceil(min_width * width - 1e-9)) if isinstance(min_width, float)
-                  else min(int(min_width), g.size))
-            self.min_keep.append(self.round_width(max(1, lo), g.size))
+                  else min(-(-int(min_width) // mult), g.size))
+            self.min_keep.append(self.round_width(g.index, max(1, lo)))
 
     @staticmethod
     def check_arguments(allocation: str, round_to: int, min_width: int | float) -> None:
@@ -166,19 +170,18 @@ class Allocator:
         else:
             check_scalar(min_width, "min_width", int, min_val=1)
 
-    def round_width(self, n: int, size: int) -> int:
-        """``n`` rounded up to a multiple of ``round_to``, at most ``size``."""
-        if self.round_to > 1:
-            n = min(size, -(-n // self.round_to) * self.round_to)
-        return n
+    def round_width(self, i: int, n: int) -> int:
+        """``n`` units of group ``i`` rounded up to a multiple of ``round_to`` channels, at most its size."""
+        step, size = self.step[i], self.graph.groups[i].size
+        return min(size, -(-n // step) * step) if step > 1 else n
 
     def raise_floor(self, i: int, n: int) -> None:
         """Keep at least ``n`` channels (rounded up) of group ``i``, e.g. a share of its original width."""
         size = self.graph.groups[i].size
-        self.min_keep[i] = min(size, max(self.min_keep[i], self.round_width(n, size)))
+        self.min_keep[i] = min(size, max(self.min_keep[i], self.round_width(i, n)))
 
     def clamp(self, i: int, n: int) -> int:
-        return min(self.graph.groups[i].size, max(self.min_keep[i], self.round_width(n, self.graph.groups[i].size)))
+        return min(self.graph.groups[i].size, max(self.min_keep[i], self.round_width(i, n)))
 
     def keep_for_threshold(self, t: float) -> list[int]:
         """Widths keeping every channel whose normalised score is >= ``t``."""
@@ -221,6 +224,16 @@ class Allocator:
         return torch.unique(torch.cat(self.sorted_norm)) if self.sorted_norm else torch.zeros(0)
 
 
+def _channels_per_unit(graph: DependencyGraph, g: Any) -> int:
+    """Channels one unit of group ``g`` stands for in its producing layers (a grouped conv: one per
+    conv group), read off the analysed shapes; 1 when no producer is known."""
+    for module, tensor, axis, role in g.members:
+        shape = graph._shapes.get(f"{module}.{tensor}" if module else tensor) if role == "out" else None
+        if shape is not None and g.size and shape[axis] % g.size == 0:
+            return max(1, shape[axis] // g.size)
+    return 1
+
+
 def uniform_plan(graph: DependencyGraph, scores: list[torch.Tensor], ratio: float, round_to: int = 1) -> PruningPlan:
     """Remove the lowest-scoring ``ratio`` of every group (at least one channel is kept)."""
     alloc = Allocator(graph, scores, "uniform", round_to)
@@ -240,7 +253,7 @@ def fill(alloc: Allocator, keep: list[int], cost: Callable[[list[int]], float], 
     while heap and evals < max_evals and limit - current > 1e-4 * limit:
         _, i = heapq.heappop(heap)
         trial = list(keep)
-        trial[i] = alloc.clamp(i, keep[i] + alloc.round_to)
+        trial[i] = alloc.clamp(i, keep[i] + alloc.step[i])
         evals += 1
         c = cost(trial)
         if c <= limit:

@@ -77,6 +77,20 @@ def test_a_fractional_min_width_is_not_rounded_up_by_float_error():
     assert _conv_widths(m)[0] == 7
 
 
+def test_round_to_and_min_width_count_channels_in_grouped_convs():
+    """A grouped conv's unit is one channel in each of its conv groups (4 channels here): round_to=8
+    and min_width=8 are channels, so 8-24 wide layers are allowed (units were counted as channels,
+    which refused 0.4 as unreachable and left grouped convs whole)."""
+    x = torch.randn(2, 3, 16, 16)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, groups=4),
+                        nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(16, 5)).eval()
+    m, report = secateurs.prune(net, x, "l2", 0.4, round_to=8, min_width=8)
+    widths = _conv_widths(m)
+    assert report["kept"]["macs"] <= 0.4 and widths[1] < 64, widths
+    assert all(w % 8 == 0 and w >= 8 for w in widths), widths
+
+
 def test_ignore_may_be_a_generator_when_every_step_analyses_again():
     x = torch.randn(2, 3, 16, 16)
     m, _ = secateurs.prune(_three_convs(), x, "l1", 0.3, ignore=(n for n in ["0"]), steps=2)
