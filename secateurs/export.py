@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import math
 import os
 import re
 import time
@@ -45,7 +46,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         if isinstance(example_inputs, (tuple, list)) else None
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    if opset is not None:
+        lo, hi = _opset_range()
+        if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+            raise ValueError(f"`opset` must be an int from {lo} to {hi} or None, got {opset!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"`tol` must be a number >= 0, got {tol!r}")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"`path` {str(path)!r} is a directory; give the .onnx file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     modes = {m: m.training for m in model.modules()}
@@ -81,10 +90,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         import onnxruntime as ort
     except ImportError as err:
         raise ImportError(f"export_onnx(check=True) needs onnxruntime: {_ONNX_HINT}") from err
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise RuntimeError(f"{path}: onnxruntime cannot load the exported model (opset {result['opset']}, "
+                           f"{exporter} exporter): {err}") from err
     abs_d = rel_d = 0.0
     for inputs, expected, note in cases:
-        a, r = _compare(sess, inputs, expected, f"{path}{note}")
+        a, r = _compare(sess, inputs, expected, f"{path}{note}", in_names)
         abs_d, rel_d = max(abs_d, a), max(rel_d, r)
         result.update(max_abs_diff=abs_d, max_rel_diff=rel_d)
         if not rel_d <= tol:
@@ -93,10 +106,21 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     return result
 
 
-def _compare(sess: Any, args: tuple, ref: list[torch.Tensor], where: str) -> tuple[float, float]:
+def _opset_range() -> tuple[int, int]:
+    """The opsets this torch exports (its own constants, where this torch version has them)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET, ONNX_MIN_OPSET
+        return int(ONNX_MIN_OPSET), int(ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 7, 99
+
+
+def _compare(sess: Any, args: tuple, ref: list[torch.Tensor], where: str, names: list[str]) -> tuple[float, float]:
     """Largest absolute difference between onnxruntime and PyTorch, and the same divided by the
     largest reference magnitude, over all outputs."""
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
+    # by name: an input the model ignores is dropped from the graph, and the rest must not shift
+    wanted = {i.name for i in sess.get_inputs()}
+    feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args) if n in wanted}
     try:
         outs = sess.run(None, feeds)
     except Exception as err:
@@ -109,7 +133,14 @@ def _compare(sess: Any, args: tuple, ref: list[torch.Tensor], where: str) -> tup
         o = torch.from_numpy(o)
         if o.shape != r.shape:
             raise RuntimeError(f"{where}: output {i} has shape {tuple(o.shape)} in onnxruntime, {tuple(r.shape)} in PyTorch")
-        d = (o.double() - r.double()).abs().max().item() if r.numel() else 0.0
+        o, r = o.double(), r.double()
+        # NaN or inf where the other has something else is a difference (max() would drop a NaN)
+        if not torch.equal(o.isnan(), r.isnan()) or not torch.equal(o[o.isinf()], r[o.isinf()]) or \
+                not torch.equal(o.isinf(), r.isinf()):
+            return math.inf, math.inf
+        both = o.isfinite() & r.isfinite()
+        o, r = o[both], r[both]
+        d = (o - r).abs().max().item() if r.numel() else 0.0
         abs_d = max(abs_d, d)
         rel_d = max(rel_d, d / max(r.double().abs().max().item() if r.numel() else 0.0, 1e-12))
     return abs_d, rel_d

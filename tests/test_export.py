@@ -316,6 +316,50 @@ def test_onnx_detects_a_mismatch(tmp_path):
         export_onnx(nn.Identity(), "x", tmp_path / "n.onnx")
 
 
+def test_onnx_check_sees_a_nan_only_one_side_has():
+    """max(0.0, nan) is 0.0: a NaN difference used to vanish from the check."""
+    from secateurs.export import _compare
+
+    class Session:  # what onnxruntime would return
+        def __init__(self, out):
+            self.out = out
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "input"})()]
+
+        def run(self, names, feeds):
+            return [self.out]
+
+    ref = [torch.ones(4)]
+    x = (torch.zeros(1),)
+    assert _compare(Session(torch.ones(4).numpy()), x, ref, "m", ["input"]) == (0.0, 0.0)
+    bad = torch.tensor([1.0, 1.0, 1.0, float("nan")]).numpy()
+    assert _compare(Session(bad), x, ref, "m", ["input"])[1] == float("inf")
+    assert _compare(Session(torch.ones(4).numpy()), x, [torch.tensor([1.0, 1, 1, float("inf")])], "m",
+                    ["input"])[1] == float("inf")
+
+
+def test_onnx_feeds_inputs_by_name_and_checks_its_arguments(tmp_path):
+    pytest.importorskip("onnxruntime")
+
+    class SecondOnly(nn.Module):  # the exporter drops the unused first input from the graph
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, a, b):
+            return self.conv(b)
+
+    res = export_onnx(SecondOnly(), (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), tmp_path / "s.onnx")
+    assert res["max_rel_diff"] < 1e-5  # a fed to input1 failed the check
+    for kwargs, msg in (({"opset": 99}, "`opset` must be an int"), ({"opset": "17"}, "`opset` must be an int"),
+                        ({"tol": -1.0}, "`tol` must be a number")):
+        with pytest.raises(ValueError, match=msg):
+            export_onnx(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4), tmp_path / "c.onnx", **kwargs)
+    with pytest.raises(ValueError, match="`path` .* is a directory"):
+        export_onnx(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4), tmp_path)
+
+
 def test_onnx_falls_back_to_the_torch_export_exporter(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
