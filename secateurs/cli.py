@@ -490,7 +490,10 @@ def main(argv=None) -> int:
     if args.command == "prune" and args.config:
         args = parse_with_config(parser, argv, args.config)
     handlers = {"train": train_main, "prune": prune_main, "analyze": analyze_main, "sensitivity": sensitivity_main}
-    return handlers[args.command](args)
+    try:  # a bad value found past the flag checks: one line naming it, not a traceback
+        return handlers[args.command](args)
+    except (ValueError, FileExistsError, NotADirectoryError) as err:
+        raise SystemExit(f"secateurs {args.command}: {err}") from err
 
 
 if __name__ == "__main__":

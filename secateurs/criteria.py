@@ -22,7 +22,8 @@ from .data import ArrayDataset, Batches
 from .graph import DependencyGraph
 from .pls import block_features, vip
 from .testing import main_output
-from .train import predict_padded, task_loss
+from .metrics import task_loss
+from .train import predict_padded
 
 __all__ = ["register_criterion", "get_criterion", "list_criteria", "group_scores", "per_channel_sum"]
 

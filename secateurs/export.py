@@ -46,15 +46,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         if isinstance(example_inputs, (tuple, list)) else None
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-    if opset is not None:
-        lo, hi = _opset_range()
-        if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
-            raise ValueError(f"`opset` must be an int from {lo} to {hi} or None, got {opset!r}")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
-        raise ValueError(f"`tol` must be a number >= 0, got {tol!r}")
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"`path` {str(path)!r} is a directory; give the .onnx file to write")
+    path = _check_arguments(path, opset, tol)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     modes = {m: m.training for m in model.modules()}
@@ -104,6 +96,19 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             raise RuntimeError(f"{path}: onnxruntime and PyTorch differ by {rel_d:.3g} relative (> {tol:g}), "
                                f"{abs_d:.3g} absolute ({exporter} exporter){note}")
     return result
+
+
+def _check_arguments(path: Any, opset: Any, tol: Any) -> Path:
+    if opset is not None:
+        lo, hi = _opset_range()
+        if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+            raise ValueError(f"`opset` must be an int from {lo} to {hi} or None, got {opset!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"`tol` must be a number >= 0, got {tol!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"`path` {str(path)!r} is a directory; give the .onnx file to write")
+    return path
 
 
 def _opset_range() -> tuple[int, int]:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ._io import atomic_write
 from ._validation import InvalidArgument, check_choice, check_model, check_scalar
-from .data import IGNORE_INDEX, ArrayDataset, Batches
+from .data import ArrayDataset, Batches
+from .metrics import METRICS, batch_stats, metric_key, summarize, task_loss
 
 __all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process",
            "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
@@ -76,6 +77,10 @@ class TrainConfig:
         check_scalar(self.distill_temperature, "distill_temperature", numbers.Real, min_val=0, include_min=False)
         check_scalar(self.steps, "steps", int, min_val=1, allow_none=True)
         check_scalar(self.cutout, "cutout", int, min_val=0)
+        for name in ("pad", "warmup_epochs"):
+            check_scalar(getattr(self, name), name, int, min_val=0)
+        check_scalar(self.lr, "lr", numbers.Real, min_val=0, include_min=False)
+        check_scalar(self.label_smoothing, "label_smoothing", numbers.Real, min_val=0, max_val=1, include_max=False)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the whole run."""
@@ -111,56 +116,6 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
-
-
-# -- metrics ---------------------------------------------------------------------------------
-def task_loss(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on labels, or on every labelled pixel of masks (``IGNORE_INDEX`` pixels skipped)."""
-    ignore = IGNORE_INDEX if y.dim() > 1 else -100
-    return F.cross_entropy(out.float(), y, ignore_index=ignore, label_smoothing=label_smoothing)
-
-
-def _batch_stats(out: torch.Tensor, y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
-    """Sums that add up across batches and processes (masks: over their labelled pixels only)."""
-    if task == "classification":
-        top5 = out.topk(min(5, out.shape[1]), dim=1).indices
-        return torch.tensor([len(y), (top5[:, 0] == y).sum().item(), (top5 == y[:, None]).any(1).sum().item()],
-                            dtype=torch.float64)
-    pred = out.argmax(1)
-    labelled = y != IGNORE_INDEX
-    stats = [labelled.sum().item(), ((pred == y) & labelled).sum().item()]
-    for c in range(num_classes):  # per-class intersection, prediction area, target area
-        p, t = (pred == c) & labelled, y == c
-        stats += [(p & t).sum().item(), p.sum().item(), t.sum().item()]
-    return torch.tensor(stats, dtype=torch.float64)
-
-
-def _metrics(stats: torch.Tensor, task: str, num_classes: int) -> dict[str, float]:
-    if task == "classification":
-        n = stats[0].item()
-        return {"top1": 100 * stats[1].item() / n, "top5": 100 * stats[2].item() / n}
-    n = stats[0].item()
-    inter, ps, ts = stats[2::3], stats[3::3], stats[4::3]
-    fg = slice(1, None) if num_classes > 1 else slice(0, None)
-    iou = inter / (ps + ts - inter).clamp_min(1)
-    dice = 2 * inter / (ps + ts).clamp_min(1)
-    return {"pixel_acc": 100 * stats[1].item() / n, "iou": 100 * iou[fg].mean().item(),
-            "dice": 100 * dice[fg].mean().item(), "miou": 100 * iou.mean().item()}
-
-
-METRICS = {"classification": ("top1", "top5"), "segmentation": ("pixel_acc", "iou", "dice", "miou")}
-
-
-def metric_key(data: Any, metric: str | None = None) -> str:
-    """The key of :func:`evaluate` a tolerance or a sensitivity curve refers to: ``metric`` checked
-    against what ``data``'s task measures, else top-1 (classification) or IoU (segmentation)."""
-    task = getattr(data, "task", "classification")
-    if metric:
-        known = METRICS.get(task, ())
-        if data is not None and metric not in known:
-            raise InvalidArgument(f"`metric` must be one of {', '.join(known)} for {task} data, got {metric!r}")
-        return metric
-    return "iou" if task == "segmentation" else "top1"
 
 
 # -- loop ------------------------------------------------------------------------------------
@@ -257,6 +212,8 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     Segmentation images of any size are padded for the network and scored on their own pixels.
     Under DDP every process takes its stride of the samples and the sums are all-reduced.
     """
+    if len(ds) == 0:
+        raise ValueError(f"`ds` ({getattr(ds, 'name', 'the dataset')}) is empty: there is nothing to evaluate")
     seg = ds.task == "segmentation"
     if seg:  # whole large images: a few at a time
         batch_size = min(batch_size, 4)
@@ -270,11 +227,11 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     for x, y in Batches(sub, batch_size, train=False):
         with _autocast(device, amp):
             out = (predict_padded(model, x.to(device)) if seg else model(x.to(device))).float()
-        s = _batch_stats(out.cpu(), y, ds.task, max(2, ds.num_classes))
+        s = batch_stats(out.cpu(), y, ds.task, max(2, ds.num_classes))
         stats = s if stats is None else stats + s
     model.train(was)
     stats = _all_sum(stats if stats is not None else torch.zeros(1, dtype=torch.float64))
-    return _metrics(stats, ds.task, max(2, ds.num_classes))
+    return summarize(stats, ds.task, max(2, ds.num_classes))
 
 
 def _resume(ckpt: Path, model: nn.Module, optimizer, scheduler, cfg: TrainConfig) -> tuple[int, list[dict]]:
@@ -424,6 +381,9 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
                       pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
                       cutout=cfg.cutout if images_only else 0)
+    if len(batches) == 0:
+        raise ValueError(f"`train_ds` has {len(train_ds)} samples, fewer than one batch (batch_size={cfg.batch_size}"
+                         f"{f' per process of {world}' if world > 1 else ''}): nothing would be trained")
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(batches))
     out = Path(cfg.out_dir) if cfg.out_dir else None

@@ -154,7 +154,7 @@ def test_bad_distillation_inputs_are_refused_before_training():
     with pytest.raises(ValueError, match=r"`teacher` outputs shape \(3,\) per sample but the model \(10,\)"):
         fit(model, tr, None, cfg(distill=0.5), teacher=create_model("tiny_cnn", num_classes=3))
     assert same_state(model, before)  # BatchNorm statistics included: nothing ran in train mode
-    fit(model, tr.subset(64), None, cfg(epochs=1), teacher=create_model("tiny_cnn", num_classes=3))  # w = 0: unused
+    fit(model, tr.subset(64), None, cfg(epochs=1, batch_size=16), teacher=create_model("tiny_cnn", num_classes=3))  # w = 0: unused
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------

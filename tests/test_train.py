@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from secateurs.data import ArrayDataset, load_dataset
 from secateurs.models import create_model
-from secateurs.train import TrainConfig, _batch_stats, _metrics, evaluate, fit
+from secateurs.metrics import batch_stats as _batch_stats, summarize as _metrics
+from secateurs.train import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -198,6 +199,37 @@ def test_config_validation():
         TrainConfig(optimizer="adam")
     with pytest.raises(ValueError, match="`epochs` must be a positive int"):
         TrainConfig(epochs=0)
+    for kwargs, name in (({"lr": -1.0}, "lr"), ({"label_smoothing": 1.5}, "label_smoothing"),
+                         ({"pad": -1}, "pad"), ({"warmup_epochs": -1}, "warmup_epochs")):
+        with pytest.raises(ValueError, match=f"`{name}` must be"):
+            TrainConfig(**kwargs)
+
+
+def test_a_class_neither_predicted_nor_present_is_left_out_of_the_means():
+    """A perfect prediction on 3 classes where class 2 never appears scored IoU 50 (class 2 as 0)."""
+    y = torch.tensor([[[0, 1], [1, 0]]])
+    out = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 5
+    m = _metrics(_batch_stats(out, y, "segmentation", 3), "segmentation", 3)
+    assert m["pixel_acc"] == m["iou"] == m["dice"] == m["miou"] == 100.0
+
+
+def test_a_batch_without_labelled_pixels_adds_no_nan():
+    from secateurs.data import IGNORE_INDEX
+    from secateurs.metrics import task_loss
+
+    out = torch.randn(1, 2, 2, 2, requires_grad=True)
+    loss = task_loss(out, torch.full((1, 2, 2), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(out.grad, torch.zeros_like(out))
+
+
+def test_too_little_data_is_refused_naming_it():
+    ds = ArrayDataset("toy", torch.randint(0, 255, (5, 1, 8, 8), dtype=torch.uint8), torch.arange(5) % 2, ["a", "b"])
+    model = create_model("tiny_cnn", in_chans=1, width=4, num_classes=2)
+    with pytest.raises(ValueError, match="`train_ds` has 5 samples, fewer than one batch"):
+        fit(model, ds, None, TrainConfig(epochs=1, batch_size=8, quiet=True))  # trained nothing, silently
+    with pytest.raises(ValueError, match="`ds` .* is empty"):
+        evaluate(model, ArrayDataset("empty", ds.images[:0], ds.targets[:0], ["a", "b"]))
 
 
 @pytest.mark.skipif(not (SHARED / "isbi2012-membranes").exists(), reason="../shared/data is not beside the checkout")
