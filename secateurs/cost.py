@@ -57,7 +57,8 @@ def count(model: nn.Module, example_inputs: Any, *, reuse: bool = True) -> Cost:
     calls, whichever module calls them (functional calls included). Shapes come from a meta-tensor
     pass when the model allows it (no arithmetic), else from one real forward under
     ``torch.no_grad()``; the model is left as it was. With ``reuse`` a model counted before with no
-    module, parameter, buffer or input shape changed since gets the same result without a forward;
+    module, parameter, buffer, setting (stride, a forward flag) or input shape changed since gets the
+    same result without a forward;
     ``reuse=False`` always runs one (forward hooks see it; a meta pass that turns out to need values
     is followed by a real one, so hooks can see both: the root's pre-hook marks each pass).
     """
@@ -82,7 +83,7 @@ def remember(model: nn.Module, inputs: tuple, records: list, key: tuple | None =
 
 
 # the last count of each model: a cut checks the model with one count, and the report's count that
-# follows reuses it while no module, parameter, buffer or input shape has changed
+# follows reuses it while no module, parameter, buffer, setting or input shape has changed
 _LAST: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -92,7 +93,13 @@ def _signature(model: nn.Module, inputs: tuple) -> tuple:
     tensors = tuple((id(t), t.shape) for _, m in walked for d in (m._parameters, m._buffers)
                     for t in d.values() if t is not None)
     shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
-    return mods, tensors, shapes
+    # settings such as stride, padding or a forward flag change the MACs without changing a shape
+    settings = tuple(tuple((k, v) for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, _SETTINGS))
+                     for _, m in walked)
+    return mods, tensors, shapes, settings
+
+
+_SETTINGS = (bool, int, float, str, tuple, type(None))
 
 
 def _n_params(model: nn.Module) -> int:

@@ -146,3 +146,24 @@ def test_a_layer_with_a_computed_weight_is_named_after_the_module_calling_it():
     c = count(m, torch.randn(1, 3, 16, 16), reuse=False)
     assert [(l.name, l.kind) for l in c.layers] == [("0", "Conv2d"), ("1.0", "_StandardisedConv")]
     assert c.macs == 14 * 14 * 8 * 27 + 12 * 12 * 4 * 72
+
+
+def test_a_remembered_count_is_not_reused_after_a_setting_changes():
+    """The cache key held shapes only: a new stride or a forward flag kept the old MACs."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.twice = nn.Conv2d(3, 4, 3), False
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.conv(x) + y if self.twice else y
+
+    m = Twice()
+    x = torch.randn(1, 3, 10, 10)
+    once = count(m, x).macs
+    assert once == 8 * 8 * 3 * 4 * 9
+    m.twice = True
+    assert count(m, x).macs == 2 * once
+    m.conv.stride = (2, 2)
+    assert count(m, x).macs == 2 * 4 * 4 * 3 * 4 * 9
