@@ -324,7 +324,8 @@ def _layer_widths(model: nn.Module, graph: DependencyGraph, alloc: Allocator, ra
     modules = dict(model.named_modules())
     for name, r in ratios.items():
         if name not in modules:
-            raise PruningError(f"budget names module '{name}', which the model does not have")
+            raise PruningError(f"budget names module '{name}', which the model does not have (a dict of module "
+                               f"ratios; a budget kind is one of {', '.join(k for k in BUDGETS if k != 'layers')})")
         groups = graph.groups_of(name)
         if not groups:
             raise PruningError(f"module '{name}' has no prunable output channels (ignored, frozen or an output)")

@@ -376,6 +376,8 @@ def _set_sizes(target: nn.Module, attrs: Mapping[str, Any], absolute: bool) -> N
     """Only sizes are set: a value a forward caches (YOLO's ``Detect.shape``) is None or absent
     in a fresh model and must stay so, or the model would skip rebuilding what goes with it."""
     for k, v in attrs.items():
+        if not isinstance(k, str) or not k.isidentifier() or k.startswith("__"):
+            raise ValueError(f"module {type(target).__name__}: {k!r} is not an attribute name a size description sets")
         have = vars(target).get(k, _MISSING)
         if (have is _MISSING and absolute) or (have is not _MISSING and not _is_size(have)):
             continue

@@ -256,3 +256,13 @@ def test_load_honours_map_location_and_json_strings_stay_as_written(tmp_path):
     assert all(p.is_meta for p in secateurs.load(tmp_path, map_location="meta").parameters())
     with pytest.raises(ValueError, match="`map_location` must name a device"):
         secateurs.load(tmp_path, map_location="nowhere")
+
+
+def test_a_crafted_size_description_cannot_set_dunder_attributes(tmp_path):
+    model = create_model("cifar_resnet20")
+    secateurs.save(model, tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    info["modules"] = {"conv1": {"class": "torch.nn.modules.conv.Conv2d", "attrs": {"__dict__": {}}}}
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="'__dict__' is not an attribute name"):
+        secateurs.load(tmp_path)
