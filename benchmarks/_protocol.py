@@ -52,6 +52,22 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A whole results CSV, replaced atomically (a kill leaves the previous one); the columns are every
+    row's keys in first-seen order, blank where a row lacks one."""
+    from secateurs._io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def dump(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, dump)
+
+
 def append_row(path: Path, row: dict, fields: list[str] | None = None) -> None:
     """One finished row, appended at once: a killed run keeps every row before it."""
     new = not path.exists()

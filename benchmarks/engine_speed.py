@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks._protocol import write_rows
+
 MODELS = ["resnet50", "convnext_tiny", "densenet121", "efficientnet_b0", "mobilenet_v3_large",
           "regnet_y_400mf", "swin_t", "shufflenet_v2_x1_0", "resnet18", "resnet34", "resnet101", "resnet152"]
 DEPTH = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -180,10 +182,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "engine_speed.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "engine_speed.csv", rows)
     write_report(rows, out, args.repeats, tp_version)
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import platform
 import warnings
@@ -25,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
+from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start, write_rows
 
 SETTINGS = {
     "resnet20_cifar10": {"pretrained": "cifar_resnet20_cifar10", "data": "cifar10"},
@@ -94,10 +93,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = start(args)
     rows = [r for s in args.settings for r in run_setting(s, args)]
-    with open(out / "heuristic.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "heuristic.csv", rows)
     protocol = (f"CPU protocol: fine-tuning on {args.subset or 'all'} training images, {args.epochs} epoch(s) per "
                 f"heuristic round (SGD lr {args.lr}, cosine, batch 128), top-1 on {args.val_subset or 'all'} test images")
     lines = ["# Method 1: heuristic estimator vs L1 uniform at the same MACs", "",

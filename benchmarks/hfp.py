@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
+from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start, write_rows
 import torch.nn.functional as F
 
 
@@ -95,10 +94,7 @@ def main(argv=None) -> None:
         (out / "hfp_resnet50.json").write_text(json.dumps(check, indent=1) + "\n")
     elif (out / "hfp_resnet50.json").exists():  # the check from an earlier run, kept with its results file
         check = json.loads((out / "hfp_resnet50.json").read_text())
-    with open(out / "hfp.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "hfp.csv", rows)
     _plot(curves, widths, out / "hfp_curves.png")
     write_doc(out, args, rows, check)
 

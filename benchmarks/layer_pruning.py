@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import platform
 import warnings
@@ -23,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start
+from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, read_rows, start, write_rows
 
 
 def _lat(model, x, threads, batch):
@@ -51,7 +50,7 @@ def main(argv=None) -> None:
     x = torch.randn(1, 3, 32, 32)
     ft = finetune_config(args, args.epochs)
     csv_path = out / "layer_pruning.csv"
-    rows = list(csv.DictReader(open(csv_path))) if csv_path.exists() else []  # finished models are kept
+    rows = read_rows(csv_path)  # finished models are kept
     for name in args.models:
         if any(r["model"] == name for r in rows):
             continue
@@ -73,10 +72,7 @@ def main(argv=None) -> None:
                                            data=train, val_data=val, finetune=replace(ft, epochs=max(1, done * args.epochs)))
                 rows.append(_row(name, f"L1 uniform (same MACs as {method})", rep1, top1, lat, l1, x, args,
                                  max(1, done * args.epochs), ""))
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(csv_path, rows)
     lines = ["# Method 2: layer pruning (PLS-VIP) and the cascade vs filter-only pruning at the same MACs", "",
              f"`python -m benchmarks.layer_pruning --mode {args.mode} --macs {args.macs} --filter-steps {args.filter_steps} "
              f"--epochs {args.epochs}` on {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "

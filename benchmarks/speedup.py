@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import read_rows
+from benchmarks._protocol import read_rows, write_rows
 
 MODELS = {"torchvision:resnet50": 224, "torchvision:vgg16": 224, "torchvision:mobilenet_v2": 224,
           "cifar_resnet20": 32, "cifar_resnet56": 32}
@@ -147,17 +146,7 @@ def merged(rows: list[dict]) -> list[dict]:
 
 def write_csv(rows: list[dict], out: Path) -> None:
     """OUT/speedup.csv, replaced atomically (a kill leaves the previous one)."""
-    from secateurs._io import atomic_write
-
-    out.mkdir(parents=True, exist_ok=True)
-
-    def dump(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(out / "speedup.csv", dump)
+    write_rows(out / "speedup.csv", rows)
 
 
 def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
