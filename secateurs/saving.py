@@ -35,9 +35,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 _IDENTITY = "torch.nn.modules.linear.Identity"
 _REPLACEMENTS: dict[str, type[nn.Module]] = {"Identity": nn.Identity, _IDENTITY: nn.Identity}
+_BUFFER = "non_persistent:"  # key prefix in the weights file: buffers a state_dict leaves out
 # a JSON array of numbers, spread over lines by indent (a newline right after "[" is structure:
 # json.dumps escapes newlines inside strings, so no string can be rewritten)
-_BUFFER = "non_persistent:"  # key prefix in the weights file: buffers a state_dict leaves out
 _ARRAY = re.compile(r"\[\n([\d\s.eE+,-]*?)\n\s*\]")
 
 

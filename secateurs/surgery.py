@@ -206,13 +206,13 @@ def _sharing(model: nn.Module) -> dict[str, list[nn.Module]]:
     for name, m in model.named_modules():
         for p in m.parameters(recurse=False):
             owners.setdefault(id(p), []).append((name, m))
-    out: dict[str, list[nn.Module]] = {}
+    out: dict[str, dict[int, nn.Module]] = {}  # keyed by id: two shared parameters name one owner once
     for group in owners.values():
         for name, m in group:
-            for other_name, other in group:
-                if other is not m and type(other) is type(m) and all(other is not o for o in out.get(name, [])):
-                    out.setdefault(name, []).append(other)
-    return out
+            for _, other in group:
+                if other is not m and type(other) is type(m):
+                    out.setdefault(name, {})[id(other)] = other
+    return {name: list(others.values()) for name, others in out.items()}
 
 
 def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids: list[int], parts: tuple) -> dict:
