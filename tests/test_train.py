@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from secateurs.data import ArrayDataset, load_dataset
 from secateurs.models import create_model
-from secateurs.metrics import batch_stats as _batch_stats, summarize as _metrics
+from secateurs.metrics import batch_stats, summarize
 from secateurs.train import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_channels_last_is_refused_where_the_cpu_backward_corrupts_memory():
 def test_segmentation_metrics_by_hand():
     y = torch.tensor([[[0, 1], [1, 1]]])
     out = torch.tensor([[[[5.0, 0.0], [5.0, 0.0]], [[0.0, 5.0], [0.0, 5.0]]]])  # predicts [[0,1],[0,1]]
-    m = _metrics(_batch_stats(out, y, "segmentation", 2), "segmentation", 2)
+    m = summarize(batch_stats(out, y, "segmentation", 2), "segmentation", 2)
     assert m["pixel_acc"] == 75.0
     assert m["iou"] == pytest.approx(100 * 2 / 3)  # foreground: inter 2, union 3
     assert m["dice"] == pytest.approx(100 * 4 / 5)
@@ -178,7 +178,7 @@ def test_unlabelled_pixels_count_nowhere():
 
     y = torch.tensor([[[0, 1], [IGNORE_INDEX, 1]]])
     out = torch.tensor([[[[5.0, 0.0], [0.0, 0.0]], [[0.0, 5.0], [5.0, 5.0]]]])  # predicts [[0,1],[1,1]]
-    m = _metrics(_batch_stats(out, y, "segmentation", 2), "segmentation", 2)
+    m = summarize(batch_stats(out, y, "segmentation", 2), "segmentation", 2)
     assert m["pixel_acc"] == 100.0 and m["iou"] == 100.0 and m["miou"] == 100.0  # the void pixel's 1 is no error
     labelled = torch.tensor([[[0, 1], [0, 1]]])
     by_hand = F.cross_entropy(out.permute(0, 2, 3, 1).reshape(-1, 2)[[0, 1, 3]], labelled.flatten()[[0, 1, 3]])
@@ -190,7 +190,7 @@ def test_unlabelled_pixels_count_nowhere():
 def test_classification_metrics_by_hand():
     out = torch.eye(6)[[0, 1, 2, 3]] * 10 + torch.arange(6) * 0.1
     y = torch.tensor([0, 1, 5, 4])
-    m = _metrics(_batch_stats(out, y, "classification", 6), "classification", 6)
+    m = summarize(batch_stats(out, y, "classification", 6), "classification", 6)
     assert m["top1"] == 50.0 and m["top5"] == 100.0
 
 
@@ -209,7 +209,7 @@ def test_a_class_neither_predicted_nor_present_is_left_out_of_the_means():
     """A perfect prediction on 3 classes where class 2 never appears scored IoU 50 (class 2 as 0)."""
     y = torch.tensor([[[0, 1], [1, 0]]])
     out = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 5
-    m = _metrics(_batch_stats(out, y, "segmentation", 3), "segmentation", 3)
+    m = summarize(batch_stats(out, y, "segmentation", 3), "segmentation", 3)
     assert m["pixel_acc"] == m["iou"] == m["dice"] == m["miou"] == 100.0
 
 
