@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ._validation import InvalidArgument
 from .data import IGNORE_INDEX
 
-__all__ = ["task_loss", "batch_stats", "summarize", "METRICS", "metric_key"]
+__all__ = ["task_loss", "distillation_loss", "batch_stats", "summarize", "METRICS", "metric_key"]
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -20,6 +20,27 @@ def task_loss(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) 
     if y.dim() > 1 and not (y != IGNORE_INDEX).any():  # no labelled pixel: the mean would be NaN
         return out.float().sum() * 0.0
     return F.cross_entropy(out.float(), y, ignore_index=ignore, label_smoothing=label_smoothing)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over dim 1 (the classes), averaged over
+    samples and, for dense outputs ``[N, C, H, W]``, over the pixels ``valid`` marks (all by default:
+    pass the labelled pixels, so padding no class owns does not pull the student). ``T^2`` keeps the
+    gradient's scale independent of ``T`` (Hinton et al. 2015); identical logits give exactly 0."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"`teacher` outputs shape {tuple(teacher.shape)} but the model {tuple(student.shape)}; "
+                         "distillation needs the same outputs (classes, and pixels for segmentation)")
+    log_p = F.log_softmax(student.float() / temperature, dim=1)
+    log_q = F.log_softmax(teacher.float() / temperature, dim=1)
+    per = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(1)
+    if valid is not None:
+        if valid.shape != per.shape:
+            raise ValueError(f"`valid` has shape {tuple(valid.shape)}, the outputs {tuple(per.shape)} positions")
+        if not valid.any():  # nothing labelled: no pull, and no NaN from an empty mean
+            return per.sum() * 0.0
+        per = per[valid]
+    return per.mean() * temperature ** 2
 
 
 def batch_stats(out: torch.Tensor, y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:

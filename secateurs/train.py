@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ._io import atomic_write
 from ._validation import InvalidArgument, check_choice, check_model, check_scalar
-from .data import ArrayDataset, Batches
-from .metrics import METRICS, batch_stats, metric_key, summarize, task_loss
+from .data import IGNORE_INDEX, ArrayDataset, Batches
+from .metrics import METRICS, batch_stats, distillation_loss, metric_key, summarize, task_loss
 
 __all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process",
            "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
@@ -125,18 +125,6 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over dim 1 (the classes), averaged over
-    samples and, for dense outputs ``[N, C, H, W]``, over pixels. ``T^2`` keeps the gradient's scale
-    independent of ``T`` (Hinton et al. 2015); identical logits give exactly 0."""
-    if student.shape != teacher.shape:
-        raise ValueError(f"`teacher` outputs shape {tuple(teacher.shape)} but the model {tuple(student.shape)}; "
-                         "distillation needs the same outputs (classes, and pixels for segmentation)")
-    log_p = F.log_softmax(student.float() / temperature, dim=1)
-    log_q = F.log_softmax(teacher.float() / temperature, dim=1)
-    return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(1).mean() * temperature ** 2
-
-
 def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainConfig, device, epoch: int,
                     task: str, regularizer: Callable[[], torch.Tensor] | None = None,
                     teacher: nn.Module | None = None) -> dict[str, float]:
@@ -171,7 +159,8 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(x)
-                kd = distillation_loss(out, target, cfg.distill_temperature)
+                kd = distillation_loss(out, target, cfg.distill_temperature,
+                                       valid=y != IGNORE_INDEX if y.dim() > 1 else None)
         objective = (1 - w) * loss + w * kd if teacher is not None else loss
         total_loss = objective + regularizer() if regularizer is not None else objective
         optimizer.zero_grad(set_to_none=True)
@@ -377,58 +366,67 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     model.to(device)
     cfg = _memory_format(model, cfg, device)
     teacher_was = _ready_teacher(model, teacher, train_ds, cfg, device) if teacher is not None else False
-    images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
-    batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
-                      pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
-                      cutout=cfg.cutout if images_only else 0)
-    if len(batches) == 0:
-        raise ValueError(f"`train_ds` has {len(train_ds)} samples, fewer than one batch (batch_size={cfg.batch_size}"
-                         f"{f' per process of {world}' if world > 1 else ''}): nothing would be trained")
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, len(batches))
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    ckpt = out / "checkpoint.pt" if out else None
-    start, history = (_resume(ckpt, model, optimizer, scheduler, cfg) if cfg.resume and ckpt is not None and ckpt.exists()
-                      else (0, []))
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     writer = None
-    if out is not None and is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.tensorboard:
-            writer = _tensorboard_writer(out / "tb")
-    for epoch in range(start, cfg.num_epochs(len(batches))):
-        t0 = time.perf_counter()
-        losses = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task, regularizer,
-                                 teacher=teacher)
-        row = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
-        if val_ds is not None:
-            row.update({f"val_{k}": v for k, v in evaluate(model, val_ds, device=device, amp=cfg.amp).items()})
-        if hasattr(regularizer, "stats"):  # e.g. the current MACs of a model being pruned
-            row.update(regularizer.stats())
-        history.append(row)
-        if is_main_process():
-            if not cfg.quiet:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
-            if out is not None:
-                _write_log(out / "log.csv", history)
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state(),
-                         "history": history, "config": asdict(cfg)}
-                atomic_write(ckpt, lambda tmp: torch.save(state, tmp))  # a kill leaves the previous checkpoint
-        if world > 1:
-            dist.barrier()
-        if getattr(regularizer, "done", False):
-            break
+    try:  # the teacher goes back to its mode and the writer closes, whatever happens in between
+        images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
+        batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
+                          pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
+                          cutout=cfg.cutout if images_only else 0)
+        if len(batches) == 0:
+            raise ValueError(f"`train_ds` has {len(train_ds)} samples, fewer than one batch (batch_size={cfg.batch_size}"
+                             f"{f' per process of {world}' if world > 1 else ''}): nothing would be trained")
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, len(batches))
+        out = Path(cfg.out_dir) if cfg.out_dir else None
+        ckpt = out / "checkpoint.pt" if out else None
+        start, history = (_resume(ckpt, model, optimizer, scheduler, cfg)
+                          if cfg.resume and ckpt is not None and ckpt.exists() else (0, []))
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        if out is not None and is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg.tensorboard:
+                writer = _tensorboard_writer(out / "tb")
+        for epoch in range(start, cfg.num_epochs(len(batches))):
+            t0 = time.perf_counter()
+            losses = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task,
+                                     regularizer, teacher=teacher)
+            row = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[0]["lr"],
+                   "time_s": time.perf_counter() - t0}
+            if val_ds is not None:
+                row.update({f"val_{k}": v for k, v in evaluate(model, val_ds, device=device, amp=cfg.amp).items()})
+            if hasattr(regularizer, "stats"):  # e.g. the current MACs of a model being pruned
+                row.update(regularizer.stats())
+            history.append(row)
+            if is_main_process():
+                _record(row, history, writer, out, model, optimizer, scheduler, cfg)
+            if world > 1:
+                dist.barrier()
+            if getattr(regularizer, "done", False):
+                break
+        return history
+    finally:
+        if writer is not None:
+            writer.close()
+        if teacher is not None:
+            teacher.train(teacher_was)
+
+
+def _record(row: dict, history: list[dict], writer, out: Path | None, model, optimizer, scheduler,
+            cfg: TrainConfig) -> None:
+    """Print and log one epoch, then checkpoint it atomically (a kill leaves the previous checkpoint)."""
+    if not cfg.quiet:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     if writer is not None:
-        writer.close()
-    if teacher is not None:
-        teacher.train(teacher_was)
-    return history
+        for k, v in row.items():
+            if k != "epoch":
+                writer.add_scalar(k, v, row["epoch"])
+        writer.flush()
+    if out is not None:
+        _write_log(out / "log.csv", history)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": row["epoch"], "rng": torch.get_rng_state(),
+                 "history": history, "config": asdict(cfg)}
+        atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
 
 def _tensorboard_writer(path: Path):

@@ -13,7 +13,7 @@ import secateurs
 import secateurs.methods.hfp
 import secateurs.methods.importance
 from secateurs.cli import _check_prune_args, get_args_parser, main
-from secateurs.data import ArrayDataset, Batches
+from secateurs.data import IGNORE_INDEX, ArrayDataset, Batches
 from secateurs.methods import get_method
 from secateurs.models import create_model
 from secateurs.train import TrainConfig, distillation_loss, evaluate, fit
@@ -59,14 +59,53 @@ def test_distillation_loss_matches_an_independent_computation():
         distillation_loss(torch.zeros(2, 4), torch.zeros(2, 3))
 
 
+def test_distillation_skips_the_pixels_no_class_owns():
+    """Padding a crop took in (IGNORE_INDEX) is no class: what the teacher says there must not pull."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    valid = torch.rand(2, 4, 5, generator=g) > 0.4
+    flat = lambda z: z.permute(0, 2, 3, 1)[valid]  # noqa: E731  the valid pixels' logits, one row each
+    ref = F.kl_div(F.log_softmax(flat(s) / 2, 1), F.softmax(flat(t) / 2, 1), reduction="batchmean") * 4
+    assert torch.allclose(distillation_loss(s, t, 2.0, valid=valid), ref, rtol=1e-5)
+    assert not torch.allclose(distillation_loss(s, t, 2.0), ref, rtol=1e-3)
+    t2 = torch.where(valid[:, None], t, torch.randn(2, 3, 4, 5, generator=g) * 50)  # the teacher's padding: noise
+    assert torch.allclose(distillation_loss(s, t2, 2.0, valid=valid), ref, rtol=1e-5)
+    none = distillation_loss(s.requires_grad_(), t, 2.0, valid=torch.zeros(2, 4, 5, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and s.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match=r"`valid` has shape \(2, 4\), the outputs \(2, 4, 5\) positions"):
+        distillation_loss(s, t, 2.0, valid=valid[:, :, 0])
+
+
+def test_fit_trains_the_student_on_labelled_pixels_only(monkeypatch):
+    """fit passes the labelled pixels of each mask to the distillation term."""
+    seen = []
+    real = secateurs.train.distillation_loss
+
+    def recording(student, teacher, temperature, valid=None):
+        seen.append(valid)
+        return real(student, teacher, temperature, valid=valid)
+
+    monkeypatch.setattr(secateurs.train, "distillation_loss", recording)
+    images = torch.randint(0, 255, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    masks = (images[:, 0] > 127).long()
+    masks[:, :2] = IGNORE_INDEX
+    ds = ArrayDataset("toy-seg", images, masks, ["bg", "fg"], task="segmentation")
+    torch.manual_seed(0)
+    student, teacher = create_model("unet", base=4, depth=2), create_model("unet", base=4, depth=2)
+    fit(student, ds, None, TrainConfig(epochs=1, batch_size=4, lr=0.01, flip=False, quiet=True, distill=0.5),
+        teacher=teacher)
+    assert len(seen) == 1 and torch.equal(seen[0], masks != IGNORE_INDEX)
+
+
 # -- fit -----------------------------------------------------------------------------------------------
 def test_kd_is_zero_against_an_identical_teacher_and_grows_as_the_student_moves(monkeypatch):
     tr, _ = digits()
     seen: list[float] = []
     real = secateurs.train.distillation_loss
 
-    def recording(student, teacher, temperature):
-        loss = real(student, teacher, temperature)
+    def recording(student, teacher, temperature, **kw):
+        loss = real(student, teacher, temperature, **kw)
         seen.append(loss.item())
         return loss
 
@@ -154,6 +193,10 @@ def test_bad_distillation_inputs_are_refused_before_training():
     with pytest.raises(ValueError, match=r"`teacher` outputs shape \(3,\) per sample but the model \(10,\)"):
         fit(model, tr, None, cfg(distill=0.5), teacher=create_model("tiny_cnn", num_classes=3))
     assert same_state(model, before)  # BatchNorm statistics included: nothing ran in train mode
+    teacher = create_model("tiny_cnn").train()
+    with pytest.raises(ValueError, match="fewer than one batch"):  # raised after the teacher was readied
+        fit(model, tr.subset(8), None, cfg(distill=0.5, batch_size=16), teacher=teacher)
+    assert teacher.training  # back in the mode it came in
     fit(model, tr.subset(64), None, cfg(epochs=1, batch_size=16), teacher=create_model("tiny_cnn", num_classes=3))  # w = 0: unused
 
 
