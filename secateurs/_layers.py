@@ -278,8 +278,15 @@ def _record(mode, node, w, x, y, macs: int) -> None:
     mode.costs.append((name, kind, int(macs), params, tuple(x.shape), tuple(y.shape), own[1] if own else "weight"))
 
 
+def _read_batch(mode, x, batched: bool, dim: int) -> None:
+    """A layer that knows its batch dimension read a model input: that input's batch is exact."""
+    if not mode.batch_read and id(x) in mode.inputs:
+        mode.batch, mode.batch_read = int(x.shape[dim]) if batched else 1, True
+
+
 def _conv_cost(mode, node, args, kwargs, out) -> None:
     x, w = args[0], _arg(args, kwargs, 1, "weight")
+    _read_batch(mode, x, x.dim() == w.dim(), 0)  # conv inputs are [N, C, *] or unbatched [C, *]
     per = w.shape[1] * math.prod(w.shape[2:])  # (in or out channels per group) x kernel
     positions = (x if "transpose" in _ids.op_name(node) else out).numel() // max(mode.batch, 1)
     _record(mode, node, w, x, out, positions * per)
@@ -291,12 +298,15 @@ def _linear_cost(mode, node, args, kwargs, out) -> None:
 
 
 def _mha_cost(mode, node, args, kwargs, out) -> None:
-    q, e = args[0], int(args[3])
+    """The four projections: queries and the output by ``E x E``, keys and values from their own
+    lengths and widths (``kdim``, ``vdim``: cross-attention) to ``E``."""
+    q, k, v, e = args[0], args[1], args[2], int(args[3])
+    _read_batch(mode, q, q.dim() == 3, 1)  # the functional form is sequence-first: [L, N, E] or [L, E]
     w = _arg(args, kwargs, 5, "in_proj_weight")
     if w is None:
         w = kwargs.get("q_proj_weight")
-    tokens = q.numel() // max(mode.batch, 1) // e
-    _record(mode, node, w, q, out, tokens * (e * 3 * e + e * e))
+    # fixed in a plan's cost: `attention` keeps every channel it touches, so no per-weight positions
+    _record(mode, node, w, q, out, (2 * q.numel() + k.numel() + v.numel()) * e // max(mode.batch, 1))
 
 
 # -- tables -----------------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ class _Mode(TorchFunctionMode):
         ctx.ids_of = self.get
         ctx.peek = lambda t: self.get(t, materialize=False)
         ctx.modules = modules
-        self.batch = 1
+        self.batch = 1  # samples in the example inputs: MACs are counted per sample
+        self.batch_read = False  # set once a layer that knows its batch dim read a model input
 
     # -- id storage keyed by tensor identity --------------------------------------------------
     def owner(self, t: Any) -> tuple[str, str] | None:
@@ -369,7 +370,7 @@ def _run(model: nn.Module, inputs: tuple, ctx: Context, train: bool, meta: bool,
         inputs = tuple(t.to(swap.device) if isinstance(t, torch.Tensor) else t for t in inputs)
     mode = _Mode(ctx, swap.owners, meta, names, set(ignored), costs, modules, rules)
     mode.named = named
-    mode.batch = next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+    mode.batch = batch_guess(inputs)
     mode.inputs = {id(t) for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)}
     hooks = [nn.modules.module.register_module_forward_pre_hook(mode.pre_hook),
              nn.modules.module.register_module_forward_hook(mode.post_hook)] if named else []
@@ -391,6 +392,16 @@ def _run(model: nn.Module, inputs: tuple, ctx: Context, train: bool, meta: bool,
     finally:
         for h in hooks:
             h.remove()
+
+
+def batch_guess(inputs: tuple) -> int:
+    """Samples in the example inputs before any layer says: a leading list of tensors holds one per
+    image (torchvision detection), else the first tensor's leading size. The first conv or attention
+    to read a model input corrects it (an unbatched ``[C, H, W]``, a sequence-first ``[L, N, E]``)."""
+    first = inputs[0] if inputs else None
+    if isinstance(first, (list, tuple)) and first and all(isinstance(t, torch.Tensor) for t in first):
+        return len(first)
+    return next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
 
 
 def _where(mode: _Mode) -> str:

@@ -167,3 +167,100 @@ def test_a_remembered_count_is_not_reused_after_a_setting_changes():
     assert count(m, x).macs == 2 * once
     m.conv.stride = (2, 2)
     assert count(m, x).macs == 2 * 4 * 4 * 3 * 4 * 9
+
+
+class _Encoder(nn.Module):
+    """A conv stem, then attention over the positions: queries from the image, keys and values
+    from a second input of another width (cross-attention, kdim = vdim = 6)."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=batch_first)
+
+    def forward(self, x, memory):  # x: [N, 4, L]; memory: [S, N, 6] (or [N, S, 6] batch-first)
+        q = self.conv(x).permute(0, 2, 1) if self.batch_first else self.conv(x).permute(2, 0, 1)
+        return self.attn(q, memory, memory, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_attention_counts_keys_and_values_from_their_own_width(batch_first):
+    L, S, n = 5, 7, 3
+    model = _Encoder(batch_first).eval()
+    memory = torch.randn(n, S, 6) if batch_first else torch.randn(S, n, 6)
+    c = count(model, (torch.randn(n, 4, L), memory))
+    conv = L * 8 * 4 * 3
+    attn = L * 8 * 8 + S * 6 * 8 + S * 6 * 8 + L * 8 * 8  # q, k, v, out projections per sample
+    assert c.macs == conv + attn and [lc.macs for lc in c.layers] == [conv, attn]
+
+
+def test_a_sequence_first_input_is_counted_per_sample():
+    """The model reads [L, N, E] directly: the batch is its dim 1, not the leading size."""
+    attn = nn.MultiheadAttention(8, 2).eval()
+    model = nn.Sequential()  # forward(x) = attn(x, x, x)[0]
+    model.forward = lambda x: attn(x, x, x, need_weights=False)[0]
+    model.attn = attn
+    per_sample = 6 * 4 * 8 * 8
+    assert count(model, torch.randn(6, 3, 8)).macs == per_sample  # L = 6 tokens, N = 3 samples
+    assert count(model, torch.randn(6, 1, 8)).macs == per_sample
+    assert count(model, torch.randn(6, 8)).macs == per_sample  # unbatched [L, E]
+
+
+def test_unbatched_and_listed_inputs_are_counted_per_sample():
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(0), nn.Linear(4 * 25, 2))
+    per_sample = 25 * 4 * 3 * 9 + 100 * 2
+    assert count(conv, torch.randn(3, 5, 5)).macs == per_sample  # [C, H, W]: one sample, not three
+
+    class Listed(nn.Module):  # torchvision detection's calling convention: a list of [C, H, W] images
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, images):
+            return self.conv(torch.stack(images))
+
+    assert count(Listed(), ([torch.randn(3, 5, 5), torch.randn(3, 5, 5)],)).macs == 25 * 4 * 3 * 9
+
+
+class _CrossAttnNet(nn.Module):
+    """Queries from 8x8 positions, keys/values from a stride-2 branch (16 positions): L != S. With
+    ``kdim`` the memory has its own width (separate projections), else MHA packs them in one weight."""
+
+    def __init__(self, kdim: int | None):
+        super().__init__()
+        self.q = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),  # 6: prunable
+                               nn.Conv2d(6, 8, 1))
+        self.mem = nn.Sequential(nn.Conv2d(3, kdim or 8, 3, stride=2, padding=1), nn.BatchNorm2d(kdim or 8), nn.ReLU())
+        self.attn = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, m = self.q(x).flatten(2).transpose(1, 2), self.mem(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(q, m, m, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_cross_attention_cost_model_is_exact_after_pruning(kdim):
+    """Attention keeps its channels (its MACs are fixed in a plan); the plan's cost of cutting the
+    channels before it equals a count of the cut model."""
+    import copy
+
+    from secateurs import analyze, apply_plan
+    from secateurs.cost import PlanCost
+
+    torch.manual_seed(0)
+    m, x = _CrossAttnNet(kdim).eval(), torch.randn(2, 3, 8, 8)
+    g = analyze(m, x)
+    pc = PlanCost(m, g, x)
+    assert pc(torch.zeros(g.n_components, dtype=torch.bool)) == (count(m, x).macs, count(m, x).params)
+    gen = torch.Generator().manual_seed(1)
+    removed = torch.zeros(g.n_components, dtype=torch.bool)
+    for grp in g.groups:
+        removed[grp.components] = torch.rand(grp.size, generator=gen) < 0.4
+        removed[grp.components[0]] = False
+    assert removed.any() and [grp.size for grp in g.groups] == [6]
+    plan = {grp.index: removed[grp.components].nonzero().flatten().tolist() for grp in g.groups}
+    real = count(apply_plan(copy.deepcopy(m), g, {k: v for k, v in plan.items() if v}), x)
+    macs, params = pc.soft((~removed).double())
+    assert (round(float(macs)), round(float(params))) == (real.macs, real.params) == pc(removed)
