@@ -36,6 +36,8 @@ def conv_shape(args, kwargs):
     pad = _arg(args, kwargs, 4, "padding", 0)
     stride, dil = _tuple(_arg(args, kwargs, 3, "stride", 1), nd), _tuple(_arg(args, kwargs, 5, "dilation", 1), nd)
     if isinstance(pad, str):
+        if pad not in ("same", "valid") or (pad == "same" and any(s != 1 for s in stride)):
+            return None  # PyTorch refuses a strided "same" (and unknown strings): let it say so
         if pad == "same":
             sp = list(x.shape[2:])
         else:

@@ -83,6 +83,8 @@ def test_inplace_activation_returns_its_input(fn):
     (torch.sigmoid, (meta(2, 3, dtype=torch.long),), {}),
     (F.dropout, (X,), {"p": 1.5, "training": True, "inplace": False}),
     (F.hardtanh, (X,), {"min_val": 2.0, "max_val": 1.0, "inplace": False}),
+    (F.conv2d, (X, meta(4, 8, 3, 3)), {"stride": 2, "padding": "same"}),  # PyTorch refuses a strided "same"
+    (F.conv2d, (X, meta(4, 8, 3, 3)), {"padding": "full"}),
 ])
 def test_gives_way_to_the_kernel(target, args, kwargs):
     assert META_SHAPES[target](args, kwargs) is None
