@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ._validation import InvalidArgument
 from .data import IGNORE_INDEX
 
-__all__ = ["task_loss", "distillation_loss", "batch_stats", "summarize", "METRICS", "metric_key"]
+__all__ = ["task_loss", "distillation_loss", "check_labels", "batch_stats", "summarize", "METRICS", "metric_key"]
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -41,6 +41,23 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
             return per.sum() * 0.0
         per = per[valid]
     return per.mean() * temperature ** 2
+
+
+def check_labels(ds: Any, outputs: int, name: str) -> None:
+    """Labels the model has no output for: cross-entropy would fail naming nothing, and accuracy
+    would count them silently wrong. ``outputs``: the model's logits per sample (dim 1)."""
+    t = getattr(ds, "targets", None)
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point:
+        return
+    if getattr(ds, "task", "classification") == "segmentation":
+        t = t[t != IGNORE_INDEX]
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= outputs:
+        raise ValueError(f"`{name}` ({getattr(ds, 'name', type(ds).__name__)}) has labels {lo}..{hi} but the model "
+                         f"outputs {outputs} classes: give it a head for every class (e.g. create_model(..., "
+                         f"num_classes={max(hi + 1, getattr(ds, 'num_classes', 0))}))")
 
 
 def batch_stats(out: torch.Tensor, y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from .saving import load as load_model, save as save_model
 from .graph import DependencyGraph, analyze, analyze_and_count
 from .latency_table import auto_round_to
 from .methods import Decision, Method, StepContext, get_method
+from .metrics import check_labels
 from .train import TrainConfig, evaluate, fit, is_main_process, metric_key
 
 __all__ = ["prune", "METHOD_OUTPUT"]
@@ -89,6 +90,25 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
             raise PruningError(f"a latency target needs the model to run here; it is on {dev}")
     return _Request(how, budget, allocation, steps, finetune, key if val_data is not None else None,
                     dict(method_options or {}))
+
+
+def _check_labels(model: nn.Module, inputs: tuple, data: Any, val_data: Any) -> None:
+    """Labels the model's head has no output for, named before any cut: one eval forward of the
+    example inputs gives the number of logits (nothing changes: no_grad, the mode restored)."""
+    if not any(isinstance(getattr(d, "targets", None), torch.Tensor) for d in (data, val_data)):
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs))
+    finally:
+        model.train(was)
+    if isinstance(out, torch.Tensor) and out.dim() >= 2:
+        for d, name in ((data, "data"), (val_data, "val_data")):
+            if isinstance(getattr(d, "targets", None), torch.Tensor):
+                check_labels(d, out.shape[1], name)
 
 
 def _teacher(model: nn.Module, finetune: TrainConfig | None, given: nn.Module | None) -> nn.Module | None:
@@ -348,6 +368,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
                          finetune, steps, tolerance, metric, method_options)
     check_dataset(data, "data", inputs)
     check_dataset(val_data, "val_data", inputs, arrays=True)
+    _check_labels(model, inputs, data, val_data)
     teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
     round_to = _measured_round_to(model, example_inputs, latency_threads, log) if auto else round_to

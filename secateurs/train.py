@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ._io import atomic_write
 from ._validation import InvalidArgument, check_choice, check_model, check_scalar
 from .data import IGNORE_INDEX, ArrayDataset, Batches
-from .metrics import METRICS, batch_stats, distillation_loss, metric_key, summarize, task_loss
+from .metrics import METRICS, batch_stats, check_labels, distillation_loss, metric_key, summarize, task_loss
 
 __all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process",
            "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
@@ -213,12 +213,16 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     sub = ds if world == 1 else ArrayDataset(ds.name, ds.images[rank::world], ds.targets[rank::world], ds.classes,
                                              ds.task, ds.mean, ds.std)
     stats = None
-    for x, y in Batches(sub, batch_size, train=False):
-        with _autocast(device, amp):
-            out = (predict_padded(model, x.to(device)) if seg else model(x.to(device))).float()
-        s = batch_stats(out.cpu(), y, ds.task, max(2, ds.num_classes))
-        stats = s if stats is None else stats + s
-    model.train(was)
+    try:
+        for x, y in Batches(sub, batch_size, train=False):
+            with _autocast(device, amp):
+                out = (predict_padded(model, x.to(device)) if seg else model(x.to(device))).float()
+            if stats is None:  # a label past the logits would be counted wrong, silently
+                check_labels(ds, out.shape[1], "ds")
+            s = batch_stats(out.cpu(), y, ds.task, max(2, ds.num_classes))
+            stats = s if stats is None else stats + s
+    finally:
+        model.train(was)
     stats = _all_sum(stats if stats is not None else torch.zeros(1, dtype=torch.float64))
     return summarize(stats, ds.task, max(2, ds.num_classes))
 
@@ -319,29 +323,35 @@ def _check_teacher(model: nn.Module, teacher: Any, cfg: TrainConfig) -> nn.Modul
     return teacher
 
 
-def _ready_teacher(model: nn.Module, teacher: nn.Module, train_ds: ArrayDataset, cfg: TrainConfig, device) -> bool:
-    """Move the teacher beside the model in eval mode (returns the mode it came in) and refuse one whose
-    outputs differ from the model's before any weight or statistic changes: one augmented sample
-    through both in eval mode."""
-    was_training = teacher.training
-    teacher.to(device).eval()
-    if cfg.channels_last:
-        teacher.to(memory_format=torch.channels_last)
+def _probe(model: nn.Module, train_ds: ArrayDataset, cfg: TrainConfig, device) -> tuple[Any, Any]:
+    """One augmented training sample and the model's eval-mode outputs for it (under no_grad: no
+    weight or statistic changes), which the checks before training compare against."""
     first = next(iter(Batches(train_ds, 1, train=True, seed=cfg.seed, flip=False, crop=cfg.crop,
                               pad=cfg.pad if train_ds.task == "classification" else 0)), None)
     if first is None:  # no sample: no step will run either
-        return was_training
-    x, was = first[0], model.training
+        return None, None
+    x, was = first[0].to(device), model.training
     model.eval()
     try:
         with torch.no_grad():
-            a, b = model(x.to(device)), teacher(x.to(device))
+            return x, model(x)
     finally:
         model.train(was)
-    if a.shape[1:] != b.shape[1:]:
+
+
+def _ready_teacher(teacher: nn.Module, x: Any, out: Any, cfg: TrainConfig, device) -> None:
+    """Move the teacher beside the model in eval mode and refuse one whose outputs for the probe
+    sample ``x`` differ in shape from the model's (``out``) before any weight or statistic changes."""
+    teacher.to(device).eval()
+    if cfg.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    if x is None:
+        return
+    with torch.no_grad():
+        b = teacher(x)
+    if out.shape[1:] != b.shape[1:]:
         raise ValueError(f"`teacher` outputs shape {tuple(b.shape[1:])} per sample but the model "
-                         f"{tuple(a.shape[1:])}; distillation needs the same outputs (classes, and pixels for segmentation)")
-    return was_training
+                         f"{tuple(out.shape[1:])}; distillation needs the same outputs (classes, and pixels for segmentation)")
 
 
 def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, cfg: TrainConfig,
@@ -365,9 +375,15 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
     torch.manual_seed(cfg.seed)
     model.to(device)
     cfg = _memory_format(model, cfg, device)
-    teacher_was = _ready_teacher(model, teacher, train_ds, cfg, device) if teacher is not None else False
-    writer = None
+    x, probe = _probe(model, train_ds, cfg, device)
+    if isinstance(probe, torch.Tensor) and probe.dim() >= 2:  # labels the head has no output for, named
+        for ds, name in ((train_ds, "train_ds"), (val_ds, "val_ds")):
+            if ds is not None:
+                check_labels(ds, probe.shape[1], name)
+    teacher_was, writer = teacher.training if teacher is not None else False, None
     try:  # the teacher goes back to its mode and the writer closes, whatever happens in between
+        if teacher is not None:
+            _ready_teacher(teacher, x, probe, cfg, device)
         images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
         batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
                           pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,

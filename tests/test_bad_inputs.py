@@ -25,7 +25,7 @@ from secateurs import PruningError
 from secateurs.cli import main as cli
 from secateurs.data import ArrayDataset, load_dataset
 from secateurs.models import create_model
-from secateurs.train import TrainConfig, fit
+from secateurs.train import TrainConfig, evaluate, fit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -51,10 +51,10 @@ def on_meta() -> nn.Module:
         return create_model("tiny_cnn", in_chans=3, width=8)
 
 
-def toy(n: int = 8, chans: int = 3) -> ArrayDataset:
+def toy(n: int = 8, chans: int = 3, classes: int = 2) -> ArrayDataset:
     g = torch.Generator().manual_seed(0)
     return ArrayDataset("toy", torch.randint(0, 255, (n, chans, 32, 32), generator=g, dtype=torch.uint8),
-                        torch.arange(n) % 2, ["a", "b"])
+                        torch.arange(n) % classes, [f"c{i}" for i in range(classes)])
 
 
 @dataclass
@@ -257,6 +257,16 @@ CASES: list[Case] = [
     Case("prune-val-batches", "`prune(..., val_data=[(x, y)], tolerance=1)`: batches, not a dataset", TypeError,
          "`val_data` must be a secateurs.data.ArrayDataset", lambda e: P(e.model, X, "l1", 0.5, val_data=[(X, torch.zeros(1))], tolerance=1.0),
          was="AttributeError: 'list' object has no attribute 'task'"),
+    Case("prune-data-labels", "`prune(..., 'taylor', 0.5, data=ds)`: 12 classes for a 10-class head", ValueError,
+         "`data` (toy) has labels 0..11 but the model outputs 10 classes", lambda e: P(e.model, X, "taylor", 0.5, data=toy(12, classes=12)),
+         was="IndexError: Target 10 is out of bounds (naming neither `data` nor the head)"),
+    Case("fit-labels", "`fit(model, ds, None, cfg)`: 12 classes for a 10-class head", ValueError,
+         "`train_ds` (toy) has labels 0..11 but the model outputs 10 classes",
+         lambda e: fit(e.model, toy(12, classes=12), None, TrainConfig(batch_size=4, quiet=True)),
+         was="IndexError: Target 10 is out of bounds"),
+    Case("evaluate-labels", "`evaluate(model, ds)`: 12 classes for a 10-class head", ValueError,
+         "`ds` (toy) has labels 0..11 but the model outputs 10 classes", lambda e: evaluate(e.model, toy(12, classes=12)),
+         was="accepted; the labels past the head were counted as wrong"),
     Case("prune-data-empty", "`prune(..., 'taylor', data=ds.subset...)` on an empty dataset", ValueError, "`data` (toy) holds no samples",
          lambda e: P(e.model, X, "taylor", 0.5, data=toy(0)), was="ValueError: criterion 'taylor': `data` yielded no batches, after work"),
     Case("data-unknown", "`load_dataset('imagenet')`", ValueError, "unknown dataset 'imagenet'; available: cifar10",
