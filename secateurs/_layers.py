@@ -275,7 +275,16 @@ def _record(mode, node, w, x, y, macs: int) -> None:
     params = sum(p.numel() for p in mine.values())
     kind = type(m).__name__ if m is not None else _ids.op_name(node)
     y = y[0] if isinstance(y, tuple) else y
-    mode.costs.append((name, kind, int(macs), params, tuple(x.shape), tuple(y.shape), own[1] if own else "weight"))
+    weight = own[1] if own else _computed_from(m, w)
+    mode.costs.append((name, kind, int(macs), params, tuple(x.shape), tuple(y.shape), weight))
+
+
+def _computed_from(module, w) -> str:
+    """The parameter a computed weight scales with (weight norm's ``weight_v``, a parametrization's
+    ``original``): the module's one parameter of the same shape, so a plan's cost shrinks with it."""
+    same = [n for n, p in module.named_parameters()
+            if tuple(p.shape) == tuple(w.shape)] if module is not None and isinstance(w, torch.Tensor) else []
+    return same[0] if len(same) == 1 else "weight"
 
 
 def _read_batch(mode, x, batched: bool, dim: int) -> None:

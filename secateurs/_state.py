@@ -2,12 +2,37 @@
 and the non-persistent buffers a state_dict leaves out (pruning may have resized them)."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-__all__ = ["dedupe", "non_persistent_buffers", "set_buffers"]
+__all__ = ["copy_model", "dedupe", "non_persistent_buffers", "recompute_weights", "set_buffers"]
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies a model using the legacy ``nn.utils.weight_norm``, which
+    keeps its computed ``weight`` as a plain attribute that deepcopy refuses (not a graph leaf).
+    Such attributes are copied detached; the hook computes them again at the next forward."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def recompute_weights(model: nn.Module) -> None:
+    """The legacy ``nn.utils.weight_norm`` stores ``weight`` computed at the last forward: after new
+    ``weight_g``/``weight_v`` are loaded it still has the old sizes until the hook runs again."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for m in model.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                with torch.no_grad():
+                    setattr(m, hook.name, hook.compute_weight(m))
 
 
 def dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -10,7 +10,6 @@ needs a budget, a width allocation or a search uses these, and nothing here know
 """
 from __future__ import annotations
 
-import copy
 import heapq
 import math
 import numbers
@@ -21,6 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from ._state import copy_model
 from ._validation import PruningError, check_choice, check_ratio, check_scalar
 from .cost import Cost, PlanCost
 from .graph import DependencyGraph
@@ -403,7 +403,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         limit = max(aim, smallest) * full
         keep = fill(alloc, search(alloc, cost, limit), cost, limit)
         plan = alloc.plan(keep)
-        ratio = latency_ratio(model, apply_plan(copy.deepcopy(model), graph, plan), x, threads=threads, runtime=runtime)
+        ratio = latency_ratio(model, apply_plan(copy_model(model), graph, plan), x, threads=threads, runtime=runtime)
         predicted = cost(keep) / full
         tried.append({"aim": aim, "predicted_ratio": predicted, "latency_ratio": ratio})
         log(f"latency: table predicts {predicted:.3f}, measured {ratio:.3f} (target {target:.3f})")

@@ -8,7 +8,6 @@ Models are registry names (``secateurs.models.list_models()``), ``torchvision:NA
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import warnings
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ._state import copy_model
 from .budget import ALLOCATIONS, Allocator, Budget
 from .criteria import list_criteria
 from .data import list_datasets, load_dataset
@@ -373,7 +373,7 @@ def prune_main(args) -> int:
     shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])
     x = torch.randn(*shape)
     name = args.pretrained or args.model
-    dense = None if args.no_latency else copy.deepcopy(model)  # timed beside the pruned model afterwards
+    dense = None if args.no_latency else copy_model(model)  # timed beside the pruned model afterwards
     log = (lambda *a: None) if args.quiet or not main_proc else print
     log(f"{name}: pruning by {args.method}" + (f" to {budget.kind} {budget.value}" if budget else ""))
     model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation,

@@ -11,13 +11,13 @@ How the blocks are scored (PLS-VIP of their outputs) lives in :mod:`secateurs.pl
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
+from ._state import copy_model
 from ._validation import PruningError
 from .cost import count
 from .residual import out_of_place, residual_units
@@ -167,7 +167,7 @@ def _stand_in(block: nn.Module, child: str) -> nn.Module:
     """What replaces a removed block: ``nn.Identity()``, or its own tail submodule ``child``
     (tagged by ``remove_blocks`` once the removal stands, so :func:`secateurs.save` records it)."""
     # a copy (it holds no parameters): a removal that fails leaves the block's own tail as it was
-    return out_of_place(copy.deepcopy(block.get_submodule(child))) if child else nn.Identity()
+    return out_of_place(copy_model(block.get_submodule(child))) if child else nn.Identity()
 
 
 def block_names(blocks: Iterable[Block | str]) -> list[str]:

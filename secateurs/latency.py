@@ -8,7 +8,6 @@ interval of that median (order statistics), the thread count and the runtime it 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ._layout import channels_last_only
+from ._state import copy_model
 from ._validation import check_choice, check_scalar
 
 __all__ = ["Timing", "RUNTIMES", "runtime_of", "time_models", "latency_ratio", "time_callables", "median", "measure_latency", "compare_dense_pruned",
@@ -80,7 +80,7 @@ def _runner(model: nn.Module, inputs: tuple, runtime: str) -> Callable[[], Any]:
     """A no-argument callable that runs one forward of ``model`` in PyTorch (eager or channels-last)."""
     m = model
     if runtime == "channels_last":
-        m = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        m = copy_model(model).to(memory_format=torch.channels_last)
         inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
     m.eval()
     if any(t.is_cuda for t in inputs):  # kernels are asynchronous: the time is the synchronised one

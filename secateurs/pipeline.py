@@ -6,7 +6,6 @@ are :mod:`secateurs.methods`, the cut is :mod:`secateurs.surgery` / :mod:`secate
 """
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
+from ._state import copy_model
 from ._validation import (InvalidArgument, PruningError, check_dataset, check_example_inputs, check_model,
                           check_out_dir, check_scalar)
 from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
@@ -123,7 +123,7 @@ def _teacher(model: nn.Module, finetune: TrainConfig | None, given: nn.Module | 
         return None
     if given is not None:
         return given.eval().requires_grad_(False)
-    teacher = copy.deepcopy(model).eval()
+    teacher = copy_model(model).eval()
     teacher.requires_grad_(False)
     return teacher
 
@@ -256,7 +256,7 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
     ctx = StepContext(model=model, graph=graph, step=k, current=run.current,
                       original_widths=run.extra["original_widths"], state=run.extra.setdefault("_state", {}),
                       **{**run.context, "finetune": finetune})
-    before_plan = copy.deepcopy(model) if tolerance is not None and req.how.trains else None
+    before_plan = copy_model(model) if tolerance is not None and req.how.trains else None
     decision: Decision = req.how.plan(ctx)
     t3 = time.perf_counter()
     timings["analyze_s"] += t1 - t0
@@ -268,7 +268,7 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
         run.log(f"step {k}: {why}; stopping")
         return why
     run.extra.update(decision.info)
-    snapshot = copy.deepcopy(model) if tolerance is not None else None  # what undoing this step goes back to
+    snapshot = copy_model(model) if tolerance is not None else None  # what undoing this step goes back to
     removed = decision.apply(model, graph, run.example_inputs)
     t4 = time.perf_counter()
     timings["surgery_s"] += t4 - t3
@@ -394,7 +394,7 @@ def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: Dependenc
     """The schedule. An error after a cut (a later step's unreachable target, a failed fine-tuning)
     puts the user's model back as it came; a one-shot cut without fine-tuning is undone by the surgery itself."""
     model, req = run.model, run.req
-    original = copy.deepcopy(model) if req.steps > 1 or req.finetune is not None or resume else None
+    original = copy_model(model) if req.steps > 1 or req.finetune is not None or resume else None
     try:
         start = _resume(run) if resume else (run.ckpt.clear() or 1)
         for k in range(start, req.steps + 1):

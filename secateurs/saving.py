@@ -11,7 +11,6 @@ shrinks a freshly built model (the caller's, or one built from the spec) to thos
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
-from ._state import dedupe, non_persistent_buffers, set_buffers
+from ._state import copy_model, dedupe, non_persistent_buffers, recompute_weights, set_buffers
 from .models import create_model, names_code
 from .residual import out_of_place
 
@@ -133,7 +132,7 @@ def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_loca
 
     given = model
     if given is not None:
-        model, on_meta = copy.deepcopy(given), False  # edited aside: an error leaves the caller's model as it was
+        model, on_meta = copy_model(given), False  # edited aside: an error leaves the caller's model as it was
     else:
         model = _fresh(spec, "meta", trust_code)
         on_meta = _is_meta(model)
@@ -148,6 +147,7 @@ def load(run_dir: str | os.PathLike, model: nn.Module | None = None, *, map_loca
     except RuntimeError as err:
         raise ValueError(f"{w_path} does not fit the model rebuilt from {cfg_path}: {err}") from err
     set_buffers(model, buffers, info.get("buffers", {}), str(cfg_path))
+    recompute_weights(model)
     if given is None:  # the weights were read on the CPU, on the meta path assigned as they are
         try:
             model.to(device)

@@ -8,7 +8,6 @@ Channels are chosen exactly as :func:`~secateurs.prune` with ``allocation="unifo
 """
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from ._state import copy_model
 from ._validation import check_scalar
 from .budget import Allocator
 from .cost import PlanCost, count
@@ -107,7 +107,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, val_data: Any, ratios: Se
         raise ValueError("`val_data` is empty: the metric cannot be measured on no samples")
     key = metric_key(val_data, metric)
 
-    work = copy.deepcopy(model)  # scores, analysis and baseline on a copy: the user's object is never touched
+    work = copy_model(model)  # scores, analysis and baseline on a copy: the user's object is never touched
     graph = analyze(work, example_inputs, ignore=ignore)
     selected = _select_groups(graph, groups)
     device = next(work.parameters(), torch.empty(0)).device
@@ -135,7 +135,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, val_data: Any, ratios: Se
                 keep[gi] = alloc.clamp(gi, g.size - math.floor(g.size * r + 1e-9))
                 n_removed = g.size - keep[gi]
                 if n_removed:
-                    pruned = apply_plan(copy.deepcopy(work), graph, alloc.plan(keep))
+                    pruned = apply_plan(copy_model(work), graph, alloc.plan(keep))
                     drop = baseline - float(evaluate(pruned, val_data, device=device)[key])
                     del pruned
                     macs = plan_cost(alloc.removed(keep))[0]

@@ -5,11 +5,11 @@ them, and the outputs must not change. It holds for groups whose ``exact`` flag 
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn as nn
 
+from ._state import copy_model
 from .graph import analyze
 from .surgery import apply_plan, zero_channels
 
@@ -56,7 +56,7 @@ def check_equivalence(model: nn.Module, x, fraction: float = 0.5, seed: int = 0,
     Every output tensor is compared. Returns ``(pruned copy, worst relative max error, number of
     groups cut)``; raises AssertionError when an error exceeds ``tol`` or an output shape changed.
     """
-    model = copy.deepcopy(model).eval()
+    model = copy_model(model).eval()
     graph = analyze(model, x)
     gen = torch.Generator().manual_seed(seed)
     plan = {}

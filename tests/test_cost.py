@@ -264,3 +264,33 @@ def test_cross_attention_cost_model_is_exact_after_pruning(kdim):
     real = count(apply_plan(copy.deepcopy(m), g, {k: v for k, v in plan.items() if v}), x)
     macs, params = pc.soft((~removed).double())
     assert (round(float(macs)), round(float(params))) == (real.macs, real.params) == pc(removed)
+
+
+@pytest.mark.parametrize("norm", ["legacy", "parametrization"])
+def test_a_computed_weight_shrinks_with_the_parameter_it_comes_from(norm):
+    """Weight norm computes the conv's weight from ``weight_v`` (or a parametrization's ``original1``):
+    the plan's cost must shrink that conv's MACs too, or a budget cuts far more than it asks."""
+    import copy
+    import warnings
+
+    from secateurs import analyze, apply_plan
+    from secateurs.cost import PlanCost
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        conv = nn.utils.weight_norm(conv) if norm == "legacy" else nn.utils.parametrizations.weight_norm(conv)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), conv, nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    g = analyze(m, x)
+    pc = PlanCost(m, g, x)
+    removed = torch.zeros(g.n_components, dtype=torch.bool)
+    for grp in g.groups:
+        removed[grp.components[:3]] = True
+    plan = {grp.index: removed[grp.components].nonzero().flatten().tolist() for grp in g.groups}
+    cut = apply_plan(copy.deepcopy(m) if norm != "legacy" else secateurs._state.copy_model(m), g, plan)
+    real = count(cut, x)
+    assert [grp.size for grp in g.groups] == [8, 8] and real.macs == 256 * 9 * (3 * 5 + 5 * 5) + 5 * 4
+    assert pc(removed) == (real.macs, real.params)

@@ -2,9 +2,9 @@
 whole residual blocks (``dlp``), then optionally filters (``dlp+filters``, the paper's cascade)."""
 from __future__ import annotations
 
-import copy
 import math
 
+from .._state import copy_model
 from .._validation import PruningError
 from ..budget import Budget, measure, plan_for_budget
 from ..criteria import group_scores
@@ -156,7 +156,7 @@ class LayerPruningMethod(Method):
         target, tried = ctx.budget.value, []
         for k in range(1, len(order) + 1):
             names = [b.name for b in order[:k]]
-            probe = copy.deepcopy(ctx.model)
+            probe = copy_model(ctx.model)
             LayerPlan(names, scores).apply(probe, ctx.example_inputs)
             ratio = latency_ratio(ctx.model, probe, ctx.example_inputs, threads=ctx.latency_threads)
             tried.append({"blocks": k, "latency_ratio": round(ratio, 4)})

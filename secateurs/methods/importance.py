@@ -3,7 +3,6 @@ weight per channel ranks the filters, which then go step by step while the valid
 stays within the tolerance."""
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
 from typing import Any, Callable
@@ -11,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .._state import copy_model
 from .._validation import check_choice, check_scalar
 from ..budget import Allocator, Budget, bisect, fill, measure
 from ..cost import PlanCost
@@ -303,7 +303,7 @@ class ImportanceWeightMethod(Method):
         tried = []
 
         def within(n: int) -> bool:
-            probe = copy.deepcopy(ctx.model)
+            probe = copy_model(ctx.model)
             apply_plan(probe, ctx.graph, alloc.plan(alloc.keep_removing(n)))
             if ctx.finetune is not None:
                 fit(probe, ctx.data, None, self._train_config(ctx, ctx.finetune.epochs, None), teacher=ctx.teacher)
