@@ -7,9 +7,12 @@ value at each reading layer's input (one forward on the analysed inputs and one 
 random copy: a constant channel does not depend on the input) and folds ``W @ value`` into that
 layer's bias, or, when it has none, into the running mean of the batch norm right after it.
 
-Exact for linears, 1x1 and unpadded convs; for padded convs exact except at border pixels, where
-the removed taps read padding zeros rather than the constant. Only channels whose norm scale is
-small are candidates, so cuts of ordinary channels pay nothing.
+Exact for linears, 1x1 and unpadded convs, grouped ones included (a constant input reaches only
+its own group's outputs); for padded convs exact except at border pixels, where the removed taps
+read padding zeros rather than the constant. Transposed convs get no fold: with a stride each
+output pixel sums a different subset of the kernel taps, so a constant input does not add a
+constant. Only channels whose norm scale is small are candidates, so cuts of ordinary channels pay
+nothing.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ def _reader_axis(m: nn.Module) -> int | None:
     """The input axis whose channels a layer's weight axis 1 reads, for the layers we can fold into."""
     if type(m).forward not in _STOCK or parametrize.is_parametrized(m):
         return None
-    if isinstance(m, _CONVS) and m.groups == 1:
+    if isinstance(m, _CONVS):
         return 1
     if isinstance(m, nn.Linear):
         return -1
@@ -70,7 +73,7 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
     The model is not changed; layers whose removed inputs vary, or with nowhere to fold, are skipped.
     """
     modules = dict(model.named_modules())
-    readers = {n: g for n, g in readers.items() if g.any() and _reader_axis(modules[n]) is not None}
+    readers = {n: _input_mask(modules[n], g) for n, g in readers.items() if g.any() and _reader_axis(modules[n]) is not None}
     if not readers:
         return {}
     seen: dict[str, tuple] = {}
@@ -141,6 +144,13 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
     return out
 
 
+def _input_mask(m: nn.Module, gone: torch.Tensor) -> torch.Tensor:
+    """Removed input channels from a mask over the weight's axis 1: in a grouped conv that axis is
+    the position within a group, and cutting a position cuts it from every group."""
+    groups = getattr(m, "groups", 1)
+    return gone.repeat(groups) if groups > 1 and len(gone) * groups == m.in_channels else gone
+
+
 def _delta(m: nn.Module, stats: tuple, gone: torch.Tensor) -> torch.Tensor | None:
     """``W[:, c] @ value_c`` summed over the removed inputs ``c`` that are constant, or None."""
     lo, hi, total, n = stats
@@ -152,7 +162,10 @@ def _delta(m: nn.Module, stats: tuple, gone: torch.Tensor) -> torch.Tensor | Non
     const = gone & (spread <= STD_TOL * typical.clamp_min(1e-12))
     if not const.any():
         return None
-    value = total[const] / n
-    w = m.weight.detach()
-    w = w.flatten(2).sum(2) if w.dim() > 2 else w  # every kernel tap reads the same constant
-    return w[:, const.to(w.device)].float() @ value.to(w.device)
+    w = m.weight.detach().float()
+    w = w.flatten(2).sum(2) if w.dim() > 2 else w  # every kernel tap reads the same constant: [out, in / groups]
+    value = torch.where(const, total / n, torch.zeros_like(total)).to(w.device)  # per input channel, 0 if kept
+    groups = getattr(m, "groups", 1)
+    out_per, in_per = w.shape[0] // groups, w.shape[1]
+    # output o of group g reads inputs g * in_per ... (g + 1) * in_per - 1 through w[o]
+    return (w.view(groups, out_per, in_per) * value.view(groups, 1, in_per)).sum(2).flatten()

@@ -22,17 +22,17 @@ class Net(nn.Module):
         if reader == "linear":
             self.conv2 = nn.Linear(8 * 6 * 6, 5)
         else:
-            k, p = (1, 0) if reader == "1x1" else (3, 1)
-            self.conv2 = nn.Conv2d(8, 6, k, padding=p, bias=not bn_after)
+            k, p = (1, 0) if reader in ("1x1", "grouped") else (3, 1)
+            self.conv2 = nn.Conv2d(8, 6, k, padding=p, bias=not bn_after, groups=2 if reader == "grouped" else 1)
         self.bn2 = nn.BatchNorm2d(6) if bn_after and reader != "linear" else nn.Identity()
-        self.fc = nn.Linear(6, 4) if reader == "1x1" else nn.Identity()
+        self.fc = nn.Linear(6, 4) if reader in ("1x1", "grouped") else nn.Identity()
 
     def forward(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
         if self.reader == "linear":
             return self.conv2(x.flatten(1))
         x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3))) if self.reader == "1x1" else x
+        return self.fc(x.mean((2, 3))) if self.reader in ("1x1", "grouped") else x
 
 
 def _trained_like(net: nn.Module, dead=(2, 5), gamma=0.0) -> nn.Module:
@@ -70,6 +70,26 @@ def test_a_zero_gamma_channel_is_removed_with_outputs_unchanged(reader, bn_after
         plain = _cut(net, x[:1], (2, 5), compensate=False)(x)
     torch.testing.assert_close(cut, ref, atol=1e-5, rtol=1e-5)
     assert (plain - ref).abs().max() > 1e-2  # without compensation the constant is lost
+
+
+@pytest.mark.parametrize("bn_after", [True, False])
+def test_a_grouped_reader_folds_each_constant_into_its_own_group(bn_after):
+    """conv2 has 2 groups of 4 inputs: a channel is cut with its twin in the other group (one unit),
+    and each constant reaches only its own group's 3 outputs."""
+    x = torch.randn(4, 3, 6, 6)
+    net = _trained_like(Net("grouped", bn_after), dead=(2, 6))
+    with torch.no_grad():
+        ref = net(x)
+        outs = []
+        for compensate in (True, False):
+            cut = copy.deepcopy(net)
+            graph = secateurs.analyze(cut, x[:1])
+            (group,) = graph.groups_of("conv1")
+            apply_plan(cut, graph, {group.index: [2]}, compensate=compensate)
+            assert cut.conv1.out_channels == 6 and cut.conv2.weight.shape == (6, 3, 1, 1)
+            outs.append(cut(x))
+    torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
+    assert (outs[1] - ref).abs().max() > 1e-2  # without compensation the constant is lost
 
 
 def test_padded_reader_is_exact_inside_the_border():
