@@ -319,6 +319,8 @@ def param_ids(ctx: Context, owner: tuple[str, str], t: torch.Tensor) -> Ids:
     """
     if t.numel() <= 1 or not (t.is_floating_point() or t.is_complex()):
         return None  # index and counter buffers are never cut
+    if ".parametrizations." in f".{owner[0]}.":
+        return None  # a parametrization's own state (spectral norm's u, v): cut only through what it parametrizes
     if t.numel() > _MAX_ELEMENTWISE and sum(s > 1 for s in t.shape) > 1:
         return None  # a large weight outside any layer rule: fixed size
     ids = ctx.fresh(t.numel()).view(t.shape)

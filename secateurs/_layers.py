@@ -111,7 +111,9 @@ def _bind_computed(ctx: Context, computed, main, w_ids, out_ids, in_ids, out_axi
         if not size:
             continue
         if size[0] != len(out_ids) or not ctx.bind_param(q, [k for k, s in enumerate(q.shape) if s > 1][0], out_ids):
-            ctx.freeze(out_ids)
+            ctx.freeze(out_ids)  # e.g. spectral norm's power-iteration vectors: u over the outputs, v over
+            if in_ids is not None:  # the flattened inputs x taps, which no cut can follow
+                ctx.freeze(in_ids)
     if in_ids is not None:
         ctx.mark_inexact(in_ids)  # standardised over the input axis: statistics change with it
 

@@ -177,6 +177,22 @@ def test_standardised_weights_are_cut_through_the_parameter_they_come_from():
     check_equivalence(m, x)
 
 
+def test_a_spectral_normed_conv_keeps_its_channels_and_the_rest_is_cut():
+    """Spectral norm divides the weight by sigma from buffers u (outputs) and v (inputs x taps,
+    flattened): no cut can resize v, so both sides of that conv stay; the conv after it is pruned."""
+    torch.manual_seed(0)
+    sn = nn.utils.parametrizations.spectral_norm(nn.Conv2d(8, 8, 3, padding=1))
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), sn, nn.ReLU(),
+                      nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(6, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    (grp,) = analyze(m, x).groups
+    assert grp.size == 6 and {mod for mod, *_ in grp.members} == {"5", "6", "10"}
+    pruned, report = secateurs.prune(m, x, "l1", 0.9, quiet=True)  # was: the cut failed its check and was undone
+    assert pruned[5].out_channels < 6 and report["kept"]["macs"] <= 0.9
+    assert pruned[3].parametrizations.weight.original.shape == (8, 8, 3, 3) and pruned(x).shape == (2, 4)
+
+
 def test_an_unknown_operation_warns_once_per_kind():
     with pytest.warns(UserWarning) as rec:
         g = analyze(ComputedWeight(), torch.randn(1, 3, 4, 4))
