@@ -12,6 +12,7 @@ feed it (with a warning naming it), it never guesses.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -312,6 +313,9 @@ def unknown(ctx: Context, node: Any, aids, kids, why: str = "") -> None:
 
 
 
+_PARAMETRIZATION = re.compile(r"(^|\.)parametrizations\.[^.]+\.\d+$")  # a module inside a ParametrizationList
+
+
 def param_ids(ctx: Context, owner: tuple[str, str], t: torch.Tensor) -> Ids:
     """Ids of a parameter used directly in the computation (layer scale, gain, bias added by hand).
 
@@ -319,7 +323,7 @@ def param_ids(ctx: Context, owner: tuple[str, str], t: torch.Tensor) -> Ids:
     """
     if t.numel() <= 1 or not (t.is_floating_point() or t.is_complex()):
         return None  # index and counter buffers are never cut
-    if ".parametrizations." in f".{owner[0]}.":
+    if _PARAMETRIZATION.search(owner[0]):
         return None  # a parametrization's own state (spectral norm's u, v): cut only through what it parametrizes
     if t.numel() > _MAX_ELEMENTWISE and sum(s > 1 for s in t.shape) > 1:
         return None  # a large weight outside any layer rule: fixed size

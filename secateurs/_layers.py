@@ -110,12 +110,20 @@ def _bind_computed(ctx: Context, computed, main, w_ids, out_ids, in_ids, out_axi
         size = [s for s in q.shape if s > 1]
         if not size:
             continue
-        if size[0] != len(out_ids) or not ctx.bind_param(q, [k for k, s in enumerate(q.shape) if s > 1][0], out_ids):
-            ctx.freeze(out_ids)  # e.g. spectral norm's power-iteration vectors: u over the outputs, v over
-            if in_ids is not None:  # the flattened inputs x taps, which no cut can follow
+        if _is_buffer(ctx, q):  # state mixed into the weight (spectral norm's power-iteration u, v: v runs over
+            ctx.freeze(out_ids)  # the flattened inputs x taps, and sigma changes with any cut): both sides stay
+            if in_ids is not None:
                 ctx.freeze(in_ids)
+        elif size[0] != len(out_ids) or not ctx.bind_param(q, [k for k, s in enumerate(q.shape) if s > 1][0], out_ids):
+            ctx.freeze(out_ids)
     if in_ids is not None:
         ctx.mark_inexact(in_ids)  # standardised over the input axis: statistics change with it
+
+
+def _is_buffer(ctx: Context, t: torch.Tensor) -> bool:
+    own = ctx.owner(t)
+    m = ctx.modules.get(own[0]) if own else None
+    return m is not None and own[1] in m._buffers
 
 
 def linear(ctx: Context, node, args, kwargs, aids, kids, out) -> Any:
@@ -291,7 +299,7 @@ def _computed_from(module, w) -> str:
 
 def _read_batch(mode, x, batched: bool, dim: int) -> None:
     """A layer that knows its batch dimension read a model input: that input's batch is exact."""
-    if not mode.batch_read and id(x) in mode.inputs:
+    if not mode.batch_read and id(x) in mode.batch_inputs:
         mode.batch, mode.batch_read = int(x.shape[dim]) if batched else 1, True
 
 

@@ -7,17 +7,23 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
+_COMPUTED_BY_HOOK = (WeightNorm, SpectralNorm)  # legacy hooks that store the weight they compute
 
 __all__ = ["copy_model", "dedupe", "non_persistent_buffers", "recompute_weights", "set_buffers"]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies a model using the legacy ``nn.utils.weight_norm``, which
-    keeps its computed ``weight`` as a plain attribute that deepcopy refuses (not a graph leaf).
-    Such attributes are copied detached; the hook computes them again at the next forward."""
+    """``copy.deepcopy`` that also copies a model using the legacy ``nn.utils.weight_norm`` or
+    ``spectral_norm``, whose hook keeps the computed weight as a plain attribute that deepcopy
+    refuses (not a graph leaf). Only those attributes are copied detached (the hook computes them
+    again at the next forward); any other non-leaf attribute still makes deepcopy refuse."""
     memo: dict[int, Any] = {}
     for m in model.modules():
-        for v in vars(m).values():
+        for hook in m._forward_pre_hooks.values():
+            v = getattr(m, getattr(hook, "name", ""), None) if isinstance(hook, _COMPUTED_BY_HOOK) else None
             if isinstance(v, torch.Tensor) and not v.is_leaf:
                 memo[id(v)] = v.detach().clone()
     return copy.deepcopy(model, memo)
@@ -26,8 +32,6 @@ def copy_model(model: nn.Module) -> nn.Module:
 def recompute_weights(model: nn.Module) -> None:
     """The legacy ``nn.utils.weight_norm`` stores ``weight`` computed at the last forward: after new
     ``weight_g``/``weight_v`` are loaded it still has the old sizes until the hook runs again."""
-    from torch.nn.utils.weight_norm import WeightNorm
-
     for m in model.modules():
         for hook in list(m._forward_pre_hooks.values()):
             if isinstance(hook, WeightNorm):

@@ -152,6 +152,7 @@ class _Mode(TorchFunctionMode):
         ctx.modules = modules
         self.batch = 1  # samples in the example inputs: MACs are counted per sample
         self.batch_read = False  # set once a layer that knows its batch dim read a model input
+        self.batch_inputs: set[int] = set()  # the top-level tensor inputs such a layer may read
 
     # -- id storage keyed by tensor identity --------------------------------------------------
     def owner(self, t: Any) -> tuple[str, str] | None:
@@ -371,6 +372,7 @@ def _run(model: nn.Module, inputs: tuple, ctx: Context, train: bool, meta: bool,
     mode = _Mode(ctx, swap.owners, meta, names, set(ignored), costs, modules, rules)
     mode.named = named
     mode.batch = batch_guess(inputs)
+    mode.batch_inputs = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
     mode.inputs = {id(t) for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)}
     hooks = [nn.modules.module.register_module_forward_pre_hook(mode.pre_hook),
              nn.modules.module.register_module_forward_hook(mode.post_hook)] if named else []
@@ -395,13 +397,17 @@ def _run(model: nn.Module, inputs: tuple, ctx: Context, train: bool, meta: bool,
 
 
 def batch_guess(inputs: tuple) -> int:
-    """Samples in the example inputs before any layer says: a leading list of tensors holds one per
-    image (torchvision detection), else the first tensor's leading size. The first conv or attention
-    to read a model input corrects it (an unbatched ``[C, H, W]``, a sequence-first ``[L, N, E]``)."""
+    """Samples in the example inputs before any layer says: a leading list of same-rank tensors with
+    as many channels each holds one image apiece (torchvision detection), else the first tensor's
+    leading size. The first conv or attention to read a top-level tensor input corrects it (an
+    unbatched ``[C, H, W]``, a sequence-first ``[L, N, E]``)."""
     first = inputs[0] if inputs else None
-    if isinstance(first, (list, tuple)) and first and all(isinstance(t, torch.Tensor) for t in first):
+    if (isinstance(first, list) and first and all(isinstance(t, torch.Tensor) for t in first)
+            and len({(t.dim(), t.shape[0] if t.dim() else None) for t in first}) == 1 and first[0].dim() >= 2):
         return len(first)
-    return next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+    leaf = next((t for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor) and t.dim() > 0),
+                None)
+    return int(leaf.shape[0]) if leaf is not None else 1
 
 
 def _where(mode: _Mode) -> str:

@@ -3,6 +3,7 @@ Dice and mIoU over the labelled pixels of masks (``IGNORE_INDEX`` pixels count n
 that add up across batches and processes, so DDP evaluation all-reduces one tensor."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -47,17 +48,35 @@ def check_labels(ds: Any, outputs: int, name: str) -> None:
     """Labels the model has no output for: cross-entropy would fail naming nothing, and accuracy
     would count them silently wrong. ``outputs``: the model's logits per sample (dim 1)."""
     t = getattr(ds, "targets", None)
-    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point:
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.numel() == 0:
         return
-    if getattr(ds, "task", "classification") == "segmentation":
-        t = t[t != IGNORE_INDEX]
-    if t.numel() == 0:
-        return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= outputs:
+    lo, hi = _label_range(t, getattr(ds, "task", "classification") == "segmentation")
+    if lo is not None and (lo < 0 or hi >= outputs):
         raise ValueError(f"`{name}` ({getattr(ds, 'name', type(ds).__name__)}) has labels {lo}..{hi} but the model "
                          f"outputs {outputs} classes: give it a head for every class (e.g. create_model(..., "
                          f"num_classes={max(hi + 1, getattr(ds, 'num_classes', 0))}))")
+
+
+_RANGES: dict[int, tuple] = {}  # id(targets) -> (weakref, (version, masks), range); a few datasets per process
+
+
+def _label_range(t: torch.Tensor, masks: bool) -> tuple[int | None, int | None]:
+    """(lowest, highest) label, unlabelled pixels left out; remembered per tensor (and its in-place
+    version), since evaluate asks every epoch. Masks are read a chunk at a time, never copied whole."""
+    hit = _RANGES.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == (t._version, masks):
+        return hit[2]
+    lo = hi = None
+    for chunk in (t.flatten().split(1 << 22) if masks else (t,)):
+        if masks:
+            chunk = chunk[chunk != IGNORE_INDEX]
+        if chunk.numel():
+            a, b = torch.aminmax(chunk)
+            lo, hi = (int(a), int(b)) if lo is None else (min(lo, int(a)), max(hi, int(b)))
+    if len(_RANGES) > 64:
+        _RANGES.clear()
+    _RANGES[id(t)] = (weakref.ref(t), (t._version, masks), (lo, hi))
+    return lo, hi
 
 
 def batch_stats(out: torch.Tensor, y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:

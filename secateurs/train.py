@@ -333,7 +333,7 @@ def _probe(model: nn.Module, train_ds: ArrayDataset, cfg: TrainConfig, device) -
     x, was = first[0].to(device), model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(torch.device(device), cfg.amp):
             return x, model(x)
     finally:
         model.train(was)

@@ -3,6 +3,8 @@ never changes the model; exact sizes, MACs and zeroed-channel equivalence on han
 from __future__ import annotations
 
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -177,20 +179,49 @@ def test_standardised_weights_are_cut_through_the_parameter_they_come_from():
     check_equivalence(m, x)
 
 
-def test_a_spectral_normed_conv_keeps_its_channels_and_the_rest_is_cut():
+@pytest.mark.parametrize("kernel,legacy", [(3, False), (1, False), (3, True), (1, True)])
+def test_a_spectral_normed_conv_keeps_its_channels_and_the_rest_is_cut(kernel, legacy):
     """Spectral norm divides the weight by sigma from buffers u (outputs) and v (inputs x taps,
-    flattened): no cut can resize v, so both sides of that conv stay; the conv after it is pruned."""
+    flattened): no cut can resize v, so both sides of that conv stay; the conv after it is pruned.
+    At 1x1 with as many inputs as outputs v has the outputs' length too, and still stays."""
     torch.manual_seed(0)
-    sn = nn.utils.parametrizations.spectral_norm(nn.Conv2d(8, 8, 3, padding=1))
+    conv = nn.Conv2d(8, 8, kernel, padding=kernel // 2)
+    sn = nn.utils.spectral_norm(conv) if legacy else nn.utils.parametrizations.spectral_norm(conv)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), sn, nn.ReLU(),
                       nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                       nn.Flatten(), nn.Linear(6, 4)).eval()
     x = torch.randn(2, 3, 8, 8)
-    (grp,) = analyze(m, x).groups
-    assert grp.size == 6 and {mod for mod, *_ in grp.members} == {"5", "6", "10"}
-    pruned, report = secateurs.prune(m, x, "l1", 0.9, quiet=True)  # was: the cut failed its check and was undone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the power iteration's ops are not layer rules
+        (grp,) = analyze(m, x).groups
+        assert grp.size == 6 and {mod for mod, *_ in grp.members} == {"5", "6", "10"}
+        pruned, report = secateurs.prune(m, x, "l1", 0.9, quiet=True)  # was: the cut failed its check, undone
     assert pruned[5].out_channels < 6 and report["kept"]["macs"] <= 0.9
-    assert pruned[3].parametrizations.weight.original.shape == (8, 8, 3, 3) and pruned(x).shape == (2, 4)
+    assert pruned[3].in_channels == pruned[3].out_channels == 8 and pruned(x).shape == (2, 4)
+
+
+class _Exp(nn.Module):
+    def forward(self, z):
+        return z.exp()
+
+
+def test_a_parametrized_per_channel_parameter_is_still_cut():
+    """A layer scale under a parametrization (exp) follows the channels through its ``original``."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+            self.gamma = nn.Parameter(torch.randn(8) * 0.1)
+
+        def forward(self, x):
+            return self.c2(self.c1(x) * self.gamma.view(1, -1, 1, 1))
+
+    m = Scaled()
+    nn.utils.parametrize.register_parametrization(m, "gamma", _Exp())
+    x = torch.randn(1, 3, 6, 6)
+    (grp,) = analyze(m.eval(), x).groups
+    assert grp.size == 8 and ("parametrizations.gamma", "original", 0) in {t[:3] for t in grp.members}
+    check_equivalence(m, x)
 
 
 def test_an_unknown_operation_warns_once_per_kind():

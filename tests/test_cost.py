@@ -222,6 +222,24 @@ def test_unbatched_and_listed_inputs_are_counted_per_sample():
 
     assert count(Listed(), ([torch.randn(3, 5, 5), torch.randn(3, 5, 5)],)).macs == 25 * 4 * 3 * 9
 
+    class OneByOne(Listed):  # each image through the conv unbatched: the list length stays the batch
+        def forward(self, images):
+            return torch.stack([self.conv(im) for im in images])
+
+    assert count(OneByOne(), ([torch.randn(3, 5, 5), torch.randn(3, 5, 5)],)).macs == 25 * 4 * 3 * 9
+
+    class Paired(nn.Module):  # one argument holding two batched tensors is not a list of images
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(6, 2)
+
+        def forward(self, pair):
+            img, aux = pair
+            return self.conv(img - 0.5).mean((2, 3)).sum() + self.fc(aux)
+
+    assert count(Paired(), ((torch.randn(1, 3, 5, 5), torch.randn(1, 6)),)).macs == 25 * 4 * 3 * 9 + 12
+    assert count(Paired(), ((torch.randn(3, 3, 5, 5), torch.randn(3, 6)),)).macs == 25 * 4 * 3 * 9 + 12
+
 
 class _CrossAttnNet(nn.Module):
     """Queries from 8x8 positions, keys/values from a stride-2 branch (16 positions): L != S. With

@@ -289,6 +289,10 @@ def test_a_legacy_weight_norm_model_is_copied_pruned_in_steps_and_loaded_into(tm
         copy.deepcopy(m)
     twin = copy_model(m)
     assert torch.equal(twin(x), m(x)) and twin[3].weight_g is not m[3].weight_g
+    m[0].cached = m[0].weight * 1.0  # any other non-leaf attribute: still refused, not silently unaliased
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy_model(m)
+    del m[0].cached
     pruned, report = secateurs.prune(m, x, "l1", 0.85, steps=2, quiet=True)
     assert 0.75 < report["kept"]["macs"] <= 0.85  # the weight-normed conv's MACs shrink with weight_v
     run = tmp_path / "run"

@@ -275,3 +275,24 @@ def test_train_init_from_starts_a_second_stage_from_an_earlier_run(tmp_path, mon
     other[other.index("tiny_cnn")] = "cifar_resnet20"
     with pytest.raises(SystemExit, match="(?s)--init-from .*(size mismatch|Missing key)"):
         cli.main(other[3:])
+
+
+def test_the_label_check_sees_labels_edited_in_place():
+    """The range is remembered per targets tensor for evaluate's every call, and read again after an
+    in-place edit; unlabelled mask pixels never count."""
+    from secateurs.metrics import check_labels
+
+    from secateurs.data import IGNORE_INDEX, ArrayDataset
+
+    tr, _ = digits()
+    ds = ArrayDataset("d", tr.images[:32].clone(), tr.targets[:32].clone(), tr.classes)  # its own tensors to edit
+    check_labels(ds, 10, "ds")
+    ds.targets[3] = 12
+    with pytest.raises(ValueError, match=r"`ds` \(.*\) has labels 0..12 but the model outputs 10 classes"):
+        check_labels(ds, 10, "ds")
+    masks = torch.zeros(2, 4, 4, dtype=torch.long)
+    masks[0, 0, 0], masks[1] = 1, IGNORE_INDEX
+    seg = ArrayDataset("toy-seg", torch.zeros(2, 1, 4, 4, dtype=torch.uint8), masks, ["bg", "fg"], task="segmentation")
+    check_labels(seg, 2, "ds")
+    with pytest.raises(ValueError, match="has labels 0..1 but the model outputs 1 classes"):
+        check_labels(seg, 1, "ds")
