@@ -41,12 +41,12 @@ def run(args) -> None:
     if args.quick:
         compare.main(["--sections", "coverage", "--coverage-models", "resnet18", "mobilenet_v2", *common])
         engine_speed.main(["--models", "resnet18", "mobilenet_v2", "--repeats", "1", "--out", str(out)])
-        compare.main(["--sections", "speedup", "--speedup-models", "cifar_resnet56", "--repeats", "3", *common])
+        compare.main(["--sections", "speedup", "--speedup-models", "cifar_resnet56", "--repeats", "6", *common])
         compare.main(["--sections", "accuracy", "--models", "cifar_resnet20_cifar10", "--targets", "0.5",
                       "--methods", "l1", "heuristic", "importance-weights", "tp_magnitude", "tp_bn_scale",
                       "--seeds", "0", "1", "--epochs", "1", "--subset", "256", "--val-subset", "200", *common])
         segmentation.main(["--models", "unet16_isbi2012", "--seeds", "0", "--max-steps", "1", "--iw-epochs", "1",
-                           "--ft-epochs", "1", "--fraction", "0.2", "--fixed", "0.8", "--latency-repeats", "3",
+                           "--ft-epochs", "1", "--fraction", "0.2", "--fixed", "0.8", "--latency-repeats", "6",
                            "--work", str(out / "seg_runs"), "--out", str(out), "--threads", str(args.threads)])
         compare.main(["--sections", "segmentation", "--seg-models", "unet16_isbi2012", "--seg-targets", "0.6", "0.3",
                       "--seg-methods", "l1", "importance-weights", "tp_magnitude", "--seg-epochs", "2",

@@ -66,11 +66,15 @@ class Budget:
                 raise ValueError(f"a {self.kind} target is the kept fraction, in (0, 1]; got {v!r}")
 
     def at_step(self, k: int, n: int) -> "Budget":
-        """Budget after step ``k`` of ``n``: geometric, so each step removes the same share."""
+        """Budget after step ``k`` of ``n``: geometric, so each step removes the same share. MACs and
+        params are fractions of the unpruned model; ratios, layers and latency (which is timed
+        against the model as the step finds it) of the current one."""
         if self.kind in ("ratio", "layers"):  # relative to the current model: (1 - r_k)^n = 1 - r
             step = lambda r: 1 - (1 - r) ** (1 / n)  # noqa: E731
             value = step(self.value) if self.kind == "ratio" else {m: step(r) for m, r in self.value.items()}
             return Budget(self.kind, value)
+        if self.kind == "latency":  # each step's measured ratio multiplies: v^(1/n) per step gives v
+            return Budget(self.kind, self.value ** (1 / n))
         return Budget(self.kind, self.value ** (k / n))
 
     def limit(self, reference: Cost) -> float:
@@ -417,6 +421,10 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
                            f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g}). "
                            "Narrower channels do not remove a layer's fixed cost, which dominates small inputs: remove "
                            "whole blocks first (method='dlp' with a block count), then prune channels to the target")
+    if abs(best[1] - target) > tolerance * target:  # met, but with more cut than asked: say so
+        warnings.warn(f"a latency target of {target:.3g} was met at {best[1]:.3g} of the dense latency, more than "
+                      f"{tolerance:.0%} below it after {len(tried)} tries (the tables' steps or timing noise hid the "
+                      "target): the model lost more channels than the target needs", RuntimeWarning, stacklevel=2)
     return best[0], {"latency_base_s": lm.measured_s, "latency_search": tried, "latency_ratio": best[1],
                      "latency_table": str(lm.path), "latency_runtime": runtime}
 

@@ -23,7 +23,7 @@ from .data import list_datasets, load_dataset
 from .export import export_onnx
 from .saving import save
 from .graph import analyze
-from .latency import compare_dense_pruned
+from .latency import compare_dense_pruned, runtime_of
 from .methods import get_method, list_methods, method_class
 from .models import create_model, load_pretrained, sizing_kwargs
 from .pipeline import prune
@@ -265,9 +265,9 @@ GUARD_SECONDS = 120.0  # the latency guard's bound: batch 8 is left out (and sai
 
 
 def _latency_guard(dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, report: dict) -> None:
-    """Dense and pruned timed interleaved at batch 1 and 8 (8 only if it fits in two minutes): the
-    report's latency rows, and a loud warning when the pruned model is measurably slower."""
-    guard = compare_dense_pruned(dense, model, x, batches=(1, 8), repeats=30, max_seconds=GUARD_SECONDS)
+    """Dense and pruned timed interleaved at batch 1 and 8 (8 only if it fits in two minutes), both in the
+    pruned model's layout: the report's latency rows, and a loud warning when the pruned one is slower."""
+    guard = compare_dense_pruned(dense, model, x, batches=(1, 8), repeats=30, max_seconds=GUARD_SECONDS, runtime=runtime_of(model))
     report["latency"] = guard
     for r in guard["rows"]:
         report["before"][f"latency_b{r['batch']}_ms"] = r["dense_ms"]
@@ -381,7 +381,7 @@ def prune_main(args) -> int:
                           val_data=val_ds, finetune=finetune, steps=args.steps, tolerance=args.tolerance,
                           metric=args.metric, out_dir=args.out, resume=args.resume, quiet=args.quiet or not main_proc)
     model = model.cpu()  # measured, saved and exported on the CPU
-    if dense is not None:
+    if dense is not None and main_proc:  # under torchrun one process times, the others would compete with it
         _latency_guard(dense, model, x, report)
     report["threads"] = torch.get_num_threads()
     report["protocol"] = (f"{name} on {train_ds.name if train_ds else 'no data'}"

@@ -36,8 +36,11 @@ def default_cache_dir() -> Path:
     return Path(root) / "latency"
 
 
+_FORMAT = 2  # the cache layout and what a layer's key describes: a change starts new files
+
+
 def _machine_key(threads: int, runtime: str) -> str:
-    text = f"{cpu_name()}|{os.cpu_count()}|torch {torch.__version__}|{threads} threads|{runtime}"
+    text = f"v{_FORMAT}|{cpu_name()}|{os.cpu_count()}|torch {torch.__version__}|{threads} threads|{runtime}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -46,7 +49,13 @@ def _cache_file(cache_dir: str | os.PathLike | None, threads: int, runtime: str)
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The cached tables; a file that is not a JSON object (cut short, edited) counts as empty, so the
+    tables are measured again and the file rewritten rather than breaking every later run."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _store(path: Path, entries: dict) -> None:
@@ -77,6 +86,8 @@ class _Layer:
     def __init__(self, name: str, module: nn.Module, x_shape: tuple, y_shape: tuple) -> None:
         self.name = name
         self.linear = isinstance(module, nn.Linear)
+        if self.linear and len(x_shape) == 1 or not self.linear and len(x_shape) == module.weight.dim() - 1:
+            x_shape, y_shape = (1, *x_shape), (1, *y_shape)  # unbatched: one sample
         self.batch, self.cin = x_shape[0], (x_shape[-1] if self.linear else x_shape[1])
         self.cout = y_shape[-1] if self.linear else y_shape[1]
         self.spatial = tuple(x_shape[2:]) if not self.linear else tuple(x_shape[1:-1])
@@ -85,20 +96,26 @@ class _Layer:
         self.depthwise = self.groups > 1 and self.groups == self.cin == self.cout
         conv = {} if self.linear else {k: list(getattr(module, k)) if isinstance(getattr(module, k), tuple)
                                        else getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation")}
+        if not self.linear and module.padding_mode != "zeros":  # padded by F.pad before the conv: the input
+            conv["padding"] = 0  # recorded is the padded one (the pad itself falls in the rest of the model)
+        self.dtype = module.weight.dtype
         self.spec = {"type": type(module).__name__ if isinstance(module, _CONVS) else "Linear", "batch": self.batch,
                      "cin": self.cin, "cout": self.cout, "spatial": list(self.spatial), "groups": self.groups,
-                     "bias": module.bias is not None, **conv}
+                     "bias": module.bias is not None, **conv,
+                     **({"dtype": str(self.dtype).replace("torch.", "")} if self.dtype != torch.float32 else {})}
         self.key = json.dumps(self.spec, sort_keys=True)
         self.labels: dict[int, list[torch.Tensor]] = {}  # weight axis -> binding labels
 
     def build(self, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
         s = self.spec
         if self.linear:
-            return nn.Linear(cin, cout, bias=s["bias"]), torch.randn(self.batch, *self.spatial, cin)
-        groups = cin if self.depthwise else self.groups
-        cls = getattr(nn, s["type"])
-        m = cls(cin, cout, s["kernel_size"], s["stride"], s["padding"], s["dilation"], groups=groups, bias=s["bias"])
-        return m, torch.randn(self.batch, cin, *self.spatial)
+            m, x = nn.Linear(cin, cout, bias=s["bias"]), torch.randn(self.batch, *self.spatial, cin)
+        else:
+            groups = cin if self.depthwise else self.groups
+            cls = getattr(nn, s["type"])
+            m = cls(cin, cout, s["kernel_size"], s["stride"], s["padding"], s["dilation"], groups=groups, bias=s["bias"])
+            x = torch.randn(self.batch, cin, *self.spatial)
+        return m.to(self.dtype), x.to(self.dtype)
 
     def kept(self, axis: int, removed: torch.Tensor, full: int) -> int:
         labs = self.labels.get(axis)
@@ -122,6 +139,7 @@ class LatencyModel:
                  log: Callable[..., None] = lambda *a: None) -> None:
         if runtime not in RUNTIMES[:2]:
             raise ValueError(f"latency tables are measured on 'eager' or 'channels_last', not {runtime!r}")
+        _check_cpu(model, "allocation='latency'")
         self.threads = threads or torch.get_num_threads()
         self.runtime, self.grid, self.repeats = runtime, grid, repeats
         self.path = _cache_file(cache_dir, self.threads, runtime)
@@ -190,8 +208,8 @@ class LatencyModel:
             cout = layer.kept(0, removed, layer.cout)
             if layer.depthwise:
                 cin = cout
-            elif layer.groups > 1:  # grouped: inputs shrink with the outputs, group by group
-                cin = max(layer.groups, round(layer.cin * cout / layer.cout))
+            elif layer.groups > 1:  # grouped: the same positions leave every group (weight axis 1 is one group's)
+                cin = layer.groups * layer.kept(1, removed, layer.cin // layer.groups)
             else:
                 cin = layer.kept(1, removed, layer.cin)
             total += self._layer_time(layer, cin, cout)
@@ -203,6 +221,15 @@ class LatencyModel:
 
 
 _STEPS = (1, 2, 4, 8, 16, 32)
+
+
+def _check_cpu(model: nn.Module, what: str) -> None:
+    """Layer tables are timed on this machine's CPU: a model elsewhere would get the CPU's widths."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dev.type != "cpu":
+        raise ValueError(f"{what} times layers on the CPU, but the model is on {dev}: move it to the CPU, or use a "
+                         "latency target with allocation='global' (whole models timed where they run); "
+                         "docs/latency_gpu.md has the GPU recipe")
 
 
 def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None = None, layers: int = 3,
@@ -221,6 +248,7 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     (CIFAR ResNets, whose eager curve is smooth, pruned at step 1 ran slower than dense there; at
     8 they did not). Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
     """
+    _check_cpu(model, "round_to='auto'")
     threads = threads or torch.get_num_threads()
     runtime = runtime or runtime_of(model)
     path = _cache_file(cache_dir, threads, runtime)

@@ -87,3 +87,20 @@ def test_sensitivity_cli_writes_json_and_plot(tmp_path, capsys):
     result = json.loads((tmp_path / "sensitivity.json").read_text())
     assert result["ratios"] == [0.5] and len(result["groups"]) == 3
     assert (tmp_path / "sensitivity.png").stat().st_size > 0 and "most sensitive" in capsys.readouterr().out
+
+
+def test_the_guard_times_both_models_in_the_pruned_models_layout(monkeypatch):
+    """Fine-tuned channels-last, the pruned model runs other kernels than a contiguous dense copy:
+    the guard must time both channels-last, not compare two layouts."""
+    import secateurs.cli as cli
+    from secateurs.models import create_model
+
+    seen = []
+    monkeypatch.setattr(cli, "compare_dense_pruned", lambda dense, model, x, **kw: seen.append(kw["runtime"]) or
+                        {"rows": [], "slower": [], "skipped": []})
+    dense = create_model("cifar_resnet20")
+    pruned = create_model("cifar_resnet20").to(memory_format=torch.channels_last)
+    report = {"before": {}, "after": {}}
+    cli._latency_guard(dense, pruned, torch.randn(1, 3, 32, 32), report)
+    cli._latency_guard(dense, dense, torch.randn(1, 3, 32, 32), report)
+    assert seen == ["channels_last", "eager"]

@@ -41,7 +41,7 @@ def test_models_run_interleaved_with_a_rotating_order():
 
 def test_median_and_its_interval_from_order_statistics(monkeypatch):
     ticks = itertools.count()
-    durations = iter([5, 1, 4, 2, 3] * 10)
+    durations = iter([5, 1, 4, 2, 6, 3] * 10)
     clock = [0.0]
 
     def fake_clock():  # start/stop pairs: each forward "takes" the next duration
@@ -51,17 +51,20 @@ def test_median_and_its_interval_from_order_statistics(monkeypatch):
         return clock[0]
 
     monkeypatch.setattr(latency.time, "perf_counter", fake_clock)
-    t = time_models({"m": nn.Identity()}, torch.randn(1, 3), repeats=5, warmup=0)["m"]
-    assert t.median_s == 3 and t.low_s == 1 and t.high_s == 5  # n=5: the interval is the whole range
+    t = time_models({"m": nn.Identity()}, torch.randn(1, 3), repeats=6, warmup=0)["m"]
+    assert t.median_s == 3.5 and t.low_s == 1 and t.high_s == 6  # n=6: only the whole range covers 95%
     med, lo, hi = latency._median_interval(list(range(100)))
-    assert med == 49.5 and 35 <= lo < 49.5 < hi <= 64  # about n/2 -+ 1.96 sqrt(n)/2
+    assert (med, lo, hi) == (49.5, 39, 60)  # exact binomial ranks: 96.5% coverage, 94.3% one rank narrower
+    assert latency._median_interval(list(range(30)))[1:] == (9, 20)
+    with pytest.raises(ValueError, match="`repeats` must be"):  # 5 rounds bound no 95% interval
+        time_models({"m": nn.Identity()}, torch.randn(1, 3), repeats=5)
 
 
 def test_modes_and_threads_are_restored():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
     m[1].eval()
     threads = torch.get_num_threads()
-    t = time_models({"m": m}, torch.randn(1, 3, 8, 8), repeats=3, warmup=0, threads=1)["m"]
+    t = time_models({"m": m}, torch.randn(1, 3, 8, 8), repeats=6, warmup=0, threads=1)["m"]
     assert t.threads == 1 and torch.get_num_threads() == threads
     assert m.training and not m[1].training
 
@@ -70,7 +73,7 @@ def test_modes_and_threads_are_restored():
 def test_other_runtimes(runtime):
     if runtime == "onnxruntime":
         pytest.importorskip("onnxruntime")
-    t = time_models({"m": nn.Conv2d(3, 4, 3)}, torch.randn(2, 3, 8, 8), repeats=3, warmup=1, runtime=runtime)["m"]
+    t = time_models({"m": nn.Conv2d(3, 4, 3)}, torch.randn(2, 3, 8, 8), repeats=6, warmup=1, runtime=runtime)["m"]
     assert t.runtime == runtime and t.batch == 2 and 0 < t.low_s <= t.median_s <= t.high_s
 
 
@@ -81,8 +84,8 @@ def test_onnxruntime_is_timed_in_its_own_process_and_leaves_this_one_free(tmp_pa
     from secateurs.export import export_onnx
 
     dense, pruned, x = nn.Conv2d(3, 16, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 16, 16)
-    t = time_models({"dense": dense, "pruned": pruned}, x, repeats=4, warmup=1, threads=1, runtime="onnxruntime")
-    assert set(t) == {"dense", "pruned"} and t["pruned"].repeats == 4 and t["dense"].threads == 1
+    t = time_models({"dense": dense, "pruned": pruned}, x, repeats=6, warmup=1, threads=1, runtime="onnxruntime")
+    assert set(t) == {"dense", "pruned"} and t["pruned"].repeats == 6 and t["dense"].threads == 1
     path = tmp_path / "m.onnx"
     export_onnx(dense, x, path, check=False)
     opts = ort.SessionOptions()
@@ -117,6 +120,20 @@ def test_guard_flags_a_pruned_model_that_is_slower(monkeypatch):
     assert [r["batch"] for r in out["rows"]] == [1, 8] and out["rows"][0]["speedup"] == pytest.approx(2.0)
     assert out["rows"][0]["speedup_interval"] == pytest.approx([2.0, 2.0])  # paired: the drift cancels
     assert out["rows"][1]["dense_interval_ms"] == pytest.approx([1000, 2000])  # unpaired medians keep it
+
+
+def test_guard_feeds_every_input_of_a_model_with_several():
+    class Two(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, width, 3), nn.Conv2d(3, width, 3)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    x = (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+    out = compare_dense_pruned(Two(8), Two(4), x, batches=(1, 2), repeats=6, threads=1)
+    assert [r["batch"] for r in out["rows"]] == [1, 2] and out["repeats"] == 6
 
 
 def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
@@ -197,6 +214,76 @@ def test_latency_tables_are_measured_once_per_machine_and_predict_the_measured_m
     monkeypatch.setattr(latency_table.LatencyModel, "_measure", never)
     again = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
     assert again.tables == lm.tables
+
+
+def test_layer_descriptions_follow_what_the_layer_really_runs():
+    """Unbatched inputs are one sample; a conv padded by F.pad (padding_mode other than zeros) is
+    recorded on its padded input, so the table's conv must not pad again; the dtype is the layer's."""
+    from secateurs.latency_table import _Layer
+
+    conv = _Layer("c", nn.Conv2d(3, 8, 3), (3, 16, 16), (8, 14, 14))
+    assert (conv.batch, conv.cin, conv.cout, conv.spatial) == (1, 3, 8, (16, 16))
+    m, x = conv.build(3, 8)
+    assert m(x).shape == (1, 8, 14, 14)
+    lin = _Layer("l", nn.Linear(10, 4), (10,), (4,))
+    assert (lin.batch, lin.cin, lin.cout, lin.spatial) == (1, 10, 4, ())
+    refl = nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect")
+    x = torch.randn(2, 4, 20)
+    layer = _Layer("r", refl, (2, 4, 22), tuple(refl(x).shape))  # what count records: the padded input
+    m, xb = layer.build(4, 6)
+    assert layer.spec["padding"] == 0 and m(xb).shape == refl(x).shape
+    half = _Layer("h", nn.Conv2d(3, 8, 3).to(torch.bfloat16), (1, 3, 8, 8), (1, 8, 6, 6))
+    m, xb = half.build(3, 8)
+    assert half.spec["dtype"] == "bfloat16" and m.weight.dtype == xb.dtype == torch.bfloat16
+    assert "dtype" not in conv.spec  # float32 keys stay as they were
+
+
+def test_a_grouped_conv_reads_the_inputs_its_own_group_keeps(tmp_path, monkeypatch):
+    """Conv(8, 16) -> grouped Conv(16, 32, groups=4) -> Conv(32, 8): cutting half of the first conv's
+    outputs leaves the grouped conv 8 inputs whatever its outputs keep (they were taken to shrink
+    with its outputs)."""
+    from secateurs import analyze, apply_plan
+    from secateurs import latency_table
+
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.ReLU(),
+                          nn.Conv2d(32, 8, 1)).eval()
+    x = torch.randn(1, 8, 8, 8)
+    graph = analyze(model, x)
+    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
+        axis: [[w, 1e-3 * w] for w in latency_table._grid(layer.cin if axis == "in" else layer.cout, 4)]
+        for axis in ("out", "in")})
+    lm = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
+    seen = {}
+    real = lm._layer_time
+    monkeypatch.setattr(lm, "_layer_time", lambda layer, cin, cout: seen.setdefault(layer.name, (cin, cout)) and
+                        real(layer, cin, cout))
+    (first,) = graph.groups_of("0")
+    removed = torch.zeros(graph.n_components, dtype=torch.bool)
+    assert first.size == 4  # 16 channels in units of 4: one position of each of the grouped conv's groups
+    removed[first.components[:2]] = True
+    lm(removed)
+    cut = apply_plan(copy.deepcopy(model), graph, {first.index: [0, 1]})
+    assert seen["2"] == (cut[2].in_channels, cut[2].out_channels) == (8, 32)
+
+
+def test_a_cache_file_cut_short_is_measured_again_and_a_model_off_the_cpu_is_refused(tmp_path, monkeypatch):
+    from secateurs import analyze
+    from secateurs import latency_table
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = analyze(model, x)
+    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
+        axis: [[w, 1e-3 * w] for w in latency_table._grid(layer.cin if axis == "in" else layer.cout, 4)]
+        for axis in ("out", "in")})
+    lm = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
+    lm.path.write_text(lm.path.read_text()[:20])  # a run killed mid-write by hand, or an edit
+    again = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
+    assert again.tables == lm.tables and json.loads(lm.path.read_text()).keys() == lm.tables.keys()
+    with pytest.raises(ValueError, match="allocation='latency' times layers on the CPU, but the model is on meta"):
+        latency_table.LatencyModel(copy.deepcopy(model).to("meta"), graph, x, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="round_to='auto' times layers on the CPU, but the model is on meta"):
+        latency_table.auto_round_to(copy.deepcopy(model).to("meta"), x, cache_dir=tmp_path)
 
 
 def test_interpolation_through_the_measured_points():

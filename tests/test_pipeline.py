@@ -285,6 +285,18 @@ def test_latency_budget_is_spent_by_the_tables_and_confirmed_by_a_timing(monkeyp
         secateurs.prune(create_model("cifar_resnet20").eval(), x, target={"latency": 0.2}, min_width=0.9)
 
 
+def test_a_latency_target_in_steps_compounds_to_the_target(monkeypatch, tmp_path):
+    """Each step is timed against the model as that step finds it: two steps of 0.65^(1/2) each end
+    at 0.65 of the dense latency (cumulative targets, 0.65^(1/2) then 0.65 of the current model,
+    ended near 0.65^1.5 = 0.52)."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    x = torch.randn(1, 3, 32, 32)
+    m = create_model("cifar_resnet20").eval()
+    _macs_clock(monkeypatch, m, x)
+    m, report = secateurs.prune(m, x, target={"latency": 0.65}, steps=2)
+    assert abs(0.3 + 0.7 * report["kept"]["macs"] - 0.65) <= 0.1 * 0.65
+
+
 def test_latency_search_times_the_layout_the_model_runs_in(monkeypatch, tmp_path):
     """A model fine-tuned channels-last runs by other oneDNN kernels than a contiguous one: the
     tables and the confirming timings must both time the channels-last layout (they timed the
@@ -338,3 +350,15 @@ def test_a_fresh_run_ignores_the_checkpoints_left_in_its_folder(tmp_path):
         models[folder], _ = secateurs.prune(m, x, "l1", 0.5, data=tr, finetune=dict(ft, lr=lr), out_dir=tmp_path / folder)
     a, b = models["used"].state_dict(), models["empty"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_latency_search_that_lands_well_below_its_target_says_so(monkeypatch, tmp_path):
+    """Met, but 0.3 of the dense latency for a 0.65 target: more cut than asked is not silent."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    x = torch.randn(1, 3, 32, 32)
+    m = create_model("cifar_resnet20").eval()
+    _macs_clock(monkeypatch, m, x)
+    monkeypatch.setattr(secateurs.budget, "latency_ratio", lambda *a, **k: 0.3)
+    with pytest.warns(RuntimeWarning, match="a latency target of 0.65 was met at 0.3 of the dense latency"):
+        _, report = secateurs.prune(m, x, target={"latency": 0.65})
+    assert report["method_output"]["latency_ratio"] == 0.3
