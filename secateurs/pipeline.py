@@ -48,6 +48,7 @@ class _Request:
     finetune: TrainConfig | None
     key: str | None  # the metric's key in evaluate(), when there is validation data
     options: dict = field(default_factory=dict)
+    tolerance: float | None = None  # as given, or the method's default when `val_data` is given
 
 
 def _check_request(model: nn.Module, method: Any, target: Any, allocation: str | None, round_to: int,
@@ -62,7 +63,13 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
     kind = budget.kind if budget is not None else None
     allocation = allocation or ("global" if kind in ("macs", "params", "latency") else "uniform")
     Allocator.check_arguments(allocation, round_to, min_width)
-    steps = check_scalar(how.default_steps if steps is None else steps, "steps", int, min_val=1)
+    if tolerance is None and how.default_tolerance is not None and budget is None:  # its own stop rule (METHODS.md)
+        if val_data is not None:
+            tolerance = how.default_tolerance
+        elif steps is None:  # nothing would stop its default schedule short of its floors
+            raise ValueError(f"method {how.name!r} stops on its tolerance ({how.default_tolerance} points by default, "
+                             "read on `val_data`), a MACs/params target or a number of `steps`: pass one")
+    steps = check_scalar(how.steps_for(budget, tolerance) if steps is None else steps, "steps", int, min_val=1)
     if how.needs_data and data is None:
         raise ValueError(f"method {how.name!r} needs data: pass `data`")
     if finetune is not None:
@@ -89,7 +96,7 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
         if dev.type != "cpu" and not (dev.type == "cuda" and torch.cuda.is_available()):
             raise PruningError(f"a latency target needs the model to run here; it is on {dev}")
     return _Request(how, budget, allocation, steps, finetune, key if val_data is not None else None,
-                    dict(method_options or {}))
+                    dict(method_options or {}), tolerance)
 
 
 def _check_labels(model: nn.Module, inputs: tuple, data: Any, val_data: Any) -> None:
@@ -209,7 +216,9 @@ def _start_report(req: _Request, model: nn.Module, base: Cost, metric0: float | 
 
 def _finish_report(report: dict, base: Cost, final: Cost, extra: dict, timings: dict, t_all: float) -> dict:
     kept = [r for r in report["steps"] if not r.get("reverted")]
-    report["after"] = {"macs": final.macs, "params": final.params, "metric": kept[-1]["metric"]}
+    last = report["steps"][-1]  # an undone cut that kept its training scores what the model is now
+    metric = last["metric_restored"] if last.get("reverted") and "metric_restored" in last else kept[-1]["metric"]
+    report["after"] = {"macs": final.macs, "params": final.params, "metric": metric}
     report["kept"] = {"macs": final.macs / base.macs, "params": final.params / base.params}
     w0, w1 = _widths(base), _widths(final)
     report["layers"] = [{"name": l.name, "kind": l.kind, "width_before": w0[l.name], "width_after": w1.get(l.name),
@@ -268,7 +277,9 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
         run.log(f"step {k}: {why}; stopping")
         return why
     run.extra.update(decision.info)
-    snapshot = copy_model(model) if tolerance is not None else None  # what undoing this step goes back to
+    # what undoing this step goes back to: before plan() when the method's training only served this cut
+    snapshot = before_plan if before_plan is not None and not req.how.undo_keeps_training else (
+        copy_model(model) if tolerance is not None else None)
     removed = decision.apply(model, graph, run.example_inputs)
     t4 = time.perf_counter()
     timings["surgery_s"] += t4 - t3
@@ -295,6 +306,8 @@ def _measure_step(run: _Run, ctx: StepContext, k: int, removed: dict, snapshot: 
     if tolerance is not None and metric0 - row["metric"] > tolerance:
         _restore(model, snapshot)
         row["reverted"] = True
+        if run.req.how.trains and run.req.how.undo_keeps_training:  # trained, not cut: what the model now scores
+            row["metric_restored"] = evaluate(model, run.context["val_data"])[key]
         report["steps"].append(row)
         why = f"{key} fell by {metric0 - row['metric']:.2f} > tolerance {tolerance} at step {k}; step undone"
         if run.req.how.refine(ctx):  # e.g. try a smaller step
@@ -366,6 +379,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     auto = isinstance(round_to, str) and round_to == "auto"
     req = _check_request(model, method, target, allocation, 1 if auto else round_to, min_width, data, val_data,
                          finetune, steps, tolerance, metric, method_options)
+    tolerance = req.tolerance
     check_dataset(data, "data", inputs)
     check_dataset(val_data, "val_data", inputs, arrays=True)
     _check_labels(model, inputs, data, val_data)

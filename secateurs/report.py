@@ -7,12 +7,37 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write
+import torch.nn as nn
 
-__all__ = ["format_table", "write_report", "plot_widths", "plot_schedule", "plot_block_scores"]
+from ._io import atomic_write
+from .latency import compare_dense_pruned, runtime_of
+
+__all__ = ["format_table", "write_report", "latency_guard", "plot_widths", "plot_schedule", "plot_block_scores"]
+
+GUARD_SECONDS = 120.0  # the latency guard's bound: batch 8 is left out (and said so) past it
+
+
+def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict) -> None:
+    """Dense and pruned timed interleaved at batch 1 and 8 (8 only if it fits in two minutes), both in the
+    pruned model's layout: the report's latency rows, and a loud warning (stderr and the report) when
+    the pruned one is measurably slower."""
+    guard = compare_dense_pruned(dense, model, x, batches=(1, 8), repeats=30, max_seconds=GUARD_SECONDS,
+                                 runtime=runtime_of(model))
+    report["latency"] = guard
+    for r in guard["rows"]:
+        report["before"][f"latency_b{r['batch']}_ms"] = r["dense_ms"]
+        report["after"][f"latency_b{r['batch']}_ms"] = r["pruned_ms"]
+    if guard["slower"]:
+        rows = [r for r in guard["rows"] if r["batch"] in guard["slower"]]
+        msg = ("WARNING: the pruned model is SLOWER than the dense one on this machine at batch "
+               + ", ".join(f"{r['batch']} ({r['pruned_ms']:.2f} ms vs {r['dense_ms']:.2f} ms)" for r in rows)
+               + "; try --round-to auto or a --latency target")
+        report.setdefault("warnings", []).append(msg)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _num(v: Any, scale: float = 1.0, fmt: str = "{:,.3f}") -> str:

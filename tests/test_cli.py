@@ -92,15 +92,36 @@ def test_sensitivity_cli_writes_json_and_plot(tmp_path, capsys):
 def test_the_guard_times_both_models_in_the_pruned_models_layout(monkeypatch):
     """Fine-tuned channels-last, the pruned model runs other kernels than a contiguous dense copy:
     the guard must time both channels-last, not compare two layouts."""
-    import secateurs.cli as cli
+    import secateurs.report as report_module
     from secateurs.models import create_model
 
     seen = []
-    monkeypatch.setattr(cli, "compare_dense_pruned", lambda dense, model, x, **kw: seen.append(kw["runtime"]) or
+    monkeypatch.setattr(report_module, "compare_dense_pruned", lambda dense, model, x, **kw: seen.append(kw["runtime"]) or
                         {"rows": [], "slower": [], "skipped": []})
     dense = create_model("cifar_resnet20")
     pruned = create_model("cifar_resnet20").to(memory_format=torch.channels_last)
     report = {"before": {}, "after": {}}
-    cli._latency_guard(dense, pruned, torch.randn(1, 3, 32, 32), report)
-    cli._latency_guard(dense, dense, torch.randn(1, 3, 32, 32), report)
+    report_module.latency_guard(dense, pruned, torch.randn(1, 3, 32, 32), report)
+    report_module.latency_guard(dense, dense, torch.randn(1, 3, 32, 32), report)
     assert seen == ["channels_last", "eager"]
+
+
+def test_holdout_gives_the_stop_rule_training_samples_and_reports_the_test_split(tmp_path, capsys):
+    """With --holdout the tolerance reads held-out training samples and the test split is only
+    reported; without it the run says that the test split chose where the schedule stopped."""
+    out = tmp_path / "held"
+    args = ["prune", *FAST, "--macs", "0.7", "--tolerance", "50", "--no-onnx", "--no-latency"]
+    assert main([*args, "--holdout", "200", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    model = secateurs.load(out)
+    test = load_dataset("digits", "test")
+    assert report["test"]["samples"] == len(test) and not report.get("warnings")
+    assert report["test"]["after"]["top1"] == secateurs.train.evaluate(model, test)["top1"]
+    held = load_dataset("digits", "train").holdout(200)[1]
+    assert report["after"]["metric"] == secateurs.train.evaluate(model, held)["top1"]
+    assert "200 held-out training samples" in report["protocol"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "test")]) == 0
+    report = json.loads((tmp_path / "test" / "report.json").read_text())
+    assert "test" not in report and "read the test split" in report["warnings"][0]
+    assert "pass --holdout N" in capsys.readouterr().err

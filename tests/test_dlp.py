@@ -124,6 +124,17 @@ def test_cascade_then_removes_a_tenth_of_the_filters_per_step(r20, data):
     assert m(X).shape == (1, 10)
 
 
+def test_the_cascade_stops_at_its_macs_target_and_cuts_the_last_step_to_it(r20, data):
+    """10% of the filters a step would pass 0.8 of the MACs; the step that would is cut to meet it,
+    and no step starts after (the filter steps ignored the target)."""
+    base = secateurs.count(r20, X).macs
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp+filters", {"macs": 0.8}, data=data,
+                                method_options={"count": 1, "per_class": 10})
+    kept = secateurs.count(m, X).macs / base
+    assert 0.78 <= kept <= 0.8 and report["steps_requested"] == 7
+    assert report["stopped"] == "macs target 0.8 met" and len(report["steps"]) < 8  # the steps after it: none
+
+
 def test_vip_criterion_ranks_a_dead_filter_last(r20, data):
     m = copy.deepcopy(r20)
     g = secateurs.analyze(m, X)

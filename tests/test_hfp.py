@@ -186,3 +186,30 @@ def test_residual_groups_get_one_shared_gate_that_folds_exactly():
     with pytest.raises(ValueError, match="tie"):
         HFPRegularizer(m, graph, X, macs=0.5, tie="max")
 
+
+
+def _toy_digits():
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (256,))
+    img = (torch.rand(256, 1, 8, 8) * 60).to(torch.uint8)
+    for c in range(4):
+        img[y == c, :, 2 * c:2 * c + 2, :] = 250
+    ds = ArrayDataset("toy", img, y, ["a", "b", "c", "d"], mean=(0.5,), std=(0.3,))
+    m = create_model("tiny_cnn", in_chans=1, num_classes=4, width=8)
+    secateurs.train.fit(m, ds, None, secateurs.train.TrainConfig(epochs=4, batch_size=64, lr=0.1, quiet=True))
+    return m.eval(), ds
+
+
+def test_an_undone_cut_also_undoes_the_training_that_served_it():
+    """HFP trains with its budget loss inside the step; when the tolerance undoes the cut, the model
+    goes back to before that training (it came back trained and uncut, with the report's metric
+    that of the model before)."""
+    from secateurs.train import evaluate
+
+    m, ds = _toy_digits()
+    ref = copy.deepcopy(m)
+    out, rep = secateurs.prune(m, torch.randn(1, 1, 8, 8), "hfp", {"macs": 0.1}, data=ds, val_data=ds, tolerance=0.0,
+                               method_options={"epochs": 2, "lam": 50.0, "warmup_steps": 1, "lr": 0.5})
+    assert rep["steps"][-1].get("reverted") and "step undone" in rep["stopped"]
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), out.state_dict().values()))
+    assert rep["after"]["metric"] == evaluate(out, ds)["top1"] == rep["before"]["metric"]

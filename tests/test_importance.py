@@ -200,9 +200,11 @@ def test_bad_options_fail_before_the_model_is_touched(trained, digits):
     with pytest.raises(ValueError, match="`metric` must be one of top1, top5"):
         secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va, tolerance=1.0,
                         metric="iou")
-    with pytest.raises(ValueError, match="needs `tolerance`"):
-        secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, val_data=va,
+    with pytest.raises(ValueError, match="needs `tolerance`"):  # an explicit schedule, no metric to bisect on
+        secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr, steps=3,
                         method_options={"search": "bisect"})
+    with pytest.raises(ValueError, match=r"stops on its tolerance \(1.0 points by default, read on `val_data`\)"):
+        secateurs.prune(m, torch.randn(1, 1, 8, 8), "importance-weights", data=tr)  # nothing would stop it
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), trained.state_dict().values()))
 
 
@@ -277,9 +279,10 @@ def test_an_undone_step_is_retried_smaller_before_the_schedule_stops(trained, di
 
 
 def test_cost_aware_steps_remove_a_share_of_the_macs(trained, digits):
-    tr, va = digits
+    tr, _ = digits
     x = torch.randn(1, 1, 8, 8)
-    m, rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", data=tr, val_data=va, steps=3,
+    # no val_data: with it the method's 1-point tolerance would stop the schedule (METHODS.md's default)
+    m, rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", data=tr, steps=3,
                              method_options={"epochs": 0, "fraction": 0.1, "cost_aware": True})
     macs = [r["macs"] for r in rep["steps"]]
     for a, b in zip(macs, macs[1:]):  # each step: at least 10% of the MACs, and not much more (one channel)
@@ -329,3 +332,18 @@ def test_scaled_rank_reads_transposed_convs_by_their_output_channels():
     scores = iw.scores(scaled=True)
     assert [len(s) for s in scores] == [grp.size for grp in g.groups]
     assert all(torch.isfinite(s).all() for s in scores)
+
+
+def test_the_tolerance_defaults_to_one_point_and_an_undo_reports_the_model_it_leaves(trained, digits):
+    """METHODS.md: the allowed drop is 1 point by default. An undone cut keeps the learned alpha (it
+    ranks the next step), so the report's final metric is that model's, measured again."""
+    from secateurs.train import evaluate
+
+    tr, va = digits
+    m, rep = secateurs.prune(copy.deepcopy(trained), torch.randn(1, 1, 8, 8), "importance-weights", data=tr,
+                             val_data=va, method_options={"epochs": 1, "fraction": 0.9, "refinements": 0})
+    assert rep["tolerance"] == 1.0
+    last = rep["steps"][-1]
+    if last.get("reverted"):  # a 90% cut breaks 1 point here: the model keeps alpha folded in, uncut
+        assert rep["after"]["metric"] == last["metric_restored"] == evaluate(m, va)["top1"]
+    assert rep["before"]["metric"] - evaluate(m, va)["top1"] <= 1.0

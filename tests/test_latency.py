@@ -355,12 +355,13 @@ def test_round_to_auto_on_narrow_models(tmp_path, monkeypatch):
 
 def test_cli_report_says_loudly_when_the_pruned_model_is_slower(tmp_path, monkeypatch, capsys):
     import secateurs.cli as cli
+    import secateurs.report
 
     def slower(dense, pruned, x, **kw):
         return {"runtime": "eager", "repeats": 30, "threads": 2, "slower": [8],
                 "rows": [{"batch": 1, "dense_ms": 2.0, "pruned_ms": 1.0}, {"batch": 8, "dense_ms": 9.0, "pruned_ms": 11.0}]}
 
-    monkeypatch.setattr(cli, "compare_dense_pruned", slower)
+    monkeypatch.setattr(secateurs.report, "compare_dense_pruned", slower)
     assert cli.main(["prune", "--model", "tiny_cnn", "--input-size", "1", "1", "8", "8", "--macs", "0.5", "--no-onnx",
                      "--out", str(tmp_path)]) == 0
     out = capsys.readouterr()

@@ -166,3 +166,15 @@ def test_heuristic_runs_on_the_papers_architectures(name, size):
     y0 = m(x).shape
     m, report = secateurs.prune(m, x, "heuristic", steps=1)
     assert m(x).shape == y0 and report["after"]["macs"] < before.macs and report["steps"][1]["removed"]
+
+
+def test_iterated_methods_default_to_their_papers_schedules():
+    """heuristic iterates rounds while a target or tolerance can stop it (one round without); the
+    dlp+filters cascade runs the blocks then the paper's 6 filter iterations."""
+    from secateurs.budget import Budget
+    from secateurs.methods import get_method
+
+    heuristic = get_method("heuristic")
+    assert heuristic.steps_for(Budget("macs", 0.5), None) == 10 and heuristic.steps_for(None, 1.0) == 10
+    assert heuristic.steps_for(None, None) == 1
+    assert get_method("dlp+filters").steps_for(None, None) == 7 and get_method("dlp").steps_for(None, None) == 1

@@ -142,8 +142,13 @@ class Method:
     options: ClassVar[tuple[Option, ...]] = ()
     needs_data: ClassVar[bool] = False
     needs_budget: ClassVar[bool] = True
-    default_steps: ClassVar[int] = 1  # the pipeline's `steps` when the caller gives none
+    default_steps: ClassVar[int] = 1  # the pipeline's `steps` when the caller gives none (see `steps_for`)
     trains: ClassVar[bool] = False  # plan() changes the model (training): the pipeline snapshots before it
+    # when the tolerance undoes a step's cut: keep what plan() trained (True: importance weights, whose
+    # alpha, learned within the tolerance, ranks the next step) or go back to before it (HFP's training
+    # only served that cut)
+    undo_keeps_training: ClassVar[bool] = True
+    default_tolerance: ClassVar[float | None] = None  # points; used when `val_data` is given without one
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         names = [o.name for o in self.options]
@@ -166,6 +171,10 @@ class Method:
 
     def check(self, budget: Budget | None) -> None:
         """Refuse a budget this method cannot honour, before any work starts."""
+
+    def steps_for(self, budget: Budget | None, tolerance: float | None) -> int:
+        """The pipeline's `steps` when the caller gives none: ``default_steps``."""
+        return self.default_steps
 
     def plan(self, ctx: StepContext) -> Decision:
         raise NotImplementedError

@@ -99,6 +99,12 @@ class HeuristicMethod(Method):
     def check(self, budget: Budget | None) -> None:
         check_stop_rule("heuristic", budget)
 
+    def steps_for(self, budget: Budget | None, tolerance: float | None) -> int:
+        """Rounds, prune then fine-tune (METHODS.md iterates them): up to 10 while a target or a
+        tolerance can stop the schedule; one without either, since every round cuts each layer's
+        filters under gamma and nothing else would stop them short of ``min_keep``."""
+        return 10 if budget is not None or tolerance is not None else 1
+
     def plan(self, ctx: StepContext) -> Decision:
         met = ctx.budget_met()
         if met:

@@ -146,6 +146,7 @@ class HFPMethod(Method):
     needs_data = True
     needs_budget = True
     trains = True
+    undo_keeps_training = False  # its training only served the cut: an undone cut undoes the training too
     options = (
         Option("epochs", 10, "most epochs of training with the budget loss", kind=int, low=1, flag="--hfp-epochs"),
         Option("lam", 5.0, "weight of the budget loss (ramped up)", low=0, flag="--lam"),

@@ -148,6 +148,7 @@ class ImportanceWeightMethod(Method):
     needs_budget = False
     default_steps = 100
     trains = True
+    default_tolerance = 1.0  # METHODS.md: the allowed drop, 1 point of the task metric by default
     options = (
         Option("epochs", 5, "epochs of training the importance weights with the network", kind=int, low=0,
                flag="--iw-epochs"),
