@@ -213,3 +213,13 @@ def test_an_undone_cut_also_undoes_the_training_that_served_it():
     assert rep["steps"][-1].get("reverted") and "step undone" in rep["stopped"]
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), out.state_dict().values()))
     assert rep["after"]["metric"] == evaluate(out, ds)["top1"] == rep["before"]["metric"]
+
+
+def test_a_params_option_beside_a_params_target_is_refused_before_any_work():
+    m = create_model("cifar_resnet20")
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=r"the `params` option \(0.3\) is a second target beside a macs target"):
+        secateurs.prune(m, X, "hfp", {"params": 0.5}, data=ArrayDataset("x", torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
+                                                                      torch.zeros(4, dtype=torch.long), ["a"]),
+                        method_options={"params": 0.3})
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

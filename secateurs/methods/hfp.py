@@ -148,7 +148,8 @@ class HFPMethod(Method):
     trains = True
     undo_keeps_training = False  # its training only served the cut: an undone cut undoes the training too
     options = (
-        Option("epochs", 10, "most epochs of training with the budget loss", kind=int, low=1, flag="--hfp-epochs"),
+        Option("epochs", 10, "most epochs of training with the budget loss (a `steps` in the fine-tuning config "
+               "takes precedence)", kind=int, low=1, flag="--hfp-epochs"),
         Option("lam", 5.0, "weight of the budget loss (ramped up)", low=0, flag="--lam"),
         Option("warmup_steps", 100, "steps over which the weight ramps up", kind=int, low=0, flag="--warmup-steps"),
         Option("threshold", 1e-2, "a channel is dead when its BN |scale| is below", low=0, flag="--gate-threshold"),
@@ -165,6 +166,9 @@ class HFPMethod(Method):
     def check(self, budget: Budget | None) -> None:
         if budget is None or budget.kind not in ("macs", "params"):
             raise ValueError("method 'hfp' needs a macs or params target")
+        if budget.kind == "params" and self.params is not None:  # it would silently replace the target
+            raise ValueError(f"method 'hfp': the `params` option ({self.params}) is a second target beside a macs "
+                             f"target, but the target is already params={budget.value}")
 
     def plan(self, ctx: StepContext) -> Decision:
         if ctx.step > 1:

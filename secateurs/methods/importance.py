@@ -150,8 +150,8 @@ class ImportanceWeightMethod(Method):
     trains = True
     default_tolerance = 1.0  # METHODS.md: the allowed drop, 1 point of the task metric by default
     options = (
-        Option("epochs", 5, "epochs of training the importance weights with the network", kind=int, low=0,
-               flag="--iw-epochs"),
+        Option("epochs", 5, "epochs of training the importance weights with the network (a `steps` in the "
+               "fine-tuning config takes precedence)", kind=int, low=0, flag="--iw-epochs"),
         Option("init", "ones", "importance-weight initialisation: ones, uniform or l1", kind=str,
                choices=ImportanceWeights.INITS, flag="--init"),
         Option("l1", 1e-4, "L1 penalty on the importance weights (0: none)", low=0, flag="--l1"),
@@ -307,7 +307,8 @@ class ImportanceWeightMethod(Method):
             probe = copy_model(ctx.model)
             apply_plan(probe, ctx.graph, alloc.plan(alloc.keep_removing(n)))
             if ctx.finetune is not None:
-                fit(probe, ctx.data, None, self._train_config(ctx, ctx.finetune.epochs, None), teacher=ctx.teacher)
+                # fine-tuned as the committed step will be (the pipeline's config), not at alpha's rate
+                fit(probe, ctx.data, None, replace(ctx.finetune, out_dir=None, resume=False), teacher=ctx.teacher)
             m = evaluate(probe, ctx.val_data)[ctx.metric]
             ok = ctx.metric0 - m <= ctx.tolerance
             tried.append({"removed_channels": n, "metric": m, "within": ok})
