@@ -178,3 +178,17 @@ def test_iterated_methods_default_to_their_papers_schedules():
     assert heuristic.steps_for(Budget("macs", 0.5), None) == 10 and heuristic.steps_for(None, 1.0) == 10
     assert heuristic.steps_for(None, None) == 1
     assert get_method("dlp+filters").steps_for(None, None) == 7 and get_method("dlp").steps_for(None, None) == 1
+
+
+def test_the_heuristics_last_round_keeps_round_to_multiples():
+    """The round trimmed to the budget took a prefix of candidates across groups: kept widths that
+    were multiples of round_to stopped being so."""
+    import secateurs
+    from secateurs.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    m, report = secateurs.prune(m, x, "heuristic", {"macs": 0.8}, round_to=4)
+    widths = [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert report["kept"]["macs"] <= 0.8 and all(w % 4 == 0 for w in widths), widths

@@ -114,12 +114,13 @@ class HeuristicMethod(Method):
         if not cands:
             return Decision.halt("no filter falls under the estimator")
         if ctx.budget is not None:
-            cands = self._trim_to_budget(ctx, scores, cands)
+            cands = self._trim_to_budget(ctx, scores, cands, ctx.round_to)
         return Decision(channels=PruningPlan({gi: idx.sort().values.tolist() for gi, idx in cands.items()}))
 
     def _trim_to_budget(self, ctx: StepContext, scores: list[torch.Tensor],
-                        cands: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Remove only as many candidates (lowest normalised score first) as the budget needs."""
+                        cands: dict[int, torch.Tensor], round_to: int = 1) -> dict[int, torch.Tensor]:
+        """Remove only as many candidates (lowest normalised score first) as the budget needs, each
+        group's kept width still a multiple of ``round_to`` (rounded up: a later round takes the rest)."""
         pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
         groups = ctx.graph.groups
         limit = ctx.budget.limit(ctx.base)
@@ -139,6 +140,12 @@ class HeuristicMethod(Method):
             chosen: dict[int, list[int]] = {}
             for _, gi, c in flat[:n]:
                 chosen.setdefault(gi, []).append(c)
-            return {gi: torch.tensor(v) for gi, v in chosen.items()}
+            out = {}
+            for gi, v in chosen.items():  # lowest first: keep the lowest of them a multiple allows
+                size = groups[gi].size
+                take = size - min(size, -(-(size - len(v)) // round_to) * round_to)
+                if take:
+                    out[gi] = torch.tensor(v[:take])
+            return out
 
         return first(bisect(1, len(flat), lambda n: cost(first(n)) <= limit))
