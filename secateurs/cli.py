@@ -109,7 +109,7 @@ def _prune_data(args) -> tuple:
     return train.subset(args.subset, args.seed), held, test
 
 
-def _report_splits(report: dict, test_ds, test_before: dict | None, model) -> None:
+def _report_splits(report: dict, test_ds, test_before: dict | None, model, main_proc: bool = True) -> None:
     """The test split's metrics when the stop rules read held-out samples; else a note that the
     test split chose where the schedule stopped (its figure is then not independent of it)."""
     if test_ds is not None:
@@ -118,7 +118,8 @@ def _report_splits(report: dict, test_ds, test_before: dict | None, model) -> No
         msg = (f"note: the tolerance ({report['tolerance']} points) read the test split that the metric is reported "
                "on; pass --holdout N to stop on held-out training samples instead")
         report.setdefault("warnings", []).append(msg)
-        print(msg, file=sys.stderr, flush=True)
+        if main_proc:
+            print(msg, file=sys.stderr, flush=True)
 
 
 def _check_input_size(size: list[int] | None) -> None:
@@ -172,7 +173,7 @@ def prune_main(args) -> int:
                           val_data=val_ds, finetune=finetune, steps=args.steps, tolerance=args.tolerance,
                           metric=args.metric, out_dir=args.out, resume=args.resume, quiet=args.quiet or not main_proc)
     model = model.cpu()  # measured, saved and exported on the CPU
-    _report_splits(report, test_ds, test_before, model)
+    _report_splits(report, test_ds, test_before, model, main_proc)
     if dense is not None and main_proc:  # under torchrun one process times, the others would compete with it
         latency_guard(dense, model, x, report)
     report["threads"] = torch.get_num_threads()

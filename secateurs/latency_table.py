@@ -139,7 +139,7 @@ class LatencyModel:
                  log: Callable[..., None] = lambda *a: None) -> None:
         if runtime not in RUNTIMES[:2]:
             raise ValueError(f"latency tables are measured on 'eager' or 'channels_last', not {runtime!r}")
-        _check_cpu(model, "allocation='latency'")
+        _check_cpu(model, "a latency table")
         self.threads = threads or torch.get_num_threads()
         self.runtime, self.grid, self.repeats = runtime, grid, repeats
         self.path = _cache_file(cache_dir, self.threads, runtime)
@@ -227,9 +227,9 @@ def _check_cpu(model: nn.Module, what: str) -> None:
     """Layer tables are timed on this machine's CPU: a model elsewhere would get the CPU's widths."""
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if dev.type != "cpu":
-        raise ValueError(f"{what} times layers on the CPU, but the model is on {dev}: move it to the CPU, or use a "
-                         "latency target with allocation='global' (whole models timed where they run); "
-                         "docs/latency_gpu.md has the GPU recipe")
+        raise ValueError(f"{what} times layers on this machine's CPU, but the model is on {dev}: move it to the "
+                         "CPU to prune to this CPU's latency (docs/latency_gpu.md has the GPU recipe; method='dlp' "
+                         "with a latency target times whole models where they run)")
 
 
 def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None = None, layers: int = 3,
@@ -248,7 +248,7 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     (CIFAR ResNets, whose eager curve is smooth, pruned at step 1 ran slower than dense there; at
     8 they did not). Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
     """
-    _check_cpu(model, "round_to='auto'")
+    _check_cpu(model, "round_to='auto'")  # before anything is timed
     threads = threads or torch.get_num_threads()
     runtime = runtime or runtime_of(model)
     path = _cache_file(cache_dir, threads, runtime)

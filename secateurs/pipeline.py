@@ -358,8 +358,9 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
         prune continues a cascade on an already pruned one.
     steps : one-shot (1) or at most that many prune -> fine-tune rounds (a criterion's budget is
         shared out geometrically; a method may stop earlier when it has nothing left to remove).
-        Default: the method's own (1, or e.g. 100 for "importance-weights", which the tolerance stops).
-    tolerance : stop (and undo the last step) once the validation metric drops by more than this.
+        Default: the method's (1; "importance-weights" 100; "heuristic" 10 with a stop rule; "dlp+filters" 7).
+    tolerance : stop (and undo the last step) once the validation metric drops by more than this;
+        "importance-weights" with ``val_data`` and no target: 1 point (METHODS.md).
     out_dir, resume : every finished step (and every fine-tuning epoch) is checkpointed there;
         ``resume=True`` with the same arguments continues a killed run where it stopped.
     budget, ratio : deprecated (DeprecationWarning; removed in the next release): the kind of a

@@ -59,6 +59,11 @@ def format_table(report: dict) -> str:
         name = report.get("metric_name") or "metric"
         drop = a["metric"] - b["metric"]
         lines.append(f"{name:18} {b['metric']:>12.2f} {a['metric']:>12.2f} {drop:>+12.2f} pts")
+    test = report.get("test")
+    if test and b.get("metric") is not None:  # --holdout: the metric above is the held-out one
+        name = report.get("metric_name") or "metric"
+        tb, ta = test["before"][name], test["after"][name]
+        lines.append(f"{'test ' + name:18} {tb:>12.2f} {ta:>12.2f} {ta - tb:>+12.2f} pts")
     lat = report.get("latency")
     if lat:
         lines.append(f"latency: dense and pruned timed interleaved, median of {lat['repeats']}, {lat.get('threads')} "

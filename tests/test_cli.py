@@ -120,7 +120,8 @@ def test_holdout_gives_the_stop_rule_training_samples_and_reports_the_test_split
     held = load_dataset("digits", "train").holdout(200)[1]
     assert report["after"]["metric"] == secateurs.train.evaluate(model, held)["top1"]
     assert "200 held-out training samples" in report["protocol"]
-    capsys.readouterr()
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("test top1")]
+    assert printed and printed[0][2:4] == [f"{report['test'][k]['top1']:.2f}" for k in ("before", "after")]
     assert main([*args, "--out", str(tmp_path / "test")]) == 0
     report = json.loads((tmp_path / "test" / "report.json").read_text())
     assert "test" not in report and "read the test split" in report["warnings"][0]

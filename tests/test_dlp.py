@@ -135,6 +135,17 @@ def test_the_cascade_stops_at_its_macs_target_and_cuts_the_last_step_to_it(r20, 
     assert report["stopped"] == "macs target 0.8 met" and len(report["steps"]) < 8  # the steps after it: none
 
 
+def test_the_cascade_leaves_part_of_a_reachable_target_to_its_filter_steps(r20, data):
+    """Blocks alone can reach 0.7 here: they spend its square root, so the filter steps still run
+    (blocks took the whole target and the cascade was the same as dlp)."""
+    base = secateurs.count(r20, X).macs
+    m, report = secateurs.prune(copy.deepcopy(r20), X, "dlp+filters", {"macs": 0.7}, data=data,
+                                method_options={"per_class": 10})
+    blocks, filters = report["steps"][1], [r for r in report["steps"][2:] if not r.get("reverted")]
+    assert 0.7 < blocks["macs"] / base <= 0.7 ** 0.5 + 0.05 and filters
+    assert 0.68 <= secateurs.count(m, X).macs / base <= 0.7 and report["stopped"] == "macs target 0.7 met"
+
+
 def test_vip_criterion_ranks_a_dead_filter_last(r20, data):
     m = copy.deepcopy(r20)
     g = secateurs.analyze(m, X)

@@ -280,9 +280,9 @@ def test_a_cache_file_cut_short_is_measured_again_and_a_model_off_the_cpu_is_ref
     lm.path.write_text(lm.path.read_text()[:20])  # a run killed mid-write by hand, or an edit
     again = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
     assert again.tables == lm.tables and json.loads(lm.path.read_text()).keys() == lm.tables.keys()
-    with pytest.raises(ValueError, match="allocation='latency' times layers on the CPU, but the model is on meta"):
+    with pytest.raises(ValueError, match="a latency table times layers on this machine's CPU, but the model is on meta"):
         latency_table.LatencyModel(copy.deepcopy(model).to("meta"), graph, x, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="round_to='auto' times layers on the CPU, but the model is on meta"):
+    with pytest.raises(ValueError, match="round_to='auto' times layers on this machine's CPU, but the model is on meta"):
         latency_table.auto_round_to(copy.deepcopy(model).to("meta"), x, cache_dir=tmp_path)
 
 

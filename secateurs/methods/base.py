@@ -219,10 +219,15 @@ class CriterionMethod(Method):
         scores = group_scores(ctx.model, ctx.graph, self.fn, data=ctx.data, **self.kwargs)
         budget = ctx.budget.at_step(ctx.step, ctx.steps)
         if budget.kind == "latency":
+            # each step times the model as it finds it: aim at the schedule's point over what the earlier
+            # steps measured, so their misses are made up rather than compounded
+            so_far = ctx.state.get("latency_so_far", 1.0)
+            budget = Budget("latency", min(1.0, ctx.budget.value ** (ctx.step / ctx.steps) / so_far))
             plan, info = latency_plan(ctx.model, ctx.graph, ctx.example_inputs, scores, budget, ctx.allocation,
                                       ctx.round_to, ctx.min_width, ctx.latency_threads, ctx.log,
                                       original=ctx.original_widths)
-            return Decision(channels=plan, info=info)
+            ctx.state["latency_so_far"] = so_far * info["latency_ratio"]
+            return Decision(channels=plan, info={**info, "latency_ratio_total": ctx.state["latency_so_far"]})
         plan, _ = plan_for_budget(ctx.model, ctx.graph, ctx.example_inputs, scores, budget, ctx.allocation,
                                   ctx.round_to, ctx.min_width, base=ctx.current, reference=ctx.base,
                                   threads=ctx.latency_threads, original=ctx.original_widths)

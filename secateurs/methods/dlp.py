@@ -24,7 +24,8 @@ class LayerPruningMethod(Method):
     (:func:`secateurs.pls.block_features`): a U-Net's encoder blocks are ranked the same way.
 
     ``mode="rank"`` removes the lowest-scoring removable blocks until ``fraction`` of them, or
-    ``count`` blocks, are gone, or the MACs/params budget is met, keeping ``min_per_stage``
+    ``count`` blocks, are gone, or the MACs/params budget is met (in the cascade its square root:
+    the filter steps spend the rest, as the paper's layers then filters), keeping ``min_per_stage``
     removable blocks in every stage (down-sampling blocks never go). ``mode="truncate"`` walks
     the blocks of stage ``start_stage`` onwards (default: the last stage); the first block whose
     score does not rise over the previous one goes with everything after it, and a fresh head is
@@ -148,6 +149,8 @@ class LayerPruningMethod(Method):
         if budget is not None and budget.kind == "latency":
             return self._to_latency(ctx, order, scores) if order else Decision.halt(
                 "no block may go (min_per_stage, count or fraction)", block_scores=scores)
+        if budget is not None and self.filters:  # the cascade: blocks spend the square root of the target,
+            budget = Budget(budget.kind, budget.value ** 0.5)  # the filter steps the rest
         limit = budget.limit(ctx.base) if budget is not None else None
         cost = measure(ctx.current, budget.kind) if budget is not None else None
         chosen = []
