@@ -288,9 +288,24 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
         cfg = finetune
         if out is not None:
             cfg = replace(cfg, out_dir=str(run.ckpt.step_dir(k) / "train"), resume=True)
+            _drop_stale_training(model, Path(cfg.out_dir), run.log)
         fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
         timings["finetune_s"] += time.perf_counter() - t4
     return _measure_step(run, ctx, k, removed, snapshot, tolerance)
+
+
+def _drop_stale_training(model: nn.Module, folder: Path, log: Callable[..., None]) -> None:
+    """A killed step's fine-tuning checkpoint continues only the same cut: a step planned again
+    with other widths (a timed latency plan) would fail to load it, so it starts afresh."""
+    ckpt = folder / "checkpoint.pt"
+    if not ckpt.exists():
+        return
+    saved = torch.load(ckpt, map_location="meta", weights_only=True).get("model", {})
+    now = model.state_dict()
+    if saved.keys() != now.keys() or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in now.items()):
+        log(f"{folder}: the fine-tuning checkpoint is of another cut of this step; starting it afresh")
+        for f in ("checkpoint.pt", "log.csv"):
+            (folder / f).unlink(missing_ok=True)
 
 
 def _measure_step(run: _Run, ctx: StepContext, k: int, removed: dict, snapshot: nn.Module | None,
