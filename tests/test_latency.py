@@ -182,6 +182,15 @@ def test_latency_ratio_times_the_layout_the_dense_model_is_stored_in(monkeypatch
     assert seen == ["eager", "channels_last", "onnxruntime"]
 
 
+def _linear_tables(monkeypatch) -> None:
+    """Stand-in tables: a layer's time proportional to its width (the clock here is noisy)."""
+    from secateurs import latency_table
+
+    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
+        axis: [[w, 1e-3 * w] for w in latency_table._grid(layer.cin if axis == "in" else layer.cout, 4)]
+        for axis in (("dw",) if layer.depthwise else ("out", "in"))})
+
+
 def test_latency_tables_are_measured_once_per_machine_and_predict_the_measured_model(tmp_path, monkeypatch):
     from secateurs import analyze
     from secateurs import latency_table
@@ -199,9 +208,7 @@ def test_latency_tables_are_measured_once_per_machine_and_predict_the_measured_m
     assert [sorted(t) for t in table.values()] == [["in", "out"], ["dw"], ["in", "out"], ["in", "out"]]
     assert [[w for w, _ in t["in"]] for t in table.values() if "in" in t] == [[1, 2, 3], [4, 8, 12, 16], [6, 12, 18, 24]]
     # predictions, on a stand-in table where time is proportional to width (the clock here is noisy)
-    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
-        axis: [[w, 1e-3 * w] for w in latency_table._grid(layer.cin if axis == "in" else layer.cout, 4)]
-        for axis in (("dw",) if layer.depthwise else ("out", "in"))})
+    _linear_tables(monkeypatch)
     lm = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
     alloc = Allocator(graph, group_scores(model, graph, "l2"), "global")
     keep = [g.size for g in graph.groups]
@@ -249,9 +256,7 @@ def test_a_grouped_conv_reads_the_inputs_its_own_group_keeps(tmp_path, monkeypat
                           nn.Conv2d(32, 8, 1)).eval()
     x = torch.randn(1, 8, 8, 8)
     graph = analyze(model, x)
-    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
-        axis: [[w, 1e-3 * w] for w in latency_table._grid(layer.cin if axis == "in" else layer.cout, 4)]
-        for axis in ("out", "in")})
+    _linear_tables(monkeypatch)
     lm = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
     seen = {}
     real = lm._layer_time
@@ -273,9 +278,7 @@ def test_a_cache_file_cut_short_is_measured_again_and_a_model_off_the_cpu_is_ref
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(1, 3, 8, 8)
     graph = analyze(model, x)
-    monkeypatch.setattr(latency_table.LatencyModel, "_measure", lambda self, layer: {
-        axis: [[w, 1e-3 * w] for w in latency_table._grid(layer.cin if axis == "in" else layer.cout, 4)]
-        for axis in ("out", "in")})
+    _linear_tables(monkeypatch)
     lm = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
     lm.path.write_text(lm.path.read_text()[:20])  # a run killed mid-write by hand, or an edit
     again = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
