@@ -266,7 +266,7 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
                       original_widths=run.extra["original_widths"], state=run.extra.setdefault("_state", {}),
                       **{**run.context, "finetune": finetune})
     before_plan = copy_model(model) if tolerance is not None and req.how.trains else None
-    decision: Decision = req.how.plan(ctx)
+    decision: Decision = _from_first_process(req.how.plan(ctx))  # timed plans may differ between processes
     t3 = time.perf_counter()
     timings["analyze_s"] += t1 - t0
     timings["plan_s"] += t3 - t1
@@ -439,10 +439,25 @@ def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: Dependenc
 
 
 def _measured_round_to(model: nn.Module, example_inputs: Any, threads: int | None, log: Callable) -> int:
-    """``round_to="auto"``: measured on this machine once, then cached."""
-    round_to = auto_round_to(model, example_inputs, threads=threads)
+    """``round_to="auto"``: measured on this machine once, then cached; under torchrun by the
+    first process alone (the others would compete for its cores) and shared."""
+    round_to = auto_round_to(model, example_inputs, threads=threads) if is_main_process() else None
+    round_to = _from_first_process(round_to)
     log(f"round_to='auto': {round_to} on this machine")
     return round_to
+
+
+def _from_first_process(value: Any) -> Any:
+    """Under torchrun, the first process's ``value`` on every process: a decision that timing
+    made (a latency plan, a measured width step) may differ between processes, and one cut must
+    be the same everywhere or DDP breaks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _count_before(model: nn.Module, example_inputs: Any, ignore: Any, separately: bool, timings: dict

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -378,3 +380,25 @@ def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_a
         _drop_stale_training(create_model("tiny_cnn"), tmp_path, logged.append)
         assert (tmp_path / "checkpoint.pt").exists() == kept == (tmp_path / "log.csv").exists()
     assert len(logged) == 1 and "another cut" in logged[0]
+
+
+def _agree_worker(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from secateurs.pipeline import _from_first_process
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:
+        got = _from_first_process({"plan": [rank, rank]})  # each process timed its own plan
+        (Path(folder) / f"rank{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_every_process_takes_the_first_processs_decision(tmp_path):
+    """Timed decisions (a latency plan, round_to='auto') can differ between processes; one cut must
+    be the same everywhere or DDP breaks."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"plan": [0, 0]}] * 2
