@@ -27,7 +27,7 @@ from .cost import Cost, count
 from .saving import load as load_model, save as save_model
 from .graph import DependencyGraph, analyze, analyze_and_count
 from .latency_table import auto_round_to
-from .methods import Decision, Method, StepContext, get_method
+from .methods import Method, StepContext, get_method
 from .metrics import check_labels
 from .train import TrainConfig, evaluate, fit, is_main_process, metric_key
 
@@ -264,9 +264,10 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
     finetune = replace(req.finetune, seed=req.finetune.seed + k) if req.finetune is not None else None
     ctx = StepContext(model=model, graph=graph, step=k, current=run.current,
                       original_widths=run.extra["original_widths"], state=run.extra.setdefault("_state", {}),
-                      **{**run.context, "finetune": finetune})
+                      times=is_main_process(), **{**run.context, "finetune": finetune})
     before_plan = copy_model(model) if tolerance is not None and req.how.trains else None
-    decision: Decision = _from_first_process(req.how.plan(ctx))  # timed plans may differ between processes
+    decision, state = _from_first_process((req.how.plan(ctx), ctx.state))  # timed plans: made by the first
+    ctx.state.update(state)
     t3 = time.perf_counter()
     timings["analyze_s"] += t1 - t0
     timings["plan_s"] += t3 - t1
@@ -288,7 +289,9 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
         cfg = finetune
         if out is not None:
             cfg = replace(cfg, out_dir=str(run.ckpt.step_dir(k) / "train"), resume=True)
-            _drop_stale_training(model, Path(cfg.out_dir), run.log)
+            if is_main_process():
+                _drop_stale_training(model, Path(cfg.out_dir), run.log)
+            _from_first_process(None)  # the others wait for it (a barrier) before fit reads the folder
         fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
         timings["finetune_s"] += time.perf_counter() - t4
     return _measure_step(run, ctx, k, removed, snapshot, tolerance)

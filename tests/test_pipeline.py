@@ -287,6 +287,31 @@ def test_latency_budget_is_spent_by_the_tables_and_confirmed_by_a_timing(monkeyp
         secateurs.prune(create_model("cifar_resnet20").eval(), x, target={"latency": 0.2}, min_width=0.9)
 
 
+def test_latency_steps_share_out_what_the_earlier_steps_missed(monkeypatch, tmp_path):
+    """Step 1 of 3 lands at 0.62 where it aimed at 0.5^(1/3) = 0.79: the two steps left share out
+    0.5 / 0.62, and a run already at its target stops."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    x = torch.randn(1, 3, 32, 32)
+    m = create_model("cifar_resnet20").eval()
+    _macs_clock(monkeypatch, m, x)
+    aims, measured = [], iter([0.62, 0.9, 0.95])
+    real = secateurs.methods.base.latency_plan
+
+    def scripted(model, graph, x, scores, budget, *a, **k):
+        aims.append(budget.value)
+        plan, info = real(model, graph, x, scores, budget, *a, **k)
+        return plan, {**info, "latency_ratio": next(measured)}
+
+    monkeypatch.setattr(secateurs.methods.base, "latency_plan", scripted)
+    _, report = secateurs.prune(m, x, target={"latency": 0.5}, steps=3)
+    assert aims == pytest.approx([0.5 ** (1 / 3), (0.5 / 0.62) ** 0.5, 0.5 / (0.62 * 0.9)])
+    assert report["method_output"]["latency_ratio_total"] == pytest.approx(0.62 * 0.9 * 0.95)
+    aims.clear()
+    measured = iter([0.45])
+    _, report = secateurs.prune(create_model("cifar_resnet20").eval(), x, target={"latency": 0.5}, steps=3)
+    assert len(aims) == 1 and report["stopped"].startswith("latency target 0.5 met")
+
+
 def test_a_latency_target_in_steps_compounds_to_the_target(monkeypatch, tmp_path):
     """Each step is timed against the model as that step finds it: two steps of 0.65^(1/2) each end
     at 0.65 of the dense latency (cumulative targets, 0.65^(1/2) then 0.65 of the current model,

@@ -90,6 +90,9 @@ class StepContext:
     metric0: float | None = None  # that metric for the unpruned model
     out_dir: Any = None  # the run folder (Path) when checkpointing, for a method's own checkpoints
     state: dict = field(default_factory=dict)  # JSON-able, saved with every step: survives a resume
+    # False under torchrun on every process but the first: a decision made by timing is made there alone
+    # (the others would compete for its cores) and the pipeline hands it, with `state`, to the rest
+    times: bool = True
 
     def budget_met(self) -> str | None:
         """The stop reason when the MACs/params budget (a stop rule) is already met, else None."""
@@ -219,19 +222,26 @@ class CriterionMethod(Method):
         scores = group_scores(ctx.model, ctx.graph, self.fn, data=ctx.data, **self.kwargs)
         budget = ctx.budget.at_step(ctx.step, ctx.steps)
         if budget.kind == "latency":
-            # each step times the model as it finds it: aim at the schedule's point over what the earlier
-            # steps measured, so their misses are made up rather than compounded
-            so_far = ctx.state.get("latency_so_far", 1.0)
-            budget = Budget("latency", min(1.0, ctx.budget.value ** (ctx.step / ctx.steps) / so_far))
-            plan, info = latency_plan(ctx.model, ctx.graph, ctx.example_inputs, scores, budget, ctx.allocation,
-                                      ctx.round_to, ctx.min_width, ctx.latency_threads, ctx.log,
-                                      original=ctx.original_widths)
-            ctx.state["latency_so_far"] = so_far * info["latency_ratio"]
-            return Decision(channels=plan, info={**info, "latency_ratio_total": ctx.state["latency_so_far"]})
+            return self._to_latency(ctx, scores)
         plan, _ = plan_for_budget(ctx.model, ctx.graph, ctx.example_inputs, scores, budget, ctx.allocation,
                                   ctx.round_to, ctx.min_width, base=ctx.current, reference=ctx.base,
                                   threads=ctx.latency_threads, original=ctx.original_widths)
         return Decision(channels=plan)
+
+    def _to_latency(self, ctx: StepContext, scores: list) -> Decision:
+        """Each step times the model as it finds it: the steps left share out what the earlier ones
+        have not reached yet (v / so far, geometrically), so a miss is made up, not compounded."""
+        if not ctx.times:
+            return Decision()  # the first process's decision replaces it
+        so_far = ctx.state.get("latency_so_far", 1.0)
+        if so_far <= ctx.budget.value:
+            return Decision.halt(f"latency target {ctx.budget.value} met ({so_far:.3g} of the unpruned model's)")
+        aim = (ctx.budget.value / so_far) ** (1 / (ctx.steps - ctx.step + 1))
+        plan, info = latency_plan(ctx.model, ctx.graph, ctx.example_inputs, scores, Budget("latency", aim),
+                                  ctx.allocation, ctx.round_to, ctx.min_width, ctx.latency_threads, ctx.log,
+                                  original=ctx.original_widths)
+        ctx.state["latency_so_far"] = so_far * info["latency_ratio"]  # a step the tolerance undoes stops the run
+        return Decision(channels=plan, info={**info, "latency_ratio_total": ctx.state["latency_so_far"]})
 
 
 def get_method(method: str | Callable | Method, **options: Any) -> Method:
