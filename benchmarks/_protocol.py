@@ -92,3 +92,26 @@ def interval(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return m, 0.0
     return m, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def latency_columns(dense, pruned, x, threads: int, batches: tuple[int, ...] = (1, 8), repeats: int = 30) -> dict:
+    """A results row's latency: dense and pruned timed interleaved by the library's one harness
+    (``secateurs.latency.compare_dense_pruned``), so both figures come from the same minutes of a
+    shared machine; the speed-up is the median of the per-round ratios with its 95% interval."""
+    from secateurs.latency import compare_dense_pruned
+
+    cmp = compare_dense_pruned(dense, pruned, x, batches=batches, repeats=repeats, threads=threads)
+    row = {}
+    for r in cmp["rows"]:
+        b = r["batch"]
+        row.update({f"lat_b{b}_before": round(r["dense_ms"], 2), f"lat_b{b}_after": round(r["pruned_ms"], 2),
+                    f"b{b}_speedup": round(r["speedup"], 2), f"b{b}_speedup_low": round(r["speedup_interval"][0], 2),
+                    f"b{b}_speedup_high": round(r["speedup_interval"][1], 2)})
+    return row
+
+
+def speedup_cell(row: dict, b: int) -> str:
+    """``1.34x (1.30-1.37)`` from a row :func:`latency_columns` wrote (a row timed before the
+    interval was kept has none to show)."""
+    low, high = row.get(f"b{b}_speedup_low"), row.get(f"b{b}_speedup_high")
+    return f"{row[f'b{b}_speedup']}x" + (f" ({low}-{high})" if low not in (None, "") else "")

@@ -24,19 +24,14 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, start, write_rows
+from benchmarks._protocol import (add_protocol_args, cifar10, finetune_config, latency_columns, speedup_cell, start,
+                                  write_rows)
 
 SETTINGS = {
     "resnet20_cifar10": {"pretrained": "cifar_resnet20_cifar10", "data": "cifar10"},
     "vgg_small_fmnist": {"pretrained": "vgg_small_fmnist", "data": "fashion-mnist"},
     "resnet56_cifar10": {"pretrained": "cifar_resnet56_cifar10", "data": "cifar10"},
 }
-
-
-def _latency(model, x, threads):
-    import secateurs
-
-    return 1e3 * secateurs.measure_latency(model, x.expand(8, *x.shape[1:]).contiguous(), repeats=15, threads=threads)
 
 
 def run_setting(name, args):
@@ -49,7 +44,6 @@ def run_setting(name, args):
     base = load_pretrained(cfg["pretrained"])
     x = torch.randn(1, *val.images.shape[1:])
     top1 = evaluate(base, val)["top1"]
-    lat0 = _latency(base, x, args.threads)
     ft = finetune_config(args, args.epochs)
     rows = []
     with warnings.catch_warnings():
@@ -58,22 +52,22 @@ def run_setting(name, args):
                                  val_data=val, finetune=ft, tolerance=args.tolerance,
                                  method_options={"kappa": args.kappa, "min_keep": args.min_keep, "scope": args.scope})
     rounds = len([s for s in rep["steps"][1:] if not s.get("reverted")])
-    rows.append(_row(name, f"heuristic (kappa {args.kappa}, {args.scope})", rep, top1, lat0, _latency(h, x, args.threads),
+    rows.append(_row(name, f"heuristic (kappa {args.kappa}, {args.scope})", rep, top1, latency_columns(base, h, x, args.threads),
                      rounds * args.epochs, rep.get("stopped", f"{rounds} rounds")))
     same = replace(ft, epochs=max(1, rounds * args.epochs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         l1, rep1 = secateurs.prune(copy.deepcopy(base), x, "l1", rep["kept"]["macs"], allocation="uniform", data=train,
                                    val_data=val, finetune=same)
-    rows.append(_row(name, "L1 uniform, same MACs", rep1, top1, lat0, _latency(l1, x, args.threads), same.epochs, "one shot"))
+    rows.append(_row(name, "L1 uniform, same MACs", rep1, top1, latency_columns(base, l1, x, args.threads), same.epochs,
+                     "one shot"))
     return rows
 
 
-def _row(setting, method, rep, top1, lat0, lat1, epochs, stop):
+def _row(setting, method, rep, top1, latency, epochs, stop):
     row = {"setting": setting, "method": method, "macs_reduction": round(1 - rep["kept"]["macs"], 4),
            "params_reduction": round(1 - rep["kept"]["params"], 4), "top1_before": round(top1, 2),
-           "top1_after": round(rep["after"]["metric"], 2), "latency_b8_before_ms": round(lat0, 2),
-           "latency_b8_after_ms": round(lat1, 2), "speedup": round(lat0 / lat1, 2), "finetune_epochs": epochs,
+           "top1_after": round(rep["after"]["metric"], 2), **latency, "finetune_epochs": epochs,
            "stop": stop}
     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return row
@@ -100,13 +94,16 @@ def main(argv=None) -> None:
              f"`python -m benchmarks.heuristic --rounds {args.rounds} --epochs {args.epochs} --kappa {args.kappa}` on {platform.machine()}, "
              f"{os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}. {protocol}. "
              "The L1 baseline is pruned in one shot to the MACs the heuristic reached and fine-tuned for the same "
-             "total epochs. Latency: batch 8, median of 15 eval forwards. Raw data: `heuristic.csv`.", "",
-             "| setting | method | MACs | params | top-1 before | top-1 after | latency b8 (ms) | speed-up | fine-tune epochs | stop |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "total epochs. Latency: unpruned and pruned timed interleaved, 30 rounds "
+             "(`secateurs.latency.compare_dense_pruned`): the median per model, and the median of the per-round speed-ups "
+             "with its 95% interval. Raw data: `heuristic.csv`.", "",
+             "| setting | method | MACs | params | top-1 before | top-1 after | latency b1 (ms) | b1 speed-up | "
+             "latency b8 (ms) | b8 speed-up | fine-tune epochs | stop |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['method']} | -{r['macs_reduction']:.1%} | -{r['params_reduction']:.1%} | "
-                     f"{r['top1_before']} | {r['top1_after']} | {r['latency_b8_before_ms']} -> {r['latency_b8_after_ms']} | "
-                     f"{r['speedup']}x | {r['finetune_epochs']} | {r['stop']} |")
+                     f"{r['top1_before']} | {r['top1_after']} | {r['lat_b1_before']} -> {r['lat_b1_after']} | {speedup_cell(r, 1)} | "
+                     f"{r['lat_b8_before']} -> {r['lat_b8_after']} | {speedup_cell(r, 8)} | {r['finetune_epochs']} | {r['stop']} |")
     (out / "heuristic.md").write_text("\n".join(lines) + "\n")
 
 

@@ -22,13 +22,8 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks._protocol import add_protocol_args, cifar10, finetune_config, read_rows, start, write_rows
-
-
-def _lat(model, x, threads, batch):
-    import secateurs
-
-    return 1e3 * secateurs.measure_latency(model, x.expand(batch, *x.shape[1:]).contiguous(), repeats=15, threads=threads)
+from benchmarks._protocol import (add_protocol_args, cifar10, finetune_config, latency_columns, read_rows, speedup_cell,
+                                  start, write_rows)
 
 
 def main(argv=None) -> None:
@@ -56,7 +51,6 @@ def main(argv=None) -> None:
             continue
         base = load_pretrained(name)
         top1 = evaluate(base, val)["top1"]
-        lat = {b: _lat(base, x, args.threads, b) for b in (1, 8)}
         runs = [("dlp", 1, {"mode": args.mode, "per_class": args.per_class}),
                 ("dlp+filters", 1 + args.filter_steps, {"mode": args.mode, "per_class": args.per_class})]
         for method, steps, opts in runs:
@@ -67,10 +61,10 @@ def main(argv=None) -> None:
                                          finetune=ft, method_options=opts)
                 done = len(rep["steps"]) - 1
                 blocks = [n for n in rep["steps"][1]["removed"]] if done else []
-                rows.append(_row(name, method, rep, top1, lat, m, x, args, done * args.epochs, ", ".join(blocks)))
+                rows.append(_row(name, method, rep, top1, base, m, x, args, done * args.epochs, ", ".join(blocks)))
                 l1, rep1 = secateurs.prune(copy.deepcopy(base), x, "l1", rep["kept"]["macs"], allocation="uniform",
                                            data=train, val_data=val, finetune=replace(ft, epochs=max(1, done * args.epochs)))
-                rows.append(_row(name, f"L1 uniform (same MACs as {method})", rep1, top1, lat, l1, x, args,
+                rows.append(_row(name, f"L1 uniform (same MACs as {method})", rep1, top1, base, l1, x, args,
                                  max(1, done * args.epochs), ""))
         write_rows(csv_path, rows)
     lines = ["# Method 2: layer pruning (PLS-VIP) and the cascade vs filter-only pruning at the same MACs", "",
@@ -78,27 +72,25 @@ def main(argv=None) -> None:
              f"--epochs {args.epochs}` on {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
              f"torch {torch.__version__}. CPU protocol: fine-tuning {args.epochs} epoch(s) per step on a subset of "
              f"CIFAR-10 (JPEG) training images (size per row) (SGD lr {args.lr}, cosine), top-1 on "
-             f"{args.val_subset or 'all'} test images, PLS on {args.per_class} images per class. Latency: median "
-             "of 15 eval forwards. Raw data: `layer_pruning.csv`.", "",
+             f"{args.val_subset or 'all'} test images, PLS on {args.per_class} images per class. Latency: unpruned and pruned "
+             "timed interleaved, 30 rounds (`secateurs.latency.compare_dense_pruned`): the median per model, and the median "
+             "of the per-round speed-ups with its 95% interval. Raw data: `layer_pruning.csv`.", "",
              "| model | fine-tune images | method | MACs | params | top-1 before | top-1 after | latency b1 (ms) | "
              "b1 speed-up | latency b8 (ms) | b8 speed-up | fine-tune epochs | blocks removed |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r.get('train_images') or 10000} | {r['method']} | -{float(r['macs_reduction']):.1%} | -{float(r['params_reduction']):.1%} | "
                      f"{r['top1_before']} | {r['top1_after']} | {r['lat_b1_before']} -> {r['lat_b1_after']} | "
-                     f"{r['b1_speedup']}x | {r['lat_b8_before']} -> {r['lat_b8_after']} | {r['b8_speedup']}x | "
+                     f"{speedup_cell(r, 1)} | {r['lat_b8_before']} -> {r['lat_b8_after']} | {speedup_cell(r, 8)} | "
                      f"{r['epochs']} | {r['blocks']} |")
     (out / "layer_pruning.md").write_text("\n".join(lines) + "\n")
 
 
-def _row(name, method, rep, top1, lat, model, x, args, epochs, blocks):
-    after = {b: _lat(model, x, args.threads, b) for b in (1, 8)}
+def _row(name, method, rep, top1, base, model, x, args, epochs, blocks):
     row = {"model": name, "train_images": args.subset or 50000, "method": method, "macs_reduction": round(1 - rep["kept"]["macs"], 4),
            "params_reduction": round(1 - rep["kept"]["params"], 4), "top1_before": round(top1, 2),
-           "top1_after": round(rep["after"]["metric"], 2), "lat_b1_before": round(lat[1], 2),
-           "lat_b1_after": round(after[1], 2), "b1_speedup": round(lat[1] / after[1], 2),
-           "lat_b8_before": round(lat[8], 2), "lat_b8_after": round(after[8], 2),
-           "b8_speedup": round(lat[8] / after[8], 2), "epochs": epochs, "blocks": blocks}
+           "top1_after": round(rep["after"]["metric"], 2), **latency_columns(base, model, x, args.threads),
+           "epochs": epochs, "blocks": blocks}
     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return row
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +224,31 @@ def test_segmentation_latency_is_the_paired_speedup_of_each_saved_model(tmp_path
         assert lo <= med <= hi and med > 1  # 4 filters instead of 32 at 256x256 and up
         assert segmentation._speedup(cell, "fixed_iw") == f"{med:.2f}x ({lo:.2f}-{hi:.2f})"
         assert segmentation._speedup(cell, "tol_iw") == "-"
+
+
+def test_method_benchmarks_time_dense_and_pruned_interleaved(monkeypatch):
+    """heuristic.py and layer_pruning.py take their latency from the one harness (issue 19): both
+    models in one call, the speed-up its per-round median with the interval, never two separate medians."""
+    import torch
+
+    import secateurs.latency as lat
+    from benchmarks import _protocol
+
+    calls = []
+
+    def fake(dense, pruned, x, *, batches, repeats, threads):
+        calls.append((dense, pruned, batches, repeats, threads))
+        return {"rows": [{"batch": b, "dense_ms": 10.0 * b, "pruned_ms": 5.0 * b + 0.004, "speedup": 1.987,
+                          "speedup_interval": [1.912, 2.051]} for b in batches]}
+
+    monkeypatch.setattr(lat, "compare_dense_pruned", fake)
+    row = _protocol.latency_columns("dense", "pruned", torch.zeros(1, 3, 8, 8), threads=2)
+    assert calls == [("dense", "pruned", (1, 8), 30, 2)]
+    assert row == {"lat_b1_before": 10.0, "lat_b1_after": 5.0, "b1_speedup": 1.99, "b1_speedup_low": 1.91,
+                   "b1_speedup_high": 2.05, "lat_b8_before": 80.0, "lat_b8_after": 40.0, "b8_speedup": 1.99,
+                   "b8_speedup_low": 1.91, "b8_speedup_high": 2.05}
+    assert _protocol.speedup_cell(row, 8) == "1.99x (1.91-2.05)"
+    assert _protocol.speedup_cell({"b8_speedup": "1.3"}, 8) == "1.3x"  # a row kept from the old harness
+    for name in ("heuristic", "layer_pruning"):
+        src = (Path(_protocol.__file__).parent / f"{name}.py").read_text()
+        assert "latency_columns(" in src and "measure_latency" not in src, name
