@@ -113,9 +113,19 @@ def is_main_process() -> bool:
 
 
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+    """A sum over the processes, carried on the device the backend reduces (NCCL refuses CPU
+    tensors, gloo GPU ones) and returned where ``t`` was."""
+    if not dist.is_initialized():
+        return t
+    out = t.to(_collective_device())
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # -- loop ------------------------------------------------------------------------------------
