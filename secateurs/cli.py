@@ -171,7 +171,8 @@ def prune_main(args) -> int:
     model, report = prune(model, x, args.method, budget, method_options=options, allocation=args.allocation,
                           ignore=args.ignore or None, round_to=args.round_to, min_width=min_width, data=train_ds,
                           val_data=val_ds, finetune=finetune, steps=args.steps, tolerance=args.tolerance,
-                          metric=args.metric, out_dir=args.out, resume=args.resume, quiet=args.quiet or not main_proc)
+                          metric=args.metric, out_dir=args.out, resume=args.resume, quiet=args.quiet or not main_proc,
+                          latency_guard=False)  # timed below, on the CPU, with --no-latency honoured
     model = model.cpu()  # measured, saved and exported on the CPU
     _report_splits(report, test_ds, test_before, model, main_proc)
     if dense is not None and main_proc:  # under torchrun one process times, the others would compete with it

@@ -29,7 +29,8 @@ from .graph import DependencyGraph, analyze, analyze_and_count
 from .latency_table import auto_round_to
 from .methods import Method, StepContext, get_method
 from .metrics import check_labels
-from .train import TrainConfig, evaluate, fit, is_main_process, metric_key
+from .report import latency_guard as time_against_dense
+from .train import TrainConfig, evaluate, fit, from_first_process, is_main_process, metric_key
 
 __all__ = ["prune", "METHOD_OUTPUT"]
 
@@ -99,9 +100,11 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
                     dict(method_options or {}), tolerance)
 
 
-def _check_labels(model: nn.Module, inputs: tuple, data: Any, val_data: Any) -> None:
-    """Labels the model's head has no output for, named before any cut: one eval forward of the
-    example inputs gives the number of logits (nothing changes: no_grad, the mode restored)."""
+def _check_data(model: nn.Module, inputs: tuple, data: Any, val_data: Any) -> None:
+    """The datasets, and labels the model's head has no output for, named before any cut: one eval
+    forward of the example inputs gives the number of logits (nothing changes: no_grad, the mode restored)."""
+    check_dataset(data, "data", inputs)
+    check_dataset(val_data, "val_data", inputs, arrays=True)
     if not any(isinstance(getattr(d, "targets", None), torch.Tensor) for d in (data, val_data)):
         return
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -214,7 +217,9 @@ def _start_report(req: _Request, model: nn.Module, base: Cost, metric0: float | 
     return report
 
 
-def _finish_report(report: dict, base: Cost, final: Cost, extra: dict, timings: dict, t_all: float) -> dict:
+def _finish_report(run: _Run, t_all: float, dense: nn.Module | None) -> dict:
+    # an undone step restored the model whose cost `run.current` still holds
+    report, base, final, extra, timings = run.report, run.base, run.current, run.extra, run.timings
     kept = [r for r in report["steps"] if not r.get("reverted")]
     last = report["steps"][-1]  # an undone cut that kept its training scores what the model is now
     metric = last["metric_restored"] if last.get("reverted") and "metric_restored" in last else kept[-1]["metric"]
@@ -227,6 +232,10 @@ def _finish_report(report: dict, base: Cost, final: Cost, extra: dict, timings: 
     report["timings"] = dict(timings, total_s=time.perf_counter() - t_all)
     report[METHOD_OUTPUT] = {k: v for k, v in extra.items() if k not in ("_state", "original_widths")}
     report["original_widths"] = extra.get("original_widths", {})
+    if dense is not None:  # its own line of the timings, outside the run's total
+        t0 = time.perf_counter()
+        time_against_dense(dense, run.model, run.example_inputs, report)
+        report["timings"]["latency_guard_s"] = time.perf_counter() - t0
     return report
 
 
@@ -266,7 +275,7 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
                       original_widths=run.extra["original_widths"], state=run.extra.setdefault("_state", {}),
                       times=is_main_process(), **{**run.context, "finetune": finetune})
     before_plan = copy_model(model) if tolerance is not None and req.how.trains else None
-    decision, state = _from_first_process((req.how.plan(ctx), ctx.state))  # timed plans: made by the first
+    decision, state = from_first_process((req.how.plan(ctx), ctx.state))  # timed plans: made by the first
     ctx.state.update(state)
     t3 = time.perf_counter()
     timings["analyze_s"] += t1 - t0
@@ -291,7 +300,7 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
             cfg = replace(cfg, out_dir=str(run.ckpt.step_dir(k) / "train"), resume=True)
             if is_main_process():
                 _drop_stale_training(model, Path(cfg.out_dir), run.log)
-            _from_first_process(None)  # the others wait for it (a barrier) before fit reads the folder
+            from_first_process(None)  # the others wait for it (a barrier) before fit reads the folder
         fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
         timings["finetune_s"] += time.perf_counter() - t4
     return _measure_step(run, ctx, k, removed, snapshot, tolerance)
@@ -347,8 +356,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
           steps: int | None = None, tolerance: float | None = None, metric: str | None = None,
           latency_threads: int | None = None, method_options: Mapping[str, Any] | None = None,
           out_dir: str | Path | None = None, resume: bool = False, quiet: bool = True,
-          teacher: nn.Module | None = None, budget: str | None = None, ratio: float | None = None
-          ) -> tuple[nn.Module, dict]:
+          teacher: nn.Module | None = None, latency_guard: bool | None = None, budget: str | None = None,
+          ratio: float | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place to a budget and return ``(model, report)``.
 
     Parameters
@@ -381,6 +390,9 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
         "importance-weights" with ``val_data`` and no target: 1 point (METHODS.md).
     out_dir, resume : every finished step (and every fine-tuning epoch) is checkpointed there;
         ``resume=True`` with the same arguments continues a killed run where it stopped.
+    latency_guard : time the unpruned and the pruned model interleaved (batch 1 and 8, 30 rounds) into
+        ``report["latency"]``, warning loudly when the pruned one is measurably slower. Default: when
+        the prune trains or spends a latency budget (seconds beside its minutes); a bare cut stays fast.
     budget, ratio : deprecated (DeprecationWarning; removed in the next release): the kind of a
         fractional ``target``, and a removed ratio; pass ``target={kind: value}`` instead.
 
@@ -398,10 +410,8 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     auto = isinstance(round_to, str) and round_to == "auto"
     req = _check_request(model, method, target, allocation, 1 if auto else round_to, min_width, data, val_data,
                          finetune, steps, tolerance, metric, method_options)
-    tolerance = req.tolerance
-    check_dataset(data, "data", inputs)
-    check_dataset(val_data, "val_data", inputs, arrays=True)
-    _check_labels(model, inputs, data, val_data)
+    _check_data(model, inputs, data, val_data)
+    dense = _dense_for_guard(model, req, latency_guard)
     teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
     round_to = _measured_round_to(model, example_inputs, latency_threads, log) if auto else round_to
@@ -409,18 +419,27 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     t_all = time.perf_counter()
     graph, base = _count_before(model, example_inputs, ignore, resume or req.key is not None, timings)
     metric0 = evaluate(model, val_data)[req.key] if req.key is not None else None
-    report = _start_report(req, model, base, metric0, round_to, min_width, tolerance)
+    report = _start_report(req, model, base, metric0, round_to, min_width, req.tolerance)
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
                                       "steps_requested")}
     ckpt = _Checkpoints(model, out_dir, request)
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,
                    latency_threads=latency_threads, log=log, finetune=req.finetune, teacher=teacher, val_data=val_data,
-                   tolerance=tolerance, metric=req.key, metric0=metric0, out_dir=ckpt.out if ckpt.enabled else None)
+                   tolerance=req.tolerance, metric=req.key, metric0=metric0, out_dir=ckpt.out if ckpt.enabled else None)
     run = _Run(model, example_inputs, req, base, base, report, {}, ckpt, timings, log, context)
-    _run_steps(run, ignore, tolerance, graph, resume)
-    # an undone step restored the model whose cost `run.current` still holds
-    return model, _finish_report(report, base, run.current, run.extra, timings, t_all)
+    _run_steps(run, ignore, req.tolerance, graph, resume)
+    return model, _finish_report(run, t_all, dense)
+
+
+def _dense_for_guard(model: nn.Module, req: _Request, guard: Any) -> nn.Module | None:
+    """The unpruned copy the latency guard times the result against (on the first process alone:
+    the others would compete for its cores)."""
+    if guard not in (None, True, False):
+        raise InvalidArgument(f"`latency_guard` must be True, False or None, got {guard!r}")
+    if guard is None:
+        guard = req.finetune is not None or req.how.trains or (req.budget is not None and req.budget.kind == "latency")
+    return copy_model(model) if guard and is_main_process() else None
 
 
 def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: DependencyGraph | None, resume: bool) -> None:
@@ -445,22 +464,9 @@ def _measured_round_to(model: nn.Module, example_inputs: Any, threads: int | Non
     """``round_to="auto"``: measured on this machine once, then cached; under torchrun by the
     first process alone (the others would compete for its cores) and shared."""
     round_to = auto_round_to(model, example_inputs, threads=threads) if is_main_process() else None
-    round_to = _from_first_process(round_to)
+    round_to = from_first_process(round_to)
     log(f"round_to='auto': {round_to} on this machine")
     return round_to
-
-
-def _from_first_process(value: Any) -> Any:
-    """Under torchrun, the first process's ``value`` on every process: a decision that timing
-    made (a latency plan, a measured width step) may differ between processes, and one cut must
-    be the same everywhere or DDP breaks."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _count_before(model: nn.Module, example_inputs: Any, ignore: Any, separately: bool, timings: dict

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ._io import atomic_write
@@ -23,11 +24,13 @@ GUARD_SECONDS = 120.0  # the latency guard's bound: batch 8 is left out (and sai
 
 def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict) -> None:
     """Dense and pruned timed interleaved at batch 1 and 8 (8 only if it fits in two minutes), both in the
-    pruned model's layout: the report's latency rows, and a loud warning (stderr and the report) when
-    the pruned one is measurably slower."""
-    guard = compare_dense_pruned(dense, model, x, batches=(1, 8), repeats=30, max_seconds=GUARD_SECONDS,
+    pruned model's layout and on its device (where fine-tuning left it): the report's latency rows,
+    and a loud warning (stderr and the report) when the pruned one is measurably slower."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = x.to(device) if isinstance(x, torch.Tensor) else tuple(t.to(device) for t in x)
+    guard = compare_dense_pruned(dense.to(device), model, x, batches=(1, 8), repeats=30, max_seconds=GUARD_SECONDS,
                                  runtime=runtime_of(model))
-    report["latency"] = guard
+    report["latency"] = {**guard, "device": str(device)}
     for r in guard["rows"]:
         report["before"][f"latency_b{r['batch']}_ms"] = r["dense_ms"]
         report["after"][f"latency_b{r['batch']}_ms"] = r["pruned_ms"]

@@ -30,7 +30,7 @@ from ._validation import InvalidArgument, check_choice, check_model, check_scala
 from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .metrics import METRICS, batch_stats, check_labels, distillation_loss, metric_key, summarize, task_loss
 
-__all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process",
+__all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process", "from_first_process",
            "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
 
 
@@ -110,6 +110,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def from_first_process(value: Any) -> Any:
+    """Under torchrun, the first process's ``value`` on every process: a decision that timing
+    made (a latency plan, a measured width step) may differ between processes, and one cut must
+    be the same everywhere or DDP breaks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _all_sum(t: torch.Tensor) -> torch.Tensor:

@@ -461,3 +461,74 @@ def test_latency_search_shrinks_its_bracket_when_two_aims_give_one_plan():
     assert 0.65 < aim < 0.729 and aim == pytest.approx((0.65 + 0.729) / 2)  # same plan twice: bisect
     assert 0.65 < _next_aim(tried[:3], 0.65) < 0.791
 
+
+
+def _guarded(monkeypatch):
+    """The guard's calls, with the two models it was given (their conv widths)."""
+    import secateurs.pipeline
+
+    calls = []
+
+    def record(dense, model, x, report):
+        calls.append(([m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)],
+                      [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]))
+        report["latency"] = {"rows": [], "slower": []}
+
+    monkeypatch.setattr(secateurs.pipeline, "time_against_dense", record)
+    return calls
+
+
+def test_api_prune_that_trains_times_the_pruned_model_against_the_unpruned_one(monkeypatch):
+    """Issue 19's guard after any prune that costs minutes anyway: the API report holds it too, the
+    unpruned model (not a copy taken after the cut) on one side; a bare cut stays as fast as it is."""
+    import secateurs
+    from secateurs.data import load_dataset
+    from secateurs.models import create_model
+    from secateurs.train import TrainConfig
+
+    calls = _guarded(monkeypatch)
+    ds = load_dataset("digits", "train").subset(128, 0)
+    x = torch.randn(1, 1, 8, 8)
+    ft = TrainConfig(epochs=1, batch_size=64, pad=1, quiet=True)
+    model, report = secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5, data=ds, finetune=ft)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    full = [m.out_channels for m in create_model("tiny_cnn", num_classes=10, in_chans=1).modules() if isinstance(m, nn.Conv2d)]
+    assert calls == [(full, widths)] and widths != full
+    assert "latency" in report and report["timings"]["latency_guard_s"] >= 0
+    _, report = secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5)
+    assert len(calls) == 1 and "latency" not in report  # a bare cut: not timed unless asked
+    secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5, latency_guard=True)
+    assert len(calls) == 2
+    secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5, data=ds, finetune=ft,
+                    latency_guard=False)
+    assert len(calls) == 2
+
+
+def test_api_guard_rejects_a_bad_switch_before_the_cut():
+    import secateurs
+    from secateurs.models import create_model
+
+    model = create_model("tiny_cnn", num_classes=10, in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="`latency_guard`"):
+        secateurs.prune(model, torch.randn(1, 1, 8, 8), "l1", 0.5, latency_guard="yes")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_api_guard_times_on_the_device_training_left_the_model_on(monkeypatch):
+    """After a GPU fine-tuning the pruned model is on the GPU: the unpruned copy and the inputs go there
+    too (the harness synchronises CUDA), never a CPU model against a GPU one."""
+    import secateurs.report as report_module
+    from secateurs.models import create_model
+
+    seen = {}
+
+    def fake(dense, model, x, **kw):
+        seen.update(dense=next(dense.parameters()).device, x=x.device)
+        return {"rows": [], "slower": [], "skipped": []}
+
+    monkeypatch.setattr(report_module, "compare_dense_pruned", fake)
+    dense, pruned = create_model("tiny_cnn"), create_model("tiny_cnn")
+    report = {"before": {}, "after": {}}
+    report_module.latency_guard(dense, pruned.to("meta"), torch.randn(1, 3, 8, 8), report)
+    assert seen == {"dense": torch.device("meta"), "x": torch.device("meta")} and report["latency"]["device"] == "meta"

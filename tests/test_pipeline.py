@@ -410,11 +410,11 @@ def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_a
 def _agree_worker(rank: int, folder: str) -> None:
     import torch.distributed as dist
 
-    from secateurs.pipeline import _from_first_process
+    from secateurs.train import from_first_process
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     try:
-        got = _from_first_process({"plan": [rank, rank]})  # each process timed its own plan
+        got = from_first_process({"plan": [rank, rank]})  # each process timed its own plan
         (Path(folder) / f"rank{rank}.json").write_text(json.dumps(got))
     finally:
         dist.destroy_process_group()
