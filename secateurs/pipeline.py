@@ -6,8 +6,6 @@ are :mod:`secateurs.methods`, the cut is :mod:`secateurs.surgery` / :mod:`secate
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -17,14 +15,14 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write
 from ._state import copy_model
 from ._validation import (InvalidArgument, PruningError, check_dataset, check_example_inputs, check_model,
                           check_out_dir, check_scalar)
 from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
                      uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
+from .checkpoints import RunCheckpoints, drop_stale_training
 from .cost import Cost, count
-from .saving import load as load_model, save as save_model
+from .saving import load as load_model
 from .graph import DependencyGraph, analyze, analyze_and_count
 from .latency_table import auto_round_to
 from .methods import Method, StepContext, get_method
@@ -153,55 +151,6 @@ def _widths(cost: Cost) -> dict[str, int]:
     return out
 
 
-class _Checkpoints:
-    """Every finished step saved under ``out_dir`` (model + state.json), so a killed run resumes
-    where it stopped; a fresh run first clears what an earlier one left."""
-
-    def __init__(self, model: nn.Module, out_dir: str | Path | None, request: dict) -> None:
-        self.out = Path(out_dir) if out_dir is not None else None
-        self.enabled = self.out is not None
-        self.request = request
-        self.state_path = self.out / "state.json" if self.out is not None else None
-
-    def clear(self) -> None:
-        """A fresh run must not pick up the checkpoints of an earlier one."""
-        if not self.enabled:
-            return
-        if is_main_process():
-            for stale in (self.out / "steps", self.out / "importance"):
-                if stale.exists():
-                    shutil.rmtree(stale)
-            if self.state_path.exists():
-                self.state_path.unlink()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    def load(self) -> dict | None:
-        """The saved state of an earlier run of the same request, if any."""
-        if not (self.enabled and self.state_path.exists()):
-            return None
-        try:
-            state = json.loads(self.state_path.read_text())
-            state["request"], state["completed_steps"]  # noqa: B018 (the keys a resume needs)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{self.state_path} is damaged ({type(err).__name__}: {err}); remove it to start "
-                             "afresh, or resume from a copy of the run folder") from err
-        if state["request"] != json.loads(json.dumps(self.request, default=str)):
-            raise ValueError(f"{self.state_path} was written by a different request {state['request']}; "
-                             "use another out_dir or the same arguments")
-        return state
-
-    def step_dir(self, k: int) -> Path:
-        return self.out / "steps" / f"step{k}"
-
-    def save(self, model: nn.Module, example_inputs: Any, k: int, steps: list, extra: dict) -> None:
-        if self.enabled and is_main_process():  # under torchrun every process prunes alike; one writes
-            save_model(model, self.step_dir(k), example_inputs)
-            state = {"request": self.request, "completed_steps": k, "steps": steps, "extra": extra}
-            self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.state_path, lambda tmp: Path(tmp).write_text(json.dumps(state, default=str)))
-
-
 def _start_report(req: _Request, model: nn.Module, base: Cost, metric0: float | None, round_to: int,
                   min_width: int | float, tolerance: float | None) -> dict[str, Any]:
     report: dict[str, Any] = {
@@ -250,7 +199,7 @@ class _Run:
     current: Cost
     report: dict
     extra: dict
-    ckpt: _Checkpoints
+    ckpt: RunCheckpoints
     timings: dict
     log: Callable[..., None]
     context: dict  # the StepContext fields that do not change between steps
@@ -299,25 +248,11 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
         if out is not None:
             cfg = replace(cfg, out_dir=str(run.ckpt.step_dir(k) / "train"), resume=True)
             if is_main_process():
-                _drop_stale_training(model, Path(cfg.out_dir), run.log)
+                drop_stale_training(model, Path(cfg.out_dir), run.log)
             from_first_process(None)  # the others wait for it (a barrier) before fit reads the folder
         fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
         timings["finetune_s"] += time.perf_counter() - t4
     return _measure_step(run, ctx, k, removed, snapshot, tolerance)
-
-
-def _drop_stale_training(model: nn.Module, folder: Path, log: Callable[..., None]) -> None:
-    """A killed step's fine-tuning checkpoint continues only the same cut: a step planned again
-    with other widths (a timed latency plan) would fail to load it, so it starts afresh."""
-    ckpt = folder / "checkpoint.pt"
-    if not ckpt.exists():
-        return
-    saved = torch.load(ckpt, map_location="meta", weights_only=True).get("model", {})
-    now = model.state_dict()
-    if saved.keys() != now.keys() or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in now.items()):
-        log(f"{folder}: the fine-tuning checkpoint is of another cut of this step; starting it afresh")
-        for f in ("checkpoint.pt", "log.csv"):
-            (folder / f).unlink(missing_ok=True)
 
 
 def _measure_step(run: _Run, ctx: StepContext, k: int, removed: dict, snapshot: nn.Module | None,
@@ -411,7 +346,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     req = _check_request(model, method, target, allocation, 1 if auto else round_to, min_width, data, val_data,
                          finetune, steps, tolerance, metric, method_options)
     _check_data(model, inputs, data, val_data)
-    dense = _dense_for_guard(model, req, latency_guard)
+    dense = _dense_for_guard(model, inputs, req, latency_guard)
     teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
     round_to = _measured_round_to(model, example_inputs, latency_threads, log) if auto else round_to
@@ -422,7 +357,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     report = _start_report(req, model, base, metric0, round_to, min_width, req.tolerance)
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
                                       "steps_requested")}
-    ckpt = _Checkpoints(model, out_dir, request)
+    ckpt = RunCheckpoints(model, out_dir, request)
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,
                    latency_threads=latency_threads, log=log, finetune=req.finetune, teacher=teacher, val_data=val_data,
@@ -432,13 +367,18 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     return model, _finish_report(run, t_all, dense)
 
 
-def _dense_for_guard(model: nn.Module, req: _Request, guard: Any) -> nn.Module | None:
+def _dense_for_guard(model: nn.Module, inputs: tuple, req: _Request, guard: Any) -> nn.Module | None:
     """The unpruned copy the latency guard times the result against (on the first process alone:
-    the others would compete for its cores)."""
+    the others would compete for its cores). The harness batches flat tensor inputs only."""
     if guard not in (None, True, False):
         raise InvalidArgument(f"`latency_guard` must be True, False or None, got {guard!r}")
+    flat = all(isinstance(t, torch.Tensor) for t in inputs)
+    if guard and not flat:
+        raise InvalidArgument("`latency_guard=True` times tensor inputs only; `example_inputs` holds nested "
+                              "inputs (e.g. a list of images): time the models with secateurs.time_models instead")
     if guard is None:
-        guard = req.finetune is not None or req.how.trains or (req.budget is not None and req.budget.kind == "latency")
+        guard = flat and (req.finetune is not None or req.how.trains
+                          or (req.budget is not None and req.budget.kind == "latency"))
     return copy_model(model) if guard and is_main_process() else None
 
 

@@ -27,7 +27,7 @@ POINTS = [
     pytest.param("step 2 cut, model half-edited", "secateurs.surgery._commit", 2, marks=_SLOW),
     pytest.param("step 2 fine-tuning, after its first epoch", "secateurs.train.train_one_epoch", 3),
     pytest.param("step 2 weights written, model.json not", "secateurs.saving.atomic_write", -4),
-    pytest.param("step 2 saved, state.json not", "secateurs.pipeline.atomic_write", -2, marks=_SLOW),
+    pytest.param("step 2 saved, state.json not", "secateurs.checkpoints.atomic_write", -2, marks=_SLOW),
     pytest.param("all steps done, final outputs not written", "secateurs.cli.save", -1, marks=_SLOW),
 ]
 

@@ -532,3 +532,33 @@ def test_api_guard_times_on_the_device_training_left_the_model_on(monkeypatch):
     report = {"before": {}, "after": {}}
     report_module.latency_guard(dense, pruned.to("meta"), torch.randn(1, 3, 8, 8), report)
     assert seen == {"dense": torch.device("meta"), "x": torch.device("meta")} and report["latency"]["device"] == "meta"
+
+
+def test_api_guard_leaves_nested_inputs_untimed_and_refuses_to_be_forced_on_them(monkeypatch):
+    """A detection model takes a list of images: the harness batches flat tensors only, so the default
+    guard stands aside (the prune must not fail after its cut) and an explicit True is refused first."""
+    import secateurs
+
+    class Listed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+
+        def forward(self, images):
+            return self.head(torch.relu(self.conv(torch.stack(images))))
+
+    calls = _guarded(monkeypatch)
+    x = ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)],)
+    model = Listed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="`latency_guard=True` times tensor inputs only"):
+        secateurs.prune(model, x, "l1", 0.5, latency_guard=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    from types import SimpleNamespace
+
+    from secateurs.pipeline import _dense_for_guard
+
+    trains = SimpleNamespace(finetune=object(), how=SimpleNamespace(trains=True), budget=None)
+    assert _dense_for_guard(model, x, trains, None) is None  # would have been timed with tensor inputs
+    assert isinstance(_dense_for_guard(model, (torch.randn(2, 3, 8, 8),), trains, None), Listed)
+    assert calls == []

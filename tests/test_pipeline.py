@@ -395,14 +395,14 @@ def test_a_latency_search_that_lands_well_below_its_target_says_so(monkeypatch, 
 def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_afresh(tmp_path):
     """A killed step's fine-tuning checkpoint of another cut (a timed plan can differ) is dropped
     instead of failing to load; one of the same cut is kept to continue."""
-    from secateurs.pipeline import _drop_stale_training
+    from secateurs.checkpoints import drop_stale_training
 
     same, other = create_model("tiny_cnn"), create_model("tiny_cnn", width=8)
     logged = []
     for saved, kept in ((same, True), (other, False)):
         torch.save({"model": saved.state_dict(), "epoch": 1}, tmp_path / "checkpoint.pt")
         (tmp_path / "log.csv").write_text("epoch\n1\n")
-        _drop_stale_training(create_model("tiny_cnn"), tmp_path, logged.append)
+        drop_stale_training(create_model("tiny_cnn"), tmp_path, logged.append)
         assert (tmp_path / "checkpoint.pt").exists() == kept == (tmp_path / "log.csv").exists()
     assert len(logged) == 1 and "another cut" in logged[0]
 

@@ -1,0 +1,80 @@
+"""A pruning run's checkpoints: every finished step saved with the request that made it, so a
+killed run resumes where it stopped and a different request is refused rather than mixed in."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ._io import atomic_write
+from .saving import save as save_model
+from .train import is_main_process
+
+__all__ = ["RunCheckpoints", "drop_stale_training"]
+
+
+class RunCheckpoints:
+    """Every finished step saved under ``out_dir`` (model + state.json), so a killed run resumes
+    where it stopped; a fresh run first clears what an earlier one left."""
+
+    def __init__(self, model: nn.Module, out_dir: str | Path | None, request: dict) -> None:
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.enabled = self.out is not None
+        self.request = request
+        self.state_path = self.out / "state.json" if self.out is not None else None
+
+    def clear(self) -> None:
+        """A fresh run must not pick up the checkpoints of an earlier one."""
+        if not self.enabled:
+            return
+        if is_main_process():
+            for stale in (self.out / "steps", self.out / "importance"):
+                if stale.exists():
+                    shutil.rmtree(stale)
+            if self.state_path.exists():
+                self.state_path.unlink()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def load(self) -> dict | None:
+        """The saved state of an earlier run of the same request, if any."""
+        if not (self.enabled and self.state_path.exists()):
+            return None
+        try:
+            state = json.loads(self.state_path.read_text())
+            state["request"], state["completed_steps"]  # noqa: B018 (the keys a resume needs)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.state_path} is damaged ({type(err).__name__}: {err}); remove it to start "
+                             "afresh, or resume from a copy of the run folder") from err
+        if state["request"] != json.loads(json.dumps(self.request, default=str)):
+            raise ValueError(f"{self.state_path} was written by a different request {state['request']}; "
+                             "use another out_dir or the same arguments")
+        return state
+
+    def step_dir(self, k: int) -> Path:
+        return self.out / "steps" / f"step{k}"
+
+    def save(self, model: nn.Module, example_inputs: Any, k: int, steps: list, extra: dict) -> None:
+        if self.enabled and is_main_process():  # under torchrun every process prunes alike; one writes
+            save_model(model, self.step_dir(k), example_inputs)
+            state = {"request": self.request, "completed_steps": k, "steps": steps, "extra": extra}
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.state_path, lambda tmp: Path(tmp).write_text(json.dumps(state, default=str)))
+
+
+def drop_stale_training(model: nn.Module, folder: Path, log: Callable[..., None]) -> None:
+    """A killed step's fine-tuning checkpoint continues only the same cut: a step planned again
+    with other widths (a timed latency plan) would fail to load it, so it starts afresh."""
+    ckpt = folder / "checkpoint.pt"
+    if not ckpt.exists():
+        return
+    saved = torch.load(ckpt, map_location="meta", weights_only=True).get("model", {})
+    now = model.state_dict()
+    if saved.keys() != now.keys() or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in now.items()):
+        log(f"{folder}: the fine-tuning checkpoint is of another cut of this step; starting it afresh")
+        for f in ("checkpoint.pt", "log.csv"):
+            (folder / f).unlink(missing_ok=True)
