@@ -4,7 +4,9 @@
 #   bash scripts/accuracy_grid.sh r20    # every method and variant, 50% and 30% MACs, 3 seeds, 500 steps
 #   bash scripts/accuracy_grid.sh r56    # the contenders only, 300 steps (3x the time per step), same targets and seeds:
 #                                        # the goals' rows (best of ours and of Torch-Pruning, the paper methods
-#                                        # against L1, dlp@latency against TP); the changes were measured on ResNet-20
+#                                        # against L1, dlp@latency against TP); the changes were measured on ResNet-20.
+#                                        # Ordered so that a partial grid already pairs rows: L1 and TP magnitude,
+#                                        # then the methods set against them.
 #   bash scripts/accuracy_grid.sh report # docs/accuracy.md from docs/accuracy.csv
 #   bash scripts/r56_grid.sh             # ResNet-56's baseline to its end, into the zoo, then `r56` (resumable)
 # Run it only once scripts/baselines.sh has replaced the zoo checkpoints (ResNet-20 >= 90%, ResNet-56
@@ -20,7 +22,7 @@ run() { exec .venv/bin/python -m benchmarks.accuracy --threads "$OMP_NUM_THREADS
 case "${1:-}" in
     r20) run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" ;;
     r56) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
-             --methods heuristic l1 hfp l2 dlp@latency tp_magnitude tp_group_norm tp_bn_scale control ;;
+             --methods l1 tp_magnitude heuristic dlp@latency hfp l2 tp_bn_scale tp_group_norm control ;;
     report) run --report-only ;;
     *) echo "usage: $0 r20|r56|report" >&2; exit 2 ;;
 esac
