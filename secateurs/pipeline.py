@@ -28,7 +28,7 @@ from .latency_table import auto_round_to
 from .methods import Method, StepContext, get_method
 from .metrics import check_labels
 from .report import latency_guard as time_against_dense
-from .train import TrainConfig, evaluate, fit, from_first_process, is_main_process, metric_key
+from .train import TrainConfig, evaluate, fit, from_first_process, init_distributed, is_main_process, metric_key
 
 __all__ = ["prune", "METHOD_OUTPUT"]
 
@@ -181,9 +181,14 @@ def _finish_report(run: _Run, t_all: float, dense: nn.Module | None) -> dict:
     report["timings"] = dict(timings, total_s=time.perf_counter() - t_all)
     report[METHOD_OUTPUT] = {k: v for k, v in extra.items() if k not in ("_state", "original_widths")}
     report["original_widths"] = extra.get("original_widths", {})
-    if dense is not None:  # its own line of the timings, outside the run's total
-        t0 = time.perf_counter()
-        time_against_dense(dense, run.model, run.example_inputs, report)
+    if dense is not None and (final.macs, final.params) != (base.macs, base.params):
+        t0 = time.perf_counter()  # its own line of the timings, outside the run's total
+        try:
+            time_against_dense(dense, run.model, run.example_inputs, report, threads=run.context["latency_threads"])
+        except Exception as err:  # the cut is made and kept: a timing that cannot run is said, never raised
+            msg = f"the latency guard could not time the models: {type(err).__name__}: {err}"
+            report.setdefault("warnings", []).append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
         report["timings"]["latency_guard_s"] = time.perf_counter() - t0
     return report
 
@@ -338,8 +343,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     """
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     target = deprecated_budget(target, budget, ratio)
-    if ignore is not None and not isinstance(ignore, (str, nn.Module)):
-        ignore = list(ignore)  # every step analyses the model again: a generator would be spent by the first
+    ignore = _reusable(ignore)
     check_model(model, values=True)  # a module, with finite weights
     inputs = check_example_inputs(example_inputs, finite=True)
     auto = isinstance(round_to, str) and round_to == "auto"
@@ -349,6 +353,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     dense = _dense_for_guard(model, inputs, req, latency_guard)
     teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
+    init_distributed()  # under torchrun: the ranks known before the first process alone times or copies
     round_to = _measured_round_to(model, example_inputs, latency_threads, log) if auto else round_to
     timings = dict.fromkeys(_TIMINGS, 0.0)
     t_all = time.perf_counter()
@@ -363,8 +368,13 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
                    latency_threads=latency_threads, log=log, finetune=req.finetune, teacher=teacher, val_data=val_data,
                    tolerance=req.tolerance, metric=req.key, metric0=metric0, out_dir=ckpt.out if ckpt.enabled else None)
     run = _Run(model, example_inputs, req, base, base, report, {}, ckpt, timings, log, context)
-    _run_steps(run, ignore, req.tolerance, graph, resume)
+    _run_steps(run, ignore, req.tolerance, graph, resume, spare=dense)
     return model, _finish_report(run, t_all, dense)
+
+
+def _reusable(ignore: Any) -> Any:
+    """Every step analyses the model again: a generator of names would be spent by the first."""
+    return list(ignore) if ignore is not None and not isinstance(ignore, (str, nn.Module)) else ignore
 
 
 def _dense_for_guard(model: nn.Module, inputs: tuple, req: _Request, guard: Any) -> nn.Module | None:
@@ -372,21 +382,25 @@ def _dense_for_guard(model: nn.Module, inputs: tuple, req: _Request, guard: Any)
     the others would compete for its cores). The harness batches flat tensor inputs only."""
     if guard not in (None, True, False):
         raise InvalidArgument(f"`latency_guard` must be True, False or None, got {guard!r}")
-    flat = all(isinstance(t, torch.Tensor) for t in inputs)
+    flat = all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in inputs)
     if guard and not flat:
-        raise InvalidArgument("`latency_guard=True` times tensor inputs only; `example_inputs` holds nested "
-                              "inputs (e.g. a list of images): time the models with secateurs.time_models instead")
+        raise InvalidArgument("`latency_guard=True` times batched tensor inputs only; `example_inputs` holds nested "
+                              "inputs (e.g. a list of images) or a 0-d tensor: time the models with "
+                              "secateurs.time_models instead")
     if guard is None:
         guard = flat and (req.finetune is not None or req.how.trains
                           or (req.budget is not None and req.budget.kind == "latency"))
     return copy_model(model) if guard and is_main_process() else None
 
 
-def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: DependencyGraph | None, resume: bool) -> None:
+def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: DependencyGraph | None, resume: bool,
+               spare: nn.Module | None = None) -> None:
     """The schedule. An error after a cut (a later step's unreachable target, a failed fine-tuning)
-    puts the user's model back as it came; a one-shot cut without fine-tuning is undone by the surgery itself."""
+    puts the user's model back as it came; a one-shot cut without fine-tuning is undone by the surgery itself.
+    ``spare``: an unpruned copy already made (the latency guard's), the rollback then needs no other."""
     model, req = run.model, run.req
-    original = copy_model(model) if req.steps > 1 or req.finetune is not None or resume else None
+    original = spare if spare is not None else (
+        copy_model(model) if req.steps > 1 or req.finetune is not None or resume else None)
     try:
         start = _resume(run) if resume else (run.ckpt.clear() or 1)
         for k in range(start, req.steps + 1):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
+from ._state import copy_model
 from .latency import compare_dense_pruned, runtime_of
 
 __all__ = ["format_table", "write_report", "latency_guard", "plot_widths", "plot_schedule", "plot_block_scores"]
@@ -22,14 +23,17 @@ __all__ = ["format_table", "write_report", "latency_guard", "plot_widths", "plot
 GUARD_SECONDS = 120.0  # the latency guard's bound: batch 8 is left out (and said so) past it
 
 
-def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict) -> None:
+def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict, threads: int | None = None) -> None:
     """Dense and pruned timed interleaved at batch 1 and 8 (8 only if it fits in two minutes), both in the
-    pruned model's layout and on its device (where fine-tuning left it): the report's latency rows,
-    and a loud warning (stderr and the report) when the pruned one is measurably slower."""
+    pruned model's layout and on its device (where fine-tuning left it; ``dense`` is copied there when
+    it lives elsewhere): the report's latency rows, and a loud warning (stderr and the report) when
+    the pruned one is measurably slower. ``threads``: the count a latency plan was made for."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if next((p.device for p in dense.parameters()), device) != device:
+        dense = copy_model(dense).to(device)
     x = x.to(device) if isinstance(x, torch.Tensor) else tuple(t.to(device) for t in x)
-    guard = compare_dense_pruned(dense.to(device), model, x, batches=(1, 8), repeats=30, max_seconds=GUARD_SECONDS,
-                                 runtime=runtime_of(model))
+    guard = compare_dense_pruned(dense, model, x, batches=(1, 8), repeats=30, max_seconds=GUARD_SECONDS,
+                                 runtime=runtime_of(model), threads=threads)
     report["latency"] = {**guard, "device": str(device)}
     for r in guard["rows"]:
         report["before"][f"latency_b{r['batch']}_ms"] = r["dense_ms"]
@@ -38,7 +42,8 @@ def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict) -> N
         rows = [r for r in guard["rows"] if r["batch"] in guard["slower"]]
         msg = ("WARNING: the pruned model is SLOWER than the dense one on this machine at batch "
                + ", ".join(f"{r['batch']} ({r['pruned_ms']:.2f} ms vs {r['dense_ms']:.2f} ms)" for r in rows)
-               + "; try --round-to auto or a --latency target")
+               + "; widths on the hardware's steps (round_to='auto', --round-to auto) or a latency target "
+               "(target={'latency': ...}, --latency) spend the cut where it buys time")
         report.setdefault("warnings", []).append(msg)
         print(msg, file=sys.stderr, flush=True)
 

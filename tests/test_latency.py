@@ -469,9 +469,10 @@ def _guarded(monkeypatch):
 
     calls = []
 
-    def record(dense, model, x, report):
+    def record(dense, model, x, report, threads):
         calls.append(([m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)],
                       [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]))
+        report["guard_threads"] = threads
         report["latency"] = {"rows": [], "slower": []}
 
     monkeypatch.setattr(secateurs.pipeline, "time_against_dense", record)
@@ -497,8 +498,9 @@ def test_api_prune_that_trains_times_the_pruned_model_against_the_unpruned_one(m
     assert "latency" in report and report["timings"]["latency_guard_s"] >= 0
     _, report = secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5)
     assert len(calls) == 1 and "latency" not in report  # a bare cut: not timed unless asked
-    secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5, latency_guard=True)
-    assert len(calls) == 2
+    _, report = secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5, latency_guard=True,
+                                latency_threads=1)
+    assert len(calls) == 2 and report["guard_threads"] == 1  # the thread count a latency plan was made for
     secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5, data=ds, finetune=ft,
                     latency_guard=False)
     assert len(calls) == 2
@@ -551,7 +553,7 @@ def test_api_guard_leaves_nested_inputs_untimed_and_refuses_to_be_forced_on_them
     x = ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)],)
     model = Listed()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="`latency_guard=True` times tensor inputs only"):
+    with pytest.raises(ValueError, match="`latency_guard=True` times batched tensor inputs only"):
         secateurs.prune(model, x, "l1", 0.5, latency_guard=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     from types import SimpleNamespace
@@ -560,5 +562,36 @@ def test_api_guard_leaves_nested_inputs_untimed_and_refuses_to_be_forced_on_them
 
     trains = SimpleNamespace(finetune=object(), how=SimpleNamespace(trains=True), budget=None)
     assert _dense_for_guard(model, x, trains, None) is None  # would have been timed with tensor inputs
+    assert _dense_for_guard(model, (torch.randn(2, 3, 8, 8), torch.tensor(10)), trains, None) is None  # 0-d: no batch
     assert isinstance(_dense_for_guard(model, (torch.randn(2, 3, 8, 8),), trains, None), Listed)
     assert calls == []
+
+
+def test_a_guard_that_cannot_time_warns_and_keeps_the_finished_prune(monkeypatch):
+    """The guard runs after the cut and its fine-tuning: a failure there (a GPU out of memory at batch 8,
+    a forward that hard-codes batch 1) is said in the report and a RuntimeWarning, never raised."""
+    import secateurs
+    import secateurs.report as report_module
+    from secateurs.models import create_model
+
+    def fails(*a, **kw):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(report_module, "compare_dense_pruned", fails)
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.warns(RuntimeWarning, match="latency guard could not time the models: RuntimeError: CUDA out of memory"):
+        model, report = secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), x, "l1", 0.5,
+                                        latency_guard=True)
+    assert 0.45 <= report["kept"]["macs"] <= 0.5 and secateurs.count(model, x).macs == report["after"]["macs"]
+    assert "latency" not in report and any("CUDA out of memory" in w for w in report["warnings"])
+
+
+def test_a_prune_that_removed_nothing_is_not_timed(monkeypatch):
+    """Two copies of one model would be timed against each other (a false SLOWER about 2.5% of runs)."""
+    import secateurs
+    from secateurs.models import create_model
+
+    calls = _guarded(monkeypatch)
+    _, report = secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), torch.randn(1, 1, 8, 8), "l1",
+                                {"ratio": 0.0}, latency_guard=True)
+    assert report["kept"]["macs"] == 1.0 and calls == []
