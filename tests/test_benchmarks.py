@@ -158,6 +158,21 @@ def test_report_takes_the_accuracy_protocol_rows_when_there_are_any(tmp_path):
     assert "every row 500 optimizer steps" in text and "Rows so far: r20 at 50%: 2 methods" in text
     assert "| r20 | 50% | l2 (ours) - tp_magnitude | +1.67 +- 0.72 | 3 | met |" in text  # paired [2.0, 1.5, 1.5]
     assert "| r20 | 50% | l1 | secateurs | 49.9% | 86.00 |" not in text  # the epoch-based rows give way
+    # another model whose grid has not reached every Torch-Pruning pruner yet: no verdict on a partial best
+    more = []
+    for s in range(3):
+        for method, tool, top1 in (("l2", "secateurs", 90.0), ("tp_magnitude", "torch_pruning", 85.0),
+                                   ("tp_bn_scale", "torch_pruning", 85.5)):
+            row = dict.fromkeys(FIELDS, "")
+            row.update(model="r20", target=0.3, method=method, tool=tool, seed=s, steps=500, kept_macs=0.3, top1=top1,
+                       val_top1=top1, over_budget="False", test_images=10000)
+            more.append(row)
+    _write(tmp_path / "accuracy.csv", rows + more + [{**more[0], "model": "r56", "target": 0.5, "steps": 300},
+                                                     {**more[1], "model": "r56", "target": 0.5, "steps": 300}])
+    text = report.write_report(argparse.Namespace(out=str(tmp_path), quick=False, threads=2, seeds=[0, 1])).read_text()
+    assert "| r20 | 30% | l2 (ours) - tp_bn_scale | +4.50 +- 0.00 | 3 | met |" in text
+    assert "| r20 | 50% | l2 (ours) - tp_magnitude | +1.67 +- 0.72 | 3 | pending (tp_bn_scale not on every seed yet) |" in text
+    assert "| r56 | 50% | l2 (ours) - tp_magnitude | +5.00 +- 0.00 | 1 | pending (1 of 3 seeds) |" in text
 
 
 def test_segmentation_resume_refuses_results_made_with_other_settings(tmp_path):
