@@ -350,13 +350,13 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     req = _check_request(model, method, target, allocation, 1 if auto else round_to, min_width, data, val_data,
                          finetune, steps, tolerance, metric, method_options)
     _check_data(model, inputs, data, val_data)
-    dense = _dense_for_guard(model, inputs, req, latency_guard)
+    guard = _guard_wanted(inputs, req, latency_guard)
     teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
     check_out_dir(out_dir, resume)  # created and written once now: a full disk fails before the cut
     init_distributed()  # under torchrun: the ranks known before the first process alone times or copies
+    dense = copy_model(model) if guard and is_main_process() else None  # the guard's, and the rollback's
     round_to = _measured_round_to(model, example_inputs, latency_threads, log) if auto else round_to
-    timings = dict.fromkeys(_TIMINGS, 0.0)
-    t_all = time.perf_counter()
+    timings, t_all = dict.fromkeys(_TIMINGS, 0.0), time.perf_counter()
     graph, base = _count_before(model, example_inputs, ignore, resume or req.key is not None, timings)
     metric0 = evaluate(model, val_data)[req.key] if req.key is not None else None
     report = _start_report(req, model, base, metric0, round_to, min_width, req.tolerance)
@@ -377,9 +377,9 @@ def _reusable(ignore: Any) -> Any:
     return list(ignore) if ignore is not None and not isinstance(ignore, (str, nn.Module)) else ignore
 
 
-def _dense_for_guard(model: nn.Module, inputs: tuple, req: _Request, guard: Any) -> nn.Module | None:
-    """The unpruned copy the latency guard times the result against (on the first process alone:
-    the others would compete for its cores). The harness batches flat tensor inputs only."""
+def _guard_wanted(inputs: tuple, req: _Request, guard: Any) -> bool:
+    """Whether the latency guard times this run (on the first process alone: the others would
+    compete for its cores). The harness batches flat tensor inputs only."""
     if guard not in (None, True, False):
         raise InvalidArgument(f"`latency_guard` must be True, False or None, got {guard!r}")
     flat = all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in inputs)
@@ -388,9 +388,9 @@ def _dense_for_guard(model: nn.Module, inputs: tuple, req: _Request, guard: Any)
                               "inputs (e.g. a list of images) or a 0-d tensor: time the models with "
                               "secateurs.time_models instead")
     if guard is None:
-        guard = flat and (req.finetune is not None or req.how.trains
-                          or (req.budget is not None and req.budget.kind == "latency"))
-    return copy_model(model) if guard and is_main_process() else None
+        return flat and (req.finetune is not None or req.how.trains
+                         or (req.budget is not None and req.budget.kind == "latency"))
+    return guard
 
 
 def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: DependencyGraph | None, resume: bool,

@@ -558,12 +558,12 @@ def test_api_guard_leaves_nested_inputs_untimed_and_refuses_to_be_forced_on_them
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     from types import SimpleNamespace
 
-    from secateurs.pipeline import _dense_for_guard
+    from secateurs.pipeline import _guard_wanted
 
     trains = SimpleNamespace(finetune=object(), how=SimpleNamespace(trains=True), budget=None)
-    assert _dense_for_guard(model, x, trains, None) is None  # would have been timed with tensor inputs
-    assert _dense_for_guard(model, (torch.randn(2, 3, 8, 8), torch.tensor(10)), trains, None) is None  # 0-d: no batch
-    assert isinstance(_dense_for_guard(model, (torch.randn(2, 3, 8, 8),), trains, None), Listed)
+    assert _guard_wanted(x, trains, None) is False  # would have been timed with tensor inputs
+    assert _guard_wanted((torch.randn(2, 3, 8, 8), torch.tensor(10)), trains, None) is False  # 0-d: no batch
+    assert _guard_wanted((torch.randn(2, 3, 8, 8),), trains, None) is True
     assert calls == []
 
 

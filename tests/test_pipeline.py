@@ -427,3 +427,38 @@ def test_under_torchrun_every_process_takes_the_first_processs_decision(tmp_path
 
     mp.spawn(_agree_worker, args=(str(tmp_path),), nprocs=2, join=True)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"plan": [0, 0]}] * 2
+
+
+def _guard_worker(rank: int, folder: str, port: int) -> None:
+    import os
+
+    import secateurs.pipeline
+    from secateurs.models import create_model
+
+    # torchrun's environment, with no process group yet: prune must learn the ranks before it copies
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    timed = []
+    secateurs.pipeline.time_against_dense = lambda dense, model, x, report, threads: timed.append(rank)
+    try:
+        secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), torch.randn(1, 1, 8, 8), "l1", 0.5,
+                        latency_guard=True)
+        (Path(folder) / f"rank{rank}.json").write_text(json.dumps(timed))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_under_torchrun_only_the_first_process_runs_the_latency_guard(tmp_path):
+    """Two processes timing at once on one CPU would skew both and print the warning twice."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_guard_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[0], []]
