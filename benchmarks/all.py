@@ -164,7 +164,9 @@ def _protocol_accuracy(path: Path) -> list[str]:
     seeds = sorted({int(r["seed"]) for r in rows})
     done = ", ".join(f"{m} at {t:.0%}: {sum(1 for k in summary if k[:2] == (m, t))} methods"
                      for m, t in sorted({k[:2] for k in summary}, key=lambda k: (k[0], -k[1])))
-    return [f"The accuracy protocol (`benchmarks/accuracy.py`, `scripts/accuracy_grid.sh`): every row {r0['steps']} "
+    budgets = dict.fromkeys(f"{r['steps']} ({r['model']})" for r in rows)  # one per model (one_budget)
+    per_row = f"{r0['steps']}" if len(budgets) == 1 else ", ".join(budgets)
+    return [f"The accuracy protocol (`benchmarks/accuracy.py`, `scripts/accuracy_grid.sh`): every row {per_row} "
             f"optimizer steps, pruning phase and fine-tuning together; top-1 on the full {r0['test_images']}-image test "
             f"set; seeds {seeds}; anything that picks or stops on a metric reads a held-out split of the training set. "
             f"Rows so far: {done}. Every row, its notes (HFP convergence step, fallbacks) and the paired same-criterion "

@@ -173,6 +173,7 @@ def test_report_takes_the_accuracy_protocol_rows_when_there_are_any(tmp_path):
     assert "| r20 | 30% | l2 (ours) - tp_bn_scale | +4.50 +- 0.00 | 3 | met |" in text
     assert "| r20 | 50% | l2 (ours) - tp_magnitude | +1.67 +- 0.72 | 3 | pending (tp_bn_scale not on every seed yet) |" in text
     assert "| r56 | 50% | l2 (ours) - tp_magnitude | +5.00 +- 0.00 | 1 | pending (1 of 3 seeds) |" in text
+    assert "every row 500 (r20), 300 (r56) optimizer steps" in text  # each model's own budget, never one for all
 
 
 def test_segmentation_resume_refuses_results_made_with_other_settings(tmp_path):
