@@ -246,6 +246,11 @@ CASES: list[Case] = [
          lambda e: P(e.model, X, "l1", 0.5, tolerance=1.0)),
     Case("prune-metric-no-val", "`prune(..., metric='top1')` without `val_data`", ValueError, "`metric` ('top1') needs `val_data`",
          lambda e: P(e.model, X, "l1", 0.5, metric="top1"), was="ignored silently"),
+    Case("prune-latency-guard-str", "`prune(..., latency_guard='yes')`", ValueError,
+         "`latency_guard` must be True, False or None, got 'yes'", lambda e: P(e.model, X, "l1", 0.5, latency_guard="yes")),
+    Case("prune-latency-guard-nested", "`prune(model, ([image],), ..., latency_guard=True)`: inputs the guard cannot batch",
+         ValueError, "`latency_guard=True` times batched tensor inputs only",
+         lambda e: P(e.model, ([X[0]],), "l1", 0.5, latency_guard=True)),
     # -- data ----------------------------------------------------------------------------------------
     Case("prune-taylor-no-data", "`prune(..., 'taylor', 0.5)` without `data`", ValueError, "method 'taylor' needs data",
          lambda e: P(e.model, X, "taylor", 0.5)),

@@ -506,17 +506,6 @@ def test_api_prune_that_trains_times_the_pruned_model_against_the_unpruned_one(m
     assert len(calls) == 2
 
 
-def test_api_guard_rejects_a_bad_switch_before_the_cut():
-    import secateurs
-    from secateurs.models import create_model
-
-    model = create_model("tiny_cnn", num_classes=10, in_chans=1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="`latency_guard`"):
-        secateurs.prune(model, torch.randn(1, 1, 8, 8), "l1", 0.5, latency_guard="yes")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
 def test_api_guard_times_on_the_device_training_left_the_model_on(monkeypatch):
     """After a GPU fine-tuning the pruned model is on the GPU: the unpruned copy and the inputs go there
     too (the harness synchronises CUDA), never a CPU model against a GPU one."""
@@ -536,35 +525,19 @@ def test_api_guard_times_on_the_device_training_left_the_model_on(monkeypatch):
     assert seen == {"dense": torch.device("meta"), "x": torch.device("meta")} and report["latency"]["device"] == "meta"
 
 
-def test_api_guard_leaves_nested_inputs_untimed_and_refuses_to_be_forced_on_them(monkeypatch):
+def test_api_guard_leaves_nested_inputs_untimed():
     """A detection model takes a list of images: the harness batches flat tensors only, so the default
-    guard stands aside (the prune must not fail after its cut) and an explicit True is refused first."""
-    import secateurs
-
-    class Listed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
-
-        def forward(self, images):
-            return self.head(torch.relu(self.conv(torch.stack(images))))
-
-    calls = _guarded(monkeypatch)
-    x = ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)],)
-    model = Listed()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="`latency_guard=True` times batched tensor inputs only"):
-        secateurs.prune(model, x, "l1", 0.5, latency_guard=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    guard stands aside (the prune must not fail after its cut); an explicit True is refused first
+    (tests/test_bad_inputs.py, prune-latency-guard-nested)."""
     from types import SimpleNamespace
 
     from secateurs.pipeline import _guard_wanted
 
+    x = ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)],)
     trains = SimpleNamespace(finetune=object(), how=SimpleNamespace(trains=True), budget=None)
     assert _guard_wanted(x, trains, None) is False  # would have been timed with tensor inputs
     assert _guard_wanted((torch.randn(2, 3, 8, 8), torch.tensor(10)), trains, None) is False  # 0-d: no batch
     assert _guard_wanted((torch.randn(2, 3, 8, 8),), trains, None) is True
-    assert calls == []
 
 
 def test_a_guard_that_cannot_time_warns_and_keeps_the_finished_prune(monkeypatch):
