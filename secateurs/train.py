@@ -9,6 +9,7 @@ adds a knowledge-distillation term on the logits.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import math
@@ -104,8 +105,16 @@ def init_distributed() -> tuple[int, int, torch.device]:
             device = torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            atexit.register(_close_process_group)  # ours to close; a group the caller opened is theirs
         return rank, world, device
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _close_process_group() -> None:
+    """Left open, the backend's threads outlive the interpreter and a finished torchrun job can
+    abort on exit ('terminate called without an active exception'): closed while Python is whole."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

@@ -451,14 +451,42 @@ def _guard_worker(rank: int, folder: str, port: int) -> None:
             dist.destroy_process_group()
 
 
-def test_under_torchrun_only_the_first_process_runs_the_latency_guard(tmp_path):
-    """Two processes timing at once on one CPU would skew both and print the warning twice."""
+def _free_port() -> int:
     import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_guard_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+        return s.getsockname()[1]
+
+
+def test_under_torchrun_only_the_first_process_runs_the_latency_guard(tmp_path):
+    """Two processes timing at once on one CPU would skew both and print the warning twice."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_guard_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[0], []]
+
+
+def _exit_worker(rank: int, folder: str, port: int) -> None:
+    import atexit
+    import os
+
+    import torch.distributed as dist
+
+    from secateurs.train import init_distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    # exit handlers run last-registered first: this probe looks after whatever init_distributed left
+    atexit.register(lambda: (Path(folder) / f"rank{rank}.txt").write_text(str(dist.is_initialized())))
+    init_distributed()
+    dist.barrier()  # a finished run that, like the CLI, never closes the group itself
+
+
+def test_a_process_group_secateurs_opened_is_closed_at_exit(tmp_path):
+    """Left open, gloo's threads outlive the interpreter and a finished torchrun job can abort
+    ('terminate called without an active exception'), failing a run whose work was done."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_exit_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
