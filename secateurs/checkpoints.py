@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ._io import atomic_write
 from .saving import save as save_model
-from .train import is_main_process
+from .distributed import is_main_process
 
 __all__ = ["RunCheckpoints", "drop_stale_training"]
 

@@ -26,7 +26,8 @@ from .models import create_model, load_pretrained, sizing_kwargs
 from .pipeline import prune
 from .report import format_table, latency_guard, write_report
 from .sensitivity import plot_sensitivity, sensitivity
-from .train import TrainConfig, evaluate, fit, init_distributed, is_main_process, metric_key
+from .distributed import init_distributed, is_main_process
+from .train import TrainConfig, evaluate, fit, metric_key
 
 
 def load_model(spec: str, **kwargs) -> torch.nn.Module:

@@ -28,7 +28,8 @@ from .latency_table import auto_round_to
 from .methods import Method, StepContext, get_method
 from .metrics import check_labels
 from .report import latency_guard as time_against_dense
-from .train import TrainConfig, evaluate, fit, from_first_process, init_distributed, is_main_process, metric_key
+from .distributed import from_first_process, init_distributed, is_main_process
+from .train import TrainConfig, evaluate, fit, metric_key
 
 __all__ = ["prune", "METHOD_OUTPUT"]
 

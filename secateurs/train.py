@@ -9,12 +9,10 @@ adds a knowledge-distillation term on the logits.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import csv
 import math
 import numbers
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -29,10 +27,11 @@ import torch.nn.functional as F
 from ._io import atomic_write
 from ._validation import InvalidArgument, check_choice, check_model, check_scalar
 from .data import IGNORE_INDEX, ArrayDataset, Batches
+from .distributed import all_sum, init_distributed, is_main_process
 from .metrics import METRICS, batch_stats, check_labels, distillation_loss, metric_key, summarize, task_loss
 
-__all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "init_distributed", "is_main_process", "from_first_process",
-           "make_optimizer", "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
+__all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "make_optimizer",
+           "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
 
 
 @dataclass
@@ -90,62 +89,6 @@ class TrainConfig:
     def num_epochs(self, steps_per_epoch: int) -> int:
         """Epochs started (the last one may be cut short by ``steps``)."""
         return self.epochs if self.steps is None else -(-self.steps // max(1, steps_per_epoch))
-
-
-# -- distributed -----------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment, or a single process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        else:
-            device = torch.device("cpu")
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            atexit.register(_close_process_group)  # ours to close; a group the caller opened is theirs
-        return rank, world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _close_process_group() -> None:
-    """Left open, the backend's threads outlive the interpreter and a finished torchrun job can
-    abort on exit ('terminate called without an active exception'): closed while Python is whole."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def from_first_process(value: Any) -> Any:
-    """Under torchrun, the first process's ``value`` on every process: a decision that timing
-    made (a latency plan, a measured width step) may differ between processes, and one cut must
-    be the same everywhere or DDP breaks."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    """A sum over the processes, carried on the device the backend reduces (NCCL refuses CPU
-    tensors, gloo GPU ones) and returned where ``t`` was."""
-    if not dist.is_initialized():
-        return t
-    out = t.to(_collective_device())
-    dist.all_reduce(out)
-    return out.to(t.device)
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # -- loop ------------------------------------------------------------------------------------
@@ -208,7 +151,7 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
             time.sleep(cfg.step_delay)
         if getattr(regularizer, "done", False):  # e.g. a pruning budget met: stop mid-epoch
             break
-    stats = _all_sum(torch.tensor([total.item(), kd_total.item(), float(count)], dtype=torch.float64))
+    stats = all_sum(torch.tensor([total.item(), kd_total.item(), float(count)], dtype=torch.float64))
     n = max(1.0, stats[2].item())
     return {"loss": stats[0].item() / n, **({"kd_loss": stats[1].item() / n} if teacher is not None else {})}
 
@@ -253,7 +196,7 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
             stats = s if stats is None else stats + s
     finally:
         model.train(was)
-    stats = _all_sum(stats if stats is not None else torch.zeros(1, dtype=torch.float64))
+    stats = all_sum(stats if stats is not None else torch.zeros(1, dtype=torch.float64))
     return summarize(stats, ds.task, max(2, ds.num_classes))
 
 

@@ -410,7 +410,7 @@ def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_a
 def _agree_worker(rank: int, folder: str) -> None:
     import torch.distributed as dist
 
-    from secateurs.train import from_first_process
+    from secateurs.distributed import from_first_process
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     try:
@@ -473,7 +473,7 @@ def _exit_worker(rank: int, folder: str, port: int) -> None:
 
     import torch.distributed as dist
 
-    from secateurs.train import init_distributed
+    from secateurs.distributed import init_distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -490,3 +490,34 @@ def test_a_process_group_secateurs_opened_is_closed_at_exit(tmp_path):
 
     mp.spawn(_exit_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+_CRASH = """
+import atexit, os, sys
+from pathlib import Path
+import torch.distributed as dist
+from secateurs.distributed import init_distributed
+rank = int(os.environ["RANK"])
+atexit.register(lambda: Path(sys.argv[1], f"rank{rank}.txt").write_text(str(dist.is_initialized())))
+init_distributed()
+dist.barrier()
+if rank == 1:
+    raise RuntimeError("this process fails after the others have finished")
+"""
+
+
+def test_a_process_that_crashes_leaves_its_process_group_to_torchrun(tmp_path):
+    """Closing a group at exit after an uncaught exception can wait forever on peers stuck in a
+    collective (NCCL), so torchrun would never see the failure: the crashed process leaves it open."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, "-c", _CRASH, str(tmp_path)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes[0] == 0 and codes[1] != 0
+    assert "this process fails" in procs[1].stderr.read()
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "True"]

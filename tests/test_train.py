@@ -130,17 +130,17 @@ def test_sums_across_processes_travel_on_the_backends_device(monkeypatch):
     process's GPU for the reduce and come back; gloo keeps them on the CPU."""
     import torch.distributed as dist
 
-    from secateurs import train
+    from secateurs import distributed
 
     seen = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", lambda t: (seen.append(t.device), t.mul_(2)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
-    assert train._collective_device() == torch.device("cuda", 1)
+    assert distributed._collective_device() == torch.device("cuda", 1)
     monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
     t = torch.tensor([1.0, 3.0], dtype=torch.float64)
-    out = train._all_sum(t)
+    out = distributed.all_sum(t)
     assert seen == [torch.device("cpu")] and out.device == t.device and out.tolist() == [2.0, 6.0]
 
 
