@@ -26,7 +26,7 @@ from .models import create_model, load_pretrained, sizing_kwargs
 from .pipeline import prune
 from .report import format_table, latency_guard, write_report
 from .sensitivity import plot_sensitivity, sensitivity
-from .distributed import init_distributed, is_main_process
+from .distributed import init_distributed, is_main_process, mark_failed
 from .train import TrainConfig, evaluate, fit, metric_key
 
 
@@ -286,10 +286,18 @@ def main(argv=None) -> int:
     if args.command == "prune" and args.config:
         args = parse_with_config(parser, argv, args.config)
     handlers = {"train": train_main, "prune": prune_main, "analyze": analyze_main, "sensitivity": sensitivity_main}
-    try:  # a bad value found past the flag checks: one line naming it, not a traceback
-        return handlers[args.command](args)
-    except (ValueError, FileExistsError, NotADirectoryError) as err:
-        raise SystemExit(f"secateurs {args.command}: {err}") from err
+    try:
+        try:  # a bad value found past the flag checks: one line naming it, not a traceback
+            code = handlers[args.command](args)
+        except (ValueError, FileExistsError, NotADirectoryError) as err:
+            raise SystemExit(f"secateurs {args.command}: {err}") from err
+    except BaseException as err:  # a failing process must not close a torchrun group at exit
+        if not (isinstance(err, SystemExit) and err.code in (0, None)):
+            mark_failed()
+        raise
+    if code:
+        mark_failed()
+    return code
 
 
 if __name__ == "__main__":

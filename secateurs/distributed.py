@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_main_process", "from_first_process", "all_sum"]
+__all__ = ["init_distributed", "is_main_process", "from_first_process", "all_sum", "mark_failed"]
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -41,11 +41,17 @@ def _close_at_exit() -> None:
     previous = sys.excepthook
 
     def note_crash(*exc_info):
-        _EXIT["crashed"] = True
+        mark_failed()
         previous(*exc_info)
 
     sys.excepthook = note_crash
     atexit.register(_close_process_group)
+
+
+def mark_failed() -> None:
+    """This process is failing (e.g. a command turning an error into ``SystemExit``, which skips
+    the except hook): it leaves the process group open for torchrun to reap."""
+    _EXIT["crashed"] = True
 
 
 def _close_process_group() -> None:

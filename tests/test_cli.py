@@ -126,3 +126,16 @@ def test_holdout_gives_the_stop_rule_training_samples_and_reports_the_test_split
     report = json.loads((tmp_path / "test" / "report.json").read_text())
     assert "test" not in report and "read the test split" in report["warnings"][0]
     assert "pass --holdout N" in capsys.readouterr().err
+
+
+def test_a_failing_command_leaves_a_torchrun_group_open_and_a_clean_one_closes_it(tmp_path, monkeypatch):
+    """Errors leave through SystemExit, which skips the except hook: the command itself marks the
+    process failed, so its exit does not close a group that peers may still be blocked in."""
+    from secateurs import distributed
+
+    monkeypatch.setitem(distributed._EXIT, "crashed", False)
+    assert main(["analyze", "--model", "tiny_cnn", "--input-size", "1", "1", "16", "16"]) == 0
+    assert distributed._EXIT["crashed"] is False
+    with pytest.raises(SystemExit, match="no_such_model"):
+        main(["analyze", "--model", "no_such_model"])
+    assert distributed._EXIT["crashed"] is True

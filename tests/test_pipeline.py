@@ -437,7 +437,7 @@ def _guard_worker(rank: int, folder: str, port: int) -> None:
 
     # torchrun's environment, with no process group yet: prune must learn the ranks before it copies
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     timed = []
     secateurs.pipeline.time_against_dense = lambda dense, model, x, report, threads: timed.append(rank)
     try:
@@ -459,6 +459,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(180)
 def test_under_torchrun_only_the_first_process_runs_the_latency_guard(tmp_path):
     """Two processes timing at once on one CPU would skew both and print the warning twice."""
     import torch.multiprocessing as mp
@@ -476,13 +477,14 @@ def _exit_worker(rank: int, folder: str, port: int) -> None:
     from secateurs.distributed import init_distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     # exit handlers run last-registered first: this probe looks after whatever init_distributed left
     atexit.register(lambda: (Path(folder) / f"rank{rank}.txt").write_text(str(dist.is_initialized())))
     init_distributed()
     dist.barrier()  # a finished run that, like the CLI, never closes the group itself
 
 
+@pytest.mark.timeout(180)
 def test_a_process_group_secateurs_opened_is_closed_at_exit(tmp_path):
     """Left open, gloo's threads outlive the interpreter and a finished torchrun job can abort
     ('terminate called without an active exception'), failing a run whose work was done."""
@@ -514,10 +516,15 @@ def test_a_process_that_crashes_leaves_its_process_group_to_torchrun(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(os.environ, PYTHONPATH=str(root), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               CUDA_VISIBLE_DEVICES="")
     procs = [subprocess.Popen([sys.executable, "-c", _CRASH, str(tmp_path)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    codes = [p.wait(timeout=120) for p in procs]
-    assert codes[0] == 0 and codes[1] != 0
-    assert "this process fails" in procs[1].stderr.read()
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 0 and procs[1].returncode != 0
+    assert "this process fails" in errors[1]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "True"]
