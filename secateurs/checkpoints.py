@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ._io import atomic_write
 from .saving import save as save_model
-from .distributed import is_main_process
+from .distributed import barrier, is_main_process
 
 __all__ = ["RunCheckpoints", "drop_stale_training"]
 
@@ -37,8 +37,7 @@ class RunCheckpoints:
                     shutil.rmtree(stale)
             if self.state_path.exists():
                 self.state_path.unlink()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        barrier()
 
     def load(self) -> dict | None:
         """The saved state of an earlier run of the same request, if any."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_main_process", "from_first_process", "all_sum", "mark_failed"]
+__all__ = ["init_distributed", "is_main_process", "from_first_process", "all_sum", "mark_failed", "barrier"]
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -61,6 +61,13 @@ def _close_process_group() -> None:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Under torchrun, wait until every process is here (e.g. until the first one has written a
+    folder the others read); a single process goes straight on."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def from_first_process(value: Any) -> Any:

@@ -28,7 +28,7 @@ from .latency_table import auto_round_to
 from .methods import Method, StepContext, get_method
 from .metrics import check_labels
 from .report import latency_guard as time_against_dense
-from .distributed import from_first_process, init_distributed, is_main_process
+from .distributed import barrier, from_first_process, init_distributed, is_main_process
 from .train import TrainConfig, evaluate, fit, metric_key
 
 __all__ = ["prune", "METHOD_OUTPUT"]
@@ -255,7 +255,7 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
             cfg = replace(cfg, out_dir=str(run.ckpt.step_dir(k) / "train"), resume=True)
             if is_main_process():
                 drop_stale_training(model, Path(cfg.out_dir), run.log)
-            from_first_process(None)  # the others wait for it (a barrier) before fit reads the folder
+            barrier()  # the others wait for it before fit reads the folder
         fit(model, run.context["data"], None, cfg, teacher=run.context["teacher"])
         timings["finetune_s"] += time.perf_counter() - t4
     return _measure_step(run, ctx, k, removed, snapshot, tolerance)
