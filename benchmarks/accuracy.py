@@ -388,6 +388,16 @@ def check_baseline(name: str, args) -> None:
                          f"{args.holdout}` not in {recipe[:80]!r}...); train it with scripts/baselines.sh first")
 
 
+def control_twin(rows: list[dict], name: str, method: str, seed: int, steps: int) -> dict | None:
+    """The control trains the unpruned model, which no MACs target touches: its row at another
+    target is this one (training it again would spend a row's time on the same numbers)."""
+    if method != "control":
+        return None
+    return next(({k: v for k, v in r.items() if k != "settings"} for r in rows
+                 if (r["model"], r["method"], str(r["seed"]), str(r["steps"])) == (name, method, str(seed), str(steps))
+                 and not r.get("error")), None)
+
+
 def run(args) -> Path:
     from secateurs.models import load_pretrained
     from secateurs.train import evaluate
@@ -414,12 +424,15 @@ def run(args) -> Path:
                 for seed in args.seeds:
                     if (name, str(target), method, str(seed), str(args.steps)) in done:
                         continue
+                    twin = control_twin(rows, name, method, seed, args.steps)
                     try:
-                        row = one_row(name, base, top1, method, target, seed, train, val, test, args)
+                        row = {**twin, "target": target} if twin else one_row(name, base, top1, method, target, seed,
+                                                                             train, val, test, args)
                     except Exception as err:  # noqa: BLE001 - one broken row must not stall the grid; it is rerun next time
                         row = {"model": name, "target": target, "method": method, "seed": seed, "steps": args.steps,
                                "error": f"{type(err).__name__}: {err}"[:200]}
                     append_row(path, {**row, "settings": mine[name]}, FIELDS)
+                    rows.append({k: str(v) for k, v in row.items()})
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return path
 

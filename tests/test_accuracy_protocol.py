@@ -243,3 +243,28 @@ def test_append_row_drops_the_partial_line_a_kill_left(tmp_path):
         f.write("3,")  # killed mid-row
     append_row(path, {"a": 4, "b": 5})
     assert read_rows(path) == [{"a": "1", "b": "2"}, {"a": "4", "b": "5"}]
+
+
+def test_the_control_row_is_trained_once_and_reused_at_every_target(tmp_path, monkeypatch):
+    from benchmarks._protocol import read_rows
+
+    ns = argparse.Namespace(models=["cifar_resnet20_cifar10"], targets=[0.5, 0.3], methods=["control", "l2"], seeds=[0],
+                            steps=10, rounds=4, lr=0.02, batch_size=128, distill=0.5, tolerance=1.0, hfp_lam=5.0,
+                            latency_batch=8, latency_gain=0.8, holdout=5000, subset=0, test_subset=0, threads=1,
+                            data_root=None, out=str(tmp_path), quick=False)
+    monkeypatch.setattr("secateurs.models.list_pretrained", lambda: {"cifar_resnet20_cifar10": {
+        "recipe": "secateurs train --holdout 5000", "sha256": "ab"}})
+    monkeypatch.setattr("secateurs.models.load_pretrained", lambda name: torch.nn.Identity())
+    monkeypatch.setattr("secateurs.train.evaluate", lambda model, data: {"top1": 90.0})
+    monkeypatch.setattr(acc, "data", lambda args: (None, None, None))
+    trained = []
+
+    def one_row(name, base, top1, method, target, seed, *rest):
+        trained.append((method, target))
+        return {"model": name, "target": target, "method": method, "seed": seed, "steps": 10, "top1": 89.0 + target}
+
+    monkeypatch.setattr(acc, "one_row", one_row)
+    rows = read_rows(acc.run(ns))
+    assert trained == [("control", 0.5), ("l2", 0.5), ("l2", 0.3)]
+    control = [(r["target"], r["top1"]) for r in rows if r["method"] == "control"]
+    assert control == [("0.5", "89.5"), ("0.3", "89.5")]
