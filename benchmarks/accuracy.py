@@ -49,7 +49,7 @@ from benchmarks._protocol import append_row, interval, read_rows  # noqa: F401 (
 from benchmarks.accuracy_report import PAIRS, no_worse, paired, summarize, write_report  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp+filters", "hfp", "importance-weights"]
+OURS = ["l1", "l2", "bn_scale", "taylor", "heuristic", "dlp", "dlp+filters", "hfp", "importance-weights"]
 THEIRS = ["tp_magnitude", "tp_bn_scale", "tp_group_norm"]
 TP_REG = {"tp_bn_scale": 1e-4, "tp_group_norm": 5e-4}  # network slimming's lambda; TP's CIFAR group_sl script
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit trains there too
@@ -62,7 +62,7 @@ FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "p
 GRID_ORDER = ["tp_magnitude", "l2:distill=0", "l2", "l1", "tp_bn_scale", "bn_scale:distill=0", "bn_scale", "hfp",
               "heuristic", "l2@latency", "control", "tp_group_norm", "dlp+filters", "dlp+l2@latency", "importance-weights",
               "importance-weights@tol", "hfp:tie=shared", "hfp:lam=5", "importance-weights:rank=scale", "l2:allocation=latency",
-              "taylor", "dlp@latency"]
+              "taylor", "dlp@latency", "dlp", "hfp:lr=0.1"]
 FINAL = 999  # the seed offset of a row's last fine-tuning (see finetune)
 
 
@@ -230,7 +230,8 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
             if rest < 1:  # distilled from the unpruned model, not the block-pruned one
                 secateurs.prune(model, x, "vip", rest, steps=max(1, args.rounds - 1), data=train, finetune=per_round,
                                 teacher=dense, latency_guard=False)
-        else:  # a criterion: one cut (bias compensation included), then fine-tuning; "l2:allocation=latency"
+        else:  # a criterion: one cut (bias compensation included), then fine-tuning; "l2:allocation=latency";
+        # "dlp": the lowest PLS-VIP residual blocks removed until the MACs target is met
             _prune_on_cpu(model, args, method, target, data=train, latency_threads=args.threads, **extra)
     return {}
 

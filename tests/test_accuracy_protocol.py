@@ -176,13 +176,17 @@ def test_hfp_below_l1_is_explained_from_its_own_rows(tmp_path):
     l1 = [_row("l1", s, 85.0 + s) for s in range(3)]
     hfp = [_row("hfp", s, 83.0 + s, converged="True", converged_step=170 + 10 * s) for s in range(3)]
     short = [_row("hfp:lam=5", s, 84.0 + s, fallback="lowest gates cut") for s in range(3)]
-    _write_rows(tmp_path / "accuracy.csv", l1 + hfp + short)
+    fast = [_row("hfp:lr=0.1", s, 82.5 + s, converged="True", converged_step=60) for s in range(3)]
+    _write_rows(tmp_path / "accuracy.csv", l1 + hfp + short + fast)
     acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
                      argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
     text = (tmp_path / "accuracy.md").read_text()
     assert "| r20 | 50% | hfp - l1 | -2.00 +- 0.00 | 3 | not met (below L1) |" in text
     assert "3 of 3 HFP rows met the target, at step(s) 170, 180, 190 of its 400-step phase" in text
     assert "(3 of 3 of its rows ended the phase short of the target and cut the lowest gates): +1.00 +- 0.00 points against hfp (3 seeds)" in text
+    assert ("with the phase at the baseline's training lr, 0.1 (it met the target in every row): -0.50 +- 0.00 points "
+            "against hfp (3 seeds)") in text
+    assert "(`hfp:lr=0.1` - `hfp`) | -0.50 +- 0.00 | 3 |" in text
 
 
 def test_verdicts_wait_for_three_seeds_and_budgets_are_never_pooled(tmp_path):
