@@ -62,7 +62,7 @@ FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "p
 GRID_ORDER = ["tp_magnitude", "l2:distill=0", "l2", "l1", "tp_bn_scale", "bn_scale:distill=0", "bn_scale", "hfp",
               "heuristic", "l2@latency", "control", "tp_group_norm", "dlp+filters", "dlp+l2@latency", "importance-weights",
               "importance-weights@tol", "hfp:tie=shared", "hfp:lam=5", "importance-weights:rank=scale", "l2:allocation=latency",
-              "taylor", "dlp@latency", "dlp", "hfp:lr=0.1"]
+              "taylor", "dlp@latency", "dlp", "hfp:lr=0.1", "dlp+filters:criterion=l1"]
 FINAL = 999  # the seed offset of a row's last fine-tuning (see finetune)
 
 
@@ -223,15 +223,16 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
             secateurs.prune(model, x, method, target, steps=args.rounds, finetune=per_round, data=train,
                             method_options={"kappa": 0.5}, latency_guard=False)
         elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then VIP filters, iterated and fine-tuned
+            # ("dlp+filters:criterion=l1": the same cascade, its filter steps ranked by another criterion)
             base, dense = secateurs.count(model, x).macs, copy.deepcopy(model)
             secateurs.prune(model, x, "dlp", max(target, 0.8), data=train, finetune=per_round,
                             method_options={"per_class": 20}, latency_guard=False)
             rest = target * base / secateurs.count(model, x).macs
             if rest < 1:  # distilled from the unpruned model, not the block-pruned one
-                secateurs.prune(model, x, "vip", rest, steps=max(1, args.rounds - 1), data=train, finetune=per_round,
-                                teacher=dense, latency_guard=False)
+                secateurs.prune(model, x, extra.get("criterion", "vip"), rest, steps=max(1, args.rounds - 1), data=train,
+                                finetune=per_round, teacher=dense, latency_guard=False)
         else:  # a criterion: one cut (bias compensation included), then fine-tuning; "l2:allocation=latency";
-        # "dlp": the lowest PLS-VIP residual blocks removed until the MACs target is met
+            # "dlp": the lowest PLS-VIP residual blocks removed until the MACs target is met
             _prune_on_cpu(model, args, method, target, data=train, latency_threads=args.threads, **extra)
     return {}
 

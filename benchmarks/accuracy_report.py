@@ -118,7 +118,8 @@ def write_report(path: Path, md: Path, args) -> None:
     md.write_text("\n".join(lines) + "\n")
 
 
-PAPER_METHODS = ("hfp", "heuristic")  # their papers' setting is classification; importance weights': the U-Nets
+# the papers' setting is classification (DLP's cascade: ResNet-56 on CIFAR-10); importance weights': the U-Nets
+PAPER_METHODS = ("hfp", "heuristic", "dlp+filters")
 CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("hfp:tie=shared", "hfp", "HFP: one shared gate per residual channel instead of the mean |gamma| of its norm layers"),
     ("hfp:lam=5", "hfp", "HFP at half the budget-loss weight: its phase ends before the target, the lowest gates are cut "
@@ -129,6 +130,8 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),
     ("l2:allocation=latency", "l2", "allocation='latency' (MACs spent where this CPU's tables say they buy time): its top-1 cost"),
+    ("dlp+filters:criterion=l1", "dlp+filters", "the cascade's filter steps ranked by the L1 norm instead of PLS-VIP "
+     "(same blocks first, same steps)"),
     ("l1", "l2", "the L1 norm of a channel's weights instead of the L2 norm (same global allocation, same fine-tuning)"),
 ]
 

@@ -158,7 +158,9 @@ def test_goals_pick_the_best_on_the_held_out_split_and_measure_each_change(tmp_p
     hfp = [_row("hfp", s, t) for s, t in enumerate((84.0, 85.0, 87.5))]  # vs l1: -1, -1, +0.5
     tie = [_row("hfp:tie=shared", s, t) for s, t in enumerate((85.0, 86.0, 87.0))]  # vs hfp: +1, +1, -0.5
     heur = [_row("heuristic", s, 80.0 + s) for s in range(3)]  # 5 points below l1 on every seed
-    _write_rows(tmp_path / "accuracy.csv", theirs + l2 + bn + l1 + hfp + tie + heur)
+    cascade = [_row("dlp+filters", s, 85.2 + s) for s in range(3)]  # DLP's paper method: +0.2 over l1
+    by_l1 = [_row("dlp+filters:criterion=l1", s, 86.2 + s) for s in range(3)]  # its filters by L1: +1 over it
+    _write_rows(tmp_path / "accuracy.csv", theirs + l2 + bn + l1 + hfp + tie + heur + cascade + by_l1)
     acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
                      argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
     text = (tmp_path / "accuracy.md").read_text()
@@ -167,6 +169,8 @@ def test_goals_pick_the_best_on_the_held_out_split_and_measure_each_change(tmp_p
     d, h = acc.interval([-1.0, -1.0, 0.5])
     assert f"| r20 | 50% | hfp - l1 | {d:+.2f} +- {h:.2f} | 3 | met |" in text  # -0.5 +- 2.15 reaches 0
     assert "| r20 | 50% | heuristic - l1 | -5.00 +- 0.00 | 3 | not met (below L1) |" in text
+    assert "| r20 | 50% | dlp+filters - l1 | +0.20 +- 0.00 | 3 | met |" in text
+    assert "(`dlp+filters:criterion=l1` - `dlp+filters`) | +1.00 +- 0.00 | 3 |" in text
     d, h = acc.interval([1.0, 1.0, -0.5])
     assert f"(`hfp:tie=shared` - `hfp`) | {d:+.2f} +- {h:.2f} | 3 |" in text
     assert "Why HFP" not in text  # it matched L1: nothing to explain
