@@ -23,7 +23,7 @@ case "${1:-}" in
     r20) run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" ;;
     r56) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods l1 tp_magnitude heuristic dlp@latency hfp l2 tp_bn_scale tp_group_norm control \
-             dlp hfp:lr=0.1 dlp+filters dlp+filters:criterion=l1 ;;
+             dlp dlp+filters dlp+filters:criterion=l1 hfp:lr=0.1 ;;
     report) run --report-only ;;
     *) echo "usage: $0 r20|r56|report" >&2; exit 2 ;;
 esac
