@@ -165,3 +165,36 @@ def test_bad_options_and_missing_data():
         secateurs.prune(create_model("cifar_resnet20"), X, "dlp", data=[(X, torch.tensor([0]))])
     with pytest.raises(ValueError, match="method 'dlp' needs data"):
         secateurs.prune(create_model("cifar_resnet20"), X, "dlp", method_options={"count": 1})
+
+
+def test_the_cascade_ranks_its_filters_by_the_filter_criterion_it_is_given(r20, data):
+    """A criterion that scores one marked filter of a down-sampling block (never removed) lowest:
+    the cascade's first filter step removes exactly that filter; the paper's VIP is the default."""
+    m0 = copy.deepcopy(r20)
+    with torch.no_grad():
+        m0.layer2[0].conv1.weight[3].fill_(7.0)  # marked: no other filter holds this value
+    calls = []
+
+    def marked_last(model, graph):
+        calls.append(len(graph.groups))
+        scores = [torch.ones(g.size) for g in graph.groups]
+        conv = model.layer2[0].conv1.weight
+        hit = (conv == 7.0).flatten(1).all(1).nonzero().flatten()
+        if len(hit):
+            scores[graph.groups_of("layer2.0.conv1")[0].index][hit] = 0.0
+        return scores
+
+    m, report = secateurs.prune(copy.deepcopy(m0), X, "dlp+filters", steps=2, data=data,
+                                method_options={"count": 1, "per_class": 10, "filter_ratio": 0.01,
+                                                "filter_criterion": marked_last})
+    assert len(calls) == 1 and report["steps"][2]["removed"] == {"layer2.0.conv1": 1}
+    assert m.layer2[0].conv1.weight.shape[0] == 31 and not (m.layer2[0].conv1.weight == 7.0).flatten(1).all(1).any()
+    assert get_method("dlp+filters").filter_criterion == "vip"
+
+
+def test_an_unknown_filter_criterion_is_named_and_the_model_left_as_it_was(r20, data):
+    m = copy.deepcopy(r20)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"option `filter_criterion`: unknown criterion 'l3'; available: .*l1"):
+        secateurs.prune(m, X, "dlp+filters", {"macs": 0.8}, data=data, method_options={"filter_criterion": "l3"})
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -7,7 +7,7 @@ import math
 from .._state import copy_model
 from .._validation import PruningError
 from ..budget import Budget, measure, plan_for_budget
-from ..criteria import group_scores
+from ..criteria import get_criterion, group_scores
 from ..depth import Block, LayerPlan, find_blocks
 from ..latency import latency_ratio
 from ..pls import block_scores
@@ -60,12 +60,19 @@ class LayerPruningMethod(Method):
         Option("filter_ratio", 0.1, "dlp+filters: share of filters removed per step", low=0, high=1,
                open_low=True, open_high=True, flag="--filter-ratio"),
         Option("filter_components", 2, "PLS components of the filter scores", kind=int, low=1),
+        Option("filter_criterion", "vip", "dlp+filters: what ranks the filters of its steps (vip: the paper's "
+               "joint PLS-VIP; or any registered criterion, e.g. l1)", kind=object, flag="--filter-criterion"),
     )
 
     def setup(self) -> None:
         self.name = "dlp+filters" if self.filters else "dlp"
 
     def check(self, budget: Budget | None) -> None:
+        if self.filters:
+            try:
+                get_criterion(self.filter_criterion)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"method {self.name!r}, option `filter_criterion`: {err}") from None
         if budget is not None and budget.kind == "latency":  # blocks go, each count timed (`_to_latency`)
             if self.mode != "rank" or self.filters:
                 raise ValueError(f"method {self.name!r} takes a latency target with mode='rank' and no filter "
@@ -93,14 +100,16 @@ class LayerPruningMethod(Method):
         return block_scores(ctx.model, blocks, ctx.data, self.per_class, self.n_components, self.joint, self.pool)
 
     def _filters(self, ctx: StepContext) -> Decision:
-        """Steps after the first: the cascade's PLS-VIP filter pruning (``filter_ratio`` of the filters
-        a step), or the end. A MACs/params target stops it, the last step cut to meet it exactly."""
+        """Steps after the first: the cascade's filter pruning (``filter_ratio`` of the filters a step,
+        ranked by ``filter_criterion``: PLS-VIP as the paper does; L1 measured 2 points better on
+        CIFAR ResNet-56 at half the MACs, docs/accuracy.md), or the end. A MACs/params target stops it, the last step cut to meet it exactly."""
         if not self.filters:
             return Decision.halt("layer pruning is one step (use dlp+filters for the filter cascade)")
         met = ctx.budget_met()
         if met:
             return Decision.halt(met)
-        scores = group_scores(ctx.model, ctx.graph, "vip", data=ctx.data, n_components=self.filter_components)
+        extra = {"n_components": self.filter_components} if self.filter_criterion == "vip" else {}
+        scores = group_scores(ctx.model, ctx.graph, self.filter_criterion, data=ctx.data, **extra)
         plan = self._filter_plan(ctx, scores, Budget("ratio", self.filter_ratio))
         if ctx.budget is not None:  # the step that would pass the target stops at it
             try:
