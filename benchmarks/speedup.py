@@ -71,8 +71,10 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
     """Every (model, variant, runtime) not already in ``rows``: each row holds a dense and a pruned time
     measured together. With ``out``, OUT/speedup.csv is rewritten after every runtime's rows (--resume goes on from it)."""
     from secateurs import PruningError
-    from secateurs.latency import compare_dense_pruned
+    from secateurs.latency import compare_dense_pruned, cpu_name
     from secateurs.models import create_model
+
+    cpu = cpu_name()  # in every row: a report rewritten later, or on another machine, still says where it was timed
 
     torch.set_num_threads(threads)
     rows = list(rows or [])
@@ -111,7 +113,7 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                            "speedup": round(r["speedup"], 3),
                            "speedup_ci": "-".join(f"{v:.3f}" for v in r["speedup_interval"]), "vs_macs": round(r["speedup"] / macs_speedup, 3),
                            "slower": r["batch"] in cmp["slower"], "repeats": repeats, "threads": threads,
-                           "round_to": report.get("round_to", "")}
+                           "round_to": report.get("round_to", ""), "cpu": cpu}
                     if "latency" in variant:
                         row["latency_target_met"] = round(report["method_output"].get("latency_ratio", float("nan")), 3)
                     rows.append(row)
@@ -153,14 +155,13 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     import onnxruntime
     import torchvision
 
-    from secateurs.latency import cpu_name
-
     write_csv(rows, out)
+    cpus = ", ".join(sorted({str(r["cpu"]) for r in rows if r.get("cpu")})) or "an unrecorded CPU"
     processes = len({r.get("process", 0) for r in rows})
     rows = merged(rows)
     lines = ["# Speed-up of pruned models on this CPU", "",
              f"`python -m benchmarks.speedup --repeats {repeats} --threads {threads}"
-             f"{f' --processes {processes}' if processes > 1 else ''}` on {cpu_name()} "
+             f"{f' --processes {processes}' if processes > 1 else ''}` on {cpus} "
              f"({platform.machine()}, {os.cpu_count()} cores), {threads} threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}. Seeded random weights, "
              "L2 criterion, `round_to=8` unless the variant says `auto` (the step measured on this machine by "
@@ -192,8 +193,6 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     unreachable = [r for r in rows if r.get("note")]
     rows = [r for r in rows if not r.get("note")]
     macs_rows = [r for r in rows if r["variant"].startswith("macs")]
-    miss = sorted({f"{r['model']} {r['variant']} {r['runtime']} b{r['batch']} ({r['vs_macs']})" for r in macs_rows
-                   if r["vs_macs"] < (0.9 if r["batch"] == 8 else 0.8)})
     slower = sorted({f"{r['model']} {r['variant']} {r['runtime']} b{r['batch']}" for r in rows if r["slower"]})
     lat = [r for r in rows if r["variant"].startswith("latency") and r["runtime"] == "eager" and r["batch"] == 1]
     best: dict[tuple, dict] = {}
@@ -201,14 +200,23 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
         key = (r["model"], r["runtime"], r["batch"])
         if key not in best or r["vs_macs"] > best[key]["vs_macs"]:
             best[key] = r
-    best_miss = sorted(f"{m} {rt} b{b} ({r['vs_macs']}, {r['variant']})" for (m, rt, b), r in best.items()
-                       if r["vs_macs"] < (0.9 if b == 8 else 0.8))
+    judged = [r for r in macs_rows if in_goal(r)]
+    miss = sorted({_ratio(r, f"{r['vs_macs']}, {r['variant']}") for r in judged if r["vs_macs"] < _floor(r)})
+    best_miss = sorted(_ratio(r, f"{r['vs_macs']}, {r['variant']}") for r in best.values() if in_goal(r)
+                       and r["vs_macs"] < _floor(r))
+    beyond = sorted(_ratio(r, f"{r['vs_macs']}, {r['variant']}") for r in best.values() if not in_goal(r)
+                    and r["vs_macs"] < _floor(r))
     lines += ["## Against the goals", "",
-              f"- Speed-up / MACs ratio >= 0.9 at batch 8 and >= 0.8 at batch 1 (50% MACs rows): "
-              f"{'all rows' if not miss else 'missed by ' + '; '.join(miss)}.",
+              f"The ratio goal is judged on {', '.join(GOAL_MODELS)} in {' and '.join(GOAL_RUNTIMES)} (the issue's "
+              "models and runtimes); the other rows are measured and listed, not judged. \"No model slower\" holds "
+              "every row, the 32px CIFAR ResNets included.", "",
+              f"- Speed-up / MACs ratio >= 0.9 at batch 8 and >= 0.8 at batch 1 (every 50%-MACs row of those models "
+              f"and runtimes): {'all rows' if not miss else 'missed by ' + '; '.join(miss)}.",
               f"- The same goal for the best 50%-MACs allocation of each model, runtime and batch (`allocation='latency'` "
               f"spends the MACs where this machine's tables say they buy time): "
               f"{'met everywhere' if not best_miss else 'missed by ' + '; '.join(best_miss)}.",
+              f"- Outside the goal's models and runtimes, the best allocation under the same floors: "
+              f"{'every one above them' if not beyond else 'below them: ' + '; '.join(beyond)}.",
               f"- Pruned model measurably slower than dense (its paired speed-up interval below 1): "
               f"{'none' if not slower else ', '.join(slower)}.",
               "- Latency budget 0.5 (goal: within 5%, under a minute on resnet50), the ratio measured by the search's "
@@ -217,6 +225,23 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     lines += [f"- Not reached: {r['model']} {r['variant']}: {r['note']}" for r in unreachable] + [""]
     lines += _fixed_share(rows, best)
     (out / "speedup.md").write_text("\n".join(lines))
+
+
+GOAL_MODELS = ("torchvision:resnet50", "torchvision:vgg16", "torchvision:mobilenet_v2")
+GOAL_RUNTIMES = ("eager", "onnxruntime")
+
+
+def in_goal(row: dict) -> bool:
+    """Issue 19 sets the ratio floors on these models and runtimes; the 32px CIFAR ResNets only must not be slower."""
+    return row["model"] in GOAL_MODELS and row["runtime"] in GOAL_RUNTIMES
+
+
+def _floor(row: dict) -> float:
+    return 0.9 if row["batch"] == 8 else 0.8
+
+
+def _ratio(row: dict, what) -> str:
+    return f"{row['model']} {row['runtime']} b{row['batch']} ({what})"
 
 
 def fixed_share(points: list[tuple[float, float]]) -> float:

@@ -218,6 +218,31 @@ def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
     assert "--processes 3" in text and "| net | eager | 1 | 0.40 | 0.71 |" in text
 
 
+def test_speedup_goal_judges_the_issues_models_and_runtimes_and_lists_the_rest(tmp_path):
+    """The ratio floors apply to resnet50, vgg16 and mobilenet_v2 in eager and onnxruntime; a 32px
+    CIFAR ResNet or a channels-last row below them is listed apart, and a slower model anywhere is named."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import speedup
+
+    def row(model, runtime, batch, vs_macs, slower=False):
+        return {"model": model, "input": 32, "variant": "macs 50% global", "runtime": runtime, "batch": batch,
+                "macs_kept": 0.5, "prune_s": 0.1, "dense_ms": 10.0, "pruned_ms": 5.0, "dense_ci_ms": "9-11",
+                "pruned_ci_ms": "4-6", "speedup": 2 * vs_macs, "speedup_ci": "1-2", "vs_macs": vs_macs,
+                "slower": slower, "repeats": 30, "threads": 2, "round_to": 8, "cpu": "Timing CPU 9000"}
+
+    rows = [row("torchvision:resnet50", "eager", 8, 0.95), row("torchvision:resnet50", "eager", 1, 0.7),
+            row("torchvision:resnet50", "channels_last", 8, 0.6), row("cifar_resnet20", "eager", 1, 0.45, slower=True)]
+    speedup.write(rows, tmp_path, 30, 2)
+    text = (tmp_path / "speedup.md").read_text()
+    judged = next(line for line in text.splitlines() if line.startswith("- The same goal"))
+    assert "missed by torchvision:resnet50 eager b1 (0.7, macs 50% global)" in judged and "cifar" not in judged
+    assert "channels_last" not in judged and "b8" not in judged
+    beyond = next(line for line in text.splitlines() if line.startswith("- Outside"))
+    assert "cifar_resnet20 eager b1 (0.45" in beyond and "torchvision:resnet50 channels_last b8 (0.6" in beyond
+    assert "measurably slower than dense (its paired speed-up interval below 1): cifar_resnet20" in text
+    assert "` on Timing CPU 9000 (" in text  # where the rows were timed, not where the report is written
+
+
 def test_segmentation_latency_is_the_paired_speedup_of_each_saved_model(tmp_path, monkeypatch):
     import torch.nn as nn
 
