@@ -197,7 +197,7 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
             verdict = (f"pending ({', '.join(missing)} not on every seed yet)" if missing and d[2] >= MIN_SEEDS
                        else _verdict(d, d[0] >= 1.0 and d[0] - d[1] > 0))
             lines.append(f"| {model} | {target:.0%} | {best[0]} (ours) - {best[1]} | {d[0]:+.2f} +- {d[1]:.2f} | {d[2]} | "
-                         f"{verdict} |")
+                         f"{verdict}{_first_seeds(cell[best[0]], cell[best[1]], d)} |")
         for m in PAPER_METHODS:
             d = paired(cell[m], cell["l1"]) if m in cell and "l1" in cell else None
             if d:
@@ -208,6 +208,16 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
     if why:
         lines += ["", "Why HFP is below L1 here, from the same rows:", "", *why]
     return lines if len(lines) > header else []
+
+
+def _first_seeds(a: dict, b: dict, d: tuple[float, float, int]) -> str:
+    """A cell run on more seeds than the protocol's also shows what its first seeds alone said: seeds
+    added after a verdict must not hide the one they changed."""
+    if d[2] <= MIN_SEEDS:
+        return ""
+    seeds = sorted(set(a["seeds"]) & set(b["seeds"]))[:MIN_SEEDS]
+    m, h = interval([a["seeds"][s] - b["seeds"][s] for s in seeds])
+    return f" (seeds {', '.join(map(str, seeds))} alone: {m:+.2f} +- {h:.2f}, {'met' if m >= 1.0 and m - h > 0 else 'not met'})"
 
 
 def _hfp_reason(model: str, target: float, cell: dict) -> str:
