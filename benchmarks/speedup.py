@@ -201,11 +201,9 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
         if key not in best or r["vs_macs"] > best[key]["vs_macs"]:
             best[key] = r
     judged = [r for r in macs_rows if in_goal(r)]
-    miss = sorted({_ratio(r, f"{r['vs_macs']}, {r['variant']}") for r in judged if r["vs_macs"] < _floor(r)})
-    best_miss = sorted(_ratio(r, f"{r['vs_macs']}, {r['variant']}") for r in best.values() if in_goal(r)
-                       and r["vs_macs"] < _floor(r))
-    beyond = sorted(_ratio(r, f"{r['vs_macs']}, {r['variant']}") for r in best.values() if not in_goal(r)
-                    and r["vs_macs"] < _floor(r))
+    miss = sorted({_ratio(r) for r in judged if r["vs_macs"] < _floor(r)})
+    best_miss = sorted(_ratio(r) for r in best.values() if in_goal(r) and r["vs_macs"] < _floor(r))
+    beyond = sorted(_ratio(r) for r in best.values() if not in_goal(r) and r["vs_macs"] < _floor(r))
     lines += ["## Against the goals", "",
               f"The ratio goal is judged on {', '.join(GOAL_MODELS)} in {' and '.join(GOAL_RUNTIMES)} (the issue's "
               "models and runtimes); the other rows are measured and listed, not judged. \"No model slower\" is judged on "
@@ -240,8 +238,8 @@ def _floor(row: dict) -> float:
     return 0.9 if row["batch"] == 8 else 0.8
 
 
-def _ratio(row: dict, what) -> str:
-    return f"{row['model']} {row['runtime']} b{row['batch']} ({what})"
+def _ratio(row: dict) -> str:
+    return f"{row['model']} {row['runtime']} b{row['batch']} ({row['vs_macs']}, {row['variant']})"
 
 
 def fixed_share(points: list[tuple[float, float]]) -> float:
