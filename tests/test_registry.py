@@ -101,14 +101,15 @@ def test_every_criterion_prunes_to_a_macs_budget(name, r20, digits):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_prunes_to_its_budget(name, r20, digits):
-    torch.manual_seed(0)  # the data order and any sampling: not whatever earlier tests left in the global RNG
     options, target, steps = SETTINGS[name]
     m = copy.deepcopy(r20)
     m, report = secateurs.prune(m, X, name, target, data=digits, steps=steps, method_options=options)
     (kind, value), = target.items()
     assert report["kept"][kind] <= value and report["kept"][kind] >= value - 0.15
     assert report["after"]["macs"] == secateurs.count(m, X).macs  # measured on the model handed back
-    assert set(report) - {"stopped", "latency"} == REPORT_KEYS and "_state" not in report["method_output"]
+    # "warnings" appears when the latency guard times this 8x8 model slower than dense: a noisy timing, not a defect
+    assert set(report) - {"stopped", "latency", "warnings"} == REPORT_KEYS and "_state" not in report["method_output"]
+    assert all("SLOWER" in w or "latency guard" in w for w in report.get("warnings", []))
     how = get_method(name, **options)
     assert report["method"] == how.name and report["method_options"] == options
     assert ("latency" in report) == how.trains  # the guard times what trains anyway, a bare cut stays fast
