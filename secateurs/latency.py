@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -26,10 +27,10 @@ from ._layout import channels_last_only
 from ._state import copy_model
 from ._validation import check_choice, check_scalar
 
-__all__ = ["Timing", "RUNTIMES", "runtime_of", "time_models", "latency_ratio", "time_callables", "median", "measure_latency", "compare_dense_pruned",
-           "cpu_name", "num_threads"]
+__all__ = ["Timing", "RUNTIMES", "runtime_of", "layout_of", "cuda_graphed", "time_models", "latency_ratio", "time_callables", "median", "measure_latency", "compare_dense_pruned",
+           "cpu_name", "device_name", "num_threads", "synchronised"]
 
-RUNTIMES = ("eager", "channels_last", "onnxruntime")
+RUNTIMES = ("eager", "channels_last", "onnxruntime", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,19 @@ class Timing:
 
 
 def runtime_of(model: nn.Module) -> str:
+    """How a latency search times ``model``: on a CUDA GPU, ``"cuda_graph"`` (its forward replayed
+    from a CUDA graph, in its own layout and dtype), since eager PyTorch there is bound by launching
+    kernels from Python, a cost no channel removal shrinks and deployed runtimes (TensorRT,
+    ``torch.compile(mode="reduce-overhead")``) remove; on the CPU its layout (:func:`layout_of`)."""
+    if next((p.is_cuda for p in model.parameters()), False):
+        return "cuda_graph"
+    return layout_of(model)
+
+
+def layout_of(model: nn.Module) -> str:
     """``"channels_last"`` for a model whose convolutions are stored channels-last (as fine-tuning
-    with ``channels_last=True`` leaves them), else ``"eager"``: oneDNN runs the two layouts by
-    different kernels, so a latency search must time the layout the model will run in."""
+    with ``channels_last=True`` leaves them), else ``"eager"``: the two layouts run by different
+    kernels, so a latency search must time the layout the model will run in."""
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(m, nn.Conv2d) and isinstance(w, torch.Tensor) and (cl := channels_last_only(w)) is not None:
@@ -88,13 +99,75 @@ def _runner(model: nn.Module, inputs: tuple, runtime: str) -> Callable[[], Any]:
         m = copy_model(model).to(memory_format=torch.channels_last)
         inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
     m.eval()
-    if any(t.is_cuda for t in inputs):  # kernels are asynchronous: the time is the synchronised one
-        def run_cuda() -> Any:
-            out = m(*inputs)
-            torch.cuda.synchronize()
-            return out
-        return run_cuda
-    return lambda: m(*inputs)
+    if runtime == "cuda_graph":
+        if not all(t.is_cuda for t in inputs):
+            raise ValueError("runtime 'cuda_graph' times a model on a CUDA GPU: move the model and `example_inputs` there")
+        return cuda_graphed(lambda: m(*inputs))
+    return synchronised(lambda: m(*inputs), any(t.is_cuda for t in inputs))
+
+
+def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` (a forward on fixed CUDA tensors) captured once in a CUDA graph: the callable replays
+    it, waits for it and returns its output, so its time is the kernels' and not Python's launching
+    of them. Warmed up on a side stream first, as capture requires (cuDNN autotunes there too). A
+    forward that synchronises with the host cannot be captured, and a failed capture can leave
+    CUDA's state broken, so one more warm-up forward runs with synchronisations made errors first;
+    such a forward is timed eager, with a warning."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+        syncs = _host_sync(fn)
+    torch.cuda.current_stream().wait_stream(side)
+    if syncs is not None:
+        return _eager_instead(fn, syncs)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except RuntimeError as err:
+        return _eager_instead(fn, err)
+
+    def replay() -> Any:
+        graph.replay()
+        return out  # the static output each replay rewrites
+
+    replay.captured = fn  # what the graph reads (weights, inputs) lives as long as the replay
+    return synchronised(replay, True)
+
+
+def synchronised(fn: Callable[[], Any], cuda: bool) -> Callable[[], Any]:
+    """``fn`` that returns only once its CUDA kernels have run: they are asynchronous, so an
+    unsynchronised clock would time the launch, not the work."""
+    if not cuda:
+        return fn
+
+    def run_cuda() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run_cuda
+
+
+def _host_sync(fn: Callable[[], Any]) -> Exception | None:
+    """The error a forward raises where it synchronises with the host (which capture forbids), if it does."""
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as err:
+        return err
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+    return None
+
+
+def _eager_instead(fn: Callable[[], Any], err: Exception) -> Callable[[], Any]:
+    warnings.warn(f"the forward could not be captured in a CUDA graph ({str(err).splitlines()[0]}): timed eager, "
+                  "launches included", stacklevel=3)
+    torch.cuda.synchronize()
+    return synchronised(fn, True)
 
 
 def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats: int = 30, warmup: int = 5,
@@ -257,3 +330,14 @@ def cpu_name() -> str:
     import platform
 
     return platform.processor() or platform.machine() or os.uname().machine
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """Where a latency was measured: the CPU, or the GPU with the CUDA and cuDNN builds that pick its kernels."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, "
+                f"cuDNN {torch.backends.cudnn.version()})")
+    if device.type != "cpu":
+        return device.type
+    return cpu_name()

@@ -23,7 +23,8 @@ import torch.nn as nn
 from ._io import atomic_write
 from .cost import count
 from .graph import DependencyGraph
-from .latency import RUNTIMES, cpu_name, median, num_threads, runtime_of, time_callables, time_models
+from .latency import (cuda_graphed, device_name, layout_of, median, num_threads, runtime_of, synchronised, time_callables,
+                      time_models)
 
 __all__ = ["LatencyModel", "default_cache_dir"]
 
@@ -39,13 +40,15 @@ def default_cache_dir() -> Path:
 _FORMAT = 2  # the cache layout and what a layer's key describes: a change starts new files
 
 
-def _machine_key(threads: int, runtime: str) -> str:
-    text = f"v{_FORMAT}|{cpu_name()}|{os.cpu_count()}|torch {torch.__version__}|{threads} threads|{runtime}"
+def _machine_key(threads: int, runtime: str, device: torch.device) -> str:
+    where = device_name(device) if device.type != "cpu" else f"{device_name(device)}|{os.cpu_count()}"
+    text = f"v{_FORMAT}|{where}|torch {torch.__version__}|{threads} threads|{runtime}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _cache_file(cache_dir: str | os.PathLike | None, threads: int, runtime: str) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"{_machine_key(threads, runtime)}.json"
+def _cache_file(cache_dir: str | os.PathLike | None, threads: int, runtime: str,
+                device: torch.device = torch.device("cpu")) -> Path:
+    return Path(cache_dir or default_cache_dir()) / f"{_machine_key(threads, runtime, device)}.json"
 
 
 def _read(path: Path) -> dict:
@@ -106,7 +109,7 @@ class _Layer:
         self.key = json.dumps(self.spec, sort_keys=True)
         self.labels: dict[int, list[torch.Tensor]] = {}  # weight axis -> binding labels
 
-    def build(self, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
+    def build(self, cin: int, cout: int, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
         s = self.spec
         if self.linear:
             m, x = nn.Linear(cin, cout, bias=s["bias"]), torch.randn(self.batch, *self.spatial, cin)
@@ -115,7 +118,7 @@ class _Layer:
             cls = getattr(nn, s["type"])
             m = cls(cin, cout, s["kernel_size"], s["stride"], s["padding"], s["dilation"], groups=groups, bias=s["bias"])
             x = torch.randn(self.batch, cin, *self.spatial)
-        return m.to(self.dtype), x.to(self.dtype)
+        return m.to(device, self.dtype), x.to(device, self.dtype)
 
     def kept(self, axis: int, removed: torch.Tensor, full: int) -> int:
         labs = self.labels.get(axis)
@@ -137,12 +140,14 @@ class LatencyModel:
     def __init__(self, model: nn.Module, graph: DependencyGraph, example_inputs: Any, *, threads: int | None = None,
                  runtime: str = "eager", grid: int = 6, repeats: int = 5, cache_dir: str | os.PathLike | None = None,
                  log: Callable[..., None] = lambda *a: None) -> None:
-        if runtime not in RUNTIMES[:2]:
-            raise ValueError(f"latency tables are measured on 'eager' or 'channels_last', not {runtime!r}")
-        _check_cpu(model, "a latency table")
+        if runtime not in _TABLE_RUNTIMES:
+            raise ValueError(f"latency tables are measured on {', '.join(map(repr, _TABLE_RUNTIMES))}, not {runtime!r}")
+        self.device = _timing_device(model)
+        # a graphed table's layers take the model's own layout, as its graph replays it
+        self.channels_last = (layout_of(model) if runtime == "cuda_graph" else runtime) == "channels_last"
         self.threads = threads or torch.get_num_threads()
         self.runtime, self.grid, self.repeats = runtime, grid, repeats
-        self.path = _cache_file(cache_dir, self.threads, runtime)
+        self.path = _cache_file(cache_dir, self.threads, runtime, self.device)
         modules = dict(model.named_modules())
         self.layers = [_Layer(l.name, modules[l.name], l.input_shape, l.output_shape)
                        for l in count(model, example_inputs).layers
@@ -166,7 +171,7 @@ class LatencyModel:
         cache = _read(self.path)
         missing = {layer.key: layer for layer in self.layers if layer.key not in cache}
         if missing:
-            log(f"latency tables: timing {len(missing)} layer shape(s) on this machine ({self.path})")
+            log(f"latency tables: timing {len(missing)} layer shape(s) on {device_name(self.device)} ({self.path})")
             with num_threads(self.threads):
                 measured = {key: self._measure(layer) for key, layer in missing.items()}
             _store(self.path, measured)
@@ -175,7 +180,6 @@ class LatencyModel:
 
     def _measure(self, layer: _Layer) -> dict[str, list]:
         torch.manual_seed(0)
-        cl = self.runtime == "channels_last"
         calls, points = {}, []
         axes = ("dw",) if layer.depthwise else ("out", "in")
         for axis in axes:
@@ -184,13 +188,11 @@ class LatencyModel:
             for w in _grid(full // step, self.grid):
                 w *= step
                 cin, cout = (w, w) if axis == "dw" else (layer.cin, w) if axis == "out" else (w, layer.cout)
-                m, x = layer.build(cin, cout)
-                m.eval()
-                if cl and x.dim() == 4:
-                    m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-                calls[(axis, w)] = (lambda m=m, x=x: m(x))
+                calls[(axis, w)] = (layer, cin, cout)
                 points.append((axis, w))
         with torch.inference_mode():
+            calls = {k: _layer_call(layer, cin, cout, self.device, self.channels_last, self.runtime == "cuda_graph")
+                     for k, (layer, cin, cout) in calls.items()}
             times = time_callables(calls, self.repeats, warmup=2)
         return {axis: [[w, median(times[(a, w)])] for a, w in points if a == axis] for axis in axes}
 
@@ -220,16 +222,31 @@ class LatencyModel:
         return self._scale * (sum(self._full) + self.rest_s)
 
 
+_TABLE_RUNTIMES = ("eager", "channels_last", "cuda_graph")
+
+
+def _layer_call(layer: _Layer, cin: int, cout: int, device: torch.device, channels_last: bool,
+                graphed: bool) -> Callable[[], Any]:
+    """One forward of the layer at these widths, as the model's runtime runs it (call under inference_mode)."""
+    m, x = layer.build(cin, cout, device)
+    m.eval()
+    if channels_last and x.dim() == 4:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    call = lambda m=m, x=x: m(x)  # noqa: E731 (the module stays reachable from the call)
+    return cuda_graphed(call) if graphed else synchronised(call, x.is_cuda)
+
+
 _STEPS = (1, 2, 4, 8, 16, 32)
 
 
-def _check_cpu(model: nn.Module, what: str) -> None:
-    """Layer tables are timed on this machine's CPU: a model elsewhere would get the CPU's widths."""
+def _timing_device(model: nn.Module) -> torch.device:
+    """Layers are timed where the model runs (its widths should suit that device's kernels): the
+    CPU or a CUDA GPU, whose name joins the cache key."""
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if dev.type != "cpu":
-        raise ValueError(f"{what} times layers on this machine's CPU, but the model is on {dev}: move it to the "
-                         "CPU to prune to this CPU's latency (docs/latency_gpu.md has the GPU recipe; method='dlp' "
-                         "with a latency target times whole models where they run)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"latency tables time layers on the CPU or a CUDA GPU, but the model is on {dev}: move it "
+                         "to one of those (method='dlp' with a latency target times whole models where they run)")
+    return dev
 
 
 def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None = None, layers: int = 3,
@@ -248,10 +265,10 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     (CIFAR ResNets, whose eager curve is smooth, pruned at step 1 ran slower than dense there; at
     8 they did not). Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
     """
-    _check_cpu(model, "round_to='auto'")  # before anything is timed
+    device = _timing_device(model)  # before anything is timed
     threads = threads or torch.get_num_threads()
     runtime = runtime or runtime_of(model)
-    path = _cache_file(cache_dir, threads, runtime)
+    path = _cache_file(cache_dir, threads, runtime, device)
     modules = dict(model.named_modules())
     found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
@@ -267,7 +284,8 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     if cached is not None:
         return int(cached)
     with num_threads(threads):
-        scores = [_step_scores(layer, b, repeats, runtime == "channels_last") for layer, b in zip(top, bands)]
+        cl = (layout_of(model) if runtime == "cuda_graph" else runtime) == "channels_last"
+        scores = [_step_scores(layer, b, repeats, cl, device, runtime == "cuda_graph") for layer, b in zip(top, bands)]
     total = {s: sum(sc[0][s] for sc in scores) for s in steps}
     # a coarser step must earn its keep: it halves the widths to choose from, and the mean residual
     # of its few multiples in the band is noisier. The smallest step within 0.5% of the latency or
@@ -279,19 +297,14 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     return step
 
 
-def _step_scores(layer: _Layer, band: int, repeats: int, channels_last: bool = False) -> tuple[dict[int, float], float]:
+def _step_scores(layer: _Layer, band: int, repeats: int, channels_last: bool = False,
+                 device: torch.device = torch.device("cpu"), graphed: bool = False) -> tuple[dict[int, float], float]:
     """Mean residual (seconds, against a fitted line) of the multiples of each step, and the mean latency."""
     lo = layer.cout // 2 - band // 2
     widths = list(range(lo, lo + band + 1))
     torch.manual_seed(0)
-    calls = {}
-    for w in widths:
-        m, x = layer.build(w if layer.depthwise else layer.cin, w)
-        m.eval()
-        if channels_last and x.dim() == 4:
-            m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        calls[w] = (lambda m=m, x=x: m(x))
     with torch.inference_mode():
+        calls = {w: _layer_call(layer, w if layer.depthwise else layer.cin, w, device, channels_last, graphed) for w in widths}
         lat = {w: median(ts) for w, ts in time_callables(calls, repeats, warmup=1).items()}
     return step_scores(lat), sum(lat.values()) / len(lat)
 

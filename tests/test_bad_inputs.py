@@ -251,6 +251,9 @@ CASES: list[Case] = [
     Case("prune-latency-guard-nested", "`prune(model, ([image],), ..., latency_guard=True)`: inputs the guard cannot batch",
          ValueError, "`latency_guard=True` times batched tensor inputs only",
          lambda e: P(e.model, ([X[0]],), "l1", 0.5, latency_guard=True)),
+    Case("time-cuda-graph-on-cpu", "`time_models(models, x, runtime='cuda_graph')` on the CPU", ValueError,
+         "runtime 'cuda_graph' times a model on a CUDA GPU", lambda e: secateurs.time_models({"m": e.model}, X,
+                                                                                             runtime="cuda_graph")),
     # -- data ----------------------------------------------------------------------------------------
     Case("prune-taylor-no-data", "`prune(..., 'taylor', 0.5)` without `data`", ValueError, "method 'taylor' needs data",
          lambda e: P(e.model, X, "taylor", 0.5)),

@@ -230,17 +230,17 @@ def test_layer_descriptions_follow_what_the_layer_really_runs():
 
     conv = _Layer("c", nn.Conv2d(3, 8, 3), (3, 16, 16), (8, 14, 14))
     assert (conv.batch, conv.cin, conv.cout, conv.spatial) == (1, 3, 8, (16, 16))
-    m, x = conv.build(3, 8)
+    m, x = conv.build(3, 8, torch.device("cpu"))
     assert m(x).shape == (1, 8, 14, 14)
     lin = _Layer("l", nn.Linear(10, 4), (10,), (4,))
     assert (lin.batch, lin.cin, lin.cout, lin.spatial) == (1, 10, 4, ())
     refl = nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect")
     x = torch.randn(2, 4, 20)
     layer = _Layer("r", refl, (2, 4, 22), tuple(refl(x).shape))  # what count records: the padded input
-    m, xb = layer.build(4, 6)
+    m, xb = layer.build(4, 6, torch.device("cpu"))
     assert layer.spec["padding"] == 0 and m(xb).shape == refl(x).shape
     half = _Layer("h", nn.Conv2d(3, 8, 3).to(torch.bfloat16), (1, 3, 8, 8), (1, 8, 6, 6))
-    m, xb = half.build(3, 8)
+    m, xb = half.build(3, 8, torch.device("cpu"))
     assert half.spec["dtype"] == "bfloat16" and m.weight.dtype == xb.dtype == torch.bfloat16
     assert "dtype" not in conv.spec  # float32 keys stay as they were
 
@@ -283,10 +283,40 @@ def test_a_cache_file_cut_short_is_measured_again_and_a_model_off_the_cpu_is_ref
     lm.path.write_text(lm.path.read_text()[:20])  # a run killed mid-write by hand, or an edit
     again = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, grid=4, repeats=3)
     assert again.tables == lm.tables and json.loads(lm.path.read_text()).keys() == lm.tables.keys()
-    with pytest.raises(ValueError, match="a latency table times layers on this machine's CPU, but the model is on meta"):
+    with pytest.raises(ValueError, match="latency tables time layers on the CPU or a CUDA GPU, but the model is on meta"):
         latency_table.LatencyModel(copy.deepcopy(model).to("meta"), graph, x, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="round_to='auto' times layers on this machine's CPU, but the model is on meta"):
+    with pytest.raises(ValueError, match="latency tables time layers on the CPU or a CUDA GPU, but the model is on meta"):
         latency_table.auto_round_to(copy.deepcopy(model).to("meta"), x, cache_dir=tmp_path)
+
+
+def test_a_gpus_tables_are_cached_apart_from_the_cpus_and_from_other_gpus(tmp_path, monkeypatch):
+    """Layers are timed where the model runs: a GPU's tables must never be read for the CPU or for
+    another GPU model (their kernels step at other widths), and the key names no CPU thread count
+    that does not matter there."""
+    from secateurs import latency_table
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    h200 = latency_table._cache_file(tmp_path, 2, "eager", gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
+    a100 = latency_table._cache_file(tmp_path, 2, "eager", gpu)
+    assert len({h200, a100, latency_table._cache_file(tmp_path, 2, "eager", cpu)}) == 3
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    assert latency_table._cache_file(tmp_path, 2, "eager", gpu) == h200
+    on_cpu = latency_table._cache_file(tmp_path, 2, "eager", cpu)
+    monkeypatch.setattr(latency_table.os, "cpu_count", lambda: 999)  # the host's cores: the CPU's key only
+    assert latency_table._cache_file(tmp_path, 2, "eager", gpu) == h200
+    assert latency_table._cache_file(tmp_path, 2, "eager", cpu) != on_cpu
+
+
+def test_a_cuda_timing_waits_for_its_kernels(monkeypatch):
+    """CUDA kernels are asynchronous: a timed call that did not synchronise would time the launch."""
+    from secateurs.latency import synchronised
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: seen.append("sync"))
+    assert synchronised(lambda: seen.append("run") or 7, True)() == 7 and seen == ["run", "sync"]
+    assert synchronised(lambda: seen.append("cpu") or 8, False)() == 8 and seen[-1] == "cpu"
 
 
 def test_interpolation_through_the_measured_points():
@@ -568,3 +598,69 @@ def test_a_prune_that_removed_nothing_is_not_timed(monkeypatch):
     _, report = secateurs.prune(create_model("tiny_cnn", num_classes=10, in_chans=1), torch.randn(1, 1, 8, 8), "l1",
                                 {"ratio": 0.0}, latency_guard=True)
     assert report["kept"]["macs"] == 1.0 and calls == []
+
+
+class _FakeCuda:
+    """Enough of torch.cuda for cuda_graphed's flow on a machine without a GPU."""
+
+    def __init__(self, monkeypatch, sync_error: bool = False):
+        import contextlib
+
+        self.mode, self.captures, self.sync_error = 0, 0, sync_error
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays = getattr(fake, "replays", 0) + 1
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.captures += 1
+            yield
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        for name, value in {"Stream": Stream, "CUDAGraph": Graph, "graph": graph, "synchronize": lambda *a: None,
+                            "stream": lambda s: contextlib.nullcontext(), "current_stream": lambda: Stream(),
+                            "get_sync_debug_mode": lambda: fake.mode,
+                            "set_sync_debug_mode": lambda m: setattr(fake, "mode", m)}.items():
+            monkeypatch.setattr(torch.cuda, name, value, raising=False)
+
+    def forward(self, x):
+        def fn():
+            if self.sync_error and self.mode == "error":
+                raise RuntimeError("called a synchronizing CUDA operation")
+            return x * 2
+        return fn
+
+
+def test_a_graphed_call_keeps_what_its_graph_reads_alive_and_returns_the_output(monkeypatch):
+    """The graph reads its weights and inputs by address: if nothing held them after capture (a
+    latency table's layer is built just for its timing), replays would read freed memory."""
+    import gc
+    import weakref
+
+    from secateurs.latency import cuda_graphed
+
+    fake = _FakeCuda(monkeypatch)
+    x = torch.ones(3)
+    fn = fake.forward(x)
+    ref = weakref.ref(fn)
+    run = cuda_graphed(fn)
+    del fn
+    gc.collect()
+    assert ref() is not None and fake.captures == 1
+    assert torch.equal(run(), 2 * x) and fake.replays == 1 and fake.mode == 0
+
+
+def test_a_forward_that_syncs_with_the_host_is_never_captured(monkeypatch):
+    """A failed capture can leave CUDA's state broken: a forward that synchronises is found before
+    capture (sync debug mode 'error') and timed eager, with a warning; the mode is put back."""
+    from secateurs.latency import cuda_graphed
+
+    fake = _FakeCuda(monkeypatch, sync_error=True)
+    with pytest.warns(UserWarning, match="could not be captured in a CUDA graph"):
+        run = cuda_graphed(fake.forward(torch.ones(2)))
+    assert fake.captures == 0 and fake.mode == 0 and torch.equal(run(), torch.full((2,), 2.0))
