@@ -53,12 +53,27 @@ TITLES = {"eager": "PyTorch (eager, NCHW)", "channels_last": "PyTorch (eager, ch
           "onnxruntime": "onnxruntime"}
 
 
-def _prune(base, x, variant: str, threads: int, layout: str):
-    """Pruned in the layout it will run in: the latency tables and ``round_to="auto"`` time that layout."""
+# a runtime's layout (the model is pruned in it) and the harness runtime that times it; onnxruntime
+# runs the eager model's export, and on a GPU the graphed rows replay the forward from a CUDA graph
+HARNESS = {"eager": ("eager", "eager"), "channels_last": ("channels_last", "channels_last"),
+           "onnxruntime": ("eager", "onnxruntime"), "cuda_graph": ("eager", "cuda_graph"),
+           "fp16_channels_last_graph": ("fp16_channels_last", "cuda_graph")}
+
+
+def in_layout(model, x, layout: str):
+    """The model and its inputs as they will run: ``channels_last``, or ``fp16_channels_last`` (half
+    precision, the GPU's Tensor Core path); eager is NCHW float32."""
+    if layout == "eager":
+        return model, x
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return (model.half(), x.half()) if layout.startswith("fp16") else (model, x)
+
+
+def _prune(base, x, variant: str, threads: int):
+    """Pruned in the layout it will run in (``base`` and ``x`` already are): the latency tables and
+    ``round_to="auto"`` time that layout, on the model's device."""
     import secateurs
 
-    if layout == "channels_last":
-        base = copy.deepcopy(base).to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -67,30 +82,34 @@ def _prune(base, x, variant: str, threads: int, layout: str):
 
 
 def run(models: list[str], variants: list[str], repeats: int, threads: int, rows: list[dict] | None = None,
-        runtimes: tuple[str, ...] = RUNTIMES, out: Path | None = None) -> list[dict]:
+        runtimes: tuple[str, ...] = RUNTIMES, out: Path | None = None, device: str = "cpu",
+        batches: tuple[int, ...] = (1, 8), deadline: float = float("inf")) -> list[dict]:
     """Every (model, variant, runtime) not already in ``rows``: each row holds a dense and a pruned time
-    measured together. With ``out``, OUT/speedup.csv is rewritten after every runtime's rows (--resume goes on from it)."""
+    measured together. With ``out``, OUT/speedup.csv is rewritten after every runtime's rows (--resume
+    goes on from it); no new prune starts after ``deadline`` (``time.time()``), so a lease's rows come back."""
     from secateurs import PruningError
-    from secateurs.latency import compare_dense_pruned, cpu_name
-    from secateurs.models import create_model
+    from secateurs.latency import compare_dense_pruned, cpu_name, device_name
 
-    cpu = cpu_name()  # in every row: a report rewritten later, or on another machine, still says where it was timed
+    # in every row: a report rewritten later, or on another machine, still says where it was timed
+    where = {"cpu": cpu_name(), **({"device": device_name(device), "torch": torch.__version__} if device != "cpu" else {})}
 
     torch.set_num_threads(threads)
     rows = list(rows or [])
     done = {(r["model"], r["variant"], r["runtime"]) for r in rows}
     for name in models:
         size = MODELS.get(name, 224)
-        torch.manual_seed(0)
-        base = create_model(name).eval()
-        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        base, x = seeded_model(name, size, device)
         for variant in variants:
-            pruned: dict[str, tuple] = {}  # layout -> (model, report, seconds): one prune serves eager and onnxruntime
+            pruned: dict[str, tuple] = {}  # layout -> (dense, x, model, report, seconds): one prune serves eager and onnxruntime
             for runtime in (rt for rt in runtimes if (name, variant, rt) not in done and (name, variant, "-") not in done):
-                layout = "channels_last" if runtime == "channels_last" else "eager"
+                layout, harness = HARNESS[runtime]
                 if layout not in pruned:
+                    if time.time() > deadline:
+                        print(f"deadline: {name} {variant} {runtime} not timed", flush=True)
+                        continue
                     try:
-                        pruned[layout] = _prune(base, x, variant, threads, layout)
+                        dense, xl = in_layout(base, x, layout)
+                        pruned[layout] = (dense, xl, *_prune(dense, xl, variant, threads))
                     except PruningError as err:  # e.g. a latency target the model cannot reach: a row that says so
                         row = {"model": name, "input": size, "variant": variant, "runtime": "-", "batch": "-",
                                "note": str(err)}
@@ -98,12 +117,12 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                         done.add((name, variant, "-"))
                         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
                         break
-                model, report, seconds = pruned[layout]
+                dense, xl, model, report, seconds = pruned[layout]
                 macs_speedup = 1 / report["kept"]["macs"]
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    cmp = compare_dense_pruned(base, model, x, batches=(1, 8), repeats=repeats, threads=threads,
-                                               runtime=runtime)
+                    cmp = compare_dense_pruned(dense, model, xl, batches=batches, repeats=repeats, threads=threads,
+                                               runtime=harness)
                 for r in cmp["rows"]:
                     row = {"model": name, "input": size, "variant": variant, "runtime": runtime, "batch": r["batch"],
                            "macs_kept": round(report["kept"]["macs"], 4), "prune_s": round(seconds, 2),
@@ -113,7 +132,7 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                            "speedup": round(r["speedup"], 3),
                            "speedup_ci": "-".join(f"{v:.3f}" for v in r["speedup_interval"]), "vs_macs": round(r["speedup"] / macs_speedup, 3),
                            "slower": r["batch"] in cmp["slower"], "repeats": repeats, "threads": threads,
-                           "round_to": report.get("round_to", ""), "cpu": cpu}
+                           "round_to": report.get("round_to", ""), **where}
                     if "latency" in variant:
                         row["latency_target_met"] = round(report["method_output"].get("latency_ratio", float("nan")), 3)
                     rows.append(row)
@@ -121,6 +140,16 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                 if out is not None:
                     write_csv(rows, out)
     return rows
+
+
+def seeded_model(name: str, size: int, device: str = "cpu"):
+    """The benchmark's model from seeded random weights and its input: the same architecture after
+    every prune, in every run."""
+    from secateurs.models import create_model
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return create_model(name).eval().to(device), x.to(device)
 
 
 def merged(rows: list[dict]) -> list[dict]:
@@ -221,7 +250,7 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
               "confirming timing (eager, the user's batch 1), and the prune's wall time including building the tables: "
               + (", ".join(f"{r['model']} {r['latency_target_met']} in {r['prune_s']} s" for r in lat) or "not run") + "."]
     lines += [f"- Not reached: {r['model']} {r['variant']}: {r['note']}" for r in unreachable] + [""]
-    lines += _fixed_share(rows, best)
+    lines += fixed_share_table(rows, best)
     (out / "speedup.md").write_text("\n".join(lines))
 
 
@@ -251,7 +280,7 @@ def fixed_share(points: list[tuple[float, float]]) -> float:
     return min(max(num / den, 0.0), 1.0) if den > 0 else float("nan")
 
 
-def _fixed_share(rows: list[dict], best: dict[tuple, dict]) -> list[str]:
+def fixed_share_table(rows: list[dict], best: dict[tuple, dict]) -> list[str]:
     groups: dict[tuple, list[tuple[float, float]]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["runtime"], r["batch"]), []).append((r["macs_kept"], r["speedup"]))
@@ -271,7 +300,7 @@ def _fixed_share(rows: list[dict], best: dict[tuple, dict]) -> list[str]:
     return lines + [""]
 
 
-def _typed(row: dict) -> dict:
+def typed(row: dict) -> dict:
     """A CSV row back to numbers and booleans."""
     out = {}
     for k, v in row.items():
@@ -300,7 +329,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.processes > 1 and not args.report_only:
         return _in_processes(args)
-    kept = [_typed(r) for r in read_rows(Path(args.out) / "speedup.csv")] if args.resume or args.report_only else []
+    kept = [typed(r) for r in read_rows(Path(args.out) / "speedup.csv")] if args.resume or args.report_only else []
     rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
                                                     tuple(args.runtimes), Path(args.out))
     write(rows, Path(args.out), args.repeats, args.threads)
@@ -316,7 +345,7 @@ def _in_processes(args) -> None:
                "--runtimes", *args.runtimes, "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--out", str(sub), *(["--resume"] if args.resume else [])]
         subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
-        rows += [{**_typed(r), "process": k} for r in read_rows(sub / "speedup.csv")]
+        rows += [{**typed(r), "process": k} for r in read_rows(sub / "speedup.csv")]
     write(rows, out, args.repeats, args.threads)
 
 

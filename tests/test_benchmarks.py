@@ -293,3 +293,28 @@ def test_method_benchmarks_time_dense_and_pruned_interleaved(monkeypatch):
     for name in ("heuristic", "layer_pruning"):
         src = (Path(_protocol.__file__).parent / f"{name}.py").read_text()
         assert "latency_columns(" in src and "measure_latency" not in src, name
+
+
+def test_gpu_speedup_report_reads_graphed_latency_searches_and_the_launch_cost(tmp_path):
+    """An eager row shares the eager layout's prune, so the latency search's ratio (timed on graph
+    replays) is reported for the graphed runtimes only; the launch-bound line compares the dense
+    model's eager and graphed times at batch 1; a slower pruned row is named."""
+    from benchmarks import speedup_gpu
+
+    def row(variant, runtime, batch, dense, pruned, slower=False, **extra):
+        return {"model": "net", "input": 224, "variant": variant, "runtime": runtime, "batch": batch, "macs_kept": 0.5,
+                "prune_s": 1.0, "dense_ms": dense, "pruned_ms": pruned, "dense_ci_ms": "1-2", "pruned_ci_ms": "1-2",
+                "speedup": round(dense / pruned, 3), "speedup_ci": "1-2", "vs_macs": round(dense / pruned / 2, 3),
+                "slower": slower, "repeats": 30, "threads": 16, "round_to": 8, "cpu": "x", "device": "GPU 9",
+                "torch": "2.x", **extra}
+
+    rows = [row("macs 50% global", "cuda_graph", 1, 1.0, 0.8), row("macs 50% global", "eager", 1, 4.0, 3.9),
+            row("macs 50% global", "fp16_channels_last_graph", 8, 1.0, 1.1, slower=True),
+            row("latency 50% (tables)", "cuda_graph", 1, 1.0, 0.5, latency_target_met=0.49),
+            row("latency 50% (tables)", "eager", 1, 4.0, 3.9, latency_target_met=0.49)]
+    speedup_gpu.write(rows, tmp_path)
+    text = (tmp_path / "speedup.md").read_text()
+    assert "GPU 9, torch 2.x" in text and "net 4.0x its graph replay's" in text
+    assert "net cuda_graph 0.49 in 1.0 s." in text and "net eager 0.49" not in text
+    assert "net macs 50% global fp16_channels_last_graph b8" in text
+    assert "| net | cuda_graph | 1 | macs 50% global | 0.625 | missed (0.8) |" in text
