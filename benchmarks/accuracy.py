@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import append_row, interval, read_rows  # noqa: F401 (interval: the report's, re-exported)
+from benchmarks._protocol import append_row, interval, read_rows, write_rows  # noqa: F401 (interval: the report's, re-exported)
 from benchmarks.accuracy_report import PAIRS, no_worse, paired, summarize, write_report  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit tra
 FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
           "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "stopped",
           "missed_target", "distill", "train_images", "test_images", "seconds", "latency_ratio", "latency_target",
-          "error", "settings"]
+          "cpu", "error", "settings"]
 # the verdicts first (a grid cut short by a session still answers them): same-criterion pairs with
 # Torch-Pruning, the paper methods against l1, the latency prune, the control; then the other variants
 GRID_ORDER = ["tp_magnitude", "l2:distill=0", "l2", "l1", "tp_bn_scale", "bn_scale:distill=0", "bn_scale", "hfp",
@@ -333,6 +333,7 @@ def data(args):
 
 def one_row(name: str, base, base_top1: float, method: str, target: float, seed: int, train, val, test, args) -> dict:
     import secateurs
+    from secateurs.latency import cpu_name
     from secateurs.train import evaluate
 
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
@@ -361,7 +362,7 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
            "train_images": len(train),
            "test_images": len(test), "seconds": round(time.perf_counter() - t0, 1),
            "latency_ratio": "" if method == "control" else round(latency_ratio(base, model, args), 4),
-           "latency_target": info.get("latency_target", "")}
+           "latency_target": info.get("latency_target", ""), "cpu": cpu_name()}
     return row
 
 
@@ -409,6 +410,8 @@ def run(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy.csv"
     rows = read_rows(path)
+    if rows and list(rows[0]) != FIELDS:  # written before a column was added: rewritten with it, blank
+        write_rows(path, [{f: r.get(f, "") for f in FIELDS} for r in rows])
     done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in rows if not r.get("error")}
     mine = {name: settings(args, name) for name in args.models}
     for name in args.models:  # every refusal before any data is read

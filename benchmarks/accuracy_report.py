@@ -2,7 +2,6 @@
 goals, and the changes to the methods measured against the paper defaults; from ``accuracy.csv`` only."""
 from __future__ import annotations
 
-import platform
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -35,9 +34,21 @@ def summarize(rows: list[dict]) -> dict[tuple, dict]:
                     "val": _mean([r.get("val_top1", "") for r in rs]),
                     "vals": {int(r["seed"]): float(r["val_top1"]) for r in rs if r.get("val_top1") not in ("", None)},
                     "latency": _mean([r.get("latency_ratio", "") for r in rs]),
+                    "cpus": sorted({r["cpu"] for r in rs if r.get("cpu") and r.get("latency_ratio") not in ("", None)}),
+                    "timed": {int(r["seed"]): (float(r["latency_ratio"]), r.get("cpu") or "?") for r in rs
+                              if r.get("latency_ratio") not in ("", None)},
                     "latency_target": _mean([r.get("latency_target", "") for r in rs]),
                     "steps": int(rs[0]["steps"])}
     return out
+
+
+def _cpus(rows: list[dict]) -> str:
+    """The CPUs the rows' latencies were timed on (a ratio moves with the machine), from their ``cpu`` column."""
+    timed = [r for r in rows if r.get("latency_ratio") not in ("", None)]
+    counts: dict[str, int] = {}
+    for r in timed:
+        counts[r.get("cpu") or "an unrecorded CPU"] = counts.get(r.get("cpu") or "an unrecorded CPU", 0) + 1
+    return "; ".join(f"{cpu} ({n} rows)" for cpu, n in sorted(counts.items())) or "no CPU (no row timed)"
 
 
 def _mean(values: list) -> float | None:
@@ -79,7 +90,7 @@ def write_report(path: Path, md: Path, args) -> None:
     summary = summarize(rows)
     first = rows[0] if rows else {}
     lines = ["# Accuracy at equal MACs under one step budget (CIFAR-10 JPEG)", "",
-             f"`python -m benchmarks.accuracy` on {platform.machine()}, torch {torch.__version__}. Protocol: "
+             f"`python -m benchmarks.accuracy`, torch {torch.__version__}; latencies timed on {_cpus(rows)}. Protocol: "
              f"{'/'.join(dict.fromkeys(str(r['steps']) for r in rows)) or '?'} optimizer steps per row (pruning phase + fine-tuning; batch {args.batch_size}, "
              f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (from the training set "
              f"less a {args.holdout}-image held-out split), top-1 on {first.get('test_images', '?')} test images. "
@@ -101,6 +112,8 @@ def write_report(path: Path, md: Path, args) -> None:
             notes.append("; ".join(s["stop_notes"]))
         if s["converged"]:
             notes.append("converged at step " + "/".join(map(str, s["converged"])))
+        if len(s["cpus"]) > 1:
+            notes.append(f"latency mean over {len(s['cpus'])} CPUs")
         lat = f"{s['latency']:.3f}" if s["latency"] is not None else ""
         lines.append(f"| {model} | {target:.0%} | {method} | {s['tool']} | {s['kept_macs']:.1%} | {lat} | "
                      f"{s['top1']:.2f} +- {s['ci']:.2f} | {s['n']} | {'; '.join(notes)} |")
@@ -268,7 +281,7 @@ def changes_section(summary: dict, level: str = "##") -> list[str]:
 
 def _latency_section(summary: dict, level: str = "##") -> list[str]:
     """Issue 19's comparison: our latency-budget prune against Torch-Pruning's MACs-equal prune."""
-    lines = ["", f"{level} Latency at equal accuracy (this CPU, `--latency-batch`; latency as a fraction of the unpruned model's)", "",
+    lines = ["", f"{level} Latency at equal accuracy (`--latency-batch`; latency as a fraction of the unpruned model's, on each row's CPU)", "",
              "Goal (issue 19): at least 20% faster than Torch-Pruning's MACs-equal prune at equal accuracy (the paired "
              f"top-1 difference not significantly below 0 and at most {TIE} points below on average), on {MIN_SEEDS} "
              "paired seeds.", "",
@@ -281,9 +294,17 @@ def _latency_section(summary: dict, level: str = "##") -> list[str]:
             continue
         d = paired(ours, theirs)
         diff = f"{d[0]:+.2f} +- {d[1]:.2f}" if d else ""
+        # theirs on our seeds: the same seeds' models, and (where seeds were added later) the same machine
+        shared = sorted(set(ours["timed"]) & set(theirs["timed"])) or sorted(theirs["timed"])
+        theirs = {**theirs, "latency": statistics.fmean(theirs["timed"][k][0] for k in shared),
+                  "top1": statistics.fmean(theirs["seeds"][k] for k in shared if k in theirs["seeds"]),
+                  "cpus": sorted({theirs["timed"][k][1] for k in shared})}
         faster = 1 - ours["latency"] / theirs["latency"]
         goal = ours["latency_target"]
         verdict = _verdict(d, faster >= 0.2 and no_worse(d), "not met" if faster >= 0.2 else "not met (not 20% faster)") if d else ""
+        mine = sorted({cpu for _, cpu in ours["timed"].values()})
+        if mine != theirs["cpus"]:  # a latency ratio moves with the machine: say so beside the verdict
+            verdict += f" (timed on other CPUs: {', '.join(mine)} vs {', '.join(theirs['cpus'])})"
         lines.append(f"| {model} | {target:.0%} | {theirs['latency']:.3f}, {theirs['top1']:.2f} | {method} | "
                      f"{goal if goal is None else f'{goal:.3f}'}, {ours['latency']:.3f}, {ours['top1']:.2f} | "
                      f"{ours['kept_macs']:.1%} | {faster:.0%} | {diff} | {verdict} |")

@@ -294,3 +294,39 @@ def test_the_control_row_is_trained_once_and_reused_at_every_target(tmp_path, mo
     assert trained == [("control", 0.5), ("l2", 0.5), ("l2", 0.3)]
     control = [(r["target"], r["top1"]) for r in rows if r["method"] == "control"]
     assert control == [("0.5", "89.5"), ("0.3", "89.5")]
+
+
+def test_rows_state_their_cpu_and_the_latency_comparison_reads_the_seeds_both_sides_have(tmp_path, monkeypatch):
+    """A latency ratio moves with the machine: each row records its CPU, the report lists them, a
+    row pooling two CPUs says so, and Torch-Pruning's latency in the equal-accuracy comparison is
+    read on our seeds (extra seeds run later, elsewhere, stay out). A CSV from before the column is
+    rewritten with it, its rows unchanged."""
+    rows = [_row("tp_magnitude", s, 85.0, "torch_pruning", latency_ratio=0.8, cpu="Intel") for s in range(3)]
+    rows += [_row("tp_magnitude", s, 80.0, "torch_pruning", latency_ratio=0.5, cpu="AMD") for s in (3, 4)]
+    rows += [_row("dlp@latency", s, 86.0, latency_ratio=0.6, latency_target=0.64, kept_macs=0.6, cpu="Intel")
+             for s in range(3)]
+    _write_rows(tmp_path / "accuracy.csv", rows)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "latencies timed on AMD (2 rows); Intel (6 rows)" in text
+    tp = next(x for x in text.splitlines() if x.startswith("| r20 | 50% | tp_magnitude |"))
+    assert tp.endswith("| 5 | latency mean over 2 CPUs |")
+    assert "| r20 | 50% | 0.800, 85.00 | dlp@latency | 0.640, 0.600, 86.00 | 60.0% | 25% |" in text
+
+    old = [f for f in acc.FIELDS if f != "cpu"]
+    with (tmp_path / "accuracy.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([{**_row("l2", 0, 88.0, model="cifar_resnet20_cifar10", settings="lr=0.1")}])
+    ns = argparse.Namespace(models=["cifar_resnet20_cifar10"], targets=[0.5], methods=["l2"], seeds=[0], steps=10,
+                            rounds=4, lr=0.02, batch_size=128, distill=0.5, tolerance=1.0, hfp_lam=5.0, latency_batch=8,
+                            latency_gain=0.8, holdout=5000, subset=0, test_subset=0, threads=1, data_root=None,
+                            out=str(tmp_path), quick=False)
+    monkeypatch.setattr("secateurs.models.list_pretrained", lambda: {"cifar_resnet20_cifar10": {
+        "recipe": "secateurs train --holdout 5000", "sha256": "ab"}})
+    with pytest.raises(SystemExit, match="rows made with other settings"):  # refused, but the file has the column now
+        acc.run(ns)
+    with (tmp_path / "accuracy.csv").open() as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == acc.FIELDS and got[0]["cpu"] == "" and got[0]["top1"] == "88.0" and got[0]["settings"] == "lr=0.1"
