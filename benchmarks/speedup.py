@@ -66,7 +66,10 @@ def in_layout(model, x, layout: str):
     if layout == "eager":
         return model, x
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return (model.half(), x.half()) if layout.startswith("fp16") else (model, x)
+    if not layout.startswith("fp16"):
+        return model, x  # the CPU harness's channels_last runtime lays the input out itself
+    # a graph replays the model as it is: the input comes channels-last too, or the first conv converts it
+    return model.half(), x.half().contiguous(memory_format=torch.channels_last)
 
 
 def _prune(base, x, variant: str, threads: int):
@@ -88,7 +91,7 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
     measured together. With ``out``, OUT/speedup.csv is rewritten after every runtime's rows (--resume
     goes on from it); no new prune starts after ``deadline`` (``time.time()``), so a lease's rows come back."""
     from secateurs import PruningError
-    from secateurs.latency import compare_dense_pruned, cpu_name, device_name
+    from secateurs.latency import compare_dense_pruned, cpu_name, device_name, runtime_of
 
     # in every row: a report rewritten later, or on another machine, still says where it was timed
     where = {"cpu": cpu_name(), **({"device": device_name(device), "torch": torch.__version__} if device != "cpu" else {})}
@@ -133,7 +136,9 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                            "speedup_ci": "-".join(f"{v:.3f}" for v in r["speedup_interval"]), "vs_macs": round(r["speedup"] / macs_speedup, 3),
                            "slower": r["batch"] in cmp["slower"], "repeats": repeats, "threads": threads,
                            "round_to": report.get("round_to", ""), **where}
-                    if "latency" in variant:
+                    if device != "cpu":  # a graph replays the input's layout as it is given
+                        row["input_layout"] = "channels_last" if xl.dim() == 4 and not xl.is_contiguous() else "NCHW"
+                    if "latency" in variant and harness == runtime_of(dense):  # what the search timed, not another runtime
                         row["latency_target_met"] = round(report["method_output"].get("latency_ratio", float("nan")), 3)
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)

@@ -93,59 +93,68 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _runner(model: nn.Module, inputs: tuple, runtime: str) -> Callable[[], Any]:
-    """A no-argument callable that runs one forward of ``model`` in PyTorch (eager or channels-last)."""
+    """A no-argument callable that runs one forward of ``model`` (eager, channels-last or a CUDA graph's replay)."""
     m = model
     if runtime == "channels_last":
         m = copy_model(model).to(memory_format=torch.channels_last)
         inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
     m.eval()
+    gpu = next((t.device for t in inputs if t.is_cuda), None) or next((p.device for p in m.parameters() if p.is_cuda), None)
     if runtime == "cuda_graph":
-        if not all(t.is_cuda for t in inputs):
+        if gpu is None:
             raise ValueError("runtime 'cuda_graph' times a model on a CUDA GPU: move the model and `example_inputs` there")
-        return cuda_graphed(lambda: m(*inputs))
-    return synchronised(lambda: m(*inputs), any(t.is_cuda for t in inputs))
+        if not all(t.is_cuda for t in inputs):  # the model moves a CPU input itself: a copy no graph can hold
+            warnings.warn("runtime 'cuda_graph' needs every input on the GPU, and one is on the CPU: timed eager, "
+                          "launches included", stacklevel=4)
+            return synchronised(lambda: m(*inputs), gpu)
+        return cuda_graphed(lambda: m(*inputs), gpu)
+    return synchronised(lambda: m(*inputs), gpu)
 
 
-def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` (a forward on fixed CUDA tensors) captured once in a CUDA graph: the callable replays
-    it, waits for it and returns its output, so its time is the kernels' and not Python's launching
-    of them. Warmed up on a side stream first, as capture requires (cuDNN autotunes there too). A
-    forward that synchronises with the host cannot be captured, and a failed capture can leave
-    CUDA's state broken, so one more warm-up forward runs with synchronisations made errors first;
-    such a forward is timed eager, with a warning."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-        syncs = _host_sync(fn)
-    torch.cuda.current_stream().wait_stream(side)
-    if syncs is not None:
-        return _eager_instead(fn, syncs)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            out = fn()
-    except RuntimeError as err:
-        return _eager_instead(fn, err)
+def cuda_graphed(fn: Callable[[], Any], device: torch.device | None = None) -> Callable[[], Any]:
+    """``fn`` (a forward on fixed tensors on the CUDA ``device``, default the current one) captured
+    once in a CUDA graph: the callable replays it, waits for it and returns its output, so its time
+    is the kernels' and not Python's launching of them. Warmed up on a side stream first, as capture
+    requires (cuDNN autotunes there too). A forward that synchronises with the host cannot be
+    captured, and a failed capture can leave CUDA's state broken, so one more warm-up forward runs
+    with synchronisations made errors first; such a forward is timed eager, with a warning."""
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    with torch.cuda.device(device):  # streams, capture and replay on the model's GPU, not the current one
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+            syncs = _host_sync(fn)
+        torch.cuda.current_stream().wait_stream(side)
+        if syncs is not None:
+            return _eager_instead(fn, syncs, device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = fn()
+        except RuntimeError as err:
+            return _eager_instead(fn, err, device)
 
     def replay() -> Any:
-        graph.replay()
+        with torch.cuda.device(device):
+            graph.replay()
         return out  # the static output each replay rewrites
 
     replay.captured = fn  # what the graph reads (weights, inputs) lives as long as the replay
-    return synchronised(replay, True)
+    return synchronised(replay, device)
 
 
-def synchronised(fn: Callable[[], Any], cuda: bool) -> Callable[[], Any]:
-    """``fn`` that returns only once its CUDA kernels have run: they are asynchronous, so an
-    unsynchronised clock would time the launch, not the work."""
-    if not cuda:
+def synchronised(fn: Callable[[], Any], device: torch.device | None) -> Callable[[], Any]:
+    """``fn`` that returns only once its kernels on the CUDA ``device`` have run: they are
+    asynchronous, so an unsynchronised clock would time the launch, not the work. ``fn`` itself
+    for the CPU (or ``None``)."""
+    if device is None or device.type != "cuda":
         return fn
 
     def run_cuda() -> Any:
         out = fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         return out
     return run_cuda
 
@@ -163,11 +172,11 @@ def _host_sync(fn: Callable[[], Any]) -> Exception | None:
     return None
 
 
-def _eager_instead(fn: Callable[[], Any], err: Exception) -> Callable[[], Any]:
+def _eager_instead(fn: Callable[[], Any], err: Exception, device: torch.device) -> Callable[[], Any]:
     warnings.warn(f"the forward could not be captured in a CUDA graph ({str(err).splitlines()[0]}): timed eager, "
                   "launches included", stacklevel=3)
-    torch.cuda.synchronize()
-    return synchronised(fn, True)
+    torch.cuda.synchronize(device)
+    return synchronised(fn, device)
 
 
 def time_models(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats: int = 30, warmup: int = 5,
@@ -300,7 +309,7 @@ def compare_dense_pruned(dense: nn.Module, pruned: nn.Module, example_inputs: An
     out: dict[str, Any] = {"runtime": runtime, "repeats": repeats, "rows": [], "slower": [], "skipped": []}
     t0, per_sample = time.perf_counter(), None
     for b in batches:
-        xb = tuple(x[:1].expand(b, *x.shape[1:]).contiguous() for x in xs)  # every input at batch b
+        xb = tuple(x[:1].expand(b, *x.shape[1:]).contiguous(memory_format=_format_of(x)) for x in xs)  # every input at batch b
         xb = xb[0] if len(xb) == 1 else xb
         if max_seconds is not None and per_sample is not None:
             estimate = 2 * (repeats + 5) * per_sample * b
@@ -317,6 +326,13 @@ def compare_dense_pruned(dense: nn.Module, pruned: nn.Module, example_inputs: An
         if s_hi < 1.0:
             out["slower"].append(b)
     return out
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    """A channels-last input stays channels-last at every batch (a graph replays the layout it was given)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def cpu_name() -> str:

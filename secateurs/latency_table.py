@@ -41,7 +41,11 @@ _FORMAT = 2  # the cache layout and what a layer's key describes: a change start
 
 
 def _machine_key(threads: int, runtime: str, device: torch.device) -> str:
-    where = device_name(device) if device.type != "cpu" else f"{device_name(device)}|{os.cpu_count()}"
+    if device.type == "cpu":
+        where = f"{device_name(device)}|{os.cpu_count()}"
+    else:  # what picks a GPU's kernels besides the GPU: autotuning, and TF32 for float32 convs and matmuls
+        where = (f"{device_name(device)}|cudnn.benchmark={torch.backends.cudnn.benchmark}|"
+                 f"tf32={torch.backends.cudnn.allow_tf32},{torch.backends.cuda.matmul.allow_tf32}")
     text = f"v{_FORMAT}|{where}|torch {torch.__version__}|{threads} threads|{runtime}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -142,12 +146,12 @@ class LatencyModel:
                  log: Callable[..., None] = lambda *a: None) -> None:
         if runtime not in _TABLE_RUNTIMES:
             raise ValueError(f"latency tables are measured on {', '.join(map(repr, _TABLE_RUNTIMES))}, not {runtime!r}")
-        self.device = _timing_device(model)
+        self.device = _timing_device(model, runtime)
         # a graphed table's layers take the model's own layout, as its graph replays it
         self.channels_last = (layout_of(model) if runtime == "cuda_graph" else runtime) == "channels_last"
         self.threads = threads or torch.get_num_threads()
         self.runtime, self.grid, self.repeats = runtime, grid, repeats
-        self.path = _cache_file(cache_dir, self.threads, runtime, self.device)
+        self.path = _cache_file(cache_dir, self.threads, _table_runtime(model, runtime), self.device)
         modules = dict(model.named_modules())
         self.layers = [_Layer(l.name, modules[l.name], l.input_shape, l.output_shape)
                        for l in count(model, example_inputs).layers
@@ -180,7 +184,7 @@ class LatencyModel:
 
     def _measure(self, layer: _Layer) -> dict[str, list]:
         torch.manual_seed(0)
-        calls, points = {}, []
+        widths, points = {}, []
         axes = ("dw",) if layer.depthwise else ("out", "in")
         for axis in axes:
             full = layer.cout if axis != "in" else layer.cin
@@ -188,12 +192,9 @@ class LatencyModel:
             for w in _grid(full // step, self.grid):
                 w *= step
                 cin, cout = (w, w) if axis == "dw" else (layer.cin, w) if axis == "out" else (w, layer.cout)
-                calls[(axis, w)] = (layer, cin, cout)
+                widths[(axis, w)] = (cin, cout)
                 points.append((axis, w))
-        with torch.inference_mode():
-            calls = {k: _layer_call(layer, cin, cout, self.device, self.channels_last, self.runtime == "cuda_graph")
-                     for k, (layer, cin, cout) in calls.items()}
-            times = time_callables(calls, self.repeats, warmup=2)
+        times = _time_widths(layer, widths, self.device, self.channels_last, self.runtime == "cuda_graph", self.repeats, 2)
         return {axis: [[w, median(times[(a, w)])] for a, w in points if a == axis] for axis in axes}
 
     # -- predicting ------------------------------------------------------------------------------
@@ -233,20 +234,40 @@ def _layer_call(layer: _Layer, cin: int, cout: int, device: torch.device, channe
     if channels_last and x.dim() == 4:
         m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     call = lambda m=m, x=x: m(x)  # noqa: E731 (the module stays reachable from the call)
-    return cuda_graphed(call) if graphed else synchronised(call, x.is_cuda)
+    return cuda_graphed(call, device) if graphed else synchronised(call, device)
 
 
 _STEPS = (1, 2, 4, 8, 16, 32)
 
 
-def _timing_device(model: nn.Module) -> torch.device:
+def _timing_device(model: nn.Module, runtime: str) -> torch.device:
     """Layers are timed where the model runs (its widths should suit that device's kernels): the
     CPU or a CUDA GPU, whose name joins the cache key."""
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"latency tables time layers on the CPU or a CUDA GPU, but the model is on {dev}: move it "
                          "to one of those (method='dlp' with a latency target times whole models where they run)")
+    if runtime == "cuda_graph" and dev.type != "cuda":
+        raise ValueError(f"runtime 'cuda_graph' times layers on a CUDA GPU, but the model is on {dev}")
     return dev
+
+
+def _table_runtime(model: nn.Module, runtime: str) -> str:
+    """The runtime part of the cache key: a graphed table is timed in the model's own layout, so it names it."""
+    return f"cuda_graph|{layout_of(model)}" if runtime == "cuda_graph" else runtime
+
+
+def _time_widths(layer: _Layer, widths: dict, device: torch.device, channels_last: bool, graphed: bool, repeats: int,
+                 warmup: int) -> dict:
+    """Seconds of every round of the layer at each ``{key: (cin, cout)}``: interleaved, or one width
+    at a time when graphed (each graph holds its own memory pool: all of a large layer's at once
+    could fill a GPU)."""
+    with torch.inference_mode():
+        if not graphed:
+            calls = {k: _layer_call(layer, cin, cout, device, channels_last, False) for k, (cin, cout) in widths.items()}
+            return time_callables(calls, repeats, warmup)
+        return {k: time_callables({k: _layer_call(layer, cin, cout, device, channels_last, True)}, repeats, warmup)[k]
+                for k, (cin, cout) in widths.items()}
 
 
 def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None = None, layers: int = 3,
@@ -265,10 +286,10 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     (CIFAR ResNets, whose eager curve is smooth, pruned at step 1 ran slower than dense there; at
     8 they did not). Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
     """
-    device = _timing_device(model)  # before anything is timed
     threads = threads or torch.get_num_threads()
     runtime = runtime or runtime_of(model)
-    path = _cache_file(cache_dir, threads, runtime, device)
+    device = _timing_device(model, runtime)  # before anything is timed
+    path = _cache_file(cache_dir, threads, _table_runtime(model, runtime), device)
     modules = dict(model.named_modules())
     found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
@@ -303,9 +324,9 @@ def _step_scores(layer: _Layer, band: int, repeats: int, channels_last: bool = F
     lo = layer.cout // 2 - band // 2
     widths = list(range(lo, lo + band + 1))
     torch.manual_seed(0)
-    with torch.inference_mode():
-        calls = {w: _layer_call(layer, w if layer.depthwise else layer.cin, w, device, channels_last, graphed) for w in widths}
-        lat = {w: median(ts) for w, ts in time_callables(calls, repeats, warmup=1).items()}
+    times = _time_widths(layer, {w: (w if layer.depthwise else layer.cin, w) for w in widths}, device, channels_last,
+                         graphed, repeats, 1)
+    lat = {w: median(ts) for w, ts in times.items()}
     return step_scores(lat), sum(lat.values()) / len(lat)
 
 

@@ -318,3 +318,15 @@ def test_gpu_speedup_report_reads_graphed_latency_searches_and_the_launch_cost(t
     assert "net cuda_graph 0.49 in 1.0 s." in text and "net eager 0.49" not in text
     assert "net macs 50% global fp16_channels_last_graph b8" in text
     assert "| net | cuda_graph | 1 | macs 50% global | 0.625 | missed (0.8) |" in text
+
+
+def test_gpu_speedup_never_merges_rows_of_two_devices(tmp_path):
+    """Its tables take the median over rows of one (model, variant, runtime, batch): rows of another
+    GPU (or the CPU) in the same folder would be pooled as if one machine had timed them."""
+    from benchmarks import speedup_gpu
+    from benchmarks._protocol import write_rows
+
+    write_rows(tmp_path / "speedup.csv", [{"model": "net", "variant": "macs 50% global", "runtime": "cuda_graph",
+                                           "batch": 1, "device": "NVIDIA H200 (CUDA 13.0, cuDNN 91900)"}])
+    with pytest.raises(SystemExit, match="holds rows timed on NVIDIA H200 .*, not the CPU: pass another --out"):
+        speedup_gpu.main(["--device", "cpu", "--out", str(tmp_path)])

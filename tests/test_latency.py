@@ -307,6 +307,15 @@ def test_a_gpus_tables_are_cached_apart_from_the_cpus_and_from_other_gpus(tmp_pa
     monkeypatch.setattr(latency_table.os, "cpu_count", lambda: 999)  # the host's cores: the CPU's key only
     assert latency_table._cache_file(tmp_path, 2, "eager", gpu) == h200
     assert latency_table._cache_file(tmp_path, 2, "eager", cpu) != on_cpu
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not torch.backends.cudnn.benchmark)  # other kernels picked
+    assert latency_table._cache_file(tmp_path, 2, "eager", gpu) != h200
+    # a graphed table is timed in the model's own layout: NCHW and channels-last tables never share a file
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    nchw = latency_table._table_runtime(model, "cuda_graph")
+    assert nchw != latency_table._table_runtime(model.to(memory_format=torch.channels_last), "cuda_graph")
+    assert latency_table._table_runtime(model, "eager") == "eager"  # CPU caches keep their files
+    with pytest.raises(ValueError, match="runtime 'cuda_graph' times layers on a CUDA GPU, but the model is on cpu"):
+        latency_table.auto_round_to(model, torch.randn(1, 3, 8, 8), runtime="cuda_graph", cache_dir=tmp_path)
 
 
 def test_a_cuda_timing_waits_for_its_kernels(monkeypatch):
@@ -315,8 +324,11 @@ def test_a_cuda_timing_waits_for_its_kernels(monkeypatch):
 
     seen = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: seen.append("sync"))
-    assert synchronised(lambda: seen.append("run") or 7, True)() == 7 and seen == ["run", "sync"]
-    assert synchronised(lambda: seen.append("cpu") or 8, False)() == 8 and seen[-1] == "cpu"
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: seen.append(("sync", d)))
+    gpu1 = torch.device("cuda", 1)
+    assert synchronised(lambda: seen.append("run") or 7, gpu1)() == 7 and seen == ["run", ("sync", gpu1)]
+    assert synchronised(lambda: seen.append("cpu") or 8, torch.device("cpu"))() == 8 and seen[-1] == "cpu"
+    assert synchronised(lambda: seen.append("none") or 9, None)() == 9 and seen[-1] == "none"
 
 
 def test_interpolation_through_the_measured_points():
@@ -624,6 +636,7 @@ class _FakeCuda:
 
         for name, value in {"Stream": Stream, "CUDAGraph": Graph, "graph": graph, "synchronize": lambda *a: None,
                             "stream": lambda s: contextlib.nullcontext(), "current_stream": lambda: Stream(),
+                            "device": lambda d: contextlib.nullcontext(),
                             "get_sync_debug_mode": lambda: fake.mode,
                             "set_sync_debug_mode": lambda m: setattr(fake, "mode", m)}.items():
             monkeypatch.setattr(torch.cuda, name, value, raising=False)
@@ -648,7 +661,7 @@ def test_a_graphed_call_keeps_what_its_graph_reads_alive_and_returns_the_output(
     x = torch.ones(3)
     fn = fake.forward(x)
     ref = weakref.ref(fn)
-    run = cuda_graphed(fn)
+    run = cuda_graphed(fn, torch.device("cuda", 0))
     del fn
     gc.collect()
     assert ref() is not None and fake.captures == 1
@@ -662,5 +675,24 @@ def test_a_forward_that_syncs_with_the_host_is_never_captured(monkeypatch):
 
     fake = _FakeCuda(monkeypatch, sync_error=True)
     with pytest.warns(UserWarning, match="could not be captured in a CUDA graph"):
-        run = cuda_graphed(fake.forward(torch.ones(2)))
+        run = cuda_graphed(fake.forward(torch.ones(2)), torch.device("cuda", 0))
     assert fake.captures == 0 and fake.mode == 0 and torch.equal(run(), torch.full((2,), 2.0))
+
+
+def test_a_channels_last_input_stays_channels_last_at_every_batch(monkeypatch):
+    """A CUDA graph replays the layout it was given: the guard's batched copies of a channels-last
+    input must stay channels-last, or every timed forward would convert it (NCHW inputs stay NCHW)."""
+    from secateurs import latency
+
+    seen = []
+
+    def timed(models, x, repeats, warmup, threads, runtime):
+        seen.append((x.shape[0], x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)))
+        return {"dense": [1.0] * 6, "pruned": [1.0] * 6}, 1, x.shape[0]
+
+    monkeypatch.setattr(latency, "_timed", timed)
+    m = nn.Conv2d(3, 8, 3)
+    latency.compare_dense_pruned(m, m, torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last),
+                                 batches=(1, 4), repeats=6)
+    latency.compare_dense_pruned(m, m, torch.randn(1, 3, 8, 8), batches=(4,), repeats=6)
+    assert seen == [(1, False, True), (4, False, True), (4, True, False)]

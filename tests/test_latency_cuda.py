@@ -62,3 +62,19 @@ def test_a_latency_target_on_the_gpu_is_met_by_the_graphed_timing():
     assert report["method_output"]["latency_ratio"] <= 0.6 * 1.05
     assert report["latency"]["runtime"] == "cuda_graph" and report["latency"]["device"].startswith("cuda")
     assert pruned(x).shape == (32, 10)
+
+
+def test_a_cpu_input_to_a_gpu_model_is_timed_eager_with_a_warning():
+    """A model that moves a CPU input itself cannot be graphed (the copy is outside any graph): it
+    is timed eager, as it ran before graphs were the GPU's runtime, not refused."""
+    class MovesInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x.to(self.conv.weight.device))
+
+    with pytest.warns(UserWarning, match="needs every input on the GPU"):
+        t = time_models({"m": MovesInput().cuda()}, torch.randn(2, 3, 16, 16), runtime="cuda_graph", repeats=6)
+    assert t["m"].median_s > 0
