@@ -62,7 +62,7 @@ FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "p
 GRID_ORDER = ["tp_magnitude", "l2:distill=0", "l2", "l1", "tp_bn_scale", "bn_scale:distill=0", "bn_scale", "hfp",
               "heuristic", "l2@latency", "control", "tp_group_norm", "dlp+filters", "dlp+l2@latency", "importance-weights",
               "importance-weights@tol", "hfp:tie=shared", "hfp:lam=5", "importance-weights:rank=scale", "l2:allocation=latency",
-              "taylor", "dlp@latency", "dlp", "hfp:lr=0.1", "dlp+filters:criterion=l1"]
+              "taylor", "dlp@latency", "dlp", "hfp:lr=0.1", "dlp+filters:criterion=l1", "hfp:phase=0.8"]
 FINAL = 999  # the seed offset of a row's last fine-tuning (see finetune)
 
 
@@ -253,11 +253,17 @@ def _prune_on_cpu(model, args, *a, **kw) -> dict:
 
 def _hfp(model, x, target: float, train, args, seed: int, extra: dict) -> dict:
     """HFP's training phase (the budget loss until the hard count meets the target, at most half
-    the budget), the cut, half the budget of fine-tuning; ``converged`` False means the lowest
-    gates were cut instead (labelled as a fallback)."""
+    the budget, or the fraction ``hfp:phase=``), the cut, the rest of the budget fine-tuning;
+    ``converged`` False means the lowest gates were cut instead (labelled as a fallback)."""
     import secateurs
 
-    phase = finetune(args, seed, args.steps // 2, args.distill)
+    frac = extra.pop("phase", None)
+    phase = finetune(args, seed, args.steps // 2, args.distill)  # the phase's bound, and the fine-tuning after the cut
+    if frac is not None:  # the phase may take this share, the fine-tuning after the cut the rest
+        if not 0 < frac < 1:
+            raise ValueError(f"hfp:phase is the share of the step budget HFP's phase may take, in (0, 1), got {frac}")
+        extra["steps"] = max(1, int(args.steps * frac))
+        phase = finetune(args, seed, args.steps - extra["steps"], args.distill)
     _, rep = secateurs.prune(model, x, "hfp", target, data=train, finetune=phase,
                              method_options={"lam": args.hfp_lam, "warmup_steps": max(1, args.steps // 20),
                                              "epochs": 10_000, **extra}, latency_guard=False)

@@ -140,6 +140,8 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
      "(a labelled fallback)"),
     ("hfp:lr=0.1", "hfp", "HFP's phase at the baseline's training lr (0.1: the paper prunes during ordinary training) "
      "instead of the fine-tuning lr (0.02)"),
+    ("hfp:phase=0.8", "hfp", "HFP's phase allowed up to 80% of the step budget instead of half (it ends when the hard "
+     "count meets the target; the rest fine-tunes)"),
     ("importance-weights:rank=scale", "importance-weights", "importance weights ranked by |alpha| x |gamma| instead of |alpha|"),
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),
@@ -263,7 +265,8 @@ def _hfp_reason(model: str, target: float, cell: dict) -> str:
 
 
 HFP_VARIANTS = (("hfp:lam=5", "with the loss weight at 5"),
-                ("hfp:lr=0.1", "with the phase at the baseline's training lr, 0.1"))
+                ("hfp:lr=0.1", "with the phase at the baseline's training lr, 0.1"),
+                ("hfp:phase=0.8", "with the phase allowed 80% of the budget"))
 
 
 def changes_section(summary: dict, level: str = "##") -> list[str]:

@@ -223,3 +223,18 @@ def test_a_params_option_beside_a_params_target_is_refused_before_any_work():
                                                                       torch.zeros(4, dtype=torch.long), ["a"]),
                         method_options={"params": 0.3})
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_the_phase_has_its_own_step_limit_apart_from_the_fine_tuning(data):
+    """``steps`` bounds the training with the budget loss, whatever the fine-tuning config (which
+    then only fine-tunes after the cut): a step budget can give the phase more than half."""
+    torch.manual_seed(0)
+    ft = {"steps": 2, "batch_size": 32, "lr": 0.05, "quiet": True}
+    _, report = secateurs.prune(create_model("cifar_resnet20"), X, "hfp", 0.5, data=data, finetune=ft,
+                                method_options={"steps": 5, "lam": 0.0, "warmup_steps": 1})
+    out = report["method_output"]
+    assert out["hfp_steps"] == 5 and not out["hfp_converged"]  # lam 0: never meets the target, so all 5 run
+    torch.manual_seed(0)
+    _, report = secateurs.prune(create_model("cifar_resnet20"), X, "hfp", 0.5, data=data, finetune=ft,
+                                method_options={"lam": 0.0, "warmup_steps": 1})
+    assert report["method_output"]["hfp_steps"] == 2  # without it, the fine-tuning config's steps bound the phase

@@ -150,6 +150,9 @@ class HFPMethod(Method):
     options = (
         Option("epochs", 10, "most epochs of training with the budget loss (a `steps` in the fine-tuning config "
                "takes precedence)", kind=int, low=1, flag="--hfp-epochs"),
+        Option("steps", None, "most optimizer steps of training with the budget loss, whatever the fine-tuning "
+               "config says (which then fine-tunes after the cut alone)", kind=int, low=1, nullable=True,
+               flag="--hfp-steps"),
         Option("lam", 5.0, "weight of the budget loss (ramped up)", low=0, flag="--lam"),
         Option("warmup_steps", 100, "steps over which the weight ramps up", kind=int, low=0, flag="--warmup-steps"),
         Option("threshold", 1e-2, "a channel is dead when its BN |scale| is below", low=0, flag="--gate-threshold"),
@@ -182,7 +185,7 @@ class HFPMethod(Method):
         cfg = ctx.finetune if ctx.finetune is not None else TrainConfig(quiet=True)
         # constant lr while pruning: a decaying schedule would freeze the gates before the target
         cfg = replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
-                      **({"lr": self.lr} if self.lr else {}))
+                      **({"lr": self.lr} if self.lr else {}), **({"steps": self.steps} if self.steps else {}))
         try:
             history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg, teacher=ctx.teacher)
             gates = reg.gates().detach().cpu()
