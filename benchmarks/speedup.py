@@ -214,16 +214,7 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
                 "same measurement moves by more between processes than within one): the table gives the median over "
                 "the processes, each one's paired speed-up, and the range of their dense and pruned medians."
                 if processes > 1 else ""), ""]
-    for runtime in (rt for rt in RUNTIMES if any(r["runtime"] == rt for r in rows)):
-        lines += [f"## {TITLES[runtime]}", "",
-                  "| model | variant | MACs kept | prune (s) | batch | dense (ms) | pruned (ms) | speed-up (paired) | vs MACs |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in (r for r in rows if r["runtime"] == runtime and not r.get("note")):
-            flag = " **slower**" if r["slower"] else ""
-            lines.append(f"| {r['model']} ({r['input']}px) | {r['variant']} | {r['macs_kept']:.1%} | {r['prune_s']} | "
-                         f"{r['batch']} | {r['dense_ms']} ({r['dense_ci_ms']}) | {r['pruned_ms']} ({r['pruned_ci_ms']}) | "
-                         f"{r['speedup']}x ({r.get('speedup_ci') or 'not recorded'}){flag} | {r['vs_macs']} |")
-        lines.append("")
+    lines += runtime_tables(rows, TITLES)
     unreachable = [r for r in rows if r.get("note")]
     rows = [r for r in rows if not r.get("note")]
     macs_rows = [r for r in rows if r["variant"].startswith("macs")]
@@ -257,6 +248,22 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     lines += [f"- Not reached: {r['model']} {r['variant']}: {r['note']}" for r in unreachable] + [""]
     lines += fixed_share_table(rows, best)
     (out / "speedup.md").write_text("\n".join(lines))
+
+
+def runtime_tables(rows: list[dict], titles: dict[str, str]) -> list[str]:
+    """One table per runtime (in ``titles``' order) of every timed row: dense and pruned, speed-up, vs MACs."""
+    lines = []
+    for runtime in (rt for rt in titles if any(r["runtime"] == rt for r in rows)):
+        lines += [f"## {titles[runtime]}", "",
+                  "| model | variant | MACs kept | prune (s) | batch | dense (ms) | pruned (ms) | speed-up (paired) | vs MACs |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows if r["runtime"] == runtime and not r.get("note")):
+            flag = " **slower**" if r["slower"] else ""
+            lines.append(f"| {r['model']} ({r['input']}px) | {r['variant']} | {r['macs_kept']:.1%} | {r['prune_s']} | "
+                         f"{r['batch']} | {r['dense_ms']} ({r['dense_ci_ms']}) | {r['pruned_ms']} ({r['pruned_ci_ms']}) | "
+                         f"{r['speedup']}x ({r.get('speedup_ci') or 'not recorded'}){flag} | {r['vs_macs']} |")
+        lines.append("")
+    return lines
 
 
 GOAL_MODELS = ("torchvision:resnet50", "torchvision:vgg16", "torchvision:mobilenet_v2")

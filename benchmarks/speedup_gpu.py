@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._protocol import read_rows
-from benchmarks.speedup import MODELS, VARIANTS, fixed_share_table, merged, run, typed, write_csv
+from benchmarks.speedup import MODELS, VARIANTS, fixed_share_table, merged, run, runtime_tables, typed, write_csv
 
 RUNTIMES = ("cuda_graph", "fp16_channels_last_graph", "eager")
 TITLES = {"cuda_graph": "CUDA graph, NCHW float32 (TF32 convs)",
@@ -54,17 +54,7 @@ def write(rows: list[dict], out: Path) -> None:
              "`cudnn.benchmark=True`), every forward synchronised; median and 95% interval of the median, and the "
              "speed-up as the median of the per-round ratios dense / pruned with its 95% interval. *vs MACs* = "
              "speed-up / (MACs before / MACs after). Raw data: `speedup.csv`.", *_input_note(rows), ""]
-    for runtime in (rt for rt in RUNTIMES if any(r["runtime"] == rt for r in rows)):
-        lines += [f"## {TITLES[runtime]}", "",
-                  "| model | variant | MACs kept | prune (s) | batch | dense (ms) | pruned (ms) | speed-up (paired) | vs MACs |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in (r for r in rows if r["runtime"] == runtime and not r.get("note")):
-            flag = " **slower**" if r["slower"] else ""
-            lines.append(f"| {r['model']} ({r['input']}px) | {r['variant']} | {r['macs_kept']:.1%} | {r['prune_s']} | "
-                         f"{r['batch']} | {r['dense_ms']} ({r['dense_ci_ms']}) | {r['pruned_ms']} ({r['pruned_ci_ms']}) | "
-                         f"{r['speedup']}x ({r['speedup_ci']}){flag} | {r['vs_macs']} |")
-        lines.append("")
-    lines += _summary(rows)
+    lines += runtime_tables(rows, TITLES) + _summary(rows)
     (out / "speedup.md").write_text("\n".join(lines))
 
 
