@@ -226,7 +226,7 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
              f"{MIN_SEEDS} paired seeds.", "",
              "| model | MACs target | comparison | difference (paired, mean +- 95%) | seeds | goal |",
              "|---|---:|---|---:|---:|---|"]
-    header, why = len(lines), []
+    header, why, cascade = len(lines), [], []
     # the best of Torch-Pruning is a best of all its pruners: one not yet run on every seed (a grid
     # that runs across sessions) could still beat the current best, so a verdict waits for it
     peers = {k[2] for k, v in summary.items() if v["tool"] == "torch_pruning" and "@" not in k[2]}
@@ -246,6 +246,8 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
                              f"{_verdict(d, no_worse(d), 'not met (below L1)')} |")
                 if m == "hfp" and d[2] >= MIN_SEEDS and not no_worse(d):
                     why.append(_hfp_reason(model, target, cell))
+                if m == "dlp+filters" and d[2] >= MIN_SEEDS and not no_worse(d) and (r := _cascade_reason(model, target, cell)):
+                    cascade.append(r)
             tuned = best_setting(cell, m) if "l1" in cell else None
             t = paired(cell[tuned], cell["l1"]) if tuned else None
             if t:
@@ -253,7 +255,23 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
                              f"{t[0]:+.2f} +- {t[1]:.2f} | {t[2]} | {_verdict(t, no_worse(t), 'not met (below L1)')} |")
     if why:
         lines += ["", "Why HFP is below L1 here, from the same rows:", "", *why]
+    if cascade:
+        lines += ["", "Why the cascade (dlp+filters) is below L1 here, from the same rows:", "", *cascade]
     return lines if len(lines) > header else []
+
+
+def _cascade_reason(model: str, target: float, cell: dict) -> str | None:
+    """The cascade's shortfall split in two: the same blocks removed first and the same filter steps,
+    with the filters ranked by their L1 norm instead of PLS-VIP (``dlp+filters:criterion=l1``)."""
+    alt = cell.get("dlp+filters:criterion=l1")
+    d_vip, d_l1 = (paired(alt, cell["dlp+filters"]), paired(alt, cell["l1"])) if alt else (None, None)
+    if not d_vip or not d_l1:
+        return None
+    return (f"- {model} at {target:.0%}: with its filter steps ranked by the L1 norm instead of PLS-VIP (the same "
+            f"blocks removed first, the same steps) the cascade gains {d_vip[0]:+.2f} +- {d_vip[1]:.2f} points "
+            f"({d_vip[2]} seeds) and stands {d_l1[0]:+.2f} +- {d_l1[1]:.2f} against l1 "
+            + ("(not below it): the filters VIP picks, not the blocks removed, cost the accuracy." if no_worse(d_l1)
+               else "(still below it): the filters VIP picks cost part of the accuracy, the rest is lost elsewhere."))
 
 
 def leads(d: tuple[float, float, int]) -> bool:

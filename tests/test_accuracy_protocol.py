@@ -356,3 +356,23 @@ def test_a_paper_methods_best_settings_are_picked_on_the_held_out_split_among_it
     d, h = acc.interval([-0.5, 0.5, -0.1])
     assert f"| r20 | 50% | hfp:lam=5 (its best settings on the held-out split) - l1 | {d:+.2f} +- {h:.2f} | 3 | met |" in text
     assert "| r20 | 50% | hfp - l1 | -5.00 +- 0.00 | 3 | not met (below L1) |" in text  # the default's verdict stays
+
+
+def test_the_cascade_below_l1_is_explained_by_its_filter_ranking_when_the_rows_say_so(tmp_path):
+    """dlp+filters below L1: the same cascade with L1-ranked filter steps splits the shortfall into
+    the filters VIP picks and the rest; no explanation without that row."""
+    l1 = [_row("l1", s, 85.0 + s) for s in range(3)]
+    vip = [_row("dlp+filters", s, 83.0 + s) for s in range(3)]
+    alt = [_row("dlp+filters:criterion=l1", s, t) for s, t in enumerate((85.2, 85.8, 87.4))]
+    for rows, said in ((l1 + vip, None), (l1 + vip + alt, "(not below it): the filters VIP picks, not the blocks")):
+        _write_rows(tmp_path / "accuracy.csv", rows)
+        acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                         argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+        text = (tmp_path / "accuracy.md").read_text()
+        assert ("Why the cascade (dlp+filters) is below L1" in text) == (said is not None)
+    d, h = acc.interval([2.2, 1.8, 2.4])
+    assert f"the cascade gains {d:+.2f} +- {h:.2f} points (3 seeds)" in text and said in text
+    worse = [_row("dlp+filters:criterion=l1", s, 83.5 + s) for s in range(3)]
+    _write_rows(tmp_path / "accuracy.csv", l1 + vip + worse)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md", argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    assert "(still below it): the filters VIP picks cost part of the accuracy" in (tmp_path / "accuracy.md").read_text()
