@@ -125,13 +125,13 @@ def main(argv=None) -> None:
     if not args.report_only:
         from secateurs.latency import device_name
 
+        if args.device == "cuda" and not torch.cuda.is_available():  # before anything asks the GPU its name
+            raise SystemExit("no CUDA GPU here: this benchmark times models on one (--device cpu only tries it)")
         here = device_name(args.device) if args.device != "cpu" else ""
         others = sorted({str(r.get("device", "")) for r in rows} - {here})
         if others:  # rows of two machines would merge into one table
             raise SystemExit(f"{out / 'speedup.csv'} holds rows timed on {others[0] or 'the CPU'}, not {here or 'the CPU'}: "
                              "pass another --out")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU here: this benchmark times models on one (--device cpu only tries it)")
         torch.backends.cudnn.benchmark = True
         deadline = time.time() + 60 * args.deadline_min
         for group in GROUPS:  # every model's headline row before any model's optional ones

@@ -330,3 +330,8 @@ def test_gpu_speedup_never_merges_rows_of_two_devices(tmp_path):
                                            "batch": 1, "device": "NVIDIA H200 (CUDA 13.0, cuDNN 91900)"}])
     with pytest.raises(SystemExit, match="holds rows timed on NVIDIA H200 .*, not the CPU: pass another --out"):
         speedup_gpu.main(["--device", "cpu", "--out", str(tmp_path)])
+    import torch
+
+    if not torch.cuda.is_available():  # the plain refusal, not a CUDA error from asking a missing GPU its name
+        with pytest.raises(SystemExit, match="no CUDA GPU here"):
+            speedup_gpu.main(["--out", str(tmp_path)])
