@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from benchmarks._protocol import read_rows
-from benchmarks.speedup import MODELS, VARIANTS, fixed_share_table, merged, run, runtime_tables, typed, write_csv
+from benchmarks.speedup import (MODELS, VARIANTS, best_allocation, fixed_share_table, merged, run, runtime_tables,
+                                slower_rows, typed, write_csv)
 
 RUNTIMES = ("cuda_graph", "fp16_channels_last_graph", "eager")
 TITLES = {"cuda_graph": "CUDA graph, NCHW float32 (TF32 convs)",
@@ -71,12 +72,7 @@ def _input_note(rows: list[dict]) -> list[str]:
 def _summary(rows: list[dict]) -> list[str]:
     notes = [f"- Not reached: {r['model']} {r['variant']}: {r['note']}" for r in rows if r.get("note")]
     rows = [r for r in rows if not r.get("note")]
-    best: dict[tuple, dict] = {}
-    for r in (r for r in rows if r["variant"].startswith("macs")):
-        key = (r["model"], r["runtime"], r["batch"])
-        if key not in best or r["vs_macs"] > best[key]["vs_macs"]:
-            best[key] = r
-    slower = sorted({f"{r['model']} {r['variant']} {r['runtime']} b{r['batch']}" for r in rows if r["slower"]})
+    best, slower = best_allocation(rows), slower_rows(rows)
     # the search timed graph replays: an eager row shares the eager layout's prune, not its ratio
     lat = sorted({(r["model"], r["runtime"], r["latency_target_met"], r["prune_s"]) for r in rows
                   if r["variant"].startswith("latency") and isinstance(r.get("latency_target_met"), float)
