@@ -34,7 +34,6 @@ def summarize(rows: list[dict]) -> dict[tuple, dict]:
                     "val": _mean([r.get("val_top1", "") for r in rs]),
                     "vals": {int(r["seed"]): float(r["val_top1"]) for r in rs if r.get("val_top1") not in ("", None)},
                     "latency": _mean([r.get("latency_ratio", "") for r in rs]),
-                    "cpus": sorted({r["cpu"] for r in rs if r.get("cpu") and r.get("latency_ratio") not in ("", None)}),
                     "timed": {int(r["seed"]): (float(r["latency_ratio"]), r.get("cpu") or "?") for r in rs
                               if r.get("latency_ratio") not in ("", None)},
                     "latency_target": _mean([r.get("latency_target", "") for r in rs]),
@@ -44,11 +43,13 @@ def summarize(rows: list[dict]) -> dict[tuple, dict]:
 
 def _cpus(rows: list[dict]) -> str:
     """The CPUs the rows' latencies were timed on (a ratio moves with the machine), from their ``cpu`` column."""
-    timed = [r for r in rows if r.get("latency_ratio") not in ("", None)]
-    counts: dict[str, int] = {}
-    for r in timed:
-        counts[r.get("cpu") or "an unrecorded CPU"] = counts.get(r.get("cpu") or "an unrecorded CPU", 0) + 1
+    counts = Counter(r.get("cpu") or "an unrecorded CPU" for r in rows if r.get("latency_ratio") not in ("", None))
     return "; ".join(f"{cpu} ({n} rows)" for cpu, n in sorted(counts.items())) or "no CPU (no row timed)"
+
+
+def _cpus_of(s: dict, seeds=None) -> list[str]:
+    """The CPUs a summary's latencies were timed on ("?" where unrecorded), over ``seeds`` or all."""
+    return sorted({cpu for k, (_, cpu) in s["timed"].items() if seeds is None or k in seeds})
 
 
 def _mean(values: list) -> float | None:
@@ -112,8 +113,8 @@ def write_report(path: Path, md: Path, args) -> None:
             notes.append("; ".join(s["stop_notes"]))
         if s["converged"]:
             notes.append("converged at step " + "/".join(map(str, s["converged"])))
-        if len(s["cpus"]) > 1:
-            notes.append(f"latency mean over {len(s['cpus'])} CPUs")
+        if len(cpus := [c for c in _cpus_of(s) if c != "?"]) > 1:
+            notes.append(f"latency mean over {len(cpus)} CPUs")
         lat = f"{s['latency']:.3f}" if s["latency"] is not None else ""
         lines.append(f"| {model} | {target:.0%} | {method} | {s['tool']} | {s['kept_macs']:.1%} | {lat} | "
                      f"{s['top1']:.2f} +- {s['ci']:.2f} | {s['n']} | {'; '.join(notes)} |")
@@ -351,14 +352,13 @@ def _latency_section(summary: dict, level: str = "##") -> list[str]:
         # theirs on our seeds: the same seeds' models, and (where seeds were added later) the same machine
         shared = sorted(set(ours["timed"]) & set(theirs["timed"])) or sorted(theirs["timed"])
         theirs = {**theirs, "latency": statistics.fmean(theirs["timed"][k][0] for k in shared),
-                  "top1": statistics.fmean(theirs["seeds"][k] for k in shared if k in theirs["seeds"]),
-                  "cpus": sorted({theirs["timed"][k][1] for k in shared})}
+                  "top1": statistics.fmean(theirs["seeds"][k] for k in shared if k in theirs["seeds"])}
         faster = 1 - ours["latency"] / theirs["latency"]
         goal = ours["latency_target"]
         verdict = _verdict(d, faster >= 0.2 and no_worse(d), "not met" if faster >= 0.2 else "not met (not 20% faster)") if d else ""
-        mine = sorted({cpu for _, cpu in ours["timed"].values()})
-        if mine != theirs["cpus"]:  # a latency ratio moves with the machine: say so beside the verdict
-            verdict += f" (timed on other CPUs: {', '.join(mine)} vs {', '.join(theirs['cpus'])})"
+        mine, their_cpus = _cpus_of(ours), _cpus_of(theirs, shared)
+        if mine != their_cpus:  # a latency ratio moves with the machine: say so beside the verdict
+            verdict += f" (timed on other CPUs: {', '.join(mine)} vs {', '.join(their_cpus)})"
         lines.append(f"| {model} | {target:.0%} | {theirs['latency']:.3f}, {theirs['top1']:.2f} | {method} | "
                      f"{goal if goal is None else f'{goal:.3f}'}, {ours['latency']:.3f}, {ours['top1']:.2f} | "
                      f"{ours['kept_macs']:.1%} | {faster:.0%} | {diff} | {verdict} |")
