@@ -258,12 +258,12 @@ def _hfp(model, x, target: float, train, args, seed: int, extra: dict) -> dict:
     import secateurs
 
     frac = extra.pop("phase", None)
-    phase = finetune(args, seed, args.steps // 2, args.distill)  # the phase's bound, and the fine-tuning after the cut
     if frac is not None:  # the phase may take this share, the fine-tuning after the cut the rest
         if not 0 < frac < 1:
             raise ValueError(f"hfp:phase is the share of the step budget HFP's phase may take, in (0, 1), got {frac}")
         extra["steps"] = max(1, int(args.steps * frac))
-        phase = finetune(args, seed, args.steps - extra["steps"], args.distill)
+    # without it, half the budget bounds the phase and is the fine-tuning after the cut
+    phase = finetune(args, seed, args.steps - extra["steps"] if frac is not None else args.steps // 2, args.distill)
     _, rep = secateurs.prune(model, x, "hfp", target, data=train, finetune=phase,
                              method_options={"lam": args.hfp_lam, "warmup_steps": max(1, args.steps // 20),
                                              "epochs": 10_000, **extra}, latency_guard=False)
