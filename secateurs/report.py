@@ -16,9 +16,12 @@ import torch.nn as nn
 
 from ._io import atomic_write
 from ._state import copy_model
+from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .latency import compare_dense_pruned, runtime_of
+from .testing import main_output
+from .train import predict_padded
 
-__all__ = ["format_table", "write_report", "latency_guard", "plot_widths", "plot_schedule", "plot_block_scores"]
+__all__ = ["format_table", "write_report", "latency_guard", "collapse_guard", "predictions", "plot_widths", "plot_schedule", "plot_block_scores"]
 
 GUARD_SECONDS = 120.0  # the latency guard's bound: batch 8 is left out (and said so) past it
 
@@ -46,6 +49,64 @@ def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict, thre
                "(target={'latency': ...}, --latency) spend the cut where it buys time")
         report.setdefault("warnings", []).append(msg)
         print(msg, file=sys.stderr, flush=True)
+
+
+def _check_batch(data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(images, labels, which labels count) of a few samples of ``data``, the same every call;
+    None for data the guard cannot read (not an :class:`ArrayDataset`, or of another task)."""
+    if not isinstance(data, ArrayDataset) or len(data) == 0 or data.task not in ("classification", "segmentation"):
+        return None
+    seg = data.task == "segmentation"
+    sub = data.subset(min(4 if seg else 64, len(data)))  # class-balanced where it can be
+    x, y = next(iter(Batches(sub, len(sub), train=False)))
+    return x, y, (y != IGNORE_INDEX if seg else torch.ones_like(y, dtype=torch.bool))
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, data: Any) -> torch.Tensor | None:
+    """The class ``model`` predicts for each of the guard's samples of ``data`` (labelled pixels
+    only, flattened), or None when the guard cannot read ``data``."""
+    batch = _check_batch(data)
+    if batch is None:
+        return None
+    x, _, labelled = batch
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was = model.training
+    model.eval()
+    try:
+        x = x.to(device)
+        out = predict_padded(model, x) if data.task == "segmentation" else main_output(model(x))
+    finally:
+        model.train(was)
+    return out.argmax(1).cpu()[labelled]
+
+
+def collapse_guard(model: nn.Module, data: Any, report: dict, before: torch.Tensor | None) -> None:
+    """A loud warning (stderr and the report) when the pruned model predicts one class for every
+    sample, or every labelled pixel, of a few images of ``data``, where the unpruned model (its
+    :func:`predictions` before the cut, ``before``) clearly beat that constant answer: a layer
+    narrowed until all its units died (a ReLU with no norm after it, cut to a channel or two)
+    leaves a constant model, which a MACs target, unlike a tolerance, never notices. An untrained
+    model, no better than a constant to begin with, is not blamed on the cut."""
+    after = predictions(model, data)
+    if after is None or before is None or len(after) == 0 or len(after.unique()) != 1:
+        return
+    _, y, labelled = _check_batch(data)
+    y = y[labelled]
+    wrong_before, wrong_after = (before != y).float().mean().item(), (after != y).float().mean().item()
+    if wrong_after == 0 or wrong_before > 0.75 * wrong_after:  # the constant was right, or as good
+        return
+    what = "labelled pixel" if data.task == "segmentation" else "image"
+    n = len(_check_batch(data)[0])
+    msg = (f"WARNING: the pruned model has COLLAPSED: it predicts class {int(after[0])} for every {what} of {n} "
+           f"{data.name or 'data'} images ({100 * (1 - wrong_after):.1f}% right; the unpruned model "
+           f"{100 * (1 - wrong_before):.1f}%). A layer was probably cut too narrow for its units to survive (see the "
+           "report's widths); keep more of each layer (min_width, --min-width), prune less, or prune with a "
+           "tolerance on held-out data")
+    report["collapsed"] = {"predicted_class": int(after[0]), "images": n, "accuracy_before": 1 - wrong_before,
+                           "accuracy_after": 1 - wrong_after}
+    report.setdefault("warnings", []).append(msg)
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _num(v: Any, scale: float = 1.0, fmt: str = "{:,.3f}") -> str:
