@@ -231,6 +231,11 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
             if rest < 1:  # distilled from the unpruned model, not the block-pruned one
                 secateurs.prune(model, x, extra.get("criterion", "vip"), rest, steps=max(1, args.rounds - 1), data=train,
                                 finetune=per_round, teacher=dense, latency_guard=False)
+        elif "rounds" in extra:  # "l1:rounds=4": a criterion cut in that many steps, each fine-tuned (distilled)
+            # for its share of half the budget, as Torch-Pruning's magnitude row is; the caller fine-tunes the rest
+            k = int(extra.pop("rounds"))
+            secateurs.prune(model, x, method, target, steps=k, finetune=finetune(args, seed, args.steps // (2 * k),
+                            args.distill), data=train, latency_guard=False, **extra)
         else:  # a criterion: one cut (bias compensation included), then fine-tuning; "l2:allocation=latency";
             # "dlp": the lowest PLS-VIP residual blocks removed until the MACs target is met
             _prune_on_cpu(model, args, method, target, data=train, latency_threads=args.threads, **extra)

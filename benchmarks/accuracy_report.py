@@ -146,9 +146,12 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("importance-weights:rank=scale", "importance-weights", "importance weights ranked by |alpha| x |gamma| instead of |alpha|"),
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),
+    ("l1:distill=0.9", "l1", "distillation weight 0.9 instead of 0.5 (mostly the teacher's logits) in the fine-tuning (l1)"),
     ("l2:allocation=latency", "l2", "allocation='latency' (MACs spent where this CPU's tables say they buy time): its top-1 cost"),
     ("dlp+filters:criterion=l1", "dlp+filters", "the cascade's filter steps ranked by the L1 norm instead of PLS-VIP "
      "(same blocks first, same steps)"),
+    ("l1:rounds=4", "l1", "L1 cut in 4 steps, each fine-tuned for its share of half the budget (Torch-Pruning's magnitude "
+     "row's schedule), instead of one cut and the whole budget after it"),
     ("l1", "l2", "the L1 norm of a channel's weights instead of the L2 norm (same global allocation, same fine-tuning)"),
 ]
 

@@ -10,6 +10,10 @@
 #   bash scripts/accuracy_grid.sh r56-more # ResNet-56 at 30% on seeds 3 and 4, every candidate of both tools: on
 #                                        # seeds 0-2 the goal's interval included 0 (the report states both readings)
 #   bash scripts/accuracy_grid.sh r56-hfp-phase # ResNet-56 HFP with its phase allowed 80% of the budget
+#   bash scripts/accuracy_grid.sh r56-distill # ResNet-56 at 50%, L1 with distillation weight 0.9: can more of the
+#                                        # teacher close the gap to the +1.0 goal over Torch-Pruning?
+#   bash scripts/accuracy_grid.sh r56-rounds # ResNet-56, L1 cut in 4 fine-tuned steps (Torch-Pruning's magnitude
+#                                        # schedule) against one cut: does iterating pay under one step budget?
 #   bash scripts/accuracy_grid.sh report # docs/accuracy.md from docs/accuracy.csv
 #   bash scripts/r56_grid.sh             # ResNet-56's baseline to its end, into the zoo, then `r56` (resumable)
 # Run it only once scripts/baselines.sh has replaced the zoo checkpoints (ResNet-20 >= 90%, ResNet-56
@@ -33,6 +37,10 @@ case "${1:-}" in
     # HFP's phase allowed 80% of the budget: in half of it the hard count never met the target on ResNet-56
     r56-hfp-phase) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods hfp:phase=0.8 ;;
+    r56-distill) run --models cifar_resnet56_cifar10 --targets 0.5 --seeds 0 1 2 --steps "${STEPS:-300}" \
+             --methods l1:distill=0.9 ;;
+    r56-rounds) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
+             --methods l1:rounds=4 ;;
     report) run --report-only ;;
-    *) echo "usage: $0 r20|r56|r56-more|r56-hfp-phase|report" >&2; exit 2 ;;
+    *) echo "usage: $0 r20|r56|r56-more|r56-hfp-phase|r56-distill|r56-rounds|report" >&2; exit 2 ;;
 esac
