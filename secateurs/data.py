@@ -60,9 +60,9 @@ class ArrayDataset:
 
     def _subset_index(self, n: int, gen: torch.Generator) -> torch.Tensor:
         perm = torch.randperm(len(self), generator=gen)
-        if self.task == "classification":
-            per = max(1, n // max(1, self.num_classes))
-            idx = torch.cat([perm[self.targets[perm] == c][:per] for c in range(self.num_classes)])[:n]
+        if self.task == "classification" and self.num_classes:  # (no class names: a plain shuffle)
+            per, shuffled = max(1, n // self.num_classes), self.targets[perm]
+            idx = torch.cat([perm[shuffled == c][:per] for c in range(self.num_classes)])[:n]
             return idx[torch.randperm(len(idx), generator=gen)]
         return perm[:n]
 

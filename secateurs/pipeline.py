@@ -27,7 +27,7 @@ from .graph import DependencyGraph, analyze, analyze_and_count
 from .latency_table import auto_round_to
 from .methods import Method, StepContext, get_method
 from .metrics import check_labels
-from .report import collapse_guard, predictions
+from .report import collapse_guard, guard_samples, predictions
 from .report import latency_guard as time_against_dense
 from .distributed import barrier, from_first_process, init_distributed, is_main_process
 from .train import TrainConfig, evaluate, fit, metric_key
@@ -184,9 +184,9 @@ def _finish_report(run: _Run, t_all: float, dense: nn.Module | None) -> dict:
     report[METHOD_OUTPUT] = {k: v for k, v in extra.items() if k not in ("_state", "original_widths")}
     report["original_widths"] = extra.get("original_widths", {})
     cut = (final.macs, final.params) != (base.macs, base.params)
-    if cut and is_main_process():
+    if cut and run.predictions0 is not None:  # None: nothing the guard can read, or not the first process
         try:
-            collapse_guard(run.model, _guard_data(run.context), report, run.predictions0)
+            collapse_guard(run.model, run.samples, report, run.predictions0)
         except Exception as err:  # like the latency guard: a check that cannot run is said, never raised
             msg = f"the collapse guard could not run the pruned model: {type(err).__name__}: {err}"
             report.setdefault("warnings", []).append(msg)
@@ -218,7 +218,8 @@ class _Run:
     timings: dict
     log: Callable[..., None]
     context: dict  # the StepContext fields that do not change between steps
-    predictions0: Any = None  # what the unpruned model predicted on the collapse guard's samples
+    samples: Any = None  # the collapse guard's few samples, and what the unpruned model predicted on them
+    predictions0: Any = None
 
 
 def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: DependencyGraph | None = None) -> str | None:
@@ -383,20 +384,18 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     return model, _finish_report(run, t_all, dense)
 
 
-def _guard_data(context: dict) -> Any:
-    """The collapse guard's samples come from the held-out split when there is one."""
-    return context["val_data"] if context["val_data"] is not None else context["data"]
-
-
-def _predictions_before(model: nn.Module, context: dict) -> Any:
-    """The unpruned model's predictions on the guard's samples; None (the guard then stands aside)
-    for data it cannot read, or a forward that fails here: the guard never fails a run."""
+def _guard_before(run: _Run) -> None:
+    """The collapse guard's samples (from ``val_data`` when given, else ``data``) and the unpruned
+    model's predictions on them; none (the guard then stands aside) under torchrun but on the first
+    process, for data it cannot read, or when this forward fails: the guard never fails a run."""
     if not is_main_process():
-        return None
+        return
+    val = run.context["val_data"]
     try:
-        return predictions(model, _guard_data(context))
+        run.samples = guard_samples(val if val is not None else run.context["data"])
+        run.predictions0 = predictions(run.model, run.samples)
     except Exception:  # noqa: BLE001
-        return None
+        run.samples, run.predictions0 = None, None
 
 
 def _reusable(ignore: Any) -> Any:
@@ -426,7 +425,7 @@ def _run_steps(run: _Run, ignore: Any, tolerance: float | None, graph: Dependenc
     puts the user's model back as it came; a one-shot cut without fine-tuning is undone by the surgery itself.
     ``spare``: an unpruned copy already made (the latency guard's), the rollback then needs no other."""
     model, req = run.model, run.req
-    run.predictions0 = _predictions_before(model, run.context)  # before _resume loads a step's weights
+    _guard_before(run)  # before _resume loads a step's weights
     original = spare if spare is not None else (
         copy_model(model) if req.steps > 1 or req.finetune is not None or resume else None)
     try:

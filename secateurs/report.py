@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,9 @@ from ._io import atomic_write
 from ._state import copy_model
 from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .latency import compare_dense_pruned, runtime_of
-from .testing import main_output
 from .train import predict_padded
 
-__all__ = ["format_table", "write_report", "latency_guard", "collapse_guard", "predictions", "plot_widths", "plot_schedule", "plot_block_scores"]
+__all__ = ["format_table", "write_report", "latency_guard", "collapse_guard", "guard_samples", "predictions", "GuardSamples", "plot_widths", "plot_schedule", "plot_block_scores"]
 
 GUARD_SECONDS = 120.0  # the latency guard's bound: batch 8 is left out (and said so) past it
 
@@ -51,55 +51,76 @@ def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict, thre
         print(msg, file=sys.stderr, flush=True)
 
 
-def _check_batch(data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(images, labels, which labels count) of a few samples of ``data``, the same every call;
-    None for data the guard cannot read (not an :class:`ArrayDataset`, or of another task)."""
+@dataclass(frozen=True)
+class GuardSamples:
+    """The few samples the collapse guard runs both models on, drawn once per prune."""
+
+    x: torch.Tensor
+    y: torch.Tensor  # the labels that count (labelled pixels only, flattened)
+    labelled: torch.Tensor
+    segmentation: bool
+    name: str
+
+
+def guard_samples(data: Any) -> GuardSamples | None:
+    """A few samples of ``data`` (4 images for segmentation, else 64, class-balanced where it can
+    be; the same every call), or None for data the guard cannot read (not an :class:`ArrayDataset`,
+    or of another task)."""
     if not isinstance(data, ArrayDataset) or len(data) == 0 or data.task not in ("classification", "segmentation"):
         return None
     seg = data.task == "segmentation"
-    sub = data.subset(min(4 if seg else 64, len(data)))  # class-balanced where it can be
+    sub = data.subset(min(4 if seg else 64, len(data)))
     x, y = next(iter(Batches(sub, len(sub), train=False)))
-    return x, y, (y != IGNORE_INDEX if seg else torch.ones_like(y, dtype=torch.bool))
+    labelled = y != IGNORE_INDEX if seg else torch.ones_like(y, dtype=torch.bool)
+    return GuardSamples(x, y[labelled], labelled, seg, data.name or "data")
+
+
+def _class_scores(out: Any) -> torch.Tensor | None:
+    """Per-class scores ([N, C, ...], C >= 2) from a model's output, or None for outputs that are
+    not (a dict without "out", one logit per sample...): those models are not checked."""
+    out = out.get("out") if isinstance(out, dict) else (out[0] if isinstance(out, (tuple, list)) and out else out)
+    return out if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[1] >= 2 else None
 
 
 @torch.no_grad()
-def predictions(model: nn.Module, data: Any) -> torch.Tensor | None:
-    """The class ``model`` predicts for each of the guard's samples of ``data`` (labelled pixels
-    only, flattened), or None when the guard cannot read ``data``."""
-    batch = _check_batch(data)
-    if batch is None:
+def predictions(model: nn.Module, samples: GuardSamples | None) -> torch.Tensor | None:
+    """The class ``model`` predicts for each of ``samples`` (labelled pixels only, flattened), or
+    None when there are none or the model's output holds no per-class scores. Every module's
+    train/eval mode is left as it was."""
+    if samples is None:
         return None
-    x, _, labelled = batch
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was = model.training
+    was = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        x = x.to(device)
-        out = predict_padded(model, x) if data.task == "segmentation" else main_output(model(x))
+        x = samples.x.to(device)
+        out = _class_scores(predict_padded(model, x) if samples.segmentation else model(x))
     finally:
-        model.train(was)
-    return out.argmax(1).cpu()[labelled]
+        for m, t in was.items():
+            m.training = t
+    if out is None or out.shape[2:] != samples.labelled.shape[1:]:
+        return None
+    return out.argmax(1).cpu()[samples.labelled]
 
 
-def collapse_guard(model: nn.Module, data: Any, report: dict, before: torch.Tensor | None) -> None:
+def collapse_guard(model: nn.Module, samples: GuardSamples | None, report: dict, before: torch.Tensor | None) -> None:
     """A loud warning (stderr and the report) when the pruned model predicts one class for every
-    sample, or every labelled pixel, of a few images of ``data``, where the unpruned model (its
+    one of ``samples`` (images, or labelled pixels), where the unpruned model (its
     :func:`predictions` before the cut, ``before``) clearly beat that constant answer: a layer
     narrowed until all its units died (a ReLU with no norm after it, cut to a channel or two)
     leaves a constant model, which a MACs target, unlike a tolerance, never notices. An untrained
     model, no better than a constant to begin with, is not blamed on the cut."""
-    after = predictions(model, data)
-    if after is None or before is None or len(after) == 0 or len(after.unique()) != 1:
+    if samples is None or before is None:
         return
-    _, y, labelled = _check_batch(data)
-    y = y[labelled]
-    wrong_before, wrong_after = (before != y).float().mean().item(), (after != y).float().mean().item()
+    after = predictions(model, samples)
+    if after is None or len(after) == 0 or len(after.unique()) != 1:
+        return
+    wrong_before, wrong_after = (before != samples.y).float().mean().item(), (after != samples.y).float().mean().item()
     if wrong_after == 0 or wrong_before > 0.75 * wrong_after:  # the constant was right, or as good
         return
-    what = "labelled pixel" if data.task == "segmentation" else "image"
-    n = len(_check_batch(data)[0])
+    what, n = "labelled pixel" if samples.segmentation else "image", len(samples.x)
     msg = (f"WARNING: the pruned model has COLLAPSED: it predicts class {int(after[0])} for every {what} of {n} "
-           f"{data.name or 'data'} images ({100 * (1 - wrong_after):.1f}% right; the unpruned model "
+           f"{samples.name} images ({100 * (1 - wrong_after):.1f}% right; the unpruned model "
            f"{100 * (1 - wrong_before):.1f}%). A layer was probably cut too narrow for its units to survive (see the "
            "report's widths); keep more of each layer (min_width, --min-width), prune less, or prune with a "
            "tolerance on held-out data")

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import secateurs
 from secateurs.data import IGNORE_INDEX, ArrayDataset, Batches
-from secateurs.report import collapse_guard, predictions
+from secateurs.report import collapse_guard, guard_samples, predictions
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -57,7 +57,7 @@ def _task() -> tuple[Net, ArrayDataset]:
 
 def test_a_cut_that_kills_the_last_live_channel_is_reported_as_collapsed(capsys):
     net, ds = _task()
-    assert predictions(net, ds).unique().tolist() == [0, 2]
+    assert predictions(net, guard_samples(ds)).unique().tolist() == [0, 2]
     # L1 ranks the live channel lowest; 80% of the MACs removes exactly it
     pruned, report = secateurs.prune(net, X, "l1", 0.8, val_data=ds, latency_guard=False)
     assert pruned.conv.out_channels == 3
@@ -102,20 +102,70 @@ def test_segmentation_reads_labelled_pixels_only():
         def forward(self, x):
             return self.conv(x)
 
-    labelled = masks[masks != IGNORE_INDEX]
-    assert torch.equal(predictions(Constant(), ds), torch.zeros_like(labelled))
+    labelled, samples = masks[masks != IGNORE_INDEX], guard_samples(ds)
+    assert torch.equal(samples.y, labelled)
+    assert torch.equal(predictions(Constant(), samples), torch.zeros_like(labelled))
     report: dict = {}
-    collapse_guard(Constant(), ds, report, before=labelled.clone())  # the unpruned model was right everywhere
+    collapse_guard(Constant(), samples, report, before=labelled.clone())  # the unpruned model was right everywhere
     assert report["collapsed"]["accuracy_after"] == pytest.approx((labelled == 0).float().mean().item())
 
     report = {}
-    collapse_guard(Constant(), ds, report, before=1 - labelled)  # wrong everywhere before: not the cut's doing
+    collapse_guard(Constant(), samples, report, before=1 - labelled)  # wrong everywhere before: not the cut's doing
     assert "collapsed" not in report
 
 
 @pytest.mark.parametrize("data", [None, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]])
 def test_data_it_cannot_read_is_not_checked(data):
     report: dict = {}
-    assert predictions(Net(), data) is None
-    collapse_guard(Net(), data, report, before=torch.tensor([0, 1]))
+    assert guard_samples(data) is None and predictions(Net(), guard_samples(data)) is None
+    collapse_guard(Net(), guard_samples(data), report, before=torch.tensor([0, 1]))
     assert report == {}
+
+
+def test_the_held_out_split_is_read_when_given():
+    """``data`` here is labelled so that the cut model's constant is right: only ``val_data`` shows the collapse."""
+    net, val = _task()
+    data = ArrayDataset("toy", val.images, torch.full_like(val.targets, 2), val.classes, mean=val.mean, std=val.std)
+    _, report = secateurs.prune(net, X, "l1", 0.8, data=data, val_data=val, latency_guard=False)
+    assert "collapsed" in report
+
+
+def test_outputs_without_class_scores_are_not_checked_nor_warned_about():
+    class Wrapped(nn.Module):  # a dict without "out", and one logit per sample
+        def __init__(self, net, kind):
+            super().__init__()
+            self.net, self.kind = net, kind
+
+        def forward(self, x):
+            out = self.net(x)
+            return {"logits": out} if self.kind == "dict" else out[:, 0]
+
+    for kind in ("dict", "binary"):
+        net, ds = _task()
+        _, report = secateurs.prune(Wrapped(net, kind), X, "l1", 0.8, data=ds, latency_guard=False)
+        assert "collapsed" not in report and not report.get("warnings"), kind
+
+
+def test_the_models_train_and_eval_modes_are_left_as_they_were():
+    net, ds = _task()
+    net.train()
+    net.pool.eval()  # a frozen submodule inside a training model
+    samples = guard_samples(ds)
+    predictions(net, samples)
+    assert net.training and net.conv.training and not net.pool.training
+
+
+def test_a_resumed_run_compares_with_the_unpruned_model(tmp_path):
+    """The unpruned model's predictions are taken before a resume loads a finished step's weights."""
+    from secateurs.train import TrainConfig
+
+    cfg = TrainConfig(steps=1, lr=1e-9, batch_size=16, quiet=True)  # a step that changes nothing: the collapse stays
+    net, ds = _task()
+    dense = {k: v.clone() for k, v in net.state_dict().items()}
+    _, first = secateurs.prune(net, X, "l1", 0.8, data=ds, finetune=cfg, out_dir=tmp_path, latency_guard=False)
+    assert "collapsed" in first
+    again, _ = _task()
+    again.load_state_dict(dense)
+    _, resumed = secateurs.prune(again, X, "l1", 0.8, data=ds, finetune=cfg, out_dir=tmp_path, resume=True,
+                                 latency_guard=False)
+    assert resumed["collapsed"] == first["collapsed"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from secateurs import data
-from secateurs.data import Batches, DataNotFound, augment, load_dataset, read_idx
+from secateurs.data import ArrayDataset, Batches, DataNotFound, augment, load_dataset, read_idx
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside the checkout")
@@ -84,6 +84,9 @@ def test_digits_and_balanced_subset():
     assert ds.images.shape == (1437, 1, 8, 8) and ds.images.max() == 255
     sub = ds.subset(100)
     assert len(sub) == 100 and sub.targets.bincount().tolist() == [10] * 10
+    # a dataset built without class names (the field's default) is a plain seeded shuffle, not an error
+    bare = ArrayDataset("bare", ds.images, ds.targets)
+    assert len(bare.subset(100)) == 100 and torch.equal(bare.subset(100).images, bare.subset(100).images)
 
 
 def test_holdout_is_disjoint_balanced_and_fixed():
