@@ -8,10 +8,11 @@
 #                                        # Ordered so that a partial grid already pairs rows: L1 and TP magnitude,
 #                                        # then the methods set against them.
 #   bash scripts/accuracy_grid.sh r56-more # ResNet-56 at 30% on seeds 3 and 4, every candidate of both tools: on
-#                                        # seeds 0-2 the goal's interval included 0 (the report states both readings)
+#                                        # seeds 0-2 the goal's interval included 0 (the report states both readings);
+#                                        # l1:rounds=4 and hfp:phase=0.8 joined it once run on seeds 0-2
 #   bash scripts/accuracy_grid.sh r56-hfp-phase # ResNet-56 HFP with its phase allowed 80% of the budget
-#   bash scripts/accuracy_grid.sh r56-distill # ResNet-56 at 50%, L1 with distillation weight 0.9: can more of the
-#                                        # teacher close the gap to the +1.0 goal over Torch-Pruning?
+#   bash scripts/accuracy_grid.sh r56-distill # ResNet-56 at 50%, L1 with distillation weight 0.9, 0.25 and 0 beside
+#                                        # the default 0.5: which weight recovers most in 300 steps?
 #   bash scripts/accuracy_grid.sh r56-rounds # ResNet-56, L1 cut in 4 fine-tuned steps (Torch-Pruning's magnitude
 #                                        # schedule) against one cut: does iterating pay under one step budget?
 #   bash scripts/accuracy_grid.sh report # docs/accuracy.md from docs/accuracy.csv
@@ -33,12 +34,12 @@ case "${1:-}" in
              dlp dlp+filters dlp+filters:criterion=l1 hfp:lr=0.1 ;;
     r56-more) run --models cifar_resnet56_cifar10 --targets 0.3 --seeds 3 4 --steps "${STEPS:-300}" \
              --methods tp_magnitude dlp+filters:criterion=l1 heuristic dlp l1 dlp+filters l2 tp_group_norm \
-             tp_bn_scale hfp ;;
+             tp_bn_scale hfp l1:rounds=4 hfp:phase=0.8 ;;
     # HFP's phase allowed 80% of the budget: in half of it the hard count never met the target on ResNet-56
     r56-hfp-phase) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods hfp:phase=0.8 ;;
     r56-distill) run --models cifar_resnet56_cifar10 --targets 0.5 --seeds 0 1 2 --steps "${STEPS:-300}" \
-             --methods l1:distill=0.9 ;;
+             --methods l1:distill=0.9 l1:distill=0.25 l1:distill=0 ;;
     r56-rounds) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods l1:rounds=4 ;;
     report) run --report-only ;;

@@ -376,3 +376,12 @@ def test_the_cascade_below_l1_is_explained_by_its_filter_ranking_when_the_rows_s
     _write_rows(tmp_path / "accuracy.csv", l1 + vip + worse)
     acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md", argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
     assert "(still below it): the filters VIP picks cost part of the accuracy" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_a_lead_just_short_of_the_goal_is_not_shown_rounded_up_to_it():
+    """+0.997 is a miss: two decimals would print +1.00 beside "not met"."""
+    from benchmarks import accuracy_report as rep
+
+    assert not rep.leads((0.9967, 0.38, 3)) and rep._lead((0.9967, 0.38, 3)) == "+0.997"
+    assert rep.leads((1.004, 0.38, 3)) and rep._lead((1.004, 0.38, 3)) == "+1.00"
+    assert rep._lead((0.63, 0.31, 3)) == "+0.63" and rep._lead((-1.2, 0.3, 3)) == "-1.20"
