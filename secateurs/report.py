@@ -21,7 +21,8 @@ from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .latency import compare_dense_pruned, runtime_of
 from .train import predict_padded
 
-__all__ = ["format_table", "write_report", "latency_guard", "collapse_guard", "guard_samples", "predictions", "GuardSamples", "plot_widths", "plot_schedule", "plot_block_scores"]
+__all__ = ["format_table", "write_report", "latency_guard", "collapse_guard", "guard_samples", "predictions",
+           "GuardSamples", "plot_widths", "plot_schedule", "plot_block_scores"]
 
 GUARD_SECONDS = 120.0  # the latency guard's bound: batch 8 is left out (and said so) past it
 
