@@ -187,20 +187,23 @@ def _finish_report(run: _Run, t_all: float, dense: nn.Module | None) -> dict:
     if cut and run.predictions0 is not None:  # None: nothing the guard can read, or not the first process
         try:
             collapse_guard(run.model, run.samples, report, run.predictions0)
-        except Exception as err:  # like the latency guard: a check that cannot run is said, never raised
-            msg = f"the collapse guard could not run the pruned model: {type(err).__name__}: {err}"
-            report.setdefault("warnings", []).append(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        except Exception as err:  # noqa: BLE001
+            _guard_failed(report, "the collapse guard could not run the pruned model", err)
     if dense is not None and cut:
         t0 = time.perf_counter()  # its own line of the timings, outside the run's total
         try:
             time_against_dense(dense, run.model, run.example_inputs, report, threads=run.context["latency_threads"])
-        except Exception as err:  # the cut is made and kept: a timing that cannot run is said, never raised
-            msg = f"the latency guard could not time the models: {type(err).__name__}: {err}"
-            report.setdefault("warnings", []).append(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        except Exception as err:  # noqa: BLE001
+            _guard_failed(report, "the latency guard could not time the models", err)
         report["timings"]["latency_guard_s"] = time.perf_counter() - t0
     return report
+
+
+def _guard_failed(report: dict, what: str, err: Exception) -> None:
+    """The cut is made and kept: a guard that cannot run is said (the report and a warning), never raised."""
+    msg = f"{what}: {type(err).__name__}: {err}"
+    report.setdefault("warnings", []).append(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ._io import atomic_write
 from ._state import copy_model
 from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .latency import compare_dense_pruned, runtime_of
+from .testing import main_output
 from .train import predict_padded
 
 __all__ = ["format_table", "write_report", "latency_guard", "collapse_guard", "guard_samples", "predictions",
@@ -77,9 +78,13 @@ def guard_samples(data: Any) -> GuardSamples | None:
 
 
 def _class_scores(out: Any) -> torch.Tensor | None:
-    """Per-class scores ([N, C, ...], C >= 2) from a model's output, or None for outputs that are
-    not (a dict without "out", one logit per sample...): those models are not checked."""
-    out = out.get("out") if isinstance(out, dict) else (out[0] if isinstance(out, (tuple, list)) and out else out)
+    """Per-class scores ([N, C, ...], C >= 2) from a model's output (its main tensor, as the
+    criteria read it), or None for outputs that are not (a dict without "out", one logit per
+    sample...): those models are not checked."""
+    try:
+        out = main_output(out)
+    except (KeyError, IndexError, TypeError):
+        return None
     return out if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[1] >= 2 else None
 
 
