@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ._modes import in_mode
+
 __all__ = ["compensation", "has_candidates", "SCALE_TOL", "STD_TOL"]
 
 SCALE_TOL = 0.05  # |gamma| below this fraction of the norm's mean |gamma|: a candidate
@@ -109,22 +111,19 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
     handles = [modules[n].register_forward_hook(grab(n)) for n in readers]
     handles += [m.register_forward_pre_hook(follow(n)) for n, m in modules.items()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was = {m: m.training for m in model.modules()}
     gen = torch.Generator().manual_seed(0)
     other = tuple(torch.randn(x.shape, generator=gen).to(x) * x.std().clamp_min(1e-3) + x.mean()
                   if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1 else x
                   for x in example_inputs)
     try:
-        model.eval()
-        for inputs in (example_inputs, other):
-            model(*inputs)
+        with in_mode(model, training=False):
+            for inputs in (example_inputs, other):
+                model(*inputs)
     except Exception:  # noqa: BLE001 - compensation is a refinement: it never stops a cut (the check forward decides)
         return {}
     finally:
         for h in handles:
             h.remove()
-        for m, t in was.items():
-            m.training = t
         made.clear()
     out: dict[tuple[str, str], torch.Tensor] = {}
     for name, gone in readers.items():

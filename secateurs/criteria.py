@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._modes import in_mode
 from ._registry import Registry
 from ._threads import one_thread
 from .data import ArrayDataset, Batches
@@ -156,30 +157,27 @@ def taylor(model: nn.Module, graph: DependencyGraph, data: Any = None, n_batches
     if dense:  # whole images of any size (HeLa is 700x1100): few at a time, padded as evaluation pads them
         batch_size = min(batch_size, 4)
     device = next(model.parameters()).device
-    was = {m: m.training for m in model.modules()}  # per module: a frozen BN in a training model stays frozen
-    model.eval()  # BN statistics stay as trained; gradients still flow
     params = [p for p in model.parameters()]
     saved = [(p.requires_grad, p.grad) for p in params]
     total = [torch.zeros(g.size) for g in graph.groups]
     seen = 0
-    try:
-        for p in params:
-            p.requires_grad_(True)
-            p.grad = None
-        for x, y in islice(iter(_batches(data, batch_size)), n_batches):
-            model.zero_grad(set_to_none=True)
-            out = predict_padded(model, x.to(device)) if dense else main_output(model(x.to(device)))
-            loss_fn(out, y.to(device)).backward()
-            scores = per_channel_sum(model, graph, lambda m, n, w: None if w.grad is None else w * w.grad)
-            for t, s in zip(total, scores):
-                t += s.square()
-            seen += 1
-    finally:
-        for p, (rg, g) in zip(params, saved):
-            p.requires_grad_(rg)
-            p.grad = g
-        for m, t in was.items():
-            m.training = t
+    with in_mode(model, training=False):  # BN statistics stay as trained; gradients still flow
+        try:
+            for p in params:
+                p.requires_grad_(True)
+                p.grad = None
+            for x, y in islice(iter(_batches(data, batch_size)), n_batches):
+                model.zero_grad(set_to_none=True)
+                out = predict_padded(model, x.to(device)) if dense else main_output(model(x.to(device)))
+                loss_fn(out, y.to(device)).backward()
+                scores = per_channel_sum(model, graph, lambda m, n, w: None if w.grad is None else w * w.grad)
+                for t, s in zip(total, scores):
+                    t += s.square()
+                seen += 1
+        finally:
+            for p, (rg, g) in zip(params, saved):
+                p.requires_grad_(rg)
+                p.grad = g
     if seen == 0:
         raise ValueError("criterion 'taylor': `data` yielded no batches")
     return [t / seen for t in total]

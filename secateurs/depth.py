@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ._modes import in_mode
 from ._state import copy_model
 from ._validation import PruningError
 from .cost import count
@@ -189,14 +190,8 @@ def _forward(model: nn.Module, inputs: tuple) -> Any:
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            return model(*inputs)
-    finally:
-        for m, t in modes.items():
-            m.training = t
+    with in_mode(model, training=False), torch.no_grad():
+        return model(*inputs)
 
 
 def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_inputs: Any = None) -> nn.Module:

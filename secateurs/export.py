@@ -16,6 +16,8 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from ._modes import in_mode
+
 __all__ = ["export_onnx"]
 
 _ONNX_HINT = "pip install onnx onnxruntime onnxscript"
@@ -49,9 +51,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     path = _check_arguments(path, opset, tol)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with in_mode(model, training=False):
         with torch.no_grad():
             ref = _flatten(_reference(model, args))
             cases = [(args, ref, "")]
@@ -68,9 +68,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         t0 = time.perf_counter()
         exporter = _export(model, args, path, opset, in_names, out_names, ref, dynamic_batch, dynamo)
         seconds = time.perf_counter() - t0
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
 
     proto = onnx.load(str(path), load_external_data=False)
     result: dict[str, Any] = {"path": str(path), "max_abs_diff": None, "max_rel_diff": None, "seconds": seconds,

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ._modes import in_mode
 from ._validation import PruningError
 
 __all__ = ["trace_fx"]
@@ -59,9 +60,7 @@ def trace_fx(model: nn.Module) -> tuple[fx.Graph, list[str]]:
     Training mode, so that training-only branches (auxiliary heads) are seen; modes are restored.
     """
     leaves: set[str] = set()
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.train()
+    with in_mode(model, training=True):
         for _ in range(_MAX_LEAF_RETRIES):
             tracer = _Tracer(leaves)
             try:
@@ -74,6 +73,3 @@ def trace_fx(model: nn.Module) -> tuple[fx.Graph, list[str]]:
                     ) from err
                 leaves.add(culprit)
         raise PruningError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
-    finally:
-        for m, t in modes.items():
-            m.training = t

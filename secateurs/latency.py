@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ._layout import channels_last_only
+from ._modes import in_mode
 from ._state import copy_model
 from ._validation import check_choice, check_scalar
 
@@ -202,17 +203,14 @@ def _timed(models: Mapping[str, nn.Module], example_inputs: Any, repeats: int, w
         raise TypeError("`models` must be a non-empty {name: nn.Module} mapping")
     inputs = _as_inputs(example_inputs)
     threads = check_scalar(threads, "threads", int, min_val=1) if threads is not None else torch.get_num_threads()
-    modes = {id(m): [(s, s.training) for s in m.modules()] for m in models.values()}
-    try:
+    with contextlib.ExitStack() as kept:  # _runner and the export set eval mode; each module's comes back
+        for m in models.values():
+            kept.enter_context(in_mode(m, training=None))
         if runtime == "onnxruntime":
             times = _ort_timed(models, inputs, repeats, warmup, threads)
         else:
             with num_threads(threads), torch.inference_mode():
                 times = time_callables({name: _runner(m, inputs, runtime) for name, m in models.items()}, repeats, warmup)
-    finally:
-        for saved in modes.values():
-            for s, was in saved:
-                s.train(was)
     return times, threads, int(inputs[0].shape[0]) if inputs[0].dim() else 1
 
 

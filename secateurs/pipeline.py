@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ._modes import in_mode
 from ._state import copy_model
 from ._validation import (InvalidArgument, PruningError, check_dataset, check_example_inputs, check_model,
                           check_out_dir, check_scalar)
@@ -108,13 +109,8 @@ def _check_data(model: nn.Module, inputs: tuple, data: Any, val_data: Any) -> No
     if not any(isinstance(getattr(d, "targets", None), torch.Tensor) for d in (data, val_data)):
         return
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs))
-    finally:
-        model.train(was)
+    with in_mode(model, training=False), torch.no_grad():
+        out = model(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs))
     if isinstance(out, torch.Tensor) and out.dim() >= 2:
         for d, name in ((data, "data"), (val_data, "val_data")):
             if isinstance(getattr(d, "targets", None), torch.Tensor):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._modes import in_mode
 from ._validation import PruningError
 from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .depth import Block, block_names
@@ -226,11 +227,9 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    was = model.training
     kind = None
     try:
-        model.eval()
-        with torch.no_grad():
+        with in_mode(model, training=False), torch.no_grad():
             for x, y, total in batches:
                 current.clear()
                 if kind is not None and kind != (y.dim() == 3):
@@ -252,7 +251,6 @@ def block_features(model: nn.Module, blocks: Sequence[Block | str], data: Any, p
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     if not labels.parts:
         raise ValueError("`data` gave no samples")
     out = {n: (np.concatenate(v) if isinstance(v, list) else v[:filled]) for n, v in feats.items()}

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
+from ._modes import in_mode
 from ._state import copy_model
 from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .latency import compare_dense_pruned, runtime_of
@@ -96,14 +97,9 @@ def predictions(model: nn.Module, samples: GuardSamples | None) -> torch.Tensor 
     if samples is None:
         return None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with in_mode(model, training=False):
         x = samples.x.to(device)
         out = _class_scores(predict_padded(model, x) if samples.segmentation else model(x))
-    finally:
-        for m, t in was.items():
-            m.training = t
     if out is None or out.shape[2:] != samples.labelled.shape[1:]:
         return None
     return out.argmax(1).cpu()[samples.labelled]

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._io import atomic_write
+from ._modes import in_mode
 from ._validation import InvalidArgument, check_choice, check_model, check_scalar
 from .data import IGNORE_INDEX, ArrayDataset, Batches
 from .distributed import all_sum, init_distributed, is_main_process
@@ -180,13 +181,11 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
     if seg:  # whole large images: a few at a time
         batch_size = min(batch_size, 4)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was = model.training
-    model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sub = ds if world == 1 else ArrayDataset(ds.name, ds.images[rank::world], ds.targets[rank::world], ds.classes,
                                              ds.task, ds.mean, ds.std)
     stats = None
-    try:
+    with in_mode(model, training=False):
         for x, y in Batches(sub, batch_size, train=False):
             with _autocast(device, amp):
                 out = (predict_padded(model, x.to(device)) if seg else model(x.to(device))).float()
@@ -194,8 +193,6 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
                 check_labels(ds, out.shape[1], "ds")
             s = batch_stats(out.cpu(), y, ds.task, max(2, ds.num_classes))
             stats = s if stats is None else stats + s
-    finally:
-        model.train(was)
     stats = all_sum(stats if stats is not None else torch.zeros(1, dtype=torch.float64))
     return summarize(stats, ds.task, max(2, ds.num_classes))
 
@@ -303,13 +300,9 @@ def _probe(model: nn.Module, train_ds: ArrayDataset, cfg: TrainConfig, device) -
                               pad=cfg.pad if train_ds.task == "classification" else 0)), None)
     if first is None:  # no sample: no step will run either
         return None, None
-    x, was = first[0].to(device), model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _autocast(torch.device(device), cfg.amp):
-            return x, model(x)
-    finally:
-        model.train(was)
+    x = first[0].to(device)
+    with in_mode(model, training=False), torch.no_grad(), _autocast(torch.device(device), cfg.amp):
+        return x, model(x)
 
 
 def _ready_teacher(teacher: nn.Module, x: Any, out: Any, cfg: TrainConfig, device) -> None:
@@ -353,51 +346,51 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
         for ds, name in ((train_ds, "train_ds"), (val_ds, "val_ds")):
             if ds is not None:
                 check_labels(ds, probe.shape[1], name)
-    teacher_was, writer = teacher.training if teacher is not None else False, None
-    try:  # the teacher goes back to its mode and the writer closes, whatever happens in between
-        if teacher is not None:
-            _ready_teacher(teacher, x, probe, cfg, device)
-        images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
-        batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
-                          pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
-                          cutout=cfg.cutout if images_only else 0)
-        if len(batches) == 0:
-            raise ValueError(f"`train_ds` has {len(train_ds)} samples, fewer than one batch (batch_size={cfg.batch_size}"
-                             f"{f' per process of {world}' if world > 1 else ''}): nothing would be trained")
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, len(batches))
-        out = Path(cfg.out_dir) if cfg.out_dir else None
-        ckpt = out / "checkpoint.pt" if out else None
-        start, history = (_resume(ckpt, model, optimizer, scheduler, cfg)
-                          if cfg.resume and ckpt is not None and ckpt.exists() else (0, []))
-        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        if out is not None and is_main_process():
-            out.mkdir(parents=True, exist_ok=True)
-            if cfg.tensorboard:
-                writer = _tensorboard_writer(out / "tb")
-        for epoch in range(start, cfg.num_epochs(len(batches))):
-            t0 = time.perf_counter()
-            losses = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task,
-                                     regularizer, teacher=teacher)
-            row = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[0]["lr"],
-                   "time_s": time.perf_counter() - t0}
-            if val_ds is not None:
-                row.update({f"val_{k}": v for k, v in evaluate(model, val_ds, device=device, amp=cfg.amp).items()})
-            if hasattr(regularizer, "stats"):  # e.g. the current MACs of a model being pruned
-                row.update(regularizer.stats())
-            history.append(row)
-            if is_main_process():
-                _record(row, history, writer, out, model, optimizer, scheduler, cfg)
-            if world > 1:
-                dist.barrier()
-            if getattr(regularizer, "done", False):
-                break
-        return history
-    finally:
-        if writer is not None:
-            writer.close()
-        if teacher is not None:
-            teacher.train(teacher_was)
+    writer = None
+    # the teacher goes back to its modes and the writer closes, whatever happens in between
+    with in_mode(teacher, training=None) if teacher is not None else contextlib.nullcontext():
+        try:
+            if teacher is not None:
+                _ready_teacher(teacher, x, probe, cfg, device)
+            images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
+            batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
+                              pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
+                              cutout=cfg.cutout if images_only else 0)
+            if len(batches) == 0:
+                raise ValueError(f"`train_ds` has {len(train_ds)} samples, fewer than one batch (batch_size={cfg.batch_size}"
+                                 f"{f' per process of {world}' if world > 1 else ''}): nothing would be trained")
+            optimizer = make_optimizer(model, cfg)
+            scheduler = make_scheduler(optimizer, cfg, len(batches))
+            out = Path(cfg.out_dir) if cfg.out_dir else None
+            ckpt = out / "checkpoint.pt" if out else None
+            start, history = (_resume(ckpt, model, optimizer, scheduler, cfg)
+                              if cfg.resume and ckpt is not None and ckpt.exists() else (0, []))
+            net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+            if out is not None and is_main_process():
+                out.mkdir(parents=True, exist_ok=True)
+                if cfg.tensorboard:
+                    writer = _tensorboard_writer(out / "tb")
+            for epoch in range(start, cfg.num_epochs(len(batches))):
+                t0 = time.perf_counter()
+                losses = train_one_epoch(net, batches, optimizer, scheduler, cfg, device, epoch, train_ds.task,
+                                         regularizer, teacher=teacher)
+                row = {"epoch": epoch + 1, **losses, "lr": optimizer.param_groups[0]["lr"],
+                       "time_s": time.perf_counter() - t0}
+                if val_ds is not None:
+                    row.update({f"val_{k}": v for k, v in evaluate(model, val_ds, device=device, amp=cfg.amp).items()})
+                if hasattr(regularizer, "stats"):  # e.g. the current MACs of a model being pruned
+                    row.update(regularizer.stats())
+                history.append(row)
+                if is_main_process():
+                    _record(row, history, writer, out, model, optimizer, scheduler, cfg)
+                if world > 1:
+                    dist.barrier()
+                if getattr(regularizer, "done", False):
+                    break
+            return history
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def _record(row: dict, history: list[dict], writer, out: Path | None, model, optimizer, scheduler,
