@@ -105,13 +105,16 @@ def predictions(model: nn.Module, samples: GuardSamples | None) -> torch.Tensor 
     return out.argmax(1).cpu()[samples.labelled]
 
 
-def collapse_guard(model: nn.Module, samples: GuardSamples | None, report: dict, before: torch.Tensor | None) -> None:
+def collapse_guard(model: nn.Module, samples: GuardSamples | None, report: dict, before: torch.Tensor | None,
+                   trained: bool = True) -> None:
     """A loud warning (stderr and the report) when the pruned model predicts one class for every
     one of ``samples`` (images, or labelled pixels), where the unpruned model (its
     :func:`predictions` before the cut, ``before``) clearly beat that constant answer: a layer
     narrowed until all its units died (a ReLU with no norm after it, cut to a channel or two)
     leaves a constant model, which a MACs target, unlike a tolerance, never notices. An untrained
-    model, no better than a constant to begin with, is not blamed on the cut."""
+    model, no better than a constant to begin with, is not blamed on the cut. ``trained=False`` (no
+    fine-tuning and no training method after the cut) advises fine-tuning first: a deep one-shot cut
+    often answers one class until then, and fine-tuning is what recovers it."""
     if samples is None or before is None:
         return
     after = predictions(model, samples)
@@ -121,13 +124,16 @@ def collapse_guard(model: nn.Module, samples: GuardSamples | None, report: dict,
     if wrong_after == 0 or wrong_before > 0.75 * wrong_after:  # the constant was right, or as good
         return
     what, n = "labelled pixel" if samples.segmentation else "image", len(samples.x)
+    cause = ("a layer was probably cut too narrow for its units to survive (see the report's widths); keep more "
+             "of each layer (min_width, --min-width), prune less, or prune with a tolerance on held-out data")
+    if not trained:  # what a fine-tuning recovers is not yet a verdict on the cut
+        cause = ("nothing was trained after the cut, and a deep one-shot cut often does this until it is fine-tuned "
+                 f"(finetune=..., --finetune-epochs); if it stays collapsed after that, {cause}")
     msg = (f"WARNING: the pruned model has COLLAPSED: it predicts class {int(after[0])} for every {what} of {n} "
            f"{samples.name} images ({100 * (1 - wrong_after):.1f}% right; the unpruned model "
-           f"{100 * (1 - wrong_before):.1f}%). A layer was probably cut too narrow for its units to survive (see the "
-           "report's widths); keep more of each layer (min_width, --min-width), prune less, or prune with a "
-           "tolerance on held-out data")
+           f"{100 * (1 - wrong_before):.1f}%): {cause}")
     report["collapsed"] = {"predicted_class": int(after[0]), "images": n, "accuracy_before": 1 - wrong_before,
-                           "accuracy_after": 1 - wrong_after}
+                           "accuracy_after": 1 - wrong_after, "trained_after_cut": trained}
     report.setdefault("warnings", []).append(msg)
     print(msg, file=sys.stderr, flush=True)
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 import secateurs
 from secateurs.data import IGNORE_INDEX, ArrayDataset, Batches
 from secateurs.report import collapse_guard, guard_samples, predictions
+from secateurs.train import TrainConfig
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -67,6 +68,20 @@ def test_a_cut_that_kills_the_last_live_channel_is_reported_as_collapsed(capsys)
     assert any("COLLAPSED" in w for w in report["warnings"])
     assert "COLLAPSED" in capsys.readouterr().err
     assert "COLLAPSED" in secateurs.report.format_table(report)
+
+
+def test_a_collapse_with_no_training_after_the_cut_advises_fine_tuning_first():
+    """A one-shot cut is often constant until fine-tuned: the advice says so, and a collapse that
+    survived fine-tuning (here a learning rate too small to move anything) blames the widths alone."""
+    net, ds = _task()
+    _, report = secateurs.prune(net, X, "l1", 0.8, val_data=ds, latency_guard=False)
+    assert report["collapsed"]["trained_after_cut"] is False
+    assert "nothing was trained after the cut" in report["warnings"][0]
+    net, ds = _task()
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-12, quiet=True, distill=0.0)
+    _, report = secateurs.prune(net, X, "l1", 0.8, data=ds, val_data=ds, finetune=cfg, latency_guard=False)
+    assert report["collapsed"]["trained_after_cut"] is True
+    assert "nothing was trained" not in report["warnings"][0] and "cut too narrow" in report["warnings"][0]
 
 
 def test_a_healthy_prune_is_not_flagged():
