@@ -101,19 +101,20 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
     kept_steps = [r for r in rep["steps"][1:] if not r.get("reverted")]
     epochs = args.iw_epochs + args.ft_epochs * len(kept_steps)
     out = {"iw": _measure(iw, test, held, args.metric, save(f"{kind}_iw"))}
+    # the collapse guard's verdict (secateurs.report.collapse_guard): one class for every labelled pixel
     out["iw"].update(steps=len(kept_steps), stopped=rep.get("stopped") or ("" if kept_steps else "no step kept"),
-                     epochs=epochs,
+                     epochs=epochs, collapsed="collapsed" in rep,
                      time_s=round(time.perf_counter() - t0, 1),
                      held_after_alpha=round(rep["method_output"].get("iw_metric_trained") or float("nan"), 3),
                      curve=[{"step": r["step"], "macs": r["macs"] / rep["before"]["macs"], "metric": r["metric"],
                              "reverted": bool(r.get("reverted"))} for r in rep["steps"]])
     t0 = time.perf_counter()
     kept = rep["after"]["macs"] / rep["before"]["macs"]
-    l1, _ = secateurs.prune(copy.deepcopy(base), x, "l1", {"macs": kept}, data=train,
+    l1, rep = secateurs.prune(copy.deepcopy(base), x, "l1", {"macs": kept}, data=train,
                             finetune=finetune_config(setup, args, epochs, seed), out_dir=work / name / f"s{seed}_{kind}_l1",
                             resume=True, latency_guard=False)
     out["l1"] = _measure(l1, test, held, args.metric, save(f"{kind}_l1"))
-    out["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1))
+    out["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1), collapsed="collapsed" in rep)
     return out
 
 
@@ -215,7 +216,7 @@ def _rows(name: str, r: dict, kind: str) -> list[str]:
         speed = [_speedup(lat.get(s, {}), f"{kind}_{m}") for s in ("256", "512")]
         size = (f"{b['file_bytes'] / ps[0]['file_bytes']:.1f}x smaller" if "file_bytes" in ps[0] and "file_bytes" in b
                 else "-")
-        out.append(f"| | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {label} | "
+        out.append(f"| | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {label}{f' (**{_collapsed(ps)}**)' if _collapsed(ps) else ''} | "
                    f"{_stat([100 * p['macs_256'] / b['macs_256'] for p in ps], '{:.1f}')}% | "
                    f"{_stat([100 * p['params'] / b['params'] for p in ps], '{:.1f}')}% | {size} | {speed[0]} | {speed[1]} | "
                    + " | ".join(_stat([p[k] for p in ps]) for k in METRICS)
@@ -223,6 +224,13 @@ def _rows(name: str, r: dict, kind: str) -> list[str]:
     d = [run["iw"]["iou"] - run["l1"]["iou"] for run in runs]
     out.append(f"| | | *importance weights - L1, IoU (paired)* | | | | | | | {_stat(d)} | | | | |")
     return out
+
+
+def _collapsed(runs: list[dict]) -> str:
+    """Runs the collapse guard flagged (one class for every labelled pixel); '' where it never fired
+    or the results predate it."""
+    n = sum(bool(r.get("collapsed")) for r in runs)
+    return f"{n} of {len(runs)} collapsed" if n else ""
 
 
 def _seeds(results: dict) -> list[int]:
@@ -258,7 +266,12 @@ def write_markdown(results: dict, args, path: Path) -> None:
         "256x256; latency: seed 0's models' speed-up over the unpruned model, batch 1, PyTorch eager on this CPU, "
         + (f"the median of {args.latency_repeats} per-round ratios (each round times both back to back) and its 95% "
            "interval." if paired else f"the ratio of the medians of {args.latency_repeats} interleaved rounds (an "
-           "earlier harness; a re-run with the seed-0 models measures the paired ratio)."), "",
+           "earlier harness; a re-run with the seed-0 models measures the paired ratio).")
+        + (" A method's row counts the runs the collapse guard flagged (the pruned model predicts one class for "
+           "every labelled pixel of its few guard images, where the unpruned one did clearly better): their IoU "
+           "is in the mean." if any("collapsed" in run.get(m_, {}) for r in results.values()
+                                    for v in r["runs"].values() for run in v.values() for m_ in ("iw", "l1"))
+           else " (These results predate the collapse guard: a collapsed run shows as an IoU near 0.)"), "",
         "| model | run | method | MACs | params | file | latency b1 256 | latency b1 512 | pixel acc | IoU | Dice "
         "| IoU drop | epochs | seeds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -346,7 +359,7 @@ def claim_line(results: dict, fixed: float) -> str:
         verdict = ("within 1 point" if iou[0] + iou[1] <= 1.0 else "within 1 point on average only" if iou[0] <= 1.0
                    else "more than 1 point")
         parts.append(f"{name} at {kept}% MACs: IoU {iou[0]:+.2f} +- {iou[1]:.2f} ({verdict}), pixel accuracy "
-                     f"{acc[0]:+.2f} +- {acc[1]:.2f} ({len(runs)} seeds)")
+                     f"{acc[0]:+.2f} +- {acc[1]:.2f} ({', '.join(filter(None, (f'{len(runs)} seeds', _collapsed(runs))))})")
     return (f"**At {fixed:.0%} of the MACs (the paper's -{1 - fixed:.0%}), importance weights' drops (unpruned - "
             "pruned, points):** " + ("; ".join(parts) if parts else "not run yet") + ".")
 
