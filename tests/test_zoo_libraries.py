@@ -210,3 +210,38 @@ def test_block_removal_on_every_library_model(family, name):
     assert [t.shape for t in out] == [t.shape for t in ref]
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+GUARDED = [("timm", "efficientnet_b1", 64), ("smp", "FPN:mobilenet_v2", 64)]
+
+
+@pytest.mark.parametrize("family,name,size", GUARDED, ids=[f"{f}-{n}" for f, n, _ in GUARDED])
+def test_the_collapse_guard_reads_library_models(family, name, size):
+    """A timm classifier's logits and an smp network's per-pixel scores are read by the collapse
+    guard: the prune given data runs it without a 'could not run', and a pruned model forced to
+    answer one class is flagged."""
+    pytest.importorskip(LIBS[family])
+    from secateurs.data import ArrayDataset
+    from secateurs.report import collapse_guard, guard_samples, predictions
+
+    case = _small(family, name, size)
+    m, x = case.model.eval(), case.inputs
+    images = torch.randint(0, 256, (8, 3, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    blank = ArrayDataset("toy", images, torch.zeros(8, dtype=torch.long), [], mean=(0.5,) * 3, std=(0.25,) * 3)
+    with torch.no_grad():  # labels: what the unpruned model answers, so it is right on every sample
+        out = m((images.float() / 255 - 0.5) / 0.25)
+    labels = out.argmax(1)
+    task = "segmentation" if family == "smp" else "classification"
+    ds = ArrayDataset("toy", images, labels, [str(c) for c in range(out.shape[1])], task, blank.mean, blank.std)
+    samples = guard_samples(ds)
+    before = predictions(m, samples)
+    assert before is not None and torch.equal(before, samples.y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, report = secateurs.prune(m, x, target={"ratio": 0.5}, data=ds, latency_guard=False)
+    assert not any("could not run" in w for w in report.get("warnings", [])), report["warnings"]
+    wrong = (int(samples.y.mode().values) + 1) % out.shape[1]  # not the unpruned model's most common answer
+    pruned.register_forward_hook(lambda mod, args, y: torch.zeros_like(y).index_fill_(1, torch.tensor([wrong]), 1.0))
+    report = {}
+    collapse_guard(pruned, samples, report, before)
+    assert report["collapsed"]["predicted_class"] == wrong
