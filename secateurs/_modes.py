@@ -15,9 +15,9 @@ def in_mode(model: nn.Module, training: bool | None = False) -> Iterator[nn.Modu
     in training mode) must come back frozen from a check forward, a criterion or an evaluation.
     ``training=None`` changes nothing on entry (the caller sets modes) and still restores them."""
     was = [(m, m.training) for m in model.modules()]
-    if training is not None:
-        model.train(training)
-    try:
+    try:  # an overridden train() that raises part-way is undone too
+        if training is not None:
+            model.train(training)
         yield model
     finally:
         for m, t in was:

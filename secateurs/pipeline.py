@@ -183,7 +183,7 @@ def _finish_report(run: _Run, t_all: float, dense: nn.Module | None) -> dict:
     if cut and run.predictions0 is not None:  # None: nothing the guard can read, or not the first process
         try:
             collapse_guard(run.model, run.samples, report, run.predictions0,
-                           trained=run.req.finetune is not None or run.req.how.trains)
+                           trained=run.req.finetune is not None)
         except Exception as err:  # noqa: BLE001
             _guard_failed(report, "the collapse guard could not run the pruned model", err)
     if dense is not None and cut:

@@ -113,8 +113,8 @@ def collapse_guard(model: nn.Module, samples: GuardSamples | None, report: dict,
     narrowed until all its units died (a ReLU with no norm after it, cut to a channel or two)
     leaves a constant model, which a MACs target, unlike a tolerance, never notices. An untrained
     model, no better than a constant to begin with, is not blamed on the cut. ``trained=False`` (no
-    fine-tuning and no training method after the cut) advises fine-tuning first: a deep one-shot cut
-    often answers one class until then, and fine-tuning is what recovers it."""
+    fine-tuning after the cut; a training method such as HFP trains before it) advises fine-tuning
+    first: a deep one-shot cut often answers one class until then, and fine-tuning recovers it."""
     if samples is None or before is None:
         return
     after = predictions(model, samples)

@@ -84,6 +84,17 @@ def test_a_collapse_with_no_training_after_the_cut_advises_fine_tuning_first():
     assert "nothing was trained" not in report["warnings"][0] and "cut too narrow" in report["warnings"][0]
 
 
+def test_a_method_that_trains_before_its_cut_is_not_counted_as_trained_after_it(monkeypatch):
+    """importance-weights trains its weights, then cuts: with no fine-tuning nothing trains after the cut."""
+    seen = []
+    real = secateurs.pipeline.collapse_guard
+    monkeypatch.setattr(secateurs.pipeline, "collapse_guard", lambda *a, **kw: seen.append(kw["trained"]) or real(*a, **kw))
+    net, ds = _task()
+    ds = ArrayDataset("toy", ds.images.repeat(3, 1, 1, 1), ds.targets.repeat(3), ds.classes, mean=ds.mean, std=ds.std)
+    secateurs.prune(net, X, "importance-weights", 0.8, data=ds, latency_guard=False, method_options={"epochs": 1})
+    assert seen == [False]
+
+
 def test_a_healthy_prune_is_not_flagged():
     net, ds = _task()
     with torch.no_grad():  # the dead channels now alive and weak: L1 cuts one of them, the live one stays
