@@ -216,7 +216,7 @@ def _rows(name: str, r: dict, kind: str) -> list[str]:
         speed = [_speedup(lat.get(s, {}), f"{kind}_{m}") for s in ("256", "512")]
         size = (f"{b['file_bytes'] / ps[0]['file_bytes']:.1f}x smaller" if "file_bytes" in ps[0] and "file_bytes" in b
                 else "-")
-        out.append(f"| | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {label}{f' (**{_collapsed(ps)}**)' if _collapsed(ps) else ''} | "
+        out.append(f"| | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {_flagged(label, ps)} | "
                    f"{_stat([100 * p['macs_256'] / b['macs_256'] for p in ps], '{:.1f}')}% | "
                    f"{_stat([100 * p['params'] / b['params'] for p in ps], '{:.1f}')}% | {size} | {speed[0]} | {speed[1]} | "
                    + " | ".join(_stat([p[k] for p in ps]) for k in METRICS)
@@ -231,6 +231,11 @@ def _collapsed(runs: list[dict]) -> str:
     or the results predate it."""
     n = sum(bool(r.get("collapsed")) for r in runs)
     return f"{n} of {len(runs)} collapsed" if n else ""
+
+
+def _flagged(label: str, runs: list[dict]) -> str:
+    """A method's table label, with the runs the collapse guard flagged counted beside it."""
+    return f"{label} (**{_collapsed(runs)}**)" if _collapsed(runs) else label
 
 
 def _seeds(results: dict) -> list[int]:
@@ -313,7 +318,7 @@ def seg_summary(results: dict) -> list[str]:
             d = _stat([run["iw"]["iou"] - run["l1"]["iou"] for run in runs])
             for m, label in (("iw", "importance weights"), ("l1", "L1")):
                 ps = [run[m] for run in runs]
-                L.append(f"| {name} | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {label} | "
+                L.append(f"| {name} | {'tolerance' if kind == 'tol' else 'fixed MACs'} | {_flagged(label, ps)} | "
                          f"{_stat([100 * p['macs_256'] / b['macs_256'] for p in ps], '{:.1f}')}% | "
                          f"{_stat([p['iou'] for p in ps])} | {_stat([b['iou'] - p['iou'] for p in ps])} | "
                          f"{d if m == 'iw' else ''} | {len(ps)} |")

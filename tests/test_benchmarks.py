@@ -133,13 +133,15 @@ def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
 
 
 def test_segmentation_report_counts_the_runs_the_collapse_guard_flagged():
-    from benchmarks.segmentation import _rows, claim_line
+    from benchmarks.segmentation import _rows, claim_line, seg_summary
 
     res = _seg_results([0.5, 1.0, 1.5], [2.5, 2.0, 3.5])
     res["unet16_isbi2012"]["runs"]["1"]["fixed"]["iw"]["collapsed"] = True
     assert "(3 seeds, 1 of 3 collapsed)" in claim_line(res, 0.15)
     rows = _rows("unet16_isbi2012", res["unet16_isbi2012"], "fixed")
     assert "| importance weights (**1 of 3 collapsed**) |" in rows[0] and "collapsed" not in rows[1]
+    short = seg_summary(res)  # BENCHMARKS.md's table too
+    assert "| fixed MACs | importance weights (**1 of 3 collapsed**) |" in short[2] and "collapsed" not in short[3]
 
 
 def test_a_change_to_importance_weights_is_paired_by_seed():
