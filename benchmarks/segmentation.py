@@ -110,11 +110,11 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
                              "reverted": bool(r.get("reverted"))} for r in rep["steps"]])
     t0 = time.perf_counter()
     kept = rep["after"]["macs"] / rep["before"]["macs"]
-    l1, rep = secateurs.prune(copy.deepcopy(base), x, "l1", {"macs": kept}, data=train,
-                            finetune=finetune_config(setup, args, epochs, seed), out_dir=work / name / f"s{seed}_{kind}_l1",
-                            resume=True, latency_guard=False)
+    l1, rep_l1 = secateurs.prune(copy.deepcopy(base), x, "l1", {"macs": kept}, data=train,
+                                 finetune=finetune_config(setup, args, epochs, seed),
+                                 out_dir=work / name / f"s{seed}_{kind}_l1", resume=True, latency_guard=False)
     out["l1"] = _measure(l1, test, held, args.metric, save(f"{kind}_l1"))
-    out["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1), collapsed="collapsed" in rep)
+    out["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1), collapsed="collapsed" in rep_l1)
     return out
 
 
@@ -235,7 +235,14 @@ def _collapsed(runs: list[dict]) -> str:
 
 def _flagged(label: str, runs: list[dict]) -> str:
     """A method's table label, with the runs the collapse guard flagged counted beside it."""
-    return f"{label} (**{_collapsed(runs)}**)" if _collapsed(runs) else label
+    flagged = _collapsed(runs)
+    return f"{label} (**{flagged}**)" if flagged else label
+
+
+def _guarded(results: dict) -> bool:
+    """Whether these results carry the collapse guard's verdicts (runs made before it do not)."""
+    return any("collapsed" in pair[m] for r in results.values() for runs in r["runs"].values()
+               for pair in runs.values() for m in ("iw", "l1"))
 
 
 def _seeds(results: dict) -> list[int]:
@@ -274,8 +281,7 @@ def write_markdown(results: dict, args, path: Path) -> None:
            "earlier harness; a re-run with the seed-0 models measures the paired ratio).")
         + (" A method's row counts the runs the collapse guard flagged (the pruned model predicts one class for "
            "every labelled pixel of its few guard images, where the unpruned one did clearly better): their IoU "
-           "is in the mean." if any("collapsed" in run.get(m_, {}) for r in results.values()
-                                    for v in r["runs"].values() for run in v.values() for m_ in ("iw", "l1"))
+           "is in the mean." if _guarded(results)
            else " (These results predate the collapse guard: a collapsed run shows as an IoU near 0.)"), "",
         "| model | run | method | MACs | params | file | latency b1 256 | latency b1 512 | pixel acc | IoU | Dice "
         "| IoU drop | epochs | seeds |",
