@@ -3,7 +3,9 @@
 Two models timed minutes apart on a shared CPU can differ by more than pruning saves, so models
 that are compared are timed *interleaved* (one forward of each in turn, the order rotated every
 round) after a warm-up, and each gets the median of its rounds with a distribution-free 95%
-interval of that median (order statistics), the thread count and the runtime it ran on.
+interval of that median (order statistics), the thread count and the runtime it ran on. Every
+round runs on a heap that keeps its freed pages (``secateurs._heap``): glibc otherwise hands them
+back, and which model then pays the page faults depended on what had run before.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from ._heap import steady_heap
 from ._layout import channels_last_only
 from ._modes import in_mode
 from ._state import copy_model
@@ -265,17 +268,19 @@ def num_threads(n: int) -> Iterator[None]:
 
 
 def time_callables(run: Mapping[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of every call of each callable, run in rounds with a rotating order."""
+    """Seconds of every call of each callable, run in rounds with a rotating order, on a heap that
+    keeps its pages (``secateurs._heap``: else a forward's time depends on what ran before it)."""
     names = list(run)
-    for _ in range(warmup):
-        for name in names:
-            run[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model always runs first
-            t0 = time.perf_counter()
-            run[name]()
-            times[name].append(time.perf_counter() - t0)
+    with steady_heap():
+        for _ in range(warmup):
+            for name in names:
+                run[name]()
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model always runs first
+                t0 = time.perf_counter()
+                run[name]()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 

@@ -37,7 +37,7 @@ def default_cache_dir() -> Path:
     return Path(root) / "latency"
 
 
-_FORMAT = 2  # the cache layout and what a layer's key describes: a change starts new files
+_FORMAT = 3  # the cache layout, what a layer's key describes and how it is timed (3: on a steady heap): a change starts new files
 
 
 def _machine_key(threads: int, runtime: str, device: torch.device) -> str:

@@ -3,9 +3,11 @@ No assertion on how fast anything is: the clock is replaced where a number is ch
 from __future__ import annotations
 
 import copy
+import ctypes
 import itertools
 import math
 import json
+import platform
 
 import pytest
 import torch
@@ -37,6 +39,33 @@ def test_models_run_interleaved_with_a_rotating_order():
     assert len(rounds) == 6 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
     assert {r[0] for r in rounds} == {"a", "b", "c"}, "every model leads some rounds"
     assert set(out) == {"a", "b", "c"} and all(t.repeats == 6 and t.batch == 1 for t in out.values())
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_free_bytes() -> int:
+    """Bytes glibc holds free in its heap (``mallinfo2().fordblks``): memory kept, not handed back."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+    return libc.mallinfo2().fordblks
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.libc_ver()[1] < "2.33",
+                    reason="glibc's heap (mallinfo2 since 2.33)")
+def test_rounds_run_on_a_heap_that_keeps_what_a_forward_freed():
+    """A 64 MiB buffer is past glibc's largest mmap threshold: freed, it goes back to the kernel and
+    the next round page-faults it in afresh, unless the harness keeps the heap's pages."""
+    seen = []
+
+    def forward():
+        seen.append(_heap_free_bytes())
+        torch.empty(16 << 20).fill_(1.0)  # 64 MiB, written as an activation is, then freed
+
+    latency.time_callables({"f": forward}, repeats=6, warmup=1)
+    assert min(seen[1:]) >= 64 << 20, "each round after the first finds the last round's buffer kept"
 
 
 def test_median_and_its_interval_from_order_statistics(monkeypatch):
