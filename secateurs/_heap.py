@@ -37,20 +37,26 @@ def _libc():
 
 
 _LIBC = _libc()
+_depth = 0
 
 
 @contextlib.contextmanager
 def steady_heap() -> Iterator[bool]:
     """Keep freed memory in the heap for the block (yields whether it could: glibc only; elsewhere a
     no-op), then hand what it held back to the kernel."""
+    global _depth
     if _LIBC is None:
         yield False
         return
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, _HOLD)
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, _HOLD)
+    if _depth == 0:
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, _HOLD)
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _HOLD)
+    _depth += 1
     try:
         yield True
     finally:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
-        _LIBC.malloc_trim(0)
+        _depth -= 1
+        if _depth == 0:  # a nested block leaves the outer one's rounds on the steady heap
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+            _LIBC.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+            _LIBC.malloc_trim(0)

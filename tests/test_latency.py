@@ -725,3 +725,16 @@ def test_a_channels_last_input_stays_channels_last_at_every_batch(monkeypatch):
                                  batches=(1, 4), repeats=6)
     latency.compare_dense_pruned(m, m, torch.randn(1, 3, 8, 8), batches=(4,), repeats=6)
     assert seen == [(1, False, True), (4, False, True), (4, True, False)]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.libc_ver()[1] < "2.33",
+                    reason="glibc's heap (mallinfo2 since 2.33)")
+def test_a_nested_steady_heap_leaves_the_outer_one_steady():
+    from secateurs._heap import steady_heap
+
+    with steady_heap() as held:
+        assert held
+        with steady_heap():
+            pass
+        torch.empty(16 << 20).fill_(1.0)  # 64 MiB freed after the inner block ended
+        assert _heap_free_bytes() >= 64 << 20
