@@ -302,7 +302,11 @@ def compare_dense_pruned(dense: nn.Module, pruned: nn.Module, example_inputs: An
 
     ``speedup`` is the median of the per-round ratios dense / pruned (the two ran back to back, so a
     slow spell of a shared machine falls on both), with its 95% interval; ``slower`` lists the batch
-    sizes where that interval lies below 1, which the report and the CLI state loudly. ``max_seconds``
+    sizes where that interval lies below 1, which the report and the CLI state loudly; a batch that
+    comes out slower is timed once more, and is called slower only if that timing agrees (a slow spell
+    of a shared machine can fall unevenly on the two models for a whole timing: the same 32px ResNet-56
+    read 0.95x in one onnxruntime timing and 1.10x in three fresh processes), its row then holding the
+    second timing and ``first_speedup``. ``max_seconds``
     bounds the guard's time: the first batch size is always timed; a later one whose estimate
     (the slower model's time per sample at the first x batch x rounds x 2 models) would pass the
     bound goes to ``skipped`` instead of being timed with fewer rounds (a U-Net on 700x1100 frames
@@ -319,16 +323,26 @@ def compare_dense_pruned(dense: nn.Module, pruned: nn.Module, example_inputs: An
             if time.perf_counter() - t0 + estimate > max_seconds:
                 out["skipped"].append({"batch": b, "estimated_s": round(estimate, 1)})
                 continue
-        times, out["threads"], _ = _timed({"dense": dense, "pruned": pruned}, xb, repeats, 5, threads, runtime)
-        (d, d_lo, d_hi), (p, p_lo, p_hi) = _median_interval(times["dense"]), _median_interval(times["pruned"])
-        speedup, s_lo, s_hi = _paired(times["dense"], times["pruned"])
-        per_sample = per_sample or max(d, p) / b
-        out["rows"].append({"batch": b, "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p,
-                            "dense_interval_ms": [1e3 * d_lo, 1e3 * d_hi], "pruned_interval_ms": [1e3 * p_lo, 1e3 * p_hi],
-                            "speedup": speedup, "speedup_interval": [s_lo, s_hi]})
-        if s_hi < 1.0:
+        row, out["threads"] = _guard_row(dense, pruned, xb, b, repeats, threads, runtime)
+        per_sample = per_sample or max(row["dense_ms"], row["pruned_ms"]) / 1e3 / b
+        if row["speedup_interval"][1] < 1.0:  # slower: confirmed by a second timing, or not reported
+            first = row["speedup"]
+            row, _ = _guard_row(dense, pruned, xb, b, repeats, threads, runtime)
+            row["first_speedup"] = first
+        out["rows"].append(row)
+        if row["speedup_interval"][1] < 1.0:
             out["slower"].append(b)
     return out
+
+
+def _guard_row(dense: nn.Module, pruned: nn.Module, xb: Any, b: int, repeats: int, threads: int | None,
+               runtime: str) -> tuple[dict[str, Any], int]:
+    times, threads, _ = _timed({"dense": dense, "pruned": pruned}, xb, repeats, 5, threads, runtime)
+    (d, d_lo, d_hi), (p, p_lo, p_hi) = _median_interval(times["dense"]), _median_interval(times["pruned"])
+    speedup, s_lo, s_hi = _paired(times["dense"], times["pruned"])
+    return {"batch": b, "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p,
+            "dense_interval_ms": [1e3 * d_lo, 1e3 * d_hi], "pruned_interval_ms": [1e3 * p_lo, 1e3 * p_hi],
+            "speedup": speedup, "speedup_interval": [s_lo, s_hi]}, threads
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:

@@ -151,6 +151,26 @@ def test_guard_flags_a_pruned_model_that_is_slower(monkeypatch):
     assert out["rows"][1]["dense_interval_ms"] == pytest.approx([1000, 2000])  # unpaired medians keep it
 
 
+def test_guard_times_a_slower_batch_again_and_reports_only_what_the_second_timing_confirms(monkeypatch):
+    """A spell that falls on the pruned model for one whole timing is not a slower model; one that is
+    slower in both timings is."""
+    calls = []
+
+    def fake(models, x, repeats, warmup, threads, runtime):
+        b = x.shape[0]
+        calls.append(b)
+        first = calls.count(b) == 1
+        ratio = {1: 1.2 if first else 0.8, 8: 1.2}[b]  # batch 1: slower once; batch 8: slower twice
+        return {"dense": [1.0] * repeats, "pruned": [ratio] * repeats}, 2, b
+
+    monkeypatch.setattr(latency, "_timed", fake)
+    out = compare_dense_pruned(nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8))
+    assert calls == [1, 1, 8, 8] and out["slower"] == [8]
+    b1, b8 = out["rows"]
+    assert b1["speedup"] == pytest.approx(1.25) and b1["first_speedup"] == pytest.approx(1 / 1.2)
+    assert b8["speedup"] == pytest.approx(1 / 1.2) and b8["first_speedup"] == pytest.approx(1 / 1.2)
+
+
 def test_guard_feeds_every_input_of_a_model_with_several():
     class Two(nn.Module):
         def __init__(self, width):
