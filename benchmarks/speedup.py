@@ -22,6 +22,7 @@ Usage::
     python -m benchmarks.speedup                          # writes docs/speedup.md and docs/speedup.csv
     python -m benchmarks.speedup --models cifar_resnet20 --repeats 10 --out /tmp/s
     python -m benchmarks.speedup --models torchvision:mobilenet_v2 --processes 3 --resume --out docs/speedup_mbv2
+    python -m benchmarks.speedup --models cifar_resnet20 cifar_resnet56 --processes 3 --out docs/speedup_cifar
 """
 from __future__ import annotations
 
