@@ -47,8 +47,10 @@ def latency_guard(dense: nn.Module, model: nn.Module, x: Any, report: dict, thre
     if guard["slower"]:
         rows = [r for r in guard["rows"] if r["batch"] in guard["slower"]]
         msg = ("WARNING: the pruned model is SLOWER than the dense one on this machine at batch "
-               + ", ".join(f"{r['batch']} ({r['pruned_ms']:.2f} ms vs {r['dense_ms']:.2f} ms)" for r in rows)
-               + " in two timings; widths on the hardware's steps (round_to='auto', --round-to auto) or a latency target "
+               + ", ".join(f"{r['batch']} ({r['pruned_ms']:.2f} ms vs {r['dense_ms']:.2f} ms, "
+                           f"{'in two timings' if r.get('timings') == 2 else 'one timing: a second would pass the time bound'})"
+                           for r in rows)
+               + "; widths on the hardware's steps (round_to='auto', --round-to auto) or a latency target "
                "(target={'latency': ...}, --latency) spend the cut where it buys time")
         report.setdefault("warnings", []).append(msg)
         print(msg, file=sys.stderr, flush=True)
