@@ -251,7 +251,7 @@ def test_speedup_goal_judges_the_issues_models_and_runtimes_and_lists_the_rest(t
     assert "channels_last" not in judged and "b8" not in judged
     beyond = next(line for line in text.splitlines() if line.startswith("- Outside"))
     assert "cifar_resnet20 eager b1 (0.45" in beyond and "torchvision:resnet50 channels_last b8 (0.6" in beyond
-    assert "measurably slower than dense (its paired speed-up interval below 1): cifar_resnet20" in text
+    assert "measurably slower than dense (its paired speed-up interval below 1 in two timings, the CSV's `timing_speedups`): cifar_resnet20" in text
     assert "` on Timing CPU 9000 (" in text  # where the rows were timed, not where the report is written
 
 
