@@ -49,17 +49,23 @@ def test_guard_times_a_slower_batch_again_and_reports_only_what_the_second_timin
     assert b8["timing_speedups"] == pytest.approx([1 / 1.2, 1 / 1.2]) and b8["speedup_interval"][1] < 1
 
 
-def test_a_second_timing_that_would_pass_the_bound_is_not_run(monkeypatch):
-    """1.2 s a sample, slower: timing batch 1 again is estimated at 84 s, which fits a 200 s bound
-    and not an 80 s one, where the verdict stands unconfirmed (batch 8 is left out of both)."""
+def _seconds_per_sample(monkeypatch, pruned: float):
+    """A clock where the dense model takes 1 s a sample and the pruned one ``pruned`` s: the batch
+    sizes timed (a list that fills as the guard runs) and the models and input to guard."""
     calls = []
 
     def fake(models, x, repeats, warmup, threads, runtime):
         calls.append(x.shape[0])
-        return {"dense": [1.0 * x.shape[0]] * repeats, "pruned": [1.2 * x.shape[0]] * repeats}, 2, x.shape[0]
+        return {"dense": [1.0 * x.shape[0]] * repeats, "pruned": [pruned * x.shape[0]] * repeats}, 2, x.shape[0]
 
     monkeypatch.setattr(latency, "_timed", fake)
-    dense, pruned, x = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    return calls, (nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8))
+
+
+def test_a_second_timing_that_would_pass_the_bound_is_not_run(monkeypatch):
+    """1.2 s a sample, slower: timing batch 1 again is estimated at 84 s, which fits a 200 s bound
+    and not an 80 s one, where the verdict stands unconfirmed (batch 8 is left out of both)."""
+    calls, (dense, pruned, x) = _seconds_per_sample(monkeypatch, pruned=1.2)
     out = compare_dense_pruned(dense, pruned, x, max_seconds=80)
     assert calls == [1] and out["slower"] == [1] and out["rows"][0]["confirmed"] is False
     calls.clear()
@@ -85,14 +91,7 @@ def test_guard_leaves_out_a_batch_that_would_pass_its_time_bound(monkeypatch):
     only and says so; the report's table names the batch left out."""
     from secateurs.report import format_table
 
-    timed = []
-
-    def fake(models, x, repeats, warmup, threads, runtime):
-        timed.append(x.shape[0])
-        return {"dense": [1.0 * x.shape[0]] * repeats, "pruned": [0.5 * x.shape[0]] * repeats}, 2, x.shape[0]
-
-    monkeypatch.setattr(latency, "_timed", fake)
-    dense, pruned, x = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    timed, (dense, pruned, x) = _seconds_per_sample(monkeypatch, pruned=0.5)
     out = compare_dense_pruned(dense, pruned, x, max_seconds=100)
     assert timed == [1] and [r["batch"] for r in out["rows"]] == [1]
     assert out["skipped"] == [{"batch": 8, "estimated_s": 560.0}]
