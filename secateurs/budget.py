@@ -366,8 +366,9 @@ def plan_for_budget(model: nn.Module, graph: DependencyGraph, example_inputs: An
     ref = reference or pc.base
     limit = budget.limit(ref)
     if allocation == "latency":
+        lm = LatencyModel(model, graph, example_inputs, threads=threads, runtime=runtime_of(model), step=round_to)
         _favour_latency(alloc, Allocator(graph, scores, "global", round_to, min_width, normalize, original), pc, limit,
-                        budget.kind, LatencyModel(model, graph, example_inputs, threads=threads, runtime=runtime_of(model)))
+                        budget.kind, lm)
     cost = lambda keep: measure(pc(alloc.removed(keep)), budget.kind)  # noqa: E731
     smallest = cost(alloc.keep_for_threshold(math.inf))
     if smallest > limit:
@@ -395,7 +396,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     from memory whatever the widths, so plain scaling swings across the target).
     """
     runtime = runtime_of(model)  # the layout the model runs in, for the tables and the timing alike
-    lm = LatencyModel(model, graph, x, threads=threads, runtime=runtime, log=log)
+    lm = LatencyModel(model, graph, x, threads=threads, runtime=runtime, step=round_to, log=log)
     alloc = Allocator(graph, scores, allocation, round_to, min_width, original=original)
     cost = lambda keep: lm(alloc.removed(keep))  # noqa: E731
     search = _uniform_search if allocation == "uniform" else threshold_search

@@ -283,17 +283,44 @@ def test_interpolation_through_the_measured_points():
     assert _interp(curve, 16) == 4.0 and _grid(16, 4) == [4, 8, 12, 16] and _grid(3, 8) == [1, 2, 3]
 
 
+def test_latency_tables_read_the_widths_a_rounded_plan_can_have(tmp_path, monkeypatch):
+    """With round_to 16 a depthwise conv that runs 16 channels at a time is timed at multiples of 16
+    (and its full width), so the table's time at 64 is the staircase's, not a slope through 72's step."""
+    from secateurs import analyze, latency_table
+
+    assert latency_table._grid(144, 6, 16) == [32, 48, 64, 96, 128, 144] and latency_table._grid(12, 4, 16) == [3, 6, 9, 12]
+    seen = []
+
+    def clock(calls, repeats, warmup):
+        seen.extend(calls)
+        return {k: [1e-6 * math.ceil(k[1] / 16) * 16] * repeats for k in calls}
+
+    monkeypatch.setattr(latency_table, "time_callables", clock)
+    model = nn.Sequential(nn.Conv2d(3, 144, 1), nn.Conv2d(144, 144, 3, padding=1, groups=144)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = analyze(model, x)
+    stepped = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, step=16)
+    assert {w for axis, w in seen if axis == "dw"} == {32, 48, 64, 96, 128, 144}
+    assert stepped._layer_time(stepped.layers[1], 64, 64) == pytest.approx(64e-6)
+    seen.clear()
+    plain = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path)  # its own grid: measured, not read
+    assert {w for axis, w in seen if axis == "dw"} == {24, 48, 72, 96, 120, 144}
+    assert plain._layer_time(plain.layers[1], 64, 64) > 66e-6
+
+
 @pytest.mark.parametrize("shape,floor,expected", [("staircase of 8", 8, 8), ("staircase of 4", 1, 4), ("smooth", 1, 1),
                                                   ("smooth", 8, 8), ("staircase of 16", 8, 16),
-                                                  ("staircase of 16, a little faster at 32", 8, 16)])
+                                                  ("staircase of 16, a little faster at 32", 8, 16),
+                                                  ("staircase of 16, 4 ms faster at 32", 8, 16),
+                                                  ("staircase of 16, 9 ms faster at 32", 8, 32)])
 def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, floor, expected, tmp_path, monkeypatch):
-    """A coarser step wins only for a real saving (32 saving 1 ms more than 16's ~7.5 ms does not),
-    and none below ``floor`` is chosen, smooth curve or not."""
+    """A coarser step wins only for a real saving (16 saving 86% of what 32 does keeps 16, 78% does
+    not), and none below ``floor`` is chosen, smooth curve or not."""
     from secateurs import latency_table
 
     def clock(calls, repeats, warmup):  # a stand-in machine: seconds as a function of the output width
         step = {"staircase of 8": 8, "staircase of 4": 4, "staircase of 16": 16, "smooth": 1}.get(shape, 16)
-        extra = 2 if "32" in shape else 0
+        extra = int(shape.split(" ms")[0].rsplit(" ", 1)[1]) if " ms" in shape else 2 if "32" in shape else 0
         return {w: [1e-3 * (10 + math.ceil(w / step) * step - extra * (w % 32 == 0))] * repeats for w in calls}
 
     monkeypatch.setattr(latency_table, "time_callables", clock)
@@ -323,6 +350,21 @@ def test_round_to_auto_hears_the_depthwise_staircase(tmp_path, monkeypatch):
     monkeypatch.setattr(latency_table, "time_callables", clock)
     model = nn.Sequential(nn.Conv2d(3, 256, 1), nn.Conv2d(256, 256, 3, padding=1, groups=256), nn.Conv2d(256, 256, 1))
     assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 16
+
+
+def test_round_to_auto_is_not_capped_by_a_narrow_layer(tmp_path, monkeypatch):
+    """A 32-wide depthwise conv (band 16: steps up to 8) among 256-wide ones that run 16 at a time:
+    the wide ones decide, on every step they can tell apart."""
+    from secateurs import latency_table
+
+    def clock(calls, repeats, warmup):
+        assert max(calls) > 32, "the narrow layer was timed"
+        return {w: [1e-3 * (50 + 10 * math.ceil(w / 16) * 16)] * repeats for w in calls}
+
+    monkeypatch.setattr(latency_table, "time_callables", clock)
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 256, 1),
+                          nn.Conv2d(256, 256, 3, padding=1, groups=256), nn.Conv2d(256, 256, 1))
+    assert latency_table.auto_round_to(model, torch.randn(1, 3, 24, 24), cache_dir=tmp_path) == 16
 
 
 def test_round_to_auto_on_narrow_models(tmp_path, monkeypatch):
