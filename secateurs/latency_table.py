@@ -243,7 +243,8 @@ def _layer_call(layer: _Layer, cin: int, cout: int, device: torch.device, channe
 
 
 _STEPS = (1, 2, 4, 8, 16, 32)
-_RULE = 3  # how auto_round_to picks its step, in its cache key: a new rule measures again
+_CPU_MAX_STEP = 16
+_RULE = 4  # how auto_round_to picks its step, in its cache key: a new rule measures again
 
 
 def _timing_device(model: nn.Module, runtime: str) -> torch.device:
@@ -307,7 +308,12 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     # depthwise convs are memory-bound: few MACs, yet their own staircase can cost more than the 1x1s'
     top = [c for c in ranked if c.groups == 1][:layers] + [c for c in ranked if c.depthwise][:layers]
     bands = [min(band, layer.cout // 2) for layer in top]
-    steps = [s for s in _STEPS if floor <= s <= min(bands, default=0) // 2]  # two multiples at least in every band
+    # two multiples at least in every band; on a CPU at most 16: vgg16's 256-wide convs run 32 at a
+    # time here, yet vgg16 pruned at 16 ran as fast at batch 1 and faster at batch 8 (0.95 against
+    # 0.92 of the MACs ratio, three pairs of fresh processes): a step of 32 leaves its 64- and
+    # 128-wide layers few widths, which no band of the wide layers sees
+    cap = _STEPS[-1] if device.type == "cuda" else _CPU_MAX_STEP
+    steps = [s for s in _STEPS if floor <= s <= min(min(bands, default=0) // 2, cap)]
     if not steps:
         return floor
     key = f"round_to|{floor}|{_RULE}|" + "|".join(layer.key for layer in top)
@@ -320,10 +326,9 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     total = {s: sum(sc[0][s] for sc in scores) for s in steps}
     # a coarser step must earn its keep: it halves the widths to choose from, and the mean residual
     # of its few multiples in the band is noisier. The smallest step within 0.5% of the latency or
-    # two thirds of the best saving wins: here 16 saved 90% (mobilenet_v2) and 74% (vgg16) of what
-    # 32 did in these bands, yet both models pruned at 16 ran faster than at 32 (0.71/0.84-0.91 against
-    # 0.69/0.79, and 0.94-0.95 against 0.91-0.92 of the MACs ratio): the coarser step leaves the
-    # allocation less to choose from, which the bands do not see
+    # two thirds of the best saving wins: here 16 saved 90% of what 32 did in mobilenet_v2's bands,
+    # yet the model pruned at 16 ran faster than at 32 (0.71/0.84-0.91 against 0.69/0.79 of the MACs
+    # ratio): the coarser step leaves the allocation less to choose from, which the bands do not see
     best = min(total.values())
     tol = max(0.005 * sum(sc[1] for sc in scores), -best / 3)
     step = min(s for s in steps if total[s] <= best + tol)

@@ -313,10 +313,11 @@ def test_latency_tables_read_the_widths_a_rounded_plan_can_have(tmp_path, monkey
                                                   ("staircase of 16, a little faster at 32", 8, 16),
                                                   ("staircase of 16, 4 ms faster at 32", 8, 16),
                                                   ("staircase of 16, 9 ms faster at 32", 8, 16),
-                                                  ("staircase of 32", 8, 32)])
+                                                  ("staircase of 32", 8, 16)])
 def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, floor, expected, tmp_path, monkeypatch):
-    """A coarser step wins only for a real saving (16 saving 78% of what 32 does keeps 16; a staircase
-    of 32 does not), and none below ``floor`` is chosen, smooth curve or not."""
+    """A coarser step wins only for a real saving (16 saving 86% or 78% of what 32 does keeps 16), none
+    below ``floor`` is chosen, smooth curve or not, and on a CPU none above 16, even under a staircase
+    of 32 (the model pruned at 32 ran no faster: its narrow layers were left too few widths)."""
     from secateurs import latency_table
 
     def clock(calls, repeats, warmup):  # a stand-in machine: seconds as a function of the output width
