@@ -92,7 +92,8 @@ def finetune(args, seed: int, steps: int, distill: float = 0.0, call: int = 0):
     from secateurs.train import TrainConfig
 
     return TrainConfig(steps=max(1, steps), batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, quiet=True,
-                       seed=seed * 1000 + call, channels_last=True, distill=distill)
+                       seed=seed * 1000 + call, channels_last=True, distill=distill,
+                       distill_temperature=getattr(args, "temperature", 4.0))
 
 
 def _fit(model, train, cfg, teacher=None) -> None:
@@ -193,7 +194,7 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
     import secateurs
 
     method, extra = variant(method)
-    extra.pop("distill", None)  # the row's distillation weight, already in args.distill
+    extra = {k: v for k, v in extra.items() if k not in ("distill", "temperature")}  # the row's, already in args
 
     per_round = finetune(args, seed, max(1, args.steps // (2 * args.rounds)), args.distill)
     with warnings.catch_warnings():
@@ -354,6 +355,7 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
     ours = not method.startswith("tp_") and method != "control"
     args = copy.copy(args)  # a variant may set this row's distillation weight: "l2:distill=0"
     args.distill = float(variant(method)[1].get("distill", args.distill)) if ours else 0.0
+    args.temperature = float(variant(method)[1].get("temperature", 4.0))  # "l1:distill=0.5:temperature=2"
     with StepCounter() as n:
         info = {} if method == "control" else (run_tp(method, model, x, target, train, args, seed) if not ours
                                                else run_ours(method, model, x, target, train, val, args, seed))

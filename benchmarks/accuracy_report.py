@@ -149,6 +149,9 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("l1:distill=0.9", "l1", "distillation weight 0.9 instead of 0.5 (mostly the teacher's logits) in the fine-tuning (l1)"),
     ("l1:distill=0.25", "l1", "distillation weight 0.25 instead of 0.5 in the fine-tuning (l1)"),
     ("l2:distill=0.25", "l2", "distillation weight 0.25 instead of 0.5 in the fine-tuning (l2)"),
+    ("l1:distill=0.25:temperature=2", "l1:distill=0.25", "distillation temperature 2 instead of 4 (weight 0.25, l1)"),
+    ("dlp+filters:criterion=l1:distill=0.25", "dlp+filters:criterion=l1",
+     "distillation weight 0.25 instead of 0.5 in the cascade's fine-tunings (filters ranked by L1)"),
     ("l1", "l1:distill=0", "distillation from the unpruned model in every fine-tuning (l1)"),
     ("l2:allocation=latency", "l2", "allocation='latency' (MACs spent where this CPU's tables say they buy time): its top-1 cost"),
     ("dlp+filters:criterion=l1", "dlp+filters", "the cascade's filter steps ranked by the L1 norm instead of PLS-VIP "

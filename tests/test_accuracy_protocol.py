@@ -74,6 +74,17 @@ def test_a_variant_reads_its_options_as_numbers_where_they_are_numbers():
     assert acc.variant("l2:distill=0.25") == ("l2", {"distill": 0.25}) and acc.variant("l1") == ("l1", {})
 
 
+def test_a_rows_distillation_temperature_reaches_its_fine_tuning():
+    """``l1:distill=0.5:temperature=2`` fine-tunes with T=2; without it, TrainConfig's default (4)."""
+    import argparse
+
+    args = argparse.Namespace(batch_size=8, lr=0.01)
+    assert acc.finetune(args, 0, 5, 0.5).distill_temperature == 4.0
+    args.temperature = 2.0
+    cfg = acc.finetune(args, 0, 5, 0.5)
+    assert cfg.distill_temperature == 2.0 and cfg.distill == 0.5
+
+
 def _row(method, seed, top1, tool="secateurs", **kw):
     row = dict.fromkeys(acc.FIELDS, "")
     row.update({"model": "r20", "target": 0.5, "method": method, "tool": tool, "seed": seed, "steps": 800,
