@@ -92,8 +92,7 @@ def finetune(args, seed: int, steps: int, distill: float = 0.0, call: int = 0):
     from secateurs.train import TrainConfig
 
     return TrainConfig(steps=max(1, steps), batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, quiet=True,
-                       seed=seed * 1000 + call, channels_last=True, distill=distill,
-                       distill_temperature=getattr(args, "temperature", 4.0))
+                       seed=seed * 1000 + call, channels_last=True, distill=distill, distill_temperature=args.temperature)
 
 
 def _fit(model, train, cfg, teacher=None) -> None:
@@ -355,7 +354,7 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
     ours = not method.startswith("tp_") and method != "control"
     args = copy.copy(args)  # a variant may set this row's distillation weight: "l2:distill=0"
     args.distill = float(variant(method)[1].get("distill", args.distill)) if ours else 0.0
-    args.temperature = float(variant(method)[1].get("temperature", 4.0))  # "l1:distill=0.5:temperature=2"
+    args.temperature = float(variant(method)[1].get("temperature", args.temperature))  # "l1:temperature=2"
     with StepCounter() as n:
         info = {} if method == "control" else (run_tp(method, model, x, target, train, args, seed) if not ours
                                                else run_ours(method, model, x, target, train, val, args, seed))
@@ -389,7 +388,8 @@ def settings(args, name: str) -> str:
     from secateurs.models import list_pretrained
 
     entry = list_pretrained().get(name, {})
-    return ";".join([*(f"{k}={getattr(args, k)}" for k in SETTINGS), f"device={DEVICE.type}",
+    t = [f"temperature={args.temperature}"] if getattr(args, "temperature", 4.0) != 4.0 else []  # rows before it ran at 4
+    return ";".join([*(f"{k}={getattr(args, k)}" for k in SETTINGS), *t, f"device={DEVICE.type}",
                      f"sha={entry.get('sha256', '?')[:12]}"])
 
 
@@ -459,8 +459,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
-    p.add_argument("--methods", nargs="+",
-                   default=GRID_ORDER,
+    p.add_argument("--methods", nargs="+", default=GRID_ORDER,
                    help="also variants with options: hfp:tie=shared, importance-weights:rank=scale, l2:allocation=latency")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per row, pruning phase + fine-tuning")
@@ -469,6 +468,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--distill", type=float, default=0.5,
                    help="distillation weight in our fine-tuning (0: off; a row 'l2:distill=0' overrides it)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature ('l1:temperature=2' overrides it)")
     p.add_argument("--tolerance", type=float, default=1.0, help="importance-weights@tol: top-1 points on the held-out split")
     p.add_argument("--hfp-lam", type=float, default=10.0,
                    help="HFP's budget-loss weight: 10 met the target within its phase on ResNet-20 (step 172 of 250) "

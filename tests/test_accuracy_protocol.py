@@ -75,14 +75,13 @@ def test_a_variant_reads_its_options_as_numbers_where_they_are_numbers():
 
 
 def test_a_rows_distillation_temperature_reaches_its_fine_tuning():
-    """``l1:distill=0.5:temperature=2`` fine-tunes with T=2; without it, TrainConfig's default (4)."""
-    import argparse
-
-    args = argparse.Namespace(batch_size=8, lr=0.01)
-    assert acc.finetune(args, 0, 5, 0.5).distill_temperature == 4.0
+    """``--temperature`` (4 by default, what every earlier row ran at) reaches the fine-tuning; a row's
+    ``:temperature=2`` overrides it, and a non-default flag joins the rows' settings."""
+    args = acc.argparse.Namespace(**{**dict.fromkeys(acc.SETTINGS, 1), "batch_size": 8, "lr": 0.01, "temperature": 4.0})
+    assert acc.finetune(args, 0, 5, 0.5).distill_temperature == 4.0 and "temperature" not in acc.settings(args, "x")
     args.temperature = 2.0
     cfg = acc.finetune(args, 0, 5, 0.5)
-    assert cfg.distill_temperature == 2.0 and cfg.distill == 0.5
+    assert cfg.distill_temperature == 2.0 and cfg.distill == 0.5 and "temperature=2.0" in acc.settings(args, "x")
 
 
 def _row(method, seed, top1, tool="secateurs", **kw):
