@@ -291,7 +291,8 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     best step's saving beats the coarser ones. Steps start at ``floor``: PyTorch timing cannot see
     the runtimes a model is deployed with, and onnxruntime's blocked kernels want multiples of 8
     (CIFAR ResNets, whose eager curve is smooth, pruned at step 1 ran slower than dense there; at
-    8 they did not). Cached per machine, layout (``runtime``, default: the model's own) and layer shapes.
+    8 they did not). On a CPU no step above 16 is chosen (see below). Cached per machine, layout
+    (``runtime``, default: the model's own) and layer shapes.
     """
     threads = threads or torch.get_num_threads()
     runtime = runtime or runtime_of(model)
