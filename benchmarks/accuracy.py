@@ -352,9 +352,9 @@ def one_row(name: str, base, base_top1: float, method: str, target: float, seed:
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
     ours = not method.startswith("tp_") and method != "control"
-    args = copy.copy(args)  # a variant may set this row's distillation weight: "l2:distill=0"
-    args.distill = float(variant(method)[1].get("distill", args.distill)) if ours else 0.0
-    args.temperature = float(variant(method)[1].get("temperature", args.temperature))  # "l1:temperature=2"
+    args, opts = copy.copy(args), variant(method)[1]  # its distillation: "l2:distill=0", "l1:temperature=2"
+    args.distill = float(opts.get("distill", args.distill)) if ours else 0.0
+    args.temperature = float(opts.get("temperature", args.temperature))
     with StepCounter() as n:
         info = {} if method == "control" else (run_tp(method, model, x, target, train, args, seed) if not ours
                                                else run_ours(method, model, x, target, train, val, args, seed))

@@ -303,8 +303,9 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
     ranked = [layer for _, layer in sorted(found, key=lambda p: -p[0]) if layer.cout >= 4 * floor]
     # the narrowest band caps the steps every layer is scored on: where some layers can tell every
-    # step apart, narrower ones stay out (mobilenet_v2's 32-wide depthwise conv held its 144-wide
-    # ones, which run 16 at a time here, to steps of 8)
+    # step of _STEPS apart (32 too, on a CPU as well: there 64-wide layers would let a CIFAR ResNet's
+    # 32-wide groups take steps of 16), narrower ones stay out (mobilenet_v2's 32-wide depthwise conv
+    # held its 144-wide ones, which run 16 at a time here, to steps of 8)
     ranked = [c for c in ranked if min(band, c.cout // 2) >= 2 * _STEPS[-1]] or ranked
     # depthwise convs are memory-bound: few MACs, yet their own staircase can cost more than the 1x1s'
     top = [c for c in ranked if c.groups == 1][:layers] + [c for c in ranked if c.depthwise][:layers]
