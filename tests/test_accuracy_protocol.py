@@ -84,6 +84,18 @@ def test_a_rows_distillation_temperature_reaches_its_fine_tuning():
     assert cfg.distill_temperature == 2.0 and cfg.distill == 0.5 and "temperature=2.0" in acc.settings(args, "x")
 
 
+def test_a_rows_distillation_options_stay_out_of_its_prune_call(monkeypatch):
+    """``l1:distill=0.25:temperature=2:allocation=uniform``: the fine-tuning reads the first two (one_row
+    put them in args), ``secateurs.prune`` gets only the method's own option (it refuses unknown ones)."""
+    seen = {}
+    monkeypatch.setattr(acc, "_prune_on_cpu", lambda model, args, *a, **kw: seen.update(a=a, kw=kw) or {})
+    args = argparse.Namespace(**{**dict.fromkeys(acc.SETTINGS, 1), "steps": 8, "rounds": 2, "batch_size": 8, "lr": 0.01,
+                                 "temperature": 2.0, "distill": 0.25})
+    assert acc.run_ours("l1:distill=0.25:temperature=2:allocation=uniform", None, None, 0.5, [], [], args, 0) == {}
+    assert seen["a"] == ("l1", 0.5) and set(seen["kw"]) == {"data", "latency_threads", "allocation"}
+    assert seen["kw"]["allocation"] == "uniform"
+
+
 def _row(method, seed, top1, tool="secateurs", **kw):
     row = dict.fromkeys(acc.FIELDS, "")
     row.update({"model": "r20", "target": 0.5, "method": method, "tool": tool, "seed": seed, "steps": 800,
