@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -74,11 +75,14 @@ def _store(path: Path, entries: dict) -> None:
 
 def _grid(full: int, points: int, step: int = 1) -> list[int]:
     """Widths from about full/points to full, evenly spaced, distinct; with ``step``, multiples of it
-    (and ``full``): the widths a plan rounded to ``step`` can have, so the table reads the fast side
-    of the hardware's steps (mobilenet_v2's depthwise convs here: 24 channels took 1.8x as long as 32)."""
+    (``step`` itself and ``full`` too): the widths a plan rounded to ``step`` can have, so the table
+    reads the fast side of the hardware's steps (mobilenet_v2's depthwise convs here: 24 channels took
+    1.8x as long as 32), down to the narrowest (below the grid a time shrinks towards zero, which no
+    layer's fixed cost does)."""
     if step <= 1 or full <= step:
         return sorted({max(1, round(full * j / points)) for j in range(1, points + 1)})
-    return sorted({min(full, max(step, step * round(full * j / points / step))) for j in range(1, points + 1)} | {full})
+    return sorted({min(full, max(step, step * round(full * j / points / step))) for j in range(1, points + 1)}
+                  | {step, full})
 
 
 def _interp(curve: list[list[float]], w: float) -> float:
@@ -177,7 +181,9 @@ class LatencyModel:
     # -- measuring -------------------------------------------------------------------------------
     def _tables(self, log) -> dict[str, dict]:
         cache = _read(self.path)
-        stored = {layer.key: layer.key + (f"|step={self.step}" if self.step > 1 else "") for layer in self.layers}
+        # a stepped table has its own key (its grid: multiples of the step, in the layer's units)
+        stored = {layer.key: layer.key + (f"|multiples={s}" if (s := self._units(layer)[1]) > 1 else "")
+                  for layer in self.layers}
         missing = {stored[layer.key]: layer for layer in self.layers if stored[layer.key] not in cache}
         if missing:
             log(f"latency tables: timing {len(missing)} layer shape(s) on {device_name(self.device)} ({self.path})")
@@ -193,14 +199,21 @@ class LatencyModel:
         axes = ("dw",) if layer.depthwise else ("out", "in")
         for axis in axes:
             full = layer.cout if axis != "in" else layer.cin
-            step = layer.groups if (layer.groups > 1 and not layer.depthwise) else 1
-            for w in _grid(full // step, self.grid, self.step if step == 1 else 1):
-                w *= step
+            unit, step = self._units(layer)
+            for w in _grid(full // unit, self.grid, step):
+                w *= unit
                 cin, cout = (w, w) if axis == "dw" else (layer.cin, w) if axis == "out" else (w, layer.cout)
                 widths[(axis, w)] = (cin, cout)
                 points.append((axis, w))
         times = _time_widths(layer, widths, self.device, self.channels_last, self.runtime == "cuda_graph", self.repeats, 2)
         return {axis: [[w, median(times[(a, w)])] for a, w in points if a == axis] for axis in axes}
+
+    def _units(self, layer: _Layer) -> tuple[int, int]:
+        """(channels per unit, the plan's step in units): a grouped conv's widths move one channel per
+        conv group at a time, so ``round_to`` channels are ``step / gcd(step, groups)`` of its units
+        (as :class:`~secateurs.budget.Allocator` rounds them)."""
+        unit = layer.groups if (layer.groups > 1 and not layer.depthwise) else 1
+        return unit, self.step // math.gcd(self.step, unit)
 
     # -- predicting ------------------------------------------------------------------------------
     def _layer_time(self, layer: _Layer, cin: int, cout: int) -> float:
@@ -244,7 +257,7 @@ def _layer_call(layer: _Layer, cin: int, cout: int, device: torch.device, channe
 
 _STEPS = (1, 2, 4, 8, 16, 32)
 _CPU_MAX_STEP = 16
-_RULE = 4  # how auto_round_to picks its step, in its cache key: a new rule measures again
+_RULE = 5  # how auto_round_to picks its step, in its cache key: a new rule measures again
 
 
 def _timing_device(model: nn.Module, runtime: str) -> torch.device:
@@ -287,11 +300,14 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     ``band``), and a straight line is fitted through those times. A step ``s`` scores the mean
     residual of the widths that are multiples of ``s``: under a staircase (vector width, blocking)
     the right edges of the steps lie below the line, so their multiple wins; on a smooth curve every
-    step scores about zero and the smallest is kept. A step within 0.5% of the latency or 90% of the
-    best step's saving beats the coarser ones. Steps start at ``floor``: PyTorch timing cannot see
-    the runtimes a model is deployed with, and onnxruntime's blocked kernels want multiples of 8
+    step scores about zero and the smallest is kept. A coarser step must save 1.5x what a finer one
+    does: the smallest step within 0.5% of the latency or two thirds of the best step's saving wins.
+    Where some of these layers are wide enough to tell every step apart (a band of 64), narrower
+    ones are left out, so a narrow layer cannot cap the steps. Steps start at ``floor``: PyTorch
+    timing cannot see the runtimes a model is deployed with, and onnxruntime's blocked kernels want multiples of 8
     (CIFAR ResNets, whose eager curve is smooth, pruned at step 1 ran slower than dense there; at
-    8 they did not). On a CPU no step above 16 is chosen (see below). Cached per machine, layout
+    8 they did not). On a CPU no step above 16 is chosen (vgg16 pruned at 32 ran no faster than at
+    16 here, though its wide convs run 32 at a time). Cached per machine, layout
     (``runtime``, default: the model's own) and layer shapes.
     """
     threads = threads or torch.get_num_threads()
@@ -301,7 +317,9 @@ def auto_round_to(model: nn.Module, example_inputs: Any, *, threads: int | None 
     modules = dict(model.named_modules())
     found = [(l.macs, _Layer(l.name, modules[l.name], l.input_shape, l.output_shape))
              for l in count(model, example_inputs).layers if isinstance(modules.get(l.name), _CONVS) and l.weight == "weight"]
-    ranked = [layer for _, layer in sorted(found, key=lambda p: -p[0]) if layer.cout >= 4 * floor]
+    # dense and depthwise convs (grouped ones have their own steps, in units of their groups)
+    ranked = [layer for _, layer in sorted(found, key=lambda p: -p[0])
+              if layer.cout >= 4 * floor and (layer.groups == 1 or layer.depthwise)]
     # the narrowest band caps the steps every layer is scored on: where some layers can tell every
     # step of _STEPS apart (32 too, on a CPU as well: there 64-wide layers would let a CIFAR ResNet's
     # 32-wide groups take steps of 16), narrower ones stay out (mobilenet_v2's 32-wide depthwise conv

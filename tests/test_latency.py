@@ -285,116 +285,56 @@ def test_interpolation_through_the_measured_points():
 
 def test_latency_tables_read_the_widths_a_rounded_plan_can_have(tmp_path, monkeypatch):
     """With round_to 16 a depthwise conv that runs 16 channels at a time is timed at multiples of 16
-    (and its full width), so the table's time at 64 is the staircase's, not a slope through 72's step."""
+    (from 16 itself to its full width), so the table's time at 64 is the staircase's, not a slope through
+    72's step, and its time at 16 is measured, not a line down to zero that drops the fixed cost."""
     from secateurs import analyze, latency_table
 
-    assert latency_table._grid(144, 6, 16) == [32, 48, 64, 96, 128, 144] and latency_table._grid(12, 4, 16) == [3, 6, 9, 12]
+    assert latency_table._grid(144, 6, 16) == [16, 32, 48, 64, 96, 128, 144] and latency_table._grid(12, 4, 16) == [3, 6, 9, 12]
     seen = []
 
     def clock(calls, repeats, warmup):
         seen.extend(calls)
-        return {k: [1e-6 * math.ceil(k[1] / 16) * 16] * repeats for k in calls}
+        return {k: [1e-6 * (10 + math.ceil(k[1] / 16) * 16)] * repeats for k in calls}  # a fixed cost, then steps
 
     monkeypatch.setattr(latency_table, "time_callables", clock)
     model = nn.Sequential(nn.Conv2d(3, 144, 1), nn.Conv2d(144, 144, 3, padding=1, groups=144)).eval()
     x = torch.randn(1, 3, 8, 8)
     graph = analyze(model, x)
     stepped = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, step=16)
-    assert {w for axis, w in seen if axis == "dw"} == {32, 48, 64, 96, 128, 144}
-    assert stepped._layer_time(stepped.layers[1], 64, 64) == pytest.approx(64e-6)
+    assert {w for axis, w in seen if axis == "dw"} == {16, 32, 48, 64, 96, 128, 144}  # 16 too: no slope down to 0
+    assert stepped._layer_time(stepped.layers[1], 64, 64) == pytest.approx(74e-6)
+    assert stepped._layer_time(stepped.layers[1], 16, 16) == pytest.approx(26e-6)  # measured, not 42 x 16/32
     seen.clear()
     plain = latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path)  # its own grid: measured, not read
     assert {w for axis, w in seen if axis == "dw"} == {24, 48, 72, 96, 120, 144}
-    assert plain._layer_time(plain.layers[1], 64, 64) > 66e-6
+    assert plain._layer_time(plain.layers[1], 64, 64) > 76e-6
 
 
-@pytest.mark.parametrize("shape,floor,expected", [("staircase of 8", 8, 8), ("staircase of 4", 1, 4), ("smooth", 1, 1),
-                                                  ("smooth", 8, 8), ("staircase of 16", 8, 16),
-                                                  ("staircase of 16, a little faster at 32", 8, 16),
-                                                  ("staircase of 16, 4 ms faster at 32", 8, 16),
-                                                  ("staircase of 16, 9 ms faster at 32", 8, 16),
-                                                  ("staircase of 32", 8, 16)])
-def test_round_to_auto_lands_on_the_fast_side_of_the_steps(shape, floor, expected, tmp_path, monkeypatch):
-    """A coarser step wins only for a real saving (16 saving 86% or 78% of what 32 does keeps 16), none
-    below ``floor`` is chosen, smooth curve or not, and on a CPU none above 16, even under a staircase
-    of 32 (the model pruned at 32 ran no faster: its narrow layers were left too few widths)."""
-    from secateurs import latency_table
+def test_a_grouped_convs_table_is_timed_at_the_widths_its_groups_allow(tmp_path, monkeypatch):
+    """A conv of 4 groups moves 4 channels at a time: round_to 16 is a step of 4 of its units, so its
+    table is timed at multiples of 16 channels, under its own key; round_to 4 leaves its units no step
+    (every count of them is a multiple of 4 channels), so the plain table serves it, measured once."""
+    from secateurs import analyze, latency_table
 
-    def clock(calls, repeats, warmup):  # a stand-in machine: seconds as a function of the output width
-        step = {"staircase of 8": 8, "staircase of 4": 4, "staircase of 32": 32, "smooth": 1}.get(shape, 16)
-        extra = int(shape.split(" ms")[0].rsplit(" ", 1)[1]) if " ms" in shape else 2 if "32" in shape else 0
-        return {w: [1e-3 * (10 + math.ceil(w / step) * step - extra * (w % 32 == 0))] * repeats for w in calls}
-
-    monkeypatch.setattr(latency_table, "time_callables", clock)
-    model = nn.Sequential(nn.Conv2d(3, 256, 3), nn.ReLU(), nn.Conv2d(256, 256, 3))
-    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path, floor=floor) == expected
-
-    def never(*a):
-        raise AssertionError("measured again")
-
-    monkeypatch.setattr(latency_table, "time_callables", never)  # cached per machine and layer shapes
-    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path, floor=floor) == expected
-
-
-def test_round_to_auto_hears_the_depthwise_staircase(tmp_path, monkeypatch):
-    """The 1x1 convs run smooth, the depthwise one in steps of 16 and slower: its step wins."""
-    from secateurs import latency_table
+    timed = {}  # layer (told apart by its widest input) -> the output widths timed
 
     def clock(calls, repeats, warmup):
-        out = {}
-        for w, call in calls.items():
-            if call.__defaults__[0].groups > 1:
-                out[w] = [1e-3 * (50 + 10 * math.ceil(w / 16) * 16)] * repeats
-            else:
-                out[w] = [1e-3 * (10 + w)] * repeats
-        return out
+        layer = "grouped" if max(w for axis, w in calls if axis == "in") == 64 else "dense"
+        timed.setdefault(layer, []).append(sorted(w for axis, w in calls if axis == "out"))
+        return {k: [1e-6 * k[1]] * repeats for k in calls}
 
     monkeypatch.setattr(latency_table, "time_callables", clock)
-    model = nn.Sequential(nn.Conv2d(3, 256, 1), nn.Conv2d(256, 256, 3, padding=1, groups=256), nn.Conv2d(256, 256, 1))
-    assert latency_table.auto_round_to(model, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 16
-
-
-def test_round_to_auto_is_not_capped_by_a_narrow_layer(tmp_path, monkeypatch):
-    """A 32-wide depthwise conv (band 16: steps up to 8) among 256-wide ones that run 16 at a time:
-    the wide ones decide, on every step they can tell apart."""
-    from secateurs import latency_table
-
-    def clock(calls, repeats, warmup):
-        assert max(calls) > 32, "the narrow layer was timed"
-        return {w: [1e-3 * (50 + 10 * math.ceil(w / 16) * 16)] * repeats for w in calls}
-
-    monkeypatch.setattr(latency_table, "time_callables", clock)
-    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 256, 1),
-                          nn.Conv2d(256, 256, 3, padding=1, groups=256), nn.Conv2d(256, 256, 1))
-    assert latency_table.auto_round_to(model, torch.randn(1, 3, 24, 24), cache_dir=tmp_path) == 16
-
-
-def test_round_to_auto_on_narrow_models(tmp_path, monkeypatch):
-    """A CIFAR ResNet's 64-wide layers are timed in a narrower band (16..48: steps up to 16 have two
-    multiples there); a model too narrow to tell gets the floor, untimed."""
-    from secateurs import latency_table
-
-    def clock(calls, repeats, warmup):
-        assert min(calls) == 16 and max(calls) == 48
-        return {w: [1e-3 * (10 + math.ceil(w / 16) * 16)] * repeats for w in calls}
-
-    monkeypatch.setattr(latency_table, "time_callables", clock)
-    cifar = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
-    assert latency_table.auto_round_to(cifar, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 16
-    monkeypatch.setattr(latency_table, "time_callables", None)
-    tiny = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
-    assert latency_table.auto_round_to(tiny, torch.randn(1, 3, 12, 12), cache_dir=tmp_path) == 8
-
-
-def test_prune_round_to_auto_uses_the_measured_step(monkeypatch):
-    import secateurs
-    from secateurs.models import create_model
-
-    monkeypatch.setattr(secateurs.pipeline, "auto_round_to", lambda model, x, threads=None: 4)
-    m, report = secateurs.prune(create_model("cifar_resnet20"), torch.randn(1, 3, 32, 32), target={"macs": 0.5},
-                                round_to="auto")
-    widths = [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]
-    assert report["round_to"] == 4 and all(w % 4 == 0 for w in widths) and any(w < 16 for w in widths)
+    model = nn.Sequential(nn.Conv2d(8, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, groups=4)).eval()
+    x = torch.randn(1, 8, 8, 8)
+    graph = analyze(model, x)
+    latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, step=16)
+    assert timed["grouped"] == timed["dense"] == [[16, 32, 48, 64]]  # not 12, 20, 32, 44, 52, 64
+    keys = list(json.loads(next(tmp_path.glob("*.json")).read_text()))
+    assert sum(k.endswith("|multiples=4") for k in keys) == 1 and sum(k.endswith("|multiples=16") for k in keys) == 1
+    latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path, step=4)  # each layer: a table it had not
+    latency_table.LatencyModel(model, graph, x, cache_dir=tmp_path)  # the dense one's plain table only
+    assert timed["grouped"][1] == [12, 20, 32, 44, 52, 64] and len(timed["grouped"]) == 2
+    assert timed["dense"][1:] == [[4, 12, 20, 32, 44, 52, 64], [11, 21, 32, 43, 53, 64]]
 
 
 def test_latency_allocation_spends_a_macs_budget_where_it_buys_time(tmp_path, monkeypatch):
