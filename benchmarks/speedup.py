@@ -29,12 +29,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -52,6 +55,7 @@ VARIANTS = {"macs 50% global": dict(target={"macs": 0.5}, allocation="global", r
             "macs 50% latency-allocated, round_to auto": dict(target={"macs": 0.5}, allocation="latency",
                                                               round_to="auto")}
 RUNTIMES = ("eager", "channels_last", "onnxruntime")
+_FRESH = "SECATEURS_BENCH_FRESH_TABLES"  # set by --fresh-tables: its rows say so
 TITLES = {"eager": "PyTorch (eager, NCHW)", "channels_last": "PyTorch (eager, channels-last)",
           "onnxruntime": "onnxruntime"}
 
@@ -97,7 +101,8 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
     from secateurs.latency import compare_dense_pruned, cpu_name, device_name, runtime_of
 
     # in every row: a report rewritten later, or on another machine, still says where it was timed
-    where = {"cpu": cpu_name(), **({"device": device_name(device), "torch": torch.__version__} if device != "cpu" else {})}
+    where = {"cpu": cpu_name(), **({"device": device_name(device), "torch": torch.__version__} if device != "cpu" else {}),
+             **({"tables": "fresh"} if os.environ.get(_FRESH) else {})}
 
     torch.set_num_threads(threads)
     rows = list(rows or [])
@@ -219,7 +224,11 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
              + (f" Every row was timed in {processes} separate processes one after the other (on this shared VM the "
                 "same measurement moves by more between processes than within one): the table gives the median over "
                 "the processes, each one's paired speed-up, and the range of their dense and pruned medians."
-                if processes > 1 else ""), ""]
+                if processes > 1 else "")
+             + (" Each process measured its own latency tables and `round_to='auto'` step (`--fresh-tables`: an "
+                "empty cache), so the spread includes the latency allocation's plan moving with the tables' timing "
+                "noise; without it the processes share one cached measurement." if any(r.get("tables") == "fresh"
+                                                                                   for r in rows) else ""), ""]
     lines += runtime_tables(rows, TITLES)
     unreachable = [r for r in rows if r.get("note")]
     rows = [r for r in rows if not r.get("note")]
@@ -357,7 +366,13 @@ def main(argv=None) -> None:
     p.add_argument("--report-only", action="store_true", help="rewrite OUT/speedup.md from OUT/speedup.csv")
     p.add_argument("--processes", type=int, default=1,
                    help="time everything in this many fresh processes, one after the other, and report their median")
+    p.add_argument("--fresh-tables", action="store_true",
+                   help="measure the latency tables and round_to='auto' anew (an empty cache) in every process")
     args = p.parse_args(argv)
+    if args.fresh_tables and not args.report_only and args.processes == 1:
+        os.environ["SECATEURS_CACHE"] = cache = tempfile.mkdtemp(prefix="secateurs-tables-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ[_FRESH] = "1"
     if args.processes > 1 and not args.report_only:
         return _in_processes(args)
     kept = [typed(r) for r in read_rows(Path(args.out) / "speedup.csv")] if args.resume or args.report_only else []
@@ -374,7 +389,7 @@ def _in_processes(args) -> None:
         sub = out / "processes" / f"p{k}"
         cmd = [sys.executable, "-m", "benchmarks.speedup", "--models", *args.models, "--variants", *args.variants,
                "--runtimes", *args.runtimes, "--repeats", str(args.repeats), "--threads", str(args.threads),
-               "--out", str(sub), *(["--resume"] if args.resume else [])]
+               "--out", str(sub), *(["--resume"] if args.resume else []), *(["--fresh-tables"] if args.fresh_tables else [])]
         subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
         rows += [{**typed(r), "process": k} for r in read_rows(sub / "speedup.csv")]
     write(rows, out, args.repeats, args.threads)

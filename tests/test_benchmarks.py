@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,28 @@ def test_gpu_speedup_never_merges_rows_of_two_devices(tmp_path):
     if not torch.cuda.is_available():  # the plain refusal, not a CUDA error from asking a missing GPU its name
         with pytest.raises(SystemExit, match="no CUDA GPU here"):
             speedup_gpu.main(["--out", str(tmp_path)])
+
+
+def test_speedup_fresh_tables_reach_every_process_and_mark_its_rows(tmp_path, monkeypatch):
+    """``--fresh-tables``: every process is told to measure on an empty cache of its own (one cached
+    measurement shared by all would hide how the latency allocation's plan moves with the tables'
+    noise), and its rows and report say so."""
+    from benchmarks import speedup
+
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "shared"))  # restored after the test
+    monkeypatch.delenv(speedup._FRESH, raising=False)
+    seen = []
+
+    def fake_run(models, variants, repeats, threads, rows, runtimes, out):  # what a child process would time
+        seen.append(os.environ["SECATEURS_CACHE"])
+        return [{"model": "net", "variant": "macs 50% global", "tables": "fresh" if os.environ.get(speedup._FRESH) else ""}]
+
+    monkeypatch.setattr(speedup, "run", fake_run)
+    monkeypatch.setattr(speedup, "write", lambda rows, out, repeats, threads: seen.append(rows))
+    speedup.main(["--fresh-tables", "--models", "net", "--out", str(tmp_path)])
+    assert seen[0] != str(tmp_path / "shared") and not os.listdir(seen[0]) and seen[1][0]["tables"] == "fresh"
+    cmds = []
+    monkeypatch.setattr(speedup.subprocess, "run", lambda cmd, **kw: cmds.append(cmd))
+    monkeypatch.setattr(speedup, "read_rows", lambda path: [])
+    speedup.main(["--fresh-tables", "--processes", "2", "--models", "net", "--out", str(tmp_path)])
+    assert len(cmds) == 2 and all("--fresh-tables" in c and "--processes" not in c for c in cmds)
