@@ -146,7 +146,8 @@ def _speedup_section(speed: list[dict]) -> list[str]:
     L += ["", f"Speed-up: the median over {', '.join(reps)} rounds of unpruned time / pruned time, the two timed back "
           "to back in each round (`secateurs.latency.compare_dense_pruned`), with its 95% interval; onnxruntime in a "
           "fresh process. Pruned models measurably slower than unpruned (interval below 1): "
-          f"{', '.join(slower) if slower else 'none'}. Every variant on more models and runtimes: docs/speedup.md.", ""]
+          f"{', '.join(slower) if slower else 'none'}. Every variant on more models and runtimes: docs/speedup.md; the "
+          "issue's models in 3 fresh processes each: docs/speedup_mbv2/speedup.md, docs/speedup_r50_vgg16/speedup.md.", ""]
     return L
 
 

@@ -205,7 +205,8 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     rows = merged(rows)
     lines = ["# Speed-up of pruned models on this CPU", "",
              f"`python -m benchmarks.speedup --repeats {repeats} --threads {threads}"
-             f"{f' --processes {processes}' if processes > 1 else ''}` on {cpus} "
+             f"{f' --processes {processes}' if processes > 1 else ''}"
+             f"{' --fresh-tables' if any(r.get('tables') == 'fresh' for r in rows) else ''}` on {cpus} "
              f"({platform.machine()}, {os.cpu_count()} cores), {threads} threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}. Seeded random weights, "
              "L2 criterion, `round_to=8` unless the variant says `auto` (the step measured on this machine by "
