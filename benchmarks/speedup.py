@@ -29,11 +29,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import atexit
+import contextlib
 import copy
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -102,7 +101,7 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
 
     # in every row: a report rewritten later, or on another machine, still says where it was timed
     where = {"cpu": cpu_name(), **({"device": device_name(device), "torch": torch.__version__} if device != "cpu" else {}),
-             **({"tables": "fresh"} if os.environ.get(_FRESH) else {})}
+             **_tables_tag()}
 
     torch.set_num_threads(threads)
     rows = list(rows or [])
@@ -167,6 +166,11 @@ def seeded_model(name: str, size: int, device: str = "cpu"):
     return create_model(name).eval().to(device), x.to(device)
 
 
+def _tables_tag() -> dict:
+    """A row timed under ``--fresh-tables`` says so (its process measured its own tables and step)."""
+    return {"tables": "fresh"} if os.environ.get(_FRESH) else {}
+
+
 def merged(rows: list[dict]) -> list[dict]:
     """One row per (model, variant, runtime, batch) over the processes that timed it: the median of
     their speed-ups, dense and pruned times, each process's speed-up listed, and slower if any found it so."""
@@ -186,6 +190,8 @@ def merged(rows: list[dict]) -> list[dict]:
         row["dense_ci_ms"] = f"{min(r['dense_ms'] for r in same)}-{max(r['dense_ms'] for r in same)}"
         row["pruned_ci_ms"] = f"{min(r['pruned_ms'] for r in same)}-{max(r['pruned_ms'] for r in same)}"
         row["slower"] = any(r["slower"] for r in same)
+        if len({str(r.get("round_to", "")) for r in same}) > 1:  # round_to auto measured apart in each process
+            row["round_to"] = "/".join(str(r.get("round_to", "")) for r in same)
         out.append(row)
     return out
 
@@ -195,18 +201,32 @@ def write_csv(rows: list[dict], out: Path) -> None:
     write_rows(out / "speedup.csv", rows)
 
 
+def _fresh_note(fresh: list[dict], rows: list[dict]) -> str:
+    what = ("measured its own latency tables and `round_to='auto'` step (`--fresh-tables`: an empty cache), so the "
+            "spread includes the latency allocation's plan moving with the tables' timing noise")
+    if not fresh:
+        return ""
+    if len(fresh) == len(rows):
+        return f" Each process {what}; without it the processes share one cached measurement."
+    variants = ", ".join(sorted({r["variant"] for r in fresh}))
+    return (f" {len(fresh)} of {len(rows)} rows ({variants}) were timed so that each process {what}; the others "
+            "come from a run whose processes shared one cached measurement.")
+
+
 def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     import onnxruntime
     import torchvision
 
     write_csv(rows, out)
+    raw = rows
     cpus = ", ".join(sorted({str(r["cpu"]) for r in rows if r.get("cpu")})) or "an unrecorded CPU"
     processes = len({r.get("process", 0) for r in rows})
+    fresh = [r for r in rows if r.get("tables") == "fresh"]
     rows = merged(rows)
     lines = ["# Speed-up of pruned models on this CPU", "",
              f"`python -m benchmarks.speedup --repeats {repeats} --threads {threads}"
              f"{f' --processes {processes}' if processes > 1 else ''}"
-             f"{' --fresh-tables' if any(r.get('tables') == 'fresh' for r in rows) else ''}` on {cpus} "
+             f"{' --fresh-tables' if fresh and len(fresh) == len(raw) else ''}` on {cpus} "
              f"({platform.machine()}, {os.cpu_count()} cores), {threads} threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}. Seeded random weights, "
              "L2 criterion, `round_to=8` unless the variant says `auto` (the step measured on this machine by "
@@ -226,10 +246,7 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
                 "same measurement moves by more between processes than within one): the table gives the median over "
                 "the processes, each one's paired speed-up, and the range of their dense and pruned medians."
                 if processes > 1 else "")
-             + (" Each process measured its own latency tables and `round_to='auto'` step (`--fresh-tables`: an "
-                "empty cache), so the spread includes the latency allocation's plan moving with the tables' timing "
-                "noise; without it the processes share one cached measurement." if any(r.get("tables") == "fresh"
-                                                                                   for r in rows) else ""), ""]
+             + _fresh_note(fresh, raw), ""]
     lines += runtime_tables(rows, TITLES)
     unreachable = [r for r in rows if r.get("note")]
     rows = [r for r in rows if not r.get("note")]
@@ -288,7 +305,8 @@ def runtime_tables(rows: list[dict], titles: dict[str, str]) -> list[str]:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["runtime"] == runtime and not r.get("note")):
             flag = " **slower**" if r["slower"] else ""
-            lines.append(f"| {r['model']} ({r['input']}px) | {r['variant']} | {r['macs_kept']:.1%} | {r['prune_s']} | "
+            step = f" ({r['round_to']})" if r["variant"].endswith("round_to auto") and r.get("round_to") else ""
+            lines.append(f"| {r['model']} ({r['input']}px) | {r['variant']}{step} | {r['macs_kept']:.1%} | {r['prune_s']} | "
                          f"{r['batch']} | {r['dense_ms']} ({r['dense_ci_ms']}) | {r['pruned_ms']} ({r['pruned_ci_ms']}) | "
                          f"{r['speedup']}x ({r.get('speedup_ci') or 'not recorded'}){flag} | {r['vs_macs']} |")
         lines.append("")
@@ -370,16 +388,32 @@ def main(argv=None) -> None:
     p.add_argument("--fresh-tables", action="store_true",
                    help="measure the latency tables and round_to='auto' anew (an empty cache) in every process")
     args = p.parse_args(argv)
-    if args.fresh_tables and not args.report_only and args.processes == 1:
-        os.environ["SECATEURS_CACHE"] = cache = tempfile.mkdtemp(prefix="secateurs-tables-")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
-        os.environ[_FRESH] = "1"
     if args.processes > 1 and not args.report_only:
         return _in_processes(args)
     kept = [typed(r) for r in read_rows(Path(args.out) / "speedup.csv")] if args.resume or args.report_only else []
-    rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
-                                                    tuple(args.runtimes), Path(args.out))
+    with _fresh_cache(args.fresh_tables and not args.report_only):
+        rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
+                                                        tuple(args.runtimes), Path(args.out))
     write(rows, Path(args.out), args.repeats, args.threads)
+
+
+@contextlib.contextmanager
+def _fresh_cache(on: bool):
+    """``--fresh-tables``: an empty latency cache for this run, then the environment as it was."""
+    if not on:
+        yield
+        return
+    old = {k: os.environ.get(k) for k in ("SECATEURS_CACHE", _FRESH)}
+    with tempfile.TemporaryDirectory(prefix="secateurs-tables-") as cache:
+        os.environ.update({"SECATEURS_CACHE": cache, _FRESH: "1"})
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _in_processes(args) -> None:

@@ -350,26 +350,43 @@ def test_gpu_speedup_never_merges_rows_of_two_devices(tmp_path):
             speedup_gpu.main(["--out", str(tmp_path)])
 
 
-def test_speedup_fresh_tables_reach_every_process_and_mark_its_rows(tmp_path, monkeypatch):
-    """``--fresh-tables``: every process is told to measure on an empty cache of its own (one cached
-    measurement shared by all would hide how the latency allocation's plan moves with the tables'
-    noise), and its rows and report say so."""
+def test_speedup_fresh_tables_reach_every_process_and_its_report(tmp_path, monkeypatch):
+    """``--fresh-tables``: every process measures on an empty cache of its own (one cached measurement
+    shared by all hides how the latency allocation's plan moves with the tables' noise), its rows and
+    report say so, a report mixing such rows with others says which, and the environment is restored."""
+    pytest.importorskip("onnxruntime")
     from benchmarks import speedup
 
-    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "shared"))  # restored after the test
-    monkeypatch.delenv(speedup._FRESH, raising=False)
-    seen = []
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "shared"))
+    monkeypatch.setenv(speedup._FRESH, "")
+    monkeypatch.delenv(speedup._FRESH)  # absent now, and again after the test
+    caches = []
 
-    def fake_run(models, variants, repeats, threads, rows, runtimes, out):  # what a child process would time
-        seen.append(os.environ["SECATEURS_CACHE"])
-        return [{"model": "net", "variant": "macs 50% global", "tables": "fresh" if os.environ.get(speedup._FRESH) else ""}]
+    def row(variant, process=0, round_to=16, **kw):
+        return {"model": "net", "input": 32, "variant": variant, "runtime": "eager", "batch": 1, "macs_kept": 0.5,
+                "prune_s": 0.1, "dense_ms": 10.0, "pruned_ms": 6.0, "dense_ci_ms": "9-11", "pruned_ci_ms": "5-7",
+                "speedup": 1.6, "speedup_ci": "1.5-1.7", "vs_macs": 0.8, "slower": False, "repeats": 30, "threads": 2,
+                "round_to": round_to, "cpu": "CPU", "process": process, **kw}
+
+    def fake_run(models, variants, repeats, threads, rows, runtimes, out):  # what the timing would add
+        caches.append(os.environ["SECATEURS_CACHE"])
+        assert not os.environ.get(speedup._FRESH) or not os.listdir(caches[-1])  # fresh: empty
+        return rows + [row("macs 50% latency-allocated, round_to auto", **speedup._tables_tag())]
 
     monkeypatch.setattr(speedup, "run", fake_run)
-    monkeypatch.setattr(speedup, "write", lambda rows, out, repeats, threads: seen.append(rows))
     speedup.main(["--fresh-tables", "--models", "net", "--out", str(tmp_path)])
-    assert seen[0] != str(tmp_path / "shared") and not os.listdir(seen[0]) and seen[1][0]["tables"] == "fresh"
+    assert caches[0] != str(tmp_path / "shared") and not os.path.exists(caches[0])  # removed after the run
+    assert os.environ["SECATEURS_CACHE"] == str(tmp_path / "shared") and speedup._FRESH not in os.environ
+    text = (tmp_path / "speedup.md").read_text()
+    assert "--fresh-tables` on CPU" in text and "Each process measured its own latency tables" in text
+    speedup.main(["--resume", "--models", "net", "--out", str(tmp_path)])  # a row of a shared cache joins it
+    text = (tmp_path / "speedup.md").read_text()
+    assert "--fresh-tables` on" not in text and "1 of 2 rows (macs 50% latency-allocated, round_to auto) were timed" in text
+    rows = [row("macs 50% global", p, round_to=step) for p, step in enumerate((8, 16, 8))]
+    assert speedup.merged(rows)[0]["round_to"] == "8/16/8"  # auto measured apart in each process: all shown
     cmds = []
     monkeypatch.setattr(speedup.subprocess, "run", lambda cmd, **kw: cmds.append(cmd))
     monkeypatch.setattr(speedup, "read_rows", lambda path: [])
+    monkeypatch.setattr(speedup, "write", lambda *a: None)
     speedup.main(["--fresh-tables", "--processes", "2", "--models", "net", "--out", str(tmp_path)])
     assert len(cmds) == 2 and all("--fresh-tables" in c and "--processes" not in c for c in cmds)
