@@ -210,8 +210,10 @@ class LatencyModel:
 
     def _units(self, layer: _Layer) -> tuple[int, int]:
         """(channels per unit, the plan's step in units): a grouped conv's widths move one channel per
-        conv group at a time, so ``round_to`` channels are ``step / gcd(step, groups)`` of its units
-        (as :class:`~secateurs.budget.Allocator` rounds them)."""
+        conv group at a time, so ``round_to`` channels are ``step / gcd(step, groups)`` of its units,
+        as :class:`~secateurs.budget.Allocator` rounds a channel group whose unit is one channel per
+        conv group (ResNeXt's dense -> grouped -> dense); where a group's unit is coarser, its widths
+        are still multiples of this step."""
         unit = layer.groups if (layer.groups > 1 and not layer.depthwise) else 1
         return unit, self.step // math.gcd(self.step, unit)
 
