@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 
-
 @pytest.mark.parametrize("shape,floor,cap,expected", [
     ("staircase of 8", 8, 16, 8), ("staircase of 4", 1, 16, 4), ("smooth", 1, 16, 1), ("smooth", 8, 16, 8),
     ("staircase of 16", 8, 16, 16), ("staircase of 16", 8, 32, 16),
