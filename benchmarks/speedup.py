@@ -54,7 +54,6 @@ VARIANTS = {"macs 50% global": dict(target={"macs": 0.5}, allocation="global", r
             "macs 50% latency-allocated, round_to auto": dict(target={"macs": 0.5}, allocation="latency",
                                                               round_to="auto")}
 RUNTIMES = ("eager", "channels_last", "onnxruntime")
-_FRESH = "SECATEURS_BENCH_FRESH_TABLES"  # set by --fresh-tables: its rows say so
 TITLES = {"eager": "PyTorch (eager, NCHW)", "channels_last": "PyTorch (eager, channels-last)",
           "onnxruntime": "onnxruntime"}
 
@@ -92,7 +91,7 @@ def _prune(base, x, variant: str, threads: int):
 
 def run(models: list[str], variants: list[str], repeats: int, threads: int, rows: list[dict] | None = None,
         runtimes: tuple[str, ...] = RUNTIMES, out: Path | None = None, device: str = "cpu",
-        batches: tuple[int, ...] = (1, 8), deadline: float = float("inf")) -> list[dict]:
+        batches: tuple[int, ...] = (1, 8), deadline: float = float("inf"), tags: dict | None = None) -> list[dict]:
     """Every (model, variant, runtime) not already in ``rows``: each row holds a dense and a pruned time
     measured together. With ``out``, OUT/speedup.csv is rewritten after every runtime's rows (--resume
     goes on from it); no new prune starts after ``deadline`` (``time.time()``), so a lease's rows come back."""
@@ -101,7 +100,7 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
 
     # in every row: a report rewritten later, or on another machine, still says where it was timed
     where = {"cpu": cpu_name(), **({"device": device_name(device), "torch": torch.__version__} if device != "cpu" else {}),
-             **_tables_tag()}
+             **(tags or {})}  # e.g. {"tables": "fresh"}: how this run measured
 
     torch.set_num_threads(threads)
     rows = list(rows or [])
@@ -166,11 +165,6 @@ def seeded_model(name: str, size: int, device: str = "cpu"):
     return create_model(name).eval().to(device), x.to(device)
 
 
-def _tables_tag() -> dict:
-    """A row timed under ``--fresh-tables`` says so (its process measured its own tables and step)."""
-    return {"tables": "fresh"} if os.environ.get(_FRESH) else {}
-
-
 def merged(rows: list[dict]) -> list[dict]:
     """One row per (model, variant, runtime, batch) over the processes that timed it: the median of
     their speed-ups, dense and pruned times, each process's speed-up listed, and slower if any found it so."""
@@ -201,15 +195,15 @@ def write_csv(rows: list[dict], out: Path) -> None:
     write_rows(out / "speedup.csv", rows)
 
 
-def _fresh_note(fresh: list[dict], rows: list[dict]) -> str:
+def _fresh_note(fresh: list[dict], total: int) -> str:
     what = ("measured its own latency tables and `round_to='auto'` step (`--fresh-tables`: an empty cache), so the "
             "spread includes the latency allocation's plan moving with the tables' timing noise")
     if not fresh:
         return ""
-    if len(fresh) == len(rows):
+    if len(fresh) == total:
         return f" Each process {what}; without it the processes share one cached measurement."
     variants = ", ".join(sorted({r["variant"] for r in fresh}))
-    return (f" {len(fresh)} of {len(rows)} rows ({variants}) were timed so that each process {what}; the others "
+    return (f" {len(fresh)} of {total} rows ({variants}) were timed so that each process {what}; the others "
             "come from a run whose processes shared one cached measurement.")
 
 
@@ -218,15 +212,14 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
     import torchvision
 
     write_csv(rows, out)
-    raw = rows
     cpus = ", ".join(sorted({str(r["cpu"]) for r in rows if r.get("cpu")})) or "an unrecorded CPU"
     processes = len({r.get("process", 0) for r in rows})
-    fresh = [r for r in rows if r.get("tables") == "fresh"]
+    fresh, total = [r for r in rows if r.get("tables") == "fresh"], len(rows)
     rows = merged(rows)
     lines = ["# Speed-up of pruned models on this CPU", "",
              f"`python -m benchmarks.speedup --repeats {repeats} --threads {threads}"
              f"{f' --processes {processes}' if processes > 1 else ''}"
-             f"{' --fresh-tables' if fresh and len(fresh) == len(raw) else ''}` on {cpus} "
+             f"{' --fresh-tables' if fresh and len(fresh) == total else ''}` on {cpus} "
              f"({platform.machine()}, {os.cpu_count()} cores), {threads} threads, torch {torch.__version__}, "
              f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}. Seeded random weights, "
              "L2 criterion, `round_to=8` unless the variant says `auto` (the step measured on this machine by "
@@ -246,7 +239,7 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
                 "same measurement moves by more between processes than within one): the table gives the median over "
                 "the processes, each one's paired speed-up, and the range of their dense and pruned medians."
                 if processes > 1 else "")
-             + _fresh_note(fresh, raw), ""]
+             + _fresh_note(fresh, total), ""]
     lines += runtime_tables(rows, TITLES)
     unreachable = [r for r in rows if r.get("note")]
     rows = [r for r in rows if not r.get("note")]
@@ -393,7 +386,8 @@ def main(argv=None) -> None:
     kept = [typed(r) for r in read_rows(Path(args.out) / "speedup.csv")] if args.resume or args.report_only else []
     with _fresh_cache(args.fresh_tables and not args.report_only):
         rows = kept if args.report_only else run(args.models, args.variants, args.repeats, args.threads, kept,
-                                                        tuple(args.runtimes), Path(args.out))
+                                                        tuple(args.runtimes), Path(args.out),
+                                                        tags={"tables": "fresh"} if args.fresh_tables else None)
     write(rows, Path(args.out), args.repeats, args.threads)
 
 
@@ -403,17 +397,16 @@ def _fresh_cache(on: bool):
     if not on:
         yield
         return
-    old = {k: os.environ.get(k) for k in ("SECATEURS_CACHE", _FRESH)}
+    old = os.environ.get("SECATEURS_CACHE")
     with tempfile.TemporaryDirectory(prefix="secateurs-tables-") as cache:
-        os.environ.update({"SECATEURS_CACHE": cache, _FRESH: "1"})
+        os.environ["SECATEURS_CACHE"] = cache
         try:
             yield
         finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            if old is None:
+                os.environ.pop("SECATEURS_CACHE", None)
+            else:
+                os.environ["SECATEURS_CACHE"] = old
 
 
 def _in_processes(args) -> None:

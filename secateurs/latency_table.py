@@ -197,9 +197,9 @@ class LatencyModel:
         torch.manual_seed(0)
         widths, points = {}, []
         axes = ("dw",) if layer.depthwise else ("out", "in")
+        unit, step = self._units(layer)
         for axis in axes:
             full = layer.cout if axis != "in" else layer.cin
-            unit, step = self._units(layer)
             for w in _grid(full // unit, self.grid, step):
                 w *= unit
                 cin, cout = (w, w) if axis == "dw" else (layer.cin, w) if axis == "out" else (w, layer.cout)

@@ -358,8 +358,6 @@ def test_speedup_fresh_tables_reach_every_process_and_its_report(tmp_path, monke
     from benchmarks import speedup
 
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "shared"))
-    monkeypatch.setenv(speedup._FRESH, "")
-    monkeypatch.delenv(speedup._FRESH)  # absent now, and again after the test
     caches = []
 
     def row(variant, process=0, round_to=16, **kw):
@@ -368,15 +366,15 @@ def test_speedup_fresh_tables_reach_every_process_and_its_report(tmp_path, monke
                 "speedup": 1.6, "speedup_ci": "1.5-1.7", "vs_macs": 0.8, "slower": False, "repeats": 30, "threads": 2,
                 "round_to": round_to, "cpu": "CPU", "process": process, **kw}
 
-    def fake_run(models, variants, repeats, threads, rows, runtimes, out):  # what the timing would add
+    def fake_run(models, variants, repeats, threads, rows, runtimes, out, tags=None):  # what the timing would add
         caches.append(os.environ["SECATEURS_CACHE"])
-        assert not os.environ.get(speedup._FRESH) or not os.listdir(caches[-1])  # fresh: empty
-        return rows + [row("macs 50% latency-allocated, round_to auto", **speedup._tables_tag())]
+        assert not tags or not os.listdir(caches[-1])  # fresh: empty
+        return rows + [row("macs 50% latency-allocated, round_to auto", **(tags or {}))]
 
     monkeypatch.setattr(speedup, "run", fake_run)
     speedup.main(["--fresh-tables", "--models", "net", "--out", str(tmp_path)])
     assert caches[0] != str(tmp_path / "shared") and not os.path.exists(caches[0])  # removed after the run
-    assert os.environ["SECATEURS_CACHE"] == str(tmp_path / "shared") and speedup._FRESH not in os.environ
+    assert os.environ["SECATEURS_CACHE"] == str(tmp_path / "shared")
     text = (tmp_path / "speedup.md").read_text()
     assert "--fresh-tables` on CPU" in text and "Each process measured its own latency tables" in text
     speedup.main(["--resume", "--models", "net", "--out", str(tmp_path)])  # a row of a shared cache joins it
