@@ -71,8 +71,11 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
     except ValueError as err:
         flag = next((f for f in ("allocation", "round_to", "min_width") if f"`{f}`" in str(err)), "allocation")
         raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
-    if (args.finetune_epochs or how.needs_data) and not args.data:
-        raise SystemExit(f"--{'finetune-epochs' if args.finetune_epochs else 'method ' + args.method} needs --data")
+    if args.reconstruct < 0:
+        raise SystemExit(f"--reconstruct: a number of calibration images, >= 0, got {args.reconstruct}")
+    if (args.finetune_epochs or how.needs_data or args.reconstruct) and not args.data:
+        flag = "finetune-epochs" if args.finetune_epochs else "reconstruct" if args.reconstruct else "method " + args.method
+        raise SystemExit(f"--{flag} needs --data")
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out")
     if args.distill and not args.finetune_epochs:
@@ -173,7 +176,7 @@ def prune_main(args) -> int:
                           ignore=args.ignore or None, round_to=args.round_to, min_width=min_width, data=train_ds,
                           val_data=val_ds, finetune=finetune, steps=args.steps, tolerance=args.tolerance,
                           metric=args.metric, out_dir=args.out, resume=args.resume, quiet=args.quiet or not main_proc,
-                          latency_guard=False)  # timed below, on the CPU, with --no-latency honoured
+                          reconstruct=args.reconstruct, latency_guard=False)  # timed below, on the CPU, with --no-latency honoured
     model = model.cpu()  # measured, saved and exported on the CPU
     _report_splits(report, test_ds, test_before, model, main_proc)
     if dense is not None and main_proc:  # under torchrun one process times, the others would compete with it

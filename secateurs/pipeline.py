@@ -19,6 +19,7 @@ from ._modes import in_mode
 from ._state import copy_model
 from ._validation import (InvalidArgument, PruningError, check_dataset, check_example_inputs, check_model,
                           check_out_dir, check_scalar)
+from .reconstruct import calibration, refit_readers
 from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
                      uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
 from .checkpoints import RunCheckpoints, drop_stale_training
@@ -51,11 +52,13 @@ class _Request:
     key: str | None  # the metric's key in evaluate(), when there is validation data
     options: dict = field(default_factory=dict)
     tolerance: float | None = None  # as given, or the method's default when `val_data` is given
+    reconstruct: int = 0  # calibration images for the least-squares re-fit before every channel cut
 
 
 def _check_request(model: nn.Module, method: Any, target: Any, allocation: str | None, round_to: int,
                    min_width: int | float, data: Any, val_data: Any, finetune: Any, steps: int | None,
-                   tolerance: float | None, metric: str | None, method_options: Mapping | None) -> _Request:
+                   tolerance: float | None, metric: str | None, method_options: Mapping | None,
+                   reconstruct: int = 0) -> _Request:
     """Every argument is checked here, before the model is touched."""
     how = get_method(method, **dict(method_options or {}))
     if target is None and how.needs_budget:
@@ -72,8 +75,9 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
             raise ValueError(f"method {how.name!r} stops on its tolerance ({how.default_tolerance} points by default, "
                              "read on `val_data`), a MACs/params target or a number of `steps`: pass one")
     steps = check_scalar(how.steps_for(budget, tolerance) if steps is None else steps, "steps", int, min_val=1)
-    if how.needs_data and data is None:
-        raise ValueError(f"method {how.name!r} needs data: pass `data`")
+    check_scalar(reconstruct, "reconstruct", int, min_val=0)
+    if (how.needs_data or reconstruct) and data is None:
+        raise ValueError(f"{'`reconstruct`' if reconstruct else f'method {how.name!r}'} needs data: pass `data`")
     if finetune is not None:
         if data is None:
             raise ValueError("`finetune` needs `data` (the training set)")
@@ -98,7 +102,7 @@ def _check_request(model: nn.Module, method: Any, target: Any, allocation: str |
         if dev.type != "cpu" and not (dev.type == "cuda" and torch.cuda.is_available()):
             raise PruningError(f"a latency target needs the model to run here; it is on {dev}")
     return _Request(how, budget, allocation, steps, finetune, key if val_data is not None else None,
-                    dict(method_options or {}), tolerance)
+                    dict(method_options or {}), tolerance, reconstruct)
 
 
 def _check_data(model: nn.Module, inputs: tuple, data: Any, val_data: Any) -> None:
@@ -155,7 +159,7 @@ def _start_report(req: _Request, model: nn.Module, base: Cost, metric0: float | 
         "method": req.how.name, "method_options": req.options,
         "budget": {"kind": req.budget.kind if req.budget else None, "target": req.budget.value if req.budget else None},
         "allocation": req.allocation, "round_to": round_to, "min_width": min_width, "steps_requested": req.steps,
-        "tolerance": tolerance, "metric_name": req.key,
+        "tolerance": tolerance, "metric_name": req.key, "reconstruct": req.reconstruct,
         "before": {"macs": base.macs, "params": base.params, "metric": metric0},
         "steps": [{"step": 0, "macs": base.macs, "params": base.params, "metric": metric0}],
     }
@@ -256,6 +260,10 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
     # what undoing this step goes back to: before plan() when the method's training only served this cut
     snapshot = before_plan if before_plan is not None and not req.how.undo_keeps_training else (
         copy_model(model) if tolerance is not None else None)
+    if req.reconstruct and decision.channels is not None and decision.channels.remove:
+        images = calibration(run.context["data"], req.reconstruct, next(model.parameters()).device)
+        fits = refit_readers(model, graph, decision.channels, images)
+        run.extra.setdefault("reconstruction", {})[str(k)] = {n: [round(a, 5), round(b, 5)] for n, (a, b) in fits.items()}
     removed = decision.apply(model, graph, run.example_inputs)
     t4 = time.perf_counter()
     timings["surgery_s"] += t4 - t3
@@ -309,7 +317,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
           latency_threads: int | None = None, method_options: Mapping[str, Any] | None = None,
           out_dir: str | Path | None = None, resume: bool = False, quiet: bool = True,
           teacher: nn.Module | None = None, latency_guard: bool | None = None, budget: str | None = None,
-          ratio: float | None = None) -> tuple[nn.Module, dict]:
+          ratio: float | None = None, reconstruct: int = 0) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place to a budget and return ``(model, report)``.
 
     Parameters
@@ -345,22 +353,22 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     latency_guard : time the unpruned and the pruned model interleaved (batch 1 and 8, 30 rounds) into
         ``report["latency"]``, warning loudly when the pruned one is measurably slower. Default: when
         the prune trains or spends a latency budget (seconds beside its minutes); a bare cut stays fast.
-    budget, ratio : deprecated (DeprecationWarning; removed in the next release): the kind of a
+    reconstruct : before every channel cut, re-fit the layers reading a removed channel by least squares
+        on this many images of ``data`` to compute what they did unpruned (:mod:`secateurs.reconstruct`).
+    budget, ratio : deprecated (a DeprecationWarning; removed in the next release): the kind of a
         fractional ``target``, and a removed ratio; pass ``target={kind: value}`` instead.
 
     The report keeps what the method itself measured (block scores, training histories...)
     under ``report["method_output"]``. Every argument is checked before the model is touched;
-    MACs/params budgets are met to within the cost of one channel block (typically << 1%),
-    never exceeded.
+    MACs/params budgets are met to within the cost of one channel block (typically << 1%), never exceeded.
     """
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    target = deprecated_budget(target, budget, ratio)
-    ignore = _reusable(ignore)
+    target, ignore = deprecated_budget(target, budget, ratio), _reusable(ignore)
     check_model(model, values=True)  # a module, with finite weights
     inputs = check_example_inputs(example_inputs, finite=True)
     auto = isinstance(round_to, str) and round_to == "auto"
     req = _check_request(model, method, target, allocation, 1 if auto else round_to, min_width, data, val_data,
-                         finetune, steps, tolerance, metric, method_options)
+                         finetune, steps, tolerance, metric, method_options, reconstruct)
     _check_data(model, inputs, data, val_data)
     guard = _guard_wanted(inputs, req, latency_guard)
     teacher = _teacher(model, req.finetune, teacher)  # before _resume loads a step's weights into the model
@@ -373,7 +381,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     metric0 = evaluate(model, val_data)[req.key] if req.key is not None else None
     report = _start_report(req, model, base, metric0, round_to, min_width, req.tolerance)
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
-                                      "steps_requested")}
+                                      "steps_requested", "reconstruct")}
     ckpt = RunCheckpoints(model, out_dir, request)
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,

@@ -21,7 +21,7 @@ from ._layout import channels_last_only
 from ._threads import one_thread
 from ._validation import PruningError, check_model
 
-__all__ = ["PruningPlan", "apply_plan", "zero_channels"]
+__all__ = ["PruningPlan", "apply_plan", "zero_channels", "removed_inputs"]
 
 
 @dataclass
@@ -218,6 +218,15 @@ def _sharing(model: nn.Module) -> dict[str, list[nn.Module]]:
 def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids: list[int], parts: tuple) -> dict:
     """The biases / running means that absorb the constants of removed channels (nothing is changed
     here), measured only when some removed channel has a near-zero norm scale."""
+    outs, readers = _outs_and_readers(graph, bids, parts)
+    if not readers or not graph.example_inputs or not has_candidates(modules, outs):
+        return {}
+    return compensation(model, graph.example_inputs, readers)
+
+
+def _outs_and_readers(graph: DependencyGraph, bids: list[int], parts: tuple) -> tuple[list, dict[str, torch.Tensor]]:
+    """The producers a cut removes from ((module, tensor, removed mask)) and the layers that read a
+    removed channel ({module: removed mask over its weight's axis 1})."""
     outs, readers = [], {}
     for bi, part in zip(bids, parts):
         b = graph.bindings[bi]
@@ -228,9 +237,18 @@ def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids:
         elif b.name == "weight" and b.axis == 1:
             prev = readers.get(b.module)
             readers[b.module] = part if prev is None or len(prev) != len(part) else prev | part
-    if not readers or not graph.example_inputs or not has_candidates(modules, outs):
+    return outs, readers
+
+
+def removed_inputs(graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]]) -> dict[str, torch.Tensor]:
+    """{module: mask over its weight's axis 1 of the inputs ``plan`` removes} for every layer that
+    reads a removed channel (what :mod:`secateurs.reconstruct` re-fits before the cut)."""
+    removed, touched = _removed_components(graph, PruningPlan.coerce(plan))
+    if not touched:
         return {}
-    return compensation(model, graph.example_inputs, readers)
+    bids = sorted(touched)
+    _, _, parts = _kept(graph, bids, removed)
+    return _outs_and_readers(graph, bids, parts)[1]
 
 
 def _same_layout(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,8 @@ def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, capsys):
     (["--macs", "0.5", "--allocation", "greedy"], "--allocation: `allocation` must be one of global, uniform, latency"),
     ([], "give exactly one budget"),
     (["--macs", "0.5", "--finetune-epochs", "1", "--data", ""], "--finetune-epochs needs --data"),
+    (["--macs", "0.5", "--reconstruct", "256"], "--reconstruct needs --data"),
+    (["--macs", "0.5", "--reconstruct", "-1", "--data", "cifar10"], "--reconstruct: a number of calibration images"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, args, msg):
     out = tmp_path / "never"

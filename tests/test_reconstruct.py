@@ -1,0 +1,180 @@
+"""Least-squares reconstruction before a cut: what the kept channels can express, the re-fitted
+layers reproduce exactly, and what they cannot, they approach better than the plain cut."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import secateurs
+from secateurs.data import ArrayDataset
+from secateurs import reconstruct
+from secateurs.reconstruct import refit_readers
+from secateurs.surgery import PruningPlan, apply_plan
+
+
+class Net(nn.Module):
+    def __init__(self, k2: int = 3, bias2: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, k2, padding=k2 // 2, stride=2, bias=bias2)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def _trained_like(net: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for bn in (net.bn1, net.bn2):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _group(graph, module: str) -> int:
+    return next(i for i, g in enumerate(graph.groups) if any(b.module == module and b.role == "out"
+                                                             for b in (graph.bindings[j] for j in g.binding_ids)))
+
+
+def _cut(net: nn.Module, module: str, channels: list[int], refit: bool, compensate: bool = True, **kw):
+    x = torch.randn(2, 3, 8, 8)
+    graph = secateurs.analyze(net, x)
+    plan = PruningPlan({_group(graph, module): channels})
+    fits = refit_readers(net, graph, plan, [torch.randn(64, 3, 8, 8) for _ in range(4)], **kw) if refit else {}
+    apply_plan(net, graph, plan, compensate=compensate)
+    return fits
+
+
+def _gap(a: nn.Module, b: nn.Module) -> float:
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return float((a(x) - b(x)).abs().max())
+
+
+def test_a_removed_copy_of_a_kept_channel_is_exactly_reconstructed():
+    """conv1's channel 5 duplicates channel 2: its readers can take its weights onto channel 2, so
+    the re-fitted cut computes what the unpruned net did (the plain cut drops that signal)."""
+    net = _trained_like(Net())
+    with torch.no_grad():
+        net.conv1.weight[5], net.conv1.bias[5] = net.conv1.weight[2], net.conv1.bias[2]
+        for t in (net.bn1.weight, net.bn1.bias, net.bn1.running_mean, net.bn1.running_var):
+            t[5] = t[2]
+    ref = copy.deepcopy(net)
+    plain = copy.deepcopy(net)
+    _cut(plain, "conv1", [5], refit=False)
+    fits = _cut(net, "conv1", [5], refit=True, ridge=0.0)
+    assert net.conv2.in_channels == 7 and set(fits) == {"conv2"}
+    assert fits["conv2"][0] > 1e-3 > 1e-9 > fits["conv2"][1] - 1e-9  # the fit's own error: from the cut's to ~0
+    assert _gap(plain, ref) > 1e-3
+    assert _gap(net, ref) < 1e-5
+
+
+@pytest.mark.parametrize("where", ["bias", "norm"])
+def test_a_removed_constant_channel_goes_into_the_intercept(where):
+    """A channel that outputs a constant (norm scale 0, shift > 0) is re-fitted into conv2's bias, or
+    into the running mean of the norm after it when conv2 has none (1x1: no padded border, so exact),
+    with the cut's own compensation off so the re-fit alone must do it."""
+    net = _trained_like(Net(k2=1, bias2=where == "bias"))
+    with torch.no_grad():
+        net.bn1.weight[3], net.bn1.bias[3] = 0.0, 0.8
+    mean0 = net.bn2.running_mean.clone()
+    ref, plain = copy.deepcopy(net), copy.deepcopy(net)
+    _cut(plain, "conv1", [3], refit=False, compensate=False)
+    _cut(net, "conv1", [3], refit=True, compensate=False, ridge=0.0)
+    assert _gap(plain, ref) > 1e-3
+    assert _gap(net, ref) < 1e-5
+    assert torch.equal(net.bn2.running_mean, mean0) == (where == "bias")
+
+
+def test_a_linear_reader_is_refitted():
+    """The flatten -> linear head reads conv2's channels (16 features each): cutting a copy of a
+    kept one is undone exactly there too."""
+    net = _trained_like(Net())
+    with torch.no_grad():
+        net.conv2.weight[4] = net.conv2.weight[1]
+        for t in (net.bn2.weight, net.bn2.bias, net.bn2.running_mean, net.bn2.running_var):
+            t[4] = t[1]
+    ref = copy.deepcopy(net)
+    fits = _cut(net, "conv2", [4], refit=True, ridge=0.0, positions=64)
+    assert set(fits) == {"fc"} and net.fc.in_features == 80
+    assert _gap(net, ref) < 1e-5
+
+
+def test_an_ordinary_cut_moves_the_outputs_less():
+    """Nothing to copy: the re-fit still brings the outputs (on inputs it was not fitted on) closer."""
+    torch.manual_seed(3)
+    net = _trained_like(Net())
+    ref, plain = copy.deepcopy(net), copy.deepcopy(net)
+    _cut(plain, "conv1", [0, 1, 4], refit=False)
+    fits = _cut(net, "conv1", [0, 1, 4], refit=True)
+    assert all(after < before for before, after in fits.values())
+    assert _gap(net, ref) < 0.7 * _gap(plain, ref)
+
+
+def test_kept_targets_and_recomputed_ones_fit_the_same(monkeypatch):
+    """The unpruned outputs are kept from one forward per batch, or (over TARGET_BYTES) recomputed
+    per layer: the same rows, so the same fit."""
+    net = _trained_like(Net())
+    nets, plain = [net, copy.deepcopy(net)], copy.deepcopy(net)
+    _cut(plain, "conv1", [0, 1, 4], refit=False)
+    torch.manual_seed(5)  # the same calibration batches
+    _cut(nets[0], "conv1", [0, 1, 4], refit=True)
+    monkeypatch.setattr(reconstruct, "TARGET_BYTES", 0)
+    torch.manual_seed(5)
+    _cut(nets[1], "conv1", [0, 1, 4], refit=True)
+    assert not torch.allclose(nets[1].conv2.weight, plain.conv2.weight, atol=1e-3)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
+
+
+def test_a_failed_refit_leaves_the_model_as_it_was():
+    net = _trained_like(Net())
+    before = copy.deepcopy(net.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    graph = secateurs.analyze(net, x)
+    plan = PruningPlan({_group(graph, "conv1"): [1], _group(graph, "conv2"): [2]})
+    with pytest.raises(RuntimeError):  # the second layer's batches no longer fit: conv2 was re-fitted first
+        refit_readers(net, graph, plan, [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 9, 9)])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def _data(n: int = 96) -> ArrayDataset:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+    return ArrayDataset("toy", images, torch.randint(0, 5, (n,), generator=g), classes=list("abcde"))
+
+
+def test_prune_reconstructs_and_reports_the_fit():
+    net, data = _trained_like(Net()), _data()
+    ref, plain = copy.deepcopy(net), copy.deepcopy(net)
+    x = torch.randn(2, 3, 8, 8)
+    secateurs.prune(plain, x, "l1", 0.6, latency_guard=False)
+    _, rep = secateurs.prune(net, x, "l1", 0.6, data=data, reconstruct=64, latency_guard=False)
+    assert count_same(net, plain)
+    fits = rep["method_output"]["reconstruction"]["1"]
+    assert fits and all(after < before for before, after in fits.values())
+    assert _gap(net, ref) < _gap(plain, ref)
+
+
+def count_same(a: nn.Module, b: nn.Module) -> bool:
+    """The same widths: the re-fit changes weights, never what is cut."""
+    return [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+
+
+@pytest.mark.parametrize("kw, match", [({"reconstruct": -1}, "reconstruct"), ({"reconstruct": 1.5}, "reconstruct"),
+                                       ({"reconstruct": 64, "data": None}, "reconstruct")])
+def test_bad_reconstruct_arguments_name_it_and_leave_the_model(kw, match):
+    net = _trained_like(Net())
+    before = copy.deepcopy(net.state_dict())
+    kw = {"data": _data(), **kw}
+    with pytest.raises((ValueError, TypeError), match=match):
+        secateurs.prune(net, torch.randn(2, 3, 8, 8), "l1", 0.6, latency_guard=False, **kw)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
