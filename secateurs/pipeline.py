@@ -264,6 +264,9 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
         images = calibration(run.context["data"], req.reconstruct, next(model.parameters()).device)
         fits = refit_readers(model, graph, decision.channels, images)
         run.extra.setdefault("reconstruction", {})[str(k)] = {n: [round(a, 5), round(b, 5)] for n, (a, b) in fits.items()}
+        if fits:
+            run.log(f"step {k}: {len(fits)} layers re-fitted on {req.reconstruct} images, relative output error "
+                    f"{sum(a for a, _ in fits.values()) / len(fits):.3f} -> {sum(b for _, b in fits.values()) / len(fits):.3f}")
     removed = decision.apply(model, graph, run.example_inputs)
     t4 = time.perf_counter()
     timings["surgery_s"] += t4 - t3

@@ -27,6 +27,7 @@ from ._state import copy_model
 from .data import ArrayDataset, Batches
 from .graph import DependencyGraph
 from .surgery import PruningPlan, removed_inputs
+from ._validation import PruningError
 
 __all__ = ["refit_readers", "calibration"]
 
@@ -74,18 +75,26 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
     masks = {n: g for n, g in readers.items() if _fits(modules[n])}
     if not masks or not batches:
         return {}
-    order, after, shapes = _call_order(model, batches[0], list(masks))
+    try:
+        order, after, shapes = _call_order(model, batches[0], list(masks))
+    except Exception as err:  # noqa: BLE001 - named for the user: nothing was changed yet
+        raise PruningError(f"reconstruct: the model does not run on the calibration images ({type(err).__name__}: "
+                           f"{err}); they are the first input of `data`'s batches") from err
     original = copy_model(model)
     done: dict[str, tuple[float, float]] = {}
     with in_mode(model, training=False), in_mode(original, training=False):
-        targets = _targets(original, order, shapes, batches, positions, seed)
         hooks = [modules[n].register_forward_pre_hook(_masking(g)) for n, g in readers.items()]
+        name = "the unpruned outputs"
         try:
+            targets = _targets(original, order, shapes, batches, positions, seed)
             for i, name in enumerate(order):
                 done[name] = _refit_one(model, original, name, masks[name], after.get(name), batches,
                                         targets[name] if targets is not None else None, i, positions, ridge, seed)
-        except BaseException:  # the layers fitted so far go back: a failed re-fit leaves the model as it was
+        except BaseException as err:  # the layers fitted so far go back: a failed re-fit leaves the model as it was
             _restore(model, original, [(n, after.get(n)) for n in done])
+            if isinstance(err, Exception):
+                raise PruningError(f"reconstruct: re-fitting {name!r} failed ({type(err).__name__}: {err}); "
+                                   "the model is as it was") from err
             raise
         finally:
             for h in hooks:
