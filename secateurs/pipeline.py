@@ -19,7 +19,7 @@ from ._modes import in_mode
 from ._state import copy_model
 from ._validation import (InvalidArgument, PruningError, check_dataset, check_example_inputs, check_model,
                           check_out_dir, check_scalar)
-from .reconstruct import calibration, refit_readers
+from .reconstruct import refit_before_cut
 from .budget import (ALLOCATIONS, BUDGETS, Allocator, Budget, as_budget, deprecated_budget, plan_for_budget,  # noqa: F401
                      uniform_plan)  # Allocator, Budget, plan_for_budget, uniform_plan: re-exported for one release
 from .checkpoints import RunCheckpoints, drop_stale_training
@@ -261,11 +261,10 @@ def _step(run: _Run, k: int, ignore: Any, tolerance: float | None, graph: Depend
     snapshot = before_plan if before_plan is not None and not req.how.undo_keeps_training else (
         copy_model(model) if tolerance is not None else None)
     if req.reconstruct and decision.channels is not None and decision.channels.remove:
-        images = calibration(run.context["data"], req.reconstruct, next(model.parameters()).device)
-        fits = refit_readers(model, graph, decision.channels, images)
-        run.extra.setdefault("reconstruction", {})[str(k)] = {n: [round(a, 5), round(b, 5)] for n, (a, b) in fits.items()}
+        fits, n = refit_before_cut(model, graph, decision.channels, run.context["data"], req.reconstruct)
+        run.extra.setdefault("reconstruction", {})[str(k)] = {m: [round(a, 5), round(b, 5)] for m, (a, b) in fits.items()}
         if fits:
-            run.log(f"step {k}: {len(fits)} layers re-fitted on {req.reconstruct} images, relative output error "
+            run.log(f"step {k}: {len(fits)} layers re-fitted on {n} images, squared output error (relative) "
                     f"{sum(a for a, _ in fits.values()) / len(fits):.3f} -> {sum(b for _, b in fits.values()) / len(fits):.3f}")
     removed = decision.apply(model, graph, run.example_inputs)
     t4 = time.perf_counter()
@@ -384,7 +383,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     metric0 = evaluate(model, val_data)[req.key] if req.key is not None else None
     report = _start_report(req, model, base, metric0, round_to, min_width, req.tolerance)
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
-                                      "steps_requested", "reconstruct")}
+                                      "steps_requested", "reconstruct") if k != "reconstruct" or req.reconstruct}
     ckpt = RunCheckpoints(model, out_dir, request)
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,

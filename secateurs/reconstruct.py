@@ -4,35 +4,44 @@ of them in the unpruned model.
 
 A short fine-tuning starts from wherever the cut leaves the network; a cut that dropped 50% of the
 MACs leaves it far from where it was (channel pruning with reconstruction, He et al. 2017; ThiNet,
-Luo et al. 2017). Layers are re-fitted in forward order, each on the inputs the already re-fitted,
-masked network gives it (so earlier errors are corrected, not compounded) and against the outputs the
-unpruned model gives; an intercept absorbs the mean the removed channels carried (into the layer's
-bias, or the running mean of the batch norm right after it). The fit is ridge-regularised toward
-the layer's own weights, so an ill-posed fit stays near them. Convolutions with one group (any
-kernel, stride, padding of zeros, dilation) and linears are re-fitted; other readers (grouped,
-1-d and 3-d convs, subclasses) are cut as usual, with :mod:`secateurs.compensate`.
+Luo et al. 2017). First every reader's removed inputs get zero weights (and the readers that are
+not re-fitted the cut's own bias compensation), which makes the model compute exactly what the cut
+one will: checked on one batch against a cut copy, and the re-fit is skipped, with a warning, for a
+model where it does not (a LayerNorm or GroupNorm over the cut channels). Then layers are re-fitted
+in forward order, each on the inputs the already re-fitted network gives it (earlier errors are
+corrected, not compounded) against the outputs the unpruned model gives; an intercept absorbs the
+mean the removed channels carried (into the layer's bias, or the running mean of the batch norm
+right after it); ridge regularisation toward the layer's own weights keeps an ill-posed fit near
+them. Re-fitted: convolutions with one group (any kernel, stride, dilation, padding of zeros) and
+linears with at most ``MAX_FEATURES`` kept inputs x taps; other readers are cut as usual.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
 
 from ._modes import in_mode
 from ._state import copy_model
+from .compensate import compensation, has_candidates
 from .data import ArrayDataset, Batches
+from .distributed import from_first_process, is_main_process
 from .graph import DependencyGraph
-from .surgery import PruningPlan, removed_inputs
+from .surgery import PruningPlan, apply_plan, cut_inputs
 from ._validation import PruningError
 
-__all__ = ["refit_readers", "calibration"]
+__all__ = ["refit_readers", "refit_before_cut", "calibration"]
 
 _STOCK = (nn.Conv2d.forward, nn.Linear.forward)
 TARGET_BYTES = 1 << 30  # the unpruned outputs kept for all layers at once, above which each layer recomputes its own
+MAX_FEATURES = 8192  # a dense solve of this size takes seconds; a wider layer (VGG's 25088-input linear) is cut as usual
+UNFOLD_BYTES = 1 << 28  # receptive fields unfolded at once (a chunk of the batch)
 
 
 def calibration(data, images: int, device: torch.device, batch_size: int = 64) -> list[torch.Tensor]:
@@ -50,16 +59,31 @@ def calibration(data, images: int, device: torch.device, batch_size: int = 64) -
     return out
 
 
+def refit_before_cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, data, images: int
+                     ) -> tuple[dict[str, tuple[float, float]], int]:
+    """:func:`refit_readers` on ``images`` inputs of ``data``, and how many it read; under torchrun made
+    by the first process and sent to the others: one model everywhere, whatever the kernels' order of sums."""
+    fits, n = {}, 0
+    if is_main_process():
+        batches = calibration(data, images, next(model.parameters()).device)
+        fits, n = refit_readers(model, graph, plan, batches), sum(len(x) for x in batches)
+    fits, n, state = from_first_process((fits, n, {k: t.cpu() for k, t in model.state_dict().items()}
+                                         if fits and torch.distributed.is_initialized() else None))
+    if state is not None and not is_main_process():
+        model.load_state_dict(state)
+    return fits, n
+
+
 class _Reached(Exception):
     """Raised from a hook once the layer being fitted has run: the rest of the forward is not needed."""
 
 
-def _fits(m: nn.Module) -> bool:
-    if type(m).forward not in _STOCK or parametrize.is_parametrized(m):
+def _fits(m: nn.Module, axis: int, gone: torch.Tensor) -> bool:
+    if type(m).forward not in _STOCK or parametrize.is_parametrized(m) or axis != 1:
         return False
-    if isinstance(m, nn.Linear):
-        return True
-    return m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+    if isinstance(m, nn.Conv2d) and not (m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)):
+        return False
+    return int((~gone).sum()) * m.weight[0, 0].numel() <= MAX_FEATURES
 
 
 @torch.no_grad()
@@ -67,12 +91,13 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
                   positions: int = 32, ridge: float = 1e-3, seed: int = 0) -> dict[str, tuple[float, float]]:
     """Re-fit, in place, the layers of ``model`` that read a channel ``plan`` removes, on the input
     ``batches``; the removed inputs' weights become zero, so the cut that follows changes nothing
-    further. ``positions``: output pixels sampled per image and layer. Returns {layer: (relative error
-    of the plain cut, relative error after the fit)} on the calibration rows."""
+    further. ``positions``: output pixels sampled per image and layer. Returns {layer: (squared error
+    of the plain cut, after the fit), each relative to the outputs' squared norm} on the calibration
+    rows; {} when nothing was re-fitted (the model is then as it was)."""
     batches = [b for b in batches]
     modules = dict(model.named_modules())
-    readers = removed_inputs(graph, plan)
-    masks = {n: g for n, g in readers.items() if _fits(modules[n])}
+    outs, readers = cut_inputs(graph, plan)
+    masks = {n: g for n, (axis, g) in readers.items() if _fits(modules[n], axis, g)}
     if not masks or not batches:
         return {}
     try:
@@ -83,44 +108,49 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
     original = copy_model(model)
     done: dict[str, tuple[float, float]] = {}
     with in_mode(model, training=False), in_mode(original, training=False):
-        hooks = [modules[n].register_forward_pre_hook(_masking(g)) for n, g in readers.items()]
         name = "the unpruned outputs"
         try:
+            _as_cut(model, modules, graph, outs, readers, set(order))
+            if not _same_as_cut(model, graph, plan, batches[0]):
+                model.load_state_dict(original.state_dict())
+                return {}
             targets = _targets(original, order, shapes, batches, positions, seed)
             for i, name in enumerate(order):
                 done[name] = _refit_one(model, original, name, masks[name], after.get(name), batches,
                                         targets[name] if targets is not None else None, i, positions, ridge, seed)
-        except BaseException as err:  # the layers fitted so far go back: a failed re-fit leaves the model as it was
-            _restore(model, original, [(n, after.get(n)) for n in done])
+        except BaseException as err:  # a failed re-fit leaves the model as it was
+            model.load_state_dict(original.state_dict())
             if isinstance(err, Exception):
                 raise PruningError(f"reconstruct: re-fitting {name!r} failed ({type(err).__name__}: {err}); "
                                    "the model is as it was") from err
             raise
-        finally:
-            for h in hooks:
-                h.remove()
     return done
 
 
-def _restore(model: nn.Module, original: nn.Module, fitted: list[tuple[str, nn.Module | None]]) -> None:
-    bns = {id(m): n for n, m in model.named_modules()}
-    for name, bn in fitted:
-        for n in [name] + ([bns[id(bn)]] if bn is not None else []):
-            src, dst = original.get_submodule(n), model.get_submodule(n)
-            for key in ("weight", "bias", "running_mean"):
-                if getattr(dst, key, None) is not None:
-                    getattr(dst, key).data.copy_(getattr(src, key))
+def _as_cut(model: nn.Module, modules: dict, graph: DependencyGraph, outs: list, readers: dict, fitted: set) -> None:
+    """Every reader's removed inputs' weights zeroed, and for those not re-fitted the constants the
+    cut folds back in (:mod:`secateurs.compensate`) folded now: the model computes what the cut one will."""
+    others = {n: g for n, (axis, g) in readers.items() if n not in fitted and axis == 1}
+    if others and graph.example_inputs and has_candidates(modules, outs):
+        for (mname, tname), t in compensation(model, graph.example_inputs, others).items():
+            getattr(modules[mname], tname).copy_(t)
+    for n, (axis, gone) in readers.items():
+        w = modules[n].weight
+        w.index_fill_(axis, torch.nonzero(gone.to(w.device)).flatten(), 0)
 
 
-def _masking(gone: torch.Tensor):
-    """A pre-hook that zeroes the removed inputs: the masked model computes what the cut one will."""
-    def hook(m, args):
-        x = args[0]
-        groups = getattr(m, "groups", 1)  # a grouped conv's mask is over the position within a group
-        keep = (~gone).repeat(groups if len(gone) * groups == x.shape[1] else 1).to(x)
-        keep = keep.view(-1, *([1] * (x.dim() - 2))) if not isinstance(m, nn.Linear) else keep
-        return (x * keep, *args[1:])
-    return hook
+def _same_as_cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, x: torch.Tensor) -> bool:
+    """Whether a cut copy computes what ``model`` (its removed inputs zeroed) does on ``x``; warns if not."""
+    cut = apply_plan(copy_model(model), graph, plan)
+    a = [t for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    b = [t for t in tree_leaves(cut(x)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    same = len(a) == len(b) and all(s.shape == t.shape and bool(((s - t).abs().max() <= 1e-4 * (1 + s.abs().max())))
+                                    for s, t in zip(a, b))
+    if not same:
+        warnings.warn("reconstruct: zeroing the cut channels' weights does not compute what the cut model does (an "
+                      "op mixes the cut channels with the kept ones, e.g. a LayerNorm or GroupNorm over them): this "
+                      "cut is not re-fitted", stacklevel=3)
+    return same
 
 
 def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[list[str], dict[str, nn.Module], dict]:
@@ -204,10 +234,14 @@ def _gather(m: nn.Module, t: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
 
 
 def _inputs(m: nn.Module, x: torch.Tensor, keep: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
-    """The kept inputs each sampled output reads (a conv's receptive fields, unfolded)."""
+    """The kept inputs each sampled output reads (a conv's receptive fields, unfolded a chunk of
+    the batch at a time: all of a large map's would not fit in memory)."""
     if isinstance(m, nn.Linear):
         return _gather(m, x[..., keep], pick)
-    return _gather(m, F.unfold(x[:, keep], m.kernel_size, m.dilation, m.padding, m.stride), pick)
+    per_image = int(keep.sum()) * m.weight[0, 0].numel() * x[0, 0].numel() * x.element_size()  # stride 1's size
+    step = max(1, UNFOLD_BYTES // max(1, per_image))
+    return torch.cat([_gather(m, F.unfold(x[i:i + step][:, keep], m.kernel_size, m.dilation, m.padding, m.stride),
+                              pick[i:i + step]) for i in range(0, len(x), step)])
 
 
 def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list, positions: int, seed: int

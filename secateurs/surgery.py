@@ -21,7 +21,7 @@ from ._layout import channels_last_only
 from ._threads import one_thread
 from ._validation import PruningError, check_model
 
-__all__ = ["PruningPlan", "apply_plan", "zero_channels", "removed_inputs"]
+__all__ = ["PruningPlan", "apply_plan", "zero_channels", "cut_inputs"]
 
 
 @dataclass
@@ -240,15 +240,27 @@ def _outs_and_readers(graph: DependencyGraph, bids: list[int], parts: tuple) -> 
     return outs, readers
 
 
-def removed_inputs(graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]]) -> dict[str, torch.Tensor]:
-    """{module: mask over its weight's axis 1 of the inputs ``plan`` removes} for every layer that
-    reads a removed channel (what :mod:`secateurs.reconstruct` re-fits before the cut)."""
+def cut_inputs(graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]]
+               ) -> tuple[list, dict[str, tuple[int, torch.Tensor]]]:
+    """What a cut removes: the producers ((module, tensor, removed mask)) and, for every layer whose
+    weight reads a removed channel, {module: (that weight axis, removed mask over it)} (what
+    :mod:`secateurs.reconstruct` re-fits before the cut)."""
     removed, touched = _removed_components(graph, PruningPlan.coerce(plan))
     if not touched:
-        return {}
+        return [], {}
     bids = sorted(touched)
     _, _, parts = _kept(graph, bids, removed)
-    return _outs_and_readers(graph, bids, parts)[1]
+    outs, readers = [], {}
+    for bi, part in zip(bids, parts):
+        b = graph.bindings[bi]
+        if b.kind != "tensor" or not part.any():
+            continue
+        if b.role == "out":
+            outs.append((b.module, b.name, part))
+        elif b.name == "weight" and b.role == "in":
+            prev = readers.get(b.module)
+            readers[b.module] = (b.axis, part if prev is None or len(prev[1]) != len(part) else prev[1] | part)
+    return outs, readers
 
 
 def _same_layout(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

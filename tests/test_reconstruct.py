@@ -3,6 +3,7 @@ layers reproduce exactly, and what they cannot, they approach better than the pl
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ class Net(nn.Module):
 
 def _trained_like(net: nn.Module) -> nn.Module:
     torch.manual_seed(0)
-    for bn in (net.bn1, net.bn2):
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-0.5, 0.5)
         bn.running_mean.uniform_(-0.3, 0.3)
@@ -180,3 +181,66 @@ def test_bad_reconstruct_arguments_name_it_and_leave_the_model(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         secateurs.prune(net, torch.randn(2, 3, 8, 8), "l1", 0.6, latency_guard=False, **kw)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class Norms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(8, 12), nn.LayerNorm(12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def test_a_norm_over_the_cut_channels_is_not_refitted():
+    """A LayerNorm normalises over the cut channels too: zeroing their weights is not the cut, so the
+    re-fit would fit inputs the cut model never sees; it warns and leaves the model as it was."""
+    net = Norms().eval()
+    with torch.no_grad():
+        net.a.bias[3] += 4.0
+    before = copy.deepcopy(net.state_dict())
+    x = torch.randn(4, 8)
+    graph = secateurs.analyze(net, x)
+    plan = PruningPlan({_group(graph, "a"): [3]})
+    with pytest.warns(UserWarning, match="not re-fitted"):
+        assert refit_readers(net, graph, plan, [torch.randn(64, 8)]) == {}
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class Branches(nn.Module):
+    """conv1's channels read by a grouped conv (cut as usual: bias compensation) and by a plain one
+    (re-fitted): the re-fit must see what the cut grouped conv will compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.grouped, self.plain = nn.Conv2d(8, 6, 1, groups=2), nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc((torch.relu(self.grouped(x)) + self.plain(x)).mean((2, 3)))
+
+
+def test_readers_cut_as_usual_and_refitted_ones_together():
+    """Channels 1 and 5 (position 1 of both groups, cut together) output constants: the grouped conv
+    gets them folded into its bias before the fits, the plain one re-fits them into its intercept; with
+    the cut's own compensation off, only that makes the outputs exact."""
+    net = _trained_like(Branches())
+    with torch.no_grad():
+        net.bn1.weight[1], net.bn1.bias[1], net.bn1.weight[5], net.bn1.bias[5] = 0.0, 0.8, 0.0, 0.3
+    ref, plain = copy.deepcopy(net), copy.deepcopy(net)
+    _cut(plain, "conv1", [1], refit=False, compensate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not skipped as "not what the cut computes"
+        fits = _cut(net, "conv1", [1], refit=True, compensate=False, ridge=0.0)
+    assert set(fits) == {"plain"} and net.grouped.in_channels == 6
+    assert _gap(plain, ref) > 1e-3
+    assert _gap(net, ref) < 1e-5
+
+
+def test_a_layer_too_wide_to_solve_is_cut_as_usual(monkeypatch):
+    monkeypatch.setattr(reconstruct, "MAX_FEATURES", 50)  # conv2 reads 7 x 9 = 63 > 50; fc 5 x 16 = 80
+    net = _trained_like(Net())
+    assert _cut(net, "conv1", [5], refit=True) == {}
+    assert net.conv2.in_channels == 7
