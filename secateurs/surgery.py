@@ -219,25 +219,10 @@ def _compensation(model: nn.Module, graph: DependencyGraph, modules: dict, bids:
     """The biases / running means that absorb the constants of removed channels (nothing is changed
     here), measured only when some removed channel has a near-zero norm scale."""
     outs, readers = _outs_and_readers(graph, bids, parts)
+    readers = {n: gone for n, (axis, gone) in readers.items() if axis == 1}  # a transposed conv's axis 0: no fold
     if not readers or not graph.example_inputs or not has_candidates(modules, outs):
         return {}
     return compensation(model, graph.example_inputs, readers)
-
-
-def _outs_and_readers(graph: DependencyGraph, bids: list[int], parts: tuple) -> tuple[list, dict[str, torch.Tensor]]:
-    """The producers a cut removes from ((module, tensor, removed mask)) and the layers that read a
-    removed channel ({module: removed mask over its weight's axis 1})."""
-    outs, readers = [], {}
-    for bi, part in zip(bids, parts):
-        b = graph.bindings[bi]
-        if b.kind != "tensor" or not part.any():
-            continue
-        if b.role == "out":
-            outs.append((b.module, b.name, part))
-        elif b.name == "weight" and b.axis == 1:
-            prev = readers.get(b.module)
-            readers[b.module] = part if prev is None or len(prev) != len(part) else prev | part
-    return outs, readers
 
 
 def cut_inputs(graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable[int]]
@@ -249,7 +234,11 @@ def cut_inputs(graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable
     if not touched:
         return [], {}
     bids = sorted(touched)
-    _, _, parts = _kept(graph, bids, removed)
+    return _outs_and_readers(graph, bids, _kept(graph, bids, removed)[2])
+
+
+def _outs_and_readers(graph: DependencyGraph, bids: list[int], parts: tuple
+                      ) -> tuple[list, dict[str, tuple[int, torch.Tensor]]]:
     outs, readers = [], {}
     for bi, part in zip(bids, parts):
         b = graph.bindings[bi]
@@ -257,7 +246,7 @@ def cut_inputs(graph: DependencyGraph, plan: PruningPlan | Mapping[int, Iterable
             continue
         if b.role == "out":
             outs.append((b.module, b.name, part))
-        elif b.name == "weight" and b.role == "in":
+        elif b.name == "weight":
             prev = readers.get(b.module)
             readers[b.module] = (b.axis, part if prev is None or len(prev[1]) != len(part) else prev[1] | part)
     return outs, readers
