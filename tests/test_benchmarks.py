@@ -396,10 +396,11 @@ def test_reconstruct_report_is_the_mean_and_spread_of_the_draws(tmp_path):
 
     row = {"model": "m", "target": 0.5, "draw": 0, "kept_macs": 0.4991, "seconds": 1.0, "images": 0, "test_images": 100}
     write_rows(tmp_path / "reconstruct.csv", [
-        {**row, "method": "l1", "top1": 10.0},
+        {**row, "method": "l1", "top1": 10.0, "finetune_steps": 100, "top1_finetuned": 80.5},
         {**row, "method": "l1+reconstruct", "top1": 70.0, "images": 512},
         {**row, "method": "l1+reconstruct", "draw": 1, "top1": 74.0, "images": 512, "seconds": 3.0}])
     text = reconstruct.report(tmp_path / "reconstruct.csv").read_text()
-    assert "| m | 50% | l1 | 49.9% | 10.00 | 1 | 1.0 |" in text
-    assert "| m | 50% | l1+reconstruct | 49.9% | 72.00 +- 2.83 | 2 | 2.0 |" in text
+    assert "| m | 50% | l1 | 49.9% | 10.00 | 1 | 1.0 | 80.5 |" in text
+    assert "| m | 50% | l1+reconstruct | 49.9% | 72.00 +- 2.83 | 2 | 2.0 |  |" in text
+    assert "Then 100 steps of fine-tuning" in text
     assert "least squares on 512 training images" in text
