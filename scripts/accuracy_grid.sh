@@ -51,11 +51,9 @@ case "${1:-}" in
     r56-rounds) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods l1:rounds=4 ;;
     # least-squares reconstruction before the cut (`reconstruct=512`: the layers reading a removed channel re-fitted
-    # on 512 training images to compute what they did unpruned), beside the rows the goal picked without it
-    r56-reconstruct) run --models cifar_resnet56_cifar10 --targets 0.5 --seeds 0 1 2 3 4 --steps "${STEPS:-300}" \
+    # on 512 training images to compute what they did unpruned), beside the row the goal picked without it
+    r56-reconstruct) run --models cifar_resnet56_cifar10 --targets 0.5 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods l1:distill=0.25:reconstruct=512 ;;
-    r56-reconstruct-30) run --models cifar_resnet56_cifar10 --targets 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
-             --methods l1:reconstruct=512 ;;
     report) run --report-only ;;
-    *) echo "usage: $0 r20|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|r56-reconstruct-30|report" >&2; exit 2 ;;
+    *) echo "usage: $0 r20|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|report" >&2; exit 2 ;;
 esac
