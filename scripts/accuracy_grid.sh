@@ -16,6 +16,8 @@
 #                                        # the default 0.5: which weight recovers most in 300 steps?
 #   bash scripts/accuracy_grid.sh r56-rounds # ResNet-56, L1 cut in 4 fine-tuned steps (Torch-Pruning's magnitude
 #                                        # schedule) against one cut: does iterating pay under one step budget?
+#   bash scripts/accuracy_grid.sh r56-reconstruct # ResNet-56 at 50%, the goal's pick (l1, distillation 0.25) with
+#                                        # least-squares reconstruction before the cut: does its head start survive?
 #   bash scripts/accuracy_grid.sh report # docs/accuracy.md from docs/accuracy.csv
 #   bash scripts/r56_grid.sh             # ResNet-56's baseline to its end, into the zoo, then `r56` (resumable)
 # Run it only once scripts/baselines.sh has replaced the zoo checkpoints (ResNet-20 >= 90%, ResNet-56
