@@ -188,7 +188,7 @@ def _best_line(label: str, rows: list[dict]) -> list[str]:
 
 
 RESULTS = ("compare_coverage.csv", "engine_speed.csv", "compare_speedup.csv", "accuracy.csv", "compare_accuracy.csv",
-           "compare_segmentation.csv", "segmentation.json")
+           "compare_segmentation.csv", "segmentation.json", "reconstruct.csv")
 
 
 def _r56_baseline(run: Path = Path(__file__).resolve().parents[1] / "runs/baselines/r56") -> str:
@@ -289,6 +289,7 @@ def write_report(args) -> Path:
          "python -m benchmarks.compare --help               # sections 1, 3, 4 and the segmentation curves, options",
          "python -m benchmarks.engine_speed --help          # section 2",
          "python -m benchmarks.segmentation --help          # method 4 with its error tolerance",
+         "python -m benchmarks.reconstruct --help           # section 4's reconstruction table (docs/reconstruct.md)",
          "```", ""]
     if not args.quick:
         L += _status(out, args)
@@ -332,6 +333,10 @@ def write_report(args) -> Path:
         for (model, target) in sorted({(r["model"], r["target"]) for r in acc}, key=lambda k: (k[0], -k[1])):
             L += _best_line(f"{model} at {target:.0%}",
                             [r for r in acc if r["model"] == model and r["target"] == target])
+    if (out / "reconstruct.csv").exists():
+        from benchmarks.reconstruct import table
+        L += ["", "### Least-squares reconstruction before the cut: top-1 with no fine-tuning (docs/reconstruct.md)", "",
+              *table(read_rows(out / "reconstruct.csv"))]
     L += ["", "## 5. Segmentation: MACs vs IoU per method (U-Net)", ""]
     if curves:
         c0 = curves[0]

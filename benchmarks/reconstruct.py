@@ -98,11 +98,18 @@ def report(csv_path: Path) -> Path:
              "(bias compensation included); `l1+reconstruct`: the same cut with every layer reading a removed "
              f"channel re-fitted by least squares on {next((r['images'] for r in rows if r['images'] != '0'), '?')} "
              "training images first (mean +- sd over calibration draws); `tp_magnitude`: Torch-Pruning's magnitude "
-             "pruner, global, at the ratio that meets the same MACs. Seconds: the prune on this CPU, 2 threads.",
+             "pruner, global, at the ratio that meets the same MACs. Seconds: the prune on the machine that ran it.",
              f" Then {next((r['finetune_steps'] for r in rows if r.get('finetune_steps')), 0)} steps of fine-tuning "
              "(SGD lr 0.02, batch 128, no distillation) from the first draw's cut: one run each, a first look at how "
              "much of the head start survives training.",
-             "", "| model | MACs target | method | MACs kept | top-1 | draws | seconds | top-1 after the fine-tuning |",
+             "", *table(rows)]
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The report's table: one line per model, target and method, the draws' mean +- sd."""
+    lines = ["| model | MACs target | method | MACs kept | top-1 | draws | seconds | top-1 after the fine-tuning |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -114,8 +121,7 @@ def report(csv_path: Path) -> Path:
         tuned = next((r["top1_finetuned"] for r in rs if r.get("top1_finetuned")), "")
         lines.append(f"| {model} | {target:.0%} | {method} | {float(rs[0]['kept_macs']):.1%} | {top} | {len(rs)} | "
                      f"{secs:.1f} | {tuned} |")
-    md.write_text("\n".join(lines) + "\n")
-    return md
+    return lines
 
 
 def main(argv=None) -> None:
