@@ -19,6 +19,15 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(DOCS))
 
 
+def add_run_args(p: argparse.ArgumentParser, out: Path) -> None:
+    """The flags of the resumable results benchmarks (accuracy, reconstruct)."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", default=str(out))
+    p.add_argument("--quick", action="store_true", help="tiny settings that exercise every path (CI)")
+    p.add_argument("--report-only", action="store_true")
+
+
 def start(args) -> Path:
     """Threads set, output folder made."""
     import torch

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import append_row, interval, read_rows, write_rows  # noqa: F401 (interval: the report's, re-exported)
+from benchmarks._protocol import add_run_args, append_row, interval, read_rows, write_rows  # noqa: F401 (interval: the report's, re-exported)
 from benchmarks.accuracy_report import PAIRS, no_worse, paired, summarize, write_report  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -479,11 +479,7 @@ def main(argv=None) -> None:
     p.add_argument("--holdout", type=int, default=5000)
     p.add_argument("--subset", type=int, default=0, help="training images (0: all but the held-out split)")
     p.add_argument("--test-subset", type=int, default=0, help="test and held-out images (0: all)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default=str(ROOT / "docs"))
-    p.add_argument("--quick", action="store_true", help="tiny settings that exercise every path (CI)")
-    p.add_argument("--report-only", action="store_true")
+    add_run_args(p, ROOT / "docs")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.targets, args.seeds = ["cifar_resnet20_cifar10"], [0.5], [0]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import read_rows, write_rows
+from benchmarks._protocol import add_run_args, read_rows, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["cifar_resnet20_cifar10", "cifar_resnet56_cifar10"]
@@ -133,11 +133,7 @@ def main(argv=None) -> None:
     p.add_argument("--test-subset", type=int, default=0, help="test images (0: all 10,000)")
     p.add_argument("--finetune-steps", type=int, default=100,
                    help="then fine-tune each draw-0 row this many steps (lr 0.02, batch 128, no distillation; 0: off)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default=str(ROOT / "docs"))
-    p.add_argument("--quick", action="store_true", help="tiny settings that exercise every path (CI)")
-    p.add_argument("--report-only", action="store_true")
+    add_run_args(p, ROOT / "docs")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.targets, args.draws, args.images, args.test_subset = MODELS[:1], [0.5], 2, 64, 200

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from ._modes import in_mode
 
-__all__ = ["compensation", "has_candidates", "SCALE_TOL", "STD_TOL"]
+__all__ = ["compensation", "has_candidates", "NormsAfter", "SCALE_TOL", "STD_TOL"]
 
 SCALE_TOL = 0.05  # |gamma| below this fraction of the norm's mean |gamma|: a candidate
 STD_TOL = 0.02  # spread below this fraction of the layer input's median channel spread: constant
@@ -80,8 +80,7 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
         return {}
     seen: dict[str, tuple] = {}
     bad: set[str] = set()  # readers called on inputs of different widths
-    made: dict[int, tuple[str, torch.Tensor, int]] = {}  # id(output) -> reader, output (kept alive), version
-    after: dict[str, set[str]] = {n: set() for n in readers}
+    norms = NormsAfter(modules)
 
     def grab(name):
         def hook(m, args, out):
@@ -96,21 +95,10 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
             elif prev is not None:
                 bad.add(name)
             seen[name] = stats
-            made[id(out)] = (name, out, out._version)
-        return hook
-
-    def follow(name):
-        def hook(m, args):
-            hit = made.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-            # the reader's output itself, unchanged: an in-place op in between (ReLU(inplace=True))
-            # returns the same tensor, after which the norm's running mean is no place for the fold
-            if hit is not None and hit[1] is args[0] and args[0]._version == hit[2]:
-                after[hit[0]].add(name)
+            norms.produced(name, out)
         return hook
 
     handles = [modules[n].register_forward_hook(grab(n)) for n in readers]
-    handles += [m.register_forward_pre_hook(follow(n)) for n, m in modules.items()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     gen = torch.Generator().manual_seed(0)
     other = tuple(torch.randn(x.shape, generator=gen).to(x) * x.std().clamp_min(1e-3) + x.mean()
                   if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1 else x
@@ -124,7 +112,8 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
     finally:
         for h in handles:
             h.remove()
-        made.clear()
+        norms.close()
+    after = norms.after
     out: dict[tuple[str, str], torch.Tensor] = {}
     for name, gone in readers.items():
         if name in bad or name not in seen:
@@ -135,12 +124,40 @@ def compensation(model: nn.Module, example_inputs: tuple, readers: dict[str, tor
         m = modules[name]
         if m.bias is not None:
             out[(name, "bias")] = m.bias.detach() + delta.to(m.bias)
-        elif len(after[name]) == 1:
+        elif len(after.get(name, ())) == 1:
             bn = modules[next(iter(after[name]))]
             key = (next(iter(after[name])), "running_mean")
             if bn.running_mean is not None:
                 out[key] = out.get(key, bn.running_mean) - delta.to(bn.running_mean)
     return out
+
+
+class NormsAfter:
+    """Which batch norms each watched layer's output goes straight into during a forward: the
+    output itself, unchanged (an in-place op in between, e.g. ReLU(inplace=True), returns the same
+    tensor, after which the norm's running mean is no place for a fold). The watched layers' hooks
+    call :meth:`produced`; :meth:`close` removes the norms' hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.after: dict[str, set[str]] = {}
+        self._made: dict[int, tuple[str, torch.Tensor, int]] = {}  # id(output) -> layer, output (kept alive), version
+        self._handles = [m.register_forward_pre_hook(self._follow(n)) for n, m in modules.items()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def produced(self, name: str, out: torch.Tensor) -> None:
+        self._made[id(out)] = (name, out, out._version)
+
+    def _follow(self, norm: str):
+        def hook(m, args):
+            hit = self._made.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
+            if hit is not None and hit[1] is args[0] and args[0]._version == hit[2]:
+                self.after.setdefault(hit[0], set()).add(norm)
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._made.clear()
 
 
 def _input_mask(m: nn.Module, gone: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from ._modes import in_mode
 from ._state import copy_model
-from .compensate import compensation, has_candidates
+from .compensate import NormsAfter, compensation, has_candidates
 from .data import ArrayDataset, Batches
 from .distributed import from_first_process, is_main_process
 from .graph import DependencyGraph
@@ -158,40 +158,32 @@ def _same_as_cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, x:
 
 def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[list[str], dict[str, nn.Module], dict]:
     """The layers in the order a forward calls them (a layer called twice is left out: its inputs
-    mix two places), for each the batch norm its output goes straight into, if any, and its output
-    shape (a linear's as [batch, features, outputs per sample])."""
+    mix two places), for each the batch norm its output goes straight into, if it is the only one
+    and tracks running statistics, and its output shape (a linear's as [batch, features, outputs
+    per sample])."""
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
-    made: dict[int, tuple[str, torch.Tensor, int]] = {}
-    after: dict[str, nn.Module] = {}
-
     shapes: dict[str, tuple] = {}
+    norms = NormsAfter(modules)
 
     def called(name):
         def hook(m, args, out):
             calls[name] = calls.get(name, 0) + 1
             rows = out.numel() // out.shape[-1] // out.shape[0]  # a linear's outputs per sample (tokens)
             shapes[name] = tuple(out.shape) if isinstance(m, nn.Conv2d) else (out.shape[0], out.shape[-1], rows)
-            made[id(out)] = (name, out, out._version)
-        return hook
-
-    def follows(bn):
-        def hook(m, args):
-            hit = made.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-            if hit is not None and hit[1] is args[0] and args[0]._version == hit[2]:
-                after[hit[0]] = bn
+            norms.produced(name, out)
         return hook
 
     handles = [modules[n].register_forward_hook(called(n)) for n in names]
-    handles += [m.register_forward_pre_hook(follows(m)) for m in modules.values()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     try:
         with in_mode(model, training=False):
             model(x)
     finally:
         for h in handles:
             h.remove()
-        made.clear()
+        norms.close()
+    after = {n: modules[next(iter(bns))] for n, bns in norms.after.items()
+             if len(bns) == 1 and modules[next(iter(bns))].running_mean is not None}
     return [n for n in calls if calls[n] == 1], after, shapes
 
 
