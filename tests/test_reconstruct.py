@@ -159,9 +159,10 @@ def test_prune_reconstructs_and_reports_the_fit():
     net, data = _trained_like(Net()), _data()
     ref, plain = copy.deepcopy(net), copy.deepcopy(net)
     x = torch.randn(2, 3, 8, 8)
-    secateurs.prune(plain, x, "l1", 0.6, latency_guard=False)
-    _, rep = secateurs.prune(net, x, "l1", 0.6, data=data, reconstruct=64, latency_guard=False)
+    secateurs.prune(plain, x, "l1", 0.6, steps=2, latency_guard=False)
+    _, rep = secateurs.prune(net, x, "l1", 0.6, steps=2, data=data, reconstruct=64, latency_guard=False)
     assert count_same(net, plain)
+    assert rep["reconstruct"] == 64 and set(rep["method_output"]["reconstruction"]) == {"1", "2"}  # every cut
     fits = rep["method_output"]["reconstruction"]["1"]
     assert fits and all(after < before for before, after in fits.values())
     assert _gap(net, ref) < _gap(plain, ref)
