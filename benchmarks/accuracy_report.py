@@ -13,7 +13,8 @@ from benchmarks._protocol import interval, read_rows
 # same criterion in both tools, with the same fine-tuning (no distillation), then ours as a user gets it
 PAIRS = [("l2:distill=0", "tp_magnitude"), ("bn_scale:distill=0", "tp_bn_scale"), ("l2:distill=0", "tp_group_norm"),
          ("l2", "tp_magnitude"), ("bn_scale", "tp_bn_scale"), ("l2@latency", "tp_magnitude"),
-         ("dlp+l2@latency", "tp_magnitude"), ("dlp@latency", "tp_magnitude")]
+         ("dlp+l2@latency", "tp_magnitude"), ("dlp@latency", "tp_magnitude"),
+         ("l1:distill=0.25:reconstruct=512", "tp_magnitude")]
 
 
 def summarize(rows: list[dict]) -> dict[tuple, dict]:
