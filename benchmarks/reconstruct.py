@@ -114,7 +114,9 @@ def table(rows: list[dict]) -> list[str]:
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["model"], float(r["target"]), r["method"]), []).append(r)
-    for (model, target, method), rs in cells.items():
+    order = ["unpruned", "l1", "l1+reconstruct", "tp_magnitude"]
+    for (model, target, method), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1], order.index(kv[0][2])
+                                                                           if kv[0][2] in order else len(order))):
         tops = [float(r["top1"]) for r in rs]
         top = f"{statistics.fmean(tops):.2f}" + (f" +- {statistics.stdev(tops):.2f}" if len(tops) > 1 else "")
         secs = statistics.fmean(float(r["seconds"]) for r in rs)
