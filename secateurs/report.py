@@ -261,7 +261,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     budget = report["budget"]
     what = f"{budget['kind']} budget {budget['target']}" if budget["kind"] else "no budget"
     lines += [f"Method `{report['method']}`, {what}, {report['allocation']} allocation, "
-              f"round_to {report['round_to']}, {len(report['steps']) - 1} step(s).", ""]
+              f"round_to {report['round_to']}, {len(report['steps']) - 1} step(s)"
+              + (f", each cut after a least-squares re-fit on {report['reconstruct']} images" if report.get("reconstruct")
+                 else "") + ".", ""]
     if report.get("stopped"):
         lines += [f"Stopped early: {report['stopped']}", ""]
     lines += ["```", format_table(report), "```", ""]

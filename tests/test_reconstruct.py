@@ -155,7 +155,7 @@ def _data(n: int = 96) -> ArrayDataset:
     return ArrayDataset("toy", images, torch.randint(0, 5, (n,), generator=g), classes=list("abcde"))
 
 
-def test_prune_reconstructs_and_reports_the_fit():
+def test_prune_reconstructs_and_reports_the_fit(tmp_path):
     net, data = _trained_like(Net()), _data()
     ref, plain = copy.deepcopy(net), copy.deepcopy(net)
     x = torch.randn(2, 3, 8, 8)
@@ -166,6 +166,8 @@ def test_prune_reconstructs_and_reports_the_fit():
     fits = rep["method_output"]["reconstruction"]["1"]
     assert fits and all(after < before for before, after in fits.values())
     assert _gap(net, ref) < _gap(plain, ref)
+    from secateurs.report import write_report
+    assert "least-squares re-fit on 64 images" in write_report(rep, tmp_path)["md"].read_text()
 
 
 def count_same(a: nn.Module, b: nn.Module) -> bool:

@@ -28,7 +28,7 @@ SETTINGS = {
     "importance-weights": ({"epochs": 0, "fraction": 1.0}, {"macs": 0.7}, 1),
 }
 REPORT_KEYS = {"method", "method_options", "budget", "allocation", "round_to", "min_width", "steps_requested",
-               "tolerance", "metric_name", "before", "steps", "after", "kept", "layers", "timings",
+               "tolerance", "metric_name", "reconstruct", "before", "steps", "after", "kept", "layers", "timings",
                "method_output", "original_widths", "model"}
 
 
