@@ -13,7 +13,7 @@ corrected, not compounded) against the outputs the unpruned model gives; an inte
 mean the removed channels carried (into the layer's bias, or the running mean of the batch norm
 right after it); ridge regularisation toward the layer's own weights (``ridge`` times the mean
 input energy, 0.1) keeps the fit near them: a near-exact fit (1e-3) scored as well right after the
-cut but was a worse start for fine-tuning (100 steps left ResNet-20/56 at 50% MACs 0.8-1.2 points
+cut but was a worse start for fine-tuning (100 steps left ResNet-20/56 at 50% MACs 0.9-1.3 points
 below the plain cut: docs/reconstruct.csv at commit 848f5ea). Re-fitted: convolutions
 with one group (any kernel, stride, dilation, padding of zeros) and linears with at most
 ``MAX_FEATURES`` kept inputs x taps; other readers are cut as usual.
