@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ._hooks import until
 from ._modes import in_mode
 from ._state import copy_model
 from ._validation import PruningError
@@ -244,10 +245,6 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], example_input
     return model
 
 
-class _Stop(Exception):
-    pass
-
-
 def _head(model: nn.Module, inputs: tuple, cut: str, later: list[str]) -> str:
     """The classifier head (the last Linear to run), checked to follow the cut through
     parameter-free layers only."""
@@ -330,20 +327,7 @@ def truncate(model: nn.Module, after: str | Block, num_classes: int | None = Non
     try:
         for g in gone:
             olds[g] = _set(model, g, nn.Identity())
-        seen: list[torch.Size] = []
-
-        def stop(m, a):  # the old head no longer fits: stop the forward at its input
-            seen.append(a[0].shape)
-            raise _Stop
-
-        h = old_head.register_forward_pre_hook(stop)
-        try:
-            _forward(model, inputs)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-        c = seen[-1][-1]
+        c = until(old_head, lambda: _forward(model, inputs)).shape[-1]  # the old head no longer fits: not run
         n_out = old_head.out_features if num_classes is None else int(num_classes)
         w = old_head.weight
         olds[head] = _set(model, head, nn.Linear(c, n_out, bias=old_head.bias is not None, device=w.device, dtype=w.dtype))

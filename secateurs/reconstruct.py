@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_leaves
 
+from ._hooks import until
 from ._modes import in_mode
 from ._state import copy_model
 from .compensate import NormsAfter, compensation, has_candidates
@@ -37,6 +37,7 @@ from .data import ArrayDataset, Batches
 from .distributed import from_first_process, is_main_process
 from .graph import DependencyGraph
 from .surgery import PruningPlan, apply_plan, cut_inputs
+from .testing import output_tensors
 from ._validation import PruningError
 
 __all__ = ["refit_readers", "refit_before_cut", "calibration"]
@@ -77,10 +78,6 @@ def refit_before_cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan
     return fits, n
 
 
-class _Reached(Exception):
-    """Raised from a hook once the layer being fitted has run: the rest of the forward is not needed."""
-
-
 def _fits(m: nn.Module, axis: int, gone: torch.Tensor) -> bool:
     if type(m).forward not in _STOCK or parametrize.is_parametrized(m) or axis != 1:
         return False
@@ -97,7 +94,7 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
     further. ``positions``: output pixels sampled per image and layer. Returns {layer: (squared error
     of the plain cut, after the fit), each relative to the outputs' squared norm} on the calibration
     rows; {} when nothing was re-fitted (the model is then as it was)."""
-    batches = [b for b in batches]
+    batches = list(batches)
     modules = dict(model.named_modules())
     outs, readers = cut_inputs(graph, plan)
     masks = {n: g for n, (axis, g) in readers.items() if _fits(modules[n], axis, g)}
@@ -145,8 +142,8 @@ def _as_cut(model: nn.Module, modules: dict, graph: DependencyGraph, outs: list,
 def _same_as_cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, x: torch.Tensor) -> bool:
     """Whether a cut copy computes what ``model`` (its removed inputs zeroed) does on ``x``; warns if not."""
     cut = apply_plan(copy_model(model), graph, plan)
-    a = [t for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    b = [t for t in tree_leaves(cut(x)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    a = [t for t in output_tensors(model(x)) if t.is_floating_point()]
+    b = [t for t in output_tensors(cut(x)) if t.is_floating_point()]
     same = len(a) == len(b) and all(s.shape == t.shape and bool(((s - t).abs().max() <= 1e-4 * (1 + s.abs().max())))
                                     for s, t in zip(a, b))
     if not same:
@@ -187,26 +184,6 @@ def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[li
     return [n for n in calls if calls[n] == 1], after, shapes
 
 
-def _upto(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> torch.Tensor:
-    """``layer``'s input (``want="in"``) or output in a forward of ``model`` on ``x``, stopped there."""
-    seen = []
-
-    def hook(m, args, out):
-        seen.append(args[0] if want == "in" else out)
-        raise _Reached
-
-    h = layer.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Reached:
-        pass
-    finally:
-        h.remove()
-    if not seen:
-        raise RuntimeError("the layer being re-fitted did not run")
-    return seen[0]
-
-
 def _pick(m: nn.Module, y: torch.Tensor, positions: int, seed: int) -> torch.Tensor:
     """The output positions a layer is fitted at in one batch: per image for a conv ([B, n]), rows
     of the flattened output for a linear (all when few); the same for the same ``seed``."""
@@ -217,6 +194,11 @@ def _pick(m: nn.Module, y: torch.Tensor, positions: int, seed: int) -> torch.Ten
             torch.arange(rows)
     n = min(positions, y[0, 0].numel())
     return torch.rand(y.shape[0], y[0, 0].numel(), generator=gen).argsort(1)[:, :n]
+
+
+def _draw(seed: int, batch: int, layer: int) -> int:
+    """The positions' seed for one layer in one batch: the kept targets and a recomputation agree."""
+    return seed + 7919 * batch + layer
 
 
 def _gather(m: nn.Module, t: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
@@ -250,7 +232,7 @@ def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list,
 
     def grab(name, i):
         def hook(m, args, y):
-            pick = _pick(m, y, positions, seed + 7919 * i + order.index(name))
+            pick = _pick(m, y, positions, _draw(seed, i, order.index(name)))
             out[name].append((pick, _gather(m, y.detach(), pick).float()))
         return hook
 
@@ -278,10 +260,10 @@ def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Ten
         if targets is not None:
             pick, ys = targets[i]
         else:
-            y = _upto(original, m0, x, "out")
-            pick = _pick(m, y, positions, seed + 7919 * i + index)
+            y = until(m0, lambda: original(x), "out")
+            pick = _pick(m, y, positions, _draw(seed, i, index))
             ys = _gather(m, y, pick)
-        xs = _inputs(m, _upto(model, m, x, "in"), keep, pick)
+        xs = _inputs(m, until(m, lambda: model(x)), keep, pick)
         if intercept:
             xs = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype, device=xs.device)], 1)
         xs, ys = xs.double().cpu(), ys.double().cpu()
