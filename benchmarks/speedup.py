@@ -40,6 +40,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -397,16 +398,9 @@ def _fresh_cache(on: bool):
     if not on:
         yield
         return
-    old = os.environ.get("SECATEURS_CACHE")
-    with tempfile.TemporaryDirectory(prefix="secateurs-tables-") as cache:
-        os.environ["SECATEURS_CACHE"] = cache
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("SECATEURS_CACHE", None)
-            else:
-                os.environ["SECATEURS_CACHE"] = old
+    with tempfile.TemporaryDirectory(prefix="secateurs-tables-") as cache, \
+            mock.patch.dict(os.environ, {"SECATEURS_CACHE": cache}):
+        yield
 
 
 def _in_processes(args) -> None:
