@@ -9,11 +9,13 @@ not re-fitted the cut's own bias compensation), which makes the model compute ex
 one will: checked on one batch against a cut copy, and the re-fit is skipped, with a warning, for a
 model where it does not (a LayerNorm or GroupNorm over the cut channels). Then layers are re-fitted
 in forward order, each on the inputs the already re-fitted network gives it (earlier errors are
-corrected, not compounded) against the outputs the unpruned model gives; an intercept absorbs the
-mean the removed channels carried (into the layer's bias, or the running mean of the batch norm
-right after it); ridge regularisation toward the layer's own weights (``ridge`` times the mean
-input energy, 0.1) keeps the fit near them: a near-exact fit (1e-3) scored as well right after the
-cut but was a worse start for fine-tuning (100 steps left ResNet-20/56 at 50% MACs 0.9-1.3 points
+corrected, not compounded) against the outputs the unpruned model gives: all in one forward over the
+calibration images, each layer solved in its pre-hook before it runs (a forward as far as each layer
+per layer took resnet50 7x as long: docs/reconstruct_cost.csv), or that forward per layer when one
+over all images would not fit in ``ONE_PASS_BYTES``. An intercept absorbs the mean the removed
+channels carried (into the layer's bias, or the running mean of the batch norm right after it);
+ridge regularisation toward the layer's own weights (``ridge`` times the mean input energy, 0.1)
+keeps the fit near them: a near-exact fit (1e-3) scored as well right after the cut but was a worse start for fine-tuning (100 steps left ResNet-20/56 at 50% MACs 0.9-1.3 points
 below the plain cut: docs/reconstruct.csv at commit 848f5ea). Re-fitted: convolutions
 with one group (any kernel, stride, dilation, padding of zeros) and linears with at most
 ``MAX_FEATURES`` kept inputs x taps; other readers are cut as usual.
@@ -46,6 +48,7 @@ _STOCK = (nn.Conv2d.forward, nn.Linear.forward)
 TARGET_BYTES = 1 << 30  # the unpruned outputs kept for all layers at once, above which each layer recomputes its own
 MAX_FEATURES = 8192  # a dense solve of this size takes seconds; a wider layer (VGG's 25088-input linear) is cut as usual
 UNFOLD_BYTES = 1 << 28  # receptive fields unfolded at once (a chunk of the batch)
+ONE_PASS_BYTES = 1 << 32  # a forward over all calibration images at once, above which each layer runs its own
 
 
 def calibration(data, images: int, device: torch.device, batch_size: int = 64) -> list[torch.Tensor]:
@@ -101,27 +104,31 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
     if not masks or not batches:
         return {}
     try:
-        order, after, shapes = _call_order(model, batches[0], list(masks))
+        order, after, shapes, largest = _call_order(model, batches[0], list(masks))
     except Exception as err:  # noqa: BLE001 - named for the user: nothing was changed yet
         raise PruningError(f"reconstruct: the model does not run on the calibration images ({type(err).__name__}: "
                            f"{err}); they are the first input of `data`'s batches") from err
     original = copy_model(model)
     done: dict[str, tuple[float, float]] = {}
     with in_mode(model, training=False), in_mode(original, training=False):
-        name = "the unpruned outputs"
+        at = ["the unpruned outputs"]  # what is being done, for the error
         try:
             _as_cut(model, modules, graph, outs, readers, set(order))
             if not _same_as_cut(model, graph, plan, batches[0]):
                 model.load_state_dict(original.state_dict())
                 return {}
             targets = _targets(original, order, shapes, batches, positions, seed)
-            for i, name in enumerate(order):
-                done[name] = _refit_one(model, original, name, masks[name], after.get(name), batches,
-                                        targets[name] if targets is not None else None, i, positions, ridge, seed)
+            if targets is not None and _one_pass(batches, shapes, order, largest):
+                _refit_in_one_pass(model, order, masks, after, batches, targets, ridge, done, at)
+            else:
+                for i, name in enumerate(order):
+                    at.append(name)
+                    done[name] = _refit_one(model, original, name, masks[name], after.get(name), batches,
+                                            targets[name] if targets is not None else None, i, positions, ridge, seed)
         except BaseException as err:  # a failed re-fit leaves the model as it was
             model.load_state_dict(original.state_dict())
             if isinstance(err, Exception):
-                raise PruningError(f"reconstruct: re-fitting {name!r} failed ({type(err).__name__}: {err}); "
+                raise PruningError(f"reconstruct: re-fitting {at[-1]!r} failed ({type(err).__name__}: {err}); "
                                    "the model is as it was") from err
             raise
     return done
@@ -153,15 +160,20 @@ def _same_as_cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, x:
     return same
 
 
-def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[list[str], dict[str, nn.Module], dict]:
+def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]
+                ) -> tuple[list[str], dict[str, nn.Module], dict, int]:
     """The layers in the order a forward calls them (a layer called twice is left out: its inputs
     mix two places), for each the batch norm its output goes straight into, if it is the only one
     and tracks running statistics, and its output shape (a linear's as [batch, features, outputs
-    per sample])."""
+    per sample]); and the bytes per image of the largest output of any module."""
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     shapes: dict[str, tuple] = {}
     norms = NormsAfter(modules)
+    largest = [0]
+
+    def measured(m, args, out):
+        largest[0] = max([largest[0]] + [t.numel() * t.element_size() // len(x) for t in output_tensors(out)])
 
     def called(name):
         def hook(m, args, out):
@@ -172,6 +184,7 @@ def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[li
         return hook
 
     handles = [modules[n].register_forward_hook(called(n)) for n in names]
+    handles += [m.register_forward_hook(measured) for m in modules.values()]
     try:
         with in_mode(model, training=False):
             model(x)
@@ -181,7 +194,17 @@ def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[li
         norms.close()
     after = {n: modules[next(iter(bns))] for n, bns in norms.after.items()
              if len(bns) == 1 and modules[next(iter(bns))].running_mean is not None}
-    return [n for n in calls if calls[n] == 1], after, shapes
+    return [n for n in calls if calls[n] == 1], after, shapes, largest[0]
+
+
+def _one_pass(batches: list, shapes: dict, order: list[str], largest: int) -> bool:
+    """Whether one forward over all the batches at once can re-fit every layer: the batches stack
+    (one image size), every re-fitted layer's output has the batch first, and a few of the largest
+    activation for every image fit in ``ONE_PASS_BYTES``."""
+    x = batches[0]
+    return (all(b.shape[1:] == x.shape[1:] and b.dtype == x.dtype for b in batches)
+            and all(shapes[n][0] == len(x) for n in order)
+            and 4 * largest * sum(len(b) for b in batches) <= ONE_PASS_BYTES)
 
 
 def _pick(m: nn.Module, y: torch.Tensor, positions: int, seed: int) -> torch.Tensor:
@@ -246,16 +269,67 @@ def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list,
     return out
 
 
+class _Fit:
+    """One layer's normal equations, summed over the calibration batches, and their solution."""
+
+    def __init__(self, m: nn.Module, gone: torch.Tensor, bn: nn.Module | None) -> None:
+        self.m, self.bn, self.keep = m, bn, ~gone.to(m.weight.device)
+        self.intercept = m.bias is not None or bn is not None
+        dim = int(self.keep.sum()) * (m.weight[0, 0].numel()) + self.intercept
+        self.a = torch.zeros(dim, dim, dtype=torch.float64)
+        self.b = torch.zeros(dim, m.weight.shape[0], dtype=torch.float64)
+        self.yy = torch.zeros((), dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, pick: torch.Tensor, ys: torch.Tensor) -> None:
+        """One batch: the layer's input ``x``, the output positions ``pick`` and the unpruned outputs there."""
+        xs = _inputs(self.m, x, self.keep, pick)
+        if self.intercept:
+            xs = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype, device=xs.device)], 1)
+        xs, ys = xs.double().cpu(), ys.double().cpu()
+        self.a += xs.T @ xs
+        self.b += xs.T @ ys
+        self.yy += (ys * ys).sum()
+
+    def solve(self, ridge: float) -> tuple[float, float]:
+        """Set the layer's weights (and intercept) to the ridge solution, if it fits the rows better
+        than the plain cut; (relative error of the plain cut, after)."""
+        m, keep, a, b = self.m, self.keep, self.a, self.b
+        w = m.weight.detach()
+        w0 = w[:, keep].reshape(w.shape[0], -1).double().cpu().T  # [features, out]: the plain cut's weights
+        if self.intercept:
+            bias0 = m.bias.detach().double().cpu() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+            w0 = torch.cat([w0, bias0[None]], 0)
+        lam = ridge * a.diagonal().mean().clamp_min(1e-12)
+        lhs, rhs = a + lam * torch.eye(len(a), dtype=torch.float64), b + lam * w0
+        try:
+            sol = torch.linalg.solve(lhs, rhs)
+        except RuntimeError:  # singular (ridge 0 and a dead input, or fewer rows than weights): the least-norm fit
+            sol = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+
+        def err(v: torch.Tensor) -> float:
+            return float((self.yy - 2 * (v * b).sum() + (v * (a @ v)).sum()) / self.yy.clamp_min(1e-30))
+        before, fitted = err(w0), err(sol)
+        if not fitted < before:  # never worse than the plain cut on the rows it was fitted to
+            return before, before
+        shift = sol[-1] if self.intercept else None
+        sol = sol[:-1] if self.intercept else sol
+        new = torch.zeros_like(w)
+        new[:, keep] = sol.T.reshape(w.shape[0], int(keep.sum()), *w.shape[2:]).to(w)
+        m.weight.copy_(new)
+        if shift is not None and m.bias is not None:
+            m.bias.copy_(shift.to(m.bias))
+        elif shift is not None:
+            self.bn.running_mean.sub_(shift.to(self.bn.running_mean))
+        return before, fitted
+
+
 def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Tensor, bn: nn.Module | None,
                batches: list, targets: list | None, index: int, positions: int, ridge: float, seed: int
                ) -> tuple[float, float]:
+    """One layer, its input from a forward of the re-fitted model per batch as far as the layer (and
+    its target from one of the unpruned model, when not kept)."""
     m, m0 = model.get_submodule(name), original.get_submodule(name)
-    keep = ~gone.to(m.weight.device)
-    intercept = m.bias is not None or bn is not None
-    dim = int(keep.sum()) * (m.weight[0, 0].numel()) + intercept
-    a = torch.zeros(dim, dim, dtype=torch.float64)
-    b = torch.zeros(dim, m.weight.shape[0], dtype=torch.float64)
-    yy = torch.zeros((), dtype=torch.float64)
+    fit = _Fit(m, gone, bn)
     for i, x in enumerate(batches):
         if targets is not None:
             pick, ys = targets[i]
@@ -263,37 +337,29 @@ def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Ten
             y = until(m0, lambda: original(x), "out")
             pick = _pick(m, y, positions, _draw(seed, i, index))
             ys = _gather(m, y, pick)
-        xs = _inputs(m, until(m, lambda: model(x)), keep, pick)
-        if intercept:
-            xs = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype, device=xs.device)], 1)
-        xs, ys = xs.double().cpu(), ys.double().cpu()
-        a += xs.T @ xs
-        b += xs.T @ ys
-        yy += (ys * ys).sum()
-    w = m.weight.detach()
-    w0 = w[:, keep].reshape(w.shape[0], -1).double().cpu().T  # [features, out]: the plain cut's weights
-    if intercept:
-        bias0 = m.bias.detach().double().cpu() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        w0 = torch.cat([w0, bias0[None]], 0)
-    lam = ridge * a.diagonal().mean().clamp_min(1e-12)
-    lhs, rhs = a + lam * torch.eye(dim, dtype=torch.float64), b + lam * w0
-    try:
-        sol = torch.linalg.solve(lhs, rhs)
-    except RuntimeError:  # singular (ridge 0 and a dead input, or fewer rows than weights): the least-norm fit
-        sol = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+        fit.add(until(m, lambda: model(x)), pick, ys)
+    return fit.solve(ridge)
 
-    def err(v: torch.Tensor) -> float:
-        return float((yy - 2 * (v * b).sum() + (v * (a @ v)).sum()) / yy.clamp_min(1e-30))
-    before, fitted = err(w0), err(sol)
-    if not fitted < before:  # never worse than the plain cut on the rows it was fitted to
-        return before, before
-    shift = sol[-1] if intercept else None
-    sol = sol[:-1] if intercept else sol
-    new = torch.zeros_like(w)
-    new[:, keep] = sol.T.reshape(w.shape[0], int(keep.sum()), *w.shape[2:]).to(w)
-    m.weight.copy_(new)
-    if shift is not None and m.bias is not None:
-        m.bias.copy_(shift.to(m.bias))
-    elif shift is not None:
-        bn.running_mean.sub_(shift.to(bn.running_mean))
-    return before, fitted
+
+def _refit_in_one_pass(model: nn.Module, order: list[str], masks: dict, after: dict, batches: list, targets: dict,
+                       ridge: float, done: dict, at: list) -> None:
+    """Every layer in one forward over all the batches at once: each is re-fitted in its pre-hook, on
+    the input the layers before it (re-fitted already) give it, then runs with its new weights. The
+    same fits as :func:`_refit_one`'s, without a forward as far as each layer per layer."""
+    sizes = [len(x) for x in batches]
+
+    def refit_here(name):
+        def hook(m, args):
+            at.append(name)
+            fit = _Fit(m, masks[name], after.get(name))
+            for x, (pick, ys) in zip(args[0].split(sizes), targets[name]):
+                fit.add(x, pick, ys)
+            done[name] = fit.solve(ridge)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(refit_here(n)) for n in order]
+    try:
+        model(torch.cat(batches))
+    finally:
+        for h in handles:
+            h.remove()

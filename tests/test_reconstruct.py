@@ -137,6 +137,63 @@ def test_kept_targets_and_recomputed_ones_fit_the_same(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
 
 
+def _refit_counting(net: nn.Module, batches: list) -> int:
+    """conv1's channels [0, 1, 4] cut with a re-fit on ``batches``; the batch sizes of the forwards ``net`` ran."""
+    x = torch.randn(2, 3, 8, 8)
+    graph = secateurs.analyze(net, x)
+    forwards = []
+    h = net.register_forward_pre_hook(lambda m, args: forwards.append(len(args[0])) if m is net else None)
+    try:
+        refit_readers(net, graph, PruningPlan({_group(graph, "conv1"): [0, 1, 4]}), batches)
+    finally:
+        h.remove()
+    return forwards
+
+
+def test_one_forward_over_all_batches_fits_what_a_forward_per_layer_does(monkeypatch):
+    """All layers re-fitted in one forward over the stacked batches (each in its pre-hook, batches of
+    unequal sizes split back), or, over ONE_PASS_BYTES, each layer with its own forward per batch:
+    the same fits, and the one pass runs the model once instead of once per layer and batch."""
+    net = _trained_like(Net())
+    nets, ref = [net, copy.deepcopy(net)], copy.deepcopy(net)
+    batches = [torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n)) for n in (64, 33, 17)]
+    one = _refit_counting(nets[0], batches)
+    monkeypatch.setattr(reconstruct, "ONE_PASS_BYTES", 0)
+    per_layer = _refit_counting(nets[1], batches)
+    assert one == [64, 64, 114]  # the call order and the check against a cut copy (1st batch), the one pass
+    assert per_layer == [64, 64, 64, 33, 17]  # then conv2 (conv1's only reader): a forward per batch
+    kept = [1, 2, 3, 5, 6, 7]
+    assert not torch.allclose(nets[0].conv2.weight[:, kept], ref.conv2.weight[:, kept], atol=1e-3)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
+
+
+def test_batches_that_do_not_stack_are_fitted_a_layer_at_a_time():
+    """Images of two sizes cannot go through one forward: each layer is fitted with its own."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    net = _trained_like(net)
+    graph = secateurs.analyze(net, torch.randn(2, 3, 8, 8))
+    batches = [torch.randn(16, 3, 8, 8), torch.randn(16, 3, 12, 12)]
+    fits = refit_readers(net, graph, PruningPlan({0: [2, 5]}), batches)
+    assert set(fits) == {"3"} and fits["3"][1] < fits["3"][0]
+
+
+def test_a_failed_fit_in_the_one_pass_names_the_layer_and_leaves_the_model(monkeypatch):
+    def fails_on_fc(self, ridge):
+        if isinstance(self.m, nn.Linear):
+            raise RuntimeError("no memory left")
+        return solve(self, ridge)
+
+    solve = reconstruct._Fit.solve
+    monkeypatch.setattr(reconstruct._Fit, "solve", fails_on_fc)
+    net = _trained_like(Net())
+    before = copy.deepcopy(net.state_dict())
+    graph = secateurs.analyze(net, torch.randn(2, 3, 8, 8))
+    plan = PruningPlan({_group(graph, "conv1"): [1], _group(graph, "conv2"): [2]})
+    with pytest.raises(PruningError, match="re-fitting 'fc' failed .RuntimeError: no memory left.*as it was"):
+        refit_readers(net, graph, plan, [torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 def test_a_failed_refit_leaves_the_model_as_it_was(monkeypatch):
     monkeypatch.setattr(reconstruct, "TARGET_BYTES", 0)  # each layer runs its own forwards: conv2 is fitted first
     net = _trained_like(Net())
