@@ -404,3 +404,11 @@ def test_reconstruct_report_is_the_mean_and_spread_of_the_draws(tmp_path):
     assert "| m | 50% | l1+reconstruct | 49.9% | 72.00 +- 2.83 | 2 | 2.0 |  |" in text
     assert "Then 100 steps of fine-tuning" in text
     assert "least squares on 512 training images" in text
+    assert "cost at 224px" not in text  # no cost file: no section
+    write_rows(tmp_path / "reconstruct_cost.csv", [
+        {"model": "resnet50", "size": 224, "images": 64, "requested": "default", "path": "one pass", "layers": 53,
+         "error_before": 0.4123,
+         "error_after": 0.1, "seconds": 28.8, "threads": 2}])
+    text = reconstruct.report(tmp_path / "reconstruct.csv").read_text()
+    assert "| torchvision:resnet50 | 224px | 64 | default | one pass | 53 | 0.412, 0.100 | 28.8 |" in text
+    assert "2 threads on this CPU" in text and "## The re-fit's cost at 224px" in text
