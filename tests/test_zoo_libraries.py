@@ -5,6 +5,7 @@ representatives at small inputs; ``-m slow`` takes every model of benchmarks/zoo
 lists as docs/coverage.md)."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -245,3 +246,43 @@ def test_the_collapse_guard_reads_library_models(family, name, size):
     report = {}
     collapse_guard(pruned, samples, report, before)
     assert report["collapsed"]["predicted_class"] == wrong
+
+
+def _relative_gap(m, ref: list, x: tuple) -> float:
+    with torch.no_grad():
+        out = [t for t in output_tensors(m(*x)) if t.is_floating_point()]
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(out, ref))
+
+
+RECONSTRUCT = [("timm", "efficientnet_b1", 64, True), ("timm", "cspresnext50", 64, True),
+               ("smp", "DeepLabV3Plus:resnet18", 64, True), ("ultralytics", "yolo11n-seg.yaml", 128, True),
+               ("timm", "convnext_femto", 64, False)]
+
+
+@pytest.mark.parametrize("family,name,size,refits", RECONSTRUCT, ids=[f"{f}-{n}" for f, n, _, _ in RECONSTRUCT])
+def test_reconstruct_on_library_models(family, name, size, refits):
+    """The least-squares re-fit before the cut on models we did not write: it re-fits their readers
+    and the cut model's outputs move less than the plain cut's; convnext's LayerNorm over channels is
+    skipped with the warning, and the cut is then the plain one."""
+    pytest.importorskip(LIBS[family])
+    case = _small(family, name, size)
+    m, x = case.model, case.inputs
+    with torch.no_grad():
+        ref = [t for t in output_tensors(m(*x)) if t.is_floating_point()]
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, *x[0].shape[1:], generator=gen), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    cut = {}
+    for images in (0, 32):
+        model = copy.deepcopy(m)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _, rep = secateurs.prune(model, x, "l1", 0.6, data=data if images else None, reconstruct=images,
+                                     latency_guard=False)
+        cut[images] = _relative_gap(model.eval(), ref, x)
+    fits = rep["method_output"].get("reconstruction", {})
+    skipped = any("not re-fitted" in str(w.message) for w in seen)
+    assert skipped != refits and any(fits.values()) == refits
+    if refits:
+        assert cut[32] < 0.7 * cut[0]
+    else:
+        assert cut[32] == pytest.approx(cut[0], rel=1e-4)
