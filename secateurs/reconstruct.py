@@ -4,21 +4,24 @@ of them in the unpruned model.
 
 A short fine-tuning starts from wherever the cut leaves the network; a cut that dropped 50% of the
 MACs leaves it far from where it was (channel pruning with reconstruction, He et al. 2017; ThiNet,
-Luo et al. 2017). First every reader's removed inputs get zero weights (and the readers that are
-not re-fitted the cut's own bias compensation), which makes the model compute exactly what the cut
-one will: checked on one batch against a cut copy, and the re-fit is skipped, with a warning, for a
-model where it does not (a LayerNorm or GroupNorm over the cut channels). Then layers are re-fitted
-in forward order, each on the inputs the already re-fitted network gives it (earlier errors are
-corrected, not compounded) against the outputs the unpruned model gives: all in one forward over the
-calibration images, each layer solved in its pre-hook before it runs (a forward as far as each layer
-per layer took resnet50 7x as long: docs/reconstruct_cost.csv), or that forward per layer when one
-over all images would not fit in ``ONE_PASS_BYTES``. An intercept absorbs the mean the removed
-channels carried (into the layer's bias, or the running mean of the batch norm right after it);
-ridge regularisation toward the layer's own weights (``ridge`` times the mean input energy, 0.1)
-keeps the fit near them: a near-exact fit (1e-3) scored as well right after the cut but was a worse start for fine-tuning (100 steps left ResNet-20/56 at 50% MACs 0.9-1.3 points
-below the plain cut: docs/reconstruct.csv at commit 848f5ea). Re-fitted: convolutions
-with one group (any kernel, stride, dilation, padding of zeros) and linears with at most
-``MAX_FEATURES`` kept inputs x taps; other readers are cut as usual.
+Luo et al. 2017). First every reader's removed inputs get zero weights (and the readers that are not
+re-fitted the cut's own bias compensation), and a cut copy is made (where a LayerNorm or GroupNorm
+normalises over the cut channels, zeroing them is not cutting them: the fits read the cut copy,
+never the zeroed model). Then its layers are re-fitted in forward order, each on the inputs the
+already re-fitted network gives it (earlier errors are corrected, not compounded) against the
+outputs the unpruned model gives: all in one forward over the calibration images, each layer solved
+in its pre-hook before it runs (a forward as far as each layer per layer took resnet50 7x as long:
+docs/reconstruct_cost.csv), or that forward per layer when one over all images would not fit in
+``ONE_PASS_BYTES``. An intercept absorbs the mean the removed channels carried (into the layer's
+bias, or the running mean of the batch norm right after it); ridge regularisation toward the layer's
+own weights (``ridge`` times the mean input energy, 0.1) keeps the fit near them: a near-exact fit
+(1e-3) scored as well right after the cut but was a worse start for fine-tuning (100 steps left
+ResNet-20/56 at 50% MACs 0.9-1.3 points below the plain cut: docs/reconstruct.csv at commit
+848f5ea). Re-fitted: convolutions with one group (any kernel, stride, dilation, padding of zeros)
+and linears with at most ``MAX_FEATURES`` kept inputs x taps; other readers are cut as usual. The
+fitted weights go into the slots of the model the cut keeps, and one batch checks that cutting the
+model as the pipeline will gives the re-fitted copy; where it does not, the model is left as it was,
+with a warning.
 """
 from __future__ import annotations
 
@@ -93,10 +96,11 @@ def _fits(m: nn.Module, axis: int, gone: torch.Tensor) -> bool:
 def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, batches: Iterable[torch.Tensor], *,
                   positions: int = 32, ridge: float = 0.1, seed: int = 0) -> dict[str, tuple[float, float]]:
     """Re-fit, in place, the layers of ``model`` that read a channel ``plan`` removes, on the input
-    ``batches``; the removed inputs' weights become zero, so the cut that follows changes nothing
-    further. ``positions``: output pixels sampled per image and layer. Returns {layer: (squared error
-    of the plain cut, after the fit), each relative to the outputs' squared norm} on the calibration
-    rows; {} when nothing was re-fitted (the model is then as it was)."""
+    ``batches`` (in a cut copy, the result carried into the slots the cut keeps); the removed inputs'
+    weights become zero, so the cut that follows changes nothing further. ``positions``: output
+    pixels sampled per image and layer. Returns {layer: (squared error of the plain cut, after the
+    fit), each relative to the kept outputs' squared norm} on the calibration rows; {} when nothing
+    was re-fitted (the model is then as it was)."""
     batches = list(batches)
     modules = dict(model.named_modules())
     outs, readers = cut_inputs(graph, plan)
@@ -114,17 +118,24 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
         at = ["the unpruned outputs"]  # what is being done, for the error
         try:
             _as_cut(model, modules, graph, outs, readers, set(order))
-            if not _same_as_cut(model, graph, plan, batches[0]):
-                model.load_state_dict(original.state_dict())
-                return {}
-            targets = _targets(original, order, shapes, batches, positions, seed)
+            cut = apply_plan(copy_model(model), graph, plan, compensate=False)
+            kept = {n: ~g for n, t, g in outs if t == "weight" and n in masks}  # a re-fitted layer's own outputs cut
+            targets = _targets(original, order, shapes, batches, positions, seed, kept)
+            bns = {n: cut.get_submodule(b) for n, b in after.items()}
+            gone = {n: torch.zeros(cut.get_submodule(n).weight.shape[1], dtype=torch.bool) for n in order}
             if targets is not None and _one_pass(batches, shapes, order, largest):
-                _refit_in_one_pass(model, order, masks, after, batches, targets, ridge, done, at)
+                _refit_in_one_pass(cut, order, gone, bns, batches, targets, ridge, done, at)
             else:
                 for i, name in enumerate(order):
                     at.append(name)
-                    done[name] = _refit_one(model, original, name, masks[name], after.get(name), batches,
-                                            targets[name] if targets is not None else None, i, positions, ridge, seed)
+                    done[name] = _refit_one(cut, original, name, gone[name], bns.get(name), batches,
+                                            targets[name] if targets is not None else None, i, positions, ridge, seed,
+                                            kept.get(name))
+            at.append("the re-fitted weights, carried into the model")
+            _carry(model, cut, order, after, outs, masks)
+            if not _cuts_to(model, graph, plan, cut, batches[0]):
+                model.load_state_dict(original.state_dict())
+                return {}
         except BaseException as err:  # a failed re-fit leaves the model as it was
             model.load_state_dict(original.state_dict())
             if isinstance(err, Exception):
@@ -146,22 +157,41 @@ def _as_cut(model: nn.Module, modules: dict, graph: DependencyGraph, outs: list,
         w.index_fill_(axis, torch.nonzero(gone.to(w.device)).flatten(), 0)
 
 
-def _same_as_cut(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, x: torch.Tensor) -> bool:
-    """Whether a cut copy computes what ``model`` (its removed inputs zeroed) does on ``x``; warns if not."""
+def _carry(model: nn.Module, cut: nn.Module, names: list[str], after: dict[str, str], outs: list, masks: dict) -> None:
+    """The re-fitted weights, biases and batch-norm means of ``cut`` into the slots of ``model`` the
+    cut keeps (the removed inputs' weights are zero already)."""
+    gone = {(n, t): g for n, t, g in outs}
+
+    def rows(name: str, tensor: str, size: int) -> torch.Tensor:
+        g = gone.get((name, tensor))
+        return torch.arange(size) if g is None else (~g).nonzero().flatten()
+
+    for n in names:
+        m, c = model.get_submodule(n), cut.get_submodule(n)
+        m.weight[rows(n, "weight", m.weight.shape[0])[:, None], (~masks[n]).nonzero().flatten()] = c.weight
+        if m.bias is not None:
+            m.bias[rows(n, "bias", len(m.bias))] = c.bias
+        if n in after:
+            bn, fitted = model.get_submodule(after[n]), cut.get_submodule(after[n])
+            bn.running_mean[rows(after[n], "running_mean", len(bn.running_mean))] = fitted.running_mean
+
+
+def _cuts_to(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, fitted: nn.Module, x: torch.Tensor) -> bool:
+    """Whether cutting ``model`` as the pipeline will gives the re-fitted cut copy on ``x``; warns if not."""
     cut = apply_plan(copy_model(model), graph, plan)
-    a = [t for t in output_tensors(model(x)) if t.is_floating_point()]
+    a = [t for t in output_tensors(fitted(x)) if t.is_floating_point()]
     b = [t for t in output_tensors(cut(x)) if t.is_floating_point()]
     same = len(a) == len(b) and all(s.shape == t.shape and bool(((s - t).abs().max() <= 1e-4 * (1 + s.abs().max())))
                                     for s, t in zip(a, b))
     if not same:
-        warnings.warn("reconstruct: zeroing the cut channels' weights does not compute what the cut model does (an "
-                      "op mixes the cut channels with the kept ones, e.g. a LayerNorm or GroupNorm over them): this "
-                      "cut is not re-fitted", stacklevel=3)
+        warnings.warn("reconstruct: the re-fitted weights, carried into the model, do not cut to the re-fitted copy "
+                      "(a layer the cut changes in a way the re-fit did not foresee): this cut is not re-fitted",
+                      stacklevel=3)
     return same
 
 
 def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]
-                ) -> tuple[list[str], dict[str, nn.Module], dict, int]:
+                ) -> tuple[list[str], dict[str, str], dict, int]:
     """The layers in the order a forward calls them (a layer called twice is left out: its inputs
     mix two places), for each the batch norm its output goes straight into, if it is the only one
     and tracks running statistics, and its output shape (a linear's as [batch, features, outputs
@@ -192,7 +222,7 @@ def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]
         for h in handles:
             h.remove()
         norms.close()
-    after = {n: modules[next(iter(bns))] for n, bns in norms.after.items()
+    after = {n: next(iter(bns)) for n, bns in norms.after.items()
              if len(bns) == 1 and modules[next(iter(bns))].running_mean is not None}
     return [n for n in calls if calls[n] == 1], after, shapes, largest[0]
 
@@ -244,10 +274,11 @@ def _inputs(m: nn.Module, x: torch.Tensor, keep: torch.Tensor, pick: torch.Tenso
                               pick[i:i + step]) for i in range(0, len(x), step)])
 
 
-def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list, positions: int, seed: int
-             ) -> dict[str, list] | None:
-    """{layer: [(pick, unpruned output rows) per batch]}, every layer from one forward per batch; None
-    when they would take more than ``TARGET_BYTES`` (each layer then runs the unpruned model itself)."""
+def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list, positions: int, seed: int,
+             kept: dict[str, torch.Tensor]) -> dict[str, list] | None:
+    """{layer: [(pick, unpruned output rows) per batch]}, every layer from one forward per batch, only
+    the outputs the cut keeps; None when they would take more than ``TARGET_BYTES`` (each layer then
+    runs the unpruned model itself)."""
     per_image = sum(min(positions, max(1, math.prod(shapes[n][2:]))) * shapes[n][1] * 4 for n in order)
     if per_image * sum(len(x) for x in batches) > TARGET_BYTES:
         return None
@@ -256,7 +287,8 @@ def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list,
     def grab(name, i):
         def hook(m, args, y):
             pick = _pick(m, y, positions, _draw(seed, i, order.index(name)))
-            out[name].append((pick, _gather(m, y.detach(), pick).float()))
+            ys = _gather(m, y.detach(), pick).float()
+            out[name].append((pick, ys[:, kept[name]] if name in kept else ys))
         return hook
 
     for i, x in enumerate(batches):
@@ -324,10 +356,10 @@ class _Fit:
 
 
 def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Tensor, bn: nn.Module | None,
-               batches: list, targets: list | None, index: int, positions: int, ridge: float, seed: int
-               ) -> tuple[float, float]:
+               batches: list, targets: list | None, index: int, positions: int, ridge: float, seed: int,
+               kept: torch.Tensor | None = None) -> tuple[float, float]:
     """One layer, its input from a forward of the re-fitted model per batch as far as the layer (and
-    its target from one of the unpruned model, when not kept)."""
+    its target from one of the unpruned model, its ``kept`` outputs, when not kept)."""
     m, m0 = model.get_submodule(name), original.get_submodule(name)
     fit = _Fit(m, gone, bn)
     for i, x in enumerate(batches):
@@ -337,6 +369,7 @@ def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Ten
             y = until(m0, lambda: original(x), "out")
             pick = _pick(m, y, positions, _draw(seed, i, index))
             ys = _gather(m, y, pick)
+            ys = ys[:, kept] if kept is not None else ys
         fit.add(until(m, lambda: model(x)), pick, ys)
     return fit.solve(ridge)
 

@@ -254,16 +254,18 @@ def _relative_gap(m, ref: list, x: tuple) -> float:
     return max(float((a - b).norm() / b.norm()) for a, b in zip(out, ref))
 
 
-RECONSTRUCT = [("timm", "efficientnet_b1", 64, True), ("timm", "cspresnext50", 64, True),
-               ("smp", "DeepLabV3Plus:resnet18", 64, True), ("ultralytics", "yolo11n-seg.yaml", 128, True),
-               ("timm", "convnext_femto", 64, False)]
+# convnext: its residual stream is read by depthwise convs (cut as usual) and normalised per sample
+# by LayerNorms, which no linear re-fit undoes: less of the gap closes
+RECONSTRUCT = [("timm", "efficientnet_b1", 64, 0.7), ("timm", "cspresnext50", 64, 0.7),
+               ("timm", "convnext_femto", 64, 0.9), ("smp", "DeepLabV3Plus:resnet18", 64, 0.7),
+               ("ultralytics", "yolo11n-seg.yaml", 128, 0.7)]
 
 
-@pytest.mark.parametrize("family,name,size,refits", RECONSTRUCT, ids=[f"{f}-{n}" for f, n, _, _ in RECONSTRUCT])
-def test_reconstruct_on_library_models(family, name, size, refits):
-    """The least-squares re-fit before the cut on models we did not write: it re-fits their readers
-    and the cut model's outputs move less than the plain cut's; convnext's LayerNorm over channels is
-    skipped with the warning, and the cut is then the plain one."""
+@pytest.mark.parametrize("family,name,size,most", RECONSTRUCT, ids=[f"{f}-{n}" for f, n, _, _ in RECONSTRUCT])
+def test_reconstruct_on_library_models(family, name, size, most):
+    """The least-squares re-fit before the cut on models we did not write (convnext's LayerNorm over
+    the channels included): it re-fits their readers and the cut model's outputs move at most
+    ``most`` times as far as the plain cut's."""
     pytest.importorskip(LIBS[family])
     case = _small(family, name, size)
     m, x = case.model, case.inputs
@@ -279,10 +281,6 @@ def test_reconstruct_on_library_models(family, name, size, refits):
             _, rep = secateurs.prune(model, x, "l1", 0.6, data=data if images else None, reconstruct=images,
                                      latency_guard=False)
         cut[images] = _relative_gap(model.eval(), ref, x)
-    fits = rep["method_output"].get("reconstruction", {})
-    skipped = any("not re-fitted" in str(w.message) for w in seen)
-    assert skipped != refits and any(fits.values()) == refits
-    if refits:
-        assert cut[32] < 0.7 * cut[0]
-    else:
-        assert cut[32] == pytest.approx(cut[0], rel=1e-4)
+    assert not [w for w in seen if "not re-fitted" in str(w.message)]
+    assert any(rep["method_output"]["reconstruction"].values())
+    assert cut[32] < most * cut[0]
