@@ -10,7 +10,7 @@ normalises over the cut channels, zeroing them is not cutting them: the fits rea
 never the zeroed model). Then its layers are re-fitted in forward order, each on the inputs the
 already re-fitted network gives it (earlier errors are corrected, not compounded) against the
 outputs the unpruned model gives: all in one forward over the calibration images, each layer solved
-in its pre-hook before it runs (a forward as far as each layer per layer took resnet50 7x as long:
+in its pre-hook before it runs (a forward as far as each layer per layer took resnet50 3.5x as long:
 docs/reconstruct_cost.csv), or that forward per layer when one over all images would not fit in
 ``ONE_PASS_BYTES``. An intercept absorbs the mean the removed channels carried (into the layer's
 bias, or the running mean of the batch norm right after it); ridge regularisation toward the layer's
@@ -108,7 +108,7 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
     if not masks or not batches:
         return {}
     try:
-        order, after, shapes, largest = _call_order(model, batches[0], list(masks))
+        order, after, shapes = _call_order(model, batches[0], list(masks))
     except Exception as err:  # noqa: BLE001 - named for the user: nothing was changed yet
         raise PruningError(f"reconstruct: the model does not run on the calibration images ({type(err).__name__}: "
                            f"{err}); they are the first input of `data`'s batches") from err
@@ -123,7 +123,7 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
             targets = _targets(original, order, shapes, batches, positions, seed, kept)
             bns = {n: cut.get_submodule(b) for n, b in after.items()}
             gone = {n: torch.zeros(cut.get_submodule(n).weight.shape[1], dtype=torch.bool) for n in order}
-            if targets is not None and _one_pass(batches, shapes, order, largest):
+            if targets is not None and _one_pass(batches, shapes, order, _largest_output(cut, batches[0])):
                 _refit_in_one_pass(cut, order, gone, bns, batches, targets, ridge, done, at)
             else:
                 for i, name in enumerate(order):
@@ -190,20 +190,15 @@ def _cuts_to(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, fitted
     return same
 
 
-def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]
-                ) -> tuple[list[str], dict[str, str], dict, int]:
+def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[list[str], dict[str, str], dict]:
     """The layers in the order a forward calls them (a layer called twice is left out: its inputs
     mix two places), for each the batch norm its output goes straight into, if it is the only one
     and tracks running statistics, and its output shape (a linear's as [batch, features, outputs
-    per sample]); and the bytes per image of the largest output of any module."""
+    per sample])."""
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     shapes: dict[str, tuple] = {}
     norms = NormsAfter(modules)
-    largest = [0]
-
-    def measured(m, args, out):
-        largest[0] = max([largest[0]] + [t.numel() * t.element_size() // len(x) for t in output_tensors(out)])
 
     def called(name):
         def hook(m, args, out):
@@ -214,7 +209,6 @@ def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]
         return hook
 
     handles = [modules[n].register_forward_hook(called(n)) for n in names]
-    handles += [m.register_forward_hook(measured) for m in modules.values()]
     try:
         with in_mode(model, training=False):
             model(x)
@@ -224,7 +218,23 @@ def _call_order(model: nn.Module, x: torch.Tensor, names: list[str]
         norms.close()
     after = {n: next(iter(bns)) for n, bns in norms.after.items()
              if len(bns) == 1 and modules[next(iter(bns))].running_mean is not None}
-    return [n for n in calls if calls[n] == 1], after, shapes, largest[0]
+    return [n for n in calls if calls[n] == 1], after, shapes
+
+
+def _largest_output(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes per image of the largest output of any module of ``model`` on ``x``."""
+    largest = [0]
+
+    def measured(m, args, out):
+        largest[0] = max([largest[0]] + [t.numel() * t.element_size() // len(x) for t in output_tensors(out)])
+
+    handles = [m.register_forward_hook(measured) for m in model.modules()]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return largest[0]
 
 
 def _one_pass(batches: list, shapes: dict, order: list[str], largest: int) -> bool:
