@@ -147,7 +147,7 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
 
 def _as_cut(model: nn.Module, modules: dict, graph: DependencyGraph, outs: list, readers: dict, fitted: set) -> None:
     """Every reader's removed inputs' weights zeroed, and for those not re-fitted the constants the
-    cut folds back in (:mod:`secateurs.compensate`) folded now: the model computes what the cut one will."""
+    cut folds back in (:mod:`secateurs.compensate`) folded now: the cut after it folds nothing more."""
     others = {n: g for n, (axis, g) in readers.items() if n not in fitted and axis == 1}
     if others and graph.example_inputs and has_candidates(modules, outs):
         for (mname, tname), t in compensation(model, graph.example_inputs, others).items():
@@ -162,18 +162,19 @@ def _carry(model: nn.Module, cut: nn.Module, names: list[str], after: dict[str, 
     cut keeps (the removed inputs' weights are zero already)."""
     gone = {(n, t): g for n, t, g in outs}
 
-    def rows(name: str, tensor: str, size: int) -> torch.Tensor:
+    def rows(name: str, tensor: str, size: int, device: torch.device) -> torch.Tensor:
         g = gone.get((name, tensor))
-        return torch.arange(size) if g is None else (~g).nonzero().flatten()
+        return (torch.arange(size) if g is None else (~g).nonzero().flatten()).to(device)
 
     for n in names:
         m, c = model.get_submodule(n), cut.get_submodule(n)
-        m.weight[rows(n, "weight", m.weight.shape[0])[:, None], (~masks[n]).nonzero().flatten()] = c.weight
+        dev = m.weight.device
+        m.weight[rows(n, "weight", m.weight.shape[0], dev)[:, None], (~masks[n]).nonzero().flatten().to(dev)] = c.weight
         if m.bias is not None:
-            m.bias[rows(n, "bias", len(m.bias))] = c.bias
+            m.bias[rows(n, "bias", len(m.bias), dev)] = c.bias
         if n in after:
             bn, fitted = model.get_submodule(after[n]), cut.get_submodule(after[n])
-            bn.running_mean[rows(after[n], "running_mean", len(bn.running_mean))] = fitted.running_mean
+            bn.running_mean[rows(after[n], "running_mean", len(bn.running_mean), dev)] = fitted.running_mean
 
 
 def _cuts_to(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, fitted: nn.Module, x: torch.Tensor) -> bool:
@@ -298,7 +299,7 @@ def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list,
         def hook(m, args, y):
             pick = _pick(m, y, positions, _draw(seed, i, order.index(name)))
             ys = _gather(m, y.detach(), pick).float()
-            out[name].append((pick, ys[:, kept[name]] if name in kept else ys))
+            out[name].append((pick, ys[:, kept[name].to(ys.device)] if name in kept else ys))
         return hook
 
     for i, x in enumerate(batches):
@@ -379,7 +380,7 @@ def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Ten
             y = until(m0, lambda: original(x), "out")
             pick = _pick(m, y, positions, _draw(seed, i, index))
             ys = _gather(m, y, pick)
-            ys = ys[:, kept] if kept is not None else ys
+            ys = ys[:, kept.to(ys.device)] if kept is not None else ys
         fit.add(until(m, lambda: model(x)), pick, ys)
     return fit.solve(ridge)
 
