@@ -92,7 +92,7 @@ def run(args) -> Path:
 
 
 def cost(args, runs: list[tuple], size: int) -> Path:
-    """Seconds of ``prune(..., reconstruct=N)`` on 224px models, as a user calls it (``default``: one
+    """Seconds of ``prune(..., reconstruct=N)`` on ``size``-px models, as a user calls it (``default``: one
     pass when it fits ``ONE_PASS_BYTES``) or with a forward per layer forced (``ONE_PASS_BYTES=0``);
     the path it took is recorded."""
     from unittest import mock
@@ -133,12 +133,12 @@ def cost(args, runs: list[tuple], size: int) -> Path:
 
 
 def cost_table(rows: list[dict]) -> list[str]:
+    """The cost section's table: one line per run, in the order they ran."""
     lines = ["| model | input | calibration images | run | path taken | layers re-fitted | relative error: plain cut, "
              "re-fitted | seconds |", "|---|---:|---:|---|---|---:|---|---:|"]
     for r in rows:
         lines.append(f"| torchvision:{r['model']} | {r['size']}px | {r['images']} | {r['requested']} | {r['path']} | "
-                     f"{r['layers']} | "
-                     f"{float(r['error_before']):.3f}, {float(r['error_after']):.3f} | {r['seconds']} |")
+                     f"{r['layers']} | {float(r['error_before']):.3f}, {float(r['error_after']):.3f} | {r['seconds']} |")
     return lines
 
 
@@ -166,11 +166,11 @@ def report(csv_path: Path) -> Path:
                   "x, 'l1', 0.5, data=..., reconstruct=N)` on torchvision models with seeded random weights (the time "
                   "and the fit, not accuracy), N random images, "
                   f"{costs[0]['threads'] if costs else '?'} threads on this CPU. *one pass*: every layer re-fitted in "
-                  "its pre-hook during one forward over all N images (the default while a few of the largest "
-                  "activation for every image fit in `ONE_PASS_BYTES`, 4 GiB); *per layer*: a forward per layer "
-                  "and batch as far as that layer (the path for larger calibration sets, forced in the runs so "
-                  "labelled). Relative error: the "
-                  "squared error of the layer's outputs on the fitted rows over their squared norm, mean over layers.",
+                  "its pre-hook during one forward of the cut copy over all N images (the default while a few of its "
+                  "largest activation for every image fit in `ONE_PASS_BYTES`, 4 GiB); *per layer*: a forward per "
+                  "layer and batch as far as that layer (the path for larger calibration sets, forced in the runs "
+                  "so labelled). Relative error: the squared error of the layer's kept outputs on the fitted rows "
+                  "over their squared norm, mean over layers.",
                   "", *cost_table(costs)]
     md.write_text("\n".join(lines) + "\n")
     return md
