@@ -80,6 +80,30 @@ def test_a_removed_copy_of_a_kept_channel_is_exactly_reconstructed():
     assert _gap(net, ref) < 1e-5
 
 
+def test_a_refitted_layer_whose_own_outputs_are_cut_is_carried_into_its_kept_slots():
+    """conv1's channel 5 copies channel 2 and conv2's channel 4 copies channel 1 (weights and norm):
+    both cut at once, conv2 (a reader of conv1 and cut itself) and fc are re-fitted in the cut copy and
+    carried back into the kept rows and columns, its norm's running mean included: exact."""
+    net = _trained_like(Net())
+    with torch.no_grad():
+        net.bn2.bias.add_(3.0)  # fc's inputs alive on every calibration image: no weight left undetermined
+        net.conv1.weight[5], net.conv1.bias[5] = net.conv1.weight[2], net.conv1.bias[2]
+        net.conv2.weight[4] = net.conv2.weight[1]
+        for bn, (a, b) in ((net.bn1, (5, 2)), (net.bn2, (4, 1))):
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[a] = t[b]
+    ref, plain = copy.deepcopy(net), copy.deepcopy(net)
+    x = torch.randn(2, 3, 8, 8)
+    graph = secateurs.analyze(net, x)
+    plan = PruningPlan({_group(graph, "conv1"): [5], _group(graph, "conv2"): [4]})
+    apply_plan(plain, graph, plan)
+    fits = refit_readers(net, graph, plan, [torch.randn(64, 3, 8, 8) for _ in range(4)], ridge=0.0)
+    apply_plan(net, graph, plan)
+    assert set(fits) == {"conv2", "fc"} and net.conv2.weight.shape[:2] == (5, 7) and net.fc.in_features == 5 * 16
+    assert _gap(plain, ref) > 1e-3
+    assert _gap(net, ref) < 1e-4
+
+
 @pytest.mark.parametrize("where", ["bias", "norm"])
 def test_a_removed_constant_channel_goes_into_the_intercept(where):
     """A channel that outputs a constant (norm scale 0, shift > 0) is re-fitted into conv2's bias, or
@@ -137,7 +161,7 @@ def test_kept_targets_and_recomputed_ones_fit_the_same(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
 
 
-def _refit_counting(net: nn.Module, batches: list) -> int:
+def _refit_counting(net: nn.Module, batches: list) -> list[int]:
     """conv1's channels [0, 1, 4] cut with a re-fit on ``batches``; the batch sizes of the forwards
     ``net`` and its copies (the unpruned one, the cut ones) ran, sorted."""
     x = torch.randn(2, 3, 8, 8)
