@@ -51,7 +51,8 @@ class ArrayDataset:
         return len(self.classes)
 
     def subset(self, n: int | None, seed: int = 0) -> "ArrayDataset":
-        """The first ``n`` samples of a fixed shuffle, class-balanced when possible."""
+        """``n`` samples of a fixed shuffle, class-balanced when possible (the class counts differ by at
+        most one when ``n`` is not a multiple of the classes)."""
         check_scalar(n, "n", int, min_val=0, allow_none=True)
         if n is None or n >= len(self):
             return self
@@ -62,7 +63,9 @@ class ArrayDataset:
         perm = torch.randperm(len(self), generator=gen)
         if self.task == "classification" and self.num_classes:  # (no class names: a plain shuffle)
             per, shuffled = max(1, n // self.num_classes), self.targets[perm]
-            idx = torch.cat([perm[shuffled == c][:per] for c in range(self.num_classes)])[:n]
+            extra = n - per * self.num_classes  # n not a multiple of the classes: one more from that many, drawn
+            more = set(torch.randperm(self.num_classes, generator=gen)[:extra].tolist()) if extra > 0 else set()
+            idx = torch.cat([perm[shuffled == c][:per + (c in more)] for c in range(self.num_classes)])[:n]
             return idx[torch.randperm(len(idx), generator=gen)]
         return perm[:n]
 

@@ -84,6 +84,9 @@ def test_digits_and_balanced_subset():
     assert ds.images.shape == (1437, 1, 8, 8) and ds.images.max() == 255
     sub = ds.subset(100)
     assert len(sub) == 100 and sub.targets.bincount().tolist() == [10] * 10
+    odd = ds.subset(105)  # not a multiple of the 10 classes: all 105, five classes with one more
+    assert len(odd) == 105 and sorted(odd.targets.bincount().tolist()) == [10] * 5 + [11] * 5
+    assert torch.equal(odd.images, ds.subset(105).images)
     # a dataset built without class names (the field's default) is a plain seeded shuffle, not an error
     bare = ArrayDataset("bare", ds.images, ds.targets)
     assert len(bare.subset(100)) == 100 and torch.equal(bare.subset(100).images, bare.subset(100).images)
