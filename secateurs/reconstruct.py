@@ -122,13 +122,12 @@ def refit_readers(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, b
             kept = {n: ~g for n, t, g in outs if t == "weight" and n in masks}  # a re-fitted layer's own outputs cut
             targets = _targets(original, order, shapes, batches, positions, seed, kept)
             bns = {n: cut.get_submodule(b) for n, b in after.items()}
-            gone = {n: torch.zeros(cut.get_submodule(n).weight.shape[1], dtype=torch.bool) for n in order}
             if targets is not None and _one_pass(batches, shapes, order, _largest_output(cut, batches[0])):
-                _refit_in_one_pass(cut, order, gone, bns, batches, targets, ridge, done, at)
+                _refit_in_one_pass(cut, order, bns, batches, targets, ridge, done, at)
             else:
                 for i, name in enumerate(order):
                     at.append(name)
-                    done[name] = _refit_one(cut, original, name, gone[name], bns.get(name), batches,
+                    done[name] = _refit_one(cut, original, name, bns.get(name), batches,
                                             targets[name] if targets is not None else None, i, positions, ridge, seed,
                                             kept.get(name))
             at.append("the re-fitted weights, carried into the model")
@@ -274,14 +273,14 @@ def _gather(m: nn.Module, t: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     return t.gather(2, pick[:, None].expand(-1, t.shape[1], -1)).transpose(1, 2).reshape(-1, t.shape[1])
 
 
-def _inputs(m: nn.Module, x: torch.Tensor, keep: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+def _inputs(m: nn.Module, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """The kept inputs each sampled output reads (a conv's receptive fields, unfolded a chunk of
     the batch at a time: all of a large map's would not fit in memory)."""
     if isinstance(m, nn.Linear):
-        return _gather(m, x[..., keep], pick)
-    per_image = int(keep.sum()) * m.weight[0, 0].numel() * x[0, 0].numel() * x.element_size()  # stride 1's size
+        return _gather(m, x, pick)
+    per_image = x[0].numel() * m.weight[0, 0].numel() * x.element_size()  # stride 1's size
     step = max(1, UNFOLD_BYTES // max(1, per_image))
-    return torch.cat([_gather(m, F.unfold(x[i:i + step][:, keep], m.kernel_size, m.dilation, m.padding, m.stride),
+    return torch.cat([_gather(m, F.unfold(x[i:i + step], m.kernel_size, m.dilation, m.padding, m.stride),
                               pick[i:i + step]) for i in range(0, len(x), step)])
 
 
@@ -313,19 +312,20 @@ def _targets(original: nn.Module, order: list[str], shapes: dict, batches: list,
 
 
 class _Fit:
-    """One layer's normal equations, summed over the calibration batches, and their solution."""
+    """One layer's normal equations, summed over the calibration batches, and their solution (a layer
+    of the cut copy: every input it reads is kept)."""
 
-    def __init__(self, m: nn.Module, gone: torch.Tensor, bn: nn.Module | None) -> None:
-        self.m, self.bn, self.keep = m, bn, ~gone.to(m.weight.device)
+    def __init__(self, m: nn.Module, bn: nn.Module | None) -> None:
+        self.m, self.bn = m, bn
         self.intercept = m.bias is not None or bn is not None
-        dim = int(self.keep.sum()) * (m.weight[0, 0].numel()) + self.intercept
+        dim = m.weight[0].numel() + self.intercept
         self.a = torch.zeros(dim, dim, dtype=torch.float64)
         self.b = torch.zeros(dim, m.weight.shape[0], dtype=torch.float64)
         self.yy = torch.zeros((), dtype=torch.float64)
 
     def add(self, x: torch.Tensor, pick: torch.Tensor, ys: torch.Tensor) -> None:
         """One batch: the layer's input ``x``, the output positions ``pick`` and the unpruned outputs there."""
-        xs = _inputs(self.m, x, self.keep, pick)
+        xs = _inputs(self.m, x, pick)
         if self.intercept:
             xs = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype, device=xs.device)], 1)
         xs, ys = xs.double().cpu(), ys.double().cpu()
@@ -336,9 +336,9 @@ class _Fit:
     def solve(self, ridge: float) -> tuple[float, float]:
         """Set the layer's weights (and intercept) to the ridge solution, if it fits the rows better
         than the plain cut; (relative error of the plain cut, after)."""
-        m, keep, a, b = self.m, self.keep, self.a, self.b
+        m, a, b = self.m, self.a, self.b
         w = m.weight.detach()
-        w0 = w[:, keep].reshape(w.shape[0], -1).double().cpu().T  # [features, out]: the plain cut's weights
+        w0 = w.reshape(w.shape[0], -1).double().cpu().T  # [features, out]: the plain cut's weights
         if self.intercept:
             bias0 = m.bias.detach().double().cpu() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
             w0 = torch.cat([w0, bias0[None]], 0)
@@ -356,9 +356,7 @@ class _Fit:
             return before, before
         shift = sol[-1] if self.intercept else None
         sol = sol[:-1] if self.intercept else sol
-        new = torch.zeros_like(w)
-        new[:, keep] = sol.T.reshape(w.shape[0], int(keep.sum()), *w.shape[2:]).to(w)
-        m.weight.copy_(new)
+        m.weight.copy_(sol.T.reshape(w.shape))
         if shift is not None and m.bias is not None:
             m.bias.copy_(shift.to(m.bias))
         elif shift is not None:
@@ -366,13 +364,13 @@ class _Fit:
         return before, fitted
 
 
-def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Tensor, bn: nn.Module | None,
+def _refit_one(model: nn.Module, original: nn.Module, name: str, bn: nn.Module | None,
                batches: list, targets: list | None, index: int, positions: int, ridge: float, seed: int,
                kept: torch.Tensor | None = None) -> tuple[float, float]:
     """One layer, its input from a forward of the re-fitted model per batch as far as the layer (and
     its target from one of the unpruned model, its ``kept`` outputs, when not kept)."""
     m, m0 = model.get_submodule(name), original.get_submodule(name)
-    fit = _Fit(m, gone, bn)
+    fit = _Fit(m, bn)
     for i, x in enumerate(batches):
         if targets is not None:
             pick, ys = targets[i]
@@ -385,7 +383,7 @@ def _refit_one(model: nn.Module, original: nn.Module, name: str, gone: torch.Ten
     return fit.solve(ridge)
 
 
-def _refit_in_one_pass(model: nn.Module, order: list[str], masks: dict, after: dict, batches: list, targets: dict,
+def _refit_in_one_pass(model: nn.Module, order: list[str], after: dict, batches: list, targets: dict,
                        ridge: float, done: dict, at: list) -> None:
     """Every layer in one forward over all the batches at once: each is re-fitted in its pre-hook, on
     the input the layers before it (re-fitted already) give it, then runs with its new weights. The
@@ -395,7 +393,7 @@ def _refit_in_one_pass(model: nn.Module, order: list[str], masks: dict, after: d
     def refit_here(name):
         def hook(m, args):
             at.append(name)
-            fit = _Fit(m, masks[name], after.get(name))
+            fit = _Fit(m, after.get(name))
             for x, (pick, ys) in zip(args[0].split(sizes), targets[name]):
                 fit.add(x, pick, ys)
             done[name] = fit.solve(ridge)
