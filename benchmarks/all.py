@@ -151,6 +151,20 @@ def _speedup_section(speed: list[dict]) -> list[str]:
     return L
 
 
+def _plan_noise_lines(out: Path) -> list[str]:
+    """How far the latency tables' timing noise moves a latency-driven plan (docs/plan_noise.md)."""
+    from benchmarks.plan_noise import summary
+
+    rows = read_rows(out / "plan_noise.csv")
+    if not rows:
+        return []
+    cells = [f"{s['model']} {s['variant']}: {s['moved_mean']:.1%} of the channels moved, latency spread "
+             f"{max(s['ratios']) / min(s['ratios']) - 1:.1%}" for s in summary(rows)]
+    return [f"Table noise: each of {len({r['draw'] for r in rows})} draws "
+            "measured its own latency tables and pruned the same model; between two draws' plans (mean over the "
+            "pairs) and across their latencies timed in one run: " + "; ".join(cells) + " (docs/plan_noise.md).", ""]
+
+
 def _protocol_accuracy(path: Path) -> list[str]:
     """Section 4 from the accuracy protocol's rows: its goals, the changes it measured, latency at equal accuracy."""
     from benchmarks.accuracy_report import _latency_section, changes_section, goals_section, summarize as by_method
@@ -313,7 +327,7 @@ def write_report(args) -> Path:
           "| model | secateurs | Torch-Pruning | ratio (paired, median) | 95% interval |", "|---|---|---|---|---|"]
     L += [f"| {r['model']} | {r['secateurs_s']} | {r['torch_pruning_s']} | {r['ratio']} | "
           f"{r['ratio_lo'] + '-' + r['ratio_hi'] if r.get('ratio_lo') else ''} |" for r in eng]
-    L += _speedup_section(speed)
+    L += _speedup_section(speed) + _plan_noise_lines(out)
     L += ["## 4. Accuracy at equal MACs, CIFAR-10 (JPEG)", ""]
     if (out / "accuracy.csv").exists():  # the one-step-budget protocol (issue 18) supersedes the epoch-based rows
         L += _protocol_accuracy(out / "accuracy.csv")

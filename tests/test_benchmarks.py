@@ -438,3 +438,8 @@ def test_plan_noise_distances_and_report(tmp_path):
     assert "| m | latency 50% (tables) | 3 | 30.0%, 30.0%, 30.0% | 22.2%, 33.3% | 33% |" in text
     assert "| 10.0% |" in text  # spread 0.55 / 0.50 - 1
     assert "noise): none." in text  # 0.48-0.52 and 0.53-0.57 do not overlap
+    from benchmarks._protocol import write_rows
+
+    write_rows(tmp_path / "plan_noise.csv", rows)
+    (line, _) = report._plan_noise_lines(tmp_path)
+    assert "each of 3 draws" in line and "m latency 50% (tables): 22.2% of the channels moved, latency spread 10.0%" in line
