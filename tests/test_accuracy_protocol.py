@@ -216,6 +216,23 @@ def test_goals_pick_the_best_on_the_held_out_split_and_measure_each_change(tmp_p
     assert "Why HFP" not in text  # it matched L1: nothing to explain
 
 
+def test_an_unpicked_row_that_would_meet_the_lead_is_named_but_the_verdict_stays_with_the_pick(tmp_path):
+    theirs = [_row("tp_magnitude", s, 84.0 + s, "torch_pruning", val_top1=85.0) for s in range(3)]
+    picked = [_row("l2", s, 84.5 + s, val_top1=88.0) for s in range(3)]  # +0.5: best on held-out, short of the lead
+    better = [_row("bn_scale", s, 85.5 + s, val_top1=87.0) for s in range(3)]  # +1.5 on the test set, not picked
+    _write_rows(tmp_path / "accuracy.csv", theirs + picked + better)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "| r20 | 50% | l2 (ours) - tp_magnitude | +0.50 +- 0.00 | 3 | not met |" in text
+    assert ("- r20 at 50%: `bn_scale` leads `tp_magnitude` by +1.50 +- 0.00 (3 seeds), held-out top-1 87.00 against "
+            "the pick's 88.00 on seeds 0, 1, 2. The held-out split picks `l2`") in text
+    _write_rows(tmp_path / "accuracy.csv", theirs + better)  # picked and leading: nothing else to name
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    assert "not picked" not in (tmp_path / "accuracy.md").read_text()
+
+
 def test_hfp_below_l1_is_explained_from_its_own_rows(tmp_path):
     l1 = [_row("l1", s, 85.0 + s) for s in range(3)]
     hfp = [_row("hfp", s, 83.0 + s, converged="True", converged_step=170 + 10 * s) for s in range(3)]
