@@ -21,7 +21,7 @@ from .export import export_onnx
 from .saving import save
 from .graph import analyze
 from .cli_args import add_prune_args, get_args_parser, method_options, parse_model_args, parse_with_config  # noqa: F401
-from .methods import get_method
+from .methods import CriterionMethod, get_method
 from .models import create_model, load_pretrained, sizing_kwargs
 from .pipeline import prune
 from .report import format_table, latency_guard, write_report
@@ -56,6 +56,7 @@ def _budget(args, optional: bool = False) -> Budget | None:
 
 
 DEFAULT_DISTILL = 0.5
+DEFAULT_RECONSTRUCT = 512  # calibration images: a criterion's cut re-fitted measured better (docs/methods.md)
 
 
 def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int | float]:
@@ -71,11 +72,13 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
     except ValueError as err:
         flag = next((f for f in ("allocation", "round_to", "min_width") if f"`{f}`" in str(err)), "allocation")
         raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
-    if args.reconstruct < 0:
+    if args.reconstruct is not None and args.reconstruct < 0:
         raise SystemExit(f"--reconstruct: a number of calibration images, >= 0, got {args.reconstruct}")
     if (args.finetune_epochs or how.needs_data or args.reconstruct) and not args.data:
         flag = "finetune-epochs" if args.finetune_epochs else "reconstruct" if args.reconstruct else "method " + args.method
         raise SystemExit(f"--{flag} needs --data")
+    if args.reconstruct is None:  # on where it was measured: a criterion's cut, with training images to fit on
+        args.reconstruct = DEFAULT_RECONSTRUCT if args.data and isinstance(how, CriterionMethod) else 0
     if args.resume and not args.out:
         raise SystemExit("--resume needs --out")
     if args.distill and not args.finetune_epochs:

@@ -126,9 +126,10 @@ def add_prune_args(s: argparse.ArgumentParser) -> None:
                    help="hold out this many training samples for what stops on the metric (--tolerance, importance-"
                         "weights' 1 point); the test split is then only reported (default 0: the test split decides)")
     s.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after each step")
-    s.add_argument("--reconstruct", type=int, default=0, metavar="N",
+    s.add_argument("--reconstruct", type=int, default=None, metavar="N",
                    help="before every cut, re-fit the layers that read a removed channel by least squares on N "
-                        "training images so they compute what they did unpruned (default 0: off)")
+                        "training images so they compute what they did unpruned (default: 512 with --data for a "
+                        "criterion such as l1 or l2, where it measured better, else 0; 0 turns it off)")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--lr", type=float, default=0.01)
     s.add_argument("--weight-decay", type=float, default=5e-4)

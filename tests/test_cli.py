@@ -31,6 +31,18 @@ def test_prune_cli_writes_a_complete_run_folder(tmp_path, capsys):
     assert abs(secateurs.train.evaluate(model, ds)["top1"] - report["after"]["metric"]) < 1e-9
 
 
+@pytest.mark.parametrize("extra,expected", [([], 512), (["--reconstruct", "0"], None), (["--reconstruct", "64"], 64),
+                                            (["--method", "heuristic"], None)])
+def test_a_criterion_cut_with_data_is_reconstructed_by_default(tmp_path, extra, expected):
+    """On by default where it measured better (a criterion's cut, training images given); off when
+    asked, and for the methods it was not measured with."""
+    out = tmp_path / "run"
+    assert main(["prune", *FAST, "--macs", "0.5", "--no-onnx", "--no-latency", "--quiet", "--out", str(out), *extra]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report.get("reconstruct") or None) == expected
+    assert ("reconstruction" in report["method_output"]) == (expected is not None)
+
+
 def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: cifar_resnet20\ninput-size: [1, 3, 32, 32]\nlayers:\n  layer1.0.conv1: 0.5\nno_onnx: true\nno_latency: true\n")
