@@ -158,11 +158,13 @@ def _plan_noise_lines(out: Path) -> list[str]:
     rows = read_rows(out / "plan_noise.csv")
     if not rows:
         return []
-    cells = [f"{s['model']} {s['variant']}: {s['moved_mean']:.1%} of the channels moved, latency spread "
-             f"{max(s['ratios']) / min(s['ratios']) - 1:.1%}" for s in summary(rows)]
+    cells = [f"{s['model']} {s['variant']}: {s['moved_mean']:.1%} of the channels moved, MACs kept "
+             f"{min(s['macs']):.1%}-{max(s['macs']):.1%}, latency {min(s['ratios']):.3f}-{max(s['ratios']):.3f}"
+             for s in summary(rows)]
     return [f"Table noise: each of {len({r['draw'] for r in rows})} draws "
             "measured its own latency tables and pruned the same model; between two draws' plans (mean over the "
-            "pairs) and across their latencies timed in one run: " + "; ".join(cells) + " (docs/plan_noise.md).", ""]
+            "pairs), and each draw's latency timed with the unpruned model: " + "; ".join(cells)
+            + " (docs/plan_noise.md).", ""]
 
 
 def _protocol_accuracy(path: Path) -> list[str]:

@@ -442,4 +442,4 @@ def test_plan_noise_distances_and_report(tmp_path):
 
     write_rows(tmp_path / "plan_noise.csv", rows)
     (line, _) = report._plan_noise_lines(tmp_path)
-    assert "each of 3 draws" in line and "m latency 50% (tables): 22.2% of the channels moved, latency spread 10.0%" in line
+    assert "each of 3 draws" in line and "m latency 50% (tables): 22.2% of the channels moved, MACs kept 30.0%-30.0%, latency 0.500-0.550" in line
