@@ -49,40 +49,50 @@ def widths(model: nn.Module) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def fresh_cache():
-    """A new, empty latency-table cache for one draw (``SECATEURS_CACHE``), removed afterwards."""
-    old = os.environ.get("SECATEURS_CACHE")
+def fresh_cache(table_repeats: int):
+    """A new, empty latency-table cache for one draw (``SECATEURS_CACHE``), removed afterwards; the
+    tables timed with ``table_repeats`` rounds per width (the library's default, 5, unless asked)."""
+    from secateurs.latency_table import LatencyModel
+
+    old, defaults = os.environ.get("SECATEURS_CACHE"), LatencyModel.__init__.__kwdefaults__
+    before = defaults["repeats"]
     with tempfile.TemporaryDirectory() as d:
-        os.environ["SECATEURS_CACHE"] = d
+        os.environ["SECATEURS_CACHE"], defaults["repeats"] = d, table_repeats
         try:
             yield
         finally:
+            defaults["repeats"] = before
             if old is None:
                 os.environ.pop("SECATEURS_CACHE", None)
             else:
                 os.environ["SECATEURS_CACHE"] = old
 
 
-def run_model(name: str, variant: str, draws: int, repeats: int, threads: int) -> list[dict]:
+def run_model(name: str, variant: str, draws: int, repeats: int, threads: int, table_repeats: int = 5) -> list[dict]:
     """One row per draw: its plan, MACs, prune time, and latency against the unpruned model."""
     from secateurs.latency import _paired, _timed, cpu_name
 
     dense, x = seeded_model(name, MODELS.get(name, 224))
     models, rows = {}, []
     for d in range(draws):
-        with fresh_cache():
+        with fresh_cache(table_repeats):
             model, report, seconds = _prune(dense, x, variant, threads)
         models[f"draw{d}"] = model
         rows.append({"model": name, "variant": variant, "draw": d, "macs_kept": round(report["kept"]["macs"], 4),
                      "prune_s": round(seconds, 2), "search_ratio": search_ratio(report),
                      "widths": json.dumps(widths(model)), "full_widths": json.dumps(widths(dense)),
-                     "repeats": repeats, "threads": threads, "cpu": cpu_name()})
-    for row, key in zip(rows, models):  # each with the unpruned model alone, as the search's confirming timing
-        # is (four models interleaved share the caches differently: a 32px ResNet-56 read 10% slower than alone)
-        times, _, _ = _timed({"dense": dense, key: models[key]}, x, repeats, 5, threads, "eager")
-        ratio, lo, hi = _paired(times[key], times["dense"])
-        row.update(latency_ratio=round(ratio, 4), latency_lo=round(lo, 4), latency_hi=round(hi, 4))
-        print(" ".join(f"{k}={v}" for k, v in row.items() if "widths" not in k), flush=True)
+                     "repeats": repeats, "table_repeats": table_repeats, "threads": threads, "cpu": cpu_name()})
+    # each with the unpruned model alone, as the search's confirming timing is (four models interleaved
+    # share the caches differently: a 32px ResNet-56 read 10% slower than alone); every draw twice, in
+    # two passes, so the draws' spread can be set against one plan's own from one timing to the next
+    for rep, suffix in enumerate(("", "_2")):
+        for row, key in zip(rows, models):
+            times, _, _ = _timed({"dense": dense, key: models[key]}, x, repeats, 5, threads, "eager")
+            ratio, lo, hi = _paired(times[key], times["dense"])
+            row.update({f"latency_ratio{suffix}": round(ratio, 4), f"latency_lo{suffix}": round(lo, 4),
+                        f"latency_hi{suffix}": round(hi, 4)})
+            if rep:
+                print(" ".join(f"{k}={v}" for k, v in row.items() if "widths" not in k), flush=True)
     return rows
 
 
@@ -107,10 +117,13 @@ def summary(rows: list[dict]) -> list[dict]:
         plans = [json.loads(r["widths"]) for r in group]
         pairs = [moved(a, b, full) for a, b in itertools.combinations(plans, 2)]
         ratios = [float(r["latency_ratio"]) for r in group]
+        again = [float(r["latency_ratio_2"]) for r in group if r.get("latency_ratio_2") not in (None, "")]
         out.append({"model": name, "variant": variant, "draws": len(group),
                     "moved_mean": statistics.fmean(p[0] for p in pairs), "moved_max": max(p[0] for p in pairs),
                     "same_layers": statistics.fmean(p[1] for p in pairs),
-                    "macs": [float(r["macs_kept"]) for r in group], "ratios": ratios,
+                    "macs": [float(r["macs_kept"]) for r in group], "ratios": ratios, "again": again,
+                    # one plan's own change between its two timings, the largest over the draws
+                    "retime": max((abs(b / a - 1) for a, b in zip(ratios, again)), default=None),
                     "intervals": [(float(r["latency_lo"]), float(r["latency_hi"])) for r in group],
                     "search": [r["search_ratio"] for r in group], "prune_s": [float(r["prune_s"]) for r in group]})
     return out
@@ -120,22 +133,27 @@ def write_report(rows: list[dict], out: Path) -> None:
     first = rows[0]
     lines = ["# Latency tables' timing noise and the plans they give", "",
              f"`python -m benchmarks.plan_noise` on {first['cpu']}, {first['threads']} threads, torch {torch.__version__}. "
-             "Each draw measured its own per-layer latency tables (an empty cache) and pruned the same seeded model "
+             f"Each draw measured its own per-layer latency tables (an empty cache; {first.get('table_repeats') or 5} rounds "
+             "per width) and pruned the same seeded model "
              "(L2, `round_to=8`); then each draw's model was timed interleaved with the unpruned one, one draw after "
              f"the other in one process ({first['repeats']} rounds, eager NCHW, batch 1). *channels moved*: the share of the unpruned model's "
              "conv/linear channels whose count differs between two draws' plans (mean and largest over the pairs); "
              "*same width*: the share of layers two draws left at the same width. *latency*: each draw's median "
              "per-round ratio to the unpruned model, with its 95% interval; *search*: the latency budget's own "
-             "confirming timing. Raw data: `plan_noise.csv`.", "",
+             "confirming timing; *again*: every draw timed a second time after all of them; *spread*: the draws' "
+             "largest latency over their smallest, minus 1, against *re-timed*: the largest change of one draw "
+             "between its two timings (the noise floor of the spread). Raw data: `plan_noise.csv`.", "",
              "| model | variant | draws | MACs kept | channels moved (mean, max) | same width | latency per draw | "
-             "spread | search |", "|---|---|---:|---|---|---:|---|---:|---|"]
+             "again | spread | re-timed | search |", "|---|---|---:|---|---|---:|---|---|---:|---:|---|"]
     for s in summary(rows):
         spread = max(s["ratios"]) / min(s["ratios"]) - 1
         lat = ", ".join(f"{r:.3f} ({lo:.3f}-{hi:.3f})" for r, (lo, hi) in zip(s["ratios"], s["intervals"]))
         search = ", ".join(str(v) for v in s["search"] if v != "") or "-"
+        again = ", ".join(f"{r:.3f}" for r in s["again"]) or "-"
+        retime = "-" if s["retime"] is None else f"{s['retime']:.1%}"
         lines.append(f"| {s['model']} | {s['variant']} | {s['draws']} | {', '.join(f'{m:.1%}' for m in s['macs'])} | "
-                     f"{s['moved_mean']:.1%}, {s['moved_max']:.1%} | {s['same_layers']:.0%} | {lat} | {spread:.1%} | "
-                     f"{search} |")
+                     f"{s['moved_mean']:.1%}, {s['moved_max']:.1%} | {s['same_layers']:.0%} | {lat} | "
+                     f"{again} | {spread:.1%} | {retime} | {search} |")
     overlap = [s for s in summary(rows) if max(lo for lo, _ in s["intervals"]) <= min(hi for _, hi in s["intervals"])]
     named = ", ".join(f"{s['model']} {s['variant']}" for s in overlap) or "none"
     lines += ["", f"Draws whose latency intervals all overlap (the plans' differences are within the timing's own "
@@ -149,6 +167,7 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--table-repeats", type=int, default=5, help="rounds per width in the tables (library default 5)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(DOCS))
     p.add_argument("--quick", action="store_true", help="cifar_resnet20, 2 draws, 8 rounds (CI)")
@@ -165,7 +184,7 @@ def main(argv=None) -> None:
         done = {(r["model"], r["variant"]) for r in rows}
         for name, variant in itertools.product(args.models, args.variants):
             if (name, variant) not in done:  # a killed run goes on at the next (model, variant)
-                rows += run_model(name, variant, args.draws, args.repeats, args.threads)
+                rows += run_model(name, variant, args.draws, args.repeats, args.threads, args.table_repeats)
                 write_rows(path, rows)
     if rows:
         write_report(rows, out)

@@ -425,18 +425,18 @@ def test_plan_noise_distances_and_report(tmp_path):
     assert plan_noise.moved({"a": 4, "b": 4}, {"a": 6, "b": 2}, full) == (4 / 12, 0.0)
     assert plan_noise.moved({"a": 4, "b": 4}, {"a": 4, "b": 2}, full) == (2 / 12, 0.5)
 
-    def row(draw, w, ratio, lo, hi):
-        return {"model": "m", "variant": "latency 50% (tables)", "draw": draw, "macs_kept": 0.3, "prune_s": 1.0,
+    def row(draw, w, ratio, lo, hi, again):
+        return {"latency_ratio_2": again, "model": "m", "variant": "latency 50% (tables)", "draw": draw, "macs_kept": 0.3, "prune_s": 1.0,
                 "search_ratio": 0.5, "widths": json.dumps(w), "full_widths": json.dumps(full), "repeats": 30,
                 "threads": 2, "cpu": "cpu", "latency_ratio": ratio, "latency_lo": lo, "latency_hi": hi}
-    rows = [row(0, {"a": 4, "b": 4}, 0.50, 0.48, 0.52), row(1, {"a": 6, "b": 2}, 0.55, 0.53, 0.57),
-            row(2, {"a": 4, "b": 2}, 0.51, 0.49, 0.53)]
+    rows = [row(0, {"a": 4, "b": 4}, 0.50, 0.48, 0.52, 0.51), row(1, {"a": 6, "b": 2}, 0.55, 0.53, 0.57, 0.54),
+            row(2, {"a": 4, "b": 2}, 0.51, 0.49, 0.53, 0.51)]
     (s,) = plan_noise.summary(rows)
     assert s["moved_mean"] == pytest.approx((4 + 2 + 2) / 3 / 12) and s["moved_max"] == pytest.approx(4 / 12)
     plan_noise.write_report(rows, tmp_path)
     text = (tmp_path / "plan_noise.md").read_text()
     assert "| m | latency 50% (tables) | 3 | 30.0%, 30.0%, 30.0% | 22.2%, 33.3% | 33% |" in text
-    assert "| 10.0% |" in text  # spread 0.55 / 0.50 - 1
+    assert "| 0.510, 0.540, 0.510 | 10.0% | 2.0% |" in text  # spread 0.55 / 0.50 - 1; re-timed 0.51 / 0.50 - 1
     assert "noise): none." in text  # 0.48-0.52 and 0.53-0.57 do not overlap
     from benchmarks._protocol import write_rows
 
