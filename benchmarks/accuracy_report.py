@@ -155,6 +155,8 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
      "reading a removed channel re-fitted on 512 training images to compute what it did unpruned (l1, distillation 0.25)"),
     ("l1:reconstruct=512", "l1", "least-squares reconstruction before the cut (512 training images; l1, "
      "distillation 0.5)"),
+    ("l1:rounds=4:reconstruct=512", "l1:rounds=4", "least-squares reconstruction before each of the 4 cuts "
+     "(512 training images; l1, distillation 0.5)"),
     ("dlp+filters:criterion=l1:distill=0.25", "dlp+filters:criterion=l1",
      "distillation weight 0.25 instead of 0.5 in the cascade's fine-tunings (filters ranked by L1)"),
     ("l1", "l1:distill=0", "distillation from the unpruned model in every fine-tuning (l1)"),

@@ -160,6 +160,7 @@ def _plan_noise_lines(out: Path) -> list[str]:
         return []
     cells = [f"{s['model']} {s['variant']}: {s['moved_mean']:.1%} of the channels moved, MACs kept "
              f"{min(s['macs']):.1%}-{max(s['macs']):.1%}, latency {min(s['ratios']):.3f}-{max(s['ratios']):.3f}"
+             + (f" (one plan timed twice: up to {s['retime']:.1%} apart)" if s.get("retime") is not None else "")
              for s in summary(rows)]
     return [f"Table noise: each of {len({r['draw'] for r in rows})} draws "
             "measured its own latency tables and pruned the same model; between two draws' plans (mean over the "
