@@ -307,6 +307,7 @@ def write_report(args) -> Path:
          "python -m benchmarks.engine_speed --help          # section 2",
          "python -m benchmarks.segmentation --help          # method 4 with its error tolerance",
          "python -m benchmarks.reconstruct --help           # section 4's reconstruction table (docs/reconstruct.md)",
+         "python -m benchmarks.plan_noise --help            # section 3's table-noise sentence (docs/plan_noise.md)",
          "```", ""]
     if not args.quick:
         L += _status(out, args)
