@@ -49,9 +49,13 @@ class RunCheckpoints:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{self.state_path} is damaged ({type(err).__name__}: {err}); remove it to start "
                              "afresh, or resume from a copy of the run folder") from err
-        if state["request"] != json.loads(json.dumps(self.request, default=str)):
-            raise ValueError(f"{self.state_path} was written by a different request {state['request']}; "
-                             "use another out_dir or the same arguments")
+        now = json.loads(json.dumps(self.request, default=str))
+        if state["request"] != now:
+            was = state["request"]
+            diff = ", ".join(f"{k}: {was.get(k, '(not set)')!r} then, {now.get(k, '(not set)')!r} now"
+                             for k in sorted(set(was) | set(now), key=str) if was.get(k) != now.get(k))
+            raise ValueError(f"{self.state_path} was written by a different request ({diff}); use another out_dir "
+                             "or the same arguments")
         return state
 
     def step_dir(self, k: int) -> Path:

@@ -368,7 +368,8 @@ CASES: list[Case] = [
          "No space left on device: '", lambda e: disk_fills_in_weights(e) or P(e.model, X, "l1", 0.5, out_dir=e.tmp / "out"),
          after=no_partial_files("out"), model_kept=False, was="OSError not naming the file"),
     Case("prune-resume-other-args", "`prune(..., 0.7, out_dir=run, resume=True)` after a run with 0.5", ValueError,
-         "was written by a different request", lambda e: finished_run(e) is None or P(e.model, X, "l1", 0.7, out_dir=e.tmp / "out", resume=True)),
+         "different request (budget: {'kind': 'macs', 'target': 0.5} then, {'kind': 'macs', 'target': 0.7} now)",
+         lambda e: finished_run(e) is None or P(e.model, X, "l1", 0.7, out_dir=e.tmp / "out", resume=True)),
     Case("prune-resume-truncated-step", "`prune(..., resume=True)` with the step's model.safetensors cut in half", ValueError,
          "could not be read", lambda e: (truncate("steps/step1/model.safetensors")(finished_run(e))
                                          or P(e.model, X, "l1", 0.5, out_dir=e.tmp / "out", resume=True))),
