@@ -412,6 +412,13 @@ def test_reconstruct_report_is_the_mean_and_spread_of_the_draws(tmp_path):
     text = reconstruct.report(tmp_path / "reconstruct.csv").read_text()
     assert "| torchvision:resnet50 | 224px | 64 | default | one pass | 53 | 0.412, 0.100 | 28.8 |" in text
     assert "2 threads on this CPU" in text and "## The re-fit's cost at 224px" in text
+    assert "on a U-Net" not in text
+    write_rows(tmp_path / "reconstruct_segmentation.csv", [
+        {"model": "u", "target": 0.15, "method": "l1+reconstruct", "kept_macs": 0.1498, "iou": 62.98, "pixel_acc": 90.72,
+         "seconds": 46.2, "images": 24, "val_images": 6}])
+    text = reconstruct.report(tmp_path / "reconstruct.csv").read_text()
+    assert "| u | 15% | l1+reconstruct | 15.0% | 62.98 | 90.72 | 46.2 |" in text
+    assert "re-fit on its 24 training slices" in text and "on the 6 validation slices" in text
 
 
 def test_plan_noise_distances_and_report(tmp_path):
