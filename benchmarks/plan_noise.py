@@ -32,6 +32,7 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -54,39 +55,38 @@ def fresh_cache(table_repeats: int):
     tables timed with ``table_repeats`` rounds per width (the library's default, 5, unless asked)."""
     from secateurs.latency_table import LatencyModel
 
-    old, defaults = os.environ.get("SECATEURS_CACHE"), LatencyModel.__init__.__kwdefaults__
-    before = defaults["repeats"]
-    with tempfile.TemporaryDirectory() as d:
-        os.environ["SECATEURS_CACHE"], defaults["repeats"] = d, table_repeats
-        try:
-            yield
-        finally:
-            defaults["repeats"] = before
-            if old is None:
-                os.environ.pop("SECATEURS_CACHE", None)
-            else:
-                os.environ["SECATEURS_CACHE"] = old
+    with tempfile.TemporaryDirectory() as d, mock.patch.dict(os.environ, {"SECATEURS_CACHE": d}), \
+            mock.patch.dict(LatencyModel.__init__.__kwdefaults__, repeats=table_repeats):
+        yield
 
 
 def run_model(name: str, variant: str, draws: int, repeats: int, threads: int, table_repeats: int = 5) -> list[dict]:
     """One row per draw: its plan, MACs, prune time, and latency against the unpruned model."""
+    from secateurs import PruningError
     from secateurs.latency import _paired, _timed, cpu_name
 
     dense, x = seeded_model(name, MODELS.get(name, 224))
     models, rows = {}, []
     for d in range(draws):
-        with fresh_cache(table_repeats):
-            model, report, seconds = _prune(dense, x, variant, threads)
+        row = {"model": name, "variant": variant, "draw": d, "repeats": repeats, "table_repeats": table_repeats,
+               "threads": threads, "cpu": cpu_name()}
+        try:
+            with fresh_cache(table_repeats):
+                model, report, seconds = _prune(dense, x, variant, threads)
+        except PruningError as err:  # a latency target no plan met within the search's tries: a row that says so
+            rows.append({**row, "note": str(err)})
+            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+            continue
         models[f"draw{d}"] = model
-        rows.append({"model": name, "variant": variant, "draw": d, "macs_kept": round(report["kept"]["macs"], 4),
-                     "prune_s": round(seconds, 2), "search_ratio": search_ratio(report),
-                     "widths": json.dumps(widths(model)), "full_widths": json.dumps(widths(dense)),
-                     "repeats": repeats, "table_repeats": table_repeats, "threads": threads, "cpu": cpu_name()})
+        rows.append({**row, "macs_kept": round(report["kept"]["macs"], 4), "prune_s": round(seconds, 2),
+                     "search_ratio": search_ratio(report), "widths": json.dumps(widths(model)),
+                     "full_widths": json.dumps(widths(dense))})
     # each with the unpruned model alone, as the search's confirming timing is (four models interleaved
     # share the caches differently: a 32px ResNet-56 read 10% slower than alone); every draw twice, in
     # two passes, so the draws' spread can be set against one plan's own from one timing to the next
     for rep, suffix in enumerate(("", "_2")):
-        for row, key in zip(rows, models):
+        for row in (r for r in rows if not r.get("note")):
+            key = f"draw{row['draw']}"
             times, _, _ = _timed({"dense": dense, key: models[key]}, x, repeats, 5, threads, "eager")
             ratio, lo, hi = _paired(times[key], times["dense"])
             row.update({f"latency_ratio{suffix}": round(ratio, 4), f"latency_lo{suffix}": round(lo, 4),
@@ -111,8 +111,11 @@ def moved(a: dict[str, int], b: dict[str, int], full: dict[str, int]) -> tuple[f
 def summary(rows: list[dict]) -> list[dict]:
     """Per (model, variant): the pairwise plan distances and the spread of the draws' latencies."""
     out = []
-    for (name, variant), group in itertools.groupby(rows, key=lambda r: (r["model"], r["variant"])):
+    planned = [r for r in rows if not r.get("note")]  # draws whose search met its target
+    for (name, variant), group in itertools.groupby(planned, key=lambda r: (r["model"], r["variant"])):
         group = list(group)
+        if len(group) < 2:  # no pair to compare
+            continue
         full = json.loads(group[0]["full_widths"])
         plans = [json.loads(r["widths"]) for r in group]
         pairs = [moved(a, b, full) for a, b in itertools.combinations(plans, 2)]
@@ -125,7 +128,7 @@ def summary(rows: list[dict]) -> list[dict]:
                     # one plan's own change between its two timings, the largest over the draws
                     "retime": max((abs(b / a - 1) for a, b in zip(ratios, again)), default=None),
                     "intervals": [(float(r["latency_lo"]), float(r["latency_hi"])) for r in group],
-                    "search": [r["search_ratio"] for r in group], "prune_s": [float(r["prune_s"]) for r in group]})
+                    "search": [r["search_ratio"] for r in group]})
     return out
 
 
@@ -158,6 +161,7 @@ def write_report(rows: list[dict], out: Path) -> None:
     named = ", ".join(f"{s['model']} {s['variant']}" for s in overlap) or "none"
     lines += ["", f"Draws whose latency intervals all overlap (the plans' differences are within the timing's own "
               f"noise): {named}.", ""]
+    lines += [f"- Not planned: {r['model']} {r['variant']} draw {r['draw']}: {r['note']}" for r in rows if r.get("note")]
     (out / "plan_noise.md").write_text("\n".join(lines))
 
 

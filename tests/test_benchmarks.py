@@ -438,6 +438,9 @@ def test_plan_noise_distances_and_report(tmp_path):
                 "threads": 2, "cpu": "cpu", "latency_ratio": ratio, "latency_lo": lo, "latency_hi": hi}
     rows = [row(0, {"a": 4, "b": 4}, 0.50, 0.48, 0.52, 0.51), row(1, {"a": 6, "b": 2}, 0.55, 0.53, 0.57, 0.54),
             row(2, {"a": 4, "b": 2}, 0.51, 0.49, 0.53, 0.51)]
+    missed = {"model": "m", "variant": "macs 50% latency-allocated", "draw": 0, "repeats": 30, "threads": 2,
+              "cpu": "cpu", "note": "no plan met a latency target of 0.5"}
+    rows.append(missed)  # a search that failed: listed, never compared (one draw alone has no pair either)
     (s,) = plan_noise.summary(rows)
     assert s["moved_mean"] == pytest.approx((4 + 2 + 2) / 3 / 12) and s["moved_max"] == pytest.approx(4 / 12)
     plan_noise.write_report(rows, tmp_path)
@@ -445,6 +448,7 @@ def test_plan_noise_distances_and_report(tmp_path):
     assert "| m | latency 50% (tables) | 3 | 30.0%, 30.0%, 30.0% | 22.2%, 33.3% | 33% |" in text
     assert "| 0.510, 0.540, 0.510 | 10.0% | 2.0% |" in text  # spread 0.55 / 0.50 - 1; re-timed 0.51 / 0.50 - 1
     assert "noise): none." in text  # 0.48-0.52 and 0.53-0.57 do not overlap
+    assert "- Not planned: m macs 50% latency-allocated draw 0: no plan met a latency target of 0.5" in text
     from benchmarks._protocol import write_rows
 
     write_rows(tmp_path / "plan_noise.csv", rows)
