@@ -112,29 +112,27 @@ def segmentation(args, targets: list[float]) -> Path:
     for name, data in SEGMENTATION:
         train, val = load_dataset(data, "train", root=args.data_root), load_dataset(data, "test", root=args.data_root)
         base = load_pretrained(name).eval()
-        x = torch.randn(1, base_channels(base), 256, 256)
+        x = torch.randn(1, train.images.shape[1], 256, 256)
+        macs = secateurs.count(base, x).macs
         for target, method in [(1.0, "unpruned")] + [(t, m) for t in targets for m in ("l1", "l1+reconstruct")]:
             if (name, target, method) in done:
                 continue
             model, t = copy.deepcopy(base), time.perf_counter()
+            images = len(train) if method.endswith("reconstruct") else 0
             if method != "unpruned":
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     model, _ = secateurs.prune(model, x, "l1", target, data=train, latency_guard=False,
-                                               reconstruct=len(train) if method.endswith("reconstruct") else 0)
+                                               reconstruct=images)
             scores = evaluate(model, val)
             rows.append({"model": name, "target": target, "method": method,
-                         "kept_macs": round(secateurs.count(model, x).macs / secateurs.count(base, x).macs, 4),
+                         "kept_macs": round(secateurs.count(model, x).macs / macs, 4),
                          "iou": round(scores["iou"], 2), "pixel_acc": round(scores["pixel_acc"], 2),
-                         "seconds": round(time.perf_counter() - t, 1), "images": len(train) if "+" in method else 0,
+                         "seconds": round(time.perf_counter() - t, 1), "images": images,
                          "val_images": len(val)})
             print(rows[-1], flush=True)
             write_rows(out, rows)
     return out
-
-
-def base_channels(model) -> int:
-    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
 
 
 def segmentation_table(rows: list[dict]) -> list[str]:

@@ -62,8 +62,8 @@ case "${1:-}" in
     # the same against plain l1 (distillation 0.5) where the 100-step runs of docs/reconstruct.md saw the largest
     # head start (ResNet-56 at 30%: +2.4) and on ResNet-20: does it survive the protocol's budget, i.e. should it be on
     # by default?
-    reconstruct-more) .venv/bin/python -m benchmarks.accuracy --threads "$OMP_NUM_THREADS" --models cifar_resnet56_cifar10 \
-             --targets 0.3 --seeds 0 1 2 3 4 --steps "${STEPS:-300}" --methods l1:reconstruct=512
+    reconstruct-more) (run --models cifar_resnet56_cifar10 --targets 0.3 --seeds 0 1 2 3 4 --steps "${STEPS:-300}" \
+             --methods l1:reconstruct=512)
              run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
              --methods l1:reconstruct=512 ;;
     # at 30% the iterative schedule (l1:rounds=4) led one cut by ~5 points and the re-fit lifted one cut by 2-3:
