@@ -258,7 +258,7 @@ def _status(out: Path, args) -> list[str]:
 def _rank_scale_lines(out: Path, seg: dict) -> list[str]:
     """Issue 18's change to importance weights (|alpha| x the channel's scale) on the U-Nets, when its
     run (``benchmarks.segmentation --rank scale --out docs/segmentation_rank_scale``) is there."""
-    from benchmarks.segmentation import versus_lines
+    from benchmarks.segmentation_report import versus_lines
 
     path = out / "segmentation_rank_scale" / "segmentation.json"
     if not path.exists():
@@ -390,7 +390,7 @@ def write_report(args) -> Path:
         if "segmentation_iou_vs_macs.png" in made:
             L += ["![IoU vs MACs kept](segmentation_iou_vs_macs.png)", ""]
     if seg:
-        from benchmarks.segmentation import seg_summary
+        from benchmarks.segmentation_report import seg_summary
 
         L += ["### Method 4 with its error tolerance beside L1 at the same MACs", "", *seg_summary(seg),
               "", "Details, curves and predictions: segmentation.md in this folder.", ""]

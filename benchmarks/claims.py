@@ -83,7 +83,7 @@ def _importance_fixed(docs: Path) -> str:
     """The paper's own check: importance weights to -85% MACs, IoU drop over seeds (segmentation.json)."""
     import json
 
-    from benchmarks.segmentation import claim_line
+    from benchmarks.segmentation_report import claim_line
 
     path = docs / "segmentation.json"
     if not path.exists():

@@ -121,7 +121,7 @@ def _seg_results(drops_iw, drops_l1):
 
 
 def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
-    from benchmarks.segmentation import claim_line, seg_summary
+    from benchmarks.segmentation_report import claim_line, seg_summary
 
     res = _seg_results([0.5, 1.0, 1.5], [2.5, 2.0, 3.5])  # IW loses 1.0 IoU on average, L1 2.67
     line = claim_line(res, 0.15)
@@ -134,7 +134,7 @@ def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
 
 
 def test_segmentation_report_counts_the_runs_the_collapse_guard_flagged():
-    from benchmarks.segmentation import _rows, claim_line, seg_summary
+    from benchmarks.segmentation_report import _rows, claim_line, seg_summary
 
     res = _seg_results([0.5, 1.0, 1.5], [2.5, 2.0, 3.5])
     res["unet16_isbi2012"]["runs"]["1"]["fixed"]["iw"]["collapsed"] = True
@@ -146,7 +146,7 @@ def test_segmentation_report_counts_the_runs_the_collapse_guard_flagged():
 
 
 def test_a_change_to_importance_weights_is_paired_by_seed():
-    from benchmarks.segmentation import versus_lines
+    from benchmarks.segmentation_report import versus_lines
 
     here, there = _seg_results([0.5, 1.0, 3.0], [0, 0, 0]), _seg_results([1.5, 1.0, 1.0], [0, 0, 0])
     del there["unet16_isbi2012"]["runs"]["2"]  # only the seeds both runs have are paired
@@ -189,6 +189,28 @@ def test_report_takes_the_accuracy_protocol_rows_when_there_are_any(tmp_path):
     assert "every row 500 (r20), 300 (r56) optimizer steps" in text  # each model's own budget, never one for all
 
 
+def test_segmentation_report_of_a_refitted_fixed_only_run_says_so(tmp_path):
+    """`--runs fixed --reconstruct 8`: the command line and the re-fit are stated, and no schedule curve
+    (drawn from tolerance runs, which this run has none of) is linked or drawn."""
+    from benchmarks.segmentation_report import plot, write_markdown
+
+    res = _seg_results([0.5, 1.0, 1.5], [2.5, 2.0, 3.5])
+    args = argparse.Namespace(
+        runs=["fixed"], reconstruct=8, threads=2, init="ones", rank="alpha", l1=1e-4, iw_epochs=5, lr=3e-4,
+        fraction=0.1, ft_epochs=2, metric="pixel_acc", tolerance=1.0, refinements=2, fixed=0.15, latency_repeats=30)
+    write_markdown(res, args, tmp_path / "segmentation.md")
+    text = (tmp_path / "segmentation.md").read_text()
+    assert "`python -m benchmarks.segmentation --runs fixed --reconstruct 8`" in text
+    assert "**Both methods re-fit** the layers that read a removed channel by least squares before every cut, on 8" in text
+    assert "segmentation_curves.png" not in text and "| fixed MACs | importance weights |" in text
+    plot(res, tmp_path / "work", tmp_path, "pixel_acc", first_test=None)  # saved models absent: no figure redrawn
+    assert not list(tmp_path.glob("*.png"))
+    args.runs, args.reconstruct = ["tol", "fixed"], 0
+    write_markdown(res, args, tmp_path / "segmentation.md")
+    text = (tmp_path / "segmentation.md").read_text()
+    assert "`python -m benchmarks.segmentation`" in text and "re-fit" not in text
+
+
 def test_segmentation_resume_refuses_results_made_with_other_settings(tmp_path):
     import json
 
@@ -205,6 +227,12 @@ def test_segmentation_resume_refuses_results_made_with_other_settings(tmp_path):
     assert set(_load(path, args)) == {"unet16_isbi2012"}
     path.write_text(json.dumps({"args": {}, "results": {"m": {"base": {}, "iw": {}}}}))  # the earlier layout: redone
     assert _load(path, args) == {}
+    # results made before --reconstruct existed were made without the re-fit: they resume a run without it only
+    before = {k: v for k, v in vars(args).items() if k != "reconstruct"}
+    path.write_text(json.dumps({"args": before, "results": _seg_results([1.0], [1.0])}))
+    assert set(_load(path, argparse.Namespace(**{**before, "reconstruct": 0}))) == {"unet16_isbi2012"}
+    with pytest.raises(SystemExit, match="reconstruct: 0 there, 8 now"):
+        _load(path, argparse.Namespace(**{**before, "reconstruct": 8}))
 
 
 def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
@@ -261,6 +289,7 @@ def test_segmentation_latency_is_the_paired_speedup_of_each_saved_model(tmp_path
 
     import secateurs
     from benchmarks import segmentation
+    from benchmarks.segmentation_report import _speedup
 
     nets = {tag: nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 1, 1))
             for tag, w in (("base", 32), ("fixed_iw", 4), ("fixed_l1", 8))}
@@ -269,15 +298,15 @@ def test_segmentation_latency_is_the_paired_speedup_of_each_saved_model(tmp_path
     monkeypatch.setattr(secateurs, "load", lambda path: nets[path.name])  # the saved models of seed 0
     # an earlier harness's medians (ms) are measured again; the report reads either kind
     results = {"u": {"runs": {"0": {"fixed": {}}}, "latency": {"256": {"base": 2.0, "fixed_iw": 1.0}}}}
-    assert segmentation._speedup(results["u"]["latency"]["256"], "fixed_iw") == "2.00x"
+    assert _speedup(results["u"]["latency"]["256"], "fixed_iw") == "2.00x"
     segmentation.measure_latency(results, tmp_path, threads=1, repeats=6)
     for size in ("256", "512"):
         cell = results["u"]["latency"][size]
         assert set(cell["speedup"]) == {"fixed_iw", "fixed_l1"}
         med, lo, hi = cell["speedup"]["fixed_iw"]
         assert lo <= med <= hi and med > 1  # 4 filters instead of 32 at 256x256 and up
-        assert segmentation._speedup(cell, "fixed_iw") == f"{med:.2f}x ({lo:.2f}-{hi:.2f})"
-        assert segmentation._speedup(cell, "tol_iw") == "-"
+        assert _speedup(cell, "fixed_iw") == f"{med:.2f}x ({lo:.2f}-{hi:.2f})"
+        assert _speedup(cell, "tol_iw") == "-"
 
 
 def test_method_benchmarks_time_dense_and_pruned_interleaved(monkeypatch):
