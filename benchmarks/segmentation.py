@@ -241,7 +241,7 @@ def main(argv=None) -> None:
     else:
         results = run(args, path, work)
     results = {n: results[n] for n in SETUPS if n in results}
-    write_markdown(results, args, out / "segmentation.md")
+    write_markdown(results, args, out / "segmentation.md", vars(p.parse_args([])))
     plot(results, work, out, args.metric, _first_test)
     print(f"wrote {out}/segmentation.md, .json, .png, _curves.png")
 

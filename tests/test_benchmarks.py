@@ -151,8 +151,30 @@ def test_a_change_to_importance_weights_is_paired_by_seed():
     here, there = _seg_results([0.5, 1.0, 3.0], [0, 0, 0]), _seg_results([1.5, 1.0, 1.0], [0, 0, 0])
     del there["unet16_isbi2012"]["runs"]["2"]  # only the seeds both runs have are paired
     table = "\n".join(versus_lines(here, there, "x"))
-    assert "| unet16_isbi2012 | fixed MACs | 15.0 +- 0.0% | 15.0 +- 0.0% | 64.25 +- 3.18 | 63.75 +- 3.18 | +0.50 +- 6.35 | 2 |" in table
-    assert versus_lines(here, {}, "x") == []
+    assert "| unet16_isbi2012 | fixed MACs | importance weights | 15.0 +- 0.0% | 15.0 +- 0.0% | 64.25 +- 3.18 | 63.75 +- 3.18 | +0.50 +- 6.35 | 2 |" in table
+    assert "| L1 |" not in table and versus_lines(here, {}, "x") == []
+    here["unet16_isbi2012"]["runs"]["1"]["fixed"]["l1"]["iou"] = 66.0  # a change to both methods: each paired on its own
+    table = "\n".join(versus_lines(here, there, "x", methods=("iw", "l1")))
+    assert "| unet16_isbi2012 | fixed MACs | L1 | 15.0 +- 0.0% | 15.0 +- 0.0% | 65.50 +- 6.35 | 65.00 +- 0.00 | +0.50 +- 6.35 | 2 |" in table
+
+
+def test_benchmarks_md_pairs_the_refitted_segmentation_run_with_the_plain_one(tmp_path):
+    """BENCHMARKS.md's re-fit section: both methods paired by seed against the run without the re-fit,
+    and the -85% claim read on the re-fitted importance weights; nothing while that run is absent."""
+    import json
+
+    from benchmarks.all import _reconstruct_lines
+
+    plain, refit = _seg_results([20.0, 25.0, 30.0], [3.0, 3.5, 4.0]), _seg_results([0.5, 0.5, 0.8], [0.2, 0.6, 1.0])
+    assert _reconstruct_lines(tmp_path, plain) == []
+    (tmp_path / "segmentation_reconstruct").mkdir()
+    (tmp_path / "segmentation_reconstruct" / "segmentation.json").write_text(
+        json.dumps({"args": {"reconstruct": 8, "fixed": 0.15}, "results": refit}))
+    text = "\n".join(_reconstruct_lines(tmp_path, plain))
+    assert "re-fitted by least squares on 8 training images" in text
+    assert "| fixed MACs | importance weights | 15.0 +- 0.0% | 15.0 +- 0.0% | 64.40 +- 0.43 | 40.00 +- 12.42 | +24.40 +- 12.05 | 3 |" in text
+    assert "| fixed MACs | L1 | 15.0 +- 0.0% | 15.0 +- 0.0% | 64.40 +- 0.99 | 61.50 +- 1.24 | +2.90 +- 0.25 | 3 |" in text
+    assert "re-fitted importance weights' drops" in text and "IoU +0.60 +- 0.43 (within 1 point on average only)" in text
 
 
 def test_report_takes_the_accuracy_protocol_rows_when_there_are_any(tmp_path):
@@ -198,15 +220,16 @@ def test_segmentation_report_of_a_refitted_fixed_only_run_says_so(tmp_path):
     args = argparse.Namespace(
         runs=["fixed"], reconstruct=8, threads=2, init="ones", rank="alpha", l1=1e-4, iw_epochs=5, lr=3e-4,
         fraction=0.1, ft_epochs=2, metric="pixel_acc", tolerance=1.0, refinements=2, fixed=0.15, latency_repeats=30)
-    write_markdown(res, args, tmp_path / "segmentation.md")
+    defaults = {**vars(args), "runs": ["tol", "fixed"], "reconstruct": 0, "threads": 1}
+    write_markdown(res, args, tmp_path / "segmentation.md", defaults)
     text = (tmp_path / "segmentation.md").read_text()
-    assert "`python -m benchmarks.segmentation --runs fixed --reconstruct 8`" in text
+    assert "`python -m benchmarks.segmentation --runs fixed --reconstruct 8`" in text  # threads change no result
     assert "**Both methods re-fit** the layers that read a removed channel by least squares before every cut, on 8" in text
     assert "segmentation_curves.png" not in text and "| fixed MACs | importance weights |" in text
     plot(res, tmp_path / "work", tmp_path, "pixel_acc", first_test=None)  # saved models absent: no figure redrawn
     assert not list(tmp_path.glob("*.png"))
     args.runs, args.reconstruct = ["tol", "fixed"], 0
-    write_markdown(res, args, tmp_path / "segmentation.md")
+    write_markdown(res, args, tmp_path / "segmentation.md", defaults)
     text = (tmp_path / "segmentation.md").read_text()
     assert "`python -m benchmarks.segmentation`" in text and "re-fit" not in text
 
