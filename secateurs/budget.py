@@ -394,29 +394,43 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     aim lands below the target and one above, then interpolated inside that bracket (the
     measured latency is not proportional to the table's, e.g. a VGG's classifier weights are read
     from memory whatever the widths, so plain scaling swings across the target).
+
+    A plan that lands within ``tolerance`` but below the target gets one more try, aimed up by
+    target / measured: where the latency is flat in the widths (per-layer overheads at batch 1), a
+    plan that keeps many more channels can time the same. Of the plans within ``tolerance`` of the
+    target, the one that keeps the most MACs is returned (else the closest below it).
     """
     runtime = runtime_of(model)  # the layout the model runs in, for the tables and the timing alike
     lm = LatencyModel(model, graph, x, threads=threads, runtime=runtime, step=round_to, log=log)
-    alloc = Allocator(graph, scores, allocation, round_to, min_width, original=original)
+    alloc, pc = Allocator(graph, scores, allocation, round_to, min_width, original=original), PlanCost(model, graph, x)
     cost = lambda keep: lm(alloc.removed(keep))  # noqa: E731
     search = _uniform_search if allocation == "uniform" else threshold_search
     target, aim, full = budget.value, budget.value, lm.full()
     smallest = cost(alloc.keep_for_threshold(math.inf)) / full
     tried: list[dict] = []
-    best: tuple[PruningPlan, float] | None = None
+    met: list[tuple[PruningPlan, float, int]] = []  # (plan, measured ratio, MACs) of each plan that meets the target
+    stretch, last = False, None
     for _ in range(tries):
         limit = max(aim, smallest) * full
         keep = fill(alloc, search(alloc, cost, limit), cost, limit)
-        plan = alloc.plan(keep)
+        if stretch and keep == last:  # the aim up gives the same widths: nothing more to keep
+            break
+        plan, last, macs = alloc.plan(keep), keep, pc(alloc.removed(keep))[0]
         ratio = latency_ratio(model, apply_plan(copy_model(model), graph, plan), x, threads=threads, runtime=runtime)
         predicted = cost(keep) / full
-        tried.append({"aim": aim, "predicted_ratio": predicted, "latency_ratio": ratio})
+        tried.append({"aim": aim, "predicted_ratio": predicted, "latency_ratio": ratio, "macs": macs})
         log(f"latency: table predicts {predicted:.3f}, measured {ratio:.3f} (target {target:.3f})")
-        if ratio <= target * (1 + tolerance) and (best is None or abs(ratio - target) < abs(best[1] - target)):
-            best = (plan, ratio)
-        if abs(ratio - target) <= tolerance * target or (aim <= smallest and ratio > target):
+        if ratio <= target * (1 + tolerance):
+            met.append((plan, ratio, macs))
+        landed = abs(ratio - target) <= tolerance * target
+        if landed and ratio < target and not stretch and len(tried) < tries:
+            stretch, aim = True, aim * target / ratio
+            continue
+        if landed or stretch or (aim <= smallest and ratio > target):
             break
         aim = _next_aim(tried, target)
+    band = [m for m in met if abs(m[1] - target) <= tolerance * target]  # within tolerance: the most MACs kept
+    best = max(band, key=lambda m: m[2]) if band else min(met, key=lambda m: abs(m[1] - target), default=None)
     if best is None:
         raise PruningError(f"no plan met a latency target of {target:.3g}: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
                            f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g}). "

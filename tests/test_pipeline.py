@@ -392,6 +392,27 @@ def test_a_latency_search_that_lands_well_below_its_target_says_so(monkeypatch, 
     assert report["method_output"]["latency_ratio"] == 0.3
 
 
+@pytest.mark.parametrize("stretched, kept", [(0.64, "stretched"), (0.70, "first")])
+def test_a_plan_landing_below_its_latency_target_is_aimed_up_once(monkeypatch, tmp_path, stretched, kept):
+    """Latency flat in the widths (per-layer overheads at batch 1): the first plan lands at 0.62 for a
+    0.65 target, within 5% but below; one more try aimed up by 0.65 / 0.62 keeps more channels. It is
+    returned when it also meets the target (the plan that keeps the most MACs among those that do),
+    else the first one is; either way the search stops there."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    x = torch.randn(1, 3, 32, 32)
+    m = create_model("cifar_resnet20").eval()
+    _macs_clock(monkeypatch, m, x)
+    measured = iter([0.62, stretched])
+    monkeypatch.setattr(secateurs.budget, "latency_ratio", lambda *a, **k: next(measured))
+    _, report = secateurs.prune(m, x, target={"latency": 0.65})
+    tried = report["method_output"]["latency_search"]
+    assert [t["latency_ratio"] for t in tried] == [0.62, stretched]
+    assert tried[1]["aim"] == pytest.approx(tried[0]["aim"] * 0.65 / 0.62) and tried[1]["macs"] > tried[0]["macs"]
+    want = tried[1] if kept == "stretched" else tried[0]
+    assert report["method_output"]["latency_ratio"] == want["latency_ratio"]
+    assert report["after"]["macs"] == want["macs"]
+
+
 def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_afresh(tmp_path):
     """A killed step's fine-tuning checkpoint of another cut (a timed plan can differ) is dropped
     instead of failing to load; one of the same cut is kept to continue."""
