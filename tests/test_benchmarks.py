@@ -112,6 +112,24 @@ def test_claims_are_read_from_the_results_files(tmp_path):
     assert rows["1. heuristic"].startswith("no results file yet")  # never a hand-written figure
 
 
+def test_the_85_percent_claim_is_read_with_and_without_the_refit(tmp_path):
+    import json
+
+    from benchmarks.claims import _importance_fixed
+
+    docs = tmp_path
+    assert _importance_fixed(docs) == ""
+    (docs / "segmentation.json").write_text(json.dumps({"args": {"fixed": 0.15}, "results": _seg_results([20, 25, 30], [3] * 3)}))
+    (docs / "segmentation_reconstruct").mkdir()
+    (docs / "segmentation_reconstruct" / "segmentation.json").write_text(
+        json.dumps({"args": {"fixed": 0.15}, "results": _seg_results([0.5, 0.5, 0.8], [1] * 3)}))
+    plain, refit = _importance_fixed(docs).split("; docs/segmentation_reconstruct/segmentation.json: ")
+    assert plain.startswith("docs/segmentation.json: At 15% of the MACs (the paper's -85%), importance weights' drops")
+    assert "IoU +25.00 +- 12.42 (more than 1 point)" in plain
+    assert refit.startswith("At 15% of the MACs (the paper's -85%), re-fitted importance weights' drops")
+    assert "IoU +0.60 +- 0.43 (within 1 point on average only)" in refit
+
+
 def _seg_results(drops_iw, drops_l1):
     base = {"pixel_acc": 92.0, "iou": 65.0, "dice": 79.0, "macs_256": 3.0e9, "params": 1.9e6}
     def row(drop, macs):
