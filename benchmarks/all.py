@@ -271,15 +271,16 @@ def _rank_scale_lines(out: Path, seg: dict) -> list[str]:
 
 def _reconstruct_lines(out: Path, seg: dict) -> list[str]:
     """Both methods re-fitted before every cut on the U-Nets (``benchmarks.segmentation --runs fixed
-    --reconstruct 8 --out docs/segmentation_reconstruct``), against the same runs without the re-fit,
-    and the -85% claim read again on the re-fitted importance weights, when that run is there."""
+    --reconstruct 8 --out docs/segmentation_reconstruct --work runs/segmentation_reconstruct``), against
+    the same runs without the re-fit, and the -85% claim read again on the re-fitted importance
+    weights, when that run is there."""
     from benchmarks.segmentation_report import claim_line, versus_lines
 
     path = out / "segmentation_reconstruct" / "segmentation.json"
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-    n = saved["args"].get("reconstruct")
+    n = saved["args"].get("reconstruct", 0)
     title = (f"### Each cut re-fitted by least squares on {n} training images (`reconstruct={n}`; \"here\") against the "
              "same runs without it (\"there\"), paired by seed")
     lines = versus_lines(saved["results"], seg, "", title, methods=("iw", "l1"))

@@ -94,9 +94,9 @@ def _importance_fixed(docs: Path) -> str:
         saved = json.loads(path.read_text())
         if any("runs" not in r for r in saved["results"].values()):
             continue  # the earlier one-seed layout had no fixed-MACs run
-        line = claim_line(saved["results"], saved["args"]["fixed"]).replace("**", "")
+        line = claim_line(saved["results"], saved["args"]["fixed"]).replace("**", "").rstrip(".")
         parts.append(f"docs/{rel}: " + line.replace("importance weights' drops", f"{label}importance weights' drops"))
-    return "; ".join(parts)
+    return "; ".join(parts) + ("." if parts else "")
 
 
 def _importance_curves(docs: Path, target: float) -> str:

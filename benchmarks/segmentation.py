@@ -40,7 +40,7 @@ SETUPS = {  # the zoo model, its data, the training crops it was trained with, h
 }
 SETTINGS = ("tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "fraction", "max_steps", "init", "rank", "l1", "lr",
             "refinements", "cost_aware", "reconstruct")  # what changes a result: a resumed file must have been made with the same
-LATER = {"reconstruct": 0}  # settings added after results were made: what those results were made with
+LATER = {"reconstruct": 0, "runs": list(RUNS)}  # options added after results were made: what those were made with
 
 
 def finetune_config(setup: dict, args, epochs: int, seed: int = 0):
@@ -126,16 +126,19 @@ def measure_latency(results: dict, work: Path, threads: int, repeats: int) -> No
     from secateurs.latency import compare_dense_pruned
 
     for name, r in results.items():
-        if any("speedup" in cell for cell in r.get("latency", {}).values()) or not r["runs"].get("0"):
-            continue  # measured already (an earlier harness's medians are measured again)
+        if not r["runs"].get("0"):
+            continue
         tags = [f"{k}_{m}" for k in RUNS if k in r["runs"]["0"] for m in ("iw", "l1")]
-        if not all((work / name / t).exists() for t in ["base", *tags]):
+        # an earlier harness's medians (no "speedup") are measured again; a run added later is measured alone
+        done = {s: r.get("latency", {}).get(s, {}).get("speedup", {}) for s in ("256", "512")}
+        todo = [t for t in tags if not all(t in cell for cell in done.values())]
+        if not todo or not all((work / name / t).exists() for t in ["base", *todo]):
             continue
         base = secateurs.load(work / name / "base").eval()
         r["latency"] = {}
         for size in (256, 512):
-            x, cell = torch.randn(1, 1, size, size), {}
-            for t in tags:
+            x, cell = torch.randn(1, 1, size, size), dict(done[str(size)])
+            for t in todo:
                 row = compare_dense_pruned(base, secateurs.load(work / name / t).eval(), x, batches=(1,),
                                            repeats=repeats, threads=threads)["rows"][0]
                 cell[t] = [round(row["speedup"], 3), *(round(v, 3) for v in row["speedup_interval"])]
@@ -234,7 +237,7 @@ def main(argv=None) -> None:
     if args.report_only:  # the settings the results were made with, for the text
         saved = json.loads(path.read_text())
         versus = args.versus  # the comparison asked for now, not the one the run was made with
-        results, args = saved["results"], argparse.Namespace(**{**vars(args), **saved["args"]})
+        results, args = saved["results"], argparse.Namespace(**{**vars(args), **LATER, **saved["args"]})
         args.versus = versus or getattr(args, "versus", None)
         if any("runs" not in r for r in results.values()):
             raise SystemExit(f"{path} holds the earlier one-seed protocol's results: run the benchmark to replace them")

@@ -123,7 +123,7 @@ def write_markdown(results: dict, args, path: Path, defaults: dict | None = None
             lines += _rows(name, r, kind)
     lines += ["", "Speed-ups and size ratios are unpruned / pruned; a drop is unpruned minus pruned (points).", "",
               "![inputs, ground truth, unpruned and pruned predictions](segmentation.png)", ""]
-    if _kinds(results)[0] == "tol":  # the schedule's curve is drawn from the tolerance runs
+    if "tol" in _kinds(results):  # the schedule's curve is drawn from the tolerance runs
         lines += ["![held-out metric vs MACs along the importance-weight schedule (seed 0)](segmentation_curves.png)", ""]
     lines += [claim_line(results, args.fixed)]
     if getattr(args, "versus", None):
@@ -148,6 +148,8 @@ def _flags(args, defaults: dict) -> str:
     out = ""
     for k, v in vars(args).items():
         if k in defaults and k in SHOWN and v != defaults[k]:
+            if isinstance(v, (list, tuple)) and set(v) == set(defaults[k]):
+                continue  # the default runs, in another order
             value = " ".join(map(str, v)) if isinstance(v, (list, tuple)) else "" if v is True else str(v)
             out += f" --{k.replace('_', '-')}" + (f" {value}" if value else "")
     return out
@@ -274,7 +276,7 @@ def plot(results: dict, work: Path, out: Path, metric: str, first_test: Callable
     if "tol" not in kinds:  # the schedule's curve is drawn from the tolerance runs
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in names:
+    for name in [n for n, r in results.items() if "tol" in r["runs"].get("0", {})]:
         c = results[name]["runs"]["0"]["tol"]["iw"]["curve"]
         ax.plot([100 * p["macs"] for p in c], [p["metric"] for p in c], marker="o", label=name)
         ax.plot([100 * p["macs"] for p in c if p["reverted"]], [p["metric"] for p in c if p["reverted"]], "rx")

@@ -397,8 +397,8 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
 
     A plan that lands within ``tolerance`` but below the target gets one more try, aimed up by
     target / measured: where the latency is flat in the widths (per-layer overheads at batch 1), a
-    plan that keeps many more channels can time the same. Of the plans within ``tolerance`` of the
-    target, the one that keeps the most MACs is returned (else the closest below it).
+    plan that keeps many more channels can time the same. Of the plans within ``tolerance`` and at
+    or below the target, the one that keeps the most MACs is returned; else the closest to it.
     """
     runtime = runtime_of(model)  # the layout the model runs in, for the tables and the timing alike
     lm = LatencyModel(model, graph, x, threads=threads, runtime=runtime, step=round_to, log=log)
@@ -429,8 +429,9 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         if landed or stretch or (aim <= smallest and ratio > target):
             break
         aim = _next_aim(tried, target)
-    band = [m for m in met if abs(m[1] - target) <= tolerance * target]  # within tolerance: the most MACs kept
-    best = max(band, key=lambda m: m[2]) if band else min(met, key=lambda m: abs(m[1] - target), default=None)
+    band = [m for m in met if abs(m[1] - target) <= tolerance * target]
+    under = [m for m in band if m[1] <= target]  # within tolerance and not slower than asked: the most MACs kept
+    best = max(under, key=lambda m: m[2]) if under else min(band or met, key=lambda m: abs(m[1] - target), default=None)
     if best is None:
         raise PruningError(f"no plan met a latency target of {target:.3g}: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
                            f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g}). "

@@ -123,7 +123,9 @@ def test_the_85_percent_claim_is_read_with_and_without_the_refit(tmp_path):
     (docs / "segmentation_reconstruct").mkdir()
     (docs / "segmentation_reconstruct" / "segmentation.json").write_text(
         json.dumps({"args": {"fixed": 0.15}, "results": _seg_results([0.5, 0.5, 0.8], [1] * 3)}))
-    plain, refit = _importance_fixed(docs).split("; docs/segmentation_reconstruct/segmentation.json: ")
+    text = _importance_fixed(docs)
+    assert ".;" not in text and text.endswith(").")
+    plain, refit = text.split("; docs/segmentation_reconstruct/segmentation.json: ")
     assert plain.startswith("docs/segmentation.json: At 15% of the MACs (the paper's -85%), importance weights' drops")
     assert "IoU +25.00 +- 12.42 (more than 1 point)" in plain
     assert refit.startswith("At 15% of the MACs (the paper's -85%), re-fitted importance weights' drops")
@@ -246,8 +248,27 @@ def test_segmentation_report_of_a_refitted_fixed_only_run_says_so(tmp_path):
     assert "segmentation_curves.png" not in text and "| fixed MACs | importance weights |" in text
     plot(res, tmp_path / "work", tmp_path, "pixel_acc", first_test=None)  # saved models absent: no figure redrawn
     assert not list(tmp_path.glob("*.png"))
-    args.runs, args.reconstruct = ["tol", "fixed"], 0
+    args.runs, args.reconstruct = ["fixed", "tol"], 0  # the default runs in another order
     write_markdown(res, args, tmp_path / "segmentation.md", defaults)
+    text = (tmp_path / "segmentation.md").read_text()
+    assert "`python -m benchmarks.segmentation`" in text and "re-fit" not in text
+    res["unet16_isbi2012"]["runs"] = {"1": res["unet16_isbi2012"]["runs"]["1"]}  # seeds 1 and up only: no seed 0
+    write_markdown(res, args, tmp_path / "segmentation.md", defaults)
+    assert "| fixed MACs | importance weights |" in (tmp_path / "segmentation.md").read_text()
+
+
+def test_segmentation_report_only_reads_missing_options_as_what_the_results_were_made_with(tmp_path):
+    """A results file from before --reconstruct, reported with --reconstruct 8 on the command line:
+    it was made without the re-fit, and its report must not say otherwise."""
+    import json
+
+    from benchmarks.segmentation import main
+
+    saved = dict(models=["unet16_isbi2012"], seeds=[0, 1, 2], tolerance=1.0, metric="pixel_acc", fixed=0.15, iw_epochs=5,
+                 ft_epochs=2, fraction=0.1, max_steps=40, init="ones", rank="alpha", versus=None, cost_aware=False,
+                 l1=1e-4, lr=3e-4, refinements=2, threads=2, latency_repeats=30)
+    (tmp_path / "segmentation.json").write_text(json.dumps({"args": saved, "results": _seg_results([1.0] * 3, [1.0] * 3)}))
+    main(["--report-only", "--out", str(tmp_path), "--work", str(tmp_path / "none"), "--reconstruct", "8"])
     text = (tmp_path / "segmentation.md").read_text()
     assert "`python -m benchmarks.segmentation`" in text and "re-fit" not in text
 
@@ -348,6 +369,17 @@ def test_segmentation_latency_is_the_paired_speedup_of_each_saved_model(tmp_path
         assert lo <= med <= hi and med > 1  # 4 filters instead of 32 at 256x256 and up
         assert _speedup(cell, "fixed_iw") == f"{med:.2f}x ({lo:.2f}-{hi:.2f})"
         assert _speedup(cell, "tol_iw") == "-"
+    # a tolerance run added later (--runs tol into the same folder): measured alone, the others kept
+    before = {s: dict(results["u"]["latency"][s]["speedup"]) for s in ("256", "512")}
+    results["u"]["runs"]["0"]["tol"] = {}
+    for tag, w in (("tol_iw", 2), ("tol_l1", 16)):
+        nets[tag] = nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 1, 1))
+        (tmp_path / "u" / tag).mkdir()
+    segmentation.measure_latency(results, tmp_path, threads=1, repeats=6)
+    for size in ("256", "512"):
+        cell = results["u"]["latency"][size]["speedup"]
+        assert set(cell) == {"fixed_iw", "fixed_l1", "tol_iw", "tol_l1"}
+        assert {t: cell[t] for t in before[size]} == before[size]
 
 
 def test_method_benchmarks_time_dense_and_pruned_interleaved(monkeypatch):

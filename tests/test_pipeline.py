@@ -392,12 +392,12 @@ def test_a_latency_search_that_lands_well_below_its_target_says_so(monkeypatch, 
     assert report["method_output"]["latency_ratio"] == 0.3
 
 
-@pytest.mark.parametrize("stretched, kept", [(0.64, "stretched"), (0.70, "first")])
+@pytest.mark.parametrize("stretched, kept", [(0.64, "stretched"), (0.67, "first"), (0.70, "first")])
 def test_a_plan_landing_below_its_latency_target_is_aimed_up_once(monkeypatch, tmp_path, stretched, kept):
     """Latency flat in the widths (per-layer overheads at batch 1): the first plan lands at 0.62 for a
     0.65 target, within 5% but below; one more try aimed up by 0.65 / 0.62 keeps more channels. It is
-    returned when it also meets the target (the plan that keeps the most MACs among those that do),
-    else the first one is; either way the search stops there."""
+    returned when it lands at or below the target (the most MACs among the plans that do); at 0.67,
+    within 5% but slower than asked, or at 0.70, the first one is. Either way the search stops there."""
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
     x = torch.randn(1, 3, 32, 32)
     m = create_model("cifar_resnet20").eval()
@@ -411,6 +411,19 @@ def test_a_plan_landing_below_its_latency_target_is_aimed_up_once(monkeypatch, t
     want = tried[1] if kept == "stretched" else tried[0]
     assert report["method_output"]["latency_ratio"] == want["latency_ratio"]
     assert report["after"]["macs"] == want["macs"]
+
+
+def test_an_aim_up_that_gives_the_same_widths_is_not_timed(monkeypatch, tmp_path):
+    """Landing at 0.6499 for 0.65 aims up by 1.0002: the tables give the same widths, so the search
+    ends on the first plan without timing it again."""
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path))
+    x = torch.randn(1, 3, 32, 32)
+    m = create_model("cifar_resnet20").eval()
+    _macs_clock(monkeypatch, m, x)
+    timed = []
+    monkeypatch.setattr(secateurs.budget, "latency_ratio", lambda *a, **k: timed.append(1) or 0.6499)
+    _, report = secateurs.prune(m, x, target={"latency": 0.65})
+    assert len(timed) == 1 and [t["latency_ratio"] for t in report["method_output"]["latency_search"]] == [0.6499]
 
 
 def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_afresh(tmp_path):
