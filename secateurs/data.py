@@ -21,7 +21,8 @@ import torch
 
 from ._validation import check_choice, check_scalar
 
-__all__ = ["ArrayDataset", "Batches", "load_dataset", "list_datasets", "data_roots", "augment", "IGNORE_INDEX"]
+__all__ = ["ArrayDataset", "Batches", "load_dataset", "list_datasets", "data_roots", "augment", "pad_to_multiple",
+           "IGNORE_INDEX"]
 
 IGNORE_INDEX = 255
 """Mask value of unlabelled pixels (Pascal VOC's void borders, Cityscapes' ignore label): they add
@@ -413,3 +414,15 @@ class Batches:
                 x, y, mask = x[part], y[part], mask[part] if mask is not None else None
             x = self.normalize(x)
             yield (x * mask if mask is not None else x), y
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    """Pad H and W at the bottom and right up to a multiple of ``multiple``, reflecting the image (an
+    encoder-decoder halves the size at every level, and its skips must meet the upsampled path)."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")

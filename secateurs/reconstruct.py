@@ -38,7 +38,7 @@ from ._hooks import until
 from ._modes import in_mode
 from ._state import copy_model
 from .compensate import NormsAfter, compensation, has_candidates
-from .data import ArrayDataset, Batches
+from .data import ArrayDataset, Batches, pad_to_multiple
 from .distributed import from_first_process, is_main_process
 from .graph import DependencyGraph
 from .surgery import PruningPlan, apply_plan, cut_inputs
@@ -56,12 +56,16 @@ ONE_PASS_BYTES = 1 << 32  # a forward over all calibration images at once, above
 
 def calibration(data, images: int, device: torch.device, batch_size: int = 64) -> list[torch.Tensor]:
     """The first ``images`` inputs of a fixed class-balanced draw of ``data`` (an ArrayDataset, not
-    augmented) or of its batches (any iterable of ``(x, y)`` or ``x``), on ``device``."""
+    augmented) or of its batches (any iterable of ``(x, y)`` or ``x``), on ``device``. Segmentation
+    images are padded as evaluation pads them (``secateurs.train.predict_padded``): whole frames of
+    any size, which a U-Net runs on only at a multiple of its downsampling."""
+    seg = isinstance(data, ArrayDataset) and data.task == "segmentation"
     if isinstance(data, ArrayDataset):
         data = Batches(data.subset(images), batch_size, train=False)
     out, n = [], 0
     for batch in data:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = pad_to_multiple(x) if seg else x
         out.append(x[:images - n].to(device))
         n += len(out[-1])
         if n >= images:

@@ -22,12 +22,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._io import atomic_write
 from ._modes import in_mode
 from ._validation import InvalidArgument, check_choice, check_model, check_scalar
-from .data import IGNORE_INDEX, ArrayDataset, Batches
+from .data import IGNORE_INDEX, ArrayDataset, Batches, pad_to_multiple
 from .distributed import all_sum, init_distributed, is_main_process
 from .metrics import METRICS, batch_stats, check_labels, distillation_loss, metric_key, summarize, task_loss
 
@@ -161,10 +160,7 @@ def predict_padded(model: nn.Module, x: torch.Tensor, multiple: int = 32) -> tor
     """Dense prediction of any image size: reflect-pad H and W up to a multiple of ``multiple``
     (encoder-decoders halve the size at every level) and crop the output back."""
     h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
-    return model(x)[..., :h, :w]
+    return model(pad_to_multiple(x, multiple))[..., :h, :w]
 
 
 @torch.no_grad()

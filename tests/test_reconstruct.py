@@ -352,3 +352,27 @@ def test_a_layer_too_wide_to_solve_is_cut_as_usual(monkeypatch):
     net = _trained_like(Net())
     assert _cut(net, "conv1", [5], refit=True) == {}
     assert net.conv2.in_channels == 7
+
+
+def test_segmentation_frames_of_any_size_are_padded_for_the_refit_as_evaluation_pads_them():
+    """HeLa frames are 700x1100: a U-Net runs only on a multiple of its downsampling, so whole frames
+    failed the re-fit ('Sizes of tensors must match'). Calibration pads them as `evaluate` does, and
+    the re-fitted cut predicts closer to the unpruned model than the plain cut."""
+    from secateurs.models import create_model
+    from secateurs.train import predict_padded
+
+    torch.manual_seed(0)
+    net = _trained_like(create_model("unet", base=8, depth=2))
+    gen = torch.Generator().manual_seed(1)
+    frames = ArrayDataset("frames", torch.randint(0, 256, (12, 1, 42, 58), dtype=torch.uint8, generator=gen),
+                          torch.randint(0, 2, (12, 42, 58), generator=gen), ["bg", "fg"], "segmentation")
+    x = torch.randn(1, 1, 64, 64)
+    plain, ref = copy.deepcopy(net), copy.deepcopy(net)
+    secateurs.prune(plain, x, "l1", {"macs": 0.5}, latency_guard=False)
+    _, rep = secateurs.prune(net, x, "l1", {"macs": 0.5}, data=frames, reconstruct=8, latency_guard=False)
+    assert rep["method_output"]["reconstruction"]["1"] and count_same(net, plain)
+    probe = frames.images[:4].float() / 255
+    with torch.no_grad():
+        out = {k: predict_padded(m, probe) for k, m in (("ref", ref), ("plain", plain), ("refit", net))}
+    assert out["refit"].shape == (4, 2, 42, 58)
+    assert (out["refit"] - out["ref"]).abs().mean() < (out["plain"] - out["ref"]).abs().mean()
