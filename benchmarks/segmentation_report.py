@@ -217,10 +217,11 @@ def claim_line(results: dict, fixed: float) -> str:
         b = r["base"]
         kept = _stat([100 * p["macs_256"] / b["macs_256"] for p in runs], "{:.1f}")
         iou, acc = interval([b["iou"] - p["iou"] for p in runs]), interval([b["pixel_acc"] - p["pixel_acc"] for p in runs])
-        verdict = ("within 1 point" if iou[0] + iou[1] <= 1.0 else "within 1 point on average only" if iou[0] <= 1.0
-                   else "more than 1 point")
+        verdict = ("too few seeds for a verdict" if len(runs) < 3 else "within 1 point" if iou[0] + iou[1] <= 1.0
+                   else "within 1 point on average only" if iou[0] <= 1.0 else "more than 1 point")
+        seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
         parts.append(f"{name} at {kept}% MACs: IoU {iou[0]:+.2f} +- {iou[1]:.2f} ({verdict}), pixel accuracy "
-                     f"{acc[0]:+.2f} +- {acc[1]:.2f} ({', '.join(filter(None, (f'{len(runs)} seeds', _collapsed(runs))))})")
+                     f"{acc[0]:+.2f} +- {acc[1]:.2f} ({', '.join(filter(None, (seeds, _collapsed(runs))))})")
     return (f"**At {fixed:.0%} of the MACs (the paper's -{1 - fixed:.0%}), importance weights' drops (unpruned - "
             "pruned, points):** " + ("; ".join(parts) if parts else "not run yet") + ".")
 

@@ -150,6 +150,8 @@ def test_segmentation_report_pairs_seeds_and_checks_the_85_percent_claim():
     table = "\n".join(seg_summary(res))
     assert "| fixed MACs | importance weights | 15.0 +- 0.0% | 64.00 +- 1.24 | 1.00 +- 1.24 | 1.67 +- 1.43 | 3 |" in table  # paired: [2, 1, 2]
     assert "more than 1 point" in claim_line(_seg_results([1.5, 1.0, 1.5], [0, 0, 0]), 0.15)
+    one = claim_line(_seg_results([0.5], [0]), 0.15)  # one seed: no interval, so no verdict
+    assert "IoU +0.50 +- 0.00 (too few seeds for a verdict)" in one and "(1 seed)" in one
     assert seg_summary({"m": {"base": {}, "iw": {}}})[0].startswith("segmentation.json holds the earlier")
 
 
