@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ._validation import check_choice, check_scalar
 
@@ -419,8 +420,6 @@ class Batches:
 def pad_to_multiple(x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     """Pad H and W at the bottom and right up to a multiple of ``multiple``, reflecting the image (an
     encoder-decoder halves the size at every level, and its skips must meet the upsampled path)."""
-    import torch.nn.functional as F
-
     h, w = x.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
     if not (ph or pw):
