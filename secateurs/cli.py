@@ -102,6 +102,15 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
     return budget, finetune, min_width
 
 
+def _example_shape(ds) -> list[int]:
+    """One input as the data's images are run: segmentation frames padded up to a multiple of 32 as
+    evaluation pads them (a U-Net runs only at a multiple of its downsampling; HeLa's are 700x1100)."""
+    c, h, w = ds.images.shape[1:]
+    if ds.task == "segmentation":
+        h, w = h + -h % 32, w + -w % 32
+    return [1, c, h, w]
+
+
 def _prune_data(args) -> tuple:
     """(train, what the metric and its stop rules read, test reported only): with --holdout the
     held-out training samples are read and the test split only reported, else the test split is both."""
@@ -168,7 +177,7 @@ def prune_main(args) -> int:
             raise SystemExit(f"--metric: {err}") from None
     torch.manual_seed(args.seed)
     model = build_model(args, train_ds).eval()
-    shape = args.input_size or ([1, *val_ds.images.shape[1:]] if val_ds is not None else [1, 3, 224, 224])
+    shape = args.input_size or (_example_shape(val_ds) if val_ds is not None else [1, 3, 224, 224])
     x = torch.randn(*shape)
     name = args.pretrained or args.model
     dense = None if args.no_latency else copy_model(model)  # timed beside the pruned model afterwards
@@ -200,7 +209,7 @@ def prune_main(args) -> int:
 def sensitivity_main(args) -> int:
     val_ds = load_dataset(args.data, "test", root=args.data_root, download=args.download).subset(args.val_subset, args.seed)
     model = build_model(args, val_ds).eval()
-    x = torch.randn(1, *val_ds.images.shape[1:])
+    x = torch.randn(*_example_shape(val_ds))
     result = sensitivity(model, x, val_ds, ratios=tuple(args.ratios), method=args.method)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

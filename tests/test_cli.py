@@ -43,6 +43,21 @@ def test_a_criterion_cut_with_data_is_reconstructed_by_default(tmp_path, extra, 
     assert ("reconstruction" in report["method_output"]) == (expected is not None)
 
 
+def test_a_unet_on_frames_of_any_size_is_pruned_and_refitted_from_the_command_line(tmp_path):
+    """HeLa's 700x1100 frames: the example input was the raw frame size, on which the U-Net cannot run
+    (700 is not a multiple of the 16 its poolings need), so `prune --data hela` failed before any
+    work, and so did the default re-fit on whole frames. Both now take the frames padded as evaluation
+    pads them (to 704x1120), and the MACs are counted at that size."""
+    out = tmp_path / "run"
+    assert main(["prune", "--pretrained", "unet16_hela", "--data", "hela", "--macs", "0.5", "--subset", "2",
+                 "--val-subset", "1", "--reconstruct", "2", "--no-onnx", "--no-latency", "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["reconstruct"] == 2 and report["method_output"]["reconstruction"]["1"]
+    model = secateurs.load(out)
+    assert secateurs.count(model, torch.randn(1, 1, 704, 1120)).macs == report["after"]["macs"]
+    assert report["after"]["metric"] > 50  # IoU: the re-fitted cut still segments
+
+
 def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: cifar_resnet20\ninput-size: [1, 3, 32, 32]\nlayers:\n  layer1.0.conv1: 0.5\nno_onnx: true\nno_latency: true\n")
