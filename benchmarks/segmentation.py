@@ -83,7 +83,7 @@ def _iw(base, x, target, train, held, setup: dict, args, seed: int, folder: Path
                            method_options={"epochs": args.iw_epochs, "fraction": args.fraction, "init": args.init,
                                            "l1": args.l1, "rank": args.rank, "cost_aware": args.cost_aware,
                                            "refinements": args.refinements}, latency_guard=False,
-                           reconstruct=getattr(args, "reconstruct", 0))
+                           reconstruct=args.reconstruct)
 
 
 def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Path) -> dict:
@@ -113,7 +113,7 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
     l1, rep_l1 = secateurs.prune(copy.deepcopy(base), x, "l1", {"macs": kept}, data=train,
                                  finetune=finetune_config(setup, args, epochs, seed),
                                  out_dir=work / name / f"s{seed}_{kind}_l1", resume=True, latency_guard=False,
-                                 reconstruct=getattr(args, "reconstruct", 0))
+                                 reconstruct=args.reconstruct)
     out["l1"] = _measure(l1, test, held, args.metric, save(f"{kind}_l1"))
     out["l1"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1), collapsed="collapsed" in rep_l1)
     return out

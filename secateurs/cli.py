@@ -16,7 +16,7 @@ import torch
 
 from ._state import copy_model
 from .budget import ALLOCATIONS, Allocator, Budget
-from .data import list_datasets, load_dataset
+from .data import list_datasets, load_dataset, pad_to_multiple
 from .export import export_onnx
 from .saving import save
 from .graph import analyze
@@ -103,12 +103,10 @@ def _check_prune_args(args, how) -> tuple[Budget | None, TrainConfig | None, int
 
 
 def _example_shape(ds) -> list[int]:
-    """One input as the data's images are run: segmentation frames padded up to a multiple of 32 as
-    evaluation pads them (a U-Net runs only at a multiple of its downsampling; HeLa's are 700x1100)."""
-    c, h, w = ds.images.shape[1:]
-    if ds.task == "segmentation":
-        h, w = h + -h % 32, w + -w % 32
-    return [1, c, h, w]
+    """One input as the data's images are run: segmentation frames padded as evaluation pads them
+    (a U-Net runs only at a multiple of its downsampling; HeLa's are 700x1100)."""
+    first = ds.images[:1].float()
+    return list((pad_to_multiple(first) if ds.task == "segmentation" else first).shape)
 
 
 def _prune_data(args) -> tuple:
