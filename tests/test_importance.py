@@ -352,3 +352,24 @@ def test_the_tolerance_defaults_to_one_point_and_an_undo_reports_the_model_it_le
     # the model keeps alpha folded in, uncut: not the weights it came with, and its own metric reported
     assert not all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), trained.state_dict().values()))
     assert rep["after"]["metric"] == last["metric_restored"] == evaluate(m, va)["top1"] and rep["kept"]["macs"] == 1.0
+
+
+def test_layer_rank_keeps_a_layer_whose_alphas_shrank_as_a_whole(trained, digits, monkeypatch):
+    """rank='layer': a layer whose |alpha| are all small (the deep layers under the L1 penalty) keeps
+    its share, chosen by alpha inside it; the paper's global |alpha| ranking empties it to min_keep."""
+    x = torch.randn(1, 1, 8, 8)
+    g = analyze(trained, x)
+    torch.manual_seed(1)
+    comp = torch.rand(g.n_components) + 0.5
+    first = g.groups[0]
+    comp[first.components] *= 0.01
+    monkeypatch.setattr(ImportanceWeights, "importance", lambda self: comp.clone())
+    widths = {}
+    for rank in ("alpha", "layer"):
+        m, rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0], steps=1,
+                                 method_options={"epochs": 0, "fraction": 1.0, "rank": rank, "min_keep": 0.1})
+        assert rep["kept"]["macs"] <= 0.6
+        widths[rank] = analyze(m, x).groups[0].size
+    assert widths["alpha"] == max(1, -(-first.size // 10))  # emptied down to min_keep
+    assert widths["layer"] >= first.size // 2
+
