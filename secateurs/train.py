@@ -218,12 +218,23 @@ def _changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
             if k in saved and k not in _RUN_ONLY and plain(saved[k]) != plain(now[k])]
 
 
+LR_ATTR = "secateurs_lr"  # a parameter carrying this attribute trains at that learning rate, without decay
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """Weight decay on weights only; a parameter with a ``secateurs_lr`` attribute (a pruning gate
+    that must move within a short phase, e.g. importance weights' alpha) gets its own group at that
+    rate, which the schedule scales like the others."""
+    decay, no_decay, own = [], [], {}
     for p in model.parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if getattr(p, LR_ATTR, None) is not None:
+            own.setdefault(float(getattr(p, LR_ATTR)), []).append(p)
+        else:
             (no_decay if p.dim() <= 1 else decay).append(p)  # no weight decay on BN/bias
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": lr} for lr, ps in own.items()]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)

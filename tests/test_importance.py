@@ -373,3 +373,24 @@ def test_layer_rank_keeps_a_layer_whose_alphas_shrank_as_a_whole(trained, digits
     assert widths["alpha"] == max(1, -(-first.size // 10))  # emptied down to min_keep
     assert widths["layer"] >= first.size // 2
 
+
+def test_alpha_lr_is_alphas_own_rate_and_moves_it_within_a_short_phase(trained, digits):
+    """A short phase at the network's (fine-tuning) rate leaves alpha near 1, so the ranking is noise;
+    ``lr`` puts alpha in its own optimizer group (no decay) at that rate, and the schedule scales it."""
+    x = torch.randn(1, 1, 8, 8)
+    g = analyze(trained, x)
+    cfg = secateurs.train.TrainConfig(epochs=1, batch_size=64, lr=1e-4, optimizer="adamw", pad=1, quiet=True)
+    moved = {}
+    for lr in (None, 0.05):
+        m = copy.deepcopy(trained)
+        iw = ImportanceWeights(m, g, l1=1e-4, lr=lr)
+        opt = secateurs.train.make_optimizer(m, cfg)
+        own = [grp for grp in opt.param_groups if any(p is q for p in grp["params"] for q in iw.scales.scales.values())]
+        assert len(own) == 1 and own[0]["weight_decay"] == 0.0 and own[0]["lr"] == (lr or cfg.lr)
+        if lr is not None:  # alpha alone in its group; the network keeps its rate
+            assert len(own[0]["params"]) == len(iw.scales.scales) and opt.param_groups[0]["lr"] == cfg.lr
+        secateurs.train.fit(m, digits[0], None, cfg, regularizer=iw)
+        moved[lr] = max((p.detach() - 1).abs().max().item() for p in iw.scales.scales.values())
+    assert moved[None] < 0.01 < moved[0.05]
+    with pytest.raises(ValueError, match="`lr`"):
+        ImportanceWeights(copy.deepcopy(trained), g, lr=0)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..graph import DependencyGraph
+from ..train import LR_ATTR
 
 __all__ = ["GATED_NORMS", "ChannelScales", "SharedScales", "carriers", "carrier_count", "mean_abs", "out_channel_norms"]
 
@@ -28,12 +29,14 @@ class ChannelScales:
     it) and applied by a forward hook; :meth:`fold` multiplies it into the module's weight and bias
     and removes both, so the model is plain again (``conv(x) * s`` is ``conv_s(x)``, and
     ``norm(x) * s`` is the norm with ``s * weight`` and ``s * bias``). ``init`` gives starting
-    values per module (default ones).
+    values per module (default ones); ``lr``, if given, is the scales' own learning rate in
+    :func:`secateurs.train.make_optimizer` (a short phase at the network's rate barely moves them).
     """
 
     NAME = "secateurs_scale"
 
-    def __init__(self, model: nn.Module, modules: Iterable[str], init: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, modules: Iterable[str], init: Mapping[str, torch.Tensor] | None = None,
+                 lr: float | None = None) -> None:
         self.model, self.handles, self.scales = model, [], {}
         for name in modules:
             m = model.get_submodule(name)
@@ -42,6 +45,8 @@ class ChannelScales:
             if start.shape != (width,):
                 raise ValueError(f"module '{name}': init has shape {tuple(start.shape)}, expected ({width},)")
             p = nn.Parameter(start.clone().to(m.weight.device))
+            if lr is not None:
+                setattr(p, LR_ATTR, float(lr))
             m.register_parameter(self.NAME, p)
             self.scales[name] = p
             self.handles.append(m.register_forward_hook(self._hook))

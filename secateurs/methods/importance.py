@@ -47,7 +47,9 @@ class ImportanceWeights:
     group's filter L1 norms divided by their mean. ``l1`` > 0 adds ``l1 * sum w_c |alpha_c|`` to
     the loss (call the object), with ``w_c = 1``, or with ``cost_weights`` (one per channel
     component, e.g. what each channel costs in MACs, mean 1) so that expensive channels are pushed
-    harder. :meth:`fold` multiplies alpha into the weights and removes it::
+    harder. ``lr``: alpha's own learning rate in :func:`~secateurs.train.fit` (default: the
+    network's), for a phase too short for alpha to move at the network's rate. :meth:`fold`
+    multiplies alpha into the weights and removes it::
 
         iw = ImportanceWeights(model, secateurs.analyze(model, x), init="l1", l1=1e-4)
         loss = criterion(model(xb), yb) + iw()        # train as usual
@@ -57,9 +59,11 @@ class ImportanceWeights:
     INITS = ("ones", "uniform", "l1")
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, init: str = "ones", l1: float = 0.0,
-                 seed: int = 0, cost_weights: torch.Tensor | None = None) -> None:
+                 seed: int = 0, cost_weights: torch.Tensor | None = None, lr: float | None = None) -> None:
         check_choice(init, "init", self.INITS)
         check_scalar(l1, "l1", min_val=0)
+        if lr is not None:
+            check_scalar(lr, "lr", min_val=0, include_min=False)
         self.graph, self.l1 = graph, float(l1)
         self.labels = carriers(model, graph)
         if not self.labels:
@@ -73,7 +77,7 @@ class ImportanceWeights:
                 for g, s in zip(graph.groups, group_scores(model, graph, "l1")):
                     comp[g.components] = s.float() / s.float().mean().clamp_min(1e-12)
             start = {n: comp[lab] for n, lab in self.labels.items()}
-        self.scales = ChannelScales(model, self.labels, init=start)
+        self.scales = ChannelScales(model, self.labels, init=start, lr=lr)
         self._count = carrier_count(self.labels.values(), graph.n_components)
         self._w = None
         if cost_weights is not None:
@@ -170,6 +174,9 @@ class ImportanceWeightMethod(Method):
                open_low=True, flag="--min-keep"),
         Option("lr", None, "learning rate while learning alpha (default: the fine-tuning one)", low=0,
                open_low=True, nullable=True),
+        Option("alpha_lr", None, "alpha's own learning rate while it is learnt (default: the network's; "
+               "ours: a short phase at the network's rate leaves alpha near its start)", low=0, open_low=True,
+               nullable=True, flag="--alpha-lr"),
         Option("seed", 0, "seed of the uniform initialisation", kind=int, flag="--seed"),
         Option("cost_aware", False, "ours: weight alpha's penalty and rank by the MACs each channel costs "
                "(MACs fall sooner)", kind=bool, flag="--cost-aware"),
@@ -193,7 +200,8 @@ class ImportanceWeightMethod(Method):
         """Train alpha with the weights, fold it; the scores go to ``ctx.state`` (saved with steps).
         Returns the report's info, or a decision to stop and undo if the metric broke the tolerance."""
         weights = channel_macs(ctx) if self.cost_aware else None
-        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=weights)
+        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=weights,
+                               lr=self.alpha_lr)
         try:
             history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
                           regularizer=iw, teacher=ctx.teacher) if self.epochs else []
