@@ -255,28 +255,32 @@ def _status(out: Path, args) -> list[str]:
             "(not run: no GPU was lent).", ""]
 
 
-RANK_RUNS = (  # (folder, the run it is paired with, title): issue 18's changes to how importance weights rank
+IW_CHANGES = (  # (folder, the run it is paired with, title): issue 18's changes to importance weights
     ("segmentation_rank_scale", "segmentation.json",
      "### Importance weights ranked by |alpha| x the channel's scale (ours, `--rank scale`; \"here\") against "
      "|alpha| alone (the paper's; \"there\"), paired by seed"),
     ("segmentation_rank_layer", "segmentation_reconstruct/segmentation.json",
      "### Importance weights ranked by |alpha| over its layer's mean (ours, `--rank layer`; \"here\") against "
      "|alpha| alone (the paper's; \"there\"), both re-fitted before every cut, paired by seed"),
+    ("segmentation_alpha_lr", "segmentation_reconstruct/segmentation.json",
+     "### Alpha learnt at its own rate (ours, `--alpha-lr {alpha_lr}`; \"here\") against the network's rate ({lr}, "
+     "\"there\"), both re-fitted before every cut, paired by seed"),
 )
 
 
-def _rank_lines(out: Path) -> list[str]:
-    """Each ranking change to importance weights against the run it is paired with, when both
-    results files are there (``benchmarks.segmentation --rank scale|layer --out docs/<folder>``)."""
+def _iw_change_lines(out: Path) -> list[str]:
+    """Each change to importance weights against the run it is paired with, when both
+    results files are there (``benchmarks.segmentation --rank scale|layer`` or ``--alpha-lr``, ``--out docs/<folder>``)."""
     from benchmarks.segmentation_report import versus_lines
 
     lines = []
-    for folder, versus, title in RANK_RUNS:
+    for folder, versus, title in IW_CHANGES:
         path, other = out / folder / "segmentation.json", out / versus
         if not (path.exists() and other.exists()):
             continue
-        rows = versus_lines(json.loads(path.read_text())["results"], json.loads(other.read_text())["results"], "",
-                            title)
+        saved = json.loads(path.read_text())
+        rows = versus_lines(saved["results"], json.loads(other.read_text())["results"], "",
+                            title.format(**saved["args"]))
         lines += rows + ["", f"Details: {folder}/segmentation.md.", ""] if rows else []
     return lines
 
@@ -428,7 +432,7 @@ def write_report(args) -> Path:
 
         L += ["### Method 4 with its error tolerance beside L1 at the same MACs", "", *seg_summary(seg),
               "", "Details, curves and predictions: segmentation.md in this folder.", ""]
-        L += _rank_lines(out) + _reconstruct_lines(out, seg)
+        L += _iw_change_lines(out) + _reconstruct_lines(out, seg)
     L += ["## The papers' claims next to what we measured", "", "| method | paper | measured here |", "|---|---|---|"]
     L += [f"| {a} | {b} | {c} |" for a, b, c in claims(ROOT / "docs")]  # every figure from a results file
     L += [""] + [f"![{p}]({p})" for p in made if p != "segmentation_iou_vs_macs.png"] + [""]

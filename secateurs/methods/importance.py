@@ -172,7 +172,7 @@ class ImportanceWeightMethod(Method):
         Option("bisect_iters", 6, "bisect: number of probes", kind=int, low=1, flag="--bisect-iters"),
         Option("min_keep", 0.05, "never keep less than this fraction of a layer's width", low=0, high=1,
                open_low=True, flag="--min-keep"),
-        Option("lr", None, "learning rate while learning alpha (default: the fine-tuning one)", low=0,
+        Option("lr", None, "the network's learning rate while alpha is learnt (default: the fine-tuning one)", low=0,
                open_low=True, nullable=True),
         Option("alpha_lr", None, "alpha's own learning rate while it is learnt (default: the network's; "
                "ours: a short phase at the network's rate leaves alpha near its start)", low=0, open_low=True,
