@@ -280,7 +280,7 @@ def _iw_change_lines(out: Path) -> list[str]:
             continue
         saved = json.loads(path.read_text())
         rows = versus_lines(saved["results"], json.loads(other.read_text())["results"], "",
-                            title.format(**saved["args"]))
+                            title.format_map({"alpha_lr": None, "lr": None, **saved["args"]}))
         lines += rows + ["", f"Details: {folder}/segmentation.md.", ""] if rows else []
     return lines
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -383,7 +384,7 @@ def test_alpha_lr_is_alphas_own_rate_and_moves_it_within_a_short_phase(trained, 
     moved = {}
     for lr in (None, 0.05):
         m = copy.deepcopy(trained)
-        iw = ImportanceWeights(m, g, l1=1e-4, lr=lr)
+        iw = ImportanceWeights(m, g, l1=1e-4, alpha_lr=lr)
         opt = secateurs.train.make_optimizer(m, cfg)
         own = [grp for grp in opt.param_groups if any(p is q for p in grp["params"] for q in iw.scales.scales.values())]
         assert len(own) == 1 and own[0]["weight_decay"] == 0.0 and own[0]["lr"] == (lr or cfg.lr)
@@ -392,5 +393,43 @@ def test_alpha_lr_is_alphas_own_rate_and_moves_it_within_a_short_phase(trained, 
         secateurs.train.fit(m, digits[0], None, cfg, regularizer=iw)
         moved[lr] = max((p.detach() - 1).abs().max().item() for p in iw.scales.scales.values())
     assert moved[None] < 0.01 < moved[0.05]
-    with pytest.raises(ValueError, match="`lr`"):
-        ImportanceWeights(copy.deepcopy(trained), g, lr=0)
+    with pytest.raises(ValueError, match="`alpha_lr`"):
+        ImportanceWeights(copy.deepcopy(trained), g, alpha_lr=0)
+
+
+def test_alpha_lr_option_reaches_the_phase_and_a_resume_under_another_refuses(trained, digits, tmp_path):
+    """The method option moves alpha within the phase (its learnt scores, kept in the run's state);
+    resuming that phase's checkpoint with alpha_lr removed refuses before touching the model."""
+    x = torch.randn(1, 1, 8, 8)
+    ft = dict(FT, lr=1e-4, optimizer="adamw")
+    spread = {}
+    for lr in (None, 0.05):
+        out = tmp_path / f"run{lr}"
+        secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0], finetune=ft, steps=1,
+                        out_dir=out, method_options={"epochs": 1, "fraction": 1.0, "alpha_lr": lr, "l1": 1e-4})
+        state = json.loads((out / "state.json").read_text())
+        scores = [v for g in _find(state, "before_step").values() for v in g]
+        spread[lr] = max(abs(v - 1) for v in scores)
+    assert spread[None] < 0.01 < spread[0.05]
+    m = copy.deepcopy(trained)
+    g = analyze(m, x)
+    iw = ImportanceWeights(m, g, alpha_lr=0.05)
+    cfg = secateurs.train.TrainConfig(**dict(ft, epochs=2, out_dir=str(tmp_path / "phase")))
+    secateurs.train.fit(m, digits[0], None, secateurs.train.TrainConfig(**dict(ft, epochs=1, out_dir=cfg.out_dir)),
+                        regularizer=iw)
+    plain = copy.deepcopy(trained)
+    ImportanceWeights(plain, g)  # the same parameters, no group of their own
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="has 3 parameter groups, this run.s 2.*alpha_lr"):
+        secateurs.train.fit(plain, digits[0], None, dataclasses.replace(cfg, resume=True))
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def _find(d, key):
+    """The first value under ``key`` anywhere in nested dicts."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            found = v if k == key else _find(v, key)
+            if found is not None:
+                return found
+    return None

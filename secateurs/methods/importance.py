@@ -47,9 +47,10 @@ class ImportanceWeights:
     group's filter L1 norms divided by their mean. ``l1`` > 0 adds ``l1 * sum w_c |alpha_c|`` to
     the loss (call the object), with ``w_c = 1``, or with ``cost_weights`` (one per channel
     component, e.g. what each channel costs in MACs, mean 1) so that expensive channels are pushed
-    harder. ``lr``: alpha's own learning rate in :func:`~secateurs.train.fit` (default: the
-    network's), for a phase too short for alpha to move at the network's rate. :meth:`fold`
-    multiplies alpha into the weights and removes it::
+    harder. ``alpha_lr``: alpha's own learning rate in :func:`~secateurs.train.fit` (default: the
+    network's), for a phase too short for alpha to move at the network's rate; it is an attribute
+    of each alpha, which ``copy.deepcopy`` of the model drops. :meth:`fold` multiplies alpha into
+    the weights and removes it::
 
         iw = ImportanceWeights(model, secateurs.analyze(model, x), init="l1", l1=1e-4)
         loss = criterion(model(xb), yb) + iw()        # train as usual
@@ -59,11 +60,11 @@ class ImportanceWeights:
     INITS = ("ones", "uniform", "l1")
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, init: str = "ones", l1: float = 0.0,
-                 seed: int = 0, cost_weights: torch.Tensor | None = None, lr: float | None = None) -> None:
+                 seed: int = 0, cost_weights: torch.Tensor | None = None, alpha_lr: float | None = None) -> None:
         check_choice(init, "init", self.INITS)
         check_scalar(l1, "l1", min_val=0)
-        if lr is not None:
-            check_scalar(lr, "lr", min_val=0, include_min=False)
+        if alpha_lr is not None:
+            check_scalar(alpha_lr, "alpha_lr", min_val=0, include_min=False)
         self.graph, self.l1 = graph, float(l1)
         self.labels = carriers(model, graph)
         if not self.labels:
@@ -77,7 +78,7 @@ class ImportanceWeights:
                 for g, s in zip(graph.groups, group_scores(model, graph, "l1")):
                     comp[g.components] = s.float() / s.float().mean().clamp_min(1e-12)
             start = {n: comp[lab] for n, lab in self.labels.items()}
-        self.scales = ChannelScales(model, self.labels, init=start, lr=lr)
+        self.scales = ChannelScales(model, self.labels, init=start, lr=alpha_lr)
         self._count = carrier_count(self.labels.values(), graph.n_components)
         self._w = None
         if cost_weights is not None:
@@ -144,7 +145,8 @@ class ImportanceWeightMethod(Method):
     group's |alpha| is divided by its mean (over the channels left) before the global ranking, as
     the L1 baseline's norms are, so no layer is emptied because its alphas shrank as a whole (on the
     U-Nets it measured worse: alpha barely moves in a short phase, and divided by their means the
-    layers with the most spread, the full-resolution ones, are cut first; docs/methods.md).
+    layers with the most spread, the full-resolution ones, are cut first; docs/methods.md). With
+    ``cost_aware`` its ranking part cancels (a group's channels all cost the same MACs).
 
     No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
     second stop rule (the last step is trimmed to it). ``min_keep``: no group goes below that
@@ -201,7 +203,7 @@ class ImportanceWeightMethod(Method):
         Returns the report's info, or a decision to stop and undo if the metric broke the tolerance."""
         weights = channel_macs(ctx) if self.cost_aware else None
         iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=weights,
-                               lr=self.alpha_lr)
+                               alpha_lr=self.alpha_lr)
         try:
             history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
                           regularizer=iw, teacher=ctx.teacher) if self.epochs else []
