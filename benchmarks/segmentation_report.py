@@ -93,7 +93,8 @@ def write_markdown(results: dict, args, path: Path, defaults: dict | None = None
         f"below is read on ({setups}).", "",
         f"Importance weights: alpha after every BN (after the conv where there is none), init `{args.init}`, "
         f"ranked by `{args.rank}`, L1 penalty {args.l1}, trained {args.iw_epochs} epochs with the network (AdamW lr "
-        f"{args.lr}{'' if getattr(args, 'alpha_lr', None) is None else f', alpha at lr {args.alpha_lr}'}); then {args.fraction:.0%} of the remaining removable filters per step, {args.ft_epochs} "
+        f"{args.lr}{'' if getattr(args, 'alpha_lr', None) is None else f', alpha at lr {args.alpha_lr}'}); "
+        f"then {args.fraction:.0%} of the remaining removable filters per step, {args.ft_epochs} "
         f"fine-tuning epochs per step. **tolerance**: until `{m}` on the held-out images falls more than "
         f"{args.tolerance} point(s) below the unpruned model's (that step undone, then the step halved at most "
         f"{args.refinements} times). **fixed MACs**: to {args.fixed:.0%} of the MACs (the paper's "

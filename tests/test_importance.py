@@ -377,7 +377,7 @@ def test_layer_rank_keeps_a_layer_whose_alphas_shrank_as_a_whole(trained, digits
 
 def test_alpha_lr_is_alphas_own_rate_and_moves_it_within_a_short_phase(trained, digits):
     """A short phase at the network's (fine-tuning) rate leaves alpha near 1, so the ranking is noise;
-    ``lr`` puts alpha in its own optimizer group (no decay) at that rate, and the schedule scales it."""
+    ``alpha_lr`` puts alpha in its own optimizer group (no decay) at that rate."""
     x = torch.randn(1, 1, 8, 8)
     g = analyze(trained, x)
     cfg = secateurs.train.TrainConfig(epochs=1, batch_size=64, lr=1e-4, optimizer="adamw", pad=1, quiet=True)
