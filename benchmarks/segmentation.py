@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._protocol import DOCS
-from benchmarks.segmentation_report import METRICS, RUNS, plot, write_markdown
+from benchmarks.segmentation_report import METRICS, RUNS, _kinds, plot, write_markdown
 
 SETUPS = {  # the zoo model, its data, the training crops it was trained with, held-out images for the tolerance
     "unet16_isbi2012": {"data": "isbi2012", "crop": 128, "batch": 8, "tol_images": 2},
@@ -249,7 +249,8 @@ def main(argv=None) -> None:
     results = {n: results[n] for n in SETUPS if n in results}
     write_markdown(results, args, out / "segmentation.md", vars(p.parse_args([])))
     plot(results, work, out, args.metric, _first_test)
-    print(f"wrote {out}/segmentation.md, .json, .png, _curves.png")
+    curves = ", _curves.png" if "tol" in _kinds(results) else ""  # the curve is drawn from tolerance runs only
+    print(f"wrote {out}/segmentation.md, .json, .png{curves}")
 
 
 if __name__ == "__main__":

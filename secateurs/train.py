@@ -196,9 +196,10 @@ def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 256, device: 
 def _resume(ckpt: Path, model: nn.Module, optimizer, scheduler, cfg: TrainConfig) -> tuple[int, list[dict]]:
     """Everything a killed run had (weights, optimizer, schedule, RNG, history) back from its checkpoint."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    lrs = [[g.get("initial_lr", g["lr"]) for g in o["param_groups"]] for o in (state["optimizer"], optimizer.state_dict())]
-    if len(lrs[0]) != len(lrs[1]):  # before anything is loaded: the model stays as it was
-        raise ValueError(f"{ckpt}: its optimizer has {len(lrs[0])} parameter groups, this run's {len(lrs[1])} (a gate "
+    then, now = ([g.get("initial_lr", g["lr"]) for g in o["param_groups"]]
+                 for o in (state["optimizer"], optimizer.state_dict()))
+    if len(then) != len(now):  # before anything is loaded: the model stays as it was
+        raise ValueError(f"{ckpt}: its optimizer has {len(then)} parameter groups, this run's {len(now)} (a gate "
                          "with its own learning rate, such as importance weights' alpha_lr, was added or removed); "
                          "resume with the options it was made with, or delete the checkpoint")
     model.load_state_dict(state["model"])
@@ -206,8 +207,8 @@ def _resume(ckpt: Path, model: nn.Module, optimizer, scheduler, cfg: TrainConfig
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     changed = _changed_settings(state.get("config", {}), cfg)
-    if lrs[0] != lrs[1] and not any(c.startswith("lr ") for c in changed):  # a group's own rate (alpha_lr)
-        changed.append(f"learning rates per parameter group {lrs[0]} -> {lrs[1]} (the checkpoint's rates go on)")
+    if then != now and state.get("config", {}).get("lr", cfg.lr) == cfg.lr:  # a group's own rate (alpha_lr)
+        changed.append(f"learning rates per parameter group {then} -> {now} (the checkpoint's rates go on)")
     if changed:
         warnings.warn(f"resuming {ckpt} at epoch {state['epoch']} with settings that differ from its run's: "
                       f"{'; '.join(changed)}; the rest of the run follows the new ones", stacklevel=3)
@@ -237,8 +238,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if getattr(p, LR_ATTR, None) is not None:
-            own.setdefault(float(getattr(p, LR_ATTR)), []).append(p)
+        if (lr := getattr(p, LR_ATTR, None)) is not None:
+            own.setdefault(float(lr), []).append(p)
         else:
             (no_decay if p.dim() <= 1 else decay).append(p)  # no weight decay on BN/bias
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
