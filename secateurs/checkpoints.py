@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -19,12 +19,16 @@ __all__ = ["RunCheckpoints", "drop_stale_training"]
 
 class RunCheckpoints:
     """Every finished step saved under ``out_dir`` (model + state.json), so a killed run resumes
-    where it stopped; a fresh run first clears what an earlier one left."""
+    where it stopped; a fresh run first clears what an earlier one left. Two requests are compared
+    without the method options at their ``option_defaults``: passing an option at its default, or
+    one added since the run was saved (whose default is the old behaviour), is the same request."""
 
-    def __init__(self, model: nn.Module, out_dir: str | Path | None, request: dict) -> None:
+    def __init__(self, model: nn.Module, out_dir: str | Path | None, request: dict,
+                 option_defaults: Mapping[str, Any] | None = None) -> None:
         self.out = Path(out_dir) if out_dir is not None else None
         self.enabled = self.out is not None
         self.request = request
+        self.defaults = _as_json(dict(option_defaults or {}))
         self.state_path = self.out / "state.json" if self.out is not None else None
 
     def clear(self) -> None:
@@ -49,14 +53,18 @@ class RunCheckpoints:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{self.state_path} is damaged ({type(err).__name__}: {err}); remove it to start "
                              "afresh, or resume from a copy of the run folder") from err
-        now = json.loads(json.dumps(self.request, default=str))
-        if state["request"] != now:
-            was = state["request"]
+        now, was = self._canonical(_as_json(self.request)), self._canonical(state["request"])
+        if was != now:
             diff = ", ".join(f"{k}: {was.get(k, '(not set)')!r} then, {now.get(k, '(not set)')!r} now"
                              for k in sorted(set(was) | set(now), key=str) if was.get(k) != now.get(k))
             raise ValueError(f"{self.state_path} was written by a different request ({diff}); use another out_dir "
                              "or the same arguments")
         return state
+
+    def _canonical(self, request: dict) -> dict:
+        opts = request.get("method_options") or {}
+        d = self.defaults
+        return {**request, "method_options": {k: v for k, v in opts.items() if k not in d or v != d[k]}}
 
     def step_dir(self, k: int) -> Path:
         return self.out / "steps" / f"step{k}"
@@ -67,6 +75,11 @@ class RunCheckpoints:
             state = {"request": self.request, "completed_steps": k, "steps": steps, "extra": extra}
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.state_path, lambda tmp: Path(tmp).write_text(json.dumps(state, default=str)))
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples as lists, other objects as their text)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def drop_stale_training(model: nn.Module, folder: Path, log: Callable[..., None]) -> None:

@@ -441,6 +441,21 @@ def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_a
     assert len(logged) == 1 and "another cut" in logged[0]
 
 
+def test_a_run_resumes_under_a_method_option_at_its_default_and_refuses_another_value(tmp_path):
+    """A run saved before an option existed (or without passing it) resumes when the option is now
+    passed at its default (the old behaviour); another value is another request, refused by name."""
+    x = torch.randn(1, 1, 8, 8)
+    first, _ = secateurs.prune(create_model("tiny_cnn"), x, "heuristic", 0.5, out_dir=tmp_path, steps=2, quiet=True)
+    assert json.loads((tmp_path / "state.json").read_text())["request"]["method_options"] == {}
+    again, report = secateurs.prune(create_model("tiny_cnn"), x, "heuristic", 0.5, out_dir=tmp_path, steps=2,
+                                    quiet=True, resume=True, method_options={"kappa": 0.5, "estimator": "mean_minus_std"})
+    assert report["method_options"]["kappa"] == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match=r"different request \(method_options: \{\} then, \{'kappa': 1.0\} now"):
+        secateurs.prune(create_model("tiny_cnn"), x, "heuristic", 0.5, out_dir=tmp_path, steps=2, quiet=True,
+                        resume=True, method_options={"kappa": 1.0, "estimator": "mean_minus_std"})
+
+
 def _agree_worker(rank: int, folder: str) -> None:
     import torch.distributed as dist
 
