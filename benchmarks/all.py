@@ -265,6 +265,9 @@ IW_CHANGES = (  # (folder, the run it is paired with, title): issue 18's changes
     ("segmentation_alpha_lr", "segmentation_reconstruct/segmentation.json",
      "### Alpha learnt at its own rate (ours, `--alpha-lr {alpha_lr}`; \"here\") against the network's rate ({lr}, "
      "\"there\"), both re-fitted before every cut, paired by seed"),
+    ("segmentation_min_keep", "segmentation_alpha_lr/segmentation.json",
+     "### No layer below {min_keep:.0%} of its width (ours, `--min-keep {min_keep}`; \"here\") against the method's "
+     "5% (\"there\"), both with alpha at its own rate ({alpha_lr}) and re-fitted before every cut, paired by seed"),
 )
 
 
@@ -280,7 +283,7 @@ def _iw_change_lines(out: Path) -> list[str]:
             continue
         saved = json.loads(path.read_text())
         rows = versus_lines(saved["results"], json.loads(other.read_text())["results"], "",
-                            title.format_map({"alpha_lr": None, "lr": None, **saved["args"]}))
+                            title.format_map({"alpha_lr": None, "lr": None, "min_keep": 0.05, **saved["args"]}))
         lines += rows + ["", f"Details: {folder}/segmentation.md.", ""] if rows else []
     return lines
 

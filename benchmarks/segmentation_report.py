@@ -14,7 +14,7 @@ from benchmarks._protocol import interval
 METRICS = ("pixel_acc", "iou", "dice")
 RUNS = ("tol", "fixed")
 SHOWN = ("runs", "tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "fraction", "max_steps", "init", "rank",
-         "cost_aware", "l1", "lr", "alpha_lr", "refinements", "reconstruct")  # options that change a result, in the command line
+         "cost_aware", "l1", "lr", "alpha_lr", "min_keep", "refinements", "reconstruct")  # options that change a result, in the command line
 
 def _speedup(cell: dict, tag: str) -> str:
     """A latency cell: the paired speed-up with its interval, or (results of the earlier harness, which
@@ -94,7 +94,8 @@ def write_markdown(results: dict, args, path: Path, defaults: dict | None = None
         f"Importance weights: alpha after every BN (after the conv where there is none), init `{args.init}`, "
         f"ranked by `{args.rank}`, L1 penalty {args.l1}, trained {args.iw_epochs} epochs with the network (AdamW lr "
         f"{args.lr}{'' if getattr(args, 'alpha_lr', None) is None else f', alpha at lr {args.alpha_lr}'}); "
-        f"then {args.fraction:.0%} of the remaining removable filters per step, {args.ft_epochs} "
+        f"then {args.fraction:.0%} of the remaining removable filters per step (no layer below "
+        f"{getattr(args, 'min_keep', 0.05):.0%} of its width), {args.ft_epochs} "
         f"fine-tuning epochs per step. **tolerance**: until `{m}` on the held-out images falls more than "
         f"{args.tolerance} point(s) below the unpruned model's (that step undone, then the step halved at most "
         f"{args.refinements} times). **fixed MACs**: to {args.fixed:.0%} of the MACs (the paper's "
