@@ -303,6 +303,24 @@ def test_segmentation_resume_refuses_results_made_with_other_settings(tmp_path):
     assert set(_load(path, argparse.Namespace(**{**before, "reconstruct": 0}))) == {"unet16_isbi2012"}
     with pytest.raises(SystemExit, match="reconstruct: 0 there, 8 now"):
         _load(path, argparse.Namespace(**{**before, "reconstruct": 8}))
+    # and before --min-keep, with the method's floor of 5%
+    before = {k: v for k, v in vars(args).items() if k != "min_keep"}
+    path.write_text(json.dumps({"args": before, "results": _seg_results([1.0], [1.0])}))
+    assert set(_load(path, argparse.Namespace(**{**before, "min_keep": 0.05}))) == {"unet16_isbi2012"}
+    with pytest.raises(SystemExit, match="min_keep: 0.05 there, 0.25 now"):
+        _load(path, argparse.Namespace(**{**before, "min_keep": 0.25}))
+
+
+def test_alpha_gradients_report_counts_the_channels_below_the_penalty_by_side(tmp_path):
+    from benchmarks.alpha_gradients import write_markdown
+
+    def row(layer, channels, size, below):
+        return {"model": "net", "layer": layer, "channels": channels, "size": size, "mean_abs_grad": "0.001",
+                "median_abs_grad": "0.001", "below_l1": below, "wants_up": 0.5, "snr": 1.0, "epochs": 5, "l1": 1e-4}
+    rows = [row("a", 16, 256, 0.0), row("b", 16, 256, 0.5), row("c", 64, 16, 1.0), row("d", 192, 16, 0.5)]
+    text = write_markdown(rows, tmp_path).read_text()
+    assert "side: 256px 25% of 32; 16px 62% of 256." in text  # (8 + 0) / 32; (64 + 96) / 256
+    assert "| c | 64 | 16 | 0.001 | 0.001 | 100% | 50% | 1.0 |" in text and "(0.0001, the method's default)" in text
 
 
 def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
