@@ -19,9 +19,10 @@ __all__ = ["RunCheckpoints", "drop_stale_training"]
 
 class RunCheckpoints:
     """Every finished step saved under ``out_dir`` (model + state.json), so a killed run resumes
-    where it stopped; a fresh run first clears what an earlier one left. Two requests are compared
-    without the method options at their ``option_defaults``: passing an option at its default, or
-    one added since the run was saved (whose default is the old behaviour), is the same request."""
+    where it stopped; a fresh run first clears what an earlier one left. The request records every
+    method option's value; one missing from a saved request (an option added since, or a run saved
+    when only the options passed were recorded) is read as its ``option_defaults`` value, so such a
+    run resumes, while a default that has changed since a run was saved is another request."""
 
     def __init__(self, model: nn.Module, out_dir: str | Path | None, request: dict,
                  option_defaults: Mapping[str, Any] | None = None) -> None:
@@ -50,10 +51,12 @@ class RunCheckpoints:
         try:
             state = json.loads(self.state_path.read_text())
             state["request"], state["completed_steps"]  # noqa: B018 (the keys a resume needs)
+            if not isinstance(state["request"], dict) or not isinstance(state["request"].get("method_options", {}), dict):
+                raise TypeError("`request` is not a mapping of settings")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{self.state_path} is damaged ({type(err).__name__}: {err}); remove it to start "
                              "afresh, or resume from a copy of the run folder") from err
-        now, was = self._canonical(_as_json(self.request)), self._canonical(state["request"])
+        now, was = self._flat(_as_json(self.request)), self._flat(state["request"])
         if was != now:
             diff = ", ".join(f"{k}: {was.get(k, '(not set)')!r} then, {now.get(k, '(not set)')!r} now"
                              for k in sorted(set(was) | set(now), key=str) if was.get(k) != now.get(k))
@@ -61,10 +64,12 @@ class RunCheckpoints:
                              "or the same arguments")
         return state
 
-    def _canonical(self, request: dict) -> dict:
-        opts = request.get("method_options") or {}
-        d = self.defaults
-        return {**request, "method_options": {k: v for k, v in opts.items() if k not in d or v != d[k]}}
+    def _flat(self, request: dict) -> dict:
+        """The request with each method option a key of its own (``method_options.<name>``), the
+        missing ones at their defaults: a refusal then names the option that differs."""
+        opts = {**self.defaults, **(request.get("method_options") or {})}
+        return {**{k: v for k, v in request.items() if k != "method_options"},
+                **{f"method_options.{k}": v for k, v in opts.items()}}
 
     def step_dir(self, k: int) -> Path:
         return self.out / "steps" / f"step{k}"
@@ -74,12 +79,15 @@ class RunCheckpoints:
             save_model(model, self.step_dir(k), example_inputs)
             state = {"request": self.request, "completed_steps": k, "steps": steps, "extra": extra}
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.state_path, lambda tmp: Path(tmp).write_text(json.dumps(state, default=str)))
+            atomic_write(self.state_path, lambda tmp: Path(tmp).write_text(json.dumps(_as_json(state))))
 
 
 def _as_json(value: Any) -> Any:
-    """``value`` as JSON reads it back (tuples as lists, other objects as their text)."""
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as JSON reads it back: tuples as lists, a function or class as its module and
+    qualified name (the same in every process, unlike its text), other objects as their text."""
+    def name(o: Any) -> str:
+        return f"{o.__module__}.{o.__qualname__}" if hasattr(o, "__qualname__") and hasattr(o, "__module__") else str(o)
+    return json.loads(json.dumps(value, default=name))
 
 
 def drop_stale_training(model: nn.Module, folder: Path, log: Callable[..., None]) -> None:

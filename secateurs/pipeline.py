@@ -384,6 +384,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     report = _start_report(req, model, base, metric0, round_to, min_width, req.tolerance)
     request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
                                       "steps_requested", "reconstruct") if k != "reconstruct" or req.reconstruct}
+    request["method_options"] = getattr(req.how, "option_values", None) or req.options  # every option's value
     ckpt = RunCheckpoints(model, out_dir, request, {o.name: o.default for o in req.how.options})
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,

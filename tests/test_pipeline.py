@@ -442,18 +442,43 @@ def test_a_resumed_step_planned_again_with_other_widths_starts_its_fine_tuning_a
 
 
 def test_a_run_resumes_under_a_method_option_at_its_default_and_refuses_another_value(tmp_path):
-    """A run saved before an option existed (or without passing it) resumes when the option is now
-    passed at its default (the old behaviour); another value is another request, refused by name."""
+    """A run saved without an option (before it existed, or by a version that recorded only the
+    options passed) resumes when it is now passed at its default; another value is refused by name."""
     x = torch.randn(1, 1, 8, 8)
     first, _ = secateurs.prune(create_model("tiny_cnn"), x, "heuristic", 0.5, out_dir=tmp_path, steps=2, quiet=True)
-    assert json.loads((tmp_path / "state.json").read_text())["request"]["method_options"] == {}
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["request"]["method_options"]["kappa"] == 0.5  # every option's value is recorded
+    state["request"]["method_options"] = {}  # as runs saved before that recorded only the options passed
+    (tmp_path / "state.json").write_text(json.dumps(state))
     again, report = secateurs.prune(create_model("tiny_cnn"), x, "heuristic", 0.5, out_dir=tmp_path, steps=2,
                                     quiet=True, resume=True, method_options={"kappa": 0.5, "estimator": "mean_minus_std"})
     assert report["method_options"]["kappa"] == 0.5
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
-    with pytest.raises(ValueError, match=r"different request \(method_options: \{\} then, \{'kappa': 1.0\} now"):
+    with pytest.raises(ValueError, match=r"different request \(method_options.kappa: 0.5 then, 1.0 now\)"):
         secateurs.prune(create_model("tiny_cnn"), x, "heuristic", 0.5, out_dir=tmp_path, steps=2, quiet=True,
                         resume=True, method_options={"kappa": 1.0, "estimator": "mean_minus_std"})
+
+
+def test_a_saved_request_is_read_with_the_options_missing_from_it_at_their_defaults(tmp_path):
+    """Every option's value is recorded: an option added since the run was saved (a None default,
+    as alpha_lr's), or one passed at its default, resumes; a default changed since does not."""
+    from secateurs.checkpoints import RunCheckpoints
+
+    def saved(options, defaults):
+        ckpt = RunCheckpoints(None, tmp_path, {"method": "m", "method_options": options}, defaults)
+        ckpt.save(create_model("tiny_cnn"), torch.randn(1, 1, 8, 8), 1, [], {})
+        return ckpt
+
+    defaults = {"kappa": 0.5, "sizes": (1, 2), "alpha_lr": None}
+    saved({"kappa": 0.5}, {"kappa": 0.5})  # a run from before `sizes` and `alpha_lr` existed
+    assert RunCheckpoints(None, tmp_path, {"method": "m", "method_options": defaults}, defaults).load() is not None
+    saved(defaults, defaults)  # a run that recorded them all, then a default changed
+    later = {**defaults, "kappa": 0.7}
+    with pytest.raises(ValueError, match=r"method_options.kappa: 0.5 then, 0.7 now"):
+        RunCheckpoints(None, tmp_path, {"method": "m", "method_options": later}, later).load()
+    (tmp_path / "state.json").write_text(json.dumps({"request": "m", "completed_steps": 1}))
+    with pytest.raises(ValueError, match="state.json is damaged"):
+        RunCheckpoints(None, tmp_path, {"method": "m"}, defaults).load()
 
 
 def _agree_worker(rank: int, folder: str) -> None:

@@ -164,8 +164,10 @@ class Method:
             if k in given:
                 raise TypeError(f"{type(self).__name__}() got multiple values for option {k!r}")
             given[k] = v
-        for o in self.options:
-            setattr(self, o.name, o.check(given.get(o.name, o.default)))
+        # as given and checked, before setup() derives from them: what a run's checkpoints record
+        self.option_values = {o.name: o.check(given.get(o.name, o.default)) for o in self.options}
+        for k, v in self.option_values.items():
+            setattr(self, k, v)
         self.setup()
 
     def setup(self) -> None:
