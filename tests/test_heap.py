@@ -49,6 +49,7 @@ def _fresh(body: str) -> dict:
 def test_outside_the_harness_glibc_maps_such_a_buffer_afresh():
     """The control: without the steady heap the same buffer costs its pages every time (else the
     tests below could not fail), also after the harness has been used and left."""
+    assert _heap._depth == 0  # and in this session, after the tests before it: no harness left entered
     got = _fresh("out['before'] = [activation() for _ in range(3)]\n"
                  "with steady_heap(): activation()\n"
                  "out['after'] = [activation() for _ in range(3)]")
