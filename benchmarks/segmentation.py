@@ -236,6 +236,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(DOCS))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
+    if not 0 < args.min_keep <= 1:
+        p.error(f"--min-keep must be in (0, 1], got {args.min_keep}")
     torch.set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
