@@ -285,6 +285,9 @@ def _iw_change_lines(out: Path) -> list[str]:
         rows = versus_lines(saved["results"], json.loads(other.read_text())["results"], "",
                             title.format_map({"alpha_lr": None, "lr": None, "min_keep": 0.05, **saved["args"]}))
         lines += rows + ["", f"Details: {folder}/segmentation.md.", ""] if rows else []
+    if lines and (out / "alpha_gradients.csv").exists():
+        lines += ["Why |alpha| empties the deep layers first: the loss gradient on alpha per layer, against the L1 "
+                  "penalty, in alpha_gradients.md (`python -m benchmarks.alpha_gradients`).", ""]
     return lines
 
 

@@ -180,6 +180,27 @@ def test_a_change_to_importance_weights_is_paired_by_seed():
     assert "| unet16_isbi2012 | fixed MACs | L1 | 15.0 +- 0.0% | 15.0 +- 0.0% | 65.50 +- 6.35 | 65.00 +- 0.00 | +0.50 +- 6.35 | 2 |" in table
 
 
+def test_benchmarks_md_titles_each_importance_weights_change_from_its_run(tmp_path):
+    import json
+
+    from benchmarks.all import _iw_change_lines
+
+    def write(folder, args, ious):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "segmentation.json").write_text(json.dumps({"args": args, "results": _seg_results(ious, [0] * 3)}))
+
+    write("segmentation_min_keep", {"alpha_lr": 0.02, "min_keep": 0.25}, [2.0, 2.0, 4.0])
+    (tmp_path / "alpha_gradients.csv").write_text("model\n")
+    assert _iw_change_lines(tmp_path) == []  # the run it is paired with is absent: nothing, not even the pointer
+    write("segmentation_alpha_lr", {"alpha_lr": 0.02, "lr": 3e-4}, [1.0, 2.0, 3.0])
+    text = "\n".join(_iw_change_lines(tmp_path))
+    assert "### No layer below 25% of its width (ours, `--min-keep 0.25`; \"here\") against the method's 5%" in text
+    assert "both with alpha at its own rate (0.02)" in text and "Details: segmentation_min_keep/segmentation.md." in text
+    assert "| -0.67 +- " in text and "alpha_gradients.md" in text  # paired by seed: IoU -(1 + 0 + 1) / 3
+    (tmp_path / "alpha_gradients.csv").unlink()
+    assert "alpha_gradients.md" not in "\n".join(_iw_change_lines(tmp_path))
+
+
 def test_benchmarks_md_pairs_the_refitted_segmentation_run_with_the_plain_one(tmp_path):
     """BENCHMARKS.md's re-fit section: both methods paired by seed against the run without the re-fit,
     and the -85% claim read on the re-fitted importance weights; nothing while that run is absent."""
