@@ -153,6 +153,14 @@ def _widths(cost: Cost) -> dict[str, int]:
     return out
 
 
+def _checkpoint_request(req: _Request, report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a resumed run must match (every method option's value, as checked) and the options' defaults."""
+    request = {k: report[k] for k in ("method", "budget", "allocation", "round_to", "min_width", "steps_requested",
+                                      "reconstruct") if k != "reconstruct" or req.reconstruct}
+    request["method_options"] = getattr(req.how, "option_values", None) or req.options
+    return request, {o.name: o.default for o in req.how.options}
+
+
 def _start_report(req: _Request, model: nn.Module, base: Cost, metric0: float | None, round_to: int,
                   min_width: int | float, tolerance: float | None) -> dict[str, Any]:
     report: dict[str, Any] = {
@@ -382,10 +390,7 @@ def prune(model: nn.Module, example_inputs: Any, method: str | Callable | Method
     graph, base = _count_before(model, example_inputs, ignore, resume or req.key is not None, timings)
     metric0 = evaluate(model, val_data)[req.key] if req.key is not None else None
     report = _start_report(req, model, base, metric0, round_to, min_width, req.tolerance)
-    request = {k: report[k] for k in ("method", "method_options", "budget", "allocation", "round_to", "min_width",
-                                      "steps_requested", "reconstruct") if k != "reconstruct" or req.reconstruct}
-    request["method_options"] = getattr(req.how, "option_values", None) or req.options  # every option's value
-    ckpt = RunCheckpoints(model, out_dir, request, {o.name: o.default for o in req.how.options})
+    ckpt = RunCheckpoints(model, out_dir, *_checkpoint_request(req, report))
     context = dict(example_inputs=example_inputs, steps=req.steps, budget=req.budget, base=base,
                    allocation=req.allocation, round_to=round_to, min_width=min_width, data=data,
                    latency_threads=latency_threads, log=log, finetune=req.finetune, teacher=teacher, val_data=val_data,
