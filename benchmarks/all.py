@@ -274,6 +274,7 @@ IW_CHANGES = (  # (folder, the run it is paired with, title): issue 18's changes
 def _iw_change_lines(out: Path) -> list[str]:
     """Each change to importance weights against the run it is paired with, when both
     results files are there (``benchmarks.segmentation --rank scale|layer`` or ``--alpha-lr``, ``--out docs/<folder>``)."""
+    from benchmarks.segmentation import LATER
     from benchmarks.segmentation_report import versus_lines
 
     lines = []
@@ -283,7 +284,7 @@ def _iw_change_lines(out: Path) -> list[str]:
             continue
         saved = json.loads(path.read_text())
         rows = versus_lines(saved["results"], json.loads(other.read_text())["results"], "",
-                            title.format_map({"alpha_lr": None, "lr": None, "min_keep": 0.05, **saved["args"]}))
+                            title.format_map({**LATER, "lr": None, **saved["args"]}))
         lines += rows + ["", f"Details: {folder}/segmentation.md.", ""] if rows else []
     if lines and (out / "alpha_gradients.csv").exists():
         lines += ["Why |alpha| empties the deep layers first: the loss gradient on alpha per layer, against the L1 "

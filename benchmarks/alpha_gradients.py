@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import DOCS, write_rows
+from benchmarks._protocol import DOCS, start, write_rows
 from benchmarks.segmentation import SETUPS
 
 
@@ -117,9 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="one model, one epoch (CI)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start(args)
     path = out / "alpha_gradients.csv"
     if args.report_only:
         with open(path) as f:
