@@ -19,20 +19,22 @@ import argparse
 import csv
 import platform
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from benchmarks._protocol import DOCS, start, write_rows
-from benchmarks.segmentation import SETUPS
+from benchmarks.segmentation import SETUPS, finetune_config
 
 
 def layer_rows(name: str, epochs: int, l1: float) -> list[dict]:
     """One row per alpha carrier of ``name``: its channels, feature-map side at 256px, and its gradient."""
     import secateurs
-    from secateurs.data import Batches, load_dataset
+    from secateurs.data import load_dataset
     from secateurs.methods.importance import ImportanceWeights
     from secateurs.metrics import task_loss
     from secateurs.models import load_pretrained
+    from secateurs.train import train_batches
 
     setup = SETUPS[name]
     model = load_pretrained(name)
@@ -49,14 +51,15 @@ def layer_rows(name: str, epochs: int, l1: float) -> list[dict]:
         model.eval()(x)
     for h in hooks:
         h.remove()
-    batches = Batches(load_dataset(setup["data"], "train"), setup["batch"], True, crop=setup["crop"])
+    # the batches alpha's phase trains on (fit's: normalised once, segmentation crops, no padding)
+    batches = train_batches(load_dataset(setup["data"], "train"), finetune_config(setup, SimpleNamespace(lr=3e-4), epochs))
     grads = {n: [] for n in iw.scales.scales}
     model.train()
     for epoch in range(epochs):
         batches.set_epoch(epoch)
         for xb, yb in batches:
             model.zero_grad(set_to_none=True)
-            task_loss(model(batches.normalize(xb)), yb.long()).backward()
+            task_loss(model(xb), yb.long()).backward()
             for n, p in iw.scales.scales.items():
                 grads[n].append(p.grad.detach().clone())
     rows = []
@@ -66,6 +69,7 @@ def layer_rows(name: str, epochs: int, l1: float) -> list[dict]:
         rows.append({"model": name, "layer": n, "channels": g.shape[1], "size": sizes[n],
                      "mean_abs_grad": f"{mean.abs().mean():.3g}",
                      "median_abs_grad": f"{mean.abs().quantile(0.5):.3g}",
+                     "rms_grad": f"{g.square().mean().sqrt():.3g}",
                      "below_l1": round(float((mean.abs() < l1).float().mean()), 3),
                      "wants_up": round(float((mean < 0).float().mean()), 3),
                      "snr": round(float((mean.abs() / sd).mean()), 2) if len(gs) > 1 else "",
@@ -87,13 +91,16 @@ def write_markdown(rows: list[dict], out: Path) -> Path:
              "its channels and feature-map side at 256px; |mean gradient| per channel (mean over the batches), its "
              f"mean and median over the layer's channels; *below L1*: the share of channels whose |mean gradient| is "
              f"under the L1 penalty's pull ({l1}{default}), whose "
-             "first moves the penalty sets; *wants up*: the share whose loss gradient asks for a larger alpha; *SNR*: "
+             "first moves the penalty sets; *RMS*: the root-mean-square gradient over the layer's channels and the "
+             "batches, the scale an adaptive optimizer divides by (method 4's `penalty=\"gradient\"` weights each "
+             "layer's penalty by it); *wants up*: the share whose loss gradient asks for a larger alpha; *SNR*: "
              "|mean| / standard deviation over the batches, mean over the channels.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        lines += [f"## {model}", "", "| layer | channels | side | mean abs gradient | median | below L1 | wants up | SNR |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"## {model}", "", "| layer | channels | side | mean abs gradient | median | RMS | below L1 | wants up | SNR |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['layer']} | {r['channels']} | {r['size']} | {r['mean_abs_grad']} | {r['median_abs_grad']} | "
+                  f"{r.get('rms_grad', '')} | "
                   f"{float(r['below_l1']):.0%} | {float(r['wants_up']):.0%} | {r['snr']} |" for r in mine]
         by_side = {}
         for r in mine:

@@ -31,7 +31,7 @@ from .distributed import all_sum, init_distributed, is_main_process
 from .metrics import METRICS, batch_stats, check_labels, distillation_loss, metric_key, summarize, task_loss
 
 __all__ = ["TrainConfig", "fit", "evaluate", "predict_padded", "train_one_epoch", "make_optimizer",
-           "make_scheduler", "metric_key", "METRICS", "distillation_loss", "task_loss"]
+           "make_scheduler", "train_batches", "metric_key", "METRICS", "distillation_loss", "task_loss"]
 
 
 @dataclass
@@ -336,6 +336,14 @@ def _ready_teacher(teacher: nn.Module, x: Any, out: Any, cfg: TrainConfig, devic
                          f"{tuple(out.shape[1:])}; distillation needs the same outputs (classes, and pixels for segmentation)")
 
 
+def train_batches(train_ds: ArrayDataset, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Batches:
+    """The augmented training batches :func:`fit` draws, for anything that must see the same ones."""
+    images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
+    return Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
+                   pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
+                   cutout=cfg.cutout if images_only else 0)
+
+
 def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, cfg: TrainConfig,
         device: torch.device | str | None = None,
         regularizer: Callable[[], torch.Tensor] | None = None,
@@ -368,10 +376,7 @@ def fit(model: nn.Module, train_ds: ArrayDataset, val_ds: ArrayDataset | None, c
         try:
             if teacher is not None:
                 _ready_teacher(teacher, x, probe, cfg, device)
-            images_only = train_ds.task == "classification"  # segmentation crops instead, and keeps every labelled pixel
-            batches = Batches(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world,
-                              pad=cfg.pad if images_only else 0, crop=cfg.crop, flip=cfg.flip,
-                              cutout=cfg.cutout if images_only else 0)
+            batches = train_batches(train_ds, cfg, rank, world)
             if len(batches) == 0:
                 raise ValueError(f"`train_ds` has {len(train_ds)} samples, fewer than one batch (batch_size={cfg.batch_size}"
                                  f"{f' per process of {world}' if world > 1 else ''}): nothing would be trained")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import all as report
 from benchmarks.compare import summarize
@@ -337,11 +338,32 @@ def test_alpha_gradients_report_counts_the_channels_below_the_penalty_by_side(tm
 
     def row(layer, channels, size, below):
         return {"model": "net", "layer": layer, "channels": channels, "size": size, "mean_abs_grad": "0.001",
-                "median_abs_grad": "0.001", "below_l1": below, "wants_up": 0.5, "snr": 1.0, "epochs": 5, "l1": 1e-4}
+                "median_abs_grad": "0.001", "rms_grad": "0.002", "below_l1": below, "wants_up": 0.5, "snr": 1.0, "epochs": 5, "l1": 1e-4}
     rows = [row("a", 16, 256, 0.0), row("b", 16, 256, 0.5), row("c", 64, 16, 1.0), row("d", 192, 16, 0.5)]
     text = write_markdown(rows, tmp_path).read_text()
     assert "side: 256px 25% of 32; 16px 62% of 256." in text  # (8 + 0) / 32; (64 + 96) / 256
-    assert "| c | 64 | 16 | 0.001 | 0.001 | 100% | 50% | 1.0 |" in text and "(0.0001, the method's default)" in text
+    assert "| c | 64 | 16 | 0.001 | 0.001 | 0.002 | 100% | 50% | 1.0 |" in text and "(0.0001, the method's default)" in text
+
+
+def test_alpha_gradients_feed_the_model_the_phases_batches_normalised_once(monkeypatch):
+    """The gradients are read on the batches fit trains alpha's phase on: normalised once (a second
+    normalisation turns every image into a near-constant), the crops the segmentation benchmark uses."""
+    import secateurs.models
+    from benchmarks.alpha_gradients import layer_rows
+
+    seen, load = [], secateurs.models.load_pretrained
+
+    def spied(name):
+        m = load(name)
+        m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone())
+                                   if mod.training and args[0].device.type != "meta" else None)  # (not analyze's)
+        return m
+    monkeypatch.setattr(secateurs.models, "load_pretrained", spied)
+    rows = layer_rows("unet16_isbi2012", 1, 1e-4)
+    x = torch.cat(seen)
+    assert x.shape[-2:] == (128, 128) and len(seen) == rows[0]["batches"] == 3  # 24 slices, batch 8
+    assert 0.5 < float(x.std()) < 2 and abs(float(x.mean())) < 1  # about N(0, 1), not -mean / std everywhere
+    assert all(float(r["rms_grad"]) > 0 for r in rows)
 
 
 def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
