@@ -39,8 +39,8 @@ SETUPS = {  # the zoo model, its data, the training crops it was trained with, h
     "ternausnet8_hela": {"data": "hela", "crop": 192, "batch": 4, "tol_images": 1},
 }
 SETTINGS = ("tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "fraction", "max_steps", "init", "rank", "l1", "lr",
-            "refinements", "cost_aware", "reconstruct", "alpha_lr", "min_keep")  # what changes a result: a resumed file must have been made with the same
-LATER = {"reconstruct": 0, "runs": list(RUNS), "alpha_lr": None, "min_keep": 0.05}  # options added after results were made: what those were made with
+            "refinements", "cost_aware", "reconstruct", "alpha_lr", "min_keep", "penalty")  # what changes a result: a resumed file must have been made with the same
+LATER = {"reconstruct": 0, "runs": list(RUNS), "alpha_lr": None, "min_keep": 0.05, "penalty": "uniform"}  # options added after results were made: what those were made with
 
 
 def finetune_config(setup: dict, args, epochs: int, seed: int = 0):
@@ -83,7 +83,7 @@ def _iw(base, x, target, train, held, setup: dict, args, seed: int, folder: Path
                            method_options={"epochs": args.iw_epochs, "fraction": args.fraction, "init": args.init,
                                            "l1": args.l1, "rank": args.rank, "cost_aware": args.cost_aware,
                                            "refinements": args.refinements, "alpha_lr": args.alpha_lr,
-                                           "min_keep": args.min_keep},
+                                           "min_keep": args.min_keep, "penalty": args.penalty},
                            latency_guard=False,
                            reconstruct=args.reconstruct)
 
@@ -226,6 +226,9 @@ def main(argv=None) -> None:
     p.add_argument("--alpha-lr", type=float, default=None, help="alpha's own learning rate (default: --lr)")
     p.add_argument("--min-keep", type=float, default=0.05,
                    help="importance weights: no layer below this share of its width (the method's default 0.05)")
+    p.add_argument("--penalty", default="uniform", choices=("uniform", "gradient"),
+                   help="importance weights: L1 penalty the same everywhere (the paper's) or scaled by each layer's "
+                        "loss gradient on alpha (ours)")
     p.add_argument("--refinements", type=int, default=2, help="after an undone step, halve the step, at most N times")
     p.add_argument("--reconstruct", type=int, default=0, metavar="N",
                    help="both methods: the least-squares re-fit before every cut, on N training images")

@@ -14,7 +14,14 @@ from benchmarks._protocol import interval
 METRICS = ("pixel_acc", "iou", "dice")
 RUNS = ("tol", "fixed")
 SHOWN = ("runs", "tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "fraction", "max_steps", "init", "rank",
-         "cost_aware", "l1", "lr", "alpha_lr", "min_keep", "refinements", "reconstruct")  # options that change a result, in the command line
+         "cost_aware", "l1", "lr", "alpha_lr", "min_keep", "penalty", "refinements", "reconstruct")  # options that change a result, in the command line
+
+def _penalty(args) -> str:
+    if getattr(args, "penalty", "uniform") == "uniform":
+        return ""
+    return (" scaled per layer by its mean |loss gradient| on alpha = 1 (16 training batches read before alpha's "
+            "phase; mean 1 over the channels)")
+
 
 def _speedup(cell: dict, tag: str) -> str:
     """A latency cell: the paired speed-up with its interval, or (results of the earlier harness, which
@@ -92,7 +99,7 @@ def write_markdown(results: dict, args, path: Path, defaults: dict | None = None
         "ones are **held out** for the tolerance (and never reported), the others are the test split every metric "
         f"below is read on ({setups}).", "",
         f"Importance weights: alpha after every BN (after the conv where there is none), init `{args.init}`, "
-        f"ranked by `{args.rank}`, L1 penalty {args.l1}, trained {args.iw_epochs} epochs with the network (AdamW lr "
+        f"ranked by `{args.rank}`, L1 penalty {args.l1}{_penalty(args)}, trained {args.iw_epochs} epochs with the network (AdamW lr "
         f"{args.lr}{'' if getattr(args, 'alpha_lr', None) is None else f', alpha at lr {args.alpha_lr}'}); "
         f"then {args.fraction:.0%} of the remaining removable filters per step (no layer below "
         f"{getattr(args, 'min_keep', 0.05):.0%} of its width), {args.ft_epochs} "

@@ -433,3 +433,70 @@ def _find(d, key):
             if found is not None:
                 return found
     return None
+
+
+def test_gradient_penalty_weights_are_each_layers_rms_gradient_and_leave_the_model_as_it_was(trained, digits):
+    """penalty='gradient': per channel, its layer's root-mean-square loss gradient on alpha = 1 over
+    the phase's own batches (mean 1), read without moving BN's statistics or leaving gradients."""
+    from secateurs.methods.importance import gradient_weights
+    from secateurs.train import task_loss, train_batches
+
+    x = torch.randn(1, 1, 8, 8)
+    g = analyze(trained, x)
+    cfg = secateurs.train.TrainConfig(**dict(FT, batch_size=64))
+    m = copy.deepcopy(trained).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    w = gradient_weights(m, g, digits[0], cfg, batches=5)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not m.training and all(p.grad is None for p in m.parameters())
+    assert not any(n.endswith(ImportanceWeights.__name__) for n, _ in m.named_parameters())
+    # by hand: the same batches (2 epochs of the 1,000-image set at 64: 15 per epoch, so 5 of the first)
+    ref = copy.deepcopy(trained).train()
+    iw = ImportanceWeights(ref, g)
+    sq = {n: 0.0 for n in iw.scales.scales}
+    batches = train_batches(digits[0], cfg)
+    batches.set_epoch(0)
+    for i, (xb, yb) in zip(range(5), batches):
+        ref.zero_grad()
+        task_loss(ref(xb), yb).backward()
+        for n, p in iw.scales.scales.items():
+            sq[n] += float(p.grad.square().mean())
+    rms = {n: (s / 5) ** 0.5 for n, s in sq.items()}
+    expect = torch.cat([torch.full((len(iw.labels[n]),), r) for n, r in rms.items()])
+    expect = expect / expect.mean()
+    got = torch.cat([w[iw.labels[n]] for n in rms])
+    assert torch.allclose(got, expect, rtol=1e-4)
+    assert got.max() / got.min() > 1.5  # the layers differ: a uniform answer would fail above
+
+
+def test_gradient_penalty_option_weights_the_l1_pull_and_multiplies_cost_aware(trained, digits, monkeypatch):
+    from secateurs.methods import importance
+
+    x = torch.randn(1, 1, 8, 8)
+    n = analyze(trained, x).n_components
+    fake = torch.linspace(0.5, 1.5, n)
+    monkeypatch.setattr(importance, "gradient_weights", lambda *a, **k: fake.clone())
+    seen = {}
+
+    class Spy(importance.ImportanceWeights):
+        def __init__(self, *a, cost_weights=None, **k):
+            seen["w"] = cost_weights
+            super().__init__(*a, cost_weights=cost_weights, **k)
+    monkeypatch.setattr(importance, "ImportanceWeights", Spy)
+    for penalty, cost_aware in (("uniform", False), ("gradient", False), ("gradient", True)):
+        secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0], steps=1, finetune=FT,
+                        method_options={"epochs": 1, "fraction": 1.0, "penalty": penalty, "cost_aware": cost_aware})
+        seen[penalty, cost_aware] = seen.pop("w")
+    assert seen["uniform", False] is None
+    assert torch.allclose(seen["gradient", False], fake / fake.mean())
+    both, groups = seen["gradient", True], {grp.name: grp.components for grp in analyze(trained, x).groups}
+    live = both > 0  # the channels no group can remove carry no MACs weight
+    assert both[live].mean().item() == pytest.approx(1.0)
+    macs = both / fake  # what cost_aware alone gives, up to its scale: the MACs a channel saves (see above)
+    for name in groups:
+        assert torch.allclose(macs[groups[name]], macs[groups[name]][0].expand(len(groups[name])))
+    ratio = float(macs[groups["3"]][0] / macs[groups["0"]][0])
+    assert ratio == pytest.approx((16 * 9 * 16 + 32 * 9 * 16) / (9 * 64 + 32 * 9 * 16), rel=1e-5)
+    with pytest.raises(ValueError, match="penalty"):
+        secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0],
+                        method_options={"penalty": "layer"})

@@ -17,7 +17,7 @@ from ..cost import PlanCost
 from ..criteria import group_scores
 from ..graph import DependencyGraph
 from ..surgery import PruningPlan, apply_plan
-from ..train import TrainConfig, evaluate, fit
+from ..train import TrainConfig, evaluate, fit, task_loss, train_batches
 from .base import Decision, Method, Option, StepContext, check_stop_rule, register_method
 from .gates import ChannelScales, carrier_count, carriers, mean_abs, out_channel_norms
 
@@ -36,6 +36,42 @@ def channel_macs(ctx: StepContext) -> torch.Tensor:
         w[g.components] = float(ctx.current.macs - pc(mask)[0])
         sizes[g.components] = True
     return w / w[sizes].mean().clamp_min(1e-12)
+
+
+def gradient_weights(model: nn.Module, graph: DependencyGraph, data, cfg: TrainConfig,
+                     batches: int = 16) -> torch.Tensor:
+    """Per channel component, its layer's root-mean-square loss gradient on alpha = 1 (over
+    ``batches`` of the training batches ``cfg`` draws, in training mode), mean 1 over the prunable
+    channels. A penalty weighted by it pulls every layer's alphas in the same proportion to the
+    gradients an adaptive optimizer normalises them by; a uniform one, orders of magnitude above
+    the deep layers' gradients, sets their moves alone (docs/alpha_gradients.md). The model's
+    weights, buffers and gradients are left as they were."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}  # (training mode moves BN's statistics)
+    iw = ImportanceWeights(model, graph)
+    names, ps = list(iw.scales.scales), list(iw.scales.scales.values())
+    sums = [torch.zeros_like(p) for p in ps]
+    was, device = model.training, ps[0].device
+    seen, source = 0, train_batches(data, cfg)
+    try:
+        model.train()
+        for epoch in range(-(-batches // max(1, len(source)))):
+            source.set_epoch(epoch)
+            for x, y in source:
+                if seen == batches:
+                    break
+                grads = torch.autograd.grad(task_loss(model(x.to(device)), y.to(device), cfg.label_smoothing), ps)
+                sums = [a + g.square() for a, g in zip(sums, grads)]
+                seen += 1
+    finally:
+        iw.fold()  # alpha is 1: the weights are unchanged
+        model.load_state_dict(saved)
+        model.train(was)
+    if not seen:
+        raise ValueError("importance weights: penalty='gradient' needs at least one training batch")
+    layer = ((torch.full_like(s, float((s / seen).mean().sqrt())), iw.labels[n]) for n, s in zip(names, sums))
+    w = mean_abs(layer, iw._count).cpu()
+    live = iw._count > 0
+    return w / w[live].mean().clamp_min(1e-30)
 
 
 class ImportanceWeights:
@@ -124,6 +160,7 @@ class ImportanceWeights:
 
 
 SEARCHES = ("steps", "bisect")
+PENALTIES = ("uniform", "gradient")
 RANKS = ("alpha", "scale", "layer")
 
 
@@ -184,6 +221,10 @@ class ImportanceWeightMethod(Method):
                "(MACs fall sooner)", kind=bool, flag="--cost-aware"),
         Option("refinements", 2, "steps: after an undone step, halve the step and go on, at most this many "
                "times (0: stop)", kind=int, low=0, flag="--refinements"),
+        Option("penalty", "uniform", "L1 penalty per channel: the same everywhere (uniform, the paper) or scaled by "
+               "its layer's loss gradient on alpha, read before alpha's phase (gradient, ours: deep layers, whose "
+               "gradients are far weaker, are not emptied by the penalty alone)", kind=str, choices=PENALTIES,
+               flag="--iw-penalty"),
         Option("rank", "alpha", "rank channels by |alpha| (alpha, the paper), by |alpha| times the channel's own "
                "scale, |gamma| (scale, ours) or by |alpha| over its layer's mean (layer, ours: every layer keeps "
                "its share)", kind=str, choices=RANKS, flag="--iw-rank"),
@@ -202,7 +243,12 @@ class ImportanceWeightMethod(Method):
         """Train alpha with the weights, fold it; the scores go to ``ctx.state`` (saved with steps).
         Returns the report's info, or a decision to stop and undo if the metric broke the tolerance."""
         weights = channel_macs(ctx) if self.cost_aware else None
-        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=weights,
+        pull = weights
+        if self.penalty == "gradient" and self.l1:
+            cfg = self._train_config(ctx, 1, None)
+            pull = gradient_weights(ctx.model, ctx.graph, ctx.data, cfg) * (1 if weights is None else weights)
+            pull = pull / pull[pull > 0].mean()
+        iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=pull,
                                alpha_lr=self.alpha_lr)
         try:
             history = fit(ctx.model, ctx.data, None, self._train_config(ctx, self.epochs, "importance"),
