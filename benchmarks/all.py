@@ -268,6 +268,10 @@ IW_CHANGES = (  # (folder, the run it is paired with, title): issue 18's changes
     ("segmentation_min_keep", "segmentation_alpha_lr/segmentation.json",
      "### No layer below {min_keep:.0%} of its width (ours, `--min-keep {min_keep}`; \"here\") against the method's "
      "5% (\"there\"), both with alpha at its own rate ({alpha_lr}) and re-fitted before every cut, paired by seed"),
+    ("segmentation_penalty", "segmentation_min_keep/segmentation.json",
+     "### The L1 penalty scaled per layer by its loss gradient on alpha (ours, `--penalty {penalty}`; \"here\") "
+     "against one penalty for every channel (the paper's; \"there\"), both with the {min_keep:.0%} floor, alpha at "
+     "{alpha_lr} and re-fitted before every cut, paired by seed"),
 )
 
 

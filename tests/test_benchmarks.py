@@ -198,6 +198,10 @@ def test_benchmarks_md_titles_each_importance_weights_change_from_its_run(tmp_pa
     assert "### No layer below 25% of its width (ours, `--min-keep 0.25`; \"here\") against the method's 5%" in text
     assert "both with alpha at its own rate (0.02)" in text and "Details: segmentation_min_keep/segmentation.md." in text
     assert "| -0.67 +- " in text and "alpha_gradients.md" in text  # paired by seed: IoU -(1 + 0 + 1) / 3
+    write("segmentation_penalty", {"alpha_lr": 0.02, "min_keep": 0.25, "penalty": "gradient"}, [3.0, 2.0, 4.0])
+    text = "\n".join(_iw_change_lines(tmp_path))
+    assert "(ours, `--penalty gradient`; \"here\") against one penalty for every channel" in text
+    assert "both with the 25% floor, alpha at 0.02" in text and "| -0.33 +- " in text  # drops 3, 2, 4 against 2, 2, 4
     (tmp_path / "alpha_gradients.csv").unlink()
     assert "alpha_gradients.md" not in "\n".join(_iw_change_lines(tmp_path))
 
