@@ -19,7 +19,7 @@ SHOWN = ("runs", "tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "frac
 def _penalty(args) -> str:
     if getattr(args, "penalty", "uniform") == "uniform":
         return ""
-    return (" scaled per layer by its mean |loss gradient| on alpha = 1 (16 training batches read before alpha's "
+    return (" scaled per layer by its RMS loss gradient on alpha = 1 (16 training batches read before alpha's "
             "phase; mean 1 over the channels)")
 
 
