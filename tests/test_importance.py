@@ -467,6 +467,11 @@ def test_gradient_penalty_weights_are_each_layers_rms_gradient_and_leave_the_mod
     got = torch.cat([w[iw.labels[n]] for n in rms])
     assert torch.allclose(got, expect, rtol=1e-4)
     assert got.max() / got.min() > 1.5  # the layers differ: a uniform answer would fail above
+    dead = copy.deepcopy(trained)
+    head = [mod for mod in dead.modules() if isinstance(mod, nn.Linear)][-1]
+    nn.init.zeros_(head.weight)  # the output no longer depends on any alpha: one penalty, not NaN
+    flat = gradient_weights(dead, g, digits[0], cfg, batches=2)
+    assert torch.equal(flat, (flat > 0).float()) and flat.sum() == sum(grp.size for grp in g.groups)
 
 
 def test_gradient_penalty_option_weights_the_l1_pull_and_multiplies_cost_aware(trained, digits, monkeypatch):

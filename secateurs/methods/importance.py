@@ -71,7 +71,9 @@ def gradient_weights(model: nn.Module, graph: DependencyGraph, data, cfg: TrainC
     layer = ((torch.full_like(s, float((s / seen).mean().sqrt())), iw.labels[n]) for n, s in zip(names, sums))
     w = mean_abs(layer, iw._count).cpu()
     live = iw._count > 0
-    return w / w[live].mean().clamp_min(1e-30)
+    if not w[live].any():  # no gradient reaches alpha anywhere (e.g. a zeroed head): nothing to scale by
+        return live.float()
+    return w / w[live].mean()
 
 
 class ImportanceWeights:
