@@ -438,6 +438,7 @@ def _find(d, key):
 def test_gradient_penalty_weights_are_each_layers_rms_gradient_and_leave_the_model_as_it_was(trained, digits):
     """penalty='gradient': per channel, its layer's root-mean-square loss gradient on alpha = 1 over
     the phase's own batches (mean 1), read without moving BN's statistics or leaving gradients."""
+    from secateurs.methods.gates import ChannelScales
     from secateurs.methods.importance import gradient_weights
     from secateurs.train import task_loss, train_batches
 
@@ -446,22 +447,24 @@ def test_gradient_penalty_weights_are_each_layers_rms_gradient_and_leave_the_mod
     cfg = secateurs.train.TrainConfig(**dict(FT, batch_size=64))
     m = copy.deepcopy(trained).eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    w = gradient_weights(m, g, digits[0], cfg, batches=5)
+    w = gradient_weights(m, g, digits[0], cfg, batches=25)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert not m.training and all(p.grad is None for p in m.parameters())
-    assert not any(n.endswith(ImportanceWeights.__name__) for n, _ in m.named_parameters())
-    # by hand: the same batches (2 epochs of the 1,000-image set at 64: 15 per epoch, so 5 of the first)
+    assert not any(ChannelScales.NAME in n for n, _ in m.named_parameters())
+    # by hand: the same batches; 1,437 images at 64 are 22 batches an epoch, so 25 run into the second
     ref = copy.deepcopy(trained).train()
     iw = ImportanceWeights(ref, g)
     sq = {n: 0.0 for n in iw.scales.scales}
     batches = train_batches(digits[0], cfg)
-    batches.set_epoch(0)
-    for i, (xb, yb) in zip(range(5), batches):
-        ref.zero_grad()
-        task_loss(ref(xb), yb).backward()
-        for n, p in iw.scales.scales.items():
-            sq[n] += float(p.grad.square().mean())
-    rms = {n: (s / 5) ** 0.5 for n, s in sq.items()}
+    assert len(batches) == 22
+    for epoch, take in ((0, 22), (1, 3)):
+        batches.set_epoch(epoch)
+        for _, (xb, yb) in zip(range(take), batches):
+            ref.zero_grad()
+            task_loss(ref(xb), yb).backward()
+            for n, p in iw.scales.scales.items():
+                sq[n] += float(p.grad.square().mean())
+    rms = {n: (s / 25) ** 0.5 for n, s in sq.items()}
     expect = torch.cat([torch.full((len(iw.labels[n]),), r) for n, r in rms.items()])
     expect = expect / expect.mean()
     got = torch.cat([w[iw.labels[n]] for n in rms])
@@ -472,6 +475,13 @@ def test_gradient_penalty_weights_are_each_layers_rms_gradient_and_leave_the_mod
     nn.init.zeros_(head.weight)  # the output no longer depends on any alpha: one penalty, not NaN
     flat = gradient_weights(dead, g, digits[0], cfg, batches=2)
     assert torch.equal(flat, (flat > 0).float()) and flat.sum() == sum(grp.size for grp in g.groups)
+    frozen = copy.deepcopy(trained).train()
+    bn = next(mod for mod in frozen.modules() if isinstance(mod, nn.BatchNorm2d)).eval()  # the user froze it
+    gradient_weights(frozen, g, digits[0], cfg, batches=1)
+    assert frozen.training and not bn.training
+    nn.init.constant_(head.bias, float("nan"))
+    with pytest.raises(ValueError, match="non-finite training loss"):
+        gradient_weights(dead, g, digits[0], cfg, batches=2)
 
 
 def test_gradient_penalty_option_weights_the_l1_pull_and_multiplies_cost_aware(trained, digits, monkeypatch):
@@ -493,10 +503,10 @@ def test_gradient_penalty_option_weights_the_l1_pull_and_multiplies_cost_aware(t
                         method_options={"epochs": 1, "fraction": 1.0, "penalty": penalty, "cost_aware": cost_aware})
         seen[penalty, cost_aware] = seen.pop("w")
     assert seen["uniform", False] is None
-    assert torch.allclose(seen["gradient", False], fake / fake.mean())
+    prunable = torch.cat([grp.components for grp in analyze(trained, x).groups])  # mean 1 over these
+    assert torch.allclose(seen["gradient", False], fake / fake[prunable].mean())
     both, groups = seen["gradient", True], {grp.name: grp.components for grp in analyze(trained, x).groups}
-    live = both > 0  # the channels no group can remove carry no MACs weight
-    assert both[live].mean().item() == pytest.approx(1.0)
+    assert both[prunable].mean().item() == pytest.approx(1.0)
     macs = both / fake  # what cost_aware alone gives, up to its scale: the MACs a channel saves (see above)
     for name in groups:
         assert torch.allclose(macs[groups[name]], macs[groups[name]][0].expand(len(groups[name])))

@@ -10,11 +10,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .._modes import in_mode
 from .._state import copy_model
 from .._validation import check_choice, check_scalar
 from ..budget import Allocator, Budget, bisect, fill, measure
 from ..cost import PlanCost
 from ..criteria import group_scores
+from ..distributed import all_sum, init_distributed
 from ..graph import DependencyGraph
 from ..surgery import PruningPlan, apply_plan
 from ..train import TrainConfig, evaluate, fit, task_loss, train_batches
@@ -41,36 +43,43 @@ def channel_macs(ctx: StepContext) -> torch.Tensor:
 def gradient_weights(model: nn.Module, graph: DependencyGraph, data, cfg: TrainConfig,
                      batches: int = 16) -> torch.Tensor:
     """Per channel component, its layer's root-mean-square loss gradient on alpha = 1 (over
-    ``batches`` of the training batches ``cfg`` draws, in training mode), mean 1 over the prunable
-    channels. A penalty weighted by it pulls every layer's alphas in the same proportion to the
-    gradients an adaptive optimizer normalises them by; a uniform one, orders of magnitude above
-    the deep layers' gradients, sets their moves alone (docs/alpha_gradients.md). The model's
-    weights, buffers and gradients are left as they were."""
+    ``batches`` of the training batches ``cfg`` draws, in training mode, on the model's device),
+    mean 1 over the prunable channels. A penalty weighted by it pulls every layer's alphas in the
+    same proportion to the gradients an adaptive optimizer normalises them by; a uniform one,
+    orders of magnitude above the deep layers' gradients, sets their moves alone
+    (docs/alpha_gradients.md). The task loss alone is read (not a distillation term). Under
+    torchrun each process reads its share of every batch and the gradients are averaged, as DDP
+    does, so every process gets the same weights. The model's weights, buffers, modes and
+    gradients are left as they were."""
+    rank, world, _ = init_distributed()
     saved = {k: v.clone() for k, v in model.state_dict().items()}  # (training mode moves BN's statistics)
     iw = ImportanceWeights(model, graph)
     names, ps = list(iw.scales.scales), list(iw.scales.scales.values())
     sums = [torch.zeros_like(p) for p in ps]
-    was, device = model.training, ps[0].device
-    seen, source = 0, train_batches(data, cfg)
+    seen, source, device = 0, train_batches(data, cfg, rank, world), ps[0].device
     try:
-        model.train()
-        for epoch in range(-(-batches // max(1, len(source)))):
-            source.set_epoch(epoch)
-            for x, y in source:
-                if seen == batches:
-                    break
-                grads = torch.autograd.grad(task_loss(model(x.to(device)), y.to(device), cfg.label_smoothing), ps)
-                sums = [a + g.square() for a, g in zip(sums, grads)]
-                seen += 1
+        with in_mode(model, training=True):
+            for epoch in range(-(-batches // max(1, len(source)))):
+                source.set_epoch(epoch)
+                for x, y in source:
+                    if seen == batches:
+                        break
+                    loss = task_loss(model(x.to(device)), y.to(device), cfg.label_smoothing)
+                    grads = torch.autograd.grad(loss, ps, allow_unused=True)  # (an alpha off the path: 0)
+                    flat = all_sum(torch.cat([torch.zeros_like(p) if g is None else g for p, g in zip(ps, grads)]))
+                    sums = [a + g.square() for a, g in zip(sums, (flat / world).split([len(p) for p in ps]))]
+                    seen += 1
     finally:
         iw.fold()  # alpha is 1: the weights are unchanged
         model.load_state_dict(saved)
-        model.train(was)
     if not seen:
         raise ValueError("importance weights: penalty='gradient' needs at least one training batch")
     layer = ((torch.full_like(s, float((s / seen).mean().sqrt())), iw.labels[n]) for n, s in zip(names, sums))
     w = mean_abs(layer, iw._count).cpu()
     live = iw._count > 0
+    if not torch.isfinite(w).all():
+        raise ValueError("importance weights: penalty='gradient' read a non-finite training loss; check the data "
+                         "and the model before learning alpha")
     if not w[live].any():  # no gradient reaches alpha anywhere (e.g. a zeroed head): nothing to scale by
         return live.float()
     return w / w[live].mean()
@@ -248,8 +257,10 @@ class ImportanceWeightMethod(Method):
         pull = weights
         if self.penalty == "gradient" and self.l1:
             cfg = self._train_config(ctx, 1, None)
+            ctx.model.to(init_distributed()[2])  # where fit trains it next
             pull = gradient_weights(ctx.model, ctx.graph, ctx.data, cfg) * (1 if weights is None else weights)
-            pull = pull / pull[pull > 0].mean()
+            prunable = torch.cat([g.components for g in ctx.graph.groups])
+            pull = pull / pull[prunable].mean()
         iw = ImportanceWeights(ctx.model, ctx.graph, self.init, self.l1, self.seed, cost_weights=pull,
                                alpha_lr=self.alpha_lr)
         try:
