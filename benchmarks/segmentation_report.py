@@ -17,10 +17,12 @@ SHOWN = ("runs", "tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "frac
          "cost_aware", "l1", "lr", "alpha_lr", "min_keep", "penalty", "refinements", "reconstruct")  # options that change a result, in the command line
 
 def _penalty(args) -> str:
+    from secateurs.methods.importance import GRADIENT_BATCHES
+
     if getattr(args, "penalty", "uniform") == "uniform":
         return ""
-    return (" scaled per layer by its RMS loss gradient on alpha = 1 (16 training batches read before alpha's "
-            "phase; mean 1 over the channels)")
+    return (f" scaled per layer by its RMS loss gradient on alpha = 1 ({GRADIENT_BATCHES} training batches read "
+            "before alpha's phase; mean 1 over the channels)")
 
 
 def _speedup(cell: dict, tag: str) -> str:

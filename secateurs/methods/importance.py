@@ -10,7 +10,6 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .._modes import in_mode
 from .._state import copy_model
 from .._validation import check_choice, check_scalar
 from ..budget import Allocator, Budget, bisect, fill, measure
@@ -40,8 +39,11 @@ def channel_macs(ctx: StepContext) -> torch.Tensor:
     return w / w[sizes].mean().clamp_min(1e-12)
 
 
+GRADIENT_BATCHES = 16  # what penalty="gradient" reads before alpha's phase
+
+
 def gradient_weights(model: nn.Module, graph: DependencyGraph, data, cfg: TrainConfig,
-                     batches: int = 16) -> torch.Tensor:
+                     batches: int = GRADIENT_BATCHES) -> torch.Tensor:
     """Per channel component, its layer's root-mean-square loss gradient on alpha = 1 (over
     ``batches`` of the training batches ``cfg`` draws, in training mode, on the model's device),
     mean 1 over the prunable channels. A penalty weighted by it pulls every layer's alphas in the
@@ -49,29 +51,24 @@ def gradient_weights(model: nn.Module, graph: DependencyGraph, data, cfg: TrainC
     orders of magnitude above the deep layers' gradients, sets their moves alone
     (docs/alpha_gradients.md). The task loss alone is read (not a distillation term). Under
     torchrun each process reads its share of every batch and the gradients are averaged, as DDP
-    does, so every process gets the same weights. The model's weights, buffers, modes and
-    gradients are left as they were."""
+    does, so every process gets the same weights. The gradients are read on a copy of the model,
+    so the model itself is left as it was."""
     rank, world, _ = init_distributed()
-    saved = {k: v.clone() for k, v in model.state_dict().items()}  # (training mode moves BN's statistics)
-    iw = ImportanceWeights(model, graph)
+    probe = copy_model(model).train()  # read on a copy: training mode moves BN's statistics, alpha hooks in
+    iw = ImportanceWeights(probe, graph)
     names, ps = list(iw.scales.scales), list(iw.scales.scales.values())
     sums = [torch.zeros_like(p) for p in ps]
     seen, source, device = 0, train_batches(data, cfg, rank, world), ps[0].device
-    try:
-        with in_mode(model, training=True):
-            for epoch in range(-(-batches // max(1, len(source)))):
-                source.set_epoch(epoch)
-                for x, y in source:
-                    if seen == batches:
-                        break
-                    loss = task_loss(model(x.to(device)), y.to(device), cfg.label_smoothing)
-                    grads = torch.autograd.grad(loss, ps, allow_unused=True)  # (an alpha off the path: 0)
-                    flat = all_sum(torch.cat([torch.zeros_like(p) if g is None else g for p, g in zip(ps, grads)]))
-                    sums = [a + g.square() for a, g in zip(sums, (flat / world).split([len(p) for p in ps]))]
-                    seen += 1
-    finally:
-        iw.fold()  # alpha is 1: the weights are unchanged
-        model.load_state_dict(saved)
+    for epoch in range(-(-batches // max(1, len(source)))):
+        source.set_epoch(epoch)
+        for x, y in source:
+            if seen == batches:
+                break
+            loss = task_loss(probe(x.to(device)), y.to(device), cfg.label_smoothing)
+            grads = torch.autograd.grad(loss, ps, allow_unused=True)  # (an alpha off the path: 0)
+            flat = all_sum(torch.cat([torch.zeros_like(p) if g is None else g for p, g in zip(ps, grads)]))
+            sums = [a + g.square() for a, g in zip(sums, (flat / world).split([len(p) for p in ps]))]
+            seen += 1
     if not seen:
         raise ValueError("importance weights: penalty='gradient' needs at least one training batch")
     layer = ((torch.full_like(s, float((s / seen).mean().sqrt())), iw.labels[n]) for n, s in zip(names, sums))
