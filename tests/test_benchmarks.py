@@ -629,3 +629,36 @@ def test_plan_noise_distances_and_report(tmp_path):
     write_rows(tmp_path / "plan_noise.csv", rows)
     (line, _) = report._plan_noise_lines(tmp_path)
     assert "each of 3 draws" in line and "m latency 50% (tables): 22.2% of the channels moved, MACs kept 30.0%-30.0%, latency 0.500-0.550" in line
+
+
+def test_l1_at_importance_weights_widths_lands_on_each_layers_width_exactly():
+    """The widths probe: a run's removed counts summed over its kept steps (an undone one skipped),
+    then L1 cut to exactly those widths, transposed convs and the skip concatenations included."""
+    from benchmarks.segmentation_widths import l1_at_widths, removed_per_layer, widths
+    from secateurs.models import create_model
+
+    state = {"steps": [{"step": 0}, {"removed": {"enc.0.0": 1, "up.0": 2}},
+                       {"removed": {"enc.0.0": 5}, "reverted": True}, {"removed": {"enc.0.0": 1, "dec.0.0": 3}}]}
+    removed = removed_per_layer(state)
+    assert removed == {"enc.0.0": 2, "up.0": 2, "dec.0.0": 3}
+    torch.manual_seed(0)
+    base = create_model("unet", base=8, depth=2)
+    before = widths(base)
+    model, _ = l1_at_widths(base, removed, torch.randn(1, 1, 32, 32))
+    after = widths(model)
+    assert {n: before[n] - after[n] for n in before if after[n] != before[n]} == removed
+    assert model(torch.randn(2, 1, 32, 32)).shape == base(torch.randn(2, 1, 32, 32)).shape
+
+
+def test_widths_report_pairs_allocation_and_ranking_by_seed(tmp_path):
+    from benchmarks.segmentation_widths import write_markdown
+
+    def arm(iou):
+        return {"iou": iou, "pixel_acc": 90.0, "dice": 70.0, "macs_256": 4.5e8, "params": 2e5}
+
+    runs = {str(s): {"iw": arm(60.0 + s), "l1w": arm(63.0 + 2 * s), "l1": arm(64.0)} for s in range(3)}
+    write_markdown({"m": runs}, {"from": "docs/x", "args": {"fixed": 0.15, "penalty": "gradient"}}, tmp_path / "w.md")
+    text = (tmp_path / "w.md").read_text()
+    assert "--penalty gradient" in text and "15% of the MACs" in text
+    alloc, rank = [ln for ln in text.splitlines() if ln.startswith("| | *")]
+    assert "| 1.00 +- 4.97 |" in alloc and "| -4.00 +- 2.48 |" in rank  # seeds (-1, 1, 3) and (-3, -4, -5)
