@@ -515,3 +515,37 @@ def test_gradient_penalty_option_weights_the_l1_pull_and_multiplies_cost_aware(t
     with pytest.raises(ValueError, match="penalty"):
         secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0],
                         method_options={"penalty": "layer"})
+
+
+def test_norm_order_hands_a_groups_scores_out_again_by_the_norms():
+    from secateurs.methods.importance import norm_order
+
+    out = norm_order([torch.tensor([0.3, 0.1, 0.2]), torch.tensor([2.0])], [torch.tensor([5.0, 1.0, 9.0]),
+                                                                             torch.tensor([0.0])])
+    assert out[0].tolist() == pytest.approx([0.2, 0.1, 0.3]) and out[1].tolist() == [2.0]
+
+
+def test_norm_rank_keeps_alphas_widths_and_the_highest_norm_filters(trained, digits, monkeypatch):
+    """rank='norm': each layer loses as many channels as under the paper's |alpha| ranking, but the
+    ones with the lowest L1 norms. Alpha is set against the norms, so the two pick opposite filters."""
+    from secateurs.criteria import group_scores
+
+    x = torch.randn(1, 1, 8, 8)
+    g = analyze(trained, x)
+    norms = group_scores(trained, g, "l1")
+    comp = torch.ones(g.n_components)
+    for i, (grp, n) in enumerate(zip(g.groups, norms)):  # highest norm, lowest alpha; layers on different levels
+        comp[grp.components] = (1.0, 0.8, 0.9)[i] * (1 + torch.argsort(torch.argsort(-n)).float() / grp.size)
+    monkeypatch.setattr(ImportanceWeights, "importance", lambda self: comp.clone())
+    models = {}
+    for rank in ("alpha", "norm"):
+        models[rank], rep = secateurs.prune(copy.deepcopy(trained), x, "importance-weights", 0.6, data=digits[0],
+                                            steps=1, method_options={"epochs": 0, "fraction": 1.0, "rank": rank})
+        assert rep["kept"]["macs"] <= 0.6
+    sizes = {r: {grp.name: grp.size for grp in analyze(m, x).groups} for r, m in models.items()}
+    assert sizes["alpha"] == sizes["norm"] and 1 < sizes["norm"]["0"] < g.groups[0].size
+    k = sizes["norm"]["0"]
+    best = torch.sort(torch.argsort(norms[0], descending=True)[:k]).values
+    worst = torch.sort(torch.argsort(norms[0])[:k]).values
+    assert torch.equal(models["norm"][0].weight, trained[0].weight[best])
+    assert torch.equal(models["alpha"][0].weight, trained[0].weight[worst])

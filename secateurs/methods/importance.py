@@ -167,9 +167,21 @@ class ImportanceWeights:
         self.scales.fold()
 
 
+def norm_order(scores: list[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each group's scores handed out again in the order of ``norms``: the lowest score to the
+    lowest-norm channel. A group keeps its scores (so the global ranking takes as many channels
+    from it as before), but which of its channels go is the norms' call."""
+    out = []
+    for s, n in zip(scores, norms):
+        ranked = torch.empty_like(s)
+        ranked[torch.argsort(n, stable=True)] = torch.sort(s).values
+        out.append(ranked)
+    return out
+
+
 SEARCHES = ("steps", "bisect")
 PENALTIES = ("uniform", "gradient")
-RANKS = ("alpha", "scale", "layer")
+RANKS = ("alpha", "scale", "layer", "norm")
 
 
 @register_method("importance-weights")
@@ -192,6 +204,10 @@ class ImportanceWeightMethod(Method):
     U-Nets it measured worse: alpha barely moves in a short phase, and divided by their means the
     layers with the most spread, the full-resolution ones, are cut first; docs/methods.md). With
     ``cost_aware`` its ranking part cancels (a group's channels all cost the same MACs).
+    ``rank="norm"`` (ours) splits the two decisions: |alpha| still sets how many channels each
+    layer loses (a layer's scores are kept, only handed out again), the filters' L1 norms which
+    ones (on the U-Nets, L1 cut to importance weights' own widths lost little to L1, while |alpha|'s
+    choice inside the layers lost more; docs/segmentation_widths).
 
     No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
     second stop rule (the last step is trimmed to it). ``min_keep``: no group goes below that
@@ -234,8 +250,9 @@ class ImportanceWeightMethod(Method):
                "gradients are far weaker, are not emptied by the penalty alone)", kind=str, choices=PENALTIES,
                flag="--iw-penalty"),
         Option("rank", "alpha", "rank channels by |alpha| (alpha, the paper), by |alpha| times the channel's own "
-               "scale, |gamma| (scale, ours) or by |alpha| over its layer's mean (layer, ours: every layer keeps "
-               "its share)", kind=str, choices=RANKS, flag="--iw-rank"),
+               "scale, |gamma| (scale, ours), by |alpha| over its layer's mean (layer, ours: every layer keeps "
+               "its share) or norm (ours: |alpha| sets how many channels each layer loses, the filters' L1 norms "
+               "which ones)", kind=str, choices=RANKS, flag="--iw-rank"),
     )
 
     def check(self, budget: Budget | None) -> None:
@@ -268,6 +285,8 @@ class ImportanceWeightMethod(Method):
             iw.fold()
         if weights is not None:  # importance per MAC saved: expensive channels must earn their place
             scores = [s / weights[g.components].clamp_min(1e-12) for g, s in zip(ctx.graph.groups, scores)]
+        if self.rank == "norm":
+            scores = norm_order(scores, group_scores(ctx.model, ctx.graph, "l1"))
         ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
         info: dict[str, Any] = {"iw_history": history}
         if ctx.val_data is not None and ctx.metric is not None:
