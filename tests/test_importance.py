@@ -549,3 +549,19 @@ def test_norm_rank_keeps_alphas_widths_and_the_highest_norm_filters(trained, dig
     worst = torch.sort(torch.argsort(norms[0])[:k]).values
     assert torch.equal(models["norm"][0].weight, trained[0].weight[best])
     assert torch.equal(models["alpha"][0].weight, trained[0].weight[worst])
+
+
+def test_gradient_penalty_gives_a_layer_the_loss_does_not_reach_the_weakest_pull_not_none(trained, digits):
+    """A layer whose alphas get no gradient (here its reader's weights are zero; an untrained timm
+    ResNet's blocks end in a BN at 0) would get no penalty and keep alpha at 1, ranked above every
+    channel the loss uses; it gets the smallest weight any layer got instead."""
+    from secateurs.methods.importance import gradient_weights
+
+    g = analyze(trained, torch.randn(1, 1, 8, 8))
+    m = copy.deepcopy(trained)
+    nn.init.zeros_(m[3].weight)  # the only reader of group 0's channels
+    w = gradient_weights(m, g, digits[0], secateurs.train.TrainConfig(**FT), batches=2)
+    per = [w[grp.components] for grp in g.groups]
+    assert all(torch.all(p == p[0]) for p in per)
+    live = [float(p[0]) for p in per[1:]]
+    assert live[0] != pytest.approx(live[1]) and float(per[0][0]) == pytest.approx(min(live))

@@ -79,6 +79,10 @@ def gradient_weights(model: nn.Module, graph: DependencyGraph, data, cfg: TrainC
                          "and the model before learning alpha")
     if not w[live].any():  # no gradient reaches alpha anywhere (e.g. a zeroed head): nothing to scale by
         return live.float()
+    # a layer the loss does not reach (a dead branch; an untrained timm block, whose last BN starts at 0)
+    # gets the weakest pull any layer got, not none: its alphas, unused, should drift down, not stay at 1
+    dead = live & (w == 0)
+    w[dead] = w[live & (w > 0)].min()
     return w / w[live].mean()
 
 
