@@ -272,6 +272,10 @@ IW_CHANGES = (  # (folder, the run it is paired with, title): issue 18's changes
      "### The L1 penalty scaled per layer by its loss gradient on alpha (ours, `--penalty {penalty}`; \"here\") "
      "against one penalty for every channel (the paper's; \"there\"), both with the {min_keep:.0%} floor, alpha at "
      "{alpha_lr} and re-fitted before every cut, paired by seed"),
+    ("segmentation_rank_norm", "segmentation_penalty/segmentation.json",
+     "### |alpha| setting each layer's width and the filters' L1 norms the channels inside it (ours, `--rank norm`; "
+     "\"here\") against |alpha| choosing both (\"there\"), both with the gradient-scaled penalty, the {min_keep:.0%} "
+     "floor, alpha at {alpha_lr} and re-fitted before every cut, paired by seed"),
 )
 
 
@@ -281,8 +285,12 @@ def _iw_change_lines(out: Path) -> list[str]:
     from benchmarks.segmentation import LATER
     from benchmarks.segmentation_report import versus_lines
 
-    lines = []
+    lines, widths = [], out / "segmentation_widths" / "widths.json"
     for folder, versus, title in IW_CHANGES:
+        if folder == "segmentation_rank_norm" and widths.exists():  # the probe that motivated it goes first
+            from benchmarks.segmentation_widths import summary_lines
+
+            lines += summary_lines(json.loads(widths.read_text())["results"])
         path, other = out / folder / "segmentation.json", out / versus
         if not (path.exists() and other.exists()):
             continue

@@ -662,3 +662,28 @@ def test_widths_report_pairs_allocation_and_ranking_by_seed(tmp_path):
     assert "--penalty gradient" in text and "15% of the MACs" in text
     alloc, rank = [ln for ln in text.splitlines() if ln.startswith("| | *")]
     assert "| 1.00 +- 4.97 |" in alloc and "| -4.00 +- 2.48 |" in rank  # seeds (-1, 1, 3) and (-3, -4, -5)
+
+
+def test_benchmarks_md_puts_the_widths_probe_before_the_change_it_motivated(tmp_path):
+    import json
+
+    from benchmarks.all import _iw_change_lines
+
+    arm = {"iou": 0.0, "pixel_acc": 0.0, "dice": 0.0, "macs_256": 1, "params": 1}
+    runs = {str(s): {"iw": dict(arm, iou=60.0), "l1w": dict(arm, iou=62.0 + s), "l1": dict(arm, iou=63.0)}
+            for s in range(3)}
+    (tmp_path / "segmentation_widths").mkdir()
+    (tmp_path / "segmentation_widths" / "widths.json").write_text(json.dumps({"results": {"unet": runs}}))
+    for folder, ious in (("segmentation_penalty", [3.0, 2.0, 4.0]), ("segmentation_rank_norm", [1.0, 1.0, 1.0])):
+        (tmp_path / folder).mkdir()
+        args = {"alpha_lr": 0.02, "min_keep": 0.25, "penalty": "gradient", "rank": folder[-4:]}
+        (tmp_path / folder / "segmentation.json").write_text(json.dumps({"args": args,
+                                                                         "results": _seg_results(ious, [0] * 3)}))
+    (tmp_path / "segmentation_min_keep").mkdir()
+    (tmp_path / "segmentation_min_keep" / "segmentation.json").write_text(
+        json.dumps({"args": {}, "results": _seg_results([3.0] * 3, [0] * 3)}))
+    text = "\n".join(_iw_change_lines(tmp_path))
+    probe, norm = text.index("### Allocation or ranking"), text.index("(ours, `--rank norm`")
+    assert text.index("`--penalty gradient`") < probe < norm
+    assert "| unet | 0.00 +- 2.48 | -3.00 +- 2.48 | 3 |" in text  # seeds (-1, 0, 1) and (-2, -3, -4)
+    assert "| +2.00 +- 2.48 |" in text[norm:]  # drops 1, 1, 1 against 3, 2, 4, paired
