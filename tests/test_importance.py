@@ -565,3 +565,24 @@ def test_gradient_penalty_gives_a_layer_the_loss_does_not_reach_the_weakest_pull
     assert all(torch.all(p == p[0]) for p in per)
     live = [float(p[0]) for p in per[1:]]
     assert live[0] != pytest.approx(live[1]) and float(per[0][0]) == pytest.approx(min(live))
+
+
+def test_norm_rank_reads_the_norms_of_the_model_each_step_cuts(trained, digits, monkeypatch):
+    """Fine-tuning between steps moves the filters: every step orders by the model it cuts, not by
+    the network as it was when alpha was folded."""
+    from secateurs.methods import importance
+
+    seen, real = [], importance.group_scores
+
+    def spy(model, graph, criterion, **kw):
+        seen.append((criterion, [g.size for g in graph.groups], float(model[0].weight.abs().sum())))
+        return real(model, graph, criterion, **kw)
+
+    monkeypatch.setattr(importance, "group_scores", spy)
+    m, rep = secateurs.prune(copy.deepcopy(trained), torch.randn(1, 1, 8, 8), "importance-weights", 0.3,
+                             data=digits[0], steps=2, finetune=FT,
+                             method_options={"epochs": 1, "fraction": 0.2, "rank": "norm"})
+    kept = [s for s in rep["steps"][1:] if not s.get("reverted")]
+    assert len(kept) == 2 and len(seen) == 2 and all(c == "l1" for c, _, _ in seen)
+    assert sum(seen[1][1]) < sum(seen[0][1])  # read on the model step 1 cut
+    assert float(m[0].weight.abs().sum()) != pytest.approx(seen[1][2])  # and fine-tuned since

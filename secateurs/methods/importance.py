@@ -209,8 +209,8 @@ class ImportanceWeightMethod(Method):
     layers with the most spread, the full-resolution ones, are cut first; docs/methods.md). With
     ``cost_aware`` its ranking part cancels (a group's channels all cost the same MACs).
     ``rank="norm"`` (ours) splits the two decisions: |alpha| still sets how many channels each
-    layer loses (a layer's scores are kept, only handed out again), the filters' L1 norms which
-    ones (on the U-Nets, L1 cut to importance weights' own widths lost little to L1, while |alpha|'s
+    layer loses (a layer's scores are kept, only handed out again before every step), the L1 norms
+    of the filters being cut which ones (on the U-Nets, L1 cut to importance weights' own widths lost little to L1, while |alpha|'s
     choice inside the layers lost more; docs/segmentation_widths).
 
     No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
@@ -289,8 +289,6 @@ class ImportanceWeightMethod(Method):
             iw.fold()
         if weights is not None:  # importance per MAC saved: expensive channels must earn their place
             scores = [s / weights[g.components].clamp_min(1e-12) for g, s in zip(ctx.graph.groups, scores)]
-        if self.rank == "norm":
-            scores = norm_order(scores, group_scores(ctx.model, ctx.graph, "l1"))
         ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
         info: dict[str, Any] = {"iw_history": history}
         if ctx.val_data is not None and ctx.metric is not None:
@@ -357,6 +355,9 @@ class ImportanceWeightMethod(Method):
         met = ctx.budget_met()
         if met:
             return Decision.halt(met, **info)
+        if self.rank == "norm":  # the filters of the model cut now pick, every step; each layer keeps its scores
+            scores = norm_order(self._scores(ctx), group_scores(ctx.model, ctx.graph, "l1"))
+            ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
         alloc = self._allocator(ctx, self._scores(ctx))
         pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
         removable = alloc.removable()
