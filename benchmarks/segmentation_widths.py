@@ -8,7 +8,9 @@ the channels inside each layer, from the unpruned model, fine-tuned for the same
 same re-fit; paired by seed:
 
 - L1 at importance weights' widths - L1 global: what importance weights' allocation costs;
-- importance weights - L1 at their widths: what their choice of channels (and alpha's phase) costs.
+- importance weights - L1 at their widths: what their choice of channels (and alpha's phase) costs;
+- with ``--schedule``, L1 on importance weights' schedule (as many steps, each fine-tuned, the same
+  epochs in all) - L1 one-shot: what the step-by-step schedule itself costs.
 
 Reads ``--from``'s segmentation.json (its settings, its rows) and the pruning runs in ``--work``
 (each seed's ``state.json``: the channels every step removed per layer). Resumable per seed.
@@ -65,6 +67,21 @@ def l1_at_widths(base, removed: dict[str, int], x: torch.Tensor, **prune_kw):
     return model, rep
 
 
+def l1_on_schedule(base, row: dict, base_macs: float, train, setup: dict, settings, seed: int, folder: Path):
+    """L1 (global) to the same MACs on importance weights' schedule: as many steps, each fine-tuned for
+    ``ft_epochs``, then alpha's epochs as plain fine-tuning (the same optimizer steps in all)."""
+    import secateurs
+    from secateurs.train import fit
+
+    model, _ = secateurs.prune(copy.deepcopy(base), torch.randn(1, 1, 256, 256), "l1",
+                               {"macs": row["iw"]["macs_256"] / base_macs}, steps=row["iw"]["steps"], data=train,
+                               finetune=finetune_config(setup, settings, settings.ft_epochs, seed), out_dir=folder,
+                               resume=True, latency_guard=False, reconstruct=settings.reconstruct)
+    if settings.iw_epochs:
+        fit(model, train, None, finetune_config(setup, settings, settings.iw_epochs, seed))
+    return model
+
+
 def run(args) -> dict:
     from secateurs.models import load_pretrained
 
@@ -75,28 +92,45 @@ def run(args) -> dict:
     for name in args.models or list(source["results"]):
         setup, base = SETUPS[name], load_pretrained(name)
         train, held, test = splits(setup)
-        got = results.setdefault(name, {})
+        got, work = results.setdefault(name, {}), Path(args.work) / name
         for seed, row in source["results"][name]["runs"].items():
-            if seed in got or KIND not in row:
+            if KIND not in row or all(k in got.get(seed, {}) for k in ("l1w", "l1s")[:1 + args.schedule]):
                 continue
-            state = json.loads((Path(args.work) / name / f"s{seed}_{KIND}_iw" / "state.json").read_text())
-            t0, epochs = time.perf_counter(), row[KIND]["iw"]["epochs"]
-            model, _ = l1_at_widths(base, removed_per_layer(state), torch.randn(1, 1, 256, 256), data=train,
-                                    finetune=finetune_config(setup, settings, epochs, int(seed)), resume=True,
-                                    out_dir=Path(args.work) / name / f"s{seed}_{KIND}_l1w",
-                                    reconstruct=settings.reconstruct)
-            got[seed] = {"iw": row[KIND]["iw"], "l1": row[KIND]["l1"], "l1w": _measure(model, test, held,
-                                                                                       settings.metric, None)}
-            got[seed]["l1w"].update(epochs=epochs, time_s=round(time.perf_counter() - t0, 1))
+            row, cell = row[KIND], got.setdefault(seed, {})
+            cell.update(iw=row["iw"], l1=row["l1"])
+            t0, epochs = time.perf_counter(), row["iw"]["epochs"]
+            if "l1w" not in cell:
+                state = json.loads((work / f"s{seed}_{KIND}_iw" / "state.json").read_text())
+                model, _ = l1_at_widths(base, removed_per_layer(state), torch.randn(1, 1, 256, 256), data=train,
+                                        finetune=finetune_config(setup, settings, epochs, int(seed)), resume=True,
+                                        out_dir=work / f"s{seed}_{KIND}_l1w", reconstruct=settings.reconstruct)
+                cell["l1w"] = dict(_measure(model, test, held, settings.metric, None), epochs=epochs,
+                                   time_s=round(time.perf_counter() - t0, 1))
+            if args.schedule and "l1s" not in cell:
+                t0 = time.perf_counter()
+                model = l1_on_schedule(base, row, source["results"][name]["base"]["macs_256"], train, setup,
+                                       settings, int(seed), work / f"s{seed}_{KIND}_l1s")
+                cell["l1s"] = dict(_measure(model, test, held, settings.metric, None), epochs=epochs,
+                                   time_s=round(time.perf_counter() - t0, 1))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"from": args.source, "args": source["args"], "results": results}, indent=1))
-            print(name, seed, {k: v["iou"] for k, v in got[seed].items()}, flush=True)
+            print(name, seed, {k: v["iou"] for k, v in cell.items()}, flush=True)
     return results
 
 
-ARMS = (("iw", "importance weights"), ("l1w", "L1 at importance weights' widths"), ("l1", "L1 (global, same MACs)"))
+ARMS = (("iw", "importance weights"), ("l1w", "L1 at importance weights' widths"), ("l1", "L1 (global, same MACs)"),
+        ("l1s", "L1 (global, same MACs) on importance weights' schedule"))
 PAIRS = (("l1w", "l1", "L1 at importance weights' widths - L1 global (the allocation)"),
-         ("iw", "l1w", "importance weights - L1 at their widths (the channels chosen inside each layer)"))
+         ("iw", "l1w", "importance weights - L1 at their widths (the channels chosen inside each layer)"),
+         ("l1s", "l1", "L1 on importance weights' schedule - L1 one-shot (the schedule)"))
+
+
+def _arms(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(k, label) for k, label in ARMS if all(k in r for r in rows)]
+
+
+def _pairs(rows: list[dict]) -> list[tuple[str, str, str]]:
+    return [(a, b, label) for a, b, label in PAIRS if all(a in r and b in r for r in rows)]
 
 
 def paired(rows: list[dict], a: str, b: str) -> str:
@@ -106,11 +140,13 @@ def paired(rows: list[dict], a: str, b: str) -> str:
 def summary_lines(results: dict) -> list[str]:
     """BENCHMARKS.md's short form: the two paired differences per model."""
     lines = ["### Allocation or ranking: L1 cut to importance weights' own per-layer widths (`python -m "
-             "benchmarks.segmentation_widths`), paired by seed", "",
-             "| model | " + " | ".join(label for _, _, label in PAIRS) + " | seeds |", "|---|---|---|---|"]
+             "benchmarks.segmentation_widths`), paired by seed", ""]
+    pairs = _pairs([r for runs in results.values() for r in runs.values()])
+    lines += ["| model | " + " | ".join(label for _, _, label in pairs) + " | seeds |",
+              "|---|" + "---|" * (len(pairs) + 1)]
     for name, runs in results.items():
         rows = list(runs.values())
-        lines.append(f"| {name} | " + " | ".join(paired(rows, a, b) for a, b, _ in PAIRS) + f" | {len(rows)} |")
+        lines.append(f"| {name} | " + " | ".join(paired(rows, a, b) for a, b, _ in pairs) + f" | {len(rows)} |")
     return lines + ["", "Details: segmentation_widths/widths.md.", ""]
 
 
@@ -125,21 +161,25 @@ def write_markdown(results: dict, saved: dict, out: Path) -> None:
              f"the fixed-MACs run, {made['fixed']:.0%} of the MACs) and L1 at the same MACs are read from "
              "there; the new arm is L1 cut, from the unpruned model, to exactly the number of channels importance "
              "weights removed from each layer (read from each seed's saved steps), re-fitted and fine-tuned "
-             "for the same epochs as the other two. IoU on the test split, mean +- 95% interval over seeds, "
-             "differences paired by seed.", "",
+             "for the same epochs as the other two."
+             + (" With `--schedule`, L1 (global) to the same MACs on importance weights' schedule: as many "
+                f"steps, each re-fitted and fine-tuned {made.get('ft_epochs', 2)} epochs, then alpha's "
+                f"{made.get('iw_epochs', 5)} epochs as plain fine-tuning (the same epochs in all)."
+                if ("l1s", ARMS[3][1]) in _arms([r for runs in results.values() for r in runs.values()]) else "")
+             + " IoU on the test split, mean +- 95% interval over seeds, differences paired by seed.", "",
              "| model | arm | MACs | params | pixel acc | IoU | Dice | seeds |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         rows = list(runs.values())
-        for i, (key, label) in enumerate(ARMS):
+        for i, (key, label) in enumerate(_arms(rows)):
             vals = [r[key] for r in rows]
             lines.append(f"| {name if i == 0 else ''} | {label} | {_stat([v['macs_256'] / 1e9 for v in vals])} G "
                          f"| {_stat([v['params'] / 1e3 for v in vals], '{:.0f}')} k "
                          f"| {_stat([v['pixel_acc'] for v in vals])} | {_stat([v['iou'] for v in vals])} "
                          f"| {_stat([v['dice'] for v in vals])} | {len(vals)} |")
-        for a, b, label in PAIRS:
+        for a, b, label in _pairs(rows):
             lines.append(f"| | *{label}, IoU* | | | | {paired(rows, a, b)} | | |")
     lines += ["", "Per seed (IoU): " + "; ".join(
-        f"{name} seed {s}: " + ", ".join(f"{k} {r[k]['iou']:.2f}" for k, _ in ARMS)
+        f"{name} seed {s}: " + ", ".join(f"{k} {r[k]['iou']:.2f}" for k, _ in _arms([r]))
         for name, runs in results.items() for s, r in runs.items()), ""]
     out.write_text("\n".join(lines))
 
@@ -150,6 +190,8 @@ def main(argv=None) -> None:
                    help="a benchmarks.segmentation output folder with fixed-MACs runs")
     p.add_argument("--work", default="runs/segmentation_penalty", help="that run's --work (the pruning runs)")
     p.add_argument("--models", nargs="*", default=None, choices=list(SETUPS))
+    p.add_argument("--schedule", action="store_true",
+                   help="also L1 (global) on importance weights' schedule: as many steps, the same epochs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/segmentation_widths")
     p.add_argument("--report-only", action="store_true")

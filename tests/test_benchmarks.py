@@ -687,3 +687,22 @@ def test_benchmarks_md_puts_the_widths_probe_before_the_change_it_motivated(tmp_
     assert text.index("`--penalty gradient`") < probe < norm
     assert "| unet | 0.00 +- 2.48 | -3.00 +- 2.48 | 3 |" in text  # seeds (-1, 0, 1) and (-2, -3, -4)
     assert "| +2.00 +- 2.48 |" in text[norm:]  # drops 1, 1, 1 against 3, 2, 4, paired
+
+
+def test_widths_report_adds_the_schedule_arm_only_when_every_seed_has_it(tmp_path):
+    from benchmarks.segmentation_widths import summary_lines, write_markdown
+
+    arm = {"iou": 0.0, "pixel_acc": 90.0, "dice": 70.0, "macs_256": 4.5e8, "params": 2e5}
+    runs = {str(s): {k: dict(arm, iou=v + s) for k, v in (("iw", 60.0), ("l1w", 62.0), ("l1", 64.0))}
+            for s in range(3)}
+    saved = {"from": "docs/x", "args": {"fixed": 0.15, "ft_epochs": 2, "iw_epochs": 5}}
+    runs["0"]["l1s"] = dict(arm, iou=61.0)
+    write_markdown({"m": runs}, saved, tmp_path / "w.md")
+    assert "schedule" not in (tmp_path / "w.md").read_text()  # one seed of three: no arm, no pair
+    for s in "12":
+        runs[s]["l1s"] = dict(arm, iou=61.0 + 2 * int(s))
+    write_markdown({"m": runs}, saved, tmp_path / "w.md")
+    text = (tmp_path / "w.md").read_text()
+    assert "then alpha's 5 epochs as plain fine-tuning" in text
+    assert "| | *L1 on importance weights' schedule - L1 one-shot (the schedule), IoU* | | | | -2.00 +- 2.48 |" in text
+    assert summary_lines({"m": runs})[3] == "|---|---|---|---|---|"  # model, three pairs, seeds
