@@ -216,7 +216,9 @@ def main(argv=None) -> None:
     p.add_argument("--fraction", type=float, default=0.1, help="CPU protocol: 10%% per step (method default 5%%)")
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--init", default="ones")
-    p.add_argument("--rank", default="alpha", choices=("alpha", "scale", "layer", "norm"),
+    from secateurs.methods.importance import RANKS
+
+    p.add_argument("--rank", default="alpha", choices=RANKS,
                    help="alpha (the paper's), scale (ours: |alpha| x the channel's scale), layer (ours: |alpha| over its "
                         "layer's mean) or norm (ours: |alpha| sets each layer's width, the filters' L1 norms the channels)")
     p.add_argument("--versus", default=None, metavar="JSON",

@@ -52,7 +52,8 @@ def gradient_weights(model: nn.Module, graph: DependencyGraph, data, cfg: TrainC
     (docs/alpha_gradients.md). The task loss alone is read (not a distillation term). Under
     torchrun each process reads its share of every batch and the gradients are averaged, as DDP
     does, so every process gets the same weights. The gradients are read on a copy of the model,
-    so the model itself is left as it was."""
+    so the model itself is left as it was. A layer no gradient reaches gets the smallest weight
+    of any layer, not 0: with no pull at all its alphas would stay at 1, above every used channel."""
     rank, world, _ = init_distributed()
     probe = copy_model(model).train()  # read on a copy: training mode moves BN's statistics, alpha hooks in
     iw = ImportanceWeights(probe, graph)
@@ -174,11 +175,17 @@ class ImportanceWeights:
 def norm_order(scores: list[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each group's scores handed out again in the order of ``norms``: the lowest score to the
     lowest-norm channel. A group keeps its scores (so the global ranking takes as many channels
-    from it as before), but which of its channels go is the norms' call."""
+    from it as before), but which of its channels go is the norms' call. Equal scores (alpha that
+    never moved) are made to rise by one float step each in norm order: the allocator breaks ties
+    by index, which would cut the high-norm channels of a tie."""
     out = []
     for s, n in zip(scores, norms):
-        ranked = torch.empty_like(s)
-        ranked[torch.argsort(n, stable=True)] = torch.sort(s).values
+        values = torch.sort(s.float()).values
+        for i in range(1, len(values)):
+            if values[i] <= values[i - 1]:
+                values[i] = torch.nextafter(values[i - 1], torch.tensor(float("inf")))
+        ranked = torch.empty_like(values)
+        ranked[torch.argsort(n, stable=True)] = values
         out.append(ranked)
     return out
 
@@ -209,9 +216,9 @@ class ImportanceWeightMethod(Method):
     layers with the most spread, the full-resolution ones, are cut first; docs/methods.md). With
     ``cost_aware`` its ranking part cancels (a group's channels all cost the same MACs).
     ``rank="norm"`` (ours) splits the two decisions: |alpha| still sets how many channels each
-    layer loses (a layer's scores are kept, only handed out again before every step), the L1 norms
-    of the filters being cut which ones (on the U-Nets, L1 cut to importance weights' own widths lost little to L1, while |alpha|'s
-    choice inside the layers lost more; docs/segmentation_widths).
+    layer loses (a layer's scores are kept, only handed out again before every step), the L1
+    norms of the filters being cut which ones (docs/segmentation_widths: on the U-Nets, L1 cut to
+    importance weights' own widths scored above importance weights themselves).
 
     No rate is set by hand: the tolerance stops the schedule. A MACs/params target, if given, is a
     second stop rule (the last step is trimmed to it). ``min_keep``: no group goes below that

@@ -1,0 +1,57 @@
+"""The widths probe (benchmarks.segmentation_widths): what importance weights' allocation, their
+choice of channels and their schedule each cost on the U-Nets, against L1."""
+from __future__ import annotations
+
+import torch
+
+
+def test_l1_at_importance_weights_widths_lands_on_each_layers_width_exactly():
+    """The widths probe: a run's removed counts summed over its kept steps (an undone one skipped),
+    then L1 cut to exactly those widths, transposed convs and the skip concatenations included."""
+    from benchmarks.segmentation_widths import l1_at_widths, removed_per_layer, widths
+    from secateurs.models import create_model
+
+    state = {"steps": [{"step": 0}, {"removed": {"enc.0.0": 1, "up.0": 2}},
+                       {"removed": {"enc.0.0": 5}, "reverted": True}, {"removed": {"enc.0.0": 1, "dec.0.0": 3}}]}
+    removed = removed_per_layer(state)
+    assert removed == {"enc.0.0": 2, "up.0": 2, "dec.0.0": 3}
+    torch.manual_seed(0)
+    base = create_model("unet", base=8, depth=2)
+    before = widths(base)
+    model, _ = l1_at_widths(base, removed, torch.randn(1, 1, 32, 32))
+    after = widths(model)
+    assert {n: before[n] - after[n] for n in before if after[n] != before[n]} == removed
+    assert model(torch.randn(2, 1, 32, 32)).shape == base(torch.randn(2, 1, 32, 32)).shape
+
+
+def test_widths_report_pairs_allocation_and_ranking_by_seed(tmp_path):
+    from benchmarks.segmentation_widths import write_markdown
+
+    def arm(iou):
+        return {"iou": iou, "pixel_acc": 90.0, "dice": 70.0, "macs_256": 4.5e8, "params": 2e5}
+
+    runs = {str(s): {"iw": arm(60.0 + s), "l1w": arm(63.0 + 2 * s), "l1": arm(64.0)} for s in range(3)}
+    write_markdown({"m": runs}, {"from": "docs/x", "args": {"fixed": 0.15, "penalty": "gradient"}}, tmp_path / "w.md")
+    text = (tmp_path / "w.md").read_text()
+    assert "--penalty gradient" in text and "15% of the MACs" in text
+    alloc, rank = [ln for ln in text.splitlines() if ln.startswith("| | *")]
+    assert "| 1.00 +- 4.97 |" in alloc and "| -4.00 +- 2.48 |" in rank  # seeds (-1, 1, 3) and (-3, -4, -5)
+
+
+def test_widths_report_adds_the_schedule_arm_only_when_every_seed_has_it(tmp_path):
+    from benchmarks.segmentation_widths import summary_lines, write_markdown
+
+    arm = {"iou": 0.0, "pixel_acc": 90.0, "dice": 70.0, "macs_256": 4.5e8, "params": 2e5}
+    runs = {str(s): {k: dict(arm, iou=v + s) for k, v in (("iw", 60.0), ("l1w", 62.0), ("l1", 64.0))}
+            for s in range(3)}
+    saved = {"from": "docs/x", "args": {"fixed": 0.15, "ft_epochs": 2, "iw_epochs": 5}}
+    runs["0"]["l1s"] = dict(arm, iou=61.0)
+    write_markdown({"m": runs}, saved, tmp_path / "w.md")
+    assert "schedule" not in (tmp_path / "w.md").read_text()  # one seed of three: no arm, no pair
+    for s in "12":
+        runs[s]["l1s"] = dict(arm, iou=61.0 + 2 * int(s))
+    write_markdown({"m": runs}, saved, tmp_path / "w.md")
+    text = (tmp_path / "w.md").read_text()
+    assert "then alpha's 5 epochs as plain fine-tuning" in text
+    assert "| | *L1 on importance weights' schedule - L1 one-shot (the schedule), IoU* | | | | -2.00 +- 2.48 |" in text
+    assert summary_lines({"m": runs})[3] == "|---|---|---|---|---|"  # model, three pairs, seeds
