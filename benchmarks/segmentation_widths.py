@@ -150,12 +150,14 @@ def summary_lines(results: dict) -> list[str]:
     """BENCHMARKS.md's short form: the paired differences per model."""
     lines = ["### Allocation or ranking: L1 cut to importance weights' own per-layer widths (`python -m "
              "benchmarks.segmentation_widths`), paired by seed", ""]
-    pairs = _pairs([r for runs in results.values() for r in runs.values()])
+    have = {name: _pairs(list(runs.values())) for name, runs in results.items()}
+    pairs = [p for p in PAIRS if any(p in h for h in have.values())]  # a model without one shows "-"
     lines += ["| model | " + " | ".join(label for _, _, label in pairs) + " | seeds |",
               "|---|" + "---|" * (len(pairs) + 1)]
     for name, runs in results.items():
         rows = list(runs.values())
-        lines.append(f"| {name} | " + " | ".join(paired(rows, a, b) for a, b, _ in pairs) + f" | {len(rows)} |")
+        lines.append(f"| {name} | " + " | ".join(paired(rows, a, b) if (a, b, label) in have[name] else "-"
+                                                  for a, b, label in pairs) + f" | {len(rows)} |")
     return lines + ["", "Details: segmentation_widths/widths.md.", ""]
 
 
