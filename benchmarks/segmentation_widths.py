@@ -10,7 +10,8 @@ same re-fit; paired by seed:
 - L1 at importance weights' widths - L1 global: what importance weights' allocation costs;
 - importance weights - L1 at their widths: what their choice of channels (and alpha's phase) costs;
 - with ``--schedule``, L1 on importance weights' schedule (as many steps, each fine-tuned, the same
-  epochs in all) - L1 one-shot: what the step-by-step schedule itself costs.
+  epochs in all) - L1 one-shot: what the step-by-step schedule costs L1, whose global ranking,
+  read again after every fine-tuning, also ends at other widths than its one-shot cut.
 
 Reads ``--from``'s segmentation.json (its settings, its rows) and the pruning runs in ``--work``
 (each seed's ``state.json``: the channels every step removed per layer). Resumable per seed.
@@ -128,7 +129,7 @@ ARMS = (("iw", "importance weights"), ("l1w", "L1 at importance weights' widths"
         ("l1s", "L1 (global, same MACs) on importance weights' schedule"))
 PAIRS = (("l1w", "l1", "L1 at importance weights' widths - L1 global (the allocation)"),
          ("iw", "l1w", "importance weights - L1 at their widths (the channels chosen inside each layer)"),
-         ("l1s", "l1", "L1 on importance weights' schedule - L1 one-shot (the schedule)"))
+         ("l1s", "l1", "L1 on importance weights' schedule - L1 one-shot (the schedule, and the widths global L1 drifts to on it)"))
 
 
 def _arms(rows: list[dict]) -> list[tuple[str, str]]:

@@ -53,7 +53,7 @@ def test_widths_report_adds_the_schedule_arm_only_when_every_seed_has_it(tmp_pat
     write_markdown({"m": runs}, saved, tmp_path / "w.md")
     text = (tmp_path / "w.md").read_text()
     assert "then alpha's 5 epochs as plain fine-tuning" in text
-    assert "| | *L1 on importance weights' schedule - L1 one-shot (the schedule), IoU* | | | | -2.00 +- 2.48 |" in text
+    assert "| | *L1 on importance weights' schedule - L1 one-shot (the schedule, and the widths global L1 drifts to on it), IoU* | | | | -2.00 +- 2.48 |" in text
     assert summary_lines({"m": runs})[3] == "|---|---|---|---|---|"  # model, three pairs, seeds
     other = {s: {k: v for k, v in r.items() if k != "l1s"} for s, r in runs.items()}
     lines = summary_lines({"m": runs, "n": other})  # a model the schedule arm has not reached yet
