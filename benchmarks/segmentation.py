@@ -88,6 +88,11 @@ def _iw(base, x, target, train, held, setup: dict, args, seed: int, folder: Path
                            reconstruct=args.reconstruct)
 
 
+def kept_steps(report: dict) -> list[dict]:
+    """A pruning report's steps that stayed (the first entry is the unpruned model; an undone one did not)."""
+    return [r for r in report["steps"][1:] if not r.get("reverted")]
+
+
 def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Path) -> dict:
     """Importance weights, then L1 at the MACs it reached with the same epochs (optimizer steps);
     ``data`` is the model's (train, held-out, test) from :func:`splits`."""
@@ -100,11 +105,11 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
     t0 = time.perf_counter()
     iw, rep = _iw(base, x, None if kind == "tol" else args.fixed, train, held, setup, args, seed,
                   work / name / f"s{seed}_{kind}_iw")
-    kept_steps = [r for r in rep["steps"][1:] if not r.get("reverted")]
-    epochs = args.iw_epochs + args.ft_epochs * len(kept_steps)
+    done = kept_steps(rep)
+    epochs = args.iw_epochs + args.ft_epochs * len(done)
     out = {"iw": _measure(iw, test, held, args.metric, save(f"{kind}_iw"))}
     # the collapse guard's verdict (secateurs.report.collapse_guard): one class for every labelled pixel
-    out["iw"].update(steps=len(kept_steps), stopped=rep.get("stopped") or ("" if kept_steps else "no step kept"),
+    out["iw"].update(steps=len(done), stopped=rep.get("stopped") or ("" if done else "no step kept"),
                      epochs=epochs, collapsed="collapsed" in rep,
                      time_s=round(time.perf_counter() - t0, 1),
                      held_after_alpha=round(rep["method_output"].get("iw_metric_trained") or float("nan"), 3),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.segmentation import LATER, SETUPS, _measure, finetune_config, splits
+from benchmarks.segmentation import LATER, SETUPS, _measure, finetune_config, kept_steps, splits
 from benchmarks.segmentation_report import SHOWN, _stat
 
 KIND = "fixed"
@@ -41,9 +41,7 @@ KIND = "fixed"
 def removed_per_layer(state: dict) -> dict[str, int]:
     """Channels removed from each layer over a run's kept steps (each step counts from the model it cut)."""
     total: dict[str, int] = {}
-    for step in state["steps"][1:]:
-        if step.get("reverted"):
-            continue
+    for step in kept_steps(state):
         for name, n in step["removed"].items():
             total[name] = total.get(name, 0) + int(n)
     return total
@@ -79,7 +77,7 @@ def l1_on_schedule(base, row: dict, base_macs: float, train, setup: dict, settin
                                  {"macs": row["iw"]["macs_256"] / base_macs}, steps=row["iw"]["steps"], data=train,
                                  finetune=finetune_config(setup, settings, settings.ft_epochs, seed), out_dir=folder,
                                  resume=True, latency_guard=False, reconstruct=settings.reconstruct)
-    steps = len([r for r in rep["steps"][1:] if not r.get("reverted")])  # `steps` is at most that many
+    steps = len(kept_steps(rep))  # `steps` is at most that many
     if settings.iw_epochs + settings.ft_epochs * steps != row["iw"]["epochs"]:
         raise RuntimeError(f"L1 took {steps} steps, importance weights {row['iw']['steps']}: not the same epochs")
     if settings.iw_epochs:
@@ -93,9 +91,10 @@ def run(args) -> dict:
     source = json.loads((Path(args.source) / "segmentation.json").read_text())
     settings = argparse.Namespace(**{**LATER, **source["args"]})
     path = Path(args.out) / "widths.json"
-    results = json.loads(path.read_text())["results"] if path.exists() else {}
-    if path.exists() and json.loads(path.read_text())["args"] != source["args"]:
+    saved = json.loads(path.read_text()) if path.exists() else {"args": source["args"], "results": {}}
+    if saved["args"] != source["args"]:
         raise SystemExit(f"{path} was made from other runs than {args.source}'s: --out another folder")
+    results = saved["results"]
     for name in args.models or list(source["results"]):
         setup, base = SETUPS[name], load_pretrained(name)
         train, held, test = splits(setup)

@@ -296,7 +296,7 @@ class ImportanceWeightMethod(Method):
             iw.fold()
         if weights is not None:  # importance per MAC saved: expensive channels must earn their place
             scores = [s / weights[g.components].clamp_min(1e-12) for g, s in zip(ctx.graph.groups, scores)]
-        ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
+        self._store(ctx, scores)
         info: dict[str, Any] = {"iw_history": history}
         if ctx.val_data is not None and ctx.metric is not None:
             info["iw_metric_trained"] = evaluate(ctx.model, ctx.val_data)[ctx.metric]
@@ -306,6 +306,11 @@ class ImportanceWeightMethod(Method):
                                      f"learning the importance weights (> tolerance {ctx.tolerance}); model left as it "
                                      "was", undo=True, **info)
         return info
+
+    @staticmethod
+    def _store(ctx: StepContext, scores: list[torch.Tensor]) -> None:
+        """The scores in ``ctx.state`` (saved with every step), which the surgery and an undo follow."""
+        ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
 
     def _scores(self, ctx: StepContext) -> list[torch.Tensor]:
         stored = ctx.state["scores"]
@@ -362,10 +367,11 @@ class ImportanceWeightMethod(Method):
         met = ctx.budget_met()
         if met:
             return Decision.halt(met, **info)
+        scores = self._scores(ctx)
         if self.rank == "norm":  # the filters of the model cut now pick, every step; each layer keeps its scores
-            scores = norm_order(self._scores(ctx), group_scores(ctx.model, ctx.graph, "l1"))
-            ctx.state["scores"] = {g.name: s.tolist() for g, s in zip(ctx.graph.groups, scores)}
-        alloc = self._allocator(ctx, self._scores(ctx))
+            scores = norm_order(scores, group_scores(ctx.model, ctx.graph, "l1"))
+            self._store(ctx, scores)
+        alloc = self._allocator(ctx, scores)
         pc = PlanCost(ctx.model, ctx.graph, ctx.example_inputs, base=ctx.current)
         removable = alloc.removable()
         if removable == 0:
