@@ -30,13 +30,13 @@ from .distributed import init_distributed, is_main_process, mark_failed
 from .train import TrainConfig, evaluate, fit, metric_key
 
 
-def load_model(spec: str, **kwargs) -> torch.nn.Module:
+def load_model(spec: str, flag: str = "--model", **kwargs) -> torch.nn.Module:
     """``create_model`` with ``trust_code=True``: a ``module:callable`` name typed on the command line
     is the user's own code."""
     try:
         return create_model(spec, trust_code=True, **kwargs).eval()
     except (ValueError, TypeError, ImportError) as err:  # TypeError: a --model-arg the constructor does not take
-        raise SystemExit(f"--model: {err}") from None
+        raise SystemExit(f"{flag}: {err}") from None
 
 
 def _budget(args, optional: bool = False) -> Budget | None:
@@ -235,7 +235,7 @@ def build_model(args, ds=None, **extra) -> torch.nn.Module:
     return load_model(args.model, **kw)
 
 
-def _init_from(model, path: Path) -> None:
+def _init_from(model, path: Path, flag: str = "--init-from") -> None:
     """Load the weights of an earlier run into ``model`` (strictly: the same architecture)."""
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -248,7 +248,21 @@ def _init_from(model, path: Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)["model"]
         model.load_state_dict(state)
     except (OSError, KeyError, RuntimeError) as err:
-        raise SystemExit(f"--init-from {path}: {type(err).__name__}: {str(err)[:300]}") from None
+        raise SystemExit(f"{flag} {path}: {type(err).__name__}: {str(err)[:300]}") from None
+
+
+def _teacher(args, train_ds):
+    """The frozen model ``--teacher`` names, or None: how a small network learns from a larger trained one."""
+    if args.teacher is None:
+        if args.teacher_model:
+            raise SystemExit("--teacher-model needs --teacher (the weights to distil from)")
+        return None
+    if not 0 < args.distill <= 1:
+        raise SystemExit(f"--distill must be in (0, 1] with --teacher, got {args.distill}")
+    kw = sizing_kwargs(args.teacher_model or args.model, max(2, train_ds.num_classes), train_ds.images.shape[1])
+    teacher = load_model(args.teacher_model or args.model, "--teacher-model" if args.teacher_model else "--model", **kw)
+    _init_from(teacher, Path(args.teacher), flag="--teacher")
+    return teacher.eval().requires_grad_(False)
 
 
 def train_main(args) -> int:
@@ -265,16 +279,19 @@ def train_main(args) -> int:
     resuming = args.resume and args.out and (Path(args.out) / "checkpoint.pt").exists()
     if args.init_from and not resuming:  # a run being resumed already holds its weights
         _init_from(model, Path(args.init_from))
+    teacher = _teacher(args, train_ds)
     try:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                           optimizer=args.optimizer, schedule=args.schedule, milestones=tuple(args.milestones),
                           warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, amp=args.amp,
                           channels_last=args.channels_last, seed=args.seed, pad=args.pad, crop=args.crop, cutout=args.cutout,
                           out_dir=args.out,
-                          resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard, step_delay=args.step_delay)
+                          resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard, step_delay=args.step_delay,
+                          distill=args.distill if teacher is not None else 0.0,
+                          distill_temperature=args.distill_temperature)
     except ValueError as err:
         raise SystemExit(f"secateurs train: {err}") from None
-    history = fit(model, train_ds, val_ds, cfg)
+    history = fit(model, train_ds, val_ds, cfg, teacher=teacher)
     if is_main_process() and history:
         last = history[-1]
         print("final", " ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("val_")))

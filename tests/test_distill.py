@@ -327,3 +327,30 @@ def test_cli_flags_reach_the_fine_tuning_config(monkeypatch):
 def test_cli_refuses_bad_distillation_flags(args, msg):
     with pytest.raises(SystemExit, match=msg):
         main([*FAST, *args])
+
+
+def test_train_distils_from_the_run_named_by_teacher(tmp_path, monkeypatch):
+    """`secateurs train --teacher` (how scripts/baselines.sh lifts ResNet-20 with ResNet-56): the frozen
+    teacher holds the named run's weights and the config carries its weight and temperature."""
+    from secateurs import cli
+    from tests.test_train import _train_cmd
+
+    first = tmp_path / "teacher"
+    assert cli.main(_train_cmd(first, 1)[3:]) == 0
+    seen = {}
+    monkeypatch.setattr(cli, "fit", lambda model, tr, va, cfg, teacher=None: seen.update(cfg=cfg, teacher=teacher) or [])
+    assert cli.main(_train_cmd(tmp_path / "s", 1, ["--teacher", str(first), "--distill", "0.9",
+                                                   "--distill-temperature", "3"])[3:]) == 0
+    want = torch.load(first / "checkpoint.pt", weights_only=True)["model"]
+    got = seen["teacher"].state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not seen["teacher"].training and not any(p.requires_grad for p in seen["teacher"].parameters())
+    assert (seen["cfg"].distill, seen["cfg"].distill_temperature) == (0.9, 3.0)
+    assert cli.main(_train_cmd(tmp_path / "plain", 1)[3:]) == 0  # no --teacher: no distillation
+    assert seen["teacher"] is None and seen["cfg"].distill == 0.0
+    for extra, msg in [(["--teacher-model", "tiny_cnn"], "--teacher-model needs --teacher"),
+                       (["--teacher", str(first), "--distill", "0"], r"--distill must be in \(0, 1\]"),
+                       (["--teacher", str(first), "--teacher-model", "cifar_resnet20"], "(?s)--teacher .*(size mismatch|Missing key)"),
+                       (["--teacher", str(first), "--teacher-model", "no_such_model"], "--teacher-model")]:
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(_train_cmd(tmp_path / "bad", 1, extra)[3:])
