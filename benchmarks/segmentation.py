@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -39,8 +40,8 @@ SETUPS = {  # the zoo model, its data, the training crops it was trained with, h
     "ternausnet8_hela": {"data": "hela", "crop": 192, "batch": 4, "tol_images": 1},
 }
 SETTINGS = ("tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "fraction", "max_steps", "init", "rank", "l1", "lr",
-            "refinements", "cost_aware", "reconstruct", "alpha_lr", "min_keep", "penalty")  # what changes a result: a resumed file must have been made with the same
-LATER = {"reconstruct": 0, "runs": list(RUNS), "alpha_lr": None, "min_keep": 0.05, "penalty": "uniform"}  # options added after results were made: what those were made with
+            "refinements", "cost_aware", "reconstruct", "alpha_lr", "min_keep", "penalty", "final_epochs")  # what changes a result: a resumed file must have been made with the same
+LATER = {"reconstruct": 0, "runs": list(RUNS), "alpha_lr": None, "min_keep": 0.05, "penalty": "uniform", "final_epochs": 0}  # options added after results were made: what those were made with
 
 
 def finetune_config(setup: dict, args, epochs: int, seed: int = 0):
@@ -106,7 +107,13 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
     iw, rep = _iw(base, x, None if kind == "tol" else args.fixed, train, held, setup, args, seed,
                   work / name / f"s{seed}_{kind}_iw")
     done = kept_steps(rep)
-    epochs = args.iw_epochs + args.ft_epochs * len(done)
+    if args.final_epochs and done:  # the last cut's recovery: the one-shot cut it is compared with gets all its epochs after it
+        from secateurs.train import fit
+
+        final = dataclasses.replace(finetune_config(setup, args, args.final_epochs, seed),
+                                    out_dir=str(work / name / f"s{seed}_{kind}_final"), resume=True)
+        fit(iw, train, None, final)
+    epochs = args.iw_epochs + args.ft_epochs * len(done) + (args.final_epochs if done else 0)
     out = {"iw": _measure(iw, test, held, args.metric, save(f"{kind}_iw"))}
     # the collapse guard's verdict (secateurs.report.collapse_guard): one class for every labelled pixel
     out["iw"].update(steps=len(done), stopped=rep.get("stopped") or ("" if done else "no step kept"),
@@ -237,6 +244,8 @@ def main(argv=None) -> None:
     p.add_argument("--penalty", default="uniform", choices=("uniform", "gradient"),
                    help="importance weights: L1 penalty the same everywhere (the paper's) or scaled by each layer's "
                         "loss gradient on alpha (ours)")
+    p.add_argument("--final-epochs", type=int, default=0,
+                   help="importance weights: this many more fine-tuning epochs after its last step (L1 gets them too)")
     p.add_argument("--refinements", type=int, default=2, help="after an undone step, halve the step, at most N times")
     p.add_argument("--reconstruct", type=int, default=0, metavar="N",
                    help="both methods: the least-squares re-fit before every cut, on N training images")

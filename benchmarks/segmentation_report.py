@@ -14,7 +14,7 @@ from benchmarks._protocol import interval
 METRICS = ("pixel_acc", "iou", "dice")
 RUNS = ("tol", "fixed")
 SHOWN = ("runs", "tolerance", "metric", "fixed", "iw_epochs", "ft_epochs", "fraction", "max_steps", "init", "rank",
-         "cost_aware", "l1", "lr", "alpha_lr", "min_keep", "penalty", "refinements", "reconstruct")  # options that change a result, in the command line
+         "cost_aware", "l1", "lr", "alpha_lr", "min_keep", "penalty", "refinements", "reconstruct", "final_epochs")  # options that change a result, in the command line
 
 def _penalty(args) -> str:
     from secateurs.methods.importance import GRADIENT_BATCHES
@@ -23,6 +23,11 @@ def _penalty(args) -> str:
         return ""
     return (f" scaled per layer by its RMS loss gradient on alpha = 1 ({GRADIENT_BATCHES} training batches read "
             "before alpha's phase; mean 1 over the channels)")
+
+
+def _final(args) -> str:
+    epochs = getattr(args, "final_epochs", 0)
+    return f", then {epochs} more after the last step (the last cut's recovery)" if epochs else ""
 
 
 def _speedup(cell: dict, tag: str) -> str:
@@ -105,11 +110,12 @@ def write_markdown(results: dict, args, path: Path, defaults: dict | None = None
         f"{args.lr}{'' if getattr(args, 'alpha_lr', None) is None else f', alpha at lr {args.alpha_lr}'}); "
         f"then {args.fraction:.0%} of the remaining removable filters per step (no layer below "
         f"{getattr(args, 'min_keep', 0.05):.0%} of its width), {args.ft_epochs} "
-        f"fine-tuning epochs per step. **tolerance**: until `{m}` on the held-out images falls more than "
+        f"fine-tuning epochs per step{_final(args)}. **tolerance**: until `{m}` on the held-out images falls more than "
         f"{args.tolerance} point(s) below the unpruned model's (that step undone, then the step halved at most "
         f"{args.refinements} times). **fixed MACs**: to {args.fixed:.0%} of the MACs (the paper's "
         f"-{1 - args.fixed:.0%}), no tolerance. L1: global L1-norm ranking cut one-shot to the MACs importance "
-        "weights reached, fine-tuned for the same number of epochs (alpha epochs + kept steps x epochs per step; "
+        "weights reached, fine-tuned for the same number of epochs (alpha epochs + kept steps x epochs per step"
+        + (" + the final epochs" if getattr(args, "final_epochs", 0) else "") + "; "
         f"the same batches, so the same optimizer steps). Mean +- 95% interval over seeds {_seeds(results)}. MACs at "
         "256x256; latency: seed 0's models' speed-up over the unpruned model, batch 1, PyTorch eager on this CPU, "
         + (f"the median of {args.latency_repeats} per-round ratios (each round times both back to back) and its 95% "

@@ -58,3 +58,30 @@ def test_widths_report_adds_the_schedule_arm_only_when_every_seed_has_it(tmp_pat
     other = {s: {k: v for k, v in r.items() if k != "l1s"} for s, r in runs.items()}
     lines = summary_lines({"m": runs, "n": other})  # a model the schedule arm has not reached yet
     assert lines[-5].endswith("| -2.00 +- 2.48 | 3 |") and lines[-4].endswith("| - | 3 |")
+
+
+def test_final_epochs_recover_the_last_cut_and_l1_gets_them_too(tmp_path, monkeypatch):
+    """`benchmarks.segmentation --final-epochs N`: importance weights' last cut is fine-tuned N more
+    epochs (resumably, in its own folder) and the one-shot L1 it is paired with gets the same total."""
+    import argparse
+
+    import benchmarks.segmentation as seg
+    import secateurs
+    import secateurs.train
+
+    rep = {"steps": [{"step": i, "macs": 100 - 20 * i, "metric": 90.0, "reverted": i == 2} for i in range(4)], "method_output": {},
+           "before": {"macs": 100}, "after": {"macs": 20}}
+    pruned, fits = [], []
+    monkeypatch.setattr(secateurs, "prune", lambda m, x, method, t, **kw: pruned.append((method, kw["finetune"].epochs)) or (m, rep))
+    monkeypatch.setattr(secateurs.train, "fit", lambda m, tr, va, cfg: fits.append(cfg))
+    monkeypatch.setattr(seg, "_measure", lambda *a: {})
+    args = argparse.Namespace(tolerance=1.0, fixed=0.15, metric="pixel_acc", max_steps=40, ft_epochs=2, iw_epochs=5,
+                              fraction=0.1, init="ones", l1=1e-4, rank="alpha", cost_aware=False, refinements=2,
+                              alpha_lr=None, min_keep=0.05, penalty="uniform", reconstruct=0, lr=3e-4, final_epochs=3)
+    base, data = torch.nn.Conv2d(1, 1, 1), (None, None, None)
+    out = seg.run_pair("unet16_isbi2012", "fixed", base, data, 1, args, tmp_path)
+    assert [(c.epochs, c.resume, c.out_dir) for c in fits] == [(3, True, str(tmp_path / "unet16_isbi2012" / "s1_fixed_final"))]
+    assert pruned == [("importance-weights", 2), ("l1", 5 + 2 * 2 + 3)] and out["iw"]["epochs"] == 12
+    args.final_epochs, fits[:], pruned[:] = 0, [], []
+    out = seg.run_pair("unet16_isbi2012", "fixed", base, data, 1, args, tmp_path)
+    assert not fits and pruned[1] == ("l1", 9) and out["iw"]["epochs"] == 9
