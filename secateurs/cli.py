@@ -30,7 +30,7 @@ from .distributed import init_distributed, is_main_process, mark_failed
 from .train import TrainConfig, evaluate, fit, metric_key
 
 
-def load_model(spec: str, flag: str = "--model", **kwargs) -> torch.nn.Module:
+def load_model(spec: str, *, flag: str = "--model", **kwargs) -> torch.nn.Module:
     """``create_model`` with ``trust_code=True``: a ``module:callable`` name typed on the command line
     is the user's own code."""
     try:
@@ -260,7 +260,7 @@ def _teacher(args, train_ds):
     if not 0 < args.distill <= 1:
         raise SystemExit(f"--distill must be in (0, 1] with --teacher, got {args.distill}")
     kw = sizing_kwargs(args.teacher_model or args.model, max(2, train_ds.num_classes), train_ds.images.shape[1])
-    teacher = load_model(args.teacher_model or args.model, "--teacher-model" if args.teacher_model else "--model", **kw)
+    teacher = load_model(args.teacher_model or args.model, flag="--teacher-model" if args.teacher_model else "--model", **kw)
     _init_from(teacher, Path(args.teacher), flag="--teacher")
     return teacher.eval().requires_grad_(False)
 
