@@ -276,6 +276,10 @@ IW_CHANGES = (  # (folder, the run it is paired with, title): issue 18's changes
      "### |alpha| setting each layer's width and the filters' L1 norms the channels inside it (ours, `--rank norm`; "
      "\"here\") against |alpha| choosing both (\"there\"), both with the gradient-scaled penalty, the {min_keep:.0%} "
      "floor, alpha at {alpha_lr} and re-fitted before every cut, paired by seed"),
+    ("segmentation_final", "segmentation_rank_norm/segmentation.json",
+     "### 1 fine-tuning epoch per step and {final_epochs} more after the last cut (\"here\") against 2 per step and "
+     "none after (\"there\"; about the same epochs in all), both ranked by `norm`, paired by seed: is the short "
+     "recovery after importance weights' last cut what it loses to L1's one cut?"),
 )
 
 
