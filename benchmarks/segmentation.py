@@ -107,13 +107,13 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
     iw, rep = _iw(base, x, None if kind == "tol" else args.fixed, train, held, setup, args, seed,
                   work / name / f"s{seed}_{kind}_iw")
     done = kept_steps(rep)
-    if args.final_epochs and done:  # the last cut's recovery: the one-shot cut it is compared with gets all its epochs after it
+    final = args.final_epochs if done else 0  # the last cut's recovery: the one-shot cut it is compared with gets all its epochs after it
+    if final:
         from secateurs.train import fit
 
-        final = dataclasses.replace(finetune_config(setup, args, args.final_epochs, seed),
-                                    out_dir=str(work / name / f"s{seed}_{kind}_final"), resume=True)
-        fit(iw, train, None, final)
-    epochs = args.iw_epochs + args.ft_epochs * len(done) + (args.final_epochs if done else 0)
+        fit(iw, train, None, dataclasses.replace(finetune_config(setup, args, final, seed), resume=True,
+                                                 out_dir=str(work / name / f"s{seed}_{kind}_final")))
+    epochs = args.iw_epochs + args.ft_epochs * len(done) + final
     out = {"iw": _measure(iw, test, held, args.metric, save(f"{kind}_iw"))}
     # the collapse guard's verdict (secateurs.report.collapse_guard): one class for every labelled pixel
     out["iw"].update(steps=len(done), stopped=rep.get("stopped") or ("" if done else "no step kept"),

@@ -221,6 +221,12 @@ def sensitivity_main(args) -> int:
     return 0
 
 
+def _sized_for(spec: str, ds) -> dict:
+    """Constructor arguments giving ``spec`` the dataset's classes and input channels, under the builder's
+    own names (smp: classes, in_channels; ultralytics: nc, ch)."""
+    return sizing_kwargs(spec, max(2, ds.num_classes), ds.images.shape[1])
+
+
 def build_model(args, ds=None, **extra) -> torch.nn.Module:
     """--pretrained (zoo checkpoint), else --model sized for the dataset's classes and channels."""
     if getattr(args, "pretrained", None):
@@ -229,8 +235,8 @@ def build_model(args, ds=None, **extra) -> torch.nn.Module:
         except ValueError as err:
             raise SystemExit(f"--pretrained: {err}") from None
     kw = dict(extra)
-    if ds is not None:  # under the builder's own names (smp: classes, in_channels; ultralytics: nc, ch)
-        kw.update(sizing_kwargs(args.model, max(2, ds.num_classes), ds.images.shape[1]))
+    if ds is not None:
+        kw.update(_sized_for(args.model, ds))
     kw.update(parse_model_args(args.model_arg))
     return load_model(args.model, **kw)
 
@@ -259,8 +265,8 @@ def _teacher(args, train_ds):
         return None
     if not 0 < args.distill <= 1:
         raise SystemExit(f"--distill must be in (0, 1] with --teacher, got {args.distill}")
-    kw = sizing_kwargs(args.teacher_model or args.model, max(2, train_ds.num_classes), train_ds.images.shape[1])
-    teacher = load_model(args.teacher_model or args.model, flag="--teacher-model" if args.teacher_model else "--model", **kw)
+    spec = args.teacher_model or args.model
+    teacher = load_model(spec, flag="--teacher-model" if args.teacher_model else "--model", **_sized_for(spec, train_ds))
     _init_from(teacher, Path(args.teacher), flag="--teacher")
     return teacher.eval().requires_grad_(False)
 
