@@ -266,7 +266,10 @@ def _teacher(args, train_ds):
     if not 0 < args.distill <= 1:
         raise SystemExit(f"--distill must be in (0, 1] with --teacher, got {args.distill}")
     spec = args.teacher_model or args.model
-    teacher = load_model(spec, flag="--teacher-model" if args.teacher_model else "--model", **_sized_for(spec, train_ds))
+    kw = _sized_for(spec, train_ds)
+    if not args.teacher_model:  # the student's own architecture: its --model-arg (a width, a depth) shapes the teacher too
+        kw.update(parse_model_args(args.model_arg))
+    teacher = load_model(spec, flag="--teacher-model" if args.teacher_model else "--model", **kw)
     _init_from(teacher, Path(args.teacher), flag="--teacher")
     return teacher.eval().requires_grad_(False)
 

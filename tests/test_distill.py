@@ -337,6 +337,8 @@ def test_train_distils_from_the_run_named_by_teacher(tmp_path, monkeypatch):
 
     first = tmp_path / "teacher"
     assert cli.main(_train_cmd(first, 1)[3:]) == 0
+    wide = ["--model-arg", "width=24"]
+    assert cli.main(_train_cmd(tmp_path / "wide", 1, wide)[3:]) == 0
     seen = {}
     monkeypatch.setattr(cli, "fit", lambda model, tr, va, cfg, teacher=None: seen.update(cfg=cfg, teacher=teacher) or [])
     assert cli.main(_train_cmd(tmp_path / "s", 1, ["--teacher", str(first), "--distill", "0.9",
@@ -348,6 +350,9 @@ def test_train_distils_from_the_run_named_by_teacher(tmp_path, monkeypatch):
     assert (seen["cfg"].distill, seen["cfg"].distill_temperature) == (0.9, 3.0)
     assert cli.main(_train_cmd(tmp_path / "plain", 1)[3:]) == 0  # no --teacher: no distillation
     assert seen["teacher"] is None and seen["cfg"].distill == 0.0
+    # no --teacher-model: the teacher is the student's architecture, its --model-arg included
+    assert cli.main(_train_cmd(tmp_path / "s24", 1, [*wide, "--teacher", str(tmp_path / "wide")])[3:]) == 0
+    assert seen["teacher"][0].out_channels == 24
     for extra, msg in [(["--teacher-model", "tiny_cnn"], "--teacher-model needs --teacher"),
                        (["--teacher", str(first), "--distill", "0"], r"--distill must be in \(0, 1\]"),
                        (["--teacher", str(first), "--teacher-model", "cifar_resnet20"], "(?s)--teacher .*(size mismatch|Missing key)"),
