@@ -112,7 +112,7 @@ def run_pair(name: str, kind: str, base, data: tuple, seed: int, args, work: Pat
         from secateurs.train import fit
 
         fit(iw, train, None, dataclasses.replace(finetune_config(setup, args, final, seed), resume=True,
-                                                 out_dir=str(work / name / f"s{seed}_{kind}_final")))
+                                                 out_dir=str(work / name / f"s{seed}_{kind}_final{final}")))
     epochs = args.iw_epochs + args.ft_epochs * len(done) + final
     out = {"iw": _measure(iw, test, held, args.metric, save(f"{kind}_iw"))}
     # the collapse guard's verdict (secateurs.report.collapse_guard): one class for every labelled pixel
@@ -258,6 +258,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not 0 < args.min_keep <= 1:
         p.error(f"--min-keep must be in (0, 1], got {args.min_keep}")
+    if args.final_epochs < 0:
+        p.error(f"--final-epochs must be >= 0, got {args.final_epochs}")
     torch.set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,8 @@ def l1_on_schedule(base, row: dict, base_macs: float, train, setup: dict, settin
                                  finetune=finetune_config(setup, settings, settings.ft_epochs, seed), out_dir=folder,
                                  resume=True, latency_guard=False, reconstruct=settings.reconstruct)
     steps = len(kept_steps(rep))  # `steps` is at most that many
-    tail = settings.iw_epochs + getattr(settings, "final_epochs", 0)  # alpha's epochs and the last cut's recovery
+    # alpha's epochs, and the last cut's recovery where importance weights kept a step (benchmarks.segmentation)
+    tail = settings.iw_epochs + (getattr(settings, "final_epochs", 0) if row["iw"]["steps"] else 0)
     if tail + settings.ft_epochs * steps != row["iw"]["epochs"]:
         raise RuntimeError(f"L1 took {steps} steps, importance weights {row['iw']['steps']}: not the same epochs")
     if tail:
@@ -176,7 +177,9 @@ def write_markdown(results: dict, saved: dict, out: Path) -> None:
              "for the same epochs as the other two."
              + (" With `--schedule`, L1 (global) to the same MACs on importance weights' schedule: as many "
                 f"steps, each re-fitted and fine-tuned {made.get('ft_epochs', 2)} epochs, then alpha's "
-                f"{made.get('iw_epochs', 5)} epochs as plain fine-tuning (the same epochs in all)."
+                f"{made.get('iw_epochs', 5)} epochs"
+                + (f" and the {made['final_epochs']} after its last cut" if made.get("final_epochs") else "")
+                + " as plain fine-tuning (the same epochs in all)."
                 if ("l1s", ARMS[3][1]) in _arms([r for runs in results.values() for r in runs.values()]) else "")
              + " IoU on the test split, mean +- 95% interval over seeds, differences paired by seed.", "",
              "| model | arm | MACs | params | pixel acc | IoU | Dice | seeds |", "|---|---|---|---|---|---|---|---|"]

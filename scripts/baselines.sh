@@ -3,7 +3,8 @@
 # Resumable: rerun after any interruption and each run continues from its last finished epoch.
 #   bash scripts/baselines.sh r20        # ResNet-20, 45-100 s an epoch on 2 quiet cores (by machine)
 #   bash scripts/baselines.sh r56        # ResNet-56, about 3x that
-#   THREADS=1 bash scripts/baselines.sh r56 &  THREADS=1 bash scripts/baselines.sh r20   # both at once
+#   THREADS=1 bash scripts/baselines.sh r56 &  THREADS=1 bash scripts/baselines.sh r20   # both at once: r20's
+#       stage 4 distils from r56 and refuses it unfinished, so rerun r20 once r56 has ended
 # runs/baselines/ is tracked by git (the rest of runs/ is not): commit its checkpoint.pt + log.csv before a
 # session ends, so the next checkout resumes there. Untracked, each session's progress was lost with
 # its checkout and ResNet-20 restarted from epoch 0.

@@ -251,30 +251,49 @@ def _init_from(model, path: Path, flag: str = "--init-from") -> None:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            epoch, epochs = ckpt.get("epoch"), ckpt.get("config", {}).get("epochs")
+            if epoch is not None and epochs is not None and epoch < epochs:  # e.g. a teacher still training beside
+                raise SystemExit(f"{flag} {path}: an unfinished run (epoch {epoch} of {epochs}); finish it first "
+                                 "(`secateurs train --resume` with its --out)")
+            state = ckpt["model"]
         model.load_state_dict(state)
     except (OSError, KeyError, RuntimeError) as err:
         raise SystemExit(f"{flag} {path}: {type(err).__name__}: {str(err)[:300]}") from None
 
 
+def _check_teacher_args(args) -> None:
+    """The distillation flags, refused before any data is read; their defaults filled in with --teacher."""
+    if args.teacher is None:
+        given = [f for f, v in [("--teacher-model", args.teacher_model), ("--distill", args.distill),
+                                ("--distill-temperature", args.distill_temperature)] if v is not None]
+        if given:
+            raise SystemExit(f"{given[0]} needs --teacher (the weights to distil from)")
+        args.distill, args.distill_temperature = 0.0, 4.0
+        return
+    args.distill = 0.5 if args.distill is None else args.distill
+    args.distill_temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
+    if not 0 < args.distill <= 1:
+        raise SystemExit(f"--distill must be in (0, 1] with --teacher, got {args.distill}")
+    if not args.distill_temperature > 0:
+        raise SystemExit(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+
+
 def _teacher(args, train_ds):
     """The frozen model ``--teacher`` names, or None: how a small network learns from a larger trained one."""
     if args.teacher is None:
-        if args.teacher_model:
-            raise SystemExit("--teacher-model needs --teacher (the weights to distil from)")
         return None
-    if not 0 < args.distill <= 1:
-        raise SystemExit(f"--distill must be in (0, 1] with --teacher, got {args.distill}")
     spec = args.teacher_model or args.model
     kw = _sized_for(spec, train_ds)
-    if not args.teacher_model:  # the student's own architecture: its --model-arg (a width, a depth) shapes the teacher too
-        kw.update(parse_model_args(args.model_arg))
+    if not args.teacher_model:  # the student's own architecture: its --norm and --model-arg shape the teacher too
+        kw.update(norm=args.norm, **parse_model_args(args.model_arg))
     teacher = load_model(spec, flag="--teacher-model" if args.teacher_model else "--model", **kw)
     _init_from(teacher, Path(args.teacher), flag="--teacher")
     return teacher.eval().requires_grad_(False)
 
 
 def train_main(args) -> int:
+    _check_teacher_args(args)
     train_ds = load_dataset(args.data, "train", root=args.data_root, download=args.download)
     if args.holdout:
         try:
@@ -296,8 +315,7 @@ def train_main(args) -> int:
                           channels_last=args.channels_last, seed=args.seed, pad=args.pad, crop=args.crop, cutout=args.cutout,
                           out_dir=args.out,
                           resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard, step_delay=args.step_delay,
-                          distill=args.distill if teacher is not None else 0.0,
-                          distill_temperature=args.distill_temperature)
+                          distill=args.distill, distill_temperature=args.distill_temperature)
     except ValueError as err:
         raise SystemExit(f"secateurs train: {err}") from None
     history = fit(model, train_ds, val_ds, cfg, teacher=teacher)

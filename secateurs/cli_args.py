@@ -93,9 +93,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--teacher", default=None, metavar="RUN",
                    help="distil from this trained model (a run folder, its checkpoint.pt or a .safetensors file; "
                         "its architecture is --teacher-model): loss = (1-W) CE + W T^2 KL(teacher || student)")
-    t.add_argument("--teacher-model", default=None, help="the teacher's architecture (default: --model)")
-    t.add_argument("--distill", type=float, default=0.5, metavar="W", help="weight of --teacher, in (0, 1] (default 0.5)")
-    t.add_argument("--distill-temperature", type=float, default=4.0, metavar="T", help="softmax temperature of --teacher")
+    t.add_argument("--teacher-model", default=None,
+                   help="the teacher's architecture, built with its defaults sized for the data (default: --model "
+                        "with its --norm and --model-arg)")
+    t.add_argument("--distill", type=float, default=None, metavar="W", help="weight of --teacher, in (0, 1] (default 0.5)")
+    t.add_argument("--distill-temperature", type=float, default=None, metavar="T",
+                   help="softmax temperature of --teacher (default 4)")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (pip install tensorboard)")
     t.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)

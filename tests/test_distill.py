@@ -339,6 +339,7 @@ def test_train_distils_from_the_run_named_by_teacher(tmp_path, monkeypatch):
     assert cli.main(_train_cmd(first, 1)[3:]) == 0
     wide = ["--model-arg", "width=24"]
     assert cli.main(_train_cmd(tmp_path / "wide", 1, wide)[3:]) == 0
+    assert cli.main(_train_cmd(tmp_path / "gn", 1, ["--norm", "gn"])[3:]) == 0
     seen = {}
     monkeypatch.setattr(cli, "fit", lambda model, tr, va, cfg, teacher=None: seen.update(cfg=cfg, teacher=teacher) or [])
     assert cli.main(_train_cmd(tmp_path / "s", 1, ["--teacher", str(first), "--distill", "0.9",
@@ -353,7 +354,19 @@ def test_train_distils_from_the_run_named_by_teacher(tmp_path, monkeypatch):
     # no --teacher-model: the teacher is the student's architecture, its --model-arg included
     assert cli.main(_train_cmd(tmp_path / "s24", 1, [*wide, "--teacher", str(tmp_path / "wide")])[3:]) == 0
     assert seen["teacher"][0].out_channels == 24
+    gn = ["--norm", "gn"]  # the student's --norm shapes the teacher too
+    assert cli.main(_train_cmd(tmp_path / "sgn", 1, [*gn, "--teacher", str(tmp_path / "gn")])[3:]) == 0
+    assert isinstance(seen["teacher"][1], torch.nn.GroupNorm)
+    unfinished = torch.load(first / "checkpoint.pt", weights_only=True)
+    unfinished["config"]["epochs"] = 5
+    (tmp_path / "half").mkdir()
+    torch.save(unfinished, tmp_path / "half" / "checkpoint.pt")
     for extra, msg in [(["--teacher-model", "tiny_cnn"], "--teacher-model needs --teacher"),
+                       (["--distill", "0.9"], "--distill needs --teacher"),
+                       (["--distill-temperature", "2"], "--distill-temperature needs --teacher"),
+                       (["--teacher", str(first), "--distill-temperature", "0"], "--distill-temperature must be > 0"),
+                       (["--teacher", str(tmp_path / "half")], "--teacher .*an unfinished run .epoch 1 of 5"),
+                       (["--init-from", str(tmp_path / "half")], "--init-from .*an unfinished run"),
                        (["--teacher", str(first), "--distill", "0"], r"--distill must be in \(0, 1\]"),
                        (["--teacher", str(first), "--teacher-model", "cifar_resnet20"], "(?s)--teacher .*(size mismatch|Missing key)"),
                        (["--teacher", str(first), "--teacher-model", "no_such_model"], "--teacher-model")]:

@@ -80,8 +80,41 @@ def test_final_epochs_recover_the_last_cut_and_l1_gets_them_too(tmp_path, monkey
                               alpha_lr=None, min_keep=0.05, penalty="uniform", reconstruct=0, lr=3e-4, final_epochs=3)
     base, data = torch.nn.Conv2d(1, 1, 1), (None, None, None)
     out = seg.run_pair("unet16_isbi2012", "fixed", base, data, 1, args, tmp_path)
-    assert [(c.epochs, c.resume, c.out_dir) for c in fits] == [(3, True, str(tmp_path / "unet16_isbi2012" / "s1_fixed_final"))]
+    assert [(c.epochs, c.resume, c.out_dir) for c in fits] == [(3, True, str(tmp_path / "unet16_isbi2012" / "s1_fixed_final3"))]
     assert pruned == [("importance-weights", 2), ("l1", 5 + 2 * 2 + 3)] and out["iw"]["epochs"] == 12
     args.final_epochs, fits[:], pruned[:] = 0, [], []
     out = seg.run_pair("unet16_isbi2012", "fixed", base, data, 1, args, tmp_path)
     assert not fits and pruned[1] == ("l1", 9) and out["iw"]["epochs"] == 9
+
+
+def test_l1_on_schedule_adds_the_final_epochs_only_where_importance_weights_kept_a_step(monkeypatch):
+    """The schedule arm matches importance weights' epochs: the last cut's recovery exists only after a
+    kept step (run_pair), so a run that kept none is matched without it, not refused."""
+    import argparse
+
+    import secateurs
+    import secateurs.train
+    from benchmarks.segmentation import SETUPS
+    from benchmarks.segmentation_widths import l1_on_schedule
+
+    fits = []
+    monkeypatch.setattr(secateurs.train, "fit", lambda m, tr, va, cfg: fits.append(cfg.epochs))
+    settings = argparse.Namespace(iw_epochs=5, ft_epochs=2, final_epochs=3, reconstruct=0, lr=3e-4)
+    base, setup = torch.nn.Conv2d(1, 1, 1), SETUPS["unet16_isbi2012"]
+    for kept, epochs in [(2, 5 + 2 * 2 + 3), (0, 5)]:
+        rep = {"steps": [{"step": i} for i in range(kept + 1)]}
+        monkeypatch.setattr(secateurs, "prune", lambda m, x, method, t, rep=rep, **kw: (m, rep))
+        row = {"iw": {"macs_256": 1.0, "steps": kept, "epochs": epochs}}
+        fits.clear()
+        l1_on_schedule(base, row, 1.0, None, setup, settings, 0, None)
+        assert fits == [epochs - 2 * kept]
+
+
+def test_bad_final_epochs_is_refused_before_any_run(capsys):
+    import pytest
+
+    from benchmarks.segmentation import main
+
+    with pytest.raises(SystemExit):
+        main(["--final-epochs", "-1", "--out", "unused", "--work", "unused"])
+    assert "--final-epochs must be >= 0, got -1" in capsys.readouterr().err
