@@ -79,7 +79,7 @@ def l1_on_schedule(base, row: dict, base_macs: float, train, setup: dict, settin
                                  resume=True, latency_guard=False, reconstruct=settings.reconstruct)
     steps = len(kept_steps(rep))  # `steps` is at most that many
     # alpha's epochs, and the last cut's recovery where importance weights kept a step (benchmarks.segmentation)
-    tail = settings.iw_epochs + (getattr(settings, "final_epochs", 0) if row["iw"]["steps"] else 0)
+    tail = settings.iw_epochs + (settings.final_epochs if row["iw"]["steps"] else 0)
     if tail + settings.ft_epochs * steps != row["iw"]["epochs"]:
         raise RuntimeError(f"L1 took {steps} steps, importance weights {row['iw']['steps']}: not the same epochs")
     if tail:

@@ -269,10 +269,11 @@ def _check_teacher_args(args) -> None:
                                 ("--distill-temperature", args.distill_temperature)] if v is not None]
         if given:
             raise SystemExit(f"{given[0]} needs --teacher (the weights to distil from)")
-        args.distill, args.distill_temperature = 0.0, 4.0
+        args.distill, args.distill_temperature = 0.0, TrainConfig.distill_temperature
         return
-    args.distill = 0.5 if args.distill is None else args.distill
-    args.distill_temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
+    args.distill = DEFAULT_DISTILL if args.distill is None else args.distill
+    if args.distill_temperature is None:
+        args.distill_temperature = TrainConfig.distill_temperature
     if not 0 < args.distill <= 1:
         raise SystemExit(f"--distill must be in (0, 1] with --teacher, got {args.distill}")
     if not args.distill_temperature > 0:
@@ -283,11 +284,10 @@ def _teacher(args, train_ds):
     """The frozen model ``--teacher`` names, or None: how a small network learns from a larger trained one."""
     if args.teacher is None:
         return None
-    spec = args.teacher_model or args.model
-    kw = _sized_for(spec, train_ds)
-    if not args.teacher_model:  # the student's own architecture: its --norm and --model-arg shape the teacher too
-        kw.update(norm=args.norm, **parse_model_args(args.model_arg))
-    teacher = load_model(spec, flag="--teacher-model" if args.teacher_model else "--model", **kw)
+    if args.teacher_model:
+        teacher = load_model(args.teacher_model, flag="--teacher-model", **_sized_for(args.teacher_model, train_ds))
+    else:  # the student's own architecture, built as the student is (its --norm and --model-arg included)
+        teacher = build_model(args, train_ds, norm=args.norm)
     _init_from(teacher, Path(args.teacher), flag="--teacher")
     return teacher.eval().requires_grad_(False)
 
