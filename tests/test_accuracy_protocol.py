@@ -96,6 +96,25 @@ def test_a_rows_distillation_options_stay_out_of_its_prune_call(monkeypatch):
     assert seen["kw"]["allocation"] == "uniform"
 
 
+def test_the_cascades_filter_steps_get_its_criterion_and_other_options(monkeypatch):
+    """``dlp+filters:criterion=l1:reconstruct=512``: the blocks go first by PLS-VIP; the filter steps are ranked
+    by L1 and re-fitted, with no ``criterion`` left over for ``secateurs.prune`` (it refuses unknown options)."""
+    import secateurs
+
+    calls = []
+    macs = iter([100, 80, 80])  # the dense count, then the block-pruned one (read twice at most)
+    monkeypatch.setattr(secateurs, "prune", lambda model, x, method, target, **kw: calls.append((method, target, kw)))
+    monkeypatch.setattr(secateurs, "count", lambda model, x: argparse.Namespace(macs=next(macs)))
+    args = argparse.Namespace(**{**dict.fromkeys(acc.SETTINGS, 1), "steps": 8, "rounds": 3, "batch_size": 8, "lr": 0.01,
+                                 "temperature": 2.0, "distill": 0.25})
+    assert acc.run_ours("dlp+filters:criterion=l1:reconstruct=512:distill=0.25", torch.nn.Identity(), None, 0.5,
+                        [], [], args, 0) == {}
+    (blocks, _, block_kw), (criterion, rest, kw) = calls
+    assert blocks == "dlp" and "reconstruct" not in block_kw and "criterion" not in block_kw
+    assert criterion == "l1" and rest == pytest.approx(0.5 * 100 / 80) and kw["reconstruct"] == 512
+    assert "criterion" not in kw and "distill" not in kw and kw["steps"] == 2
+
+
 def _row(method, seed, top1, tool="secateurs", **kw):
     row = dict.fromkeys(acc.FIELDS, "")
     row.update({"model": "r20", "target": 0.5, "method": method, "tool": tool, "seed": seed, "steps": 800,
