@@ -20,6 +20,7 @@
 #                                        # least-squares reconstruction before the cut: does its head start survive?
 #   bash scripts/accuracy_grid.sh reconstruct-more # the same against plain l1: ResNet-56 at 30%, ResNet-20 at both
 #   bash scripts/accuracy_grid.sh r56-rounds-reconstruct # ResNet-56 at 30%: the re-fit before each of 4 L1 cuts
+#   bash scripts/accuracy_grid.sh r56-50-cascade # ResNet-56 at 50%: dlp+filters by L1, distilled and re-fitted
 #   bash scripts/accuracy_grid.sh r20-90 # ResNet-20's grid again on the >= 90% baseline, into docs/accuracy_r20_90
 #   bash scripts/accuracy_grid.sh report # docs/accuracy.md from docs/accuracy.csv
 #   bash scripts/r56_grid.sh             # ResNet-56's baseline to its end, into the zoo, then `r56` (resumable)
@@ -71,6 +72,10 @@ case "${1:-}" in
     # do they add up, the re-fit before each of the 4 cuts?
     r56-rounds-reconstruct) run --models cifar_resnet56_cifar10 --targets 0.3 --seeds 0 1 2 3 4 --steps "${STEPS:-300}" \
              --methods l1:rounds=4:reconstruct=512 ;;
+    # ResNet-56 at 50%, the cascade with its filter steps by L1 (the blocks by PLS-VIP first), distilled at 0.25 and
+    # re-fitted before each filter cut: its two halves each led Torch-Pruning by more than a point on their own
+    r56-50-cascade) run --models cifar_resnet56_cifar10 --targets 0.5 --seeds 0 1 2 3 4 --steps "${STEPS:-300}" \
+             --methods dlp+filters:criterion=l1:distill=0.25:reconstruct=512 ;;
     # the ResNet-20 grid again on the zoo's distilled baseline (>= 90%; docs/accuracy.csv holds the rows of the
     # 88.93% one, which accuracy.py will not mix with it): the goals' rows first at both targets (the best of each
     # tool, the paper methods against L1, the control, the latency prune against Torch-Pruning), so a partial grid
@@ -85,5 +90,5 @@ case "${1:-}" in
              hfp:tie=shared importance-weights:rank=scale dlp dlp+l2@latency l2:allocation=latency taylor \
              hfp:lr=0.1 hfp:phase=0.8 ;;
     report) run --report-only ;;
-    *) echo "usage: $0 r20|r20-90 [report]|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|reconstruct-more|r56-rounds-reconstruct|report" >&2; exit 2 ;;
+    *) echo "usage: $0 r20|r20-90 [report]|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|reconstruct-more|r56-rounds-reconstruct|r56-50-cascade|report" >&2; exit 2 ;;
 esac
