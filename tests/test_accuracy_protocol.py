@@ -252,6 +252,20 @@ def test_an_unpicked_row_that_would_meet_the_lead_is_named_but_the_verdict_stays
     assert "not picked" not in (tmp_path / "accuracy.md").read_text()
 
 
+def test_a_paper_method_that_fell_back_meets_no_goal_even_level_with_l1(tmp_path):
+    """HFP whose training never met the target (the lowest gates cut) measures the fallback, not HFP:
+    level with L1 it is still no verdict for the method, and the reason is written under the table."""
+    l1 = [_row("l1", s, 85.0 + s) for s in range(3)]
+    hfp = [_row("hfp", s, 85.0 + s, converged="False", fallback="lowest gates cut") for s in range(3)]
+    _write_rows(tmp_path / "accuracy.csv", l1 + hfp)
+    acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                     argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "| r20 | 50% | hfp - l1 | +0.00 +- 0.00 | 3 | not read: 3 of 3 rows fell back" in text
+    assert "| hfp - l1 | +0.00 +- 0.00 | 3 | met |" not in text
+    assert "HFP's hard count never met the target within its 400-step phase (3 of 3 rows" in text
+
+
 def test_hfp_below_l1_is_explained_from_its_own_rows(tmp_path):
     l1 = [_row("l1", s, 85.0 + s) for s in range(3)]
     hfp = [_row("hfp", s, 83.0 + s, converged="True", converged_step=170 + 10 * s) for s in range(3)]
