@@ -144,6 +144,9 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
      "instead of the fine-tuning lr (0.02)"),
     ("hfp:phase=0.8", "hfp", "HFP's phase allowed up to 80% of the step budget instead of half (it ends when the hard "
      "count meets the target; the rest fine-tunes)"),
+    ("hfp:ramp=grow", "hfp", "HFP's budget-loss weight rising at its warm-up rate for as long as the hard count "
+     "misses the target, instead of holding at lam after the warm-up (the gates' fall then depends less on "
+     "their scale)"),
     ("importance-weights:rank=scale", "importance-weights", "importance weights ranked by |alpha| x |gamma| instead of |alpha|"),
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),
@@ -218,7 +221,7 @@ def pick_on_val(cell: dict, names: list[str]) -> str | None:
 
 # a paper method's settings (not its criterion or design): the goal also reads its best one, picked
 # on the held-out split, beside the default
-TUNABLE = {"hfp": ("lam", "lr", "phase")}
+TUNABLE = {"hfp": ("lam", "lr", "phase", "ramp")}
 
 
 def best_setting(cell: dict, method: str) -> str | None:
@@ -262,8 +265,8 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
              "Best of ours against best of Torch-Pruning at equal MACs (each picked on the held-out split's top-1): "
              f"goal >= +{LEAD} point with the 95% interval above 0. Paper methods against L1 under the same budget: goal "
              f"at least matching, i.e. not significantly below (the interval reaches 0 or above) and at most {TIE} "
-             "below on average; where the grid varied a paper method's settings (HFP's loss weight, lr and phase "
-             "length), the setting with the best held-out top-1 among those that ran as specified on every seed (no "
+             "below on average; where the grid varied a paper method's settings (HFP's loss weight and its ramp, lr "
+             "and phase length), the setting with the best held-out top-1 among those that ran as specified on every seed (no "
              "fallback) is read too, on its own labelled row. A verdict needs "
              f"{MIN_SEEDS} paired seeds.", "",
              "| model | MACs target | comparison | difference (paired, mean +- 95%) | seeds | goal |",

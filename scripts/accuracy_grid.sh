@@ -87,6 +87,12 @@ case "${1:-}" in
             (run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
              --out docs/accuracy_r20_90 --methods tp_magnitude l1 heuristic l2 tp_bn_scale tp_group_norm hfp \
              dlp+filters control l1:reconstruct=512 l2@latency dlp@latency)
+            # HFP with a weight that keeps rising while the target is unmet (it missed the phase with it held),
+            # then the two variants the 50% rows answered, at 30%
+            (run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
+             --out docs/accuracy_r20_90 --methods hfp:ramp=grow)
+            (run --models cifar_resnet20_cifar10 --targets 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
+             --out docs/accuracy_r20_90 --methods dlp+filters:criterion=l1 hfp:phase=0.8)
             run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
              --out docs/accuracy_r20_90 --methods hfp:phase=0.8 dlp+filters:criterion=l1 l2:distill=0 bn_scale \
              bn_scale:distill=0 hfp:lam=5 hfp:tie=shared hfp:lr=0.1 importance-weights importance-weights@tol \

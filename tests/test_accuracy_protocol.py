@@ -405,7 +405,7 @@ def test_rows_state_their_cpu_and_the_latency_comparison_reads_the_seeds_both_si
 
 
 def test_a_paper_methods_best_settings_are_picked_on_the_held_out_split_among_its_settings_only():
-    """HFP's loss weight, lr and phase length are settings: the goal also reads the best of them,
+    """HFP's loss weight and its ramp, lr and phase length are settings: the goal also reads the best of them,
     picked on held-out top-1 (not test), beside the default; a design change (tie=shared) is not a
     setting, and a variant on fewer than the protocol's seeds is not a candidate."""
     from benchmarks import accuracy_report as rep
@@ -421,6 +421,8 @@ def test_a_paper_methods_best_settings_are_picked_on_the_held_out_split_among_it
     rows += [_row("hfp:lr=0.1", s, 88.0, val_top1=97.0, fallback="lowest gates cut" if s else "") for s in range(3)]
     assert rep.best_setting(cell_of(rows), "hfp") == "hfp:lam=5"  # lr=0.1 fell back on two seeds: not HFP as specified
     assert rep.best_setting(cell_of(rows), "heuristic") is None
+    grow = [_row("hfp:ramp=grow", s, 85.0, val_top1=91.0) for s in range(3)]  # the weight's ramp is a setting too
+    assert rep.best_setting(cell_of(rows + grow), "hfp") == "hfp:ramp=grow"
     rows = [r for r in rows if r["method"] in ("l1", "hfp")]
     assert rep.best_setting(cell_of(rows), "hfp") is None  # the default is the best there is: no second row
     tuned = [_row("hfp:lam=5", s, t, val_top1=99.0) for s, t in enumerate((84.5, 85.5, 84.9))]

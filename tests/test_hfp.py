@@ -238,3 +238,34 @@ def test_the_phase_has_its_own_step_limit_apart_from_the_fine_tuning(data):
     _, report = secateurs.prune(create_model("cifar_resnet20"), X, "hfp", 0.5, data=data, finetune=ft,
                                 method_options={"lam": 0.0, "warmup_steps": 1})
     assert report["method_output"]["hfp_steps"] == 2  # without it, the fine-tuning config's steps bound the phase
+
+
+def _steps_to_target(scale: float, ramp: str, limit: int = 200) -> int | None:
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet20")
+    with torch.no_grad():  # a network trained longer: its BN gammas (HFP's gates) sit higher
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.mul_(scale)
+    reg = HFPRegularizer(m, analyze(m, X), X, macs=0.5, lam=5.0, warmup_steps=10, ramp=ramp)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(limit):
+        loss = reg()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if reg.done:
+            return reg.steps
+    return None
+
+
+def test_a_growing_weight_meets_the_target_whatever_the_gate_scale():
+    """With the weight held, gates 3x higher take ~6x the steps (84 -> 512 here): the straight-through
+    gradient is scaled by 1/mean gate and the gates have 3x as far to fall. A weight that keeps rising
+    while the target is unmet gets there in about twice the steps."""
+    assert _steps_to_target(1.0, "hold") is not None and _steps_to_target(1.0, "grow") is not None
+    assert _steps_to_target(3.0, "hold") is None
+    assert _steps_to_target(3.0, "grow") is not None
+    with pytest.raises(ValueError, match="`ramp` must be"):
+        HFPRegularizer(create_model("cifar_resnet20"), analyze(create_model("cifar_resnet20"), X), X, macs=0.5,
+                       ramp="up")

@@ -32,7 +32,10 @@ class HFPRegularizer:
     or params of :meth:`PlanCost.soft`, so every gate is pushed down in proportion to what its
     channel costs *including* its neighbours' inputs. ``surrogate="ste"`` counts hard gates and
     passes the gradient straight through (scaled by the initial mean gate); ``"soft"`` counts a
-    sigmoid around the threshold. ``lam`` ramps up linearly over ``warmup_steps``. ``done``
+    sigmoid around the threshold. ``lam`` ramps up linearly over ``warmup_steps``, then holds
+    (``ramp="hold"``) or keeps rising at the same rate while a target is unmet (``ramp="grow"``): the
+    straight-through gradient is scaled by 1/mean gate, so with a held weight the time the gates take to
+    fall grows with the square of their scale, and a network trained longer may miss its phase. ``done``
     turns true at the first step whose hard count meets every target.
 
     In your own loop::
@@ -43,13 +46,15 @@ class HFPRegularizer:
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, example_inputs: Any, macs: float | None = None,
                  params: float | None = None, lam: float = 5.0, warmup_steps: int = 100, threshold: float = 1e-2,
-                 surrogate: str = "ste", base: Cost | None = None, tie: str = "mean") -> None:
+                 surrogate: str = "ste", base: Cost | None = None, tie: str = "mean", ramp: str = "hold") -> None:
         if macs is None and params is None:
             raise ValueError("HFP needs a target: `macs` and/or `params` (kept fractions)")
         for name, v in (("macs", macs), ("params", params)):  # kept fractions
             check_scalar(v, name, min_val=0, max_val=1, include_min=False, allow_none=True)
         check_choice(surrogate, "surrogate", SURROGATES)
         check_choice(tie, "tie", TIES)
+        check_choice(ramp, "ramp", RAMPS)
+        self.ramp = ramp
         self.cost = PlanCost(model, graph, example_inputs, base=base)
         self.graph, self.threshold, self.surrogate = graph, float(threshold), surrogate
         self.lam, self.warmup_steps, self.steps = float(lam), max(1, int(warmup_steps)), 0
@@ -108,7 +113,8 @@ class HFPRegularizer:
         self.steps += 1
         macs, params = self.cost.soft(self.alive().cpu() if self._gates[0][0].device.type != "cpu" else self.alive())
         value = {"macs": macs, "params": params}
-        lam = self.lam * min(1.0, self.steps / self.warmup_steps)
+        ramp = self.steps / self.warmup_steps
+        lam = self.lam * (ramp if self.ramp == "grow" else min(1.0, ramp))
         hard = self.hard_cost()
         self.last = {f"hfp_{k}": hard[k] / measure(self.cost.base, k) for k in hard}
         self.done = all(hard[k] <= t for k, t in self.targets.items())
@@ -131,6 +137,7 @@ class HFPRegularizer:
 
 SURROGATES = ("ste", "soft")
 TIES = ("shared", "mean")
+RAMPS = ("hold", "grow")
 
 
 @register_method("hfp")
@@ -164,6 +171,8 @@ class HFPMethod(Method):
                nullable=True),
         Option("tie", "mean", "channels several norm layers carry (residual stages): the mean of their |scales| "
                "(mean) or one shared explicit gate (shared)", kind=str, choices=TIES, flag="--hfp-tie"),
+        Option("ramp", "hold", "after warmup_steps the weight holds at lam (hold) or keeps rising at the same rate "
+               "while the target is unmet (grow)", kind=str, choices=RAMPS, flag="--hfp-ramp"),
     )
 
     def check(self, budget: Budget | None) -> None:
@@ -181,7 +190,7 @@ class HFPMethod(Method):
             targets["params"] = self.params
         reg = HFPRegularizer(ctx.model, ctx.graph, ctx.example_inputs, lam=self.lam, warmup_steps=self.warmup_steps,
                              threshold=self.threshold, surrogate=self.surrogate, base=ctx.current, tie=self.tie,
-                             **targets)
+                             ramp=self.ramp, **targets)
         cfg = ctx.finetune if ctx.finetune is not None else TrainConfig(quiet=True)
         # constant lr while pruning: a decaying schedule would freeze the gates before the target
         cfg = replace(cfg, epochs=self.epochs, out_dir=None, resume=False, schedule="constant", warmup_epochs=0,
