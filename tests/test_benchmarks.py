@@ -654,3 +654,22 @@ def test_benchmarks_md_puts_the_widths_probe_before_the_change_it_motivated(tmp_
     assert text.index("`--penalty gradient`") < probe < norm
     assert "| unet | 0.00 +- 2.48 | -3.00 +- 2.48 | 3 |" in text  # seeds (-1, 0, 1) and (-2, -3, -4)
     assert "| +2.00 +- 2.48 |" in text[norm:]  # drops 1, 1, 1 against 3, 2, 4, paired
+
+
+def test_speedup_blocks_variant_removes_blocks_then_channels_to_the_dense_models_macs_target():
+    """The blocks-first row: residual blocks go (PLS-VIP on CIFAR-10 images resized to the input) to 80%
+    of the MACs, then channels to 50% of the *dense* model's MACs, and its MACs kept is read against
+    the dense model like every other row's."""
+    pytest.importorskip("onnxruntime")
+    import secateurs
+    from benchmarks import speedup
+    from secateurs.depth import find_blocks
+
+    base, x = speedup.seeded_model("cifar_resnet20", 32)
+    variant = "macs 50% blocks to 80% then latency-allocated, round_to auto"
+    model, report, _ = speedup._prune(base, x, variant, threads=1)
+    assert report["kept"]["macs"] == pytest.approx(0.5, abs=0.02)
+    assert report["kept"]["macs"] == pytest.approx(secateurs.count(model, x).macs / secateurs.count(base, x).macs)
+    assert len(find_blocks(model, x)) < len(find_blocks(base, x)) and model(x).shape == (1, 10)
+    images = speedup._block_data(torch.zeros(1, 3, 48, 40)).images
+    assert images.shape[1:] == (3, 48, 40) and images.dtype == torch.uint8
