@@ -226,7 +226,9 @@ TUNABLE = {"hfp": ("lam", "lr", "phase", "ramp")}
 
 def best_setting(cell: dict, method: str) -> str | None:
     """``method`` or a variant of only its TUNABLE settings that never fell back, whichever has the
-    best held-out top-1 (on every protocol seed, at the MACs target); None when that is the default."""
+    best held-out top-1 (on every protocol seed, at the MACs target); None when that is the default.
+    A default that fell back is no candidate (it did not run the method): the best setting that ran as
+    specified is read however it compares with it."""
     def tuned(m: str) -> bool:
         opts = m.split(":")[1:]
         return m.split(":")[0] == method and bool(opts) and all(o.split("=")[0] in TUNABLE.get(method, ()) for o in opts)
@@ -234,7 +236,11 @@ def best_setting(cell: dict, method: str) -> str | None:
     # its target, the lowest gates cut) measures the fallback
     names = [m for m in cell if (m == method or tuned(m) and not cell[m]["fallbacks"]) and cell[m]["val"] is not None
              and not cell[m].get("missed") and cell[m]["n"] >= MIN_SEEDS]
-    best = pick_on_val(cell, names) if method in names else None
+    if method not in names:
+        return None
+    if cell[method]["fallbacks"]:
+        names.remove(method)
+    best = pick_on_val(cell, names)
     return best if best != method else None
 
 
@@ -371,7 +377,8 @@ def _hfp_reason(model: str, target: float, cell: dict) -> str:
         d = paired(other, h) if other else None
         if d:
             how = (f"{other['fallbacks']} of {other['n']} of its rows ended the phase short of the target and cut the "
-                   "lowest gates" if other["fallbacks"] else "it met the target in every row")
+                   "lowest gates" if other["fallbacks"] else "it met the target in every row, at step "
+                   + "/".join(map(str, other["converged"])))
             text += f"; {what} ({how}): {d[0]:+.2f} +- {d[1]:.2f} points against hfp ({d[2]} seeds)"
             vs_l1 = paired(other, cell["l1"]) if "l1" in cell else None
             if vs_l1:
@@ -381,7 +388,8 @@ def _hfp_reason(model: str, target: float, cell: dict) -> str:
 
 HFP_VARIANTS = (("hfp:lam=5", "with the loss weight at 5"),
                 ("hfp:lr=0.1", "with the phase at the baseline's training lr, 0.1"),
-                ("hfp:phase=0.8", "with the phase allowed 80% of the budget"))
+                ("hfp:phase=0.8", "with the phase allowed 80% of the budget"),
+                ("hfp:ramp=grow", "with the loss weight rising for as long as the target is unmet"))
 
 
 def changes_section(summary: dict, level: str = "##") -> list[str]:

@@ -278,8 +278,8 @@ def test_hfp_below_l1_is_explained_from_its_own_rows(tmp_path):
     assert "| r20 | 50% | hfp - l1 | -2.00 +- 0.00 | 3 | not met (below L1) |" in text
     assert "3 of 3 HFP rows met the target, at step(s) 170, 180, 190 of its 400-step phase" in text
     assert "(3 of 3 of its rows ended the phase short of the target and cut the lowest gates): +1.00 +- 0.00 points against hfp (3 seeds)" in text
-    assert ("with the phase at the baseline's training lr, 0.1 (it met the target in every row): -0.50 +- 0.00 points "
-            "against hfp (3 seeds)") in text
+    assert ("with the phase at the baseline's training lr, 0.1 (it met the target in every row, at step 60/60/60): "
+            "-0.50 +- 0.00 points against hfp (3 seeds)") in text
     assert "(`hfp:lr=0.1` - `hfp`) | -0.50 +- 0.00 | 3 |" in text
 
 
@@ -423,6 +423,10 @@ def test_a_paper_methods_best_settings_are_picked_on_the_held_out_split_among_it
     assert rep.best_setting(cell_of(rows), "heuristic") is None
     grow = [_row("hfp:ramp=grow", s, 85.0, val_top1=91.0) for s in range(3)]  # the weight's ramp is a setting too
     assert rep.best_setting(cell_of(rows + grow), "hfp") == "hfp:ramp=grow"
+    # a default that fell back did not run HFP: the best setting that did is read, however it compares
+    fell = [r for r in rows if r["method"] != "hfp"] + [_row("hfp", s, 86.0, val_top1=99.0, fallback="lowest gates cut")
+                                                        for s in range(3)]
+    assert rep.best_setting(cell_of(fell), "hfp") == "hfp:lam=5"
     rows = [r for r in rows if r["method"] in ("l1", "hfp")]
     assert rep.best_setting(cell_of(rows), "hfp") is None  # the default is the best there is: no second row
     tuned = [_row("hfp:lam=5", s, t, val_top1=99.0) for s, t in enumerate((84.5, 85.5, 84.9))]
