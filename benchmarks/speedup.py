@@ -14,7 +14,8 @@ whose search time is recorded; and 50% of the MACs with ``allocation="latency"``
 scores divided by the time its channels save per MAC, read off the same tables), with ``round_to``
 8 and with ``round_to="auto"`` (the step measured on the model's own largest 1x1 and depthwise
 layers); and residual blocks first (``dlp``, PLS-VIP on CIFAR-10 images resized to the input, to 80%
-of the MACs), then that allocation to 50%: a block takes its layers' fixed per-op costs along. Goals (issue 19):
+of the MACs; the CSV's ``blocks_macs_kept``), then that allocation to 50%: a block takes its layers'
+fixed per-op costs along. Goals (issue 19):
 at 50% MACs, speed-up / MACs ratio >= 0.9 at batch 8 and >= 0.8 at batch 1; no model slower than
 its dense version.
 
@@ -55,7 +56,7 @@ VARIANTS = {"macs 50% global": dict(target={"macs": 0.5}, allocation="global", r
             "latency 50% (tables)": dict(target={"latency": 0.5}, allocation="global", round_to=8),
             "macs 50% latency-allocated, round_to auto": dict(target={"macs": 0.5}, allocation="latency",
                                                               round_to="auto"),
-            # residual blocks first (PLS-VIP, to 80% of the MACs, as the accuracy grid's dlp@latency), then channels:
+            # residual blocks first (PLS-VIP, to 80% of the MACs, as the accuracy grid's dlp+l2@latency), then channels:
             # a removed block takes its per-layer costs with it, which narrower channels never shrink
             "macs 50% blocks to 80% then latency-allocated, round_to auto": dict(
                 target={"macs": 0.5}, allocation="latency", round_to="auto", blocks=0.8)}
@@ -91,18 +92,22 @@ def _prune(base, x, variant: str, threads: int):
 
     spec = dict(VARIANTS[variant])
     blocks = spec.pop("blocks", None)
+    data = _block_data(x) if blocks is not None else None  # loading images is no part of the prune's time
     t0 = time.perf_counter()
     model, macs0 = copy.deepcopy(base), secateurs.count(base, x).macs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if blocks is not None:
-            secateurs.prune(model, x, "dlp", blocks, data=_block_data(x), method_options={"per_class": BLOCK_IMAGES},
+            secateurs.prune(model, x, "dlp", blocks, data=data, method_options={"per_class": BLOCK_IMAGES},
                             latency_guard=False)
             left = secateurs.count(model, x).macs / macs0
+            if left == 1.0:  # else the row would be a plain channel prune under a blocks name
+                raise secateurs.PruningError("no residual block could be removed")
             spec["target"] = {"macs": min(1.0, spec["target"]["macs"] / left)}  # the rest of the way, in channels
         model, report = secateurs.prune(model, x, "l2", latency_threads=threads, **spec, latency_guard=False)
     if blocks is not None:  # kept against the dense model, as every other row's
         report["kept"] = {**report["kept"], "macs": secateurs.count(model, x).macs / macs0}
+        report["blocks_macs_kept"] = round(left, 4)
     return model, report, time.perf_counter() - t0
 
 
@@ -176,6 +181,8 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                            "speedup_ci": "-".join(f"{v:.3f}" for v in r["speedup_interval"]), "vs_macs": round(r["speedup"] / macs_speedup, 3),
                            "slower": r["batch"] in cmp["slower"], "repeats": repeats, "threads": threads,
                            "round_to": report.get("round_to", ""), **where}
+                    if "blocks_macs_kept" in report:  # what the blocks step alone left
+                        row["blocks_macs_kept"] = report["blocks_macs_kept"]
                     if "timing_speedups" in r:  # the guard timed it twice (the first read slower): both rounds pooled
                         row["timing_speedups"] = " ".join(f"{v:.3f}" for v in r["timing_speedups"])
                     if device != "cpu":  # a graph replays the input's layout as it is given
@@ -303,7 +310,7 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
               "confirming timing (eager, the user's batch 1), and the prune's wall time including building the tables: "
               + (", ".join(f"{r['model']} {r['latency_target_met']} in {r['prune_s']} s" for r in lat) or "not run") + "."]
     lines += [f"- Not reached: {r['model']} {r['variant']}: {r['note']}" for r in unreachable] + [""]
-    lines += fixed_share_table(rows, best)
+    lines += fixed_share_table(rows)
     (out / "speedup.md").write_text("\n".join(lines))
 
 
@@ -366,24 +373,29 @@ def fixed_share(points: list[tuple[float, float]]) -> float:
     return min(max(num / den, 0.0), 1.0) if den > 0 else float("nan")
 
 
-def fixed_share_table(rows: list[dict], best: dict[tuple, dict]) -> list[str]:
+def fixed_share_table(rows: list[dict]) -> list[str]:
+    channels = [r for r in rows if "blocks" not in r["variant"]]  # removed blocks take their fixed costs along
     groups: dict[tuple, list[tuple[float, float]]] = {}
-    for r in (r for r in rows if "blocks" not in r["variant"]):  # removed blocks take their fixed costs along
+    for r in channels:
         groups.setdefault((r["model"], r["runtime"], r["batch"]), []).append((r["macs_kept"], r["speedup"]))
     table = [(key, fixed_share(pts)) for key, pts in groups.items() if len({round(m, 2) for m, _ in pts}) > 1]
     if not table:
         return []
+    best_channels = best_allocation(channels)
+    best_blocks = best_allocation([r for r in rows if "blocks" in r["variant"]])
     lines = ["## Time that does not shrink with the MACs", "",
-             "Fitted over every variant of a model, runtime and batch (their MACs kept and speed-ups): "
-             "`1 / speed-up = f + (1 - f) x MACs kept`. A share `f` of the dense time that no channel removal "
-             "shrinks caps the speed-up / MACs ratio at 50% of the MACs at 1 / (1 + f), whatever the allocation of the "
-             "channels; the fit leaves out the rows that remove whole blocks (they take their layers' fixed costs "
-             "with them), which the last column includes.", "",
-             "| model | runtime | batch | fixed share f | ratio at 50% MACs: cap 1/(1+f) | best measured |",
-             "|---|---|---:|---:|---:|---:|"]
+             "Fitted by least squares over the channel-only variants of a model, runtime and batch (their MACs kept and "
+             "speed-ups, the latency rows far below 50% included): `1 / speed-up = f + (1 - f) x MACs kept`, i.e. an "
+             "estimated share `f` of the dense time that removing channels does not shrink; at 50% of the MACs the "
+             "fitted line reads a speed-up / MACs ratio of 1 / (1 + f). One share for every layer is a rough model: "
+             "an allocation that spends the MACs where the time is can read above the line (best channel-only row), "
+             "and removing whole blocks takes their layers' fixed costs along (best row with blocks, left out of the "
+             "fit).", "",
+             "| model | runtime | batch | fitted share f | fitted ratio at 50% MACs, 1/(1+f) | best channel-only | "
+             "best with blocks |", "|---|---|---:|---:|---:|---:|---:|"]
     for (model, runtime, batch), f in table:
-        b = best.get((model, runtime, batch))
-        lines.append(f"| {model} | {runtime} | {batch} | {f:.2f} | {1 / (1 + f):.2f} | "
+        c, b = (found.get((model, runtime, batch)) for found in (best_channels, best_blocks))
+        lines.append(f"| {model} | {runtime} | {batch} | {f:.2f} | {1 / (1 + f):.2f} | {c['vs_macs'] if c else '-'} | "
                      f"{b['vs_macs'] if b else '-'} |")
     return lines + [""]
 
