@@ -432,7 +432,7 @@ def test_a_paper_methods_best_settings_are_picked_on_the_held_out_split_among_it
     tuned = [_row("hfp:lam=5", s, t, val_top1=99.0) for s, t in enumerate((84.5, 85.5, 84.9))]
     text = "\n".join(rep.goals_section(rep.summarize(rows + tuned)))
     d, h = acc.interval([-0.5, 0.5, -0.1])
-    assert f"| r20 | 50% | hfp:lam=5 (its best settings on the held-out split) - l1 | {d:+.2f} +- {h:.2f} | 3 | met |" in text
+    assert f"| r20 | 50% | hfp:lam=5 (its best setting run as specified, on the held-out split) - l1 | {d:+.2f} +- {h:.2f} | 3 | met |" in text
     assert "| r20 | 50% | hfp - l1 | -5.00 +- 0.00 | 3 | not met (below L1) |" in text  # the default's verdict stays
 
 
