@@ -147,6 +147,9 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("hfp:ramp=grow", "hfp", "HFP's budget-loss weight rising at its warm-up rate for as long as the hard count "
      "misses the target, instead of holding at lam after the warm-up (the gates' fall then depends less on "
      "their scale)"),
+    ("hfp:ramp=grow:surrogate=soft", "hfp:ramp=grow", "HFP's soft-count surrogate (a sigmoid around the threshold, "
+     "whose gradient fades for gates far above it) instead of the straight-through count (the same push on every "
+     "gate), the weight rising while the target is unmet"),
     ("importance-weights:rank=scale", "importance-weights", "importance weights ranked by |alpha| x |gamma| instead of |alpha|"),
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),
@@ -222,7 +225,7 @@ def pick_on_val(cell: dict, names: list[str]) -> str | None:
 # a paper method's settings (not its criterion or design): the goal also reads its best one, picked
 # on the held-out split, beside the default; HFP's weight schedule is one (METHODS.md asks only that
 # lambda be ramped up)
-TUNABLE = {"hfp": ("lam", "lr", "phase", "ramp")}
+TUNABLE = {"hfp": ("lam", "lr", "phase", "ramp", "surrogate")}
 
 
 def best_setting(cell: dict, method: str) -> str | None:
@@ -391,7 +394,8 @@ def _hfp_reason(model: str, target: float, cell: dict) -> str:
 HFP_VARIANTS = (("hfp:lam=5", "with the loss weight at 5"),
                 ("hfp:lr=0.1", "with the phase at the baseline's training lr, 0.1"),
                 ("hfp:phase=0.8", "with the phase allowed 80% of the budget"),
-                ("hfp:ramp=grow", "with the loss weight rising for as long as the target is unmet"))
+                ("hfp:ramp=grow", "with the loss weight rising for as long as the target is unmet"),
+                ("hfp:ramp=grow:surrogate=soft", "with the weight rising and the soft-count surrogate"))
 
 
 def changes_section(summary: dict, level: str = "##") -> list[str]:

@@ -423,6 +423,8 @@ def test_a_paper_methods_best_settings_are_picked_on_the_held_out_split_among_it
     assert rep.best_setting(cell_of(rows), "heuristic") is None
     grow = [_row("hfp:ramp=grow", s, 85.0, val_top1=91.0) for s in range(3)]  # the weight's ramp is a setting too
     assert rep.best_setting(cell_of(rows + grow), "hfp") == "hfp:ramp=grow"
+    soft = [_row("hfp:ramp=grow:surrogate=soft", s, 85.0, val_top1=92.0) for s in range(3)]  # METHODS.md allows both
+    assert rep.best_setting(cell_of(rows + grow + soft), "hfp") == "hfp:ramp=grow:surrogate=soft"
     # a default that fell back did not run HFP: the best setting that did is read, however it compares
     fell = [r for r in rows if r["method"] != "hfp"] + [_row("hfp", s, 86.0, val_top1=99.0, fallback="lowest gates cut")
                                                         for s in range(3)]
