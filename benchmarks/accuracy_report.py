@@ -275,8 +275,8 @@ def goals_section(summary: dict, level: str = "##") -> list[str]:
              "Best of ours against best of Torch-Pruning at equal MACs (each picked on the held-out split's top-1): "
              f"goal >= +{LEAD} point with the 95% interval above 0. Paper methods against L1 under the same budget: goal "
              f"at least matching, i.e. not significantly below (the interval reaches 0 or above) and at most {TIE} "
-             "below on average; where the grid varied a paper method's settings (HFP's loss weight and its ramp, lr "
-             "and phase length), the setting with the best held-out top-1 among those that ran as specified on every seed (no "
+             "below on average; where the grid varied a paper method's settings (HFP's loss weight and its ramp, its "
+             "surrogate, lr and phase length), the setting with the best held-out top-1 among those that ran as specified on every seed (no "
              "fallback) is read too, on its own labelled row (where the default fell back, among the other settings "
              "alone: a fallback did not run the method). A verdict needs "
              f"{MIN_SEEDS} paired seeds.", "",
