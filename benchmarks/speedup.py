@@ -61,6 +61,12 @@ VARIANTS = {"macs 50% global": dict(target={"macs": 0.5}, allocation="global", r
             "macs 50% blocks to 80% then latency-allocated, round_to auto": dict(
                 target={"macs": 0.5}, allocation="latency", round_to="auto", blocks=0.8)}
 BLOCK_IMAGES = 20  # per CIFAR-10 class, resized to the model's input: what dlp's PLS scores the blocks on
+
+
+def removes_blocks(variant: str) -> bool:
+    """A row that removed whole blocks (read off its name, so rows of a CSV are judged alike): it took
+    its layers' fixed costs along, so it is no point of the channels' fixed-share line."""
+    return "blocks" in variant
 RUNTIMES = ("eager", "channels_last", "onnxruntime")
 TITLES = {"eager": "PyTorch (eager, NCHW)", "channels_last": "PyTorch (eager, channels-last)",
           "onnxruntime": "onnxruntime"}
@@ -374,7 +380,7 @@ def fixed_share(points: list[tuple[float, float]]) -> float:
 
 
 def fixed_share_table(rows: list[dict]) -> list[str]:
-    channels = [r for r in rows if "blocks" not in r["variant"]]  # removed blocks take their fixed costs along
+    channels = [r for r in rows if not removes_blocks(r["variant"])]
     groups: dict[tuple, list[tuple[float, float]]] = {}
     for r in channels:
         groups.setdefault((r["model"], r["runtime"], r["batch"]), []).append((r["macs_kept"], r["speedup"]))
@@ -382,7 +388,7 @@ def fixed_share_table(rows: list[dict]) -> list[str]:
     if not table:
         return []
     best_channels = best_allocation(channels)
-    best_blocks = best_allocation([r for r in rows if "blocks" in r["variant"]])
+    best_blocks = best_allocation([r for r in rows if removes_blocks(r["variant"])])
     lines = ["## Time that does not shrink with the MACs", "",
              "Fitted by least squares over the channel-only variants of a model, runtime and batch (their MACs kept and "
              "speed-ups, the latency rows far below 50% included): `1 / speed-up = f + (1 - f) x MACs kept`, i.e. an "

@@ -87,12 +87,12 @@ case "${1:-}" in
             (run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
              --out docs/accuracy_r20_90 --methods tp_magnitude l1 heuristic l2 tp_bn_scale tp_group_norm hfp \
              dlp+filters control l1:reconstruct=512 l2@latency dlp@latency)
-            # HFP with a weight that keeps rising while the target is unmet (it missed the phase with it held),
+            # HFP with a weight that keeps rising while the target is unmet (it missed the phase with it held), with
+            # the straight-through count and with the soft one, whose push fades for gates far above the threshold
+            # (the straight-through one pushed every gate alike and left the survivors' at a quarter of their size);
             # then the two variants the 50% rows answered, at 30%; then the same-criterion pair with Torch-Pruning's
             # BN-scale pruner and the other variants, HFP's weaker push (lam=5) and higher lr last: a rising weight
             # met the target and cost 8-18 points, so neither can read better
-            # (and with the soft-count surrogate, whose push fades for gates far above the threshold: the
-            # straight-through one pushed every gate alike and left the survivors' at a quarter of their size)
             (run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
              --out docs/accuracy_r20_90 --methods hfp:ramp=grow hfp:ramp=grow:surrogate=soft)
             (run --models cifar_resnet20_cifar10 --targets 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \

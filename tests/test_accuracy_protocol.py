@@ -405,7 +405,7 @@ def test_rows_state_their_cpu_and_the_latency_comparison_reads_the_seeds_both_si
 
 
 def test_a_paper_methods_best_settings_are_picked_on_the_held_out_split_among_its_settings_only():
-    """HFP's loss weight and its ramp, lr and phase length are settings: the goal also reads the best of them,
+    """HFP's loss weight and its ramp, its surrogate, lr and phase length are settings: the goal also reads the best of them,
     picked on held-out top-1 (not test), beside the default; a design change (tie=shared) is not a
     setting, and a variant on fewer than the protocol's seeds is not a candidate."""
     from benchmarks import accuracy_report as rep
