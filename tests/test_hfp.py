@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_bad_input():
     m = create_model("cifar_resnet20")
     with pytest.raises(ValueError, match="give a `target`"):
         secateurs.prune(m, X, "hfp", data=[(X, torch.tensor([0]))])
-    with pytest.raises(ValueError, match="`surrogate` must be 'ste' or 'soft'"):
+    with pytest.raises(ValueError, match="`surrogate` must be 'ste', 'soft' or 'cut'"):
         secateurs.get_method("hfp", surrogate="gumbel")
     with pytest.raises(ValueError, match="needs a target"):
         HFPRegularizer(m, analyze(m, X), X)
@@ -240,14 +241,17 @@ def test_the_phase_has_its_own_step_limit_apart_from_the_fine_tuning(data):
     assert report["method_output"]["hfp_steps"] == 2  # without it, the fine-tuning config's steps bound the phase
 
 
-def _steps_to_target(scale: float, ramp: str, limit: int = 200) -> int | None:
+@functools.lru_cache(maxsize=None)  # the same run serves two tests
+def _train_to_target(scale: float, ramp: str, limit: int = 200, surrogate: str = "ste"):
+    """(steps to the target or None, the regulariser, the gates before training), the budget loss alone."""
     torch.manual_seed(0)
     m = create_model("cifar_resnet20")
     with torch.no_grad():  # a network trained longer: its BN gammas (HFP's gates) sit higher
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.weight.mul_(scale)
-    reg = HFPRegularizer(m, analyze(m, X), X, macs=0.5, lam=5.0, warmup_steps=10, ramp=ramp)
+    reg = HFPRegularizer(m, analyze(m, X), X, macs=0.5, lam=5.0, warmup_steps=10, ramp=ramp, surrogate=surrogate)
+    start = reg.gates().detach().clone()
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     for _ in range(limit):
         loss = reg()
@@ -255,8 +259,12 @@ def _steps_to_target(scale: float, ramp: str, limit: int = 200) -> int | None:
         loss.backward()
         opt.step()
         if reg.done:
-            return reg.steps
-    return None
+            return reg.steps, reg, start
+    return None, reg, start
+
+
+def _steps_to_target(scale: float, ramp: str, limit: int = 200) -> int | None:
+    return _train_to_target(scale, ramp, limit)[0]
 
 
 def test_a_growing_weight_meets_the_target_whatever_the_gate_scale():
@@ -287,3 +295,52 @@ def test_a_growing_weight_rises_only_over_the_steps_a_target_is_unmet():
     with pytest.raises(ValueError, match="`ramp` must be"):
         HFPRegularizer(create_model("cifar_resnet20"), analyze(create_model("cifar_resnet20"), X), X, macs=0.5,
                        ramp="up")
+
+
+def test_the_cut_surrogate_pushes_only_the_gates_the_cut_would_remove():
+    m = create_model("cifar_resnet20")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+    g = analyze(m, X)
+    reg = HFPRegularizer(m, g, X, macs=0.5, warmup_steps=1, surrogate="cut")
+    gates = reg.gates().detach()
+    below = reg._below_cut(gates)
+    # the fewest of the lowest gates that meet the target: one fewer does not
+    order = torch.where(reg.gated, gates, torch.tensor(float("inf"))).argsort()
+    k = int(below.sum())
+    assert 0 < k < int(reg.gated.sum()) and set(order[:k].tolist()) == set(below.nonzero().flatten().tolist())
+    for kk, fits in ((k, True), (k - 1, False)):
+        removed = torch.zeros(g.n_components, dtype=torch.bool)
+        removed[order[:kk]] = True
+        assert (reg.cost(removed)[0] <= reg.targets["macs"]) == fits
+    alive = reg.alive()
+    a_grad = torch.autograd.grad(alive.sum(), [p for p, _ in reg._gates], allow_unused=True)
+    assert any(gr is not None and gr.abs().sum() > 0 for gr in a_grad)
+    # the gradient of the count reaches the live gates below the cut and no other (a dead gate pushed on
+    # swings around zero and back above the threshold, so the count would never settle)
+    gates_leaf = reg.gates().detach().requires_grad_()
+    reg.gates = lambda: gates_leaf
+    grad = torch.autograd.grad(reg.alive().sum(), gates_leaf)[0]
+    assert (grad[below] > 0).all() and (grad[~below] == 0).all()
+    with torch.no_grad():
+        gates_leaf[order[0]] = 0.0
+    grad = torch.autograd.grad(reg.alive().sum(), gates_leaf)[0]
+    assert reg._below_cut(gates_leaf)[order[0]] and grad[order[0]] == 0
+
+
+def test_with_the_cut_surrogate_the_survivors_keep_their_gates():
+    """Straight-through to every gate, a weight that grows until the target is met costs the survivors
+    most of their scale; pushed only below the cut, they keep it (the budget loss alone here)."""
+    steps_ste, reg_ste, start_ste = _train_to_target(3.0, "grow")
+    steps_cut, reg_cut, start_cut = _train_to_target(3.0, "grow", limit=400, surrogate="cut")
+    assert steps_ste is not None and steps_cut is not None  # 130 and 244 steps: only the cut's own gates fall
+    for reg, start in ((reg_ste, start_ste), (reg_cut, start_cut)):
+        reg.survivors = reg.alive(hard_only=True).bool() & reg.gated
+        reg.kept = float((reg.gates().detach()[reg.survivors] / start[reg.survivors]).mean())
+    assert reg_ste.kept < 0.6 and reg_cut.kept > 0.95  # 0.22 and 0.995 (a few gates passed in and out of the cut)
+    with pytest.raises(ValueError, match="`surrogate` must be"):
+        HFPRegularizer(create_model("cifar_resnet20"), analyze(create_model("cifar_resnet20"), X), X, macs=0.5,
+                       surrogate="below")
