@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import platform
 import statistics
@@ -120,6 +121,11 @@ def _prune(base, x, variant: str, threads: int):
 def _block_data(x):
     """CIFAR-10 training images (``../shared/data`` or torchvision's download), resized to the model's
     input: the seeded random weights still give PLS-VIP features to rank the blocks by."""
+    return _cifar_at(tuple(x.shape[-2:]))
+
+
+@functools.lru_cache(maxsize=2)  # once per input size, not once per runtime
+def _cifar_at(size: tuple[int, ...]):
     from dataclasses import replace
 
     from secateurs import PruningError
@@ -129,7 +135,6 @@ def _block_data(x):
         data = load_dataset("cifar10", "train").subset(10 * BLOCK_IMAGES)
     except (FileNotFoundError, OSError, RuntimeError) as err:  # a row that says why, not a crash
         raise PruningError(f"no CIFAR-10 to score the blocks on: {err}") from err
-    size = tuple(x.shape[-2:])
     images = torch.nn.functional.interpolate(data.images.float(), size=size, mode="bilinear").round().to(torch.uint8)
     return replace(data, images=images)
 

@@ -3,15 +3,13 @@ the blocks-first row (benchmarks/speedup.py, benchmarks/speedup_gpu.py)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import secateurs
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_cifar = pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.gz").exists(), reason="../shared/data is not beside the checkout")
+needs_cifar = pytest.mark.shared_data("cifar10-jpeg.tar.gz")
 
 
 def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):

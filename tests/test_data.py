@@ -12,8 +12,6 @@ import torch
 from secateurs import data
 from secateurs.data import ArrayDataset, Batches, DataNotFound, augment, load_dataset, read_idx
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside the checkout")
 
 
 @pytest.fixture(autouse=True)
@@ -63,13 +61,13 @@ def test_idx_reader(tmp_path):
     assert np.array_equal(read_idx(tmp_path / "x.gz"), payload)
 
 
-@needs_shared
+@pytest.mark.shared_data()
 def test_fashion_mnist_from_shared():
     ds = load_dataset("fashion-mnist", "test")
     assert ds.images.shape == (10000, 1, 28, 28) and ds.targets.bincount().tolist() == [1000] * 10
 
 
-@needs_shared
+@pytest.mark.shared_data()
 def test_segmentation_sets_from_shared():
     isbi = load_dataset("isbi2012", "train")
     assert isbi.images.shape == (24, 1, 512, 512) and isbi.task == "segmentation"

@@ -19,7 +19,6 @@ from secateurs.metrics import batch_stats, summarize
 from secateurs.train import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def digits():
@@ -251,7 +250,7 @@ def test_too_little_data_is_refused_naming_it():
         evaluate(model, ArrayDataset("empty", ds.images[:0], ds.targets[:0], ["a", "b"]))
 
 
-@pytest.mark.skipif(not (SHARED / "isbi2012-membranes").exists(), reason="../shared/data is not beside the checkout")
+@pytest.mark.shared_data("isbi2012-membranes")
 def test_segmentation_training_runs_on_isbi():
     tr = load_dataset("isbi2012", "train").subset(4)
     te = load_dataset("isbi2012", "test").subset(2)
