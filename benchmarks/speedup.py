@@ -200,6 +200,7 @@ def run(models: list[str], variants: list[str], repeats: int, threads: int, rows
                         row["input_layout"] = "channels_last" if xl.dim() == 4 and not xl.is_contiguous() else "NCHW"
                     if "latency" in variant and harness == runtime_of(dense):  # what the search timed, not another runtime
                         row["latency_target_met"] = round(report["method_output"].get("latency_ratio", float("nan")), 3)
+                        row["latency_timings"] = len(report["method_output"].get("latency_search", []))
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
                 if out is not None:
@@ -319,7 +320,9 @@ def write(rows: list[dict], out: Path, repeats: int, threads: int) -> None:
               f"{'none' if not slower else ', '.join(slower)}.",
               "- Latency budget 0.5 (goal: within 5%, under a minute on resnet50), the ratio measured by the search's "
               "confirming timing (eager, the user's batch 1), and the prune's wall time including building the tables: "
-              + (", ".join(f"{r['model']} {r['latency_target_met']} in {r['prune_s']} s" for r in lat) or "not run") + "."]
+              + (", ".join(f"{r['model']} {r['latency_target_met']} in {r['prune_s']} s"
+                           + (f" ({r['latency_timings']} timings)" if r.get("latency_timings") else "") for r in lat)
+                 or "not run") + "."]
     lines += [f"- Not reached: {r['model']} {r['variant']}: {r['note']}" for r in unreachable] + [""]
     lines += fixed_share_table(rows)
     (out / "speedup.md").write_text("\n".join(lines))

@@ -439,7 +439,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     under = [m for m in band if m[1] <= target]  # within tolerance and not slower than asked: the most MACs kept
     best = max(under, key=lambda m: m[2]) if under else min(band or met, key=lambda m: abs(m[1] - target), default=None)
     if best is None:
-        raise PruningError(f"no plan met a latency target of {target:.3g}: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
+        raise PruningError(f"no plan met a latency target of {target:.3g} in {len(tried)} timings: the closest measured {min(t['latency_ratio'] for t in tried):.3g} "
                            f"of the dense model (the smallest model the constraints allow is predicted at {smallest:.3g}). "
                            "Narrower channels do not remove a layer's fixed cost, which dominates small inputs: remove "
                            "whole blocks first (method='dlp' with a block count), then prune channels to the target")
