@@ -147,7 +147,9 @@ def _speedup_section(speed: list[dict]) -> list[str]:
           "to back in each round (`secateurs.latency.compare_dense_pruned`), with its 95% interval; onnxruntime in a "
           "fresh process. Pruned models measurably slower than unpruned (interval below 1): "
           f"{', '.join(slower) if slower else 'none'}. Every variant on more models and runtimes: docs/speedup.md; the "
-          "issue's models in 3 fresh processes each: docs/speedup_mbv2/speedup.md, docs/speedup_r50_vgg16/speedup.md.", ""]
+          "issue's models in 3 fresh processes each: docs/speedup_mbv2/speedup.md, docs/speedup_r50_vgg16/speedup.md; "
+          "the latency budget 0.5 on them with the calibrated search: docs/speedup_latency/speedup.md; CIFAR "
+          "ResNets at 32px: docs/speedup_cifar/speedup.md.", ""]
     return L
 
 
