@@ -34,7 +34,10 @@ class HFPRegularizer:
     passes the gradient straight through (scaled by the initial mean gate); ``"soft"`` counts a
     sigmoid around the threshold; ``"cut"`` passes it straight through to the gates the target's cut
     would remove now (the lowest, as few as meet every target) and to no other: pushing every gate
-    alike dragged the survivors' down with the dying ones (to a quarter of their size on ResNet-20). ``lam`` ramps up linearly over ``warmup_steps``, then holds
+    alike dragged the survivors' down with the dying ones (to a quarter of their size on ResNet-20).
+    Under ``"cut"`` a gate that fell below the threshold stays dead (and pushed): its channel is cut
+    at the end whatever it reads then. Counted afresh each step, the last gates never all read dead at
+    once: pushed on, momentum swings them around zero; left alone, the task loss lifts them back. ``lam`` ramps up linearly over ``warmup_steps``, then holds
     (``ramp="hold"``) or keeps rising at the same rate over the steps a target is unmet (``ramp="grow"``):
     the straight-through gradient is scaled by 1/mean gate, so with a held weight the steps the gates take
     to fall grow faster than their scale (about 6x for gates 3x higher, in the tests), and a network
@@ -87,6 +90,7 @@ class HFPRegularizer:
         with torch.no_grad():
             self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
         self.done = False
+        self.dead = torch.zeros(graph.n_components, dtype=torch.bool)  # "cut": gates that fell below, for good
         self.last: dict[str, float] = {}
 
     def gates(self) -> torch.Tensor:
@@ -98,20 +102,24 @@ class HFPRegularizer:
     def alive(self, hard_only: bool = False) -> torch.Tensor:
         g = self.gates()
         gated = self.gated.to(g.device)
-        hard = torch.where(gated, (g > self.threshold).float(), torch.ones_like(g))
+        live = g > self.threshold
+        if self.surrogate == "cut":
+            live = live & ~self.dead.to(g.device)
+        hard = torch.where(gated, live.float(), torch.ones_like(g))
         if hard_only:
             return hard
         if self.surrogate == "soft":
             soft = torch.sigmoid((g - self.threshold) / (0.5 * self.scale))
             return torch.where(gated, soft, torch.ones_like(g))
         lin = g / self.scale
-        pushed = gated & self._below_cut(g) & (hard > 0) if self.surrogate == "cut" else gated
+        pushed = gated & self._below_cut(g) if self.surrogate == "cut" else gated
         return hard + torch.where(pushed, lin - lin.detach(), torch.zeros_like(g))
 
     def _below_cut(self, g: torch.Tensor) -> torch.Tensor:
         """The gated channels a cut of the lowest gates must take to meet every target (all of them when
         no cut does); bisected on their count, as the cost of a cut grows with it."""
-        order = torch.where(self.gated, g.detach().cpu(), torch.tensor(float("inf"))).argsort()
+        device, g = g.device, torch.where(self.dead, 0.0, g.detach().cpu())  # the dead rank lowest
+        order = torch.where(self.gated, g, torch.tensor(float("inf"))).argsort()
         n = int(self.gated.sum())
 
         def removed(k: int) -> torch.Tensor:
@@ -127,7 +135,7 @@ class HFPRegularizer:
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if meets(mid) else (mid + 1, hi)
-        return removed(lo).to(g.device)
+        return removed(lo).to(device)
 
     def hard_cost(self) -> dict[str, int]:
         with torch.no_grad():
@@ -136,6 +144,9 @@ class HFPRegularizer:
 
     def __call__(self) -> torch.Tensor:
         self.steps += 1
+        if self.surrogate == "cut":
+            with torch.no_grad():
+                self.dead |= self.gated & (self.gates().cpu() <= self.threshold)
         macs, params = self.cost.soft(self.alive().cpu() if self._gates[0][0].device.type != "cpu" else self.alive())
         value = {"macs": macs, "params": params}
         hard = self.hard_cost()
@@ -224,7 +235,7 @@ class HFPMethod(Method):
                       **({"lr": self.lr} if self.lr else {}), **({"steps": self.steps} if self.steps else {}))
         try:
             history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg, teacher=ctx.teacher)
-            gates = reg.gates().detach().cpu()
+            gates = torch.where(reg.dead, 0.0, reg.gates().detach().cpu())  # a gate that died stays dead
             alive = reg.alive(hard_only=True).cpu().bool()
         finally:
             reg.close()
