@@ -150,9 +150,12 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("hfp:ramp=grow:surrogate=soft", "hfp:ramp=grow", "HFP's soft-count surrogate (a sigmoid around the threshold, "
      "whose gradient fades for gates far above it) instead of the straight-through count (the same push on every "
      "gate), the weight rising while the target is unmet"),
-    ("hfp:ramp=grow:surrogate=cut", "hfp:ramp=grow", "HFP's straight-through push on the live gates a cut meeting the "
-     "target would remove now (the lowest) and on no other, instead of on every gate, the weight rising while the "
-     "target is unmet"),
+    ("hfp:ramp=grow:surrogate=cut:lam=40", "hfp:ramp=grow", "HFP's straight-through push on the gates a cut "
+     "meeting the target would remove now (the lowest) and on no other, instead of on every gate, at lam 40 "
+     "(only the cut's own gates fall, so the target takes longer at 10), the weight rising while the target is unmet"),
+    ("hfp:ramp=grow:surrogate=cut:phase=0.8", "hfp:phase=0.8", "HFP's push on the gates below the cut alone, the "
+     "weight rising while the target is unmet, instead of the straight-through push on every gate with the weight "
+     "held (both with the phase allowed 80% of the budget)"),
     ("importance-weights:rank=scale", "importance-weights", "importance weights ranked by |alpha| x |gamma| instead of |alpha|"),
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),
@@ -399,7 +402,10 @@ HFP_VARIANTS = (("hfp:lam=5", "with the loss weight at 5"),
                 ("hfp:phase=0.8", "with the phase allowed 80% of the budget"),
                 ("hfp:ramp=grow", "with the loss weight rising for as long as the target is unmet"),
                 ("hfp:ramp=grow:surrogate=soft", "with the weight rising and the soft-count surrogate"),
-                ("hfp:ramp=grow:surrogate=cut", "with the weight rising and the push on the gates below the cut alone"))
+                ("hfp:ramp=grow:surrogate=cut:lam=40", "with the push on the gates below the cut alone, the weight "
+                 "rising from 40"),
+                ("hfp:ramp=grow:surrogate=cut:phase=0.8", "with the push on the gates below the cut alone and the "
+                 "phase allowed 80% of the budget"))
 
 
 def changes_section(summary: dict, level: str = "##") -> list[str]:
