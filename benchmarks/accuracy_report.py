@@ -402,10 +402,10 @@ HFP_VARIANTS = (("hfp:lam=5", "with the loss weight at 5"),
                 ("hfp:phase=0.8", "with the phase allowed 80% of the budget"),
                 ("hfp:ramp=grow", "with the loss weight rising for as long as the target is unmet"),
                 ("hfp:ramp=grow:surrogate=soft", "with the weight rising and the soft-count surrogate"),
-                ("hfp:ramp=grow:surrogate=cut:lam=40", "with the push on the gates below the cut alone, the weight "
-                 "rising from 40"),
-                ("hfp:ramp=grow:surrogate=cut:phase=0.8", "with the push on the gates below the cut alone and the "
-                 "phase allowed 80% of the budget"))
+                ("hfp:ramp=grow:surrogate=cut:lam=40", "with the push on the gates below the cut alone and the "
+                 "weight rising while the target is unmet, at 40 after the warm-up"),
+                ("hfp:ramp=grow:surrogate=cut:phase=0.8", "with the push on the gates below the cut alone, the "
+                 "weight rising while the target is unmet and the phase allowed 80% of the budget"))
 
 
 def changes_section(summary: dict, level: str = "##") -> list[str]:

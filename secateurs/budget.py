@@ -390,7 +390,7 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
     The allocation spends a latency budget read off per-layer tables of this machine
     (:class:`~secateurs.latency_table.LatencyModel`: each channel's saving depends on the widths
     around it), then one interleaved timing of the dense and the pruned model confirms it; the first
-    one that runs slower than predicted calibrates the share of the rest of the model that stays
+    timing, if it runs slower than predicted, calibrates the share of the rest of the model that stays
     whatever the widths (per-op cost, :meth:`~secateurs.latency_table.LatencyModel.calibrate`). A miss by
     more than ``tolerance`` (relative) aims the table again: scaled by what was measured until one
     aim lands below the target and one above, then interpolated inside that bracket (the
@@ -422,9 +422,10 @@ def latency_plan(model: nn.Module, graph: DependencyGraph, x: Any, scores: list[
         predicted = cost(keep) / full
         tried.append({"aim": aim, "predicted_ratio": predicted, "latency_ratio": ratio, "macs": macs})
         log(f"latency: table predicts {predicted:.3f}, measured {ratio:.3f} (target {target:.3f})")
-        if len(tried) == 1 and ratio > predicted:  # the rest of the model kept more time than its activations
-            tried[0]["fixed_share"] = lm.calibrate(alloc.removed(keep), ratio)
-            aim = tried[0]["aim"] = cost(keep) / full  # the first aim, in the calibrated tables
+        if len(tried) == 1 and ratio > predicted and lm.calibrate(alloc.removed(keep), ratio) > 0:
+            # the rest of the model kept more time than its activations: the first try in the calibrated tables
+            tried[0].update(fixed_share=lm.fixed, uncalibrated_ratio=predicted, predicted_ratio=cost(keep) / full)
+            aim = tried[0]["aim"] = tried[0]["predicted_ratio"]
             smallest = cost(alloc.keep_for_threshold(math.inf)) / full
         if ratio <= target * (1 + tolerance):
             met.append((plan, ratio, macs))

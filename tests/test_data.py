@@ -13,7 +13,6 @@ from secateurs import data
 from secateurs.data import ArrayDataset, Batches, DataNotFound, augment, load_dataset, read_idx
 
 
-
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))

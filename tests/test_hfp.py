@@ -266,7 +266,7 @@ def _train_to_target(scale: float, ramp: str, limit: int = 200, surrogate: str =
 
 
 def _steps_to_target(scale: float, ramp: str, limit: int = 200) -> int | None:
-    return _train_to_target(scale, ramp, limit)[0]
+    return _train_to_target(scale, ramp, limit=limit)[0]
 
 
 def test_a_growing_weight_meets_the_target_whatever_the_gate_scale():
@@ -340,7 +340,7 @@ def test_the_cut_surrogate_pushes_only_the_gates_the_cut_would_remove():
 def test_with_the_cut_surrogate_the_survivors_keep_their_gates():
     """Straight-through to every gate, a weight that grows until the target is met costs the survivors
     most of their scale; pushed only below the cut, they keep it (the budget loss alone here)."""
-    steps_ste, reg_ste, start_ste = _train_to_target(3.0, "grow")
+    steps_ste, reg_ste, start_ste = _train_to_target(3.0, "grow", limit=200)
     steps_cut, reg_cut, start_cut = _train_to_target(3.0, "grow", limit=400, surrogate="cut")
     assert steps_ste is not None and steps_cut is not None  # 130 and 265 steps: only the cut's own gates fall
     assert all(b <= a for a, b in zip(reg_cut.macs, reg_cut.macs[1:]))  # the dead stay dead: the count only falls

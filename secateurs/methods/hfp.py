@@ -35,8 +35,8 @@ class HFPRegularizer:
     sigmoid around the threshold; ``"cut"`` passes it straight through to the gates the target's cut
     would remove now (the lowest, as few as meet every target) and to no other: pushing every gate
     alike dragged the survivors' down with the dying ones (to a quarter of their size on ResNet-20).
-    Under ``"cut"`` a gate that fell below the threshold stays dead (and pushed): its channel is cut
-    at the end whatever it reads then. Counted afresh each step, the last gates never all read dead at
+    Under ``"cut"`` a gate that fell below the threshold stays dead (and pushed): its channel counts
+    as cut whatever the gate reads later (the final cut re-adds the best dead channels that still fit). Counted afresh each step, the last gates never all read dead at
     once: pushed on, momentum swings them around zero; left alone, the task loss lifts them back. ``lam`` ramps up linearly over ``warmup_steps``, then holds
     (``ramp="hold"``) or keeps rising at the same rate over the steps a target is unmet (``ramp="grow"``):
     the straight-through gradient is scaled by 1/mean gate, so with a held weight the steps the gates take
@@ -235,7 +235,9 @@ class HFPMethod(Method):
                       **({"lr": self.lr} if self.lr else {}), **({"steps": self.steps} if self.steps else {}))
         try:
             history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg, teacher=ctx.teacher)
-            gates = torch.where(reg.dead, 0.0, reg.gates().detach().cpu())  # a gate that died stays dead
+            # a gate that died stays dead: below every live one, in the order it reads (fill re-adds the best)
+            g = reg.gates().detach().cpu()
+            gates = torch.where(reg.dead, reg.threshold * g / (1 + g), g)
             alive = reg.alive(hard_only=True).cpu().bool()
         finally:
             reg.close()
