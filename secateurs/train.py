@@ -136,6 +136,12 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
                                        valid=y != IGNORE_INDEX if y.dim() > 1 else None)
         objective = (1 - w) * loss + w * kd if teacher is not None else loss
         total_loss = objective + regularizer() if regularizer is not None else objective
+        if getattr(regularizer, "done", False):  # e.g. a pruning budget met by these weights: keep them as they are
+            total += loss.detach().double().cpu() * len(y)  # (a step more would move gates back above the threshold)
+            if teacher is not None:
+                kd_total += kd.detach().double().cpu() * len(y)
+            count += len(y)
+            break
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         optimizer.step()
@@ -149,8 +155,6 @@ def train_one_epoch(model, batches: Batches, optimizer, scheduler, cfg: TrainCon
                             **({"kd": f"{kd.item():.3f}"} if teacher is not None else {}))
         if cfg.step_delay:
             time.sleep(cfg.step_delay)
-        if getattr(regularizer, "done", False):  # e.g. a pruning budget met: stop mid-epoch
-            break
     stats = all_sum(torch.tensor([total.item(), kd_total.item(), float(count)], dtype=torch.float64))
     n = max(1.0, stats[2].item())
     return {"loss": stats[0].item() / n, **({"kd_loss": stats[1].item() / n} if teacher is not None else {})}

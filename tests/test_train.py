@@ -65,6 +65,28 @@ def test_step_budget_counts_optimizer_steps_and_ends_the_schedule():
         TrainConfig(cutout=-1)
 
 
+def test_training_stops_at_the_weights_a_regularizer_called_done():
+    """A pruning budget met at a step is met by that step's weights: no optimizer step follows, which
+    (HFP's gates swinging at a large weight) could lift dead gates back above the threshold."""
+    tr, _ = digits()
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn")
+
+    class DoneAtThird:
+        done, calls, seen = False, 0, None
+
+        def __call__(self):
+            self.calls += 1
+            self.done = self.calls == 3
+            if self.done:
+                self.seen = [p.detach().clone() for p in model.parameters()]
+            return torch.zeros(())
+
+    reg = DoneAtThird()
+    fit(model, tr, None, cfg(epochs=5), regularizer=reg)
+    assert reg.calls == 3 and all(torch.equal(p, q) for p, q in zip(model.parameters(), reg.seen))
+
+
 def test_resume_under_other_settings_says_which(tmp_path):
     tr, _ = digits()
     torch.manual_seed(0)
