@@ -105,7 +105,7 @@ def test_bad_input():
     m = create_model("cifar_resnet20")
     with pytest.raises(ValueError, match="give a `target`"):
         secateurs.prune(m, X, "hfp", data=[(X, torch.tensor([0]))])
-    with pytest.raises(ValueError, match="`surrogate` must be 'ste', 'soft' or 'cut'"):
+    with pytest.raises(ValueError, match="`surrogate` must be one of ste, soft, cut, got 'gumbel'"):
         secateurs.get_method("hfp", surrogate="gumbel")
     with pytest.raises(ValueError, match="needs a target"):
         HFPRegularizer(m, analyze(m, X), X)
