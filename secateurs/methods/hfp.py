@@ -37,12 +37,14 @@ class HFPRegularizer:
     alike dragged the survivors' down with the dying ones (to a quarter of their size on ResNet-20).
     Under ``"cut"`` a gate that fell below the threshold stays dead (and pushed): its channel counts
     as cut whatever the gate reads later (the final cut re-adds the best dead channels that still fit).
+    Counted afresh each step, the cut's last gates never all read dead at once: pushed on, momentum
+    swings them around zero; left alone, the task loss lifts them back.
     Known limit: under a weight grown large (``ramp="grow"`` from a large ``lam``), a gate can settle
     in a two-step swing around zero (SGD momentum) and never read below the threshold, so the target
     is never met: the budget loss alone at lam 50 left ultralytics' yolo11n-seg at 0.85 of the MACs
     after 300 steps (at lam 5: 0.6 met in 111), and ``"cut"``, whose last gates must all fall, left
-    timm's efficientnet_b1 at 0.68 even at lam 5 (``"ste"``: 124 steps). Counted afresh each step, the last gates never all read dead at
-    once: pushed on, momentum swings them around zero; left alone, the task loss lifts them back. ``lam`` ramps up linearly over ``warmup_steps``, then holds
+    timm's efficientnet_b1 at 0.68 even at lam 5 (``"ste"``: 124 steps).
+    ``lam`` ramps up linearly over ``warmup_steps``, then holds
     (``ramp="hold"``) or keeps rising at the same rate over the steps a target is unmet (``ramp="grow"``):
     the straight-through gradient is scaled by 1/mean gate, so with a held weight the steps the gates take
     to fall grow faster than their scale (about 6x for gates 3x higher, in the tests), and a network
@@ -52,7 +54,8 @@ class HFPRegularizer:
     In your own loop::
 
         reg = HFPRegularizer(model, secateurs.analyze(model, x), x, macs=0.5)
-        loss = criterion(model(xb), yb) + reg()       # every step; stop when reg.done
+        loss = criterion(model(xb), yb) + reg()       # every step; once reg.done, stop before stepping
+                                                      # (these weights met the target; a step may undo it)
     """
 
     def __init__(self, model: nn.Module, graph: DependencyGraph, example_inputs: Any, macs: float | None = None,
