@@ -123,11 +123,15 @@ class HFPRegularizer:
         pushed = gated & self._below_cut(g) if self.surrogate == "cut" else gated
         return hard + torch.where(pushed, lin - lin.detach(), torch.zeros_like(g))
 
+    def ranked(self, g: torch.Tensor) -> torch.Tensor:
+        """Gates (on the CPU) as a cut ranks them: a dead one below every live one, in the order it reads."""
+        g = g.detach().cpu()
+        return torch.where(self.dead, self.threshold * g / (1 + g), g)
+
     def _below_cut(self, g: torch.Tensor) -> torch.Tensor:
         """The gated channels a cut of the lowest gates must take to meet every target (all of them when
         no cut does); bisected on their count, as the cost of a cut grows with it."""
-        device, g = g.device, torch.where(self.dead, 0.0, g.detach().cpu())  # the dead rank lowest
-        order = torch.where(self.gated, g, torch.tensor(float("inf"))).argsort()
+        order = torch.where(self.gated, self.ranked(g), torch.tensor(float("inf"))).argsort()
         n = int(self.gated.sum())
 
         def removed(k: int) -> torch.Tensor:
@@ -143,7 +147,7 @@ class HFPRegularizer:
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if meets(mid) else (mid + 1, hi)
-        return removed(lo).to(device)
+        return removed(lo).to(g.device)
 
     def hard_cost(self) -> dict[str, int]:
         with torch.no_grad():
@@ -243,9 +247,7 @@ class HFPMethod(Method):
                       **({"lr": self.lr} if self.lr else {}), **({"steps": self.steps} if self.steps else {}))
         try:
             history = fit(ctx.model, ctx.data, ctx.val_data, cfg, regularizer=reg, teacher=ctx.teacher)
-            # a gate that died stays dead: below every live one, in the order it reads (fill re-adds the best)
-            g = reg.gates().detach().cpu()
-            gates = torch.where(reg.dead, reg.threshold * g / (1 + g), g)
+            gates = reg.ranked(reg.gates())  # a gate that died stays dead (fill re-adds the best dead that fit)
             alive = reg.alive(hard_only=True).cpu().bool()
         finally:
             reg.close()
