@@ -53,6 +53,19 @@ def finetune_config(args, epochs: int):
     return TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, quiet=True, seed=0)
 
 
+def source_commit() -> str:
+    """The commit a results row was made at (``-dirty``: with uncommitted edits), so a row can be traced
+    to the code that made it when a grid spans several changes; blank outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"], check=False,
+                             cwd=DOCS.parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a results CSV (none if it does not exist yet)."""
     if not path.exists():

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._protocol import add_run_args, append_row, interval, read_rows, write_rows  # noqa: F401 (interval: the report's, re-exported)
+from benchmarks._protocol import add_run_args, append_row, interval, read_rows, source_commit, write_rows  # noqa: F401 (interval: the report's, re-exported)
 from benchmarks.accuracy_report import PAIRS, no_worse, paired, summarize, write_report  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit tra
 FIELDS = ["model", "target", "method", "tool", "seed", "steps", "steps_used", "phase_steps", "over_budget", "kept_macs",
           "kept_params", "top1_before", "top1", "val_top1", "converged", "converged_step", "fallback", "stopped",
           "missed_target", "distill", "train_images", "test_images", "seconds", "latency_ratio", "latency_target",
-          "cpu", "error", "settings"]
+          "cpu", "commit", "error", "settings"]
 # the verdicts first (a grid cut short by a session still answers them): same-criterion pairs with
 # Torch-Pruning, the paper methods against l1, the latency prune, the control; then the other variants
 GRID_ORDER = ["tp_magnitude", "l2:distill=0", "l2", "l1", "tp_bn_scale", "bn_scale:distill=0", "bn_scale", "hfp",
@@ -428,7 +428,7 @@ def run(args) -> Path:
     if rows and list(rows[0]) != FIELDS:  # written before a column was added: rewritten with it, blank
         write_rows(path, [{f: r.get(f, "") for f in FIELDS} for r in rows])
     done = {(r["model"], r["target"], r["method"], r["seed"], r["steps"]) for r in rows if not r.get("error")}
-    mine = {name: settings(args, name) for name in args.models}
+    mine, commit = {name: settings(args, name) for name in args.models}, source_commit()
     for name in args.models:  # every refusal before any data is read
         check_baseline(name, args)
         other = {r.get("settings") for r in rows if r["model"] == name} - {mine[name]}
@@ -451,7 +451,7 @@ def run(args) -> Path:
                     except Exception as err:  # noqa: BLE001 - one broken row must not stall the grid; it is rerun next time
                         row = {"model": name, "target": target, "method": method, "seed": seed, "steps": args.steps,
                                "error": f"{type(err).__name__}: {err}"[:200]}
-                    append_row(path, {**row, "settings": mine[name]}, FIELDS)
+                    append_row(path, {**row, "commit": commit, "settings": mine[name]}, FIELDS)
                     rows.append({k: str(v) for k, v in row.items()})
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return path

@@ -362,10 +362,27 @@ def test_the_control_row_is_trained_once_and_reused_at_every_target(tmp_path, mo
         return {"model": name, "target": target, "method": method, "seed": seed, "steps": 10, "top1": 89.0 + target}
 
     monkeypatch.setattr(acc, "one_row", one_row)
+    monkeypatch.setattr(acc, "source_commit", lambda: "0123abcd-dirty")
     rows = read_rows(acc.run(ns))
     assert trained == [("control", 0.5), ("l2", 0.5), ("l2", 0.3)]
     control = [(r["target"], r["top1"]) for r in rows if r["method"] == "control"]
     assert control == [("0.5", "89.5"), ("0.3", "89.5")]
+    assert [r["commit"] for r in rows] == ["0123abcd-dirty"] * 4  # the code each row was made with
+
+
+def test_source_commit_names_the_checkouts_commit_and_is_blank_outside_one(tmp_path, monkeypatch):
+    import subprocess
+
+    from benchmarks import _protocol
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_protocol.DOCS.parent, capture_output=True, text=True,
+                          check=False).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    assert head.startswith(_protocol.source_commit().removesuffix("-dirty"))
+    monkeypatch.setattr(_protocol, "DOCS", tmp_path / "docs")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    assert _protocol.source_commit() == ""
 
 
 def test_rows_state_their_cpu_and_the_latency_comparison_reads_the_seeds_both_sides_have(tmp_path, monkeypatch):
