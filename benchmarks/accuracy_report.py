@@ -53,6 +53,14 @@ def _cpus_of(s: dict, seeds=None) -> list[str]:
     return sorted({cpu for k, (_, cpu) in s["timed"].items() if seeds is None or k in seeds})
 
 
+def _baselines(rows: list[dict]) -> str:
+    """Which checkpoint each model's rows pruned (its top-1 here and its hash, from the rows): a grid
+    is read against the model it started from, and two checkpoints' rows never share a file."""
+    seen = {r["model"]: (r.get("top1_before", ""), (r.get("settings") or "").rpartition("sha=")[2] or "?")
+            for r in rows}
+    return "; ".join(f"{m} {t}% (sha256 {sha}...)" for m, (t, sha) in sorted(seen.items())) or "none"
+
+
 def _mean(values: list) -> float | None:
     got = [float(v) for v in values if v not in ("", None)]
     return statistics.fmean(got) if got else None
@@ -96,6 +104,7 @@ def write_report(path: Path, md: Path, args) -> None:
              f"{'/'.join(dict.fromkeys(str(r['steps']) for r in rows)) or '?'} optimizer steps per row (pruning phase + fine-tuning; batch {args.batch_size}, "
              f"SGD Nesterov lr {args.lr}, cosine), {first.get('train_images', '?')} training images (from the training set "
              f"less a {args.holdout}-image held-out split), top-1 on {first.get('test_images', '?')} test images. "
+             f"Unpruned models (top-1 on those test images): {_baselines(rows)}. "
              "Generated from `accuracy.csv`; see `benchmarks/accuracy.py` for how each method is run.", "",
              *([" ".join(left_out), ""] if left_out else []),
              "| model | MACs target | method | tool | MACs kept | latency | top-1 (mean +- 95%) | seeds | notes |",

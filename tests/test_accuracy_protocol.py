@@ -130,6 +130,8 @@ def test_report_pairs_seeds_and_labels_fallbacks(tmp_path):
             _row("hfp", 0, 80.0, fallback="lowest gates cut"), _row("hfp", 1, 81.0, converged="True", converged_step=120),
             _row("control", 0, 90.0), _row("hfp", 2, 82.0, over_budget="True"),
             _row("bn_scale", 0, 88.0), _row("bn_scale", 1, 88.5), _row("bn_scale", 2, 89.5)]
+    for r in rows:  # the checkpoint every row pruned, in its settings
+        r.update(top1_before=90.29, settings="threads=2;device=cpu;sha=99f21191ecf6")
     path = tmp_path / "accuracy.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=acc.FIELDS)
@@ -146,6 +148,7 @@ def test_report_pairs_seeds_and_labels_fallbacks(tmp_path):
     hfp = next(line for line in text.splitlines() if "| hfp |" in line)
     assert "1 fallback" in hfp and "1 over budget" in hfp and "converged at step 120" in hfp
     assert "| 86.00 +- " in text
+    assert "Unpruned models (top-1 on those test images): r20 90.29% (sha256 99f21191ecf6...)." in text
 
 
 def test_report_compares_the_latency_prune_with_torch_pruning_at_equal_accuracy(tmp_path):
