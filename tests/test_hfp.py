@@ -337,6 +337,40 @@ def test_the_cut_surrogate_pushes_only_the_gates_the_cut_would_remove():
     assert reg.dead[top] and reg.alive(hard_only=True)[top] == 0 and reg._below_cut(gates_leaf)[top] and grad[top] > 0
 
 
+def test_a_pushed_channel_whose_every_carrier_went_through_zero_is_dead():
+    """A gate swinging around zero in steps larger than the threshold never reads below it: under the
+    cut surrogate a sign change of every carrier while pushed counts the channel dead; a channel not
+    pushed, or with a carrier yet to change sign, stays alive."""
+    m = create_model("cifar_resnet20")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+    reg = HFPRegularizer(m, analyze(m, X), X, macs=0.5, warmup_steps=1, surrogate="cut")
+    reg()
+    pushed = reg._pushed.clone()
+    single, multi = (reg._count == 1) & reg.gated, (reg._count > 1) & reg.gated
+    c1, c2 = int((pushed & single).nonzero()[0]), int((pushed & multi).nonzero()[0])
+    c3 = int((~pushed & single).nonzero()[0])
+    entries = {c: [(p, int(i)) for p, lab in reg._gates for i in (lab == c).nonzero().flatten()] for c in (c1, c2, c3)}
+
+    def flip(c, which):
+        with torch.no_grad():
+            for p, i in which:
+                p[i] = -p[i]
+
+    flip(c1, entries[c1])
+    flip(c3, entries[c3])
+    flip(c2, entries[c2][:1])
+    reg()
+    assert reg.dead[c1] and not reg.dead[c3] and not reg.dead[c2]  # |gates| unchanged: none read below
+    assert reg.gates()[c1] > 0.4 and reg._pushed[c2]
+    flip(c2, entries[c2][1:])
+    reg()
+    assert reg.dead[c2] and not reg.dead[c3]
+
+
 def test_with_the_cut_surrogate_the_survivors_keep_their_gates():
     """Straight-through to every gate, a weight that grows until the target is met costs the survivors
     most of their scale; pushed only below the cut, they keep it (the budget loss alone here)."""

@@ -38,12 +38,18 @@ class HFPRegularizer:
     Under ``"cut"`` a gate that fell below the threshold stays dead (and pushed): its channel counts
     as cut whatever the gate reads later (the final cut re-adds the best dead channels that still fit).
     Counted afresh each step, the cut's last gates never all read dead at once: pushed on, momentum
-    swings them around zero; left alone, the task loss lifts them back.
-    Known limit: under a weight grown large (``ramp="grow"`` from a large ``lam``), a gate can settle
-    in a two-step swing around zero (SGD momentum) and never read below the threshold, so the target
-    is never met: the budget loss alone at lam 50 left ultralytics' yolo11n-seg at 0.85 of the MACs
-    after 300 steps (at lam 5: 0.6 met in 111), and ``"cut"``, whose last gates must all fall, left
-    timm's efficientnet_b1 at 0.68 even at lam 5 (``"ste"``: 124 steps).
+    swings them around zero; left alone, the task loss lifts them back. A pushed gate can also swing
+    around zero in steps larger than the threshold and never read below it (on ResNet-20 the last gate
+    of a cut swung between 0.02 and 0.08 for 220 steps while the weight grew 4x), so under ``"cut"``
+    a channel whose every carrier changed sign while pushed counts as dead too: it went through zero
+    between two readings.
+    Known limits: under ``"ste"`` and ``"soft"`` and a weight grown large (``ramp="grow"`` from a large
+    ``lam``), gates can settle in that swing and the target is never met: the budget loss alone at
+    lam 50 left ultralytics' yolo11n-seg at 0.85 of the MACs after 300 steps (at lam 5: 0.6 met in 111).
+    Under ``"cut"`` each gate is still pushed in proportion to what its channel costs, so a cut that
+    holds many cheap channels falls slowly: on freshly initialised library models (every gate 1, the
+    cut a near-arbitrary set) the budget loss alone at lam 5 met 0.6 of timm's efficientnet_b1 in
+    447 steps (``"ste"``: 124) and left smp's FPN:mobilenet_v2 at 0.615 after 700.
     ``lam`` ramps up linearly over ``warmup_steps``, then holds
     (``ramp="hold"``) or keeps rising at the same rate over the steps a target is unmet (``ramp="grow"``):
     the straight-through gradient is scaled by 1/mean gate, so with a held weight the steps the gates take
@@ -99,6 +105,10 @@ class HFPRegularizer:
             self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
         self.done = False
         self.dead = torch.zeros(graph.n_components, dtype=torch.bool)  # "cut": gates that fell below, for good
+        # "cut": each gate parameter's signs at the last step, which of its entries changed sign while pushed
+        self._signs: list[torch.Tensor] = []
+        self._crossed: list[torch.Tensor] = []
+        self._pushed = torch.zeros(graph.n_components, dtype=torch.bool)
         self.last: dict[str, float] = {}
 
     def gates(self) -> torch.Tensor:
@@ -121,6 +131,7 @@ class HFPRegularizer:
             return torch.where(gated, soft, torch.ones_like(g))
         lin = g / self.scale
         pushed = gated & self._below_cut(g) if self.surrogate == "cut" else gated
+        self._pushed = pushed.cpu()
         return hard + torch.where(pushed, lin - lin.detach(), torch.zeros_like(g))
 
     def ranked(self, g: torch.Tensor) -> torch.Tensor:
@@ -149,6 +160,24 @@ class HFPRegularizer:
             lo, hi = (lo, mid) if meets(mid) else (mid + 1, hi)
         return removed(lo).to(g.device)
 
+    def _crossed_zero(self) -> torch.Tensor:
+        """Channels every carrier of which changed sign while pushed (sticky): each went through zero."""
+        pairs = [*self._gates, *([(self.shared.param, self.shared.components)] if self.shared is not None else [])]
+        signs = [torch.sign(p.detach().float().cpu()) for p, _ in pairs]
+        if not self._signs:
+            self._signs, self._crossed = signs, [torch.zeros_like(s, dtype=torch.bool) for s in signs]
+        hits = torch.zeros(self.graph.n_components)
+        for i, ((_, lab), s) in enumerate(zip(pairs, signs)):
+            lab = lab.cpu()
+            self._crossed[i] |= (s != self._signs[i]) & self._pushed[lab]
+            if i < len(self._gates):
+                hits.index_add_(0, lab, self._crossed[i].float())
+        self._signs = signs
+        crossed = (self._count > 0) & (hits >= self._count)
+        if self.shared is not None:  # one gate of their own: the carriers' signs do not decide
+            crossed[self.shared.components.cpu()] = self._crossed[-1]
+        return crossed
+
     def hard_cost(self) -> dict[str, int]:
         with torch.no_grad():
             macs, params = self.cost(~self.alive(hard_only=True).bool().cpu())
@@ -158,7 +187,7 @@ class HFPRegularizer:
         self.steps += 1
         if self.surrogate == "cut":
             with torch.no_grad():
-                self.dead |= self.gated & (self.gates().cpu() <= self.threshold)
+                self.dead |= self.gated & ((self.gates().cpu() <= self.threshold) | self._crossed_zero())
         macs, params = self.cost.soft(self.alive().cpu() if self._gates[0][0].device.type != "cpu" else self.alive())
         value = {"macs": macs, "params": params}
         hard = self.hard_cost()
