@@ -355,18 +355,18 @@ def test_a_pushed_channel_whose_every_carrier_went_through_zero_is_dead():
     c3 = int((~pushed & single).nonzero()[0])
     entries = {c: [(p, int(i)) for p, lab in reg._gates for i in (lab == c).nonzero().flatten()] for c in (c1, c2, c3)}
 
-    def flip(c, which):
+    def flip(which):
         with torch.no_grad():
             for p, i in which:
                 p[i] = -p[i]
 
-    flip(c1, entries[c1])
-    flip(c3, entries[c3])
-    flip(c2, entries[c2][:1])
+    flip(entries[c1])
+    flip(entries[c3])
+    flip(entries[c2][:1])
     reg()
     assert reg.dead[c1] and not reg.dead[c3] and not reg.dead[c2]  # |gates| unchanged: none read below
     assert reg.gates()[c1] > 0.4 and reg._pushed[c2]
-    flip(c2, entries[c2][1:])
+    flip(entries[c2][1:])
     reg()
     assert reg.dead[c2] and not reg.dead[c3]
 
