@@ -299,7 +299,8 @@ def test_a_growing_weight_rises_only_over_the_steps_a_target_is_unmet():
                        ramp="up")
 
 
-def test_the_cut_surrogate_pushes_only_the_gates_the_cut_would_remove():
+def _cut_regularizer():
+    """(graph, "cut" regulariser) on a ResNet-20 whose gates are spread over [0.5, 1.5]."""
     m = create_model("cifar_resnet20")
     torch.manual_seed(0)
     with torch.no_grad():
@@ -307,7 +308,11 @@ def test_the_cut_surrogate_pushes_only_the_gates_the_cut_would_remove():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.weight.uniform_(0.5, 1.5)
     g = analyze(m, X)
-    reg = HFPRegularizer(m, g, X, macs=0.5, warmup_steps=1, surrogate="cut")
+    return g, HFPRegularizer(m, g, X, macs=0.5, warmup_steps=1, surrogate="cut")
+
+
+def test_the_cut_surrogate_pushes_only_the_gates_the_cut_would_remove():
+    g, reg = _cut_regularizer()
     gates = reg.gates().detach()
     below = reg._below_cut(gates)
     # the fewest of the lowest gates that meet the target: one fewer does not
@@ -341,13 +346,7 @@ def test_a_pushed_channel_whose_every_carrier_went_through_zero_is_dead():
     """A gate swinging around zero in steps larger than the threshold never reads below it: under the
     cut surrogate a sign change of every carrier while pushed counts the channel dead; a channel not
     pushed, or with a carrier yet to change sign, stays alive."""
-    m = create_model("cifar_resnet20")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-    reg = HFPRegularizer(m, analyze(m, X), X, macs=0.5, warmup_steps=1, surrogate="cut")
+    _, reg = _cut_regularizer()
     reg()
     pushed = reg._pushed.clone()
     single, multi = (reg._count == 1) & reg.gated, (reg._count > 1) & reg.gated
