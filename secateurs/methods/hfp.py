@@ -42,7 +42,10 @@ class HFPRegularizer:
     around zero in steps larger than the threshold and never read below it (on ResNet-20 the last gate
     of a cut swung between 0.02 and 0.08 for 220 steps while the weight grew 4x), so under ``"cut"``
     a channel whose every carrier changed sign while pushed counts as dead too: it went through zero
-    between two readings.
+    between two readings. That met the target in all three ResNet-20 rows at 50% (one had fallen back),
+    but a residual channel's gate, the mean of several carriers, can still swing above the threshold
+    with a carrier that never changes sign while its channel is in the cut (ResNet-20 at 30%: a
+    4-carrier gate between 0.03 and 0.07 for 140 steps, one row of three fell back).
     Known limits: under ``"ste"`` and ``"soft"`` and a weight grown large (``ramp="grow"`` from a large
     ``lam``), gates can settle in that swing and the target is never met: the budget loss alone at
     lam 50 left ultralytics' yolo11n-seg at 0.85 of the MACs after 300 steps (at lam 5: 0.6 met in 111).
