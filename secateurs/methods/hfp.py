@@ -133,8 +133,10 @@ class HFPRegularizer:
             soft = torch.sigmoid((g - self.threshold) / (0.5 * self.scale))
             return torch.where(gated, soft, torch.ones_like(g))
         lin = g / self.scale
-        pushed = gated & self._below_cut(g) if self.surrogate == "cut" else gated
-        self._pushed = pushed.cpu()
+        pushed = gated
+        if self.surrogate == "cut":  # what the sign rule reads at the next step
+            self._pushed = self._below_cut(g)
+            pushed = gated & self._pushed.to(g.device)
         return hard + torch.where(pushed, lin - lin.detach(), torch.zeros_like(g))
 
     def ranked(self, g: torch.Tensor) -> torch.Tensor:
@@ -143,8 +145,8 @@ class HFPRegularizer:
         return torch.where(self.dead, self.threshold * g / (1 + g), g)
 
     def _below_cut(self, g: torch.Tensor) -> torch.Tensor:
-        """The gated channels a cut of the lowest gates must take to meet every target (all of them when
-        no cut does); bisected on their count, as the cost of a cut grows with it."""
+        """The gated channels (a CPU mask) a cut of the lowest gates must take to meet every target (all of
+        them when no cut does); bisected on their count, as the cost of a cut grows with it."""
         order = torch.where(self.gated, self.ranked(g), torch.tensor(float("inf"))).argsort()
         n = int(self.gated.sum())
 
@@ -161,7 +163,7 @@ class HFPRegularizer:
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if meets(mid) else (mid + 1, hi)
-        return removed(lo).to(g.device)
+        return removed(lo)
 
     def _crossed_zero(self) -> torch.Tensor:
         """Channels every carrier of which changed sign while pushed (sticky): each went through zero."""
