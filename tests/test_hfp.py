@@ -6,11 +6,13 @@ import functools
 
 import pytest
 import torch
+import torch.nn as nn
 
 import secateurs
 from secateurs import HFPRegularizer, analyze, apply_plan, count
 from secateurs.cost import PlanCost
 from secateurs.data import ArrayDataset
+from secateurs.methods.gates import SharedScales
 from secateurs.models import create_model
 
 X = torch.randn(1, 3, 32, 32)
@@ -186,6 +188,40 @@ def test_residual_groups_get_one_shared_gate_that_folds_exactly():
     assert "secateurs_shared_scale" not in dict(m.named_parameters()) and not any(mod._forward_hooks for mod in m.modules())
     with pytest.raises(ValueError, match="tie"):
         HFPRegularizer(m, graph, X, macs=0.5, tie="max")
+
+
+def test_a_shared_gate_can_start_at_the_trained_mean_scale_with_the_same_function():
+    """``tie="shared-mean"``: the shared gate starts where the mean tie reads (so the trained ranking of
+    residual channels carries over, unlike a gate from 1) and the carriers are divided by it, so the
+    model's outputs do not move, neither when the gates go in nor when they fold out."""
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet20").eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(-1.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+        m.bn1.weight[:2] = 0.0  # two residual channels whose every carrier (the stem's norm, each block's last)
+        for blk in m.layer1:   # reads 0: their mean is below the threshold, the gate starts there and is dead
+            blk.bn2.weight[:2] = 0.0
+    graph = analyze(m, X)
+    x = torch.randn(2, 3, 32, 32)
+    ref = m(x)
+    mean_tie = HFPRegularizer(copy.deepcopy(m), graph, X, macs=0.5).gates().detach()
+    reg = HFPRegularizer(m, graph, X, macs=0.5, tie="shared-mean")
+    comps = reg.shared.components
+    start = reg.gates().detach()
+    assert torch.allclose(start[comps], mean_tie[comps].clamp_min(reg.threshold), atol=1e-6)
+    assert not torch.equal(start[comps], torch.ones(len(comps)))
+    assert torch.allclose(m(x), ref, atol=1e-5)  # the same function with the gates in
+    assert reg.alive(hard_only=True)[comps][start[comps] <= reg.threshold].eq(0).all()
+    with torch.no_grad():
+        reg.shared.param.mul_(torch.empty_like(reg.shared.param).uniform_(0.5, 1.5))
+    hooked = m(x)
+    reg.close()
+    assert torch.allclose(m(x), hooked, atol=1e-5)
+    with pytest.raises(ValueError, match="one positive value per shared component"):
+        SharedScales(m, {}, comps, graph.n_components, init=torch.zeros(len(comps)))
 
 
 

@@ -84,26 +84,42 @@ class SharedScales:
 
     The parameter lives on the model's root while training (so an optimizer built afterwards
     trains it); :meth:`fold` multiplies it into each carrier's weight and bias and removes it.
+    ``init`` (one value per component, positive) starts the gates there instead of at 1 and divides
+    each carrier's weight and bias by it, so the model computes the same function: a trained
+    network's ranking of its channels (their mean |scale|) carries over into the gates.
     """
 
     NAME = "secateurs_shared_scale"
 
     def __init__(self, model: nn.Module, carriers_: Mapping[str, torch.Tensor], components: torch.Tensor,
-                 n_components: int) -> None:
+                 n_components: int, init: torch.Tensor | None = None) -> None:
         self.model, self.handles = model, []
         self.components = components  # the component ids that get a shared gate
         slot = torch.full((n_components,), -1, dtype=torch.long)
         slot[components] = torch.arange(len(components))
         dev = next(model.parameters()).device
-        self.param = nn.Parameter(torch.ones(len(components), device=dev))
-        model.register_parameter(self.NAME, self.param)
+        start = torch.ones(len(components)) if init is None else torch.as_tensor(init, dtype=torch.float).detach().cpu()
+        if start.shape != (len(components),) or not bool((start > 0).all()):
+            raise ValueError(f"init: one positive value per shared component ({len(components)}), got shape "
+                             f"{tuple(start.shape)}" + (f", min {float(start.min()):g}" if start.numel() else ""))
+        self.param = nn.Parameter(start.clone().to(dev))
         self.where: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, lab in carriers_.items():
             idx = slot[lab]
             mask = idx >= 0
             if mask.any():
                 self.where[name] = (mask.to(dev), idx.clamp_min(0).to(dev))
-                self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(name)))
+        if init is not None:
+            with torch.no_grad():
+                for name in self.where:
+                    m = model.get_submodule(name)
+                    s = self._full(name)
+                    m.weight.div_(s)
+                    if m.bias is not None:
+                        m.bias.div_(s)
+        model.register_parameter(self.NAME, self.param)
+        for name in self.where:
+            self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(name)))
 
     def _full(self, name: str) -> torch.Tensor:
         mask, idx = self.where[name]

@@ -24,7 +24,8 @@ class HFPRegularizer:
 
     One gate per channel: the |scale| of the norm layer that carries it; for a channel several norm
     layers carry (a residual stage) their mean |scale| (``tie="mean"``) or one explicit gate shared
-    by all of them (``tie="shared"``, see :class:`SharedScales`); or an explicit :class:`ChannelScales` on its
+    by all of them (``tie="shared"``, see :class:`SharedScales`; it starts at 1, ``"shared-mean"`` starts it
+    at their mean |scale| with the carriers divided by it, the same function); or an explicit :class:`ChannelScales` on its
     producing convs where no norm layer carries it (call :meth:`close` at the end to fold those back); a channel is alive while
     its gate exceeds ``threshold``. The loss is
     ``lam * sum over unmet targets of C(alive) / C_target`` (a target pulls while the *hard* count
@@ -100,9 +101,13 @@ class HFPRegularizer:
         self._count = counts
         self.shared = None  # channels several norm layers carry (residual groups): one gate of their own
         multi = ((counts > 1) & prunable).nonzero().flatten()
-        if tie == "shared" and len(multi):
+        if tie != "mean" and len(multi):
             norms = {n: lab for n, lab in where.items() if n not in producers}
-            self.shared = SharedScales(model, norms, multi, graph.n_components)
+            start = None
+            if tie == "shared-mean":  # the gate starts where the mean tie reads, the carriers rescaled to match
+                with torch.no_grad():
+                    start = mean_abs(self._gates, counts)[multi].cpu().clamp_min(self.threshold)
+            self.shared = SharedScales(model, norms, multi, graph.n_components, init=start)
         self.gated = (counts > 0) & prunable  # frozen channels: always alive
         with torch.no_grad():
             self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
@@ -219,7 +224,7 @@ class HFPRegularizer:
 
 
 SURROGATES = ("ste", "soft", "cut")
-TIES = ("shared", "mean")
+TIES = ("shared", "mean", "shared-mean")
 RAMPS = ("hold", "grow")
 
 
@@ -254,7 +259,8 @@ class HFPMethod(Method):
         Option("lr", None, "learning rate while pruning (default: the fine-tuning one)", low=0, open_low=True,
                nullable=True),
         Option("tie", "mean", "channels several norm layers carry (residual stages): the mean of their |scales| "
-               "(mean) or one shared explicit gate (shared)", kind=str, choices=TIES, flag="--hfp-tie"),
+               "(mean) or one shared explicit gate, from 1 (shared) or from that mean (shared-mean)", kind=str,
+               choices=TIES, flag="--hfp-tie"),
         Option("ramp", "hold", "after warmup_steps the weight holds at lam (hold) or keeps rising at the same rate "
                "over the steps the target is unmet (grow)", kind=str, choices=RAMPS, flag="--hfp-ramp"),
     )
