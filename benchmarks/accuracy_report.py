@@ -168,6 +168,12 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("hfp:ramp=grow:surrogate=cut:lam=40:tie=shared", "hfp:ramp=grow:surrogate=cut:lam=40", "HFP's push on the "
      "gates below the cut alone with one shared gate per residual channel instead of the mean |gamma| of its norm "
      "layers (one of those held by the task loss kept a residual gate above the threshold)"),
+    ("hfp:ramp=grow:surrogate=cut:lam=40:tie=shared-mean", "hfp:ramp=grow:surrogate=cut:lam=40:tie=shared",
+     "HFP's shared gate per residual channel started at its norm layers' mean |gamma| (the layers divided by it, "
+     "the same function) instead of at 1 (push on the gates below the cut alone, lam 40)"),
+    ("hfp:ramp=grow:surrogate=cut:lam=40:tie=shared-mean", "hfp:ramp=grow:surrogate=cut:lam=40", "HFP's shared "
+     "gate per residual channel started at its norm layers' mean |gamma| instead of that mean itself as the gate "
+     "(push on the gates below the cut alone, lam 40)"),
     ("importance-weights:rank=scale", "importance-weights", "importance weights ranked by |alpha| x |gamma| instead of |alpha|"),
     ("l2", "l2:distill=0", "distillation from the unpruned model in every fine-tuning (l2)"),
     ("bn_scale", "bn_scale:distill=0", "distillation from the unpruned model in every fine-tuning (bn_scale)"),
@@ -419,7 +425,9 @@ HFP_VARIANTS = (("hfp:lam=5", "with the loss weight at 5"),
                 ("hfp:ramp=grow:surrogate=cut:phase=0.8", "with the push on the gates below the cut alone, the "
                  "weight rising while the target is unmet and the phase allowed 80% of the budget"),
                 ("hfp:ramp=grow:surrogate=cut:lam=40:tie=shared", "with the push on the gates below the cut alone "
-                 "at lam 40 and one shared gate per residual channel"))
+                 "at lam 40 and one shared gate per residual channel"),
+                ("hfp:ramp=grow:surrogate=cut:lam=40:tie=shared-mean", "with the push on the gates below the cut "
+                 "alone at lam 40 and one shared gate per residual channel started at its norm layers' mean |gamma|"))
 
 
 def changes_section(summary: dict, level: str = "##") -> list[str]:
