@@ -54,16 +54,24 @@ def finetune_config(args, epochs: int):
 
 
 def source_commit() -> str:
-    """The commit a results row was made at (``-dirty``: with uncommitted edits), so a row can be traced
+    """The commit a results row was made at (``-dirty``: with uncommitted edits to the code; the results
+    files under docs/ do not count, a grid appends its rows there as it goes), so a row can be traced
     to the code that made it when a grid spans several changes; blank outside a git checkout."""
     import subprocess
 
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"], check=False,
-                             cwd=DOCS.parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], check=False, cwd=DOCS.parent, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not head:
         return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
+    edits = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){DOCS.name}")
+    return head + ("-dirty" if edits else "")
 
 
 def read_rows(path: Path) -> list[dict]:

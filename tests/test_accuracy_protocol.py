@@ -386,6 +386,18 @@ def test_source_commit_names_the_checkouts_commit_and_is_blank_outside_one(tmp_p
     monkeypatch.setattr(_protocol, "DOCS", tmp_path / "docs")
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     assert _protocol.source_commit() == ""
+    # a grid appends rows to docs/ as it goes: those edits are results, not code, and leave the row clean
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "accuracy.csv").write_text("a\n")
+    (tmp_path / "method.py").write_text("x = 1\n")
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "docs" / "accuracy.csv").write_text("a\nrow\n")
+    assert head.startswith(_protocol.source_commit()) and len(_protocol.source_commit()) == 12
+    (tmp_path / "method.py").write_text("x = 2\n")
+    assert _protocol.source_commit() == head[:12] + "-dirty"
 
 
 def test_rows_state_their_cpu_and_the_latency_comparison_reads_the_seeds_both_sides_have(tmp_path, monkeypatch):
