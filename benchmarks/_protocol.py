@@ -54,8 +54,8 @@ def finetune_config(args, epochs: int):
 
 
 def source_commit() -> str:
-    """The commit a results row was made at (``-dirty``: with uncommitted edits to the code; the results
-    files under docs/ do not count, a grid appends its rows there as it goes), so a row can be traced
+    """The commit a results row was made at (``-dirty``: with uncommitted edits to the code or new files;
+    the results files under docs/ do not count, a grid appends its rows there as it goes), so a row can be traced
     to the code that made it when a grid spans several changes; blank outside a git checkout."""
     import subprocess
 
@@ -70,8 +70,9 @@ def source_commit() -> str:
     head = git("rev-parse", "--short=12", "HEAD")
     if not head:
         return ""
-    edits = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){DOCS.name}")
-    return head + ("-dirty" if edits else "")
+    # no optional lock: a commit made while a grid runs must not find the index locked
+    edits = git("--no-optional-locks", "status", "--porcelain", "--", ".", f":(exclude){DOCS.name}")
+    return head + ("-unknown" if edits is None else "-dirty" if edits else "")
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -56,8 +56,10 @@ def _cpus_of(s: dict, seeds=None) -> list[str]:
 def _baselines(rows: list[dict]) -> str:
     """Which checkpoint each model's rows pruned (its top-1 here and its hash, from the rows): a grid
     is read against the model it started from, and two checkpoints' rows never share a file."""
-    seen = {r["model"]: (r.get("top1_before", ""), (r.get("settings") or "").rpartition("sha=")[2] or "?")
-            for r in rows}
+    def sha(settings: str | None) -> str:
+        return next((part[4:] for part in (settings or "").split(";") if part.startswith("sha=")), "") or "?"
+
+    seen = {r["model"]: (r.get("top1_before", ""), sha(r.get("settings"))) for r in rows}
     return "; ".join(f"{m} {t}% (sha256 {sha}...)" for m, (t, sha) in sorted(seen.items())) or "none"
 
 
@@ -167,7 +169,7 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
      "held (both with the phase allowed 80% of the budget)"),
     ("hfp:ramp=grow:surrogate=cut:lam=40:tie=shared", "hfp:ramp=grow:surrogate=cut:lam=40", "HFP's push on the "
      "gates below the cut alone with one shared gate per residual channel instead of the mean |gamma| of its norm "
-     "layers (one of those held by the task loss kept a residual gate above the threshold)"),
+     "layers (tried because the task loss held one of those above the threshold and with it a residual gate)"),
     ("hfp:ramp=grow:surrogate=cut:lam=40:tie=shared-mean", "hfp:ramp=grow:surrogate=cut:lam=40:tie=shared",
      "HFP's shared gate per residual channel started at its norm layers' mean |gamma| (the layers divided by it, "
      "the same function) instead of at 1 (push on the gates below the cut alone, lam 40)"),
@@ -438,8 +440,11 @@ def changes_section(summary: dict, level: str = "##") -> list[str]:
     for model, target, cell in _cells(summary):
         for new, old, what in CHANGES:
             d = paired(cell[new], cell[old]) if new in cell and old in cell else None
-            if d:
-                lines.append(f"| {model} | {target:.0%} | {what} (`{new}` - `{old}`) | {d[0]:+.2f} +- {d[1]:.2f} | {d[2]} |")
+            if d:  # a side that fell back measured the fallback on those seeds: said beside the seeds
+                fell = "; ".join(f"`{m}`: {cell[m]['fallbacks']} of {cell[m]['n']} rows fell back" for m in (new, old)
+                                 if cell[m]["fallbacks"])
+                lines.append(f"| {model} | {target:.0%} | {what} (`{new}` - `{old}`) | {d[0]:+.2f} +- {d[1]:.2f} | "
+                             f"{d[2]}{f' ({fell})' if fell else ''} |")
     return lines if len(lines) > header else []
 
 

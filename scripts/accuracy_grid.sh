@@ -2,7 +2,9 @@
 # The accuracy grid of issue 18 on this CPU, sized to about 8-10 hours of the machine, resumable:
 # rows are appended to docs/accuracy.csv as they finish and a rerun continues at the next row.
 #   bash scripts/accuracy_grid.sh r20    # every method and variant, 50% and 30% MACs, 3 seeds, 500 steps, on the
-#                                        # 88.93% ResNet-20 the zoo had before (its rows: docs/accuracy_r20_8893)
+#                                        # 88.93% ResNet-20 the zoo had before (its rows: docs/accuracy_r20_8893);
+#                                        # how they were made: with the zoo's 90.29% checkpoint now, accuracy.py
+#                                        # refuses to add to them (another sha256); that grid is r20-90
 #   bash scripts/accuracy_grid.sh r56    # the contenders only, 300 steps (3x the time per step), same targets and seeds:
 #                                        # the goals' rows (best of ours and of Torch-Pruning, the paper methods
 #                                        # against L1, dlp@latency against TP); the changes were measured on ResNet-20.

@@ -382,7 +382,7 @@ def test_source_commit_names_the_checkouts_commit_and_is_blank_outside_one(tmp_p
                           check=False).stdout.strip()
     if not head:
         pytest.skip("not a git checkout")
-    assert head.startswith(_protocol.source_commit().removesuffix("-dirty"))
+    assert len(_protocol.source_commit()) >= 12 and head.startswith(_protocol.source_commit().removesuffix("-dirty"))
     monkeypatch.setattr(_protocol, "DOCS", tmp_path / "docs")
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     assert _protocol.source_commit() == ""
@@ -396,6 +396,9 @@ def test_source_commit_names_the_checkouts_commit_and_is_blank_outside_one(tmp_p
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     (tmp_path / "docs" / "accuracy.csv").write_text("a\nrow\n")
     assert head.startswith(_protocol.source_commit()) and len(_protocol.source_commit()) == 12
+    (tmp_path / "new_method.py").write_text("y = 1\n")  # a module not yet added is code too
+    assert _protocol.source_commit() == head[:12] + "-dirty"
+    (tmp_path / "new_method.py").unlink()
     (tmp_path / "method.py").write_text("x = 2\n")
     assert _protocol.source_commit() == head[:12] + "-dirty"
 

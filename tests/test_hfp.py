@@ -214,7 +214,8 @@ def test_a_shared_gate_can_start_at_the_trained_mean_scale_with_the_same_functio
     assert torch.allclose(start[comps], mean_tie[comps].clamp_min(reg.threshold), atol=1e-6)
     assert not torch.equal(start[comps], torch.ones(len(comps)))
     assert torch.allclose(m(x), ref, atol=1e-5)  # the same function with the gates in
-    assert reg.alive(hard_only=True)[comps][start[comps] <= reg.threshold].eq(0).all()
+    low = start[comps] <= reg.threshold
+    assert int(low.sum()) == 2 and reg.alive(hard_only=True)[comps][low].eq(0).all()
     with torch.no_grad():
         reg.shared.param.mul_(torch.empty_like(reg.shared.param).uniform_(0.5, 1.5))
     hooked = m(x)
@@ -222,6 +223,35 @@ def test_a_shared_gate_can_start_at_the_trained_mean_scale_with_the_same_functio
     assert torch.allclose(m(x), hooked, atol=1e-5)
     with pytest.raises(ValueError, match="one positive value per shared component"):
         SharedScales(m, {}, comps, graph.n_components, init=torch.zeros(len(comps)))
+    # a start that cannot go in (the parameter's name taken) leaves the carriers as they were
+    before = copy.deepcopy(m.state_dict())
+    setattr(m, SharedScales.NAME, "taken")  # a plain attribute: the parameter cannot be registered
+    with pytest.raises(KeyError, match="already exists"):
+        HFPRegularizer(m, graph, X, macs=0.5, tie="shared-mean")
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items() if k in before)
+    assert not any(mod._forward_hooks for mod in m.modules())
+
+
+def test_channels_no_norm_layer_carries_keep_the_mean_of_their_explicit_scales():
+    """The shared gate is applied after norm layers: a channel two un-normed convs carry (added) keeps
+    the mean of its producers' explicit scales, which the task loss reaches, under every tie."""
+    class Added(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(x) + self.b(x)))
+
+    m = Added()
+    x = torch.randn(1, 3, 8, 8)
+    reg = HFPRegularizer(m, analyze(m, x), x, macs=0.5, tie="shared-mean")
+    assert reg.shared is None and set(reg.scales.scales) == {"a", "b"}
+    with torch.no_grad():
+        reg.scales.scales["a"].fill_(0.5)
+    comp = reg.gated.nonzero().flatten()
+    assert len(comp) == 8 and torch.allclose(reg.gates()[comp], torch.full((8,), 0.75))
+    reg.close()
 
 
 
@@ -359,6 +389,8 @@ def test_the_cut_surrogate_pushes_only_the_gates_the_cut_would_remove():
         removed = torch.zeros(g.n_components, dtype=torch.bool)
         removed[order[:kk]] = True
         assert (reg.cost(removed)[0] <= reg.targets["macs"]) == fits
+    reg()  # a step decides what is pushed (the cut now); alive() reads it
+    assert torch.equal(reg._pushed, below)
     alive = reg.alive()
     a_grad = torch.autograd.grad(alive.sum(), [p for p, _ in reg._gates], allow_unused=True)
     assert any(gr is not None and gr.abs().sum() > 0 for gr in a_grad)
@@ -404,6 +436,38 @@ def test_a_pushed_channel_whose_every_carrier_went_through_zero_is_dead():
     flip(entries[c2][1:])
     reg()
     assert reg.dead[c2] and not reg.dead[c3]
+
+
+def test_a_crossing_counts_within_the_push_it_happened_in():
+    """A carrier that changed sign in an earlier push, before its channel left the cut, does not make
+    the channel dead when the other carriers cross in a later push (it may have crossed back since);
+    and reading ``alive`` between steps leaves the mask the sign rule reads as it was."""
+    _, reg = _cut_regularizer()
+    reg()
+    c = int(((reg._count > 1) & reg.gated & reg._pushed).nonzero()[0])
+    entries = [(p, int(i)) for p, lab in reg._gates for i in (lab == c).nonzero().flatten()]
+
+    def scale(which, by):
+        with torch.no_grad():
+            for p, i in which:
+                p[i] = p[i] * by
+
+    scale(entries[:1], -1.0)  # one carrier crosses while pushed...
+    scale(entries, 10.0)      # ...as the channel's gate rises out of the cut
+    reg()
+    assert not reg.dead[c] and not reg._pushed[c]
+    pushed = reg._pushed.clone()
+    scale(entries, 0.1)  # back where it was: in the cut again...
+    reg.alive()  # ...read between steps (a log, the user's loop): the mask the last step was pushed under stays
+    assert torch.equal(reg._pushed, pushed)
+    reg()
+    assert reg._pushed[c]
+    scale(entries[1:], -1.0)  # the other carriers cross in this push: the first one's crossing is history
+    reg()
+    assert not reg.dead[c]
+    scale(entries[:1], -1.0)  # and once it crosses again in this push, every carrier has
+    reg()
+    assert reg.dead[c]
 
 
 def test_with_the_cut_surrogate_the_survivors_keep_their_gates():

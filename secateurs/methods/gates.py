@@ -109,6 +109,7 @@ class SharedScales:
             mask = idx >= 0
             if mask.any():
                 self.where[name] = (mask.to(dev), idx.clamp_min(0).to(dev))
+        model.register_parameter(self.NAME, self.param)  # first: a name taken fails before the carriers change
         if init is not None:
             with torch.no_grad():
                 for name in self.where:
@@ -117,7 +118,6 @@ class SharedScales:
                     m.weight.div_(s)
                     if m.bias is not None:
                         m.bias.div_(s)
-        model.register_parameter(self.NAME, self.param)
         for name in self.where:
             self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(name)))
 
@@ -140,7 +140,7 @@ class SharedScales:
                     m.bias.mul_(s)
         for h in self.handles:
             h.remove()
-        self.handles = []
+        self.handles, self.where = [], {}  # folded once: a second call changes nothing
         self.model._parameters.pop(self.NAME, None)
 
 

@@ -100,14 +100,18 @@ class HFPRegularizer:
         counts = carrier_count((lab for _, lab in self._gates), graph.n_components)
         self._count = counts
         self.shared = None  # channels several norm layers carry (residual groups): one gate of their own
-        multi = ((counts > 1) & prunable).nonzero().flatten()
+        norms = {n: lab for n, lab in where.items() if n not in producers}
+        multi = ((carrier_count(norms.values(), graph.n_components) > 1) & prunable).nonzero().flatten()
         if tie != "mean" and len(multi):
-            norms = {n: lab for n, lab in where.items() if n not in producers}
             start = None
             if tie == "shared-mean":  # the gate starts where the mean tie reads, the carriers rescaled to match
                 with torch.no_grad():
-                    start = mean_abs(self._gates, counts)[multi].cpu().clamp_min(self.threshold)
-            self.shared = SharedScales(model, norms, multi, graph.n_components, init=start)
+                    start = mean_abs(self._gates, counts)[multi].cpu().clamp_min(max(self.threshold, 1e-6))
+            try:
+                self.shared = SharedScales(model, norms, multi, graph.n_components, init=start)
+            except BaseException:
+                self.close()  # the explicit scales already on the model come off again
+                raise
         self.gated = (counts > 0) & prunable  # frozen channels: always alive
         with torch.no_grad():
             self.scale = float(self.gates()[self.gated].mean().clamp_min(1e-6))
@@ -138,10 +142,7 @@ class HFPRegularizer:
             soft = torch.sigmoid((g - self.threshold) / (0.5 * self.scale))
             return torch.where(gated, soft, torch.ones_like(g))
         lin = g / self.scale
-        pushed = gated
-        if self.surrogate == "cut":  # what the sign rule reads at the next step
-            self._pushed = self._below_cut(g)
-            pushed = gated & self._pushed.to(g.device)
+        pushed = gated & self._pushed.to(g.device) if self.surrogate == "cut" else gated
         return hard + torch.where(pushed, lin - lin.detach(), torch.zeros_like(g))
 
     def ranked(self, g: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,8 @@ class HFPRegularizer:
         return removed(lo)
 
     def _crossed_zero(self) -> torch.Tensor:
-        """Channels every carrier of which changed sign while pushed (sticky): each went through zero."""
+        """Channels every carrier of which changed sign while pushed (since the push began, as the channel
+        stayed in the cut): each went through zero."""
         pairs = [*self._gates, *([(self.shared.param, self.shared.components)] if self.shared is not None else [])]
         signs = [torch.sign(p.detach().float().cpu()) for p, _ in pairs]
         if not self._signs:
@@ -179,6 +181,7 @@ class HFPRegularizer:
         hits = torch.zeros(self.graph.n_components)
         for i, ((_, lab), s) in enumerate(zip(pairs, signs)):
             lab = lab.cpu()
+            self._crossed[i] &= self._pushed[lab]  # a crossing counts within the push it happened in
             self._crossed[i] |= (s != self._signs[i]) & self._pushed[lab]
             if i < len(self._gates):
                 hits.index_add_(0, lab, self._crossed[i].float())
@@ -198,6 +201,7 @@ class HFPRegularizer:
         if self.surrogate == "cut":
             with torch.no_grad():
                 self.dead |= self.gated & ((self.gates().cpu() <= self.threshold) | self._crossed_zero())
+                self._pushed = self._below_cut(self.gates())  # pushed this step; the sign rule reads it at the next
         macs, params = self.cost.soft(self.alive().cpu() if self._gates[0][0].device.type != "cpu" else self.alive())
         value = {"macs": macs, "params": params}
         hard = self.hard_cost()
