@@ -24,10 +24,11 @@ class HFPRegularizer:
 
     One gate per channel: the |scale| of the norm layer that carries it; for a channel several norm
     layers carry (a residual stage) their mean |scale| (``tie="mean"``) or one explicit gate shared
-    by all of them (``tie="shared"``, see :class:`SharedScales`; it starts at 1, ``"shared-mean"`` starts it
-    at their mean |scale| with the carriers divided by it, the same function); or an explicit :class:`ChannelScales` on its
-    producing convs where no norm layer carries it (call :meth:`close` at the end to fold those back); a channel is alive while
-    its gate exceeds ``threshold``. The loss is
+    by all of them (``tie="shared"``, see :class:`SharedScales`; it starts at 1, ``"shared-mean"``
+    starts it at their mean |scale| with the carriers divided by it, the same function); or an
+    explicit :class:`ChannelScales` on its producing convs where no norm layer carries it (call
+    :meth:`close` at the end to fold those back); a channel is alive while its gate exceeds
+    ``threshold``. The loss is
     ``lam * sum over unmet targets of C(alive) / C_target`` (a target pulls while the *hard* count
     exceeds it, i.e. ``max(0, C/C_target - 1)`` with the surrogate's gradient), with C the differentiable MACs
     or params of :meth:`PlanCost.soft`, so every gate is pushed down in proportion to what its
@@ -43,10 +44,11 @@ class HFPRegularizer:
     around zero in steps larger than the threshold and never read below it (on ResNet-20 the last gate
     of a cut swung between 0.02 and 0.08 for 220 steps while the weight grew 4x), so under ``"cut"``
     a channel whose every carrier changed sign while pushed counts as dead too: it went through zero
-    between two readings. That met the target in all three ResNet-20 rows at 50% (one had fallen back),
-    but a residual channel's gate, the mean of several carriers, can still swing above the threshold
-    with a carrier that never changes sign while its channel is in the cut (ResNet-20 at 30%: a
-    4-carrier gate between 0.03 and 0.07 for 140 steps, one row of three fell back).
+    between two readings (crossings count within one push: the channel stayed in the cut since).
+    That met the target in all three ResNet-20 rows at 50% (one had fallen back), but a residual
+    channel's gate, the mean of several carriers, can still swing above the threshold with a carrier
+    that never changes sign while its channel is in the cut (ResNet-20 at 30%: a 4-carrier gate between
+    0.03 and 0.07 for 140 steps, one row of three fell back).
     Known limits: under ``"ste"`` and ``"soft"`` and a weight grown large (``ramp="grow"`` from a large
     ``lam``), gates can settle in that swing and the target is never met: the budget loss alone at
     lam 50 left ultralytics' yolo11n-seg at 0.85 of the MACs after 300 steps (at lam 5: 0.6 met in 111).
