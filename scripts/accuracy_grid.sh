@@ -84,7 +84,9 @@ case "${1:-}" in
              --methods dlp+filters:criterion=l1:distill=0.25:reconstruct=512 ;;
     # HFP's best as-specified setting on ResNet-20 (the push on the gates below the cut alone, lam 40, the weight rising
     # while the target is unmet), never run on ResNet-56, whose HFP rows all fell back or ran 2.4 points below L1;
-    # with the residual gate shared and started at the trained mean |gamma| too (tie=shared-mean)
+    # with the residual gate shared and started at the trained mean |gamma| too (tie=shared-mean). Made after 9f5a13f:
+    # a sign crossing counts within the push it happened in (the ResNet-20 rows of the mean tie came before it).
+    # A row takes ~5 min here (the cut's bisection each step on 56 layers), 1.5x an L1 row
     r56-hfp-cut) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods hfp:ramp=grow:surrogate=cut:lam=40 hfp:ramp=grow:surrogate=cut:lam=40:tie=shared-mean ;;
     # the ResNet-20 grid again on the zoo's distilled baseline (>= 90%; docs/accuracy_r20_8893 holds the rows of
