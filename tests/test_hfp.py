@@ -234,7 +234,7 @@ def test_a_shared_gate_can_start_at_the_trained_mean_scale_with_the_same_functio
 
 def test_channels_no_norm_layer_carries_keep_the_mean_of_their_explicit_scales():
     """The shared gate is applied after norm layers: a channel two un-normed convs carry (added) keeps
-    the mean of its producers' explicit scales, which the task loss reaches, under every tie."""
+    the mean of its producers' explicit scales, which the task loss reaches, under a shared tie too."""
     class Added(nn.Module):
         def __init__(self):
             super().__init__()
