@@ -202,8 +202,9 @@ class HFPRegularizer:
         self.steps += 1
         if self.surrogate == "cut":
             with torch.no_grad():
-                self.dead |= self.gated & ((self.gates().cpu() <= self.threshold) | self._crossed_zero())
-                self._pushed = self._below_cut(self.gates())  # pushed this step; the sign rule reads it at the next
+                g = self.gates()
+                self.dead |= self.gated & ((g.cpu() <= self.threshold) | self._crossed_zero())
+                self._pushed = self._below_cut(g)  # pushed this step; the sign rule reads it at the next
         macs, params = self.cost.soft(self.alive().cpu() if self._gates[0][0].device.type != "cpu" else self.alive())
         value = {"macs": macs, "params": params}
         hard = self.hard_cost()
