@@ -224,14 +224,14 @@ def run_ours(method: str, model, x, target: float, train, val, args, seed: int) 
                             method_options={"kappa": 0.5}, latency_guard=False)
         elif method == "dlp+filters":  # the cascade: PLS-VIP blocks, then VIP filters, iterated and fine-tuned
             # ("dlp+filters:criterion=l1": the same cascade, its filter steps ranked by another criterion;
-            # ":reconstruct=512": each filter step re-fitted by least squares before its cut)
+            # ":reconstruct=512": each filter step re-fitted by least squares before its cut; ":filter_steps=1")
             base, dense = secateurs.count(model, x).macs, copy.deepcopy(model)
-            criterion = extra.pop("criterion", "vip")
+            criterion, k = extra.pop("criterion", "vip"), int(extra.pop("filter_steps", max(1, args.rounds - 1)))
             secateurs.prune(model, x, "dlp", max(target, 0.8), data=train, finetune=per_round,
                             method_options={"per_class": 20}, latency_guard=False)
             rest = target * base / secateurs.count(model, x).macs
             if rest < 1:  # distilled from the unpruned model, not the block-pruned one
-                secateurs.prune(model, x, criterion, rest, steps=max(1, args.rounds - 1), data=train,
+                secateurs.prune(model, x, criterion, rest, steps=k, data=train,
                                 finetune=per_round, teacher=dense, latency_guard=False, **extra)
         elif "rounds" in extra:  # "l1:rounds=4": a criterion cut in that many steps, each fine-tuned (distilled)
             # for its share of half the budget, as Torch-Pruning's magnitude row is; the caller fine-tunes the rest
