@@ -194,9 +194,9 @@ CHANGES = [  # (ours changed, the default it is measured against, what changed)
     ("dlp+filters:criterion=l1:distill=0.25:reconstruct=512", "dlp+filters:criterion=l1:distill=0.25",
      "least-squares reconstruction (512 training images) before each of the cascade's filter cuts (filters ranked by "
      "L1, distillation 0.25)"),
-    ("dlp+filters:criterion=l1:distill=0.25:filter_steps=1", "dlp+filters:criterion=l1:distill=0.25",
-     "the cascade's filters cut in one step after its blocks instead of 3 fine-tuned steps (filters ranked by L1, "
-     "distillation 0.25)"),
+    *((f"dlp+filters:criterion=l1{d}:filter_steps=1", f"dlp+filters:criterion=l1{d}", "the cascade's filters cut in "
+       f"one step after its blocks instead of 3 fine-tuned steps (filters ranked by L1{w})") for d, w in
+      (("", ""), (":distill=0.25", ", distillation 0.25"))),
     ("l1", "l1:distill=0", "distillation from the unpruned model in every fine-tuning (l1)"),
     ("l2:allocation=latency", "l2", "allocation='latency' (MACs spent where this CPU's tables say they buy time): its top-1 cost"),
     ("dlp+filters:criterion=l1", "dlp+filters", "the cascade's filter steps ranked by the L1 norm instead of PLS-VIP "

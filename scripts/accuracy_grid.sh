@@ -25,6 +25,7 @@
 #   bash scripts/accuracy_grid.sh r56-rounds-reconstruct # ResNet-56 at 30%: the re-fit before each of 4 L1 cuts
 #   bash scripts/accuracy_grid.sh r56-50-cascade # ResNet-56 at 50%: dlp+filters by L1, distilled and re-fitted
 #   bash scripts/accuracy_grid.sh r56-50-cascade-1cut # the same cascade, its filters cut in one step
+#   bash scripts/accuracy_grid.sh cascade-1cut-more # the one-step cascade at ResNet-56 30% and on ResNet-20
 #   bash scripts/accuracy_grid.sh r20-rounds # ResNet-20, L1 in the heuristic's 4 fine-tuned rounds
 #   bash scripts/accuracy_grid.sh r56-hfp-cut # ResNet-56 HFP with the push on the cut alone (lam 40), mean and shared-mean tie
 #   bash scripts/accuracy_grid.sh r20-90 # ResNet-20's grid again on the >= 90% baseline (docs/accuracy.csv's rows)
@@ -89,6 +90,12 @@ case "${1:-}" in
     # on the goal cell's 5 seeds (decided after seed 0 alone had landed, before seeds 1 and 2)
     r56-50-cascade-1cut) run --models cifar_resnet56_cifar10 --targets 0.5 --seeds 0 1 2 3 4 --steps "${STEPS:-300}" \
              --methods dlp+filters:criterion=l1:distill=0.25:filter_steps=1 ;;
+    # the one-step cascade (distillation 0.5, as the other cells' dlp+filters:criterion=l1 rows) where iterating paid
+    # (ResNet-56 at 30%: 4 L1 cuts led one by 4.9) and on ResNet-20: is it better everywhere or only at 50%?
+    cascade-1cut-more) (run --models cifar_resnet56_cifar10 --targets 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
+             --methods dlp+filters:criterion=l1:filter_steps=1)
+             run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
+             --methods dlp+filters:criterion=l1:filter_steps=1 ;;
     # ResNet-20, L1 cut in the heuristic's schedule (4 rounds, each fine-tuned for its share of half the budget): at 50%
     # the heuristic read 0.55 below one L1 cut; is it its estimator's widths or the schedule it shares with this row?
     r20-rounds) run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
@@ -145,5 +152,5 @@ case "${1:-}" in
              bn_scale:distill=0 hfp:tie=shared importance-weights importance-weights@tol \
              importance-weights:rank=scale dlp dlp+l2@latency l2:allocation=latency taylor hfp:lam=5 hfp:lr=0.1 ;;
     report) run --report-only ;;
-    *) echo "usage: $0 r20|r20-90 [report]|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|reconstruct-more|r56-rounds-reconstruct|r56-50-cascade|r56-50-cascade-1cut|r20-rounds|r56-hfp-cut|report" >&2; exit 2 ;;
+    *) echo "usage: $0 r20|r20-90 [report]|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|reconstruct-more|r56-rounds-reconstruct|r56-50-cascade|r56-50-cascade-1cut|cascade-1cut-more|r20-rounds|r56-hfp-cut|report" >&2; exit 2 ;;
 esac
