@@ -284,6 +284,16 @@ def test_hfp_below_l1_is_explained_from_its_own_rows(tmp_path):
     assert ("with the phase at the baseline's training lr, 0.1 (it met the target in every row, at step 60/60/60): "
             "-0.50 +- 0.00 points against hfp (3 seeds)") in text
     assert "(`hfp:lr=0.1` - `hfp`) | -0.50 +- 0.00 | 3 |" in text
+    assert "bn_scale" not in text  # no one-shot |gamma| cut: nothing said of the signal
+    # with it, the gap splits into the signal HFP's gates start from and what HFP's training adds to it
+    for t, said in ((83.5, ": on this network |gamma| ranks channels below"), (85.0, ".")):
+        _write_rows(tmp_path / "accuracy.csv", l1 + hfp + short + fast + [_row("bn_scale", s, t + s) for s in range(3)])
+        acc.write_report(tmp_path / "accuracy.csv", tmp_path / "accuracy.md",
+                         argparse.Namespace(batch_size=128, lr=0.02, holdout=5000))
+        text = (tmp_path / "accuracy.md").read_text()
+        # hfp itself is its best setting here: hfp:lr=0.1 reads lower on the held-out split, hfp:lam=5 fell back
+        assert (f"cut at once with the same fine-tuning (bn_scale), stands {t - 85:+.2f} +- 0.00 against l1 (3 seeds) and "
+                f"hfp (its best setting run as specified) {83 - t:+.2f} +- 0.00 against that cut (3 seeds){said}") in text
 
 
 def test_verdicts_wait_for_three_seeds_and_budgets_are_never_pooled(tmp_path):
