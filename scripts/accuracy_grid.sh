@@ -27,6 +27,7 @@
 #   bash scripts/accuracy_grid.sh r56-50-cascade-1cut # the same cascade, its filters cut in one step
 #   bash scripts/accuracy_grid.sh cascade-1cut-more # the one-step cascade at ResNet-56 30% and on ResNet-20
 #   bash scripts/accuracy_grid.sh r56-bn-scale # ResNet-56, our BN-scale cut beside tp_bn_scale and HFP
+#   bash scripts/accuracy_grid.sh r56-l2-plain # ResNet-56 at 50%, L2 undistilled beside tp_magnitude
 #   bash scripts/accuracy_grid.sh r20-rounds # ResNet-20, L1 in the heuristic's 4 fine-tuned rounds
 #   bash scripts/accuracy_grid.sh r56-hfp-cut # ResNet-56 HFP with the push on the cut alone (lam 40), mean and shared-mean tie
 #   bash scripts/accuracy_grid.sh r20-90 # ResNet-20's grid again on the >= 90% baseline (docs/accuracy.csv's rows)
@@ -101,6 +102,9 @@ case "${1:-}" in
     # the one-shot |gamma| cut beside HFP, whose gates carry the same signal (on ResNet-20 bn_scale ran 1-3 below L1)
     r56-bn-scale) run --models cifar_resnet56_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-300}" \
              --methods bn_scale ;;
+    # ResNet-56 at 50%, L2 without distillation: the same-criterion, same-fine-tuning pair with tp_magnitude
+    r56-l2-plain) run --models cifar_resnet56_cifar10 --targets 0.5 --seeds 0 1 2 --steps "${STEPS:-300}" \
+             --methods l2:distill=0 ;;
     # ResNet-20, L1 cut in the heuristic's schedule (4 rounds, each fine-tuned for its share of half the budget): at 50%
     # the heuristic read 0.55 below one L1 cut; is it its estimator's widths or the schedule it shares with this row?
     r20-rounds) run --models cifar_resnet20_cifar10 --targets 0.5 0.3 --seeds 0 1 2 --steps "${STEPS:-500}" \
@@ -157,5 +161,5 @@ case "${1:-}" in
              bn_scale:distill=0 hfp:tie=shared importance-weights importance-weights@tol \
              importance-weights:rank=scale dlp dlp+l2@latency l2:allocation=latency taylor hfp:lam=5 hfp:lr=0.1 ;;
     report) run --report-only ;;
-    *) echo "usage: $0 r20|r20-90 [report]|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|reconstruct-more|r56-rounds-reconstruct|r56-50-cascade|r56-50-cascade-1cut|cascade-1cut-more|r56-bn-scale|r20-rounds|r56-hfp-cut|report" >&2; exit 2 ;;
+    *) echo "usage: $0 r20|r20-90 [report]|r56|r56-more|r56-50-more|r56-hfp-phase|r56-distill|r20-distill|r56-rounds|r56-reconstruct|reconstruct-more|r56-rounds-reconstruct|r56-50-cascade|r56-50-cascade-1cut|cascade-1cut-more|r56-bn-scale|r56-l2-plain|r20-rounds|r56-hfp-cut|report" >&2; exit 2 ;;
 esac
