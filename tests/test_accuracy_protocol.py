@@ -113,6 +113,12 @@ def test_the_cascades_filter_steps_get_its_criterion_and_other_options(monkeypat
     assert blocks == "dlp" and "reconstruct" not in block_kw and "criterion" not in block_kw
     assert criterion == "l1" and rest == pytest.approx(0.5 * 100 / 80) and kw["reconstruct"] == 512
     assert "criterion" not in kw and "distill" not in kw and kw["steps"] == 2
+    # ":filter_steps=1": the filters cut in one step, the option the benchmark's, not the prune call's
+    calls.clear()
+    macs = iter([100, 80, 80])
+    assert acc.run_ours("dlp+filters:criterion=l1:filter_steps=1", torch.nn.Identity(), None, 0.5, [], [], args, 0) == {}
+    (_, _, block_kw), (_, _, kw) = calls
+    assert kw["steps"] == 1 and "filter_steps" not in kw and "filter_steps" not in block_kw
 
 
 def _row(method, seed, top1, tool="secateurs", **kw):
