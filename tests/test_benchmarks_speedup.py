@@ -179,3 +179,28 @@ def test_speedup_block_data_is_cifar_resized_to_the_input():
 
     images = speedup._block_data(torch.zeros(1, 3, 48, 40)).images
     assert images.shape == (10 * speedup.BLOCK_IMAGES, 3, 48, 40) and images.dtype == torch.uint8
+
+
+def test_speedup_blocks_variant_without_a_block_kept_per_stage_goes_deeper_than_the_default(monkeypatch):
+    """The min_per_stage 0 row reaches the dlp call: with the same block budget, dlp's default keeps
+    one removable block in every stage (cifar_resnet20: 4 of its 7 can go), the row may empty a stage."""
+    from benchmarks import speedup
+    from secateurs.data import ArrayDataset
+    from secateurs.depth import find_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    fake = ArrayDataset("fake", images, torch.arange(200) % 10, [str(c) for c in range(10)])
+    monkeypatch.setattr(speedup, "_block_data", lambda x: fake)
+    base, x = speedup.seeded_model("cifar_resnet20", 32)
+    left = {}
+    for variant in ("macs 50% blocks to 80% then latency-allocated, round_to auto",
+                    "macs 50% blocks to 70% (min_per_stage 0) then latency-allocated, round_to auto"):
+        spec = {**speedup.VARIANTS[variant], "allocation": "global", "round_to": 8, "blocks": 0.3,
+                "target": {"macs": 0.25}}
+        monkeypatch.setitem(speedup.VARIANTS, variant, spec)
+        model, report, _ = speedup._prune(base, x, variant, threads=1)
+        left[variant] = (report["blocks_macs_kept"], len(find_blocks(model, x)))
+        assert model(x).shape == (1, 10)
+    (default, n_default), (emptied, n_emptied) = left.values()
+    assert default > 0.45 and emptied <= 0.35 and n_emptied < n_default
