@@ -12,6 +12,18 @@ import secateurs
 needs_cifar = pytest.mark.shared_data("cifar10-jpeg.tar.gz")
 
 
+@pytest.fixture
+def block_images(monkeypatch):
+    """Random CIFAR-sized images in place of CIFAR-10 for the blocks rows' PLS (no ../shared needed)."""
+    from benchmarks import speedup
+    from secateurs.data import ArrayDataset
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    fake = ArrayDataset("fake", images, torch.arange(200) % 10, [str(c) for c in range(10)])
+    monkeypatch.setattr(speedup, "_block_data", lambda x: fake)
+
+
 def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
     """Rows timed in several processes become one (the median, each process's speed-up listed), and
     the share of time no pruning shrinks is recovered from the rows' (MACs kept, speed-up) points."""
@@ -147,18 +159,13 @@ def test_speedup_fresh_tables_reach_every_process_and_its_report(tmp_path, monke
     assert len(cmds) == 2 and all("--fresh-tables" in c and "--processes" not in c for c in cmds)
 
 
-def test_speedup_blocks_variant_removes_blocks_then_channels_to_the_dense_models_macs_target(monkeypatch):
+def test_speedup_blocks_variant_removes_blocks_then_channels_to_the_dense_models_macs_target(block_images, monkeypatch):
     """The blocks-first row: residual blocks go (PLS-VIP on images resized to the input) to 80% of the
     MACs, then channels to 50% of the *dense* model's MACs, and its MACs kept is read against the
     dense model like every other row's (the second prune alone reports ~0.62 of what it was given)."""
     from benchmarks import speedup
-    from secateurs.data import ArrayDataset
     from secateurs.depth import find_blocks
 
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    fake = ArrayDataset("fake", images, torch.arange(200) % 10, [str(c) for c in range(10)])
-    monkeypatch.setattr(speedup, "_block_data", lambda x: fake)
     variant = "macs 50% blocks to 80% then latency-allocated, round_to auto"
     spec = {**speedup.VARIANTS[variant], "allocation": "global", "round_to": 8}  # no timing tables in a test
     monkeypatch.setitem(speedup.VARIANTS, variant, spec)
@@ -183,17 +190,12 @@ def test_speedup_block_data_is_cifar_resized_to_the_input():
     assert images.shape == (10 * speedup.BLOCK_IMAGES, 3, 48, 40) and images.dtype == torch.uint8
 
 
-def test_speedup_blocks_variant_without_a_block_kept_per_stage_goes_deeper_than_the_default(monkeypatch):
+def test_speedup_blocks_variant_without_a_block_kept_per_stage_goes_deeper_than_the_default(block_images, monkeypatch):
     """The min_per_stage 0 row reaches the dlp call: with the same block budget, dlp's default keeps
     one removable block in every stage (cifar_resnet20: 4 of its 7 can go), the row may empty a stage."""
     from benchmarks import speedup
-    from secateurs.data import ArrayDataset
     from secateurs.depth import find_blocks
 
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    fake = ArrayDataset("fake", images, torch.arange(200) % 10, [str(c) for c in range(10)])
-    monkeypatch.setattr(speedup, "_block_data", lambda x: fake)
     base, x = speedup.seeded_model("cifar_resnet20", 32)
     left = {}
     for variant in ("macs 50% blocks to 80% then latency-allocated, round_to auto",
