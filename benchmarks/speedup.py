@@ -25,9 +25,9 @@ Usage::
     python -m benchmarks.speedup --models cifar_resnet20 --repeats 10 --out /tmp/s
     python -m benchmarks.speedup --models torchvision:mobilenet_v2 --processes 3 --resume --out docs/speedup_mbv2
     python -m benchmarks.speedup --models cifar_resnet20 cifar_resnet56 --processes 3 --out docs/speedup_cifar
-    python -m benchmarks.speedup --models torchvision:resnet50 torchvision:vgg16 --variants "macs 50% global" "macs 50% latency-allocated" \
-        "macs 50% latency-allocated, round_to auto" --runtimes eager onnxruntime --processes 3 --fresh-tables \
-        --out docs/speedup_r50_vgg16
+    python -m benchmarks.speedup --models torchvision:resnet50 torchvision:vgg16 --variants "macs 50% global" \
+        "macs 50% latency-allocated" "macs 50% latency-allocated, round_to auto" --runtimes eager onnxruntime \
+        --processes 3 --fresh-tables --out docs/speedup_r50_vgg16
 """
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def _prune(base, x, variant: str, threads: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if blocks is not None:
-            secateurs.prune(model, x, "dlp", blocks, data=data, method_options={"per_class": BLOCK_IMAGES, **block_options},
-                            latency_guard=False)
+            secateurs.prune(model, x, "dlp", blocks, data=data,
+                            method_options={"per_class": BLOCK_IMAGES, **block_options}, latency_guard=False)
             left = secateurs.count(model, x).macs / macs0
             if left == 1.0:  # else the row would be a plain channel prune under a blocks name
                 raise secateurs.PruningError("no residual block could be removed")
