@@ -401,8 +401,10 @@ def fixed_share_table(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[tuple[float, float]]] = {}
     for r in channels:
         groups.setdefault((r["model"], r["runtime"], r["batch"]), []).append((r["macs_kept"], r["speedup"]))
-    table = [(key, fixed_share(pts)) for key, pts in groups.items() if len({round(m, 2) for m, _ in pts}) > 1]
-    if not table:
+    # a line needs two MACs points; where the channel rows share one (a latency row that said it could not
+    # reach its target) the row still shows the best of each kind, with no share
+    table = [(key, fixed_share(pts) if len({round(m, 2) for m, _ in pts}) > 1 else None) for key, pts in groups.items()]
+    if not any(f is not None for _, f in table):
         return []
     best_channels = best_allocation(channels)
     best_blocks = best_allocation([r for r in rows if removes_blocks(r["variant"])])
@@ -418,7 +420,8 @@ def fixed_share_table(rows: list[dict]) -> list[str]:
              "best with blocks |", "|---|---|---:|---:|---:|---:|---:|"]
     for (model, runtime, batch), f in table:
         c, b = (found.get((model, runtime, batch)) for found in (best_channels, best_blocks))
-        lines.append(f"| {model} | {runtime} | {batch} | {f:.2f} | {1 / (1 + f):.2f} | {c['vs_macs'] if c else '-'} | "
+        share = "- | -" if f is None else f"{f:.2f} | {1 / (1 + f):.2f}"
+        lines.append(f"| {model} | {runtime} | {batch} | {share} | {c['vs_macs'] if c else '-'} | "
                      f"{b['vs_macs'] if b else '-'} |")
     return lines + [""]
 

@@ -48,6 +48,11 @@ def test_speedup_report_merges_processes_and_fits_the_fixed_share(tmp_path):
     speedup.write(rows, tmp_path, 30, 2)
     text = (tmp_path / "speedup.md").read_text()
     assert "--processes 3" in text and "| net | eager | 1 | 0.40 | 0.71 | 0.714 | 0.9 |" in text
+    # batch 8's channel rows share one MACs point (no line through them): its best rows are still shown
+    rows += [{**row("macs 50% global", 0.5, 1.3, 0), "batch": 8},
+             {**row("macs 50% blocks to 80% then latency-allocated, round_to auto", 0.5, 1.7, 0), "batch": 8}]
+    speedup.write(rows, tmp_path, 30, 2)
+    assert "| net | eager | 8 | - | - | 0.65 | 0.85 |" in (tmp_path / "speedup.md").read_text()
 
 
 def test_speedup_goal_judges_the_issues_models_and_runtimes_and_lists_the_rest(tmp_path):
